@@ -1,0 +1,54 @@
+"""Zarr layout of one part: array names, chunking along the token axis and compression.
+
+parts/part-00000/
+    example_ids  int64 (n)            labels  int64 (n)
+    <stream>/offsets    int64 (n+1)   token offsets of the ragged rows (padding is never stored)
+    <stream>/input_ids  int32 (T)     T = total tokens of the stream in this part
+    <stream>/states/<name>  (T, d)    stored dtype (float16 | uint16 bf16 bits | int8)
+    <stream>/scales/<name>  float32 (T)   int8 only
+The part group's attributes carry `committed`, `n_tokens` and per-stream metadata; they are
+written last, so a part without `committed` is an interrupted write.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+FORMAT_VERSION = 1
+PARTS = "parts"
+CHUNK_BYTES = 1 << 20     # a chunk holds >= 1 MiB uncompressed: fewer, larger objects on remote stores
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def part_path(index: int) -> str:
+    return f"{PARTS}/{part_name(index)}"
+
+
+def chunk_rows(n_rows: int, row_bytes: int) -> int:
+    """Rows per chunk along axis 0: enough for CHUNK_BYTES, capped so small arrays are one chunk."""
+    return max(1, min(math.ceil(CHUNK_BYTES / max(row_bytes, 1)), n_rows))
+
+
+def compressor(dtype: np.dtype) -> BloscCodec:
+    # Byte shuffle groups the high (sign/exponent) bytes of 2-, 4- and 8-byte values, which
+    # compress well; for 1-byte int8 byte shuffle is a no-op, so bit-shuffle instead.
+    shuffle = BloscShuffle.bitshuffle if dtype.itemsize == 1 else BloscShuffle.shuffle
+    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
+
+
+def write_array(group: zarr.Group, name: str, data: np.ndarray) -> None:
+    data = np.ascontiguousarray(data)
+    row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
+    chunks = (chunk_rows(data.shape[0], row_bytes), *data.shape[1:])
+    group.create_array(name, data=data, chunks=chunks, compressors=compressor(data.dtype))
+
+
+def read_array(group: zarr.Group, name: str) -> np.ndarray:
+    """The whole array in one call, so zarr fetches and decodes its chunks concurrently."""
+    return group[name][...]

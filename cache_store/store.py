@@ -1,0 +1,282 @@
+"""ActivationStore: create/open a Ladder activation store, write and read whole parts, summarise.
+
+One writer writes one whole part and commits it last (see layout.py); readers only ever look at
+committed parts, so an interrupted or retried writer never exposes half a part.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cache_store import codecs, layout
+from cache_store.errors import StoreError, StoreMismatchError
+from cache_store.location import Location
+from cache_store.reader import BatchPlan, iter_batches
+from cache_store.settings import canonical, differences, fingerprint, state_dtype, validate_plan
+
+log = logging.getLogger(__name__)
+
+
+class ActivationStore:
+    def __init__(self, location: Location, root: zarr.Group):
+        attrs = root.attrs.asdict()
+        self.location = location
+        self.settings: dict = attrs["settings"]
+        self.fingerprint: str = attrs["fingerprint"]
+        self.plan: list[dict] = attrs["plan"]
+        self.dtype: str = state_dtype(self.settings)
+        self._root = root
+
+    # ---- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def create_or_open(cls, url: str, settings: dict, plan: list[dict]) -> "ActivationStore":
+        """A new store at url, or the existing one built with the same settings and plan (resume)."""
+        settings, plan = canonical(settings), canonical(plan)
+        state_dtype(settings)
+        validate_plan(plan)
+        location = Location.parse(url)
+        if not location.exists() or location.is_empty_dir():
+            try:
+                return cls._create(location, settings, plan)
+            except FileExistsError:
+                pass            # another worker created it a moment ago: check it like any other
+        store = cls._open_existing(location, mode="r+")
+        problems = differences(store.settings, settings)
+        if store.plan != plan:
+            problems.append("plan: the stored part plan differs from the requested one")
+        if problems:
+            raise StoreMismatchError(
+                f"store {url} was built with different settings ({'; '.join(problems)}); "
+                f"use another --store path or delete {url}")
+        log.info("resuming activation store %s (%d/%d parts committed)",
+                 url, len(store.committed_parts()), len(plan))
+        return store
+
+    @classmethod
+    def _create(cls, location: Location, settings: dict, plan: list[dict]) -> "ActivationStore":
+        root = zarr.open_group(location.zarr_url, mode="w-", zarr_format=3, attributes={
+            "format_version": layout.FORMAT_VERSION, "fingerprint": fingerprint(settings),
+            "settings": settings, "plan": plan})
+        # Created up front so concurrent part writers never race on creating it.
+        root.require_group(layout.PARTS)
+        log.info("created activation store %s (%d parts planned)", location.url, len(plan))
+        return cls(location, root)
+
+    @classmethod
+    def open(cls, url: str) -> "ActivationStore":
+        """An existing store, read-only."""
+        location = Location.parse(url)
+        if not location.exists() or location.is_empty_dir():
+            raise StoreError(f"no activation store at {url}; run `ladder cache ... --store {url}` first")
+        return cls._open_existing(location, mode="r")
+
+    @classmethod
+    def _open_existing(cls, location: Location, mode: str) -> "ActivationStore":
+        url = location.url
+        foreign = StoreError(
+            f"{url} exists but is not a Ladder activation store; pass another --store path "
+            f"(nothing at {url} was changed)")
+        # Inspect read-only first: opening a foreign directory for writing would add a zarr.json.
+        try:
+            root = zarr.open_group(location.zarr_url, mode="r", zarr_format=3)
+        except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
+            raise foreign from e
+        attrs = root.attrs.asdict()
+        if not {"format_version", "fingerprint", "settings", "plan"} <= attrs.keys():
+            raise foreign
+        if attrs["format_version"] != layout.FORMAT_VERSION:
+            raise StoreError(
+                f"store {url} has format_version {attrs['format_version']!r} but this Ladder reads "
+                f"version {layout.FORMAT_VERSION}; rebuild it with `ladder cache` at another --store path")
+        if mode != "r":
+            root = zarr.open_group(location.zarr_url, mode=mode, zarr_format=3)
+        return cls(location, root)
+
+    # ---- parts -----------------------------------------------------------------------------
+
+    def _part_attrs(self, index: int) -> dict | None:
+        group = self._root.get(layout.part_path(index))
+        return None if group is None else group.attrs.asdict()
+
+    def is_committed(self, index: int) -> bool:
+        attrs = self._part_attrs(index)
+        return attrs is not None and attrs.get("committed") is True
+
+    def committed_parts(self) -> list[int]:
+        parts = self._root.get(layout.PARTS)
+        if parts is None:
+            return []
+        names = {name for name, _ in parts.groups()}
+        return [p["index"] for p in self.plan
+                if layout.part_name(p["index"]) in names and self.is_committed(p["index"])]
+
+    def _committed_of_split(self, split: str) -> list[int]:
+        return [i for i in self.committed_parts() if self.plan[i]["split"] == split]
+
+    def n_examples(self, split: str) -> int:
+        """Committed examples of a split (e.g. for steps per epoch)."""
+        return sum(self.plan[i]["n"] for i in self._committed_of_split(split))
+
+    def write_part(self, index: int, example_ids: np.ndarray, labels: np.ndarray,
+                   streams: dict[str, dict]) -> bool:
+        """Encode and write one whole part, then commit it. False if it was already committed.
+
+        streams[s] = {"input_ids": [1-D int array per example],
+                      "states": {name: [float32 (tokens_i, d) per example]}}
+        """
+        if self._root.read_only:
+            raise StoreError(f"store {self.location.url} was opened read-only; "
+                             "use ActivationStore.create_or_open to write parts")
+        n = self._plan_n(index)
+        example_ids = _vector(example_ids, n, "example_ids")
+        labels = _vector(labels, n, "labels")
+        if not streams:
+            raise ValueError("write_part needs at least one stream (e.g. 'enc')")
+        for name, stream in streams.items():
+            _check_stream(name, stream, n)
+        if self.is_committed(index):
+            log.info("part %d of %s already committed; skipping", index, self.location.url)
+            return False
+
+        parts = self._root[layout.PARTS]
+        name = layout.part_name(index)
+        # Whatever is there is an interrupted (uncommitted) write, e.g. a retried task: start over.
+        if parts.get(name) is not None:
+            log.warning("overwriting uncommitted part %d of %s", index, self.location.url)
+        del parts[name]
+        group = parts.create_group(name)
+        layout.write_array(group, "example_ids", example_ids)
+        layout.write_array(group, "labels", labels)
+        meta = {s: self._write_stream(group.create_group(s), stream) for s, stream in streams.items()}
+        group.update_attributes({
+            "n": n, "n_tokens": sum(m["n_tokens"] for m in meta.values()), "streams": meta,
+            "committed": True})
+        log.info("committed part %d of %s (%d examples)", index, self.location.url, n)
+        return True
+
+    def _plan_n(self, index: int) -> int:
+        if not 0 <= index < len(self.plan):
+            raise ValueError(f"part index {index} is outside the plan (0..{len(self.plan) - 1})")
+        return self.plan[index]["n"]
+
+    def _write_stream(self, group: zarr.Group, stream: dict) -> dict:
+        lengths = np.array([len(ids) for ids in stream["input_ids"]], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)      # (n+1,)
+        ids = np.concatenate([np.asarray(i, dtype=np.int64).reshape(-1) for i in stream["input_ids"]])
+        if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
+            raise ValueError("input_ids do not fit in int32")
+        layout.write_array(group, "offsets", offsets)
+        layout.write_array(group, "input_ids", ids.astype(np.int32))
+        dims = {}
+        for name, rows in stream["states"].items():
+            enc = codecs.encode(np.concatenate(rows, axis=0), self.dtype)            # (T, d)
+            layout.write_array(group, f"states/{name}", enc.values)
+            if enc.scales is not None:
+                layout.write_array(group, f"scales/{name}", enc.scales)
+            dims[name] = int(enc.values.shape[1])
+        return {"n_tokens": int(offsets[-1]), "states": dims}
+
+    def read_part(self, index: int, *, state_names: list[str] | None = None) -> dict[str, Any]:
+        """A committed part, decoded: {"example_ids", "labels", "streams": {s: {"offsets",
+        "input_ids", "states": {name: float32 (T, d)}}}}; state_names limits which states are read."""
+        attrs = self._part_attrs(index)
+        if attrs is None or attrs.get("committed") is not True:
+            raise StoreError(f"part {index} of store {self.location.url} is not committed; "
+                             "run/finish `ladder cache` first")
+        group = self._root[layout.part_path(index)]
+        streams = {}
+        for s, meta in attrs["streams"].items():
+            sg = group[s]
+            names = list(meta["states"]) if state_names is None else state_names
+            unknown = [k for k in names if k not in meta["states"]]
+            if unknown:
+                raise StoreError(f"stream {s!r} of store {self.location.url} has no states {unknown}; "
+                                 f"available: {list(meta['states'])}")
+            states = {}
+            for k in names:
+                scales = layout.read_array(sg, f"scales/{k}") if self.dtype == "int8" else None
+                states[k] = codecs.decode(codecs.Encoded(layout.read_array(sg, f"states/{k}"), scales),
+                                          self.dtype)
+            streams[s] = {"offsets": layout.read_array(sg, "offsets"),
+                          "input_ids": layout.read_array(sg, "input_ids"), "states": states}
+        return {"example_ids": layout.read_array(group, "example_ids"),
+                "labels": layout.read_array(group, "labels"), "streams": streams}
+
+    # ---- summary and batches ---------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        committed = self.committed_parts()
+        metas = [self._part_attrs(i) for i in committed]
+        ids = [layout.read_array(self._root[layout.part_path(i)], "example_ids") for i in committed]
+        state_names: list[str] = []
+        dims: list[int] = []
+        raw = 0
+        for meta in metas:
+            for stream in meta["streams"].values():
+                for name, d in stream["states"].items():
+                    if name not in state_names:
+                        state_names.append(name)
+                        dims.append(d)
+                    raw += stream["n_tokens"] * d * 4
+        stored = sum(self.location.chunk_bytes(layout.part_path(i)) for i in committed)
+        splits: dict[str, int] = {}
+        for i in committed:
+            splits[self.plan[i]["split"]] = splits.get(self.plan[i]["split"], 0) + self.plan[i]["n"]
+        return {
+            "n_examples": sum(self.plan[i]["n"] for i in committed),
+            "unique_example_ids": len(set(np.concatenate(ids).tolist())) if ids else 0,
+            "committed_parts": len(committed),
+            "total_parts": len(self.plan),
+            "layers": self.settings.get("layers"),
+            "dtype": self.dtype,
+            # per element, for the (first) state width d; None until a part tells us d
+            "bytes_per_element": codecs.bytes_per_element(self.dtype, dims[0]) if dims else None,
+            "state_names": state_names,
+            "n_tokens": sum(m["n_tokens"] for m in metas),
+            "stored_bytes": stored,
+            "raw_fp32_bytes": raw,
+            "compression_ratio": raw / stored if stored else None,
+            "splits": splits,
+        }
+
+    def iter_batches(self, split: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                     shuffle_buffer: int = 4096, prefetch: int = 2, drop_last: bool = False,
+                     state_names: list[str] | None = None) -> Iterator[dict]:
+        """Padded torch batches of the committed parts of a split; see reader.py."""
+        parts = self._committed_of_split(split)
+        if not parts:
+            raise StoreError(f"store {self.location.url} has no committed parts for split {split!r}; "
+                             "run/finish `ladder cache` first")
+        return iter_batches(self, BatchPlan(
+            parts=parts, batch_size=batch_size, shuffle=shuffle, seed=seed,
+            shuffle_buffer=shuffle_buffer, prefetch=prefetch, drop_last=drop_last,
+            state_names=state_names))
+
+
+def _vector(values: np.ndarray, n: int, what: str) -> np.ndarray:
+    out = np.asarray(values, dtype=np.int64)
+    if out.shape != (n,):
+        raise ValueError(f"{what} has shape {out.shape}; this part's plan needs ({n},)")
+    return out
+
+
+def _check_stream(name: str, stream: dict, n: int) -> None:
+    ids = stream["input_ids"]
+    if len(ids) != n:
+        raise ValueError(f"stream {name!r} has {len(ids)} input_ids rows; this part's plan needs {n}")
+    lengths = [len(i) for i in ids]
+    for state, rows in stream["states"].items():
+        if len(rows) != n:
+            raise ValueError(f"stream {name!r} state {state!r} has {len(rows)} rows; expected {n}")
+        widths = {np.shape(r)[1] if np.ndim(r) == 2 else None for r in rows}
+        if len(widths) != 1 or None in widths:
+            raise ValueError(f"stream {name!r} state {state!r} must be (tokens, d) arrays of one width d")
+        for i, (row, length) in enumerate(zip(rows, lengths)):
+            if np.shape(row)[0] != length:
+                raise ValueError(f"stream {name!r} state {state!r} example {i} has {np.shape(row)[0]} "
+                                 f"tokens but input_ids has {length}")

@@ -1,0 +1,372 @@
+"""cache_store: codecs against independent computations, part commit protocol, batches."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import uuid
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cache_store import ActivationStore, StoreError, StoreMismatchError, bytes_per_element, decode, encode
+from cache_store.layout import CHUNK_BYTES, chunk_rows, part_path
+
+D = 8
+STATES = ("emb", "layer_0", "layer_3")
+
+
+def settings(**overrides) -> dict:
+    base = {"backbone": "tiny-bert", "data_fingerprint": "abc", "max_length": 128,
+            "layers": [0, 3], "dtype": "fp16"}
+    return {**base, **overrides}
+
+
+def make_plan(*sizes_and_splits: tuple[int, str]) -> list[dict]:
+    return [{"index": i, "split": split, "n": n} for i, (n, split) in enumerate(sizes_and_splits)]
+
+
+def make_part(index: int, n: int, streams=("enc",), seed: int = 0, max_len: int = 7) -> dict:
+    """Random ragged part: example ids index*1000 + j, lengths in [0, max_len)."""
+    rng = np.random.default_rng(1000 * index + seed)
+    out = {"example_ids": index * 1000 + np.arange(n), "labels": rng.integers(0, 3, n), "streams": {}}
+    for s in streams:
+        lengths = rng.integers(0, max_len, n)
+        lengths[0] = max_len          # at least one full row, so padding shows up in batches
+        out["streams"][s] = {
+            "input_ids": [rng.integers(1, 30000, length) for length in lengths],
+            "states": {k: [rng.normal(0, 3, (length, D)).astype(np.float32) for length in lengths]
+                       for k in STATES},
+        }
+    return out
+
+
+def write(store: ActivationStore, index: int, part: dict) -> bool:
+    return store.write_part(index, part["example_ids"], part["labels"], part["streams"])
+
+
+def build(tmp_path, plan, dtype="fp16", streams=("enc",)):
+    store = ActivationStore.create_or_open(str(tmp_path / "store"), settings(dtype=dtype), plan)
+    parts = {p["index"]: make_part(p["index"], p["n"], streams) for p in plan}
+    for index, part in parts.items():
+        assert write(store, index, part)
+    return store, parts
+
+
+def reference(parts: dict, dtype: str) -> dict:
+    """example id -> (label, {stream: (input_ids, {state: expected decoded (t, d)})})."""
+    out = {}
+    for part in parts.values():
+        for j, example_id in enumerate(part["example_ids"].tolist()):
+            out[example_id] = (int(part["labels"][j]), {
+                s: (np.asarray(stream["input_ids"][j]),
+                    {k: decode(encode(rows[j], dtype), dtype) for k, rows in stream["states"].items()})
+                for s, stream in part["streams"].items()})
+    return out
+
+
+# ---- codecs --------------------------------------------------------------------------------
+
+def test_fp16_round_trip_is_exact_cast():
+    x = np.random.default_rng(0).normal(0, 10, (50, D)).astype(np.float32)
+    np.testing.assert_array_equal(decode(encode(x, "fp16"), "fp16"), x.astype(np.float16).astype(np.float32))
+
+
+def test_bf16_matches_torch_bit_for_bit():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([
+        rng.normal(0, 1, 4000), rng.normal(0, 1e30, 100), rng.normal(0, 1e-40, 100),  # subnormals
+        # exact ties between two bf16 values (low 16 bits 0x8000) with even and odd kept bit
+        np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7F8000], dtype=np.uint32).view(np.float32),
+        [0.0, -0.0, np.inf, -np.inf, np.nan, np.finfo(np.float32).max],
+    ]).astype(np.float32).reshape(-1, 2)
+    ours = decode(encode(x, "bf16"), "bf16")
+    theirs = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(np.isnan(ours), nan)          # NaN bit patterns vary by backend
+    np.testing.assert_array_equal(ours[~nan].view(np.uint32), theirs[~nan].view(np.uint32))
+
+
+def test_int8_error_within_half_scale_and_zero_rows():
+    x = np.random.default_rng(2).normal(0, 5, (200, D)).astype(np.float32)
+    x[3] = 0.0
+    enc = encode(x, "int8")
+    assert enc.values.dtype == np.int8 and enc.scales.shape == (200,)
+    scale = np.abs(x).max(axis=1) / 127.0                                  # independent
+    err = np.abs(x - decode(enc, "int8"))
+    assert np.all(err <= scale[:, None] / 2 * (1 + 1e-5) + 1e-30)
+    np.testing.assert_array_equal(decode(enc, "int8")[3], 0.0)
+
+
+def test_bytes_per_element():
+    assert bytes_per_element("fp16", 768) == 2 and bytes_per_element("bf16", 768) == 2
+    assert bytes_per_element("int8", 768) == pytest.approx(1 + 4 / 768)
+    with pytest.raises(ValueError):
+        bytes_per_element("fp8", 768)
+
+
+def test_chunks_hold_at_least_one_mib():
+    assert chunk_rows(10, 16) == 10                          # small: one chunk
+    rows = chunk_rows(10**7, 768 * 2)
+    assert rows * 768 * 2 >= CHUNK_BYTES and (rows - 1) * 768 * 2 < CHUNK_BYTES
+
+
+# ---- writing and reading parts --------------------------------------------------------------
+
+def test_padding_never_stored(tmp_path):
+    store, parts = build(tmp_path, make_plan((6, "train")), streams=("enc", "dec"))
+    group = zarr.open_group(str(tmp_path / "store"), mode="r")[part_path(0)]
+    for s, stream in parts[0]["streams"].items():
+        total = sum(len(ids) for ids in stream["input_ids"])
+        assert group[f"{s}/offsets"][-1] == total
+        assert group[f"{s}/input_ids"].shape == (total,)
+        for k in STATES:
+            assert group[f"{s}/states/{k}"].shape == (total, D)
+            assert group[f"{s}/states/{k}"].dtype == np.float16
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
+def test_write_then_read_part(tmp_path, dtype):
+    store, parts = build(tmp_path, make_plan((5, "train"), (4, "test")), dtype=dtype, streams=("enc", "dec"))
+    for index, part in parts.items():
+        got = store.read_part(index)
+        np.testing.assert_array_equal(got["example_ids"], part["example_ids"])
+        np.testing.assert_array_equal(got["labels"], part["labels"])
+        for s, stream in part["streams"].items():
+            g = got["streams"][s]
+            lengths = [len(ids) for ids in stream["input_ids"]]
+            np.testing.assert_array_equal(g["offsets"], np.concatenate([[0], np.cumsum(lengths)]))
+            np.testing.assert_array_equal(g["input_ids"], np.concatenate(stream["input_ids"]))
+            for k, rows in stream["states"].items():
+                full = np.concatenate(rows)
+                assert g["states"][k].dtype == np.float32
+                np.testing.assert_array_equal(g["states"][k], decode(encode(full, dtype), dtype))
+    assert list(store.read_part(0, state_names=["emb"])["streams"]["enc"]["states"]) == ["emb"]
+
+
+def test_write_part_checks_lengths(tmp_path):
+    store = ActivationStore.create_or_open(str(tmp_path / "s"), settings(), make_plan((3, "train")))
+    part = make_part(0, 3)
+    part["streams"]["enc"]["states"]["emb"][1] = np.zeros((99, D), np.float32)
+    with pytest.raises(ValueError, match="example 1"):
+        write(store, 0, part)
+    with pytest.raises(ValueError, match="plan needs"):
+        store.write_part(0, np.arange(2), np.zeros(2), make_part(0, 3)["streams"])
+
+
+def test_committed_part_write_is_noop(tmp_path):
+    store, parts = build(tmp_path, make_plan((4, "train")))
+    assert write(store, 0, make_part(0, 4, seed=99)) is False
+    np.testing.assert_array_equal(store.read_part(0)["labels"], parts[0]["labels"])
+
+
+def test_uncommitted_part_is_invisible_and_rewritten(tmp_path):
+    store, parts = build(tmp_path, make_plan((4, "train"), (3, "train")))
+    # Simulate a writer that died after its arrays but before its commit.
+    root = zarr.open_group(str(tmp_path / "store"), mode="a")
+    del root[part_path(1)].attrs["committed"]
+    assert store.committed_parts() == [0] and not store.is_committed(1)
+    assert store.n_examples("train") == 4
+    with pytest.raises(StoreError, match="not committed"):
+        store.read_part(1)
+    seen = [i for b in store.iter_batches("train", 2) for i in b["example_ids"].tolist()]
+    assert sorted(seen) == parts[0]["example_ids"].tolist()
+
+    retry = make_part(1, 3, seed=7)
+    assert write(store, 1, retry) is True
+    assert store.committed_parts() == [0, 1]
+    np.testing.assert_array_equal(store.read_part(1)["labels"], retry["labels"])
+
+
+# ---- opening --------------------------------------------------------------------------------
+
+def test_resume_and_fingerprint(tmp_path):
+    plan = make_plan((4, "train"), (3, "validation"))
+    store, _ = build(tmp_path, plan)
+    again = ActivationStore.create_or_open(str(tmp_path / "store"), settings(), plan)
+    assert again.committed_parts() == [0, 1]
+    expected = hashlib.sha256(json.dumps(settings(), sort_keys=True).encode()).hexdigest()
+    assert again.fingerprint == store.fingerprint == expected
+    opened = ActivationStore.open(str(tmp_path / "store"))
+    assert opened.settings == settings() and opened.plan == plan
+    with pytest.raises(StoreError, match="read-only"):
+        write(opened, 0, make_part(0, 4))
+
+
+def test_settings_mismatch_names_each_field(tmp_path):
+    plan = make_plan((4, "train"))
+    build(tmp_path, plan)
+    with pytest.raises(StoreMismatchError) as err:
+        ActivationStore.create_or_open(str(tmp_path / "store"), settings(max_length=256, dtype="int8"), plan)
+    message = str(err.value)
+    assert "max_length: stored 128, requested 256" in message
+    assert 'dtype: stored "fp16", requested "int8"' in message
+    assert "backbone" not in message.replace("--store", "")
+    assert "another --store path" in message and "\n" not in message
+    with pytest.raises(StoreMismatchError, match="plan"):
+        ActivationStore.create_or_open(str(tmp_path / "store"), settings(), make_plan((5, "train")))
+
+
+def test_non_store_directory_is_refused_and_kept(tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("precious")
+    with pytest.raises(StoreError, match="not a Ladder activation store"):
+        ActivationStore.create_or_open(str(target), settings(), make_plan((1, "train")))
+    with pytest.raises(StoreError, match="not a Ladder activation store"):
+        ActivationStore.open(str(target))
+    assert (target / "notes.txt").read_text("utf-8") == "precious"
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(str(plain), mode="w", attributes={"other": 1})
+    with pytest.raises(StoreError, match="not a Ladder activation store"):
+        ActivationStore.open(str(plain))
+
+
+def test_open_missing_store(tmp_path):
+    with pytest.raises(StoreError, match="no activation store at .*ladder cache"):
+        ActivationStore.open(str(tmp_path / "nothing"))
+
+
+def test_unknown_format_version(tmp_path):
+    build(tmp_path, make_plan((2, "train")))
+    zarr.open_group(str(tmp_path / "store"), mode="a").attrs["format_version"] = 99
+    with pytest.raises(StoreError, match="format_version 99"):
+        ActivationStore.open(str(tmp_path / "store"))
+
+
+def test_fsspec_memory_url_round_trip():
+    url = f"memory://ladder-test-{uuid.uuid4().hex}"
+    plan = make_plan((3, "train"))
+    store = ActivationStore.create_or_open(url, settings(), plan)
+    part = make_part(0, 3)
+    assert write(store, 0, part)
+    got = ActivationStore.open(url).read_part(0)
+    np.testing.assert_array_equal(got["streams"]["enc"]["input_ids"],
+                                  np.concatenate(part["streams"]["enc"]["input_ids"]))
+    assert ActivationStore.open(url).info()["stored_bytes"] > 0
+
+
+# ---- info -----------------------------------------------------------------------------------
+
+def test_info(tmp_path):
+    plan = make_plan((5, "train"), (4, "train"), (3, "validation"), (2, "test"))
+    store = ActivationStore.create_or_open(str(tmp_path / "store"), settings(dtype="int8"), plan)
+    parts = {i: make_part(i, plan[i]["n"]) for i in (0, 1, 2)}   # part 3 never written
+    for i, part in parts.items():
+        write(store, i, part)
+    info = store.info()
+    n_tokens = sum(len(ids) for p in parts.values() for ids in p["streams"]["enc"]["input_ids"])
+    assert info["n_examples"] == 12 and info["unique_example_ids"] == 12
+    assert info["committed_parts"] == 3 and info["total_parts"] == 4
+    assert info["layers"] == [0, 3] and info["dtype"] == "int8"
+    assert info["bytes_per_element"] == pytest.approx(1 + 4 / D)
+    assert info["state_names"] == list(STATES)
+    assert info["n_tokens"] == n_tokens
+    assert info["raw_fp32_bytes"] == n_tokens * D * len(STATES) * 4
+    assert info["stored_bytes"] > 0
+    assert info["compression_ratio"] == pytest.approx(info["raw_fp32_bytes"] / info["stored_bytes"])
+    assert info["splits"] == {"train": 9, "validation": 3}
+    assert store.n_examples("train") == 9 and store.n_examples("test") == 0
+
+
+# ---- batches --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_iter_batches_covers_each_example_once_with_its_states(tmp_path, dtype):
+    plan = make_plan((7, "train"), (5, "validation"), (6, "train"), (4, "train"))
+    store, parts = build(tmp_path, plan, dtype=dtype, streams=("enc", "dec"))
+    expected = reference({i: p for i, p in parts.items() if plan[i]["split"] == "train"}, dtype)
+    seen = []
+    for batch in store.iter_batches("train", 4, seed=3, shuffle_buffer=5):
+        b = len(batch["example_ids"])
+        assert batch["labels"].dtype == torch.int64 and batch["example_ids"].dtype == torch.int64
+        for s in ("enc", "dec"):
+            ids, mask = batch[s]["input_ids"], batch[s]["attention_mask"]
+            assert ids.dtype == mask.dtype == torch.int64
+            lengths = [len(expected[e][1][s][0]) for e in batch["example_ids"].tolist()]
+            assert ids.shape == (b, max(lengths))                     # T = longest row
+            for k in STATES:
+                assert batch[s]["states"][k].dtype == torch.float32
+                assert batch[s]["states"][k].shape == (b, max(lengths), D)
+        for row, example_id in enumerate(batch["example_ids"].tolist()):
+            label, streams = expected[example_id]
+            assert batch["labels"][row].item() == label
+            for s, (input_ids, states) in streams.items():
+                n = len(input_ids)
+                np.testing.assert_array_equal(batch[s]["input_ids"][row, :n].numpy(), input_ids)
+                assert batch[s]["attention_mask"][row, :n].eq(1).all()
+                assert batch[s]["attention_mask"][row, n:].eq(0).all()
+                assert batch[s]["input_ids"][row, n:].eq(0).all()
+                for k, x in states.items():
+                    np.testing.assert_array_equal(batch[s]["states"][k][row, :n].numpy(), x)
+                    assert batch[s]["states"][k][row, n:].eq(0).all()
+        seen += batch["example_ids"].tolist()
+    assert sorted(seen) == sorted(expected) and len(seen) == 17
+
+
+def test_batch_sizes_and_drop_last(tmp_path):
+    store, _ = build(tmp_path, make_plan((7, "train"), (6, "train")))
+    assert [len(b["labels"]) for b in store.iter_batches("train", 5)] == [5, 5, 3]
+    assert [len(b["labels"]) for b in store.iter_batches("train", 5, drop_last=True)] == [5, 5]
+    batch = next(iter(store.iter_batches("train", 2, state_names=["layer_3"])))
+    assert list(batch["enc"]["states"]) == ["layer_3"]
+
+
+def test_shuffle_depends_on_seed_and_keeps_every_example(tmp_path):
+    store, parts = build(tmp_path, make_plan(*[(10, "train")] * 4))
+
+    def order(**kw):
+        return [i for b in store.iter_batches("train", 8, **kw) for i in b["example_ids"].tolist()]
+
+    in_plan_order = [i for p in parts.values() for i in p["example_ids"].tolist()]
+    assert order(shuffle=False) == in_plan_order
+    a, b = order(seed=0, shuffle_buffer=16), order(seed=1, shuffle_buffer=16)
+    assert a != b and a != in_plan_order
+    assert sorted(a) == sorted(b) == sorted(in_plan_order)
+    assert order(seed=0, shuffle_buffer=16) == a                       # reproducible
+
+
+def test_split_without_committed_parts(tmp_path):
+    store, _ = build(tmp_path, make_plan((3, "train")))
+    with pytest.raises(StoreError, match="no committed parts for split 'validation'"):
+        store.iter_batches("validation", 2)
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("ladder-prefetch")]
+
+
+def test_early_break_leaves_no_thread(tmp_path):
+    store, _ = build(tmp_path, make_plan(*[(20, "train")] * 5))
+    # Warm up zarr's own I/O threads (a persistent event loop and executor) before the baseline.
+    for _ in store.iter_batches("train", 4):
+        pass
+    baseline = threading.active_count()
+    for _ in range(3):
+        for i, _batch in enumerate(store.iter_batches("train", 2, prefetch=1)):
+            if i == 1:
+                break
+    assert _prefetch_threads() == []
+    assert threading.active_count() <= baseline
+
+    batches = store.iter_batches("train", 2)
+    next(batches)
+    assert len(_prefetch_threads()) == 1
+    batches.close()
+    assert _prefetch_threads() == []
+
+
+def test_reader_errors_reach_the_consumer(tmp_path, monkeypatch):
+    store, _ = build(tmp_path, make_plan((4, "train"), (4, "train")))
+
+    def broken(index, *, state_names=None):
+        raise OSError(f"disk gone reading part {index}")
+
+    monkeypatch.setattr(store, "read_part", broken)
+    with pytest.raises(OSError, match="disk gone"):
+        list(store.iter_batches("train", 2))
+    assert _prefetch_threads() == []
