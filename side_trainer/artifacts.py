@@ -1,0 +1,38 @@
+"""Side model artifacts, the PEFT way: `side_config.json` + `side_model.safetensors`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from side_trainer.model import ENCODER_DECODER, SideConfig, SideNetwork
+
+CONFIG_FILE = "side_config.json"
+WEIGHTS_FILE = "side_model.safetensors"
+
+
+class ArtifactError(ValueError):
+    """A model directory that is not a saved side model; the message names the fix."""
+
+
+def save_side_model(net: SideNetwork, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net.cfg.save(out_dir / CONFIG_FILE)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, out_dir / WEIGHTS_FILE)
+
+
+def load_side_model(model_dir: str | Path, backbone_dir: Path | None = None) -> SideNetwork:
+    """Rebuild a saved side network; T5 also needs the backbone directory for its frozen LM head."""
+    model_dir = Path(model_dir)
+    if not (model_dir / CONFIG_FILE).is_file() or not (model_dir / WEIGHTS_FILE).is_file():
+        raise ArtifactError(
+            f"{model_dir} is not a side model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+            f"pass the --out directory of `ladder train` or `ladder finetune`")
+    net = SideNetwork(SideConfig.load(model_dir / CONFIG_FILE))
+    net.load_state_dict(load_file(model_dir / WEIGHTS_FILE))
+    if net.cfg.family == ENCODER_DECODER:
+        from backbone_worker.backbone import resolve
+        from side_trainer.pruning import load_lm_head
+        load_lm_head(net, backbone_dir or resolve(net.cfg.backbone))
+    return net.eval()

@@ -1,0 +1,202 @@
+"""Train a side network from an activation store; the backbone is never loaded here.
+
+Recipe (the reference's, with two changes): AdamW without weight decay, lr 3e-3, linear warm-up
+then linear decay, grad-norm clip 1.0. Changes: warm-up is a fraction of the total steps (the
+reference's fixed 500 steps suits 100k-row sets, not a 300-row upload), and training stops early
+when validation accuracy has not improved for `patience` epochs, keeping the best epoch's weights.
+Optional feature-space augmentation (dropout / Gaussian noise on ladder states) stands in for the
+backbone dropout that caching removes; it is off by default.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from backbone_worker.backbone import fingerprint_dir, resolve
+from backbone_worker.families import ENCODER_DECODER
+from cache_store import ActivationStore, StoreError
+from side_trainer.artifacts import save_side_model
+from side_trainer.memory import PeakMemory
+from side_trainer.model import SideConfig, SideNetwork
+from side_trainer.pruning import INITS, apply_pruning_init, load_lm_head
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOptions:
+    reduction: int = 8               # r: side width = backbone width / r
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: float = 0.06             # fraction of all steps spent warming up
+    grad_clip: float = 1.0
+    patience: int = 3                # epochs without a better validation score before stopping
+    init: str = "fisher"             # fisher | magnitude | random
+    pooling: str = "mean"            # encoder pooling: mean | first
+    feature_dropout: float = 0.0     # dropout on ladder states (training only)
+    feature_noise: float = 0.0       # std of Gaussian noise on ladder states, relative to their RMS
+    seed: int = 0
+    device: str = "cpu"
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
+
+
+def augment(batch: dict, dropout: float, noise: float) -> dict:
+    if not dropout and not noise:
+        return batch
+    for stream in ("enc", "dec"):
+        if stream not in batch:
+            continue
+        states = batch[stream]["states"]
+        for name, x in states.items():
+            if noise:
+                x = x + noise * x.pow(2).mean().sqrt() * torch.randn_like(x)
+            states[name] = torch.nn.functional.dropout(x, dropout) if dropout else x
+    return batch
+
+
+def correct(net: SideNetwork, batch: dict, logits: torch.Tensor) -> tuple[int, int]:
+    """Correct predictions and count: classes, or for T5 whole label sequences (teacher-forced)."""
+    if net.cfg.family != ENCODER_DECODER:
+        return int((logits.argmax(-1) == batch["labels"]).sum()), len(batch["labels"])
+    mask = batch["dec"]["attention_mask"].bool()
+    hit = (logits.argmax(-1) == batch["dec"]["input_ids"]) | ~mask
+    return int(hit.all(1).sum()), hit.shape[0]
+
+
+@torch.inference_mode()
+def evaluate_store(net: SideNetwork, store: ActivationStore, split: str, device: str,
+                   batch_size: int = 128) -> float:
+    net.eval()
+    hits = total = 0
+    for batch in store.iter_batches(split, batch_size, shuffle=False):
+        batch = to_device(batch, device)
+        h, n = correct(net, batch, net(batch))
+        hits, total = hits + h, total + n
+    return hits / max(total, 1)
+
+
+def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwork:
+    from backbone_worker.cache import read_importance
+    settings = store.settings
+    cfg = SideConfig(
+        family=settings["family"], backbone=settings["backbone"],
+        backbone_fingerprint=settings["backbone_fingerprint"],
+        backbone_config=settings["backbone_config"], layers=settings["layers"],
+        labels=settings["labels"], reduction=opts.reduction, pooling=opts.pooling, init=opts.init,
+        max_length=settings["max_length"], store_fingerprint=store.fingerprint,
+        label_texts=settings["labels"] if settings["family"] == ENCODER_DECODER else [])
+    torch.manual_seed(opts.seed)
+    net = SideNetwork(cfg)
+    needs_backbone = opts.init != "random" or cfg.family == ENCODER_DECODER
+    if needs_backbone:
+        backbone_dir = resolve(cfg.backbone)
+        if fingerprint_dir(backbone_dir) != cfg.backbone_fingerprint:
+            raise StoreError(
+                f"the backbone files at {backbone_dir} changed since the store was cached; "
+                f"re-run `ladder cache` into a new --store, or train with --init random")
+        if opts.init != "random":
+            apply_pruning_init(net, backbone_dir, read_importance(store.location.url), opts.init)
+        if cfg.family == ENCODER_DECODER:
+            load_lm_head(net, backbone_dir)
+    return net
+
+
+def train(store_url: str, out_dir: str | Path, opts: TrainOptions) -> dict:
+    """Train, keep the best validation epoch, save artifacts; returns the run's metrics."""
+    if opts.init not in INITS:
+        raise ValueError(f"unknown --init {opts.init!r}; use one of {', '.join(INITS)}")
+    store = ActivationStore.open(store_url)
+    n_train = store.n_examples("train")
+    if n_train == 0:
+        raise StoreError(f"store {store_url} has no committed training examples; run or finish "
+                         f"`ladder cache --store {store_url}` first")
+    net = build_side_network(store, opts).to(opts.device)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(n_train / opts.batch_size)
+    total_steps = steps_per_epoch * opts.epochs
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(opts.warmup * total_steps), total_steps)
+    has_validation = store.n_examples("validation") > 0
+    best, best_state, history, stale = -1.0, None, [], 0
+    train_seconds, seen = 0.0, 0
+    log.info("training %s side network: %d trainable parameters, %d steps",
+             net.cfg.family, net.trainable_parameters(), total_steps)
+    with PeakMemory(opts.device) as memory:
+        for epoch in range(opts.epochs):
+            net.train()
+            start = time.perf_counter()
+            losses = []
+            bar = tqdm(store.iter_batches("train", opts.batch_size, seed=opts.seed + epoch),
+                       total=steps_per_epoch, desc=f"epoch {epoch + 1}/{opts.epochs}", leave=False)
+            for batch in bar:
+                batch = augment(to_device(batch, opts.device), opts.feature_dropout,
+                                opts.feature_noise)
+                loss = net.loss(batch, net(batch))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, opts.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                seen += len(batch["labels"])
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            train_seconds += time.perf_counter() - start
+            score = evaluate_store(net, store, "validation", opts.device) if has_validation else -epoch
+            history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
+                            "val_accuracy": score if has_validation else None})
+            log.info("epoch %d: train loss %.4f, validation accuracy %s", epoch + 1,
+                     history[-1]["train_loss"], f"{score:.4f}" if has_validation else "n/a")
+            if score > best:
+                best, stale = score, 0
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= opts.patience:
+                    log.info("early stop: no validation improvement for %d epochs", stale)
+                    break
+    net.load_state_dict(best_state)
+    out_dir = Path(out_dir)
+    save_side_model(net.cpu(), out_dir)
+    n_backbone = _backbone_params(net.cfg)
+    result = {
+        "model_dir": str(out_dir),
+        "n_train": n_train,
+        "epochs_run": len(history),
+        "best_val_accuracy": best if has_validation else None,
+        "trainable_params": net.trainable_parameters(),
+        "backbone_params": n_backbone,
+        "trainable_pct": 100 * net.trainable_parameters() / n_backbone,
+        "train_peak_mem_mb": round(memory.peak_mb, 1),
+        "train_examples_per_s": round(seen / train_seconds, 1),
+        "history": history,
+        "options": asdict(opts),
+    }
+    (out_dir / "training_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _backbone_params(cfg: SideConfig) -> int:
+    """Parameter count of the backbone, from its checkpoint headers (no weights are read)."""
+    from side_trainer.pruning import CheckpointReader
+    from safetensors import safe_open
+    reader = CheckpointReader(resolve(cfg.backbone))
+    total = 0
+    for file in reader.files:
+        with safe_open(file, "pt") as handle:
+            for key in handle.keys():
+                if not key.endswith("position_ids"):
+                    total += math.prod(handle.get_slice(key).get_shape())
+    return total

@@ -1,0 +1,169 @@
+"""The `ladder` CLI end to end on a tiny backbone, and its bad-input contract (exit 2, one line,
+nothing stored is damaged)."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+
+from api.cli import main
+
+WORDS = {"pos": ["good", "great", "lovely", "fine"], "neg": ["bad", "awful", "sad", "poor"]}
+
+
+def write_csv(path, n=120, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for k in range(n):
+            label = "pos" if k % 2 else "neg"
+            writer.writerow([f"the ride was {rng.choice(WORDS[label])} number {k}", label])
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, tiny_bert_dir):
+    """A tiny CSV cached once for the tests below."""
+    root = tmp_path_factory.mktemp("cli")
+    data = write_csv(root / "data.csv")
+    store = str(root / "store")
+    assert main(["cache", "--backbone", tiny_bert_dir, "--data", data, "--store", store,
+                 "--layers", "0,2", "--json"]) == 0
+    return {"root": root, "data": data, "store": store, "backbone": tiny_bert_dir}
+
+
+def test_cache_info_reports_every_example_once(cached, capsys):
+    code, out, _ = run(capsys, "cache-info", "--store", cached["store"], "--json")
+    info = last_json(out)
+    assert code == 0
+    assert info["n_examples"] == info["unique_example_ids"] == 120
+    assert info["layers"] == [0, 2] and info["dtype"] == "fp16" and info["bytes_per_element"] == 2
+    assert info["committed_parts"] == info["total_parts"]
+
+
+def test_train_evaluate_predict(cached, capsys, tmp_path):
+    out_dir = str(tmp_path / "model")
+    code, out, _ = run(capsys, "train", "--store", cached["store"], "--out", out_dir,
+                       "--epochs", "2", "--reduction", "4", "--json")
+    assert code == 0
+    result = last_json(out)
+    assert result["trainable_params"] > 0 and result["train_examples_per_s"] > 0
+    code, out, _ = run(capsys, "evaluate", "--model", out_dir, "--data", cached["data"], "--json")
+    assert code == 0 and last_json(out)["n"] > 0 and 0 <= last_json(out)["accuracy"] <= 1
+    code, out, _ = run(capsys, "predict", "--model", out_dir, "what a lovely ride", "--json")
+    prediction = last_json(out)["predictions"][0]
+    assert code == 0 and prediction["label"] in ("pos", "neg")
+    assert abs(sum(prediction["scores"].values()) - 1) < 1e-4
+
+
+def test_finetune_json_has_the_documented_fields(tmp_path, capsys, tiny_backbone_dir):
+    data = write_csv(tmp_path / "data.csv", n=60)
+    code, out, err = run(capsys, "finetune", "--backbone", tiny_backbone_dir, "--data", data,
+                         "--epochs", "1", "--reduction", "4", "--store", str(tmp_path / "s"),
+                         "--out", str(tmp_path / "m"), "--json")
+    assert code == 0, err
+    result = last_json(out)
+    for key in ("test_accuracy", "n_train", "n_test", "model_dir", "trainable_params",
+                "train_peak_mem_mb", "train_examples_per_s"):
+        assert key in result
+    assert result["n_train"] + result["n_test"] <= 60
+
+
+def one_line_error(code, err, *words):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) >= 1 and lines[-1].startswith("ladder ")
+    assert all(w in lines[-1] for w in words), lines[-1]
+
+
+def test_missing_data_file(capsys, tmp_path, tiny_bert_dir):
+    code, _, err = run(capsys, "cache", "--backbone", tiny_bert_dir, "--data",
+                       str(tmp_path / "nope.csv"), "--store", str(tmp_path / "s"))
+    one_line_error(code, err, "not found")
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_column(capsys, tmp_path, tiny_bert_dir):
+    data = write_csv(tmp_path / "d.csv")
+    code, _, err = run(capsys, "cache", "--backbone", tiny_bert_dir, "--data", data,
+                       "--label-column", "sentiment", "--store", str(tmp_path / "s"))
+    one_line_error(code, err, "sentiment", "--label-column")
+
+
+def test_single_class_label_column(capsys, tmp_path, tiny_bert_dir):
+    path = tmp_path / "one.csv"
+    path.write_text("text,label\nhello,a\nworld,a\n")
+    code, _, err = run(capsys, "cache", "--backbone", tiny_bert_dir, "--data", str(path),
+                       "--store", str(tmp_path / "s"))
+    one_line_error(code, err, "two classes")
+
+
+def test_empty_text(capsys, tmp_path, tiny_bert_dir):
+    path = tmp_path / "empty.csv"
+    path.write_text("text,label\nhello,a\n  ,b\n")
+    code, _, err = run(capsys, "cache", "--backbone", tiny_bert_dir, "--data", str(path),
+                       "--store", str(tmp_path / "s"))
+    one_line_error(code, err, "empty")
+
+
+def test_backbone_path_that_is_not_a_model(capsys, tmp_path):
+    data = write_csv(tmp_path / "d.csv")
+    code, _, err = run(capsys, "cache", "--backbone", str(tmp_path), "--data", data,
+                       "--store", str(tmp_path / "s"))
+    one_line_error(code, err, "config.json")
+
+
+def test_out_of_range_layer(capsys, tmp_path, tiny_bert_dir):
+    data = write_csv(tmp_path / "d.csv")
+    code, _, err = run(capsys, "cache", "--backbone", tiny_bert_dir, "--data", data,
+                       "--layers", "0,9", "--store", str(tmp_path / "s"))
+    one_line_error(code, err, "out of range", "--layers")
+
+
+def test_store_built_with_other_settings_names_the_field(cached, capsys):
+    before = sorted(p.name for p in (cached["root"] / "store").rglob("*"))
+    code, _, err = run(capsys, "cache", "--backbone", cached["backbone"], "--data", cached["data"],
+                       "--layers", "0,2", "--max-length", "64", "--store", cached["store"])
+    one_line_error(code, err, "max_length")
+    assert sorted(p.name for p in (cached["root"] / "store").rglob("*")) == before
+    code, out, _ = run(capsys, "cache-info", "--store", cached["store"], "--json")
+    assert last_json(out)["n_examples"] == 120
+
+
+def test_store_with_uncommitted_parts_only(capsys, tmp_path, tiny_bert_dir):
+    from backbone_worker.cache import CacheOptions, make_plan, store_settings
+    from backbone_worker.backbone import load_backbone
+    from backbone_worker.data import load_dataset
+    from cache_store import ActivationStore
+    dataset = load_dataset(write_csv(tmp_path / "d.csv"))
+    backbone = load_backbone(tiny_bert_dir)
+    ActivationStore.create_or_open(str(tmp_path / "s"),
+                                   store_settings(backbone, dataset, [0], CacheOptions()),
+                                   make_plan(dataset, 512))
+    code, _, err = run(capsys, "train", "--store", str(tmp_path / "s"), "--out",
+                       str(tmp_path / "m"))
+    one_line_error(code, err, "committed", "ladder cache")
+
+
+def test_reduction_that_does_not_divide_the_width(cached, capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--store", cached["store"], "--out", str(tmp_path / "m"),
+                       "--reduction", "5")
+    one_line_error(code, err, "reduction factor 5")
+
+
+def test_model_dir_that_is_not_a_side_model(capsys, tmp_path):
+    code, _, err = run(capsys, "predict", "--model", str(tmp_path), "hello")
+    one_line_error(code, err, "side_config.json")

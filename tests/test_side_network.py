@@ -1,0 +1,160 @@
+"""The side network and its pruning init, on tiny random backbones of each family."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backbone_worker.backbone import load_backbone
+from backbone_worker.families import FamilyError
+from backbone_worker.importance import fisher_scores, magnitude_scores
+from side_trainer.model import SideConfig, SideNetwork
+from side_trainer.pruning import apply_pruning_init, load_lm_head
+
+TEXTS = ["a fine day", "terrible news again today", "ok", "what a lovely surprise it was"]
+LABELS = ["neg", "pos", "neg", "pos"]
+LAYERS = [0, 2]
+
+
+def side_config(backbone, reduction=4, layers=LAYERS) -> SideConfig:
+    return SideConfig(family=backbone.family.name, backbone=str(backbone.path),
+                      backbone_fingerprint=backbone.fingerprint,
+                      backbone_config=backbone.config.to_dict(), layers=layers,
+                      labels=["neg", "pos"], reduction=reduction, label_texts=["neg", "pos"])
+
+
+def make_batch(backbone, layers=LAYERS):
+    enc = backbone.tokenize(TEXTS, None, 32)
+    dec = backbone.tokenize_targets(LABELS) if backbone.family.name == "encoder-decoder" else None
+    states = backbone.ladder_states(layers, enc, dec)
+    # States from inference mode are read-only constants, as they are when read from the store.
+    clone = {s: {k: v.clone() for k, v in d.items()} for s, d in states.items()}
+    batch = {"enc": {"states": clone["enc"], "attention_mask": enc["attention_mask"]},
+             "labels": torch.tensor([0, 1, 0, 1])}
+    if dec is not None:
+        batch["dec"] = {"states": clone["dec"], "attention_mask": dec["attention_mask"],
+                        "input_ids": dec["input_ids"]}
+    return batch
+
+
+def scores_for(backbone, layers=LAYERS):
+    scores = fisher_scores(backbone, layers, TEXTS, None, LABELS, ["neg", "pos"], 32)
+    scores.update(magnitude_scores(backbone, layers))
+    return scores
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_backbone_dir):
+    return load_backbone(tiny_backbone_dir)
+
+
+def test_side_network_trains_for_every_family(backbone):
+    net = SideNetwork(side_config(backbone))
+    apply_pruning_init(net, backbone.path, scores_for(backbone), "fisher")
+    if backbone.family.name == "encoder-decoder":
+        load_lm_head(net, backbone.path)
+    batch = make_batch(backbone)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = net.loss(batch, net(batch))
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
+    assert loss.item() < first   # it can fit four examples
+    backbone_params = sum(p.numel() for p in backbone.model.parameters())
+    assert net.trainable_parameters() < 0.25 * backbone_params
+
+
+def test_gradients_never_reach_backbone(backbone):
+    net = SideNetwork(side_config(backbone))
+    if backbone.family.name == "encoder-decoder":
+        load_lm_head(net, backbone.path)
+    batch = make_batch(backbone)
+    net.loss(batch, net(batch)).backward()
+    assert all(p.grad is None and not p.requires_grad for p in backbone.model.parameters())
+    backbone_storage = {p.data_ptr() for p in backbone.model.parameters()}
+    assert not any(p.data_ptr() in backbone_storage for p in net.parameters())
+    assert all(p.grad is not None for p in net.streams["enc"].ladders.parameters())
+
+
+def test_gate_mixes_ladder_state_as_the_paper_says(tiny_bert_dir):
+    backbone = load_backbone(tiny_bert_dir)
+    net = SideNetwork(side_config(backbone))
+    stack = net.streams["enc"]
+    assert torch.allclose(stack.gates(), torch.full((2,), 0.5))   # alpha = 0 -> mu = 0.5
+    with torch.no_grad():
+        stack.gate_alpha.copy_(torch.tensor([0.3, -0.2]))
+    seen = {}
+    stack.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(h=args[0]))
+    batch = make_batch(backbone)
+    net(batch)
+    states = batch["enc"]["states"]
+    mu = 1 / (1 + torch.exp(torch.tensor(-0.3 / 0.1)))           # sigmoid(alpha / T), T = 0.1
+    emb = states["emb"] @ stack.ladders["emb"].weight.T + stack.ladders["emb"].bias
+    ladder = states["layer_0"] @ stack.ladders["layer_0"].weight.T + stack.ladders["layer_0"].bias
+    assert torch.allclose(seen["h"], mu * emb + (1 - mu) * ladder, atol=1e-6)
+
+
+def test_pruned_weights_are_the_selected_backbone_rows_and_columns(tiny_bert_dir):
+    backbone = load_backbone(tiny_bert_dir)
+    scores = scores_for(backbone)
+    net = SideNetwork(side_config(backbone))
+    chosen = apply_pruning_init(net, backbone.path, scores, "fisher")
+    # Independent selection of the FFN dims of layer 2 and of the residual dims.
+    ffn_rows = scores["fisher/enc/2/intermediate.dense.weight/row"]
+    ffn = torch.sort(torch.argsort(ffn_rows, descending=True)[:64 // 4]).values
+    assert torch.equal(chosen[("enc", 2, "ffn")], ffn)
+    resid_score = torch.zeros(32)
+    for key, value in scores.items():
+        method, stream, layer, name, axis = key.split("/")
+        if method != "fisher":
+            continue
+        if axis == "col" and not name.startswith("output.dense") and "attention.output" not in name:
+            resid_score += value                       # Q, K, V and FFN-in read the residual
+        if axis == "row" and (name.startswith("output.") or "attention.output" in name):
+            resid_score += value                       # O, FFN-out and layer norms write it
+    resid = torch.sort(torch.topk(resid_score, 8).indices).values
+    assert torch.equal(chosen["resid"], resid)
+    block = backbone.model.encoder.layer[2]
+    side = net.streams["enc"].blocks[1]
+    expect_in = block.intermediate.dense.weight[ffn][:, resid]
+    assert torch.equal(side.intermediate.dense.weight, expect_in)
+    expect_out = block.output.dense.weight[resid][:, ffn]
+    assert torch.equal(side.output.dense.weight, expect_out)
+    attn = chosen[("enc", 2, "attn")]
+    assert torch.equal(side.attention.self.query.weight,
+                       block.attention.self.query.weight[attn][:, resid])
+    # Each side head keeps dims of its own backbone head only (head_dim 8 -> 2).
+    assert torch.equal(attn.view(4, 2) // 8, torch.arange(4)[:, None].expand(4, 2))
+
+
+def test_decoder_side_blocks_are_causal(tiny_backbone_dir):
+    backbone = load_backbone(tiny_backbone_dir)
+    if backbone.family.name != "decoder":
+        pytest.skip("causality applies to decoder-only side networks")
+    net = SideNetwork(side_config(backbone)).eval()
+    batch = make_batch(backbone)
+    enc = batch["enc"]
+    before = net.streams["enc"](enc["states"], enc["attention_mask"])
+    changed = {k: v.clone() for k, v in enc["states"].items()}
+    for v in changed.values():
+        v[:, 3:] += torch.randn_like(v[:, 3:])
+    after = net.streams["enc"](changed, enc["attention_mask"])
+    assert torch.allclose(before[:, :3], after[:, :3], atol=1e-6)
+    assert not torch.allclose(before[:, 3:], after[:, 3:])
+
+
+def test_reduction_that_does_not_divide_the_width_is_refused(tiny_bert_dir):
+    backbone = load_backbone(tiny_bert_dir)
+    with pytest.raises(FamilyError, match="divide"):
+        SideNetwork(side_config(backbone, reduction=5))
+    with pytest.raises(FamilyError, match="multiple of the 4 attention heads"):
+        SideNetwork(side_config(backbone, reduction=16))
+
+
+def test_out_of_range_layer_is_refused(tiny_bert_dir):
+    backbone = load_backbone(tiny_bert_dir)
+    with pytest.raises(FamilyError, match="layers 0..2"):
+        backbone.check_layers([0, 3])
