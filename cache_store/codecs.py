@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 DTYPES = ("fp16", "bf16", "int8")
 DEFAULT_DTYPE = "fp16"
@@ -50,15 +51,21 @@ def encode(x: np.ndarray, dtype: str) -> Encoded:
 
 
 def decode(enc: Encoded, dtype: str) -> np.ndarray:
+    return decode_tensor(enc, dtype).numpy()
+
+
+def decode_tensor(enc: Encoded, dtype: str) -> torch.Tensor:
+    """float32 (T, d) torch tensor; torch's vectorised casts are several times faster than
+    numpy's float16 -> float32 on CPUs (this is the training read path's hot spot)."""
     check_dtype(dtype)
     if dtype == "fp16":
-        return enc.values.astype(np.float32)
+        return torch.from_numpy(enc.values).float()
     if dtype == "bf16":
-        # bf16 is the top half of a float32: shifting the bits back up is exact.
-        return (enc.values.astype(np.uint32) << 16).view(np.float32)
+        # bf16 is the top half of a float32: reinterpreting the bits is exact.
+        return torch.from_numpy(enc.values.view(np.int16)).view(torch.bfloat16).float()
     if enc.scales is None:
         raise ValueError("int8 states need their per-token scales to decode")
-    return enc.values.astype(np.float32) * enc.scales[:, None]
+    return torch.from_numpy(enc.values).float() * torch.from_numpy(enc.scales)[:, None]
 
 
 def _bf16_bits(x: np.ndarray) -> np.ndarray:

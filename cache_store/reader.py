@@ -6,6 +6,7 @@ shuffle buffer -> batches of B examples -> padded torch tensors.
 """
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,11 +15,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from cache_store.codecs import Encoded, decode_tensor
 from cache_store.prefetch import prefetched
+
+BUCKET_BATCHES = 16   # batches per length-sorting window
 
 
 class PartSource(Protocol):
-    def read_part(self, index: int, *, state_names: list[str] | None = None) -> dict[str, Any]: ...
+    dtype: str
+
+    def read_part(self, index: int, *, state_names: list[str] | None = None,
+                  decode: bool = True) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,8 @@ class BatchPlan:
 class Example:
     example_id: int
     label: int
-    # stream -> (input_ids int32 (t,), {state name: float32 (t, d)}); views into the decoded part
-    streams: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]
+    # stream -> (input_ids int32 (t,), {state name: Encoded (t, d)}); views into the stored part
+    streams: dict[str, tuple[np.ndarray, dict[str, Encoded]]]
 
 
 def iter_batches(source: PartSource, plan: BatchPlan) -> Iterator[dict]:
@@ -55,26 +62,43 @@ def _batches(source: PartSource, plan: BatchPlan) -> Iterator[dict]:
     examples = _examples(source, parts, plan.state_names)
     if plan.shuffle:
         examples = _shuffle_buffer(examples, rng, plan.shuffle_buffer)
-    batch: list[Example] = []
-    for example in examples:
-        batch.append(example)
-        if len(batch) == plan.batch_size:
-            yield collate(batch)
-            batch = []
-    if batch and not plan.drop_last:
-        yield collate(batch)
+    for batch in _batched(examples, plan, rng):
+        if len(batch) == plan.batch_size or not plan.drop_last:
+            yield collate(batch, source.dtype)
+
+
+def _batched(examples: Iterator[Example], plan: BatchPlan, rng: random.Random) -> Iterator[list]:
+    """Batches of B examples. When shuffling, each window of BUCKET_BATCHES * B examples is
+    sorted by length before it is cut, and its batches are emitted in random order: batches then
+    hold examples of similar length, so little compute goes to padding."""
+    window = plan.batch_size * (BUCKET_BATCHES if plan.shuffle else 1)
+    pending: list[Example] = []
+    for example in itertools.chain(examples, [None]):
+        if example is not None:
+            pending.append(example)
+            if len(pending) < window:
+                continue
+        if plan.shuffle:
+            pending.sort(key=lambda e: len(next(iter(e.streams.values()))[0]))
+        batches = [pending[k:k + plan.batch_size] for k in range(0, len(pending), plan.batch_size)]
+        if plan.shuffle:
+            rng.shuffle(batches)
+        yield from batches
+        pending = []
 
 
 def _examples(source: PartSource, parts: list[int], state_names: list[str] | None) -> Iterator[Example]:
     for index in parts:
-        part = source.read_part(index, state_names=state_names)
+        part = source.read_part(index, state_names=state_names, decode=False)
         streams = part["streams"]
         for j, (example_id, label) in enumerate(zip(part["example_ids"].tolist(), part["labels"].tolist())):
             views = {}
             for s, stream in streams.items():
                 start, end = int(stream["offsets"][j]), int(stream["offsets"][j + 1])
                 views[s] = (stream["input_ids"][start:end],
-                            {k: v[start:end] for k, v in stream["states"].items()})
+                            {k: Encoded(v.values[start:end],
+                                        None if v.scales is None else v.scales[start:end])
+                             for k, v in stream["states"].items()})
             yield Example(example_id, label, views)
 
 
@@ -93,7 +117,7 @@ def _shuffle_buffer(examples: Iterator[Example], rng: random.Random, size: int) 
     yield from buffer
 
 
-def collate(batch: list[Example]) -> dict:
+def collate(batch: list[Example], dtype: str) -> dict:
     """labels, example_ids int64 [B]; per stream: input_ids, attention_mask int64 [B, T] and
     states float32 [B, T, d], zero-padded on the right to T = the stream's longest row."""
     out: dict[str, Any] = {
@@ -102,17 +126,20 @@ def collate(batch: list[Example]) -> dict:
     }
     for s, (_, first_states) in batch[0].streams.items():
         rows = [e.streams[s] for e in batch]
-        t = max(len(ids) for ids, _ in rows)
-        ids = np.zeros((len(batch), t), dtype=np.int64)
-        mask = np.zeros((len(batch), t), dtype=np.int64)
-        states = {k: np.zeros((len(batch), t, v.shape[1]), dtype=np.float32)
-                  for k, v in first_states.items()}
-        for i, (row_ids, row_states) in enumerate(rows):
-            n = len(row_ids)
-            ids[i, :n] = row_ids
-            mask[i, :n] = 1
-            for k, v in row_states.items():
-                states[k][i, :n] = v
-        out[s] = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                  "states": {k: torch.from_numpy(v) for k, v in states.items()}}
+        lengths = np.array([len(ids) for ids, _ in rows])
+        mask = np.arange(lengths.max())[None, :] < lengths[:, None]          # (B, T) bool
+        ids = np.zeros(mask.shape, dtype=np.int64)
+        ids[mask] = np.concatenate([row_ids for row_ids, _ in rows])
+        states = {}
+        for k, first in first_states.items():
+            # One decode per state and batch: the rows' tokens, concatenated, fill the unpadded
+            # positions in row-major order.
+            parts = [row_states[k] for _, row_states in rows]
+            flat = Encoded(np.concatenate([p.values for p in parts]),
+                           None if first.scales is None else np.concatenate([p.scales for p in parts]))
+            padded = torch.zeros((*mask.shape, first.values.shape[1]), dtype=torch.float32)
+            padded[torch.from_numpy(mask)] = decode_tensor(flat, dtype)
+            states[k] = padded
+        out[s] = {"input_ids": torch.from_numpy(ids),
+                  "attention_mask": torch.from_numpy(mask.astype(np.int64)), "states": states}
     return out

@@ -181,9 +181,12 @@ class ActivationStore:
             dims[name] = int(enc.values.shape[1])
         return {"n_tokens": int(offsets[-1]), "states": dims}
 
-    def read_part(self, index: int, *, state_names: list[str] | None = None) -> dict[str, Any]:
-        """A committed part, decoded: {"example_ids", "labels", "streams": {s: {"offsets",
-        "input_ids", "states": {name: float32 (T, d)}}}}; state_names limits which states are read."""
+    def read_part(self, index: int, *, state_names: list[str] | None = None,
+                  decode: bool = True) -> dict[str, Any]:
+        """A committed part: {"example_ids", "labels", "streams": {s: {"offsets", "input_ids",
+        "states": {name: float32 (T, d)}}}}; state_names limits which states are read. With
+        decode=False the states stay `codecs.Encoded` (the reader decodes batch by batch, so its
+        buffers hold 1-2 bytes per element instead of 4)."""
         attrs = self._part_attrs(index)
         if attrs is None or attrs.get("committed") is not True:
             raise StoreError(f"part {index} of store {self.location.url} is not committed; "
@@ -200,8 +203,8 @@ class ActivationStore:
             states = {}
             for k in names:
                 scales = layout.read_array(sg, f"scales/{k}") if self.dtype == "int8" else None
-                states[k] = codecs.decode(codecs.Encoded(layout.read_array(sg, f"states/{k}"), scales),
-                                          self.dtype)
+                encoded = codecs.Encoded(layout.read_array(sg, f"states/{k}"), scales)
+                states[k] = codecs.decode(encoded, self.dtype) if decode else encoded
             streams[s] = {"offsets": layout.read_array(sg, "offsets"),
                           "input_ids": layout.read_array(sg, "input_ids"), "states": states}
         return {"example_ids": layout.read_array(group, "example_ids"),
@@ -245,7 +248,7 @@ class ActivationStore:
         }
 
     def iter_batches(self, split: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                     shuffle_buffer: int = 4096, prefetch: int = 2, drop_last: bool = False,
+                     shuffle_buffer: int = 1024, prefetch: int = 2, drop_last: bool = False,
                      state_names: list[str] | None = None) -> Iterator[dict]:
         """Padded torch batches of the committed parts of a split; see reader.py."""
         parts = self._committed_of_split(split)

@@ -363,7 +363,7 @@ def test_early_break_leaves_no_thread(tmp_path):
 def test_reader_errors_reach_the_consumer(tmp_path, monkeypatch):
     store, _ = build(tmp_path, make_plan((4, "train"), (4, "train")))
 
-    def broken(index, *, state_names=None):
+    def broken(index, *, state_names=None, decode=True):
         raise OSError(f"disk gone reading part {index}")
 
     monkeypatch.setattr(store, "read_part", broken)
