@@ -53,16 +53,21 @@ def test_side_network_trains_for_every_family(backbone):
     if backbone.family.name == "encoder-decoder":
         load_lm_head(net, backbone.path)
     batch = make_batch(backbone)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    first = None
-    for _ in range(30):
+
+    def eval_loss():
+        net.eval()
+        with torch.no_grad():
+            return net.loss(batch, net(batch)).item()
+
+    first = eval_loss()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    for _ in range(60):
+        net.train()
         loss = net.loss(batch, net(batch))
-        first = first if first is not None else loss.item()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert torch.isfinite(loss)
-    assert loss.item() < first   # it can fit four examples
+    assert eval_loss() < 0.7 * first   # it learns to fit four examples
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
     assert net.trainable_parameters() < 0.25 * backbone_params
 
