@@ -35,7 +35,7 @@ class CacheOptions:
     max_length: int = 128               # tokens per example (longer texts are truncated)
     dtype: str = "fp16"                 # fp16 | bf16 | int8 (lossy, per-token scale)
     batch_size: int = 64                # backbone forward batch
-    part_size: int = 512                # examples per store part (the unit of work and resume)
+    part_size: int = 256                # examples per store part (the unit of work and resume)
     fisher_examples: int = 256          # training examples for the Fisher importance
     device: str = "cpu"
 

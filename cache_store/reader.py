@@ -44,7 +44,7 @@ class BatchPlan:
 class Example:
     example_id: int
     label: int
-    # stream -> (input_ids int32 (t,), {state name: Encoded (t, d)}); views into the stored part
+    # stream -> (input_ids int32 (t,), {state name: Encoded (t, d)}), still in the stored dtype
     streams: dict[str, tuple[np.ndarray, dict[str, Encoded]]]
 
 
@@ -95,11 +95,14 @@ def _examples(source: PartSource, parts: list[int], state_names: list[str] | Non
             views = {}
             for s, stream in streams.items():
                 start, end = int(stream["offsets"][j]), int(stream["offsets"][j + 1])
-                views[s] = (stream["input_ids"][start:end],
-                            {k: Encoded(v.values[start:end],
-                                        None if v.scales is None else v.scales[start:end])
+                # Copies, not views: a view would keep the whole part alive for as long as any
+                # one of its examples waits in the shuffle buffer.
+                views[s] = (stream["input_ids"][start:end].copy(),
+                            {k: Encoded(v.values[start:end].copy(),
+                                        None if v.scales is None else v.scales[start:end].copy())
                              for k, v in stream["states"].items()})
             yield Example(example_id, label, views)
+        del part, streams
 
 
 def _shuffle_buffer(examples: Iterator[Example], rng: random.Random, size: int) -> Iterator[Example]:

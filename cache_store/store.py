@@ -248,7 +248,7 @@ class ActivationStore:
         }
 
     def iter_batches(self, split: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                     shuffle_buffer: int = 1024, prefetch: int = 2, drop_last: bool = False,
+                     shuffle_buffer: int = 512, prefetch: int = 2, drop_last: bool = False,
                      state_names: list[str] | None = None) -> Iterator[dict]:
         """Padded torch batches of the committed parts of a split; see reader.py."""
         parts = self._committed_of_split(split)
