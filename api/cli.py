@@ -68,6 +68,15 @@ def add_cache_args(p: argparse.ArgumentParser, store_required: bool = True) -> N
                    help="stored precision: fp16 (default, lossless for training), bf16, int8 (lossy)")
     p.add_argument("--cache-batch-size", type=positive_int, default=64)
     p.add_argument("--fisher-examples", type=positive_int, default=256)
+    p.add_argument("--part-size", type=positive_int, default=256,
+                   help="examples per store part: the unit of work, of retry and of resume")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="backbone workers; >1 (or RAY_ADDRESS set) runs a Ray actor pool")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per Ray worker (default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--cache-device", default="auto", help="backbone device: auto, cpu, cuda")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another run writing the same store")
     p.add_argument("--store", required=store_required, help="activation store path or fsspec URL")
 
 
@@ -102,7 +111,10 @@ def train_options(args):
 def cache_options(args):
     from backbone_worker.cache import CacheOptions
     return CacheOptions(layers=args.layers, max_length=args.max_length, dtype=args.dtype,
-                        batch_size=args.cache_batch_size, fisher_examples=args.fisher_examples)
+                        batch_size=args.cache_batch_size, fisher_examples=args.fisher_examples,
+                        part_size=args.part_size,
+                        workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                        device=args.cache_device, wait_s=args.wait)
 
 
 def default_store(args) -> str:
@@ -119,8 +131,20 @@ def cmd_cache(args) -> dict:
 
 
 def cmd_cache_info(args) -> dict:
-    from cache_store import ActivationStore
-    return ActivationStore.open(args.store).info()
+    from cache_store import ActivationStore, StoreLock
+    if not args.verify:
+        return ActivationStore.open(args.store).info()
+    if args.repair:
+        # Repair un-commits parts, so it must not race a run that is writing the store.
+        with StoreLock(args.store).acquire():
+            problems = ActivationStore.open(args.store, writable=True).verify(repair=True)
+    else:
+        problems = ActivationStore.open(args.store).verify()
+    for problem in problems:
+        log.error("%s", problem["error"])
+    info = ActivationStore.open(args.store).info()
+    return {**info, "verified": True, "corrupt_parts": [p["part"] for p in problems],
+            "repaired": bool(args.repair and problems)}
 
 
 def cmd_train(args) -> dict:
@@ -198,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache-info", help="describe an activation store")
     p.add_argument("--store", required=True)
+    p.add_argument("--verify", action="store_true",
+                   help="re-read every committed part and check its checksums")
+    p.add_argument("--repair", action="store_true",
+                   help="with --verify: un-commit corrupt parts so `ladder cache` redoes them")
     p.set_defaults(func=cmd_cache_info)
 
     p = sub.add_parser("train", help="train a side network from an activation store")

@@ -127,12 +127,12 @@ class Backbone:
     def tokenize(self, texts: list[str], pairs: list[str] | None = None, max_length: int = 128):
         # Decoder-only models pool the last real token, so padding always goes on the right.
         return self.tokenizer(texts, pairs, truncation=True, max_length=max_length,
-                              padding=True, return_tensors="pt")
+                              padding=True, return_tensors="pt").to(self.model.device)
 
     def tokenize_targets(self, labels: list[str], max_length: int = 16):
         """T5 label text -> target ids (ending in </s>); the decoder input is these shifted right."""
         return self.tokenizer(labels, truncation=True, max_length=max_length, padding=True,
-                              return_tensors="pt")
+                              return_tensors="pt").to(self.model.device)
 
     @torch.inference_mode()
     def ladder_states(self, layers: list[int], enc, dec=None) -> dict[str, dict[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ where the backbone lives, and stored beside the states as `importance.safetensor
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from backbone_worker.backbone import Backbone, load_backbone
 from backbone_worker.data import SPLITS, Dataset, Example, load_dataset
 from backbone_worker.families import ENCODER_DECODER
 from backbone_worker.importance import fisher_scores, magnitude_scores
-from cache_store import ActivationStore
+from cache_store import ActivationStore, StoreLock
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,11 @@ class CacheOptions:
     batch_size: int = 64                # backbone forward batch
     part_size: int = 256                # examples per store part (the unit of work and resume)
     fisher_examples: int = 256          # training examples for the Fisher importance
-    device: str = "cpu"
+    device: str = "auto"                # auto: a GPU where there is one
+    autocast: str | None = "bf16"       # on GPU only: bf16 | fp16 | None (fp32 forward)
+    workers: int = 1                    # >1 (or RAY_ADDRESS set): a Ray actor pool
+    gpus_per_worker: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
+    wait_s: float = 0.0                 # how long to wait for another run's lease on the store
 
 
 def store_settings(backbone: Backbone, dataset: Dataset, layers: list[int], opts: CacheOptions) -> dict:
@@ -83,10 +88,10 @@ def encode_part(backbone: Backbone, examples: list[Example], layers: list[int], 
         idx = order[start:start + opts.batch_size]
         batch = [examples[k] for k in idx]
         pairs = [e.text_pair or "" for e in batch] if batch[0].text_pair is not None else None
-        enc = backbone.tokenize([e.text for e in batch], pairs, opts.max_length).to(opts.device)
+        enc = backbone.tokenize([e.text for e in batch], pairs, opts.max_length)
         dec = None
         if backbone.family.name == ENCODER_DECODER:
-            dec = backbone.tokenize_targets([e.label for e in batch]).to(opts.device)
+            dec = backbone.tokenize_targets([e.label for e in batch])
         captured = backbone.ladder_states(layers, enc, dec)
         masks = {"enc": enc["attention_mask"], "dec": dec["attention_mask"] if dec else None}
         ids = {"enc": enc["input_ids"], "dec": dec["input_ids"] if dec else None}
@@ -130,27 +135,51 @@ def read_importance(store_url: str) -> dict[str, torch.Tensor]:
 def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: CacheOptions,
                 backbone: Backbone | None = None, **data_kwargs) -> ActivationStore:
     """Cache ladder states of every split of `data` into `store_url`; resumes a partial store."""
+    from backbone_worker.pool import PartWorker, RayPool, resolve_device
     dataset = data if isinstance(data, Dataset) else load_dataset(data, **data_kwargs)
-    backbone = backbone or load_backbone(backbone_name, opts.device)
+    backbone = backbone or load_backbone(backbone_name, resolve_device(opts.device))
     layers = backbone.check_layers(opts.layers if opts.layers is not None
                                    else list(range(backbone.num_layers())))
     plan = make_plan(dataset, opts.part_size)
-    store = ActivationStore.create_or_open(store_url, store_settings(backbone, dataset, layers, opts),
-                                           plan)
-    write_importance(store_url, backbone, dataset, layers, opts)
-    todo = [p for p in plan if not store.is_committed(p["index"])]
-    done = len(plan) - len(todo)
-    if done:
-        log.info("resuming: %d of %d parts already committed", done, len(plan))
-    start = time.perf_counter()
-    with tqdm(total=sum(p["n"] for p in todo), desc="caching", unit="ex") as bar:
-        for part in todo:
-            arrays = encode_part(backbone, part_examples(dataset, part), layers, dataset.labels, opts)
-            store.write_part(part["index"], arrays["example_ids"], arrays["labels"], arrays["streams"])
-            bar.update(part["n"])
-    seconds = time.perf_counter() - start
+    settings = store_settings(backbone, dataset, layers, opts)
+    with StoreLock(store_url).acquire(wait_s=opts.wait_s):
+        store = ActivationStore.create_or_open(store_url, settings, plan)
+        write_importance(store_url, backbone, dataset, layers, opts)
+        todo = [p for p in plan if not store.is_committed(p["index"])]
+        if len(todo) < len(plan):
+            log.info("resuming: %d of %d parts already committed", len(plan) - len(todo), len(plan))
+        totals = {"examples": 0, "tokens": 0}
+        start = time.perf_counter()
+        with tqdm(total=sum(p["n"] for p in todo), desc="caching", unit="ex") as bar:
+            def done(stats: dict) -> None:
+                totals["examples"] += stats["n"]
+                totals["tokens"] += stats["tokens"]
+                bar.update(stats["n"])
+
+            if todo and (opts.workers > 1 or os.environ.get("RAY_ADDRESS")):
+                pool = RayPool(opts.workers, _gpus_per_worker(opts),
+                               (backbone_name, dataset, store_url, settings, plan, opts))
+                try:
+                    pool.run(todo, done)
+                finally:
+                    pool.shutdown()
+            elif todo:
+                PartWorker(backbone, dataset, store_url, settings, plan, opts).run_local(todo, done)
+        seconds = time.perf_counter() - start
     info = store.info()
-    log.info("cached %d examples (%d tokens) in %.1fs: %.2f bytes/element, %.2fx smaller than fp32",
-             info["n_examples"], info["n_tokens"], seconds, info["bytes_per_element"],
-             info["compression_ratio"])
+    log.info("cached %d examples, %d tokens in %.1fs (%.0f examples/s); store: %d/%d examples, "
+             "%.1f MB, %.2f bytes/element, %.2fx smaller than fp32", totals["examples"],
+             totals["tokens"], seconds, totals["examples"] / max(seconds, 1e-9), info["n_examples"],
+             len(dataset.examples), info["stored_bytes"] / 1e6, info["bytes_per_element"] or 0,
+             info["compression_ratio"] or 0)
     return store
+
+
+def _gpus_per_worker(opts: CacheOptions) -> float:
+    if opts.gpus_per_worker is not None:
+        return opts.gpus_per_worker
+    import ray
+
+    from backbone_worker.pool import init_ray
+    init_ray()
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0

@@ -74,7 +74,8 @@ def fisher_scores(backbone: Backbone, layers: list[int], texts: list[str], pairs
                 out = backbone.run(enc)
                 feats.append(_pool(backbone, out.last_hidden_state, enc["attention_mask"]))
         targets = torch.tensor([label_names.index(y) for y in labels])
-        probe = _fit_probe(torch.cat(feats).clone(), targets, len(label_names))
+        probe = _fit_probe(torch.cat(feats).float().cpu(), targets, len(label_names))
+        probe.to(backbone.model.device)
     for p in params.values():
         p.requires_grad_(True)
     try:
@@ -86,7 +87,8 @@ def fisher_scores(backbone: Backbone, layers: list[int], texts: list[str], pairs
             else:
                 out = backbone.run(enc)
                 pooled = _pool(backbone, out.last_hidden_state, enc["attention_mask"])
-                loss = F.cross_entropy(probe(pooled), torch.tensor([label_names.index(labels[k])]))
+                target = torch.tensor([label_names.index(labels[k])], device=pooled.device)
+                loss = F.cross_entropy(probe(pooled), target)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for key, grad in zip(params, grads):
                 if grad is not None:

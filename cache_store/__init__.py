@@ -2,7 +2,8 @@
 workers, read back as padded, shuffled training batches. Imports nothing from the rest of Ladder."""
 from cache_store.codecs import DTYPES, bytes_per_element, decode, encode
 from cache_store.errors import StoreError, StoreMismatchError
+from cache_store.lock import StoreLock
 from cache_store.store import ActivationStore
 
-__all__ = ["ActivationStore", "DTYPES", "StoreError", "StoreMismatchError", "bytes_per_element",
+__all__ = ["ActivationStore", "StoreLock", "DTYPES", "StoreError", "StoreMismatchError", "bytes_per_element",
            "decode", "encode"]

@@ -12,6 +12,7 @@ written last, so a part without `committed` is an interrupted write.
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import zarr
@@ -42,11 +43,19 @@ def compressor(dtype: np.dtype) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
 
 
-def write_array(group: zarr.Group, name: str, data: np.ndarray) -> None:
+def checksum(data: np.ndarray) -> int:
+    """CRC-32 of an array's bytes: recorded at commit, checked on every read. (A chunk file that
+    goes missing reads back as zeros in zarr, so per-chunk codec checksums would not catch it.)"""
+    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1)) & 0xFFFFFFFF
+
+
+def write_array(group: zarr.Group, name: str, data: np.ndarray) -> int:
+    """Write a whole array; returns its checksum."""
     data = np.ascontiguousarray(data)
     row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
     chunks = (chunk_rows(data.shape[0], row_bytes), *data.shape[1:])
     group.create_array(name, data=data, chunks=chunks, compressors=compressor(data.dtype))
+    return checksum(data)
 
 
 def read_array(group: zarr.Group, name: str) -> np.ndarray:

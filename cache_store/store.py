@@ -68,12 +68,12 @@ class ActivationStore:
         return cls(location, root)
 
     @classmethod
-    def open(cls, url: str) -> "ActivationStore":
-        """An existing store, read-only."""
+    def open(cls, url: str, writable: bool = False) -> "ActivationStore":
+        """An existing store, read-only unless `writable` (for repairs)."""
         location = Location.parse(url)
         if not location.exists() or location.is_empty_dir():
             raise StoreError(f"no activation store at {url}; run `ladder cache ... --store {url}` first")
-        return cls._open_existing(location, mode="r")
+        return cls._open_existing(location, mode="a" if writable else "r")
 
     @classmethod
     def _open_existing(cls, location: Location, mode: str) -> "ActivationStore":
@@ -150,12 +150,13 @@ class ActivationStore:
             log.warning("overwriting uncommitted part %d of %s", index, self.location.url)
         del parts[name]
         group = parts.create_group(name)
-        layout.write_array(group, "example_ids", example_ids)
-        layout.write_array(group, "labels", labels)
-        meta = {s: self._write_stream(group.create_group(s), stream) for s, stream in streams.items()}
+        sums = {"example_ids": layout.write_array(group, "example_ids", example_ids),
+                "labels": layout.write_array(group, "labels", labels)}
+        meta = {s: self._write_stream(group.create_group(s), stream, s, sums)
+                for s, stream in streams.items()}
         group.update_attributes({
             "n": n, "n_tokens": sum(m["n_tokens"] for m in meta.values()), "streams": meta,
-            "committed": True})
+            "checksums": sums, "committed": True})
         log.info("committed part %d of %s (%d examples)", index, self.location.url, n)
         return True
 
@@ -164,20 +165,21 @@ class ActivationStore:
             raise ValueError(f"part index {index} is outside the plan (0..{len(self.plan) - 1})")
         return self.plan[index]["n"]
 
-    def _write_stream(self, group: zarr.Group, stream: dict) -> dict:
+    def _write_stream(self, group: zarr.Group, stream: dict, prefix: str, sums: dict) -> dict:
         lengths = np.array([len(ids) for ids in stream["input_ids"]], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)      # (n+1,)
         ids = np.concatenate([np.asarray(i, dtype=np.int64).reshape(-1) for i in stream["input_ids"]])
         if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
             raise ValueError("input_ids do not fit in int32")
-        layout.write_array(group, "offsets", offsets)
-        layout.write_array(group, "input_ids", ids.astype(np.int32))
+        sums[f"{prefix}/offsets"] = layout.write_array(group, "offsets", offsets)
+        sums[f"{prefix}/input_ids"] = layout.write_array(group, "input_ids", ids.astype(np.int32))
         dims = {}
         for name, rows in stream["states"].items():
             enc = codecs.encode(np.concatenate(rows, axis=0), self.dtype)            # (T, d)
-            layout.write_array(group, f"states/{name}", enc.values)
+            sums[f"{prefix}/states/{name}"] = layout.write_array(group, f"states/{name}", enc.values)
             if enc.scales is not None:
-                layout.write_array(group, f"scales/{name}", enc.scales)
+                sums[f"{prefix}/scales/{name}"] = layout.write_array(group, f"scales/{name}",
+                                                                     enc.scales)
             dims[name] = int(enc.values.shape[1])
         return {"n_tokens": int(offsets[-1]), "states": dims}
 
@@ -192,9 +194,20 @@ class ActivationStore:
             raise StoreError(f"part {index} of store {self.location.url} is not committed; "
                              "run/finish `ladder cache` first")
         group = self._root[layout.part_path(index)]
+        sums = attrs.get("checksums", {})
+
+        def read(path: str) -> np.ndarray:
+            """One array of the part, checked against the checksum recorded at commit."""
+            try:
+                data = layout.read_array(group, path)
+            except Exception as exc:  # noqa: BLE001 - any decode failure means a damaged chunk
+                raise self._corrupt(index, path, f"unreadable ({type(exc).__name__})") from exc
+            if path in sums and layout.checksum(data) != sums[path]:
+                raise self._corrupt(index, path, "checksum mismatch")
+            return data
+
         streams = {}
         for s, meta in attrs["streams"].items():
-            sg = group[s]
             names = list(meta["states"]) if state_names is None else state_names
             unknown = [k for k in names if k not in meta["states"]]
             if unknown:
@@ -202,13 +215,32 @@ class ActivationStore:
                                  f"available: {list(meta['states'])}")
             states = {}
             for k in names:
-                scales = layout.read_array(sg, f"scales/{k}") if self.dtype == "int8" else None
-                encoded = codecs.Encoded(layout.read_array(sg, f"states/{k}"), scales)
+                scales = read(f"{s}/scales/{k}") if self.dtype == "int8" else None
+                encoded = codecs.Encoded(read(f"{s}/states/{k}"), scales)
                 states[k] = codecs.decode(encoded, self.dtype) if decode else encoded
-            streams[s] = {"offsets": layout.read_array(sg, "offsets"),
-                          "input_ids": layout.read_array(sg, "input_ids"), "states": states}
-        return {"example_ids": layout.read_array(group, "example_ids"),
-                "labels": layout.read_array(group, "labels"), "streams": streams}
+            streams[s] = {"offsets": read(f"{s}/offsets"), "input_ids": read(f"{s}/input_ids"),
+                          "states": states}
+        return {"example_ids": read("example_ids"), "labels": read("labels"), "streams": streams}
+
+    def _corrupt(self, index: int, path: str, why: str) -> StoreError:
+        return StoreError(
+            f"part {index} of store {self.location.url} is corrupt ({path}: {why}); run "
+            f"`ladder cache-info --store {self.location.url} --verify --repair`, then re-run "
+            f"`ladder cache` to recompute it")
+
+    def verify(self, repair: bool = False) -> list[dict]:
+        """Re-read every committed part and check its checksums; with repair, un-commit the
+        corrupt ones so the next `ladder cache` run recomputes them. Returns the problems."""
+        problems = []
+        for index in self.committed_parts():
+            try:
+                self.read_part(index, decode=False)
+            except StoreError as exc:
+                problems.append({"part": index, "error": str(exc)})
+                if repair:
+                    group = self._root[layout.part_path(index)]
+                    group.update_attributes({"committed": False})
+        return problems
 
     # ---- summary and batches ---------------------------------------------------------------
 

@@ -50,3 +50,8 @@ def tiny_backbone_dir(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
     return save_tiny("encoder", tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny("decoder", tmp_path_factory.mktemp("llama"))

@@ -135,10 +135,8 @@ def test_pruned_weights_are_the_selected_backbone_rows_and_columns(tiny_bert_dir
     assert torch.equal(attn.view(4, 2) // 8, torch.arange(4)[:, None].expand(4, 2))
 
 
-def test_decoder_side_blocks_are_causal(tiny_backbone_dir):
-    backbone = load_backbone(tiny_backbone_dir)
-    if backbone.family.name != "decoder":
-        pytest.skip("causality applies to decoder-only side networks")
+def test_decoder_side_blocks_are_causal(tiny_llama_dir):
+    backbone = load_backbone(tiny_llama_dir)
     net = SideNetwork(side_config(backbone)).eval()
     batch = make_batch(backbone)
     enc = batch["enc"]

@@ -1,0 +1,159 @@
+"""Backbone workers: encode store parts and write them, in this process or as a Ray actor pool.
+
+A `PartWorker` loads the backbone once and turns a part (a fixed example range) into ladder states
+written whole and committed last. Encoding one part overlaps writing the previous one: in-process
+through a writer thread, and in a Ray actor by running two part calls at once (max_concurrency=2)
+with the forward pass serialised by a lock, so one call computes while the other compresses and
+writes. Ray retries are at-least-once; `ActivationStore.write_part` makes a rewrite idempotent.
+
+`RayPool` keeps two parts in flight per actor. When an actor dies (a lost node, an out-of-memory
+kill, `ray.kill`), its parts are queued again and the actor is replaced, so the run still ends with
+every example written exactly once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+
+from backbone_worker.backbone import Backbone, load_backbone
+from backbone_worker.data import Dataset
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_WORKER = 2
+MAX_TRIES_PER_PART = 3
+
+
+class PartWorker:
+    """Backbone + store writer for one process (an actor, or the caller's own process)."""
+
+    def __init__(self, backbone: Backbone | str, dataset: Dataset, store_url: str, settings: dict,
+                 plan: list[dict], opts, threads: int | None = None):
+        from cache_store import ActivationStore
+        if threads:
+            torch.set_num_threads(threads)
+        self.opts = replace(opts, device=resolve_device(opts.device))
+        self.backbone = (backbone if isinstance(backbone, Backbone)
+                         else load_backbone(backbone, self.opts.device))
+        self.dataset = dataset
+        self.layers = settings["layers"]
+        self.store = ActivationStore.create_or_open(store_url, settings, plan)
+        self._forward = threading.Lock()
+
+    def _autocast(self):
+        if self.opts.device.startswith("cuda") and self.opts.autocast:
+            dtype = torch.bfloat16 if self.opts.autocast == "bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return nullcontext()
+
+    def encode(self, part: dict) -> dict:
+        from backbone_worker.cache import encode_part, part_examples
+        with self._forward, self._autocast():
+            return encode_part(self.backbone, part_examples(self.dataset, part), self.layers,
+                               self.dataset.labels, self.opts)
+
+    def write(self, part: dict, arrays: dict) -> dict:
+        self.store.write_part(part["index"], arrays["example_ids"], arrays["labels"],
+                              arrays["streams"])
+        tokens = sum(len(ids) for ids in arrays["streams"]["enc"]["input_ids"])
+        return {"index": part["index"], "n": part["n"], "tokens": tokens}
+
+    def process(self, part: dict) -> dict:
+        """Encode and write one part (the unit of a Ray task)."""
+        return self.write(part, self.encode(part))
+
+    def ready(self) -> bool:
+        return True
+
+    def run_local(self, parts: list[dict], on_done) -> None:
+        """All parts in this process: part k+1 is encoded while part k is written."""
+        with ThreadPoolExecutor(1, thread_name_prefix="ladder-writer") as writer:
+            pending: Future | None = None
+            for part in parts:
+                arrays = self.encode(part)
+                if pending is not None:
+                    on_done(pending.result())
+                pending = writer.submit(self.write, part, arrays)
+            if pending is not None:
+                on_done(pending.result())
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def init_ray() -> None:
+    """Join the cluster at RAY_ADDRESS, or start a local Ray (no dashboard) for this process."""
+    import ray
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, configure_logging=False)
+        log.info("Ray %s: %s", "joined cluster" if address else "started locally",
+                 ray.cluster_resources())
+
+
+class RayPool:
+    """N `PartWorker` actors fed from a queue of parts; lost actors are replaced."""
+
+    def __init__(self, workers: int, num_gpus: float, make_args: tuple, threads: int | None = None):
+        import ray
+        init_ray()
+        self.ray = ray
+        self.make_args = make_args
+        self.actor_class = ray.remote(PartWorker).options(
+            num_gpus=num_gpus, num_cpus=1, max_concurrency=IN_FLIGHT_PER_WORKER, max_restarts=0)
+        self.threads = threads
+        self.actors = [self._new_actor() for _ in range(workers)]
+        self.generation = [0] * workers
+
+    def _new_actor(self):
+        return self.actor_class.remote(*self.make_args, threads=self.threads)
+
+    def submit(self, k: int, part: dict):
+        return self.actors[k].process.remote(part)
+
+    def run(self, parts: list[dict], on_done) -> None:
+        ray = self.ray
+        queue = deque(parts)
+        tries = {p["index"]: 0 for p in parts}
+        inflight: dict = {}                 # ref -> (actor slot, its generation, part)
+
+        def fill(k: int) -> None:
+            while queue and sum(1 for slot, _, _ in inflight.values() if slot == k) < IN_FLIGHT_PER_WORKER:
+                part = queue.popleft()
+                tries[part["index"]] += 1
+                inflight[self.submit(k, part)] = (k, self.generation[k], part)
+
+        for k in range(len(self.actors)):
+            fill(k)
+        while inflight:
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            k, generation, part = inflight.pop(ref)
+            try:
+                on_done(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                if tries[part["index"]] >= MAX_TRIES_PER_PART:
+                    raise RuntimeError(f"part {part['index']} failed {MAX_TRIES_PER_PART} times; "
+                                       f"last error: {exc}") from exc
+                if generation == self.generation[k]:
+                    log.warning("backbone worker %d died (%s); starting a new one", k,
+                                type(exc).__name__)
+                    self.actors[k] = self._new_actor()
+                    self.generation[k] += 1
+                log.warning("part %d is queued again", part["index"])
+                queue.appendleft(part)
+            fill(k)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
