@@ -35,7 +35,7 @@ class BatchPlan:
     shuffle: bool
     seed: int                        # pass e.g. base_seed + epoch for a new order every epoch
     shuffle_buffer: int              # examples held for shuffling (mixes across part boundaries)
-    prefetch: int                    # batches prepared ahead of the consumer
+    prefetch: int                    # batches prepared ahead by a thread; 0: read inline
     drop_last: bool
     state_names: list[str] | None    # None: every stored state
 
@@ -44,13 +44,15 @@ class BatchPlan:
 class Example:
     example_id: int
     label: int
-    # stream -> (input_ids int32 (t,), {state name: Encoded (t, d)}), still in the stored dtype
+    # stream -> (input_ids int32 (t,), {state name: Encoded (t, d)}): views into the stored part
     streams: dict[str, tuple[np.ndarray, dict[str, Encoded]]]
 
 
 def iter_batches(source: PartSource, plan: BatchPlan) -> Iterator[dict]:
     if plan.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {plan.batch_size}")
+    if plan.prefetch <= 0:
+        return _batches(source, plan)
     return prefetched(lambda: _batches(source, plan), plan.prefetch, name="ladder-prefetch")
 
 
@@ -95,14 +97,13 @@ def _examples(source: PartSource, parts: list[int], state_names: list[str] | Non
             views = {}
             for s, stream in streams.items():
                 start, end = int(stream["offsets"][j]), int(stream["offsets"][j + 1])
-                # Copies, not views: a view would keep the whole part alive for as long as any
-                # one of its examples waits in the shuffle buffer.
-                views[s] = (stream["input_ids"][start:end].copy(),
-                            {k: Encoded(v.values[start:end].copy(),
-                                        None if v.scales is None else v.scales[start:end].copy())
+                # Views into the part: it stays alive while any of its examples wait in the
+                # shuffle buffer (a few parts of a few tens of MB), which costs less than copying.
+                views[s] = (stream["input_ids"][start:end],
+                            {k: Encoded(v.values[start:end],
+                                        None if v.scales is None else v.scales[start:end])
                              for k, v in stream["states"].items()})
             yield Example(example_id, label, views)
-        del part, streams
 
 
 def _shuffle_buffer(examples: Iterator[Example], rng: random.Random, size: int) -> Iterator[Example]:
@@ -135,14 +136,18 @@ def collate(batch: list[Example], dtype: str) -> dict:
         ids[mask] = np.concatenate([row_ids for row_ids, _ in rows])
         states = {}
         for k, first in first_states.items():
-            # One decode per state and batch: the rows' tokens, concatenated, fill the unpadded
-            # positions in row-major order.
-            parts = [row_states[k] for _, row_states in rows]
-            flat = Encoded(np.concatenate([p.values for p in parts]),
-                           None if first.scales is None else np.concatenate([p.scales for p in parts]))
-            padded = torch.zeros((*mask.shape, first.values.shape[1]), dtype=torch.float32)
-            padded[torch.from_numpy(mask)] = decode_tensor(flat, dtype)
-            states[k] = padded
+            # Pad in the stored dtype (cheap copies of 1-2 byte values), then one vectorised
+            # decode of the whole padded batch; padding decodes to zeros (scale 0 for int8).
+            values = np.zeros((*mask.shape, first.values.shape[1]), dtype=first.values.dtype)
+            scales = None if first.scales is None else np.zeros(mask.shape, dtype=np.float32)
+            for i, (_, row_states) in enumerate(rows):
+                row = row_states[k]
+                values[i, :lengths[i]] = row.values
+                if scales is not None:
+                    scales[i, :lengths[i]] = row.scales
+            b, t, d = values.shape
+            flat = Encoded(values.reshape(b * t, d), None if scales is None else scales.reshape(-1))
+            states[k] = decode_tensor(flat, dtype).view(b, t, d)
         out[s] = {"input_ids": torch.from_numpy(ids),
                   "attention_mask": torch.from_numpy(mask.astype(np.int64)), "states": states}
     return out

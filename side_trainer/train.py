@@ -80,7 +80,7 @@ def evaluate_store(net: SideNetwork, store: ActivationStore, split: str, device:
                    batch_size: int = 128) -> float:
     net.eval()
     hits = total = 0
-    for batch in store.iter_batches(split, batch_size, shuffle=False):
+    for batch in store.iter_batches(split, batch_size, shuffle=False, prefetch=0):
         batch = to_device(batch, device)
         h, n = correct(net, batch, net(batch))
         hits, total = hits + h, total + n
@@ -129,6 +129,10 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions) -> dict:
     total_steps = steps_per_epoch * opts.epochs
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(opts.warmup * total_steps), total_steps)
+    # A prefetch thread overlaps reading with GPU compute; on a CPU the training step already
+    # uses every core, and the thread's Python work contends for the GIL: measured on 2 cores,
+    # an epoch from the store took 1.6-2.1x the in-memory epoch with the thread, 1.1-1.2x without.
+    prefetch = 2 if str(opts.device).startswith("cuda") else 0
     has_validation = store.n_examples("validation") > 0
     best, best_state, history, stale = -1.0, None, [], 0
     train_seconds, seen = 0.0, 0
@@ -139,7 +143,8 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions) -> dict:
             net.train()
             start = time.perf_counter()
             losses = []
-            bar = tqdm(store.iter_batches("train", opts.batch_size, seed=opts.seed + epoch),
+            bar = tqdm(store.iter_batches("train", opts.batch_size, seed=opts.seed + epoch,
+                                          prefetch=prefetch),
                        total=steps_per_epoch, desc=f"epoch {epoch + 1}/{opts.epochs}", leave=False)
             for batch in bar:
                 batch = augment(to_device(batch, opts.device), opts.feature_dropout,
