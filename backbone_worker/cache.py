@@ -133,8 +133,10 @@ def read_importance(store_url: str) -> dict[str, torch.Tensor]:
 
 
 def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: CacheOptions,
-                backbone: Backbone | None = None, **data_kwargs) -> ActivationStore:
-    """Cache ladder states of every split of `data` into `store_url`; resumes a partial store."""
+                backbone: Backbone | None = None, on_part=None, **data_kwargs) -> ActivationStore:
+    """Cache ladder states of every split of `data` into `store_url`; resumes a partial store.
+    `on_part(done, total)` is called after each committed part; an exception it raises (e.g. a
+    cancelled job) stops the run, leaving the committed parts for a later resume."""
     from backbone_worker.pool import PartWorker, RayPool, resolve_device
     dataset = data if isinstance(data, Dataset) else load_dataset(data, **data_kwargs)
     backbone = backbone or load_backbone(backbone_name, resolve_device(opts.device))
@@ -155,6 +157,8 @@ def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: C
                 totals["examples"] += stats["n"]
                 totals["tokens"] += stats["tokens"]
                 bar.update(stats["n"])
+                if on_part is not None:
+                    on_part(bar.n, bar.total)
 
             if todo and (opts.workers > 1 or os.environ.get("RAY_ADDRESS")):
                 pool = RayPool(opts.workers, _gpus_per_worker(opts),

@@ -113,8 +113,15 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
     return net
 
 
-def train(store_url: str, out_dir: str | Path, opts: TrainOptions) -> dict:
-    """Train, keep the best validation epoch, save artifacts; returns the run's metrics."""
+CHECKPOINT = "checkpoint.pt"
+
+
+def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None) -> dict:
+    """Train, keep the best validation epoch, save artifacts; returns the run's metrics.
+
+    After every epoch the full training state goes to `out_dir/checkpoint.pt`, so a run that is
+    killed resumes at its last finished epoch (same store and options only). `on_epoch(record)`
+    is called after each epoch; an exception it raises (e.g. a cancelled job) stops training."""
     if opts.init not in INITS:
         raise ValueError(f"unknown --init {opts.init!r}; use one of {', '.join(INITS)}")
     store = ActivationStore.open(store_url)
@@ -136,10 +143,23 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions) -> dict:
     has_validation = store.n_examples("validation") > 0
     best, best_state, history, stale = -1.0, None, [], 0
     train_seconds, seen = 0.0, 0
+    out_dir = Path(out_dir)
+    checkpoint = out_dir / CHECKPOINT
+    identity = {"store": store.fingerprint, "options": asdict(opts)}
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=opts.device, weights_only=False)
+        if state["identity"] == identity:
+            net.load_state_dict(state["net"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            best, best_state, history, stale = (state["best"], state["best_state"],
+                                                state["history"], state["stale"])
+            train_seconds, seen = state["train_seconds"], state["seen"]
+            log.info("resuming training after epoch %d from %s", len(history), checkpoint)
     log.info("training %s side network: %d trainable parameters, %d steps",
              net.cfg.family, net.trainable_parameters(), total_steps)
     with PeakMemory(opts.device) as memory:
-        for epoch in range(opts.epochs):
+        for epoch in range(len(history), opts.epochs if stale < opts.patience else 0):
             net.train()
             start = time.perf_counter()
             losses = []
@@ -169,12 +189,21 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions) -> dict:
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             else:
                 stale += 1
-                if stale >= opts.patience:
-                    log.info("early stop: no validation improvement for %d epochs", stale)
-                    break
+            out_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"identity": identity, "net": net.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "best": best, "best_state": best_state, "history": history,
+                        "stale": stale, "train_seconds": train_seconds, "seen": seen},
+                       checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)     # atomic: never half a file
+            if on_epoch is not None:
+                on_epoch(history[-1])
+            if stale >= opts.patience:
+                log.info("early stop: no validation improvement for %d epochs", stale)
+                break
     net.load_state_dict(best_state)
-    out_dir = Path(out_dir)
     save_side_model(net.cpu(), out_dir)
+    checkpoint.unlink(missing_ok=True)
     n_backbone = _backbone_params(net.cfg)
     result = {
         "model_dir": str(out_dir),
@@ -185,7 +214,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions) -> dict:
         "backbone_params": n_backbone,
         "trainable_pct": 100 * net.trainable_parameters() / n_backbone,
         "train_peak_mem_mb": round(memory.peak_mb, 1),
-        "train_examples_per_s": round(seen / train_seconds, 1),
+        "train_examples_per_s": round(seen / max(train_seconds, 1e-9), 1),
         "history": history,
         "options": asdict(opts),
     }
