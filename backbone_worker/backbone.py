@@ -42,17 +42,26 @@ def _minilm_dir() -> Path:
 
 
 # Aliases resolve to local directories: nothing is ever downloaded at run time.
-ALIASES = {"minilm": _minilm_dir}
+BUILTIN_ALIASES = {"minilm": _minilm_dir}
+
+
+def aliases() -> dict:
+    """Built-in aliases plus LADDER_BACKBONES="name=/model/dir,..." (a service's own models)."""
+    extra = {}
+    for item in filter(None, os.environ.get("LADDER_BACKBONES", "").split(",")):
+        name, _, path = item.partition("=")
+        extra[name.strip()] = lambda path=path: Path(path.strip()).expanduser()
+    return {**BUILTIN_ALIASES, **extra}
 
 
 def resolve(backbone: str) -> Path:
     """Alias or local Hugging Face model directory -> directory holding config.json."""
-    if backbone in ALIASES:
-        return ALIASES[backbone]()
+    if backbone in aliases():
+        return aliases()[backbone]()
     path = Path(backbone).expanduser()
     if not (path / "config.json").is_file():
         raise BackboneError(
-            f"backbone {backbone!r} is neither an alias ({', '.join(ALIASES)}) nor a model directory "
+            f"backbone {backbone!r} is neither an alias ({', '.join(aliases())}) nor a model directory "
             f"with a config.json; pass one of those")
     return path
 

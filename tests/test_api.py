@@ -1,0 +1,215 @@
+"""The HTTP service through FastAPI's test client, on a tiny backbone (jobs in a worker thread)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from test_cli import write_csv
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_bert_dir):
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LADDER_BACKBONES", f"tiny={tiny_bert_dir}")
+    mp.delenv("LADDER_API_KEY", raising=False)
+    app = create_app(home=home, executor="thread", preload=["tiny"])
+    with TestClient(app) as client:
+        deadline = time.time() + 30
+        while client.get("/ready").status_code != 200 and time.time() < deadline:
+            time.sleep(0.1)
+        yield {"client": client, "home": home, "tmp": tmp_path_factory.mktemp("uploads")}
+    mp.undo()
+
+
+def upload(client, path):
+    with open(path, "rb") as handle:
+        return client.post("/v1/files", data={"purpose": "fine-tune"},
+                           files={"file": (path.name, handle, "text/csv")})
+
+
+def wait_for(client, job_id, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def assert_error(response, status, code, param=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+@pytest.fixture(scope="module")
+def finished_job(service):
+    client = service["client"]
+    path = service["tmp"] / "train.csv"
+    write_csv(path, n=120)
+    file_id = upload(client, path).json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny", "training_file": file_id, "suffix": "demo",
+        "hyperparameters": {"n_epochs": 2, "reduction_factor": 4, "kept_layers": [0, 2]}}).json()
+    return wait_for(client, job["id"]), file_id
+
+
+def test_upload_train_and_predict(service, finished_job):
+    client = service["client"]
+    job, file_id = finished_job
+    assert job["status"] == "succeeded", job
+    assert job["fine_tuned_model"].startswith("ft:tiny:demo:")
+    assert 0 <= job["result"]["test_accuracy"] <= 1
+    models = client.get("/v1/models").json()
+    assert {m["id"] for m in models["data"]} >= {"tiny", job["fine_tuned_model"]}
+    response = client.post("/v1/predict", json={"model": job["fine_tuned_model"],
+                                                "inputs": ["a lovely ride", "an awful ride"]})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 2 and all(p["label"] in ("pos", "neg") for p in predictions)
+    assert all(abs(sum(p["scores"].values()) - 1) < 1e-4 for p in predictions)
+
+
+def test_several_side_models_share_one_pass(service, finished_job):
+    client = service["client"]
+    model = finished_job[0]["fine_tuned_model"]
+    response = client.post("/v1/predict", json={"model": [model, model], "inputs": ["fine"]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["models"] == [model, model] and len(body["predictions"]) == 2
+    assert body["predictions"][0] == body["predictions"][1]
+
+
+def test_events_page_and_stream(service, finished_job):
+    client = service["client"]
+    job_id = finished_job[0]["id"]
+    page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 2}).json()
+    assert page["object"] == "list" and len(page["data"]) == 2 and page["has_more"]
+    rest = client.get(f"/v1/fine_tuning/jobs/{job_id}/events",
+                      params={"after": page["data"][-1]["id"]}).json()
+    assert rest["data"] and rest["data"][0]["id"] != page["data"][-1]["id"]
+    with client.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events?stream=true") as stream:
+        lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and any("succeeded" in line for line in lines)
+
+
+def test_job_list_paging(service, finished_job):
+    client = service["client"]
+    first = client.get("/v1/fine_tuning/jobs", params={"limit": 1}).json()
+    assert first["object"] == "list" and len(first["data"]) == 1
+
+
+def test_cancel_queued_job(service, finished_job):
+    client = service["client"]
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny",
+                                                    "training_file": finished_job[1]}).json()
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    assert wait_for(client, job["id"])["status"] == "cancelled"
+    again = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert_error(again, 409, "job_not_cancellable")
+
+
+def test_bad_uploads(service):
+    client = service["client"]
+    tmp = service["tmp"]
+    (tmp / "one.csv").write_text("text,label\n" + "".join(f"t{k},a\n" for k in range(20)))
+    assert_error(upload(client, tmp / "one.csv"), 400, "invalid_file", "file")
+    (tmp / "cols.csv").write_text("sentence,label\n" + "".join(f"t{k},{k % 2}\n" for k in range(20)))
+    assert_error(upload(client, tmp / "cols.csv"), 400, "invalid_file", "file")
+    (tmp / "few.csv").write_text("text,label\na,x\nb,y\n")
+    assert_error(upload(client, tmp / "few.csv"), 400, "invalid_file", "file")
+    (tmp / "notes.txt").write_text("hello")
+    assert_error(upload(client, tmp / "notes.txt"), 400, "invalid_file", "file")
+    (tmp / "latin.csv").write_bytes("text,label\n".encode() + "caf\xe9,a\n".encode("latin-1") * 12)
+    assert_error(upload(client, tmp / "latin.csv"), 400, "invalid_file", "file")
+    response = client.post("/v1/files", data={"purpose": "batch"},
+                           files={"file": ("x.csv", b"text,label\n", "text/csv")})
+    assert_error(response, 400, "invalid_purpose", "purpose")
+    assert client.get("/v1/files").json()["data"] == [
+        f for f in client.get("/v1/files").json()["data"] if f["rows"] >= 10]
+
+
+def test_unknown_ids_are_404(service):
+    client = service["client"]
+    assert_error(client.get("/v1/fine_tuning/jobs/ftjob-nope"), 404, "job_not_found", "job_id")
+    assert_error(client.get("/v1/files/file-nope"), 404, "file_not_found", "file_id")
+    assert_error(client.post("/v1/predict", json={"model": "ft:none", "inputs": ["x"]}),
+                 404, "model_not_found", "model")
+    assert_error(client.delete("/v1/models/ft:none"), 404, "model_not_found", "model_id")
+    assert_error(client.get("/v1/nothing-here"), 404, "not_found")
+
+
+def test_path_tricks_in_ids_are_refused(service):
+    client = service["client"]
+    # An encoded slash splits the path, so no route matches it at all.
+    assert_error(client.get("/v1/fine_tuning/jobs/..%2F..%2Fetc"), 404, "not_found")
+    assert_error(client.get("/v1/files/a..b"), 400, "invalid_id", "file_id")
+
+
+def test_bad_job_requests(service, finished_job):
+    client = service["client"]
+    file_id = finished_job[1]
+    jobs = "/v1/fine_tuning/jobs"
+    assert_error(client.post(jobs, json={"model": "gpt-9", "training_file": file_id}),
+                 400, "model_not_found", "model")
+    assert_error(client.post(jobs, json={"model": "tiny", "training_file": "file-missing"}),
+                 400, "file_not_found", "training_file")
+    bad = {"model": "tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 0}}
+    assert_error(client.post(jobs, json=bad), 400, "invalid_request_error",
+                 "hyperparameters.n_epochs")
+    bad["hyperparameters"] = {"reduction_factor": 5}
+    assert_error(client.post(jobs, json=bad), 400, "invalid_hyperparameter",
+                 "hyperparameters.reduction_factor")
+    bad["hyperparameters"] = {"kept_layers": [0, 7]}
+    assert_error(client.post(jobs, json=bad), 400, "invalid_hyperparameter",
+                 "hyperparameters.kept_layers")
+    bad["hyperparameters"] = {"epochs": 3}
+    assert_error(client.post(jobs, json=bad), 400, "invalid_request_error")
+
+
+def test_empty_inputs_are_refused(service, finished_job):
+    client = service["client"]
+    model = finished_job[0]["fine_tuned_model"]
+    assert_error(client.post("/v1/predict", json={"model": model, "inputs": []}),
+                 400, "invalid_request_error", "inputs")
+    assert_error(client.post("/v1/predict", json={"model": model, "inputs": ["  "]}),
+                 400, "invalid_request_error", "inputs")
+
+
+def test_auth_when_api_key_is_set(service, monkeypatch):
+    client = service["client"]
+    monkeypatch.setenv("LADDER_API_KEY", "s3cret")
+    assert_error(client.get("/v1/models"), 401, "invalid_api_key")
+    assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/health").status_code == 200        # operations stay open
+
+
+def test_operations_endpoints(service):
+    client = service["client"]
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").status_code == 200
+    assert client.get("/info").json()["backbones_loaded"] == ["tiny"]
+    text = client.get("/metrics").text
+    assert "ladder_requests_total" in text and 'ladder_jobs{status="succeeded"}' in text
+
+
+def test_delete_model(service, finished_job):
+    client = service["client"]
+    assert_error(client.delete("/v1/models/tiny"), 400, "model_not_deletable", "model_id")
+
+
+def test_openapi_spec_is_complete(service):
+    spec = service["client"].get("/openapi.json").json()
+    for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{job_id}/cancel",
+                 "/v1/fine_tuning/jobs/{job_id}/events", "/v1/models", "/v1/predict"):
+        assert path in spec["paths"]
+    assert {"JobObject", "FileObject", "PredictRequest", "ErrorResponse"} <= set(
+        spec["components"]["schemas"])
