@@ -210,6 +210,15 @@ def cmd_finetune(args) -> dict:
             "compression_ratio": info["compression_ratio"], **result}
 
 
+def cmd_serve(args) -> dict:
+    import uvicorn
+    if args.executor:
+        os.environ["LADDER_EXECUTOR"] = args.executor
+    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port,
+                log_level="info")
+    return {"stopped": True}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ladder", description="Ladder Side-Tuning: cache frozen "
                                      "backbone states once, train small side networks from them.")
@@ -251,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--executor", choices=("ray", "thread"), default=None,
+                   help="where jobs run (default: LADDER_EXECUTOR or ray)")
+    p.set_defaults(func=cmd_serve)
+
+    from api.remote_cli import add_remote_commands
+    add_remote_commands(sub)
+
     for action in sub.choices.values():
         action.add_argument("--json", action="store_true",
                             help="print one JSON object as the last line of stdout")
@@ -260,12 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input: reported in one line with exit status 2."""
     from api.inference import InferenceError
+    from api.remote_cli import REMOTE_ERRORS
     from backbone_worker.backbone import BackboneError
     from backbone_worker.data import DataError
     from backbone_worker.families import FamilyError
     from cache_store import StoreError
     from side_trainer.artifacts import ArtifactError
-    return (DataError, BackboneError, FamilyError, StoreError, ArtifactError, InferenceError)
+    return (DataError, BackboneError, FamilyError, StoreError, ArtifactError, InferenceError,
+            *REMOTE_ERRORS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -151,24 +152,35 @@ class JobRunner:
         self.home = home
         self.executor = executor
         self.refs: dict[str, object] = {}
-        if executor == "thread":
-            self.queue: queue.Queue[str] = queue.Queue()
-            threading.Thread(target=self._work, name="ladder-jobs", daemon=True).start()
+        # submit() only queues: joining Ray (seconds) or running a job never blocks a request.
+        self.queue: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._work, name="ladder-jobs", daemon=True).start()
 
     def _work(self) -> None:
-        while True:
-            run_job(str(self.home), self.queue.get())
-
-    def submit(self, job_id: str) -> None:
         if self.executor == "thread":
-            self.queue.put(job_id)
-            return
+            while True:
+                run_job(str(self.home), self.queue.get())
         import ray
 
         from backbone_worker.pool import init_ray
-        init_ray()
-        task = ray.remote(num_cpus=1, max_retries=0)(run_job)
-        self.refs[job_id] = task.remote(str(self.home), job_id)
+        # Ray workers start with their node's environment: hand them the service's own settings
+        # (extra backbone aliases, offline flags) so a job sees what the API saw.
+        env = {k: v for k, v in os.environ.items()
+               if k.startswith(("LADDER_", "HF_", "TRANSFORMERS_")) and k != "LADDER_API_KEY"}
+        task = ray.remote(num_cpus=1, max_retries=0, runtime_env={"env_vars": env})(run_job)
+        while True:
+            job_id = self.queue.get()
+            try:
+                init_ray()
+                self.refs[job_id] = task.remote(str(self.home), job_id)
+            except Exception as exc:  # noqa: BLE001 - the job fails with the reason
+                error = {"code": "executor_unavailable", "param": None,
+                         "message": f"could not start the job on Ray: {exc}"}
+                if self.db.update_job(job_id, only_if_active=True, status="failed", error=error):
+                    self.db.add_event(job_id, error["message"], level="error")
+
+    def submit(self, job_id: str) -> None:
+        self.queue.put(job_id)
 
     def cancel(self, job_id: str) -> None:
         """The job stops at its next part or epoch; the database already says cancelled."""

@@ -1,0 +1,243 @@
+"""Python client for a running Ladder server (`ladder serve`).
+
+The routes mirror the OpenAI fine-tuning API, so the client stays a thin layer: it returns the
+server's JSON objects as plain dicts and turns every failure - an error body, an unexpected
+status, an unreachable server - into one `LadderAPIError` that callers can report in one line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("ladder.client")
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class LadderAPIError(Exception):
+    """A request that did not succeed. `status` is None when no HTTP response came back."""
+
+    def __init__(self, status: int | None, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:
+        head = f"HTTP {self.status} {self.code}" if self.status is not None else self.code
+        tail = f" (param: {self.param})" if self.param else ""
+        return f"{head}: {self.message}{tail}"
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> LadderAPIError:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict) and "message" in error:
+            return cls(response.status_code, str(error.get("code") or "error"),
+                       str(error["message"]), error.get("param"))
+        # Not Ladder's error shape (a proxy page, a bare framework error): keep what we can, on
+        # one line, so the CLI can still print a single readable sentence.
+        code = response.reason_phrase.lower().replace(" ", "_") or f"http_{response.status_code}"
+        detail = body.get("detail") if isinstance(body, dict) else None
+        text = json.dumps(detail) if detail is not None else response.text
+        message = " ".join(text.split())[:300] or response.reason_phrase or "no response body"
+        return cls(response.status_code, code, message)
+
+
+class LadderConnectionError(LadderAPIError, ConnectionError):
+    """The server could not be reached at all."""
+
+
+class LadderTimeoutError(LadderAPIError, TimeoutError):
+    """`wait` gave up before the job reached a terminal status."""
+
+
+class LadderClient:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 http: httpx.Client | None = None, timeout: float = 30.0):
+        self.base_url = (base_url or os.environ.get("LADDER_URL") or DEFAULT_URL).rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("LADDER_API_KEY")
+        # A caller-supplied client (FastAPI's TestClient, a MockTransport) belongs to the caller:
+        # it keeps its own timeouts (TestClient warns on per-request ones) and is not closed here.
+        self._owns_http = http is None
+        self._http = http if http is not None else httpx.Client(timeout=timeout)
+        # Events may be minutes apart while a job trains, so a stream only time-limits connecting.
+        self._stream_kwargs: dict[str, Any] = (
+            {"timeout": httpx.Timeout(timeout, read=None)} if self._owns_http else {})
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> LadderClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _unreachable(self, exc: httpx.TransportError) -> LadderConnectionError:
+        return LadderConnectionError(
+            None, "connection_error",
+            f"cannot reach the Ladder server at {self.base_url} ({exc.__class__.__name__}: {exc}); "
+            f"start it with `ladder serve` or pass --url (or set LADDER_URL)")
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        url = self.base_url + path
+        log.debug("%s %s", method, url)
+        try:
+            response = self._http.request(method, url, headers=self._headers(), **kwargs)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        if not response.is_success:
+            raise LadderAPIError.from_response(response)
+        return response.json()
+
+    # -- files -----------------------------------------------------------------------------
+
+    def upload_file(self, path: str | os.PathLike[str]) -> dict:
+        path = Path(path)
+        if not path.is_file():
+            raise LadderAPIError(None, "file_not_found", f"no such local file: {path}", "file")
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        with path.open("rb") as fh:
+            return self._request("POST", "/v1/files", data={"purpose": "fine-tune"},
+                                 files={"file": (path.name, fh, content_type)})
+
+    def list_files(self) -> list[dict]:
+        return self._request("GET", "/v1/files")["data"]
+
+    def get_file(self, file_id: str) -> dict:
+        return self._request("GET", f"/v1/files/{file_id}")
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def _file_id(self, file_or_path: str) -> str:
+        """An id passes through; an existing local path is uploaded first so callers can hand
+        over whichever they have."""
+        if Path(file_or_path).is_file():
+            uploaded = self.upload_file(file_or_path)
+            log.info("uploaded %s as %s", file_or_path, uploaded["id"])
+            return uploaded["id"]
+        return file_or_path
+
+    def create_job(self, model: str, training_file: str, *, validation_file: str | None = None,
+                   seed: int | None = None, suffix: str | None = None,
+                   hyperparameters: dict[str, Any] | None = None) -> dict:
+        body: dict[str, Any] = {
+            "model": model,
+            "training_file": self._file_id(training_file),
+            "validation_file": self._file_id(validation_file) if validation_file else None,
+            "seed": seed,
+            "suffix": suffix,
+        }
+        # Left out rather than sent empty so the server's defaults stay the single source.
+        if hyperparameters:
+            body["hyperparameters"] = hyperparameters
+        return self._request("POST", "/v1/fine_tuning/jobs", json=body)
+
+    def list_jobs(self, limit: int = 20, after: str | None = None) -> dict:
+        params: dict[str, Any] = {"limit": limit}
+        if after:
+            params["after"] = after
+        return self._request("GET", "/v1/fine_tuning/jobs", params=params)
+
+    def iter_jobs(self, page_size: int = 100) -> Iterator[dict]:
+        """Every job, newest first, following the `after` cursor page by page."""
+        after = None
+        while True:
+            page = self.list_jobs(limit=page_size, after=after)
+            yield from page["data"]
+            # An empty page that still claims more would loop forever; trust the data instead.
+            if not page.get("has_more") or not page["data"]:
+                return
+            after = page["data"][-1]["id"]
+
+    def get_job(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/fine_tuning/jobs/{job_id}")
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._request("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
+
+    def list_events(self, job_id: str, after: str | None = None, limit: int = 100) -> dict:
+        params: dict[str, Any] = {"limit": limit}
+        if after:
+            params["after"] = after
+        return self._request("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params=params)
+
+    def stream_events(self, job_id: str) -> Iterator[dict]:
+        """Events as the server emits them, until it sends `[DONE]` (the job is terminal)."""
+        url = f"{self.base_url}/v1/fine_tuning/jobs/{job_id}/events"
+        try:
+            with self._http.stream("GET", url, params={"stream": "true"}, headers=self._headers(),
+                                   **self._stream_kwargs) as response:
+                if not response.is_success:
+                    response.read()
+                    raise LadderAPIError.from_response(response)
+                yield from _parse_sse(response.iter_lines())
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    def wait(self, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None) -> dict:
+        """Poll until the job is succeeded, failed or cancelled; return that final job."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last_status = None
+        while True:
+            job = self.get_job(job_id)
+            if job["status"] != last_status:
+                log.info("job %s: %s", job_id, job["status"])
+                last_status = job["status"]
+            if job["status"] in TERMINAL_STATUSES:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LadderTimeoutError(None, "timeout", f"job {job_id} still {job['status']} "
+                                         f"after {timeout_s:g}s", "timeout_s")
+            time.sleep(poll_s)
+
+    # -- models and inference --------------------------------------------------------------
+
+    def list_models(self) -> list[dict]:
+        return self._request("GET", "/v1/models")["data"]
+
+    def delete_model(self, model_id: str) -> dict:
+        return self._request("DELETE", f"/v1/models/{model_id}")
+
+    def predict(self, model: str | list[str], inputs: list[str]) -> dict:
+        return self._request("POST", "/v1/predict", json={"model": model, "inputs": inputs})
+
+
+def _parse_sse(lines: Iterator[str]) -> Iterator[dict]:
+    """Decode `data:` lines into events; a blank line ends an event, `[DONE]` ends the stream.
+    Comment lines (keep-alives) and other fields (`event:`, `id:`) carry nothing we use."""
+    data: list[str] = []
+    for line in lines:
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+            continue
+        if line or not data:
+            continue
+        payload = "\n".join(data)
+        data = []
+        if payload == "[DONE]":
+            return
+        yield json.loads(payload)
+    # Reaching here means the connection closed before the job was terminal (server restart,
+    # proxy timeout); the caller sees the stream end, so say why.
+    log.warning("event stream closed before [DONE]; the job may still be running")
