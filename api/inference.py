@@ -6,6 +6,9 @@ score each label text with the frozen LM head and pick the most likely one.
 """
 from __future__ import annotations
 
+import queue
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +30,10 @@ class Prediction:
 
 
 class JointModel:
-    def __init__(self, backbone: Backbone, sides: list[SideNetwork]):
+    """`overlap`: run side block j in a worker thread (on GPU: on its own CUDA stream) while the
+    backbone computes the next layer; "auto" turns it on where it was measured to help (GPU)."""
+
+    def __init__(self, backbone: Backbone, sides: list[SideNetwork], overlap: bool | str = "auto"):
         for side in sides:
             if side.cfg.backbone_fingerprint != backbone.fingerprint:
                 raise InferenceError(
@@ -37,6 +43,9 @@ class JointModel:
         self.sides = [s.eval() for s in sides]
         self.layers = sorted({i for s in sides for i in s.cfg.layers})
         self.max_length = max(s.cfg.max_length for s in sides)
+        cuda = backbone.model.device.type == "cuda"
+        self.overlap = cuda if overlap == "auto" else bool(overlap)
+        self.side_stream = torch.cuda.Stream() if cuda and self.overlap else None
 
     @torch.inference_mode()
     def probabilities(self, texts: list[str], pairs: list[str] | None = None) -> list[torch.Tensor]:
@@ -46,9 +55,61 @@ class JointModel:
         enc = self.backbone.tokenize(texts, pairs, self.max_length)
         if self.backbone.family.name == ENCODER_DECODER:
             return self._score_label_texts(enc)
+        if self.overlap:
+            return [logits.softmax(-1) for logits in self._overlapped(enc)]
         states = self.backbone.ladder_states(self.layers, enc)["enc"]
         batch = {"enc": {"states": states, "attention_mask": enc["attention_mask"]}}
         return [side(batch).softmax(-1) for side in self.sides]
+
+    def _overlapped(self, enc) -> list[torch.Tensor]:
+        """Side block j of every side network runs while the backbone computes the next layer."""
+        mask = enc["attention_mask"]
+        steps = [{f"layer_{i}": j for j, i in enumerate(s.cfg.layers)} for s in self.sides]
+        runs: dict[int, dict] = {}
+        work: queue.Queue = queue.Queue()
+        errors: list[BaseException] = []
+        stream = self.side_stream
+
+        def advance() -> None:
+            # inference_mode is thread-local: the worker enters it too.
+            with torch.inference_mode(), (torch.cuda.stream(stream) if stream else nullcontext()):
+                while (item := work.get()) is not None:
+                    name, state, ready = item
+                    if errors:
+                        continue
+                    try:
+                        if ready is not None:
+                            stream.wait_event(ready)        # the state is computed on the GPU
+                        for k, side in enumerate(self.sides):
+                            stack = side.streams["enc"]
+                            if name == "emb":
+                                runs[k] = stack.begin(state, mask)
+                            elif name in steps[k]:
+                                stack.step(runs[k], steps[k][name], state)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                        errors.append(exc)
+
+        def hand_over(_stream: str, name: str, state: torch.Tensor) -> None:
+            ready = None
+            if stream is not None:
+                ready = torch.cuda.Event()
+                ready.record()
+                state.record_stream(stream)
+            work.put((name, state, ready))
+
+        worker = threading.Thread(target=advance, name="ladder-side", daemon=True)
+        worker.start()
+        try:
+            self.backbone.ladder_states(self.layers, enc, on_state=hand_over)
+        finally:
+            work.put(None)
+            worker.join()
+        if errors:
+            raise errors[0]
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+        return [side.head(side.streams["enc"].end(runs[k]), mask)
+                for k, side in enumerate(self.sides)]
 
     def _score_label_texts(self, enc) -> list[torch.Tensor]:
         """T5: log-likelihood of each side model's label texts, softmaxed over the labels."""

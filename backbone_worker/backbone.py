@@ -144,14 +144,19 @@ class Backbone:
                               return_tensors="pt").to(self.model.device)
 
     @torch.inference_mode()
-    def ladder_states(self, layers: list[int], enc, dec=None) -> dict[str, dict[str, torch.Tensor]]:
-        """Run the backbone once and capture {stream: {"emb"|"layer_i": (B, T, d)}}."""
+    def ladder_states(self, layers: list[int], enc, dec=None,
+                      on_state=None) -> dict[str, dict[str, torch.Tensor]]:
+        """Run the backbone once and capture {stream: {"emb"|"layer_i": (B, T, d)}}.
+        `on_state(stream, name, tensor)` sees each state the moment its layer is done."""
         captured: dict[str, dict[str, torch.Tensor]] = {s: {} for s in self.family.streams}
         handles = []
 
         def keep(stream, name):
             def hook(_module, _inputs, output):
-                captured[stream][name] = output[0] if isinstance(output, tuple) else output
+                state = output[0] if isinstance(output, tuple) else output
+                captured[stream][name] = state
+                if on_state is not None:
+                    on_state(stream, name, state)
             return hook
 
         for stream in self.family.streams:

@@ -99,10 +99,19 @@ class SideStack(nn.Module):
 
     def forward(self, states: dict[str, torch.Tensor], mask: torch.Tensor,
                 cross: torch.Tensor | None = None, cross_mask: torch.Tensor | None = None):
-        h = self.ladders["emb"](states["emb"])                        # (B, T, d/r)
+        run = self.begin(states["emb"], mask, cross, cross_mask)
+        for j, i in enumerate(self.layers):
+            self.step(run, j, states[f"layer_{i}"])
+        return self.end(run)                                           # (B, T, d/r)
+
+    # The forward pass in three steps, so joint inference can advance side block j as soon as
+    # backbone layer i is out (while the backbone computes layer i+1).
+
+    def begin(self, emb: torch.Tensor, mask: torch.Tensor, cross: torch.Tensor | None = None,
+              cross_mask: torch.Tensor | None = None) -> dict:
+        h = self.ladders["emb"](emb)                                   # (B, T, d/r)
         dtype = h.dtype
         causal = self.family == DECODER or cross is not None
-        attn = additive_mask(mask, dtype, causal=causal)
         extra: dict = {}
         if self.family == DECODER:
             positions = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
@@ -110,16 +119,23 @@ class SideStack(nn.Module):
         if cross is not None:
             extra = {"encoder_hidden_states": cross,
                      "encoder_attention_mask": additive_mask(cross_mask, dtype)}
-        mu = self.gates()
-        bias = None
-        for j, (i, block) in enumerate(zip(self.layers, self.blocks)):
-            h = mu[j] * h + (1 - mu[j]) * self.ladders[f"layer_{i}"](states[f"layer_{i}"])
-            if self.family == ENCODER_DECODER:
-                h, bias, _ = block(h, attention_mask=attn, position_bias=bias, **extra)
-            else:
-                out = block(h, attention_mask=attn, **extra)
-                h = out[0] if isinstance(out, tuple) else out
-        return self.final_norm(h)                                      # (B, T, d/r)
+        return {"h": h, "attn": additive_mask(mask, dtype, causal=causal), "extra": extra,
+                "mu": self.gates(), "bias": None}
+
+    def step(self, run: dict, j: int, ladder_state: torch.Tensor) -> None:
+        """Gate in kept layer j's backbone state, then side block j."""
+        i, block, mu = self.layers[j], self.blocks[j], run["mu"]
+        h = mu[j] * run["h"] + (1 - mu[j]) * self.ladders[f"layer_{i}"](ladder_state)
+        if self.family == ENCODER_DECODER:
+            h, run["bias"], _ = block(h, attention_mask=run["attn"], position_bias=run["bias"],
+                                      **run["extra"])
+        else:
+            out = block(h, attention_mask=run["attn"], **run["extra"])
+            h = out[0] if isinstance(out, tuple) else out
+        run["h"] = h
+
+    def end(self, run: dict) -> torch.Tensor:
+        return self.final_norm(run["h"])
 
 
 class SideNetwork(nn.Module):
@@ -154,12 +170,16 @@ class SideNetwork(nn.Module):
         m = mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
+    def head(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Classification logits (B, n_labels) from the side encoder's output (B, T, d/r)."""
+        return self.classifier(self.upsample(self.pool(h, mask)))
+
     def forward(self, batch: dict) -> torch.Tensor:
         """Classification logits (B, n_labels), or for T5 LM logits (B, T_dec, vocab)."""
         enc = batch["enc"]
         h = self.streams["enc"](enc["states"], enc["attention_mask"])
         if self.cfg.family != ENCODER_DECODER:
-            return self.classifier(self.upsample(self.pool(h, enc["attention_mask"])))
+            return self.head(h, enc["attention_mask"])
         dec = batch["dec"]
         g = self.streams["dec"](dec["states"], dec["attention_mask"],
                                 cross=h, cross_mask=enc["attention_mask"])

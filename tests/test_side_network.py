@@ -161,3 +161,15 @@ def test_out_of_range_layer_is_refused(tiny_bert_dir):
     backbone = load_backbone(tiny_bert_dir)
     with pytest.raises(FamilyError, match="layers 0..2"):
         backbone.check_layers([0, 3])
+
+
+def test_overlapped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
+    from api.inference import JointModel
+    backbone = load_backbone(tiny_bert_dir)
+    torch.manual_seed(1)
+    sides = [SideNetwork(side_config(backbone)).eval(),
+             SideNetwork(side_config(backbone, layers=[1, 2])).eval()]
+    plain = JointModel(backbone, sides, overlap=False).probabilities(TEXTS)
+    overlapped = JointModel(backbone, sides, overlap=True).probabilities(TEXTS)
+    for a, b in zip(plain, overlapped):
+        assert torch.allclose(a, b, atol=1e-6)
