@@ -182,6 +182,7 @@ def write_outputs(report: dict, out: Path) -> None:
         ax.scatter(r["peak_mem_mb"], 100 * r["test_accuracy"], s=60)
         ax.annotate(name, (r["peak_mem_mb"], 100 * r["test_accuracy"]),
                     textcoords="offset points", xytext=(6, 4))
+    ax.margins(x=0.15, y=0.1)      # room for the method labels
     ax.set_xlabel("training peak memory (MB, above the loaded baseline)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{report['config']['backbone']} on {report['config']['data']}")
