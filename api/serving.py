@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from api.inference import JointModel, Prediction
 from backbone_worker.backbone import Backbone, aliases, load_backbone
@@ -71,7 +70,6 @@ class _Request:
     model_ids: list[str]
     texts: list[str]
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class MicroBatcher:

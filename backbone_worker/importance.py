@@ -20,9 +20,6 @@ from backbone_worker.families import DECODER, ENCODER_DECODER
 
 log = logging.getLogger(__name__)
 
-METHODS = ("fisher", "magnitude")
-
-
 def block_parameters(backbone: Backbone, layers: list[int]) -> dict[str, torch.nn.Parameter]:
     """Parameters of the kept blocks, keyed "stream/i/in-block name"."""
     out = {}

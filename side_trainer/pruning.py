@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from backbone_worker.families import DECODER, Family, family_by_name
+from backbone_worker.families import DECODER, family_by_name
 from side_trainer.model import SideNetwork
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from api.cli import main
 from backbone_worker.cache import CacheOptions, build_cache
 from cache_store import ActivationStore, StoreError, StoreLock
 from test_cli import last_json, one_line_error, run, write_csv
