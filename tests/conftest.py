@@ -55,3 +55,15 @@ def tiny_bert_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     return save_tiny("decoder", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left_connected():
+    """A test module that started Ray in this process shuts it down when it ends. Otherwise a
+    later `ray stop --force` (the compose-topology test) kills that cluster under this process,
+    and Ray ends a driver whose cluster died with exit status 1, mid-suite and without a report."""
+    yield
+    import sys
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
