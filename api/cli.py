@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from bench import METHODS
+
 log = logging.getLogger("ladder")
 
 
@@ -31,9 +33,6 @@ def parse_layers(text: str) -> list[int] | str:
         raise argparse.ArgumentTypeError(
             f"--layers {text!r} is not a comma-separated list of layer indices; "
             f"pass e.g. 0,2,4 or all") from None
-
-
-METHODS = ("full", "lora", "bitfit", "lst_online", "lst_cached")
 
 
 def parse_methods(text: str) -> tuple[str, ...]:

@@ -159,7 +159,7 @@ class Backbone:
         return stack.embeddings if hasattr(stack, "embeddings") else stack.embed_tokens
 
     def check_layers(self, layers: list[int]) -> list[int]:
-        n = min(self.num_layers(s) for s in self.family.streams)
+        n = self.family.layer_count(self.config)
         bad = [i for i in layers if not 0 <= i < n]
         if bad or not layers:
             raise FamilyError(

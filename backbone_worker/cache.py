@@ -49,7 +49,7 @@ def kept_layers(backbone: Backbone, layers: list[int] | str | None) -> list[int]
     if layers is None:
         return backbone.family.default_layers(backbone.config)
     if layers == "all":
-        return list(range(min(backbone.num_layers(s) for s in backbone.family.streams)))
+        return list(range(backbone.family.layer_count(backbone.config)))
     return list(layers)
 
 

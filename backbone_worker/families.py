@@ -50,11 +50,15 @@ class Family:
             return config.num_decoder_layers
         return config.num_layers if self.name == ENCODER_DECODER else config.num_hidden_layers
 
+    def layer_count(self, config: PretrainedConfig) -> int:
+        """Layers every stream has: kept layer i means layer i of each stream."""
+        return min(self.num_layers(config, s) for s in self.streams)
+
     def default_layers(self, config: PretrainedConfig) -> list[int]:
         """Kept layers when the user names none: every layer of an encoder or T5; every third
         layer of a decoder-only model, ending at the last one (2, 5, ..., 29 of 30), so its store
         holds about a third of the states of a deep, narrow stack."""
-        n = min(self.num_layers(config, s) for s in self.streams)
+        n = self.layer_count(config)
         if self.name == DECODER:
             return list(range(n - 1, -1, -3))[::-1]
         return list(range(n))

@@ -46,7 +46,9 @@ def converted_dir(gguf_path: Path, name: str, cache: Path | None = None) -> Path
     gguf_path = Path(gguf_path)
     stat = gguf_path.stat()
     key = (str(gguf_path.resolve()), stat.st_size, stat.st_mtime_ns)
-    digest = _digests.get(key) or _digests.setdefault(key, file_sha256(gguf_path))
+    if key not in _digests:
+        _digests[key] = file_sha256(gguf_path)
+    digest = _digests[key]
     target = (cache or model_cache_dir()) / f"{name}-{digest[:16]}"
     if (target / SOURCE_FILE).is_file():
         return target

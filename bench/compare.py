@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from bench import METHODS
+
 log = logging.getLogger("ladder.bench")
-METHODS = ("full", "lora", "bitfit", "lst_online", "lst_cached")
 ROOT = Path(__file__).parents[1]
 QUICK = {"limit": 1200, "epochs": 2}
 FULL = {"limit": 6000, "epochs": 3}

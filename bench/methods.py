@@ -47,8 +47,8 @@ class Classifier(nn.Module):
     def forward(self, input_ids, attention_mask):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.last_token:
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            return self.head(hidden[rows, attention_mask.sum(1) - 1])
+            from side_trainer.model import last_token
+            return self.head(last_token(hidden, attention_mask))
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return self.head((hidden * m).sum(1) / m.sum(1).clamp(min=1))
 

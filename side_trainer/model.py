@@ -69,6 +69,12 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype, causal: bool = False) 
     return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, neg)
 
 
+def last_token(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) -> (B, d): each row's last real token (right padding), the one a causal model
+    has let see the whole text."""
+    return h[torch.arange(h.shape[0], device=h.device), mask.sum(1) - 1]
+
+
 class SideStack(nn.Module):
     """Ladders, gates and side blocks of one stream."""
 
@@ -180,7 +186,7 @@ class SideNetwork(nn.Module):
     def pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, d/r) -> (B, d/r)."""
         if self.cfg.family == DECODER:
-            return h[torch.arange(h.shape[0], device=h.device), mask.sum(1) - 1]
+            return last_token(h, mask)
         if self.cfg.pooling == "first":
             return h[:, 0]
         m = mask.unsqueeze(-1).to(h.dtype)

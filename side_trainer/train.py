@@ -1,7 +1,8 @@
 """Train a side network from an activation store; the backbone is never loaded here.
 
 Recipe (the reference's, with two changes): AdamW without weight decay, lr 3e-3 (1e-3 for
-decoder-only backbones, see DEFAULT_LR), linear warm-up then linear decay, grad-norm clip 1.0. Changes: warm-up is a fraction of the total steps (the
+decoder-only backbones, see DEFAULT_LR), linear warm-up then linear decay, grad-norm clip 1.0.
+Changes: warm-up is a fraction of the total steps (the
 reference's fixed 500 steps suits 100k-row sets, not a 300-row upload), and training stops early
 when validation accuracy has not improved for `patience` epochs, keeping the best epoch's weights.
 Optional feature-space augmentation (dropout / Gaussian noise on ladder states) stands in for the

@@ -8,7 +8,7 @@ import math
 from api.cli import main
 from test_cli import write_csv
 
-METHODS = ("full", "lora", "bitfit", "lst_online", "lst_cached")
+from bench import METHODS
 
 
 def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):

