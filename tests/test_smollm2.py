@@ -10,6 +10,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -124,6 +125,31 @@ def test_a_changed_gguf_file_gets_a_fresh_copy(tiny_gguf, tmp_path):
     changed = tmp_path / "changed.gguf"
     changed.write_bytes(source.read_bytes() + b"\0" * 32)      # GGUF tolerates trailing padding
     assert converted_dir(changed, "tiny", cache=tmp_path) != first
+
+
+def test_threads_converting_at_once_convert_once(tiny_gguf, tmp_path, monkeypatch):
+    """The service converts at start in a thread while a request may need the same copy."""
+    import threading
+
+    import backbone_worker.gguf_import as gguf_import
+    source, _ = tiny_gguf
+    calls, real = [], gguf_import.convert
+
+    def slow_convert(path, out_dir):
+        calls.append(path)
+        time.sleep(0.5)                       # both threads are inside converted_dir by now
+        real(path, out_dir)
+
+    monkeypatch.setattr(gguf_import, "convert", slow_convert)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        converted_dir(source, "tiny", cache=tmp_path))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+    assert (results[0] / SOURCE_FILE).is_file()
 
 
 def test_decoder_default_layers_keep_every_third_ending_at_the_last():
