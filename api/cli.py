@@ -98,7 +98,8 @@ def add_cache_args(p: argparse.ArgumentParser, store_required: bool = True) -> N
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reduction", type=positive_int, default=8, help="r: side width = d / r")
     p.add_argument("--epochs", type=positive_int, default=10)
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="training batch (default: 32, or 16 for decoder-only backbones)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: 3e-3, or 1e-3 for decoder-only backbones)")
     p.add_argument("--warmup", type=float, default=0.06, help="warm-up share of all steps")

@@ -1,7 +1,8 @@
 """Train a side network from an activation store; the backbone is never loaded here.
 
-Recipe (the reference's, with two changes): AdamW without weight decay, lr 3e-3 (1e-3 for
-decoder-only backbones, see DEFAULT_LR), linear warm-up then linear decay, grad-norm clip 1.0.
+Recipe (the reference's, with two changes): AdamW without weight decay, lr 3e-3 and batch 32
+(1e-3 and 16 for decoder-only backbones, see DEFAULT_LR and DEFAULT_BATCH_SIZE), linear warm-up
+then linear decay, grad-norm clip 1.0.
 Changes: warm-up is a fraction of the total steps (the
 reference's fixed 500 steps suits 100k-row sets, not a 300-row upload), and training stops early
 when validation accuracy has not improved for `patience` epochs, keeping the best epoch's weights.
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 class TrainOptions:
     reduction: int = 8               # r: side width = backbone width / r
     epochs: int = 10
-    batch_size: int = 32
+    batch_size: int | None = None    # None: DEFAULT_BATCH_SIZE of the store's backbone family
     lr: float | None = None          # None: DEFAULT_LR of the store's backbone family
     warmup: float = 0.06             # fraction of all steps spent warming up
     grad_clip: float = 1.0
@@ -57,6 +58,16 @@ DEFAULT_LR = {"encoder": 3e-3, "encoder-decoder": 3e-3, "decoder": 1e-3}
 
 def default_lr(family: str) -> float:
     return DEFAULT_LR.get(family, 3e-3)
+
+
+# Decoder-only side networks are still improving after 3 epochs of ~1,200 rows at batch 32;
+# twice the steps at batch 16 gave SmolLM2 validation accuracy 0.828 vs 0.820 (mean of 8 seeds)
+# and 0.79 vs 0.74 after the first epoch.
+DEFAULT_BATCH_SIZE = {"encoder": 32, "encoder-decoder": 32, "decoder": 16}
+
+
+def default_batch_size(family: str) -> int:
+    return DEFAULT_BATCH_SIZE.get(family, 32)
 
 
 def to_device(batch: dict, device: str) -> dict:
@@ -140,8 +151,11 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     if n_train == 0:
         raise StoreError(f"store {store_url} has no committed training examples; run or finish "
                          f"`ladder cache --store {store_url}` first")
+    family = store.settings["family"]
     if opts.lr is None:
-        opts = replace(opts, lr=default_lr(store.settings["family"]))
+        opts = replace(opts, lr=default_lr(family))
+    if opts.batch_size is None:
+        opts = replace(opts, batch_size=default_batch_size(family))
     net = build_side_network(store, opts).to(opts.device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=0.0)

@@ -80,6 +80,10 @@ def test_finetune_json_has_the_documented_fields(tmp_path, capsys, tiny_backbone
                 "train_peak_mem_mb", "train_examples_per_s"):
         assert key in result
     assert result["n_train"] + result["n_test"] <= 60
+    # Unset --lr and --batch-size resolve to the family's defaults, and the result says which.
+    family = json.loads((tmp_path / "m" / "side_config.json").read_text())["family"]
+    expected = (1e-3, 16) if family == "decoder" else (3e-3, 32)
+    assert (result["options"]["lr"], result["options"]["batch_size"]) == expected
 
 
 def one_line_error(code, err, *words):
