@@ -255,7 +255,7 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
                 # created on one would wait for the conversion inside its HTTP request.
                 from backbone_worker.backbone import convert_gguf_aliases
                 try:
-                    state["converted"] = convert_gguf_aliases()
+                    convert_gguf_aliases()
                 except Exception:  # noqa: BLE001 - a request that needs it will say why
                     log.exception("could not convert the GGUF backbones")
 

