@@ -30,11 +30,12 @@ class JobCancelled(Exception):
 
 
 def resolve_hyperparameters(hp: dict, n_rows: int, default_layers: list[int],
-                            default_lr: float = 3e-3, default_batch_size: int = 32) -> dict:
-    """Replace "auto" by defaults that suit the upload's size and the backbone."""
+                            train_defaults: dict) -> dict:
+    """Replace "auto" by defaults that suit the upload's size and the backbone
+    (`train_defaults`: the family's entry of side_trainer.train.FAMILY_DEFAULTS)."""
     auto = {"n_epochs": 10 if n_rows < 1000 else 5 if n_rows < 10000 else 3,
-            "batch_size": default_batch_size,
-            "learning_rate": default_lr, "reduction_factor": 8, "kept_layers": default_layers,
+            "batch_size": train_defaults["batch_size"], "learning_rate": train_defaults["lr"],
+            "reduction_factor": 8, "kept_layers": default_layers,
             "init": "fisher", "cache_dtype": "fp16"}
     return {k: auto[k] if hp.get(k, "auto") == "auto" else hp[k] for k in auto}
 
@@ -61,7 +62,7 @@ def run_job(home: str, job_id: str) -> None:
     from backbone_worker.data import load_dataset
     from backbone_worker.families import family_of
     from side_trainer.artifacts import load_side_model
-    from side_trainer.train import TrainOptions, default_batch_size, default_lr, train
+    from side_trainer.train import FAMILY_DEFAULTS, TrainOptions, train
 
     home_path = Path(home)
     db = Database(home_path / "ladder.db")
@@ -87,8 +88,7 @@ def run_job(home: str, job_id: str) -> None:
         config = AutoConfig.from_pretrained(backbone_dir, local_files_only=True)
         family = family_of(config)
         hp = resolve_hyperparameters(job["hyperparameters"], len(dataset.examples),
-                                     family.default_layers(config), default_lr(family.name),
-                                     default_batch_size(family.name))
+                                     family.default_layers(config), FAMILY_DEFAULTS[family.name])
         db.update_job(job_id, hyperparameters=hp)
         store = str(home_path / "stores" / store_key(fingerprint_dir(backbone_dir),
                                                    dataset.fingerprint, hp))

@@ -156,8 +156,8 @@ def lst(method: str, cfg: dict) -> dict:
     device = cfg["device"]
     store = ActivationStore.open(cfg["store"])
     data = load_dataset(cfg["data"], limit=cfg["limit"], seed=cfg["seed"])
-    from side_trainer.train import default_lr
-    cfg["lr"] = cfg["lr"] or default_lr(store.settings["family"])
+    from side_trainer.train import FAMILY_DEFAULTS
+    cfg["lr"] = cfg["lr"] or FAMILY_DEFAULTS[store.settings["family"]]["lr"]
     opts = TrainOptions(init="fisher", lr=cfg["lr"], seed=cfg["seed"], device=device)
     net = build_side_network(store, opts).to(device)
     net.train()

