@@ -1,6 +1,7 @@
 """Side model artifacts, the PEFT way: `side_config.json` + `side_model.safetensors`."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -9,6 +10,8 @@ from side_trainer.model import ENCODER_DECODER, SideConfig, SideNetwork
 
 CONFIG_FILE = "side_config.json"
 WEIGHTS_FILE = "side_model.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(ValueError):
@@ -30,7 +33,16 @@ def load_side_model(model_dir: str | Path, backbone_dir: Path | None = None) -> 
             f"{model_dir} is not a side model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
             f"pass the --out directory of `ladder train` or `ladder finetune`")
     net = SideNetwork(SideConfig.load(model_dir / CONFIG_FILE))
-    net.load_state_dict(load_file(model_dir / WEIGHTS_FILE))
+    state = load_file(model_dir / WEIGHTS_FILE)
+    missing = [k for k in net.state_dict() if k not in state and k.endswith("rotary.inv_freq")]
+    if missing:
+        # Models saved before the rotary frequencies were kept with the weights: the trained
+        # frequencies are lost, and it runs with the defaults, as it did whenever it was loaded.
+        log.warning("%s was saved without its rotary frequencies (an older Ladder); it runs with "
+                    "the default ones, not those it was trained with: retrain it for best results",
+                    model_dir)
+        state.update({k: net.state_dict()[k] for k in missing})
+    net.load_state_dict(state)
     if net.cfg.family == ENCODER_DECODER:
         from backbone_worker.backbone import resolve
         from side_trainer.pruning import load_lm_head

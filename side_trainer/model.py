@@ -101,6 +101,10 @@ class SideStack(nn.Module):
             from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
             self.final_norm = LlamaRMSNorm(side_width, eps=side_config.rms_norm_eps)
             self.rotary = LlamaRotaryEmbedding(side_config)
+            # The pruning init gives the side rotary embedding its kept pairs' frequencies, so
+            # they are part of the trained model: saved with the weights (transformers registers
+            # inv_freq as non-persistent, and a reload would rebuild the default ones).
+            self.rotary.register_buffer("inv_freq", self.rotary.inv_freq, persistent=True)
         else:
             self.final_norm = nn.Identity()   # BERT blocks end in their own LayerNorm
 

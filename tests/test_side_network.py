@@ -173,3 +173,40 @@ def test_overlapped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
     overlapped = JointModel(backbone, sides, overlap=True).probabilities(TEXTS)
     for a, b in zip(plain, overlapped):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["fisher", "magnitude", "random"])
+def test_save_then_load_gives_identical_logits(backbone, init, tmp_path):
+    """Everything the trained network computes with is saved: weights, gates, and for decoder-only
+    backbones the pruned rotary frequencies (a buffer transformers does not persist)."""
+    from side_trainer.artifacts import load_side_model, save_side_model
+    torch.manual_seed(0)
+    net = SideNetwork(side_config(backbone))
+    if init != "random":
+        apply_pruning_init(net, backbone.path, scores_for(backbone), init)
+    if backbone.family.name == "encoder-decoder":
+        load_lm_head(net, backbone.path)
+    with torch.no_grad():
+        net.streams["enc"].gate_alpha.uniform_(-1, 1)
+    net.eval()
+    batch = make_batch(backbone)
+    save_side_model(net, tmp_path)
+    loaded = load_side_model(tmp_path, backbone.path)
+    with torch.no_grad():
+        assert torch.equal(net(batch), loaded(batch))
+
+
+def test_a_model_saved_without_rotary_frequencies_still_loads(tiny_llama_dir, tmp_path, caplog):
+    """Decoder models saved before the frequencies were persisted load with the defaults, and the
+    log says they should be retrained."""
+    from safetensors.torch import load_file, save_file
+
+    from side_trainer.artifacts import WEIGHTS_FILE, load_side_model, save_side_model
+    backbone = load_backbone(tiny_llama_dir)
+    save_side_model(SideNetwork(side_config(backbone)), tmp_path)
+    state = load_file(tmp_path / WEIGHTS_FILE)
+    del state["streams.enc.rotary.inv_freq"]
+    save_file(state, tmp_path / WEIGHTS_FILE)
+    with caplog.at_level("WARNING"):
+        load_side_model(tmp_path)
+    assert "retrain" in caplog.text
