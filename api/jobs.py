@@ -121,8 +121,9 @@ def run_job(home: str, job_id: str) -> None:
         check_cancelled()
         joint = JointModel(load_backbone(job["model"]), [load_side_model(out_dir)])
         metrics = {k: result[k] for k in ("n_train", "epochs_run", "best_val_accuracy",
-                                          "trainable_params", "trainable_pct",
-                                          "train_peak_mem_mb", "train_examples_per_s")}
+                                          "best_epoch", "selection", "trainable_params",
+                                          "trainable_pct", "train_peak_mem_mb",
+                                          "train_examples_per_s")}
         metrics["test_accuracy"] = evaluate(joint, dataset.split("test"))["accuracy"][0]
         if job["validation_file"]:
             validation = db.get_file(job["validation_file"])

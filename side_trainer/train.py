@@ -199,8 +199,10 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             train_seconds += time.perf_counter() - start
             # Validation batches are training-sized: a padded batch of every kept layer's states is
             # the largest allocation here (SmolLM2 validation at 128 rows: 464 MB, at 32: 232 MB).
+            # Without a validation split (a tiny upload) nothing can pick an epoch, so the
+            # latest one is kept: its score rises with the epoch and early stopping never fires.
             score = (evaluate_store(net, store, "validation", opts.device, opts.batch_size)
-                     if has_validation else -epoch)
+                     if has_validation else float(epoch))
             history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
                             "val_accuracy": score if has_validation else None})
             log.info("epoch %d: train loss %.4f, validation accuracy %s", epoch + 1,
@@ -222,6 +224,11 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             if stale >= opts.patience:
                 log.info("early stop: no validation improvement for %d epochs", stale)
                 break
+    best_epoch = (next(h["epoch"] for h in history if h["val_accuracy"] == best)
+                  if has_validation else len(history))
+    selection = (f"epoch {best_epoch}, the best validation accuracy" if has_validation else
+                 f"epoch {best_epoch}, the last one: the store has no validation split to choose by")
+    log.info("keeping %s", selection)
     net.load_state_dict(best_state)
     save_side_model(net.cpu(), out_dir)
     checkpoint.unlink(missing_ok=True)
@@ -231,6 +238,8 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
         "n_train": n_train,
         "epochs_run": len(history),
         "best_val_accuracy": best if has_validation else None,
+        "best_epoch": best_epoch,
+        "selection": selection,
         "trainable_params": net.trainable_parameters(),
         "backbone_params": n_backbone,
         "trainable_pct": 100 * net.trainable_parameters() / n_backbone,
