@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache_store.errors import StateRangeError
+
 DTYPES = ("fp16", "bf16", "int8")
 DEFAULT_DTYPE = "fp16"
 
@@ -44,7 +46,13 @@ def encode(x: np.ndarray, dtype: str) -> Encoded:
         raise ValueError(f"ladder states must be 2-D (tokens, d), got shape {x.shape}")
     check_dtype(dtype)
     if dtype == "fp16":
-        return Encoded(x.astype(np.float16), None)
+        values = x.astype(np.float16)
+        if np.isinf(values).any() and np.isfinite(x).all():
+            raise StateRangeError(
+                f"a value of {float(np.abs(x).max()):.4g} exceeds fp16's range (65,504) and would "
+                f"be stored as inf; cache into a new store with --dtype bf16 (same size, float32's "
+                f"range; over HTTP: hyperparameters.cache_dtype \"bf16\")")
+        return Encoded(values, None)
     if dtype == "bf16":
         return Encoded(_bf16_bits(x), None)
     return _int8(x)

@@ -8,3 +8,7 @@ class StoreError(Exception):
 
 class StoreMismatchError(StoreError):
     """An existing store was built with different settings (or a different part plan)."""
+
+
+class StateRangeError(StoreError):
+    """A backbone state the store's dtype cannot hold (fp16 tops out at 65,504)."""

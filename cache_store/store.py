@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 
 from cache_store import codecs, layout
-from cache_store.errors import StoreError, StoreMismatchError
+from cache_store.errors import StateRangeError, StoreError, StoreMismatchError
 from cache_store.location import Location
 from cache_store.reader import BatchPlan, iter_batches
 from cache_store.settings import canonical, differences, fingerprint, state_dtype, validate_plan
@@ -148,12 +148,14 @@ class ActivationStore:
         # Whatever is there is an interrupted (uncommitted) write, e.g. a retried task: start over.
         if parts.get(name) is not None:
             log.warning("overwriting uncommitted part %d of %s", index, self.location.url)
+        # Encoded before anything is written: a state the dtype cannot hold fails the part here.
+        encoded = {s: _encode_stream(s, stream, self.dtype) for s, stream in streams.items()}
         del parts[name]
         group = parts.create_group(name)
         sums = {"example_ids": layout.write_array(group, "example_ids", example_ids),
                 "labels": layout.write_array(group, "labels", labels)}
         meta = {s: self._write_stream(group.create_group(s), stream, s, sums)
-                for s, stream in streams.items()}
+                for s, stream in encoded.items()}
         group.update_attributes({
             "n": n, "n_tokens": sum(m["n_tokens"] for m in meta.values()), "streams": meta,
             "checksums": sums, "committed": True})
@@ -166,16 +168,11 @@ class ActivationStore:
         return self.plan[index]["n"]
 
     def _write_stream(self, group: zarr.Group, stream: dict, prefix: str, sums: dict) -> dict:
-        lengths = np.array([len(ids) for ids in stream["input_ids"]], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)      # (n+1,)
-        ids = np.concatenate([np.asarray(i, dtype=np.int64).reshape(-1) for i in stream["input_ids"]])
-        if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
-            raise ValueError("input_ids do not fit in int32")
+        offsets = stream["offsets"]
         sums[f"{prefix}/offsets"] = layout.write_array(group, "offsets", offsets)
-        sums[f"{prefix}/input_ids"] = layout.write_array(group, "input_ids", ids.astype(np.int32))
+        sums[f"{prefix}/input_ids"] = layout.write_array(group, "input_ids", stream["input_ids"])
         dims = {}
-        for name, rows in stream["states"].items():
-            enc = codecs.encode(np.concatenate(rows, axis=0), self.dtype)            # (T, d)
+        for name, enc in stream["states"].items():
             sums[f"{prefix}/states/{name}"] = layout.write_array(group, f"states/{name}", enc.values)
             if enc.scales is not None:
                 sums[f"{prefix}/scales/{name}"] = layout.write_array(group, f"scales/{name}",
@@ -291,6 +288,22 @@ class ActivationStore:
             parts=parts, batch_size=batch_size, shuffle=shuffle, seed=seed,
             shuffle_buffer=shuffle_buffer, prefetch=prefetch, drop_last=drop_last,
             state_names=state_names))
+
+
+def _encode_stream(prefix: str, stream: dict, dtype: str) -> dict:
+    """One stream's arrays as stored: offsets (n+1,), input_ids int32 (T,), states Encoded (T, d)."""
+    lengths = np.array([len(ids) for ids in stream["input_ids"]], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)          # (n+1,)
+    ids = np.concatenate([np.asarray(i, dtype=np.int64).reshape(-1) for i in stream["input_ids"]])
+    if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
+        raise ValueError("input_ids do not fit in int32")
+    states = {}
+    for name, rows in stream["states"].items():
+        try:
+            states[name] = codecs.encode(np.concatenate(rows, axis=0), dtype)       # (T, d)
+        except StateRangeError as exc:
+            raise StateRangeError(f"{prefix} state {name}: {exc}") from None
+    return {"offsets": offsets, "input_ids": ids.astype(np.int32), "states": states}
 
 
 def _vector(values: np.ndarray, n: int, what: str) -> np.ndarray:

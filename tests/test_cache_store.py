@@ -11,7 +11,8 @@ import pytest
 import torch
 import zarr
 
-from cache_store import ActivationStore, StoreError, StoreMismatchError, bytes_per_element, decode, encode
+from cache_store import (ActivationStore, StateRangeError, StoreError, StoreMismatchError,
+                         bytes_per_element, decode, encode)
 from cache_store.layout import CHUNK_BYTES, chunk_rows, part_path
 
 D = 8
@@ -144,6 +145,26 @@ def test_write_then_read_part(tmp_path, dtype):
                 assert g["states"][k].dtype == np.float32
                 np.testing.assert_array_equal(g["states"][k], decode(encode(full, dtype), dtype))
     assert list(store.read_part(0, state_names=["emb"])["streams"]["enc"]["states"]) == ["emb"]
+
+
+def test_fp16_overflow_is_refused_and_nothing_is_written(tmp_path):
+    """A state beyond fp16's range (65,504) would be stored as inf: the part fails before anything
+    of it is written, naming the state and the fix; bf16 stores the same part."""
+    assert encode(np.full((1, D), 65504.0, np.float32), "fp16").values.max() == 65504
+    with pytest.raises(StateRangeError, match="--dtype bf16"):
+        encode(np.full((1, D), 7e4, np.float32), "fp16")
+    store = ActivationStore.create_or_open(str(tmp_path / "s"), settings(), make_plan((3, "train")))
+    part = make_part(0, 3)
+    part["streams"]["enc"]["states"]["layer_3"][0][0, 0] = -1e5
+    with pytest.raises(StateRangeError, match="enc state layer_3: a value of 1e\\+05"):
+        write(store, 0, part)
+    assert not store.is_committed(0)
+    assert zarr.open_group(str(tmp_path / "s"), mode="r")["parts"].get("part-00000") is None
+    wide = ActivationStore.create_or_open(str(tmp_path / "b"), settings(dtype="bf16"),
+                                          make_plan((3, "train")))
+    assert write(wide, 0, part)
+    stored = wide.read_part(0)["streams"]["enc"]["states"]["layer_3"].min()
+    assert stored == torch.tensor(-1e5).bfloat16().item()             # -99,840: bf16's rounding
 
 
 def test_write_part_checks_lengths(tmp_path):
