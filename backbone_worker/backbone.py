@@ -132,6 +132,12 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def portable_config(config) -> dict:
+    """The backbone's config as manifests and artifacts record it: without `_name_or_path`, the
+    directory it was loaded from on this machine (an artifact names its backbone by `backbone`)."""
+    return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+
+
 def fingerprint_dir(path: Path) -> str:
     """sha256 over config, tokenizer files and weights: any change makes cached states stale."""
     digest = hashlib.sha256()

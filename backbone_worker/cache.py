@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-from backbone_worker.backbone import Backbone, load_backbone
+from backbone_worker.backbone import Backbone, load_backbone, portable_config
 from backbone_worker.data import SPLITS, Dataset, Example, load_dataset
 from backbone_worker.families import ENCODER_DECODER
 from backbone_worker.importance import fisher_scores, magnitude_scores
@@ -59,7 +59,7 @@ def store_settings(backbone: Backbone, dataset: Dataset, layers: list[int], opts
         "backbone": backbone.name,
         "backbone_fingerprint": backbone.fingerprint,
         "family": backbone.family.name,
-        "backbone_config": backbone.config.to_dict(),
+        "backbone_config": portable_config(backbone.config),
         "hidden_size": backbone.hidden_size,
         "data": dataset.spec,
         "data_fingerprint": dataset.fingerprint,

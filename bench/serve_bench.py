@@ -29,7 +29,7 @@ import torch
 
 from api.db import Database
 from api.inference import JointModel
-from backbone_worker.backbone import load_backbone
+from backbone_worker.backbone import load_backbone, portable_config
 from backbone_worker.data import load_dataset
 from side_trainer.artifacts import save_side_model
 from side_trainer.model import SideConfig, SideNetwork
@@ -40,7 +40,7 @@ ROOT = Path(__file__).parents[1]
 def side_network(backbone, labels) -> SideNetwork:
     cfg = SideConfig(family=backbone.family.name, backbone=backbone.name,
                      backbone_fingerprint=backbone.fingerprint,
-                     backbone_config=backbone.config.to_dict(),
+                     backbone_config=portable_config(backbone.config),
                      layers=backbone.family.default_layers(backbone.config), labels=labels)
     return SideNetwork(cfg).eval()
 

@@ -86,6 +86,21 @@ def test_finetune_json_has_the_documented_fields(tmp_path, capsys, tiny_backbone
     assert (result["options"]["lr"], result["options"]["batch_size"]) == expected
 
 
+def test_artifacts_record_no_machine_paths(tmp_path, capsys, tiny_bert_dir, monkeypatch):
+    """A model or store built from an alias names the alias, never the directory it points to on
+    this machine (transformers configs carry it as `_name_or_path`)."""
+    monkeypatch.setenv("LADDER_BACKBONES", f"tiny={tiny_bert_dir}")
+    data = write_csv(tmp_path / "data.csv", n=40)
+    code, _, err = run(capsys, "finetune", "--backbone", "tiny", "--data", data, "--epochs", "1",
+                       "--reduction", "4", "--store", str(tmp_path / "s"),
+                       "--out", str(tmp_path / "m"), "--json")
+    assert code == 0, err
+    side_config = (tmp_path / "m" / "side_config.json").read_text()
+    assert json.loads(side_config)["backbone"] == "tiny"
+    for text in (side_config, (tmp_path / "s" / "zarr.json").read_text()):
+        assert str(tiny_bert_dir) not in text and "_name_or_path" not in text
+
+
 def one_line_error(code, err, *words):
     assert code == 2
     lines = err.strip().splitlines()
