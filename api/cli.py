@@ -73,6 +73,7 @@ def data_kwargs(args) -> dict:
 
 
 def add_cache_args(p: argparse.ArgumentParser, store_required: bool = True) -> None:
+    from backbone_worker.cache import CacheOptions
     p.add_argument("--backbone", required=True, help="alias (minilm) or local model directory")
     add_data_args(p)
     p.add_argument("--layers", type=parse_layers, default=None,
@@ -82,7 +83,9 @@ def add_cache_args(p: argparse.ArgumentParser, store_required: bool = True) -> N
     p.add_argument("--dtype", choices=("fp16", "bf16", "int8"), default="fp16",
                    help="stored precision: fp16 (default, lossless for training), bf16, int8 (lossy)")
     p.add_argument("--cache-batch-size", type=positive_int, default=64)
-    p.add_argument("--fisher-examples", type=positive_int, default=256)
+    p.add_argument("--fisher-examples", type=positive_int, default=CacheOptions.fisher_examples,
+                   help="training examples the Fisher importance of the pruning init sums over "
+                        "(default %(default)s, as the paper)")
     p.add_argument("--part-size", type=positive_int, default=256,
                    help="examples per store part: the unit of work, of retry and of resume")
     p.add_argument("--workers", type=positive_int, default=1,

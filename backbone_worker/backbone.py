@@ -8,8 +8,10 @@ the same way.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -167,6 +169,12 @@ class Backbone:
     def hidden_size(self) -> int:
         return self.family.hidden_size(self.config)
 
+    @functools.cached_property
+    def takes_token_types(self) -> bool:
+        """Whether the model's forward takes the tokenizer's token_type_ids (BERT does; T5 and
+        Llama models do not, though a borrowed tokenizer may produce them)."""
+        return "token_type_ids" in inspect.signature(self.model.forward).parameters
+
     def num_layers(self, stream: str = "enc") -> int:
         return self.family.num_layers(self.config, stream)
 
@@ -238,7 +246,7 @@ class Backbone:
         """The plain backbone forward; for T5 the decoder is teacher-forced on `dec` and the
         output carries the LM loss on it."""
         kwargs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if "token_type_ids" in enc:
+        if "token_type_ids" in enc and self.takes_token_types:
             kwargs["token_type_ids"] = enc["token_type_ids"]
         if self.family.name == ENCODER_DECODER:
             kwargs["decoder_input_ids"] = self.model._shift_right(dec["input_ids"])

@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 from backbone_worker.backbone import Backbone, load_backbone, portable_config
 from backbone_worker.data import SPLITS, Dataset, Example, load_dataset
 from backbone_worker.families import ENCODER_DECODER
-from backbone_worker.importance import fisher_scores, magnitude_scores
+from backbone_worker.importance import fisher_scores, fit_probe, magnitude_scores
 from cache_store import ActivationStore, StoreLock
 
 log = logging.getLogger(__name__)
 
 IMPORTANCE_FILE = "importance.safetensors"
+PROBE_EXAMPLES = 512     # training examples that fit the Fisher probe (disjoint from those scored)
 
 
 @dataclass
@@ -37,7 +38,7 @@ class CacheOptions:
     dtype: str = "fp16"                 # fp16 | bf16 | int8 (lossy, per-token scale)
     batch_size: int = 64                # backbone forward batch
     part_size: int = 256                # examples per store part (the unit of work and resume)
-    fisher_examples: int = 256          # training examples for the Fisher importance
+    fisher_examples: int = 1024         # training examples the Fisher importance sums over (as the paper)
     device: str = "auto"                # auto: a GPU where there is one
     autocast: str | None = "bf16"       # on GPU only: bf16 | fp16 | None (fp32 forward)
     workers: int = 1                    # >1 (or RAY_ADDRESS set): a Ray actor pool
@@ -119,21 +120,40 @@ def encode_part(backbone: Backbone, examples: list[Example], layers: list[int], 
     }
 
 
+def fisher_slices(n_train: int, fisher_examples: int, needs_probe: bool) -> tuple[slice, slice]:
+    """Which training examples score the Fisher importance and which fit its probe: disjoint
+    slices, the probe's at the end of the split. The probe takes up to PROBE_EXAMPLES and at most
+    half of a small split; the Fisher takes up to `fisher_examples` of the rest."""
+    n_probe = min(PROBE_EXAMPLES, n_train // 2) if needs_probe else 0
+    n_fisher = min(fisher_examples, n_train - n_probe)
+    return slice(0, n_fisher), slice(n_train - n_probe, n_train)
+
+
+def _texts(examples: list[Example]) -> tuple[list[str], list[str] | None, list[str]]:
+    pairs = ([e.text_pair or "" for e in examples]
+             if examples and examples[0].text_pair is not None else None)
+    return [e.text for e in examples], pairs, [e.label for e in examples]
+
+
 def write_importance(store_url: str, backbone: Backbone, dataset: Dataset, layers: list[int],
                      opts: CacheOptions) -> None:
     path = f"{store_url.rstrip('/')}/{IMPORTANCE_FILE}"
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.exists(fs_path):
         return
-    train = dataset.split("train")[:opts.fisher_examples]
+    train = dataset.split("train")
+    needs_probe = backbone.family.name != ENCODER_DECODER
+    scored, probed = fisher_slices(len(train), opts.fisher_examples, needs_probe)
     start = time.perf_counter()
-    pairs = [e.text_pair or "" for e in train] if train and train[0].text_pair is not None else None
-    scores = fisher_scores(backbone, layers, [e.text for e in train], pairs,
-                           [e.label for e in train], dataset.labels, opts.max_length)
+    probe = fit_probe(backbone, *_texts(train[probed]), dataset.labels, opts.max_length) \
+        if needs_probe else None
+    scores = fisher_scores(backbone, layers, *_texts(train[scored]), dataset.labels,
+                           opts.max_length, probe=probe)
     scores.update(magnitude_scores(backbone, layers))
     with fs.open(fs_path, "wb") as handle:
         handle.write(save_safetensors({k: v.contiguous() for k, v in scores.items()}))
-    log.info("importance scores from %d examples in %.1fs", len(train), time.perf_counter() - start)
+    log.info("Fisher importance from %d training examples (probe fitted on %d others) in %.1fs",
+             scored.stop, probed.stop - probed.start, time.perf_counter() - start)
 
 
 def read_importance(store_url: str) -> dict[str, torch.Tensor]:

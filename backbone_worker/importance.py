@@ -1,11 +1,25 @@
 """Importance of backbone weights for the structural pruning init of the side network.
 
-Per weight element: the empirical Fisher (sum over examples, batch size 1, of the squared gradient
-of the task loss) or the weight magnitude. The side network prunes whole rows and columns, so only
-the L1 norm of each row and each column is kept: a few vectors per block, small enough to ship in
+Per weight element: the empirical Fisher (sum over examples of the squared gradient of each
+example's own task loss, as the reference computes it with batch size 1, over 1,024 examples by
+default) or the weight magnitude. The side network prunes whole rows and columns, so only the L1
+norm of each row and each column is kept: a few vectors per block, small enough to ship in
 `importance.safetensors` beside the store, where a trainer (which never loads the backbone) reads
 them. Encoders and decoder-only backbones have no task head, so the task loss uses a linear probe
-fitted on the frozen pooled features first; T5 uses its own LM loss on the label text.
+fitted on the frozen pooled features of *other* training examples first (fitted on the scored
+examples themselves, it reaches ~100% training accuracy, their gradients vanish as (1-p)^2 and a
+handful of examples carry all the scores); T5 uses its own LM loss on the label text.
+
+Examples run in batches, yet the sums are the batch-size-1 ones: examples in a batch do not
+interact, so the gradient of the summed losses at a layer's output holds each example's own
+gradient. From those, per-example squared gradients are summed without materialising them:
+- Linear weights, G_n = d_n^T x_n (d: output gradients (T, out), x: inputs (T, in)): the squared
+  norm of row i is (d_n^T x_n x_n^T d_n)_ii and of column j (x_n^T d_n d_n^T x_n)_jj, so two
+  (T, T) Gram matrices per example give every row and column sum ("ghost norms");
+- every other parameter (biases inside, layer norms): per-example vector-Jacobian products of
+  its module, vectorised over the batch with torch.func.
+Parameters whose module output is shared by the batch (T5's relative position bias, which depends
+on positions only) get no Fisher score: the pruning init keeps them whole anyway.
 """
 from __future__ import annotations
 
@@ -13,12 +27,16 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from backbone_worker.backbone import Backbone
 from backbone_worker.families import DECODER, ENCODER_DECODER
 
 log = logging.getLogger(__name__)
+
+FISHER_BATCH = 16     # examples per backward pass; the scores do not depend on it
+
 
 def block_parameters(backbone: Backbone, layers: list[int]) -> dict[str, torch.nn.Parameter]:
     """Parameters of the kept blocks, keyed "stream/i/in-block name"."""
@@ -57,45 +75,160 @@ def _fit_probe(features: torch.Tensor, targets: torch.Tensor, n_labels: int) -> 
     return probe.requires_grad_(False)
 
 
-def fisher_scores(backbone: Backbone, layers: list[int], texts: list[str], pairs: list[str] | None,
-                  labels: list[str], label_names: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    params = block_parameters(backbone, layers)
-    squares = {key: torch.zeros_like(p) for key, p in params.items()}
-    probe = None
-    if backbone.family.name != ENCODER_DECODER:
-        with torch.inference_mode():
-            feats = []
-            for start in range(0, len(texts), 64):
-                enc = backbone.tokenize(texts[start:start + 64],
-                                        pairs[start:start + 64] if pairs else None, max_length)
-                out = backbone.run(enc)
-                feats.append(_pool(backbone, out.last_hidden_state, enc["attention_mask"]))
-        targets = torch.tensor([label_names.index(y) for y in labels])
-        probe = _fit_probe(torch.cat(feats).float().cpu(), targets, len(label_names))
-        probe.to(backbone.model.device)
-    for p in params.values():
-        p.requires_grad_(True)
-    try:
-        for k in tqdm(range(len(texts)), desc="fisher", leave=False, mininterval=1.0):
-            enc = backbone.tokenize([texts[k]], [pairs[k]] if pairs else None, max_length)
-            if probe is None:
-                out = backbone.run(enc, backbone.tokenize_targets([labels[k]]))
-                loss = out.loss
+def fit_probe(backbone: Backbone, texts: list[str], pairs: list[str] | None, labels: list[str],
+              label_names: list[str], max_length: int) -> torch.nn.Linear:
+    """A linear classifier on the frozen backbone's pooled last-layer features."""
+    feats = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), 64):
+            enc = backbone.tokenize(texts[start:start + 64],
+                                    pairs[start:start + 64] if pairs else None, max_length)
+            out = backbone.run(enc)
+            feats.append(_pool(backbone, out.last_hidden_state, enc["attention_mask"]))
+    targets = torch.tensor([label_names.index(y) for y in labels])
+    probe = _fit_probe(torch.cat(feats).float().cpu(), targets, len(label_names))
+    return probe.to(backbone.model.device)
+
+
+class _SquaredGradients:
+    """Hooks on the modules of the kept blocks that add each example's squared parameter
+    gradients, reduced to row and column sums, into `rows` / `cols` (keyed like
+    block_parameters)."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.rows: dict[str, torch.Tensor] = {}
+        self.cols: dict[str, torch.Tensor] = {}
+        self.unscored: set[str] = set()
+        self.busy = False
+        self.handles = [m.register_forward_hook(self._forward(prefix, m))
+                        for prefix, m in modules.items()
+                        if any(True for _ in m.parameters(recurse=False))]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _add(self, store: dict, key: str, value: torch.Tensor) -> None:
+        store[key] = store[key] + value if key in store else value
+
+    def _forward(self, prefix: str, module: nn.Module):
+        def hook(_module, inputs, output):
+            if self.busy:
+                return      # the module's own call inside _generic below
+            x = inputs[0] if inputs else None
+            out = output[0] if isinstance(output, tuple) else output
+            if (x is None or not torch.is_floating_point(x) or not out.requires_grad
+                    or out.shape[0] != x.shape[0]):
+                self.unscored.update(f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False))
+                return
+            x = x.detach()
+            out.register_hook(lambda grad: self._backward(prefix, module, x, grad))
+        return hook
+
+    def _backward(self, prefix: str, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+        self.busy = True
+        try:
+            with torch.no_grad():
+                if isinstance(module, nn.Linear) and x.dim() == 3:
+                    self._linear(prefix, module, x.float(), grad.float())
+                else:
+                    self._generic(prefix, module, x, grad)
+        finally:
+            self.busy = False
+
+    def _linear(self, prefix: str, module: nn.Linear, x: torch.Tensor, d: torch.Tensor) -> None:
+        """x (B, T, in), d (B, T, out): ghost norms of G_n = d_n^T x_n, and the bias's sum_t d."""
+        gram_x = x @ x.transpose(1, 2)                                        # (B, T, T)
+        gram_d = d @ d.transpose(1, 2)                                        # (B, T, T)
+        rows = ((gram_x @ d) * d).sum(1).sum(0)                               # (out,)
+        cols = ((gram_d @ x) * x).sum(1).sum(0)                               # (in,)
+        self._add(self.rows, f"{prefix}weight", rows)
+        self._add(self.cols, f"{prefix}weight", cols)
+        if module.bias is not None:
+            self._add(self.rows, f"{prefix}bias", d.sum(1).pow(2).sum(0))
+
+    def _generic(self, prefix: str, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """Per-example gradients of the module's own parameters, one vector-Jacobian product per
+        example, vectorised over the batch."""
+        from torch.func import functional_call, vjp, vmap
+        params = {k: v.detach() for k, v in module.named_parameters(recurse=False)}
+
+        def one(xi, gi):
+            _, pullback = vjp(lambda p: functional_call(module, p, (xi[None],)), params)
+            out_grad = gi[None]
+            return pullback(out_grad)[0]
+
+        with torch.enable_grad():
+            per_example = vmap(one)(x, grad)                           # {name: (B, *shape)}
+        for name, g in per_example.items():
+            squares = g.float().pow(2).sum(0)
+            if squares.dim() == 1:
+                self._add(self.rows, f"{prefix}{name}", squares)
             else:
-                out = backbone.run(enc)
-                pooled = _pool(backbone, out.last_hidden_state, enc["attention_mask"])
-                target = torch.tensor([label_names.index(labels[k])], device=pooled.device)
-                loss = F.cross_entropy(probe(pooled), target)
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for key, grad in zip(params, grads):
-                if grad is not None:
-                    squares[key] += grad.detach() ** 2
+                self._add(self.rows, f"{prefix}{name}", squares.sum(1))
+                self._add(self.cols, f"{prefix}{name}", squares.sum(0))
+
+
+def _example_losses(backbone: Backbone, probe, enc, labels: list[str],
+                    label_names: list[str]) -> torch.Tensor:
+    """(B,) each example's own loss: the probe's cross-entropy, or T5's mean token loss on its
+    label text (what the batch-size-1 loss of that example is)."""
+    if probe is None:
+        dec = backbone.tokenize_targets(labels)
+        logits = backbone.run(enc, dec).logits                                # (B, T_dec, V)
+        targets = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
+        tokens = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-100,
+                                 reduction="none")                           # (B, T_dec)
+        return tokens.sum(1) / dec["attention_mask"].sum(1).clamp(min=1)
+    out = backbone.run(enc)
+    pooled = _pool(backbone, out.last_hidden_state, enc["attention_mask"])
+    targets = torch.tensor([label_names.index(y) for y in labels], device=pooled.device)
+    return F.cross_entropy(probe(pooled.float()), targets, reduction="none")
+
+
+def fisher_scores(backbone: Backbone, layers: list[int], texts: list[str], pairs: list[str] | None,
+                  labels: list[str], label_names: list[str], max_length: int,
+                  probe: nn.Linear | None = None,
+                  batch_size: int = FISHER_BATCH) -> dict[str, torch.Tensor]:
+    """Row and column sums of the empirical Fisher of the kept blocks' weights over `texts`.
+    Encoders and decoder-only models need `probe` (see `fit_probe`), fitted on other examples."""
+    if probe is None and backbone.family.name != ENCODER_DECODER:
+        raise ValueError("Fisher scores of an encoder or decoder-only backbone need a probe "
+                         "fitted on other training examples (fit_probe)")
+    modules = {}
+    for stream in backbone.family.streams:
+        blocks = backbone._blocks(stream)
+        for i in layers:
+            for name, module in blocks[i].named_modules():
+                modules[f"{stream}/{i}/{name + '.' if name else ''}"] = module
+    params = block_parameters(backbone, layers)
+    hooks = _SquaredGradients(modules)
+    # The weights stay frozen (autograd computes no weight gradients, which the hooks do not
+    # need); the embeddings' outputs require grad instead, so every layer's output gradient flows.
+    embeddings = {id(m): m for m in map(backbone._embedding, backbone.family.streams)}
+    hooks.handles += [m.register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_())
+                      for m in embeddings.values()]
+    # Batches of similar lengths waste little compute on padding; the sums ignore the order.
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="fisher", leave=False,
+                          mininterval=1.0):
+            idx = order[start:start + batch_size]
+            enc = backbone.tokenize([texts[k] for k in idx],
+                                    [pairs[k] for k in idx] if pairs else None, max_length)
+            losses = _example_losses(backbone, probe, enc, [labels[k] for k in idx], label_names)
+            losses.sum().backward()
     finally:
-        for p in params.values():
-            p.requires_grad_(False)
+        hooks.remove()
+    if hooks.unscored:
+        log.info("no Fisher score for %d parameters whose output the batch shares (kept whole "
+                 "by the pruning init): %s", len(hooks.unscored), sorted(hooks.unscored)[:3])
     scores = {}
-    for key, square in squares.items():
-        scores.update(_reduce("fisher", key, square))
+    for key in params:
+        if key in hooks.rows:
+            scores[f"fisher/{key}/row"] = hooks.rows[key].cpu()
+        if key in hooks.cols:
+            scores[f"fisher/{key}/col"] = hooks.cols[key].cpu()
     return scores
 
 

@@ -6,7 +6,7 @@ import torch
 
 from backbone_worker.backbone import load_backbone
 from backbone_worker.families import FamilyError
-from backbone_worker.importance import fisher_scores, magnitude_scores
+from backbone_worker.importance import block_parameters, fisher_scores, fit_probe, magnitude_scores
 from side_trainer.model import SideConfig, SideNetwork
 from side_trainer.pruning import apply_pruning_init, load_lm_head
 
@@ -36,8 +36,18 @@ def make_batch(backbone, layers=LAYERS):
     return batch
 
 
+PROBE_TEXTS = ["good", "bad stuff", "very good indeed", "so bad"]
+
+
+def probe_for(backbone):
+    if backbone.family.name == "encoder-decoder":
+        return None
+    return fit_probe(backbone, PROBE_TEXTS, None, ["pos", "neg", "pos", "neg"], ["neg", "pos"], 32)
+
+
 def scores_for(backbone, layers=LAYERS):
-    scores = fisher_scores(backbone, layers, TEXTS, None, LABELS, ["neg", "pos"], 32)
+    scores = fisher_scores(backbone, layers, TEXTS, None, LABELS, ["neg", "pos"], 32,
+                           probe=probe_for(backbone))
     scores.update(magnitude_scores(backbone, layers))
     return scores
 
@@ -45,6 +55,56 @@ def scores_for(backbone, layers=LAYERS):
 @pytest.fixture(scope="module")
 def backbone(tiny_backbone_dir):
     return load_backbone(tiny_backbone_dir)
+
+
+def test_batched_fisher_equals_the_batch_size_1_sums(backbone):
+    """The empirical Fisher as the reference computes it: one example at a time, the squared
+    gradient of its own loss, summed; here by plain autograd, against the batched hooks."""
+    import torch.nn.functional as F
+    probe = probe_for(backbone)
+    params = block_parameters(backbone, LAYERS)
+    expected = {key: torch.zeros_like(p) for key, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    for text, label in zip(TEXTS, LABELS):
+        enc = backbone.tokenize([text], None, 32)
+        if probe is None:
+            loss = backbone.run(enc, backbone.tokenize_targets([label])).loss
+        else:
+            hidden = backbone.run(enc).last_hidden_state
+            pooled = hidden[:, -1] if backbone.family.name == "decoder" else hidden.mean(1)
+            loss = F.cross_entropy(probe(pooled), torch.tensor([["neg", "pos"].index(label)]))
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for key, grad in zip(params, grads):
+            if grad is not None:
+                expected[key] += grad ** 2
+    for p in params.values():
+        p.requires_grad_(False)
+    got = fisher_scores(backbone, LAYERS, TEXTS, None, LABELS, ["neg", "pos"], 32, probe=probe,
+                        batch_size=3)
+    checked = 0
+    for key, square in expected.items():
+        if "relative_attention_bias" in key:       # shared by the batch: not scored, kept whole
+            assert f"fisher/{key}/row" not in got
+            continue
+        rows = square.sum(1) if square.dim() == 2 else square
+        torch.testing.assert_close(got[f"fisher/{key}/row"], rows, rtol=1e-4, atol=1e-12)
+        if square.dim() == 2:
+            torch.testing.assert_close(got[f"fisher/{key}/col"], square.sum(0), rtol=1e-4,
+                                       atol=1e-12)
+        checked += 1
+    assert checked >= 10 and any(v.sum() > 0 for v in got.values())
+
+
+def test_fisher_and_its_probe_use_disjoint_training_examples():
+    from backbone_worker.cache import PROBE_EXAMPLES, fisher_slices
+    scored, probed = fisher_slices(5000, 1024, needs_probe=True)
+    assert (scored.start, scored.stop) == (0, 1024) and probed.stop - probed.start == PROBE_EXAMPLES
+    for n in (10, 300, 960, 1500):
+        scored, probed = fisher_slices(n, 1024, needs_probe=True)
+        assert scored.stop <= probed.start and probed.stop == n and scored.stop > 0
+        assert probed.stop - probed.start == min(PROBE_EXAMPLES, n // 2)
+    assert fisher_slices(300, 1024, needs_probe=False) == (slice(0, 300), slice(300, 300))
 
 
 def test_side_network_trains_for_every_family(backbone):
