@@ -140,12 +140,17 @@ class JointModel:
 
 
 def evaluate(joint: JointModel, examples: list[Example], batch_size: int = 64) -> dict:
-    """Accuracy of each side model on labelled examples, through the live backbone."""
-    hits = [0] * len(joint.sides)
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+    """Accuracy of each side model on labelled examples, through the live backbone, and each
+    example's correctness ("correct": one list per side model, in the examples' order). Batches
+    hold texts of similar lengths, so little of the backbone's work goes to padding."""
+    order = sorted(range(len(examples)), key=lambda k: len(examples[k].text))
+    correct = [[False] * len(examples) for _ in joint.sides]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        chunk = [examples[k] for k in idx]
         pairs = [e.text_pair or "" for e in chunk] if chunk[0].text_pair is not None else None
-        for k, preds in enumerate(joint.predict([e.text for e in chunk], pairs)):
-            hits[k] += sum(p.label == e.label for p, e in zip(preds, chunk))
+        for hits, preds in zip(correct, joint.predict([e.text for e in chunk], pairs)):
+            for k, p, e in zip(idx, preds, chunk):
+                hits[k] = p.label == e.label
     n = len(examples)
-    return {"n": n, "accuracy": [h / max(n, 1) for h in hits]}
+    return {"n": n, "accuracy": [sum(hits) / max(n, 1) for hits in correct], "correct": correct}

@@ -65,9 +65,26 @@ def _pool(backbone: Backbone, hidden: torch.Tensor, mask: torch.Tensor) -> torch
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def _fit_probe(features: torch.Tensor, targets: torch.Tensor, n_labels: int) -> torch.nn.Linear:
+def pooled_features(backbone: Backbone, texts: list[str], pairs: list[str] | None,
+                    max_length: int, batch_size: int = 64) -> torch.Tensor:
+    """(N, d) float32 pooled last-layer features of the frozen backbone, in the order given."""
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))     # little padding per batch
+    feats = torch.empty(len(texts), backbone.hidden_size)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = backbone.tokenize([texts[k] for k in idx],
+                                    [pairs[k] for k in idx] if pairs else None, max_length)
+            out = backbone.run(enc)
+            feats[idx] = _pool(backbone, out.last_hidden_state, enc["attention_mask"]).float().cpu()
+    return feats
+
+
+def train_probe(features: torch.Tensor, targets: torch.Tensor, n_labels: int,
+                weight_decay: float = 0.0) -> torch.nn.Linear:
+    """A linear classifier fitted full-batch (Adam, 200 steps) on fixed features."""
     probe = torch.nn.Linear(features.shape[1], n_labels)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=weight_decay)
     for _ in range(200):
         optimizer.zero_grad()
         F.cross_entropy(probe(features), targets).backward()
@@ -78,16 +95,9 @@ def _fit_probe(features: torch.Tensor, targets: torch.Tensor, n_labels: int) -> 
 def fit_probe(backbone: Backbone, texts: list[str], pairs: list[str] | None, labels: list[str],
               label_names: list[str], max_length: int) -> torch.nn.Linear:
     """A linear classifier on the frozen backbone's pooled last-layer features."""
-    feats = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), 64):
-            enc = backbone.tokenize(texts[start:start + 64],
-                                    pairs[start:start + 64] if pairs else None, max_length)
-            out = backbone.run(enc)
-            feats.append(_pool(backbone, out.last_hidden_state, enc["attention_mask"]))
+    features = pooled_features(backbone, texts, pairs, max_length)
     targets = torch.tensor([label_names.index(y) for y in labels])
-    probe = _fit_probe(torch.cat(feats).float().cpu(), targets, len(label_names))
-    return probe.to(backbone.model.device)
+    return train_probe(features, targets, len(label_names)).to(backbone.model.device)
 
 
 class _SquaredGradients:

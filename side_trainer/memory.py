@@ -1,8 +1,11 @@
 """Peak memory of a stretch of work, measured the same way for every method.
 
-On CPU: the peak resident set size above the RSS when the stretch began, sampled by a thread every
-few milliseconds from /proc (ru_maxrss cannot be reset, so it would also count earlier work such as
-loading a backbone). On a GPU: `torch.cuda.max_memory_allocated` after a reset."""
+CPU: the peak resident set size, sampled by a thread every few milliseconds from /proc
+(ru_maxrss cannot be reset, so it would also count earlier work such as loading a backbone).
+GPU: `torch.cuda.max_memory_allocated` after a reset. `peak_mb` / `total_mb` are the device's
+(the GPU's where the work runs on one): the peak above the start of the stretch, and the peak
+itself (weights and everything loaded before included). `rss_peak_mb` / `rss_total_mb` are the
+process's RSS figures on any device."""
 from __future__ import annotations
 
 import os
@@ -22,30 +25,33 @@ class PeakMemory:
     def __init__(self, device: str = "cpu", interval_s: float = 0.005):
         self.cuda = str(device).startswith("cuda")
         self.interval_s = interval_s
-        self.peak_mb = 0.0
+        self.peak_mb = self.total_mb = self.rss_peak_mb = self.rss_total_mb = 0.0
         self._stop = threading.Event()
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._peak = max(self._peak, rss_bytes())
+            self._rss_peak = max(self._rss_peak, rss_bytes())
 
     def __enter__(self) -> "PeakMemory":
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            self._base = self._peak = rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            self._cuda_base = torch.cuda.memory_allocated()
+        self._rss_base = self._rss_peak = rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        rss_peak = max(self._rss_peak, rss_bytes())
+        self.rss_peak_mb = (rss_peak - self._rss_base) / 2**20
+        self.rss_total_mb = rss_peak / 2**20
         if self.cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
+            self.peak_mb = (peak - self._cuda_base) / 2**20
+            self.total_mb = peak / 2**20
         else:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, rss_bytes())
-        self.peak_mb = (peak - self._base) / 2**20
+            self.peak_mb, self.total_mb = self.rss_peak_mb, self.rss_total_mb

@@ -232,7 +232,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     net.load_state_dict(best_state)
     save_side_model(net.cpu(), out_dir)
     checkpoint.unlink(missing_ok=True)
-    n_backbone = _backbone_params(net.cfg)
+    n_backbone = backbone_parameter_count(net.cfg)
     result = {
         "model_dir": str(out_dir),
         "n_train": n_train,
@@ -252,7 +252,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     return result
 
 
-def _backbone_params(cfg: SideConfig) -> int:
+def backbone_parameter_count(cfg: SideConfig) -> int:
     """Parameter count of the backbone, from its checkpoint headers (no weights are read)."""
     from side_trainer.pruning import CheckpointReader
     from safetensors import safe_open

@@ -1,39 +1,63 @@
-"""`ladder bench` on a tiny random backbone: every method runs in its own process and the report
+"""`ladder bench` on a tiny random backbone: every step runs in its own process, every method gets
+its learning-rate grid and a validation choice, the test split is the whole data's, and the report
 has the documented shape, with every figure a finite number or a null with a reason."""
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
+import pytest
 from api.cli import main
 from test_cli import write_csv
 
+from backbone_worker.data import split_of
 from bench import METHODS
+from bench.compare import mcnemar_p, paired
 
 
 def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
-    data = write_csv(tmp_path / "d.csv", n=80)
+    data = write_csv(tmp_path / "d.csv", n=200)
     out = tmp_path / "bench.json"
-    code = main(["bench", "--backbone", tiny_bert_dir, "--data", data, "--limit", "80",
-                 "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--json", str(out)])
+    code = main(["bench", "--quick", "--backbone", tiny_bert_dir, "--data", data, "--limit", "80",
+                 "--epochs", "2", "--seeds", "2", "--batch-size", "8", "--max-length", "16",
+                 "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    test_ids = [k for k in range(200) if split_of(k, 0) == "test"]
+    n_test = len(test_ids)
     for method in METHODS:
         figures = report["methods"][method]
-        for key in ("trainable_params", "trainable_pct", "peak_mem_mb", "examples_per_s",
-                    "test_accuracy"):
+        for key in ("trainable_params", "trainable_pct", "peak_mem_mb", "peak_total_mb",
+                    "examples_per_s", "test_accuracy", "test_accuracy_sd", "lr",
+                    "time_to_model_s", "val_accuracy"):
             assert isinstance(figures[key], (int, float)) and math.isfinite(figures[key]), (method, key)
-    # LoRA and BitFit train a small share; full fine-tuning trains everything.
+        # Each method's own grid, the rate chosen by validation accuracy, two seeds at that rate.
+        assert len(figures["lr_grid"]) >= 2 and figures["lr"] in figures["lr_grid"]
+        best = max(figures["grid"], key=lambda g: g["val_accuracy"])
+        assert figures["lr"] == best["lr"] and figures["seeds"] == [0, 1]
+        assert len(figures["test_accuracy_per_seed"]) == 2
+        # The whole data's test split, not the --limit sample's.
+        assert figures["n_test"] == n_test and n_test > 80 * 0.1 * 2
+        if method != "full":
+            assert set(figures["vs_full"]) == {"accuracy_diff", "ci95", "p_bootstrap", "p_mcnemar"}
     assert report["methods"]["full"]["trainable_pct"] > 99
     assert report["methods"]["bitfit"]["trainable_pct"] < report["methods"]["full"]["trainable_pct"]
-    for key in ("bytes_per_element", "compression_ratio", "read_vs_memory"):
+    # Cached LST's time to a model includes caching.
+    cached = report["methods"]["lst_cached"]
+    assert cached["time_to_model_s"] > report["cache"]["caching_seconds"]
+    majority = report["baselines"]["majority"]
+    assert majority["test_accuracy"] == pytest.approx(   # write_csv: odd rows "pos", even "neg"
+        sum((k % 2 == 1) == (majority["label"] == "pos") for k in test_ids) / n_test)
+    assert 0 <= report["baselines"]["probe"]["test_accuracy"] <= 1
+    for key in ("bytes_per_element", "compression_ratio", "read_vs_memory", "bytes_per_example"):
         assert math.isfinite(report["cache"][key])
     for key in ("joint_vs_backbone", "multitask8_vs_single"):
         assert math.isfinite(report["inference"][key])
     assert report["machine"]["torch"] and report["machine"]["cores"] >= 1
-    if report["gpu_peak_mem_mb"] is None:
-        assert report["nulls"]["gpu_peak_mem_mb"]
+    from bench.compare import finite_or_explained
+    assert finite_or_explained(report) == []
     assert out.with_suffix(".md").read_text().startswith("| method |")
     assert (tmp_path / "bench_memory_accuracy.png").stat().st_size > 1000
     assert (tmp_path / "bench_speed.png").stat().st_size > 1000
@@ -59,8 +83,8 @@ def test_bench_reports_bitfit_absent_on_a_bias_free_backbone(tmp_path, capsys):
         shutil.copy(resolve("minilm") / name, tiny_llama_dir / name)
     data = write_csv(tmp_path / "d.csv", n=60)
     out = tmp_path / "bench.json"
-    code = main(["bench", "--backbone", str(tiny_llama_dir), "--data", data, "--limit", "60",
-                 "--epochs", "1", "--batch-size", "8", "--max-length", "16",
+    code = main(["bench", "--quick", "--backbone", str(tiny_llama_dir), "--data", data,
+                 "--limit", "60", "--epochs", "1", "--batch-size", "8", "--max-length", "16",
                  "--methods", "lora,bitfit,lst_cached", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
@@ -72,8 +96,27 @@ def test_bench_reports_bitfit_absent_on_a_bias_free_backbone(tmp_path, capsys):
 
 
 def test_bench_rejects_unknown_methods(capsys):
-    import pytest
     with pytest.raises(SystemExit) as info:
         main(["bench", "--methods", "full,qlora"])
     assert info.value.code == 2
     assert "qlora" in capsys.readouterr().err
+
+
+def test_mcnemar_exact_p_values():
+    """Against values computed by hand: 10 discordant pairs split 9:1 give
+    p = 2 * (C(10,0) + C(10,1)) / 2^10 = 22/1024; a 5:5 split gives 1."""
+    a = np.array([True] * 9 + [False] + [True] * 20)
+    b = np.array([False] * 9 + [True] + [True] * 20)
+    assert mcnemar_p(a, b) == pytest.approx(22 / 1024)
+    assert mcnemar_p(np.array([True] * 5 + [False] * 5), np.array([False] * 5 + [True] * 5)) == 1.0
+    assert mcnemar_p(a, a) == 1.0
+
+
+def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
+    rng = np.random.default_rng(0)
+    b = rng.random((3, 2000)) < 0.80
+    better = b | (rng.random((3, 2000)) < 0.5)              # about 90% correct, on the same rows
+    result = paired(better, b)
+    assert result["accuracy_diff"] > 0.05 and result["ci95"][0] > 0 and result["p_bootstrap"] < 0.01
+    same = paired(rng.random((3, 2000)) < 0.80, b)          # as good, independently
+    assert same["ci95"][0] < 0 < same["ci95"][1] and same["p_bootstrap"] > 0.05
