@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,12 @@ test-fast: install
 
 bench: install
 	$(BIN)/ladder bench --quick --json bench/results/quick.json
+
+# The GPU paths and the quick bench on an NVIDIA GPU (on a CPU machine: says so, exits 0).
+# PYTHON=python3 runs it in an environment already set up there, without `make install`.
+PYTHON ?= $(BIN)/python
+gpu-check: $(if $(filter $(BIN)/python,$(PYTHON)),install)
+	$(PYTHON) -m bench.gpu_check --json bench/results/gpu_check.json
 
 clean:
 	rm -rf runs .pytest_cache

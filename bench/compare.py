@@ -53,7 +53,8 @@ BOOTSTRAP = 10_000
 
 
 def _python(args: list[str], timeout: float) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
