@@ -47,6 +47,19 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return methods
 
 
+def parse_grid(text: str) -> tuple[str, tuple[float, ...]]:
+    method, _, rates = text.partition("=")
+    try:
+        values = tuple(float(x) for x in rates.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if method not in METHODS or not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"--grid {text!r} is not METHOD=RATE,RATE with METHOD one of {','.join(METHODS)} and "
+            f"positive rates; pass e.g. lora=1e-4,1e-3")
+    return method, values
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -242,7 +255,7 @@ def cmd_bench(args) -> dict:
     from bench.compare import finite_or_explained, markdown, run
     report = run(backbone=args.backbone, data=args.data, quick=args.quick, limit=args.limit,
                  epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
-                 max_length=args.max_length, methods=args.methods,
+                 max_length=args.max_length, methods=args.methods, grids=dict(args.grid),
                  out=args.json or "bench/results/bench.json")
     if not args.json:
         print(markdown(report))
@@ -313,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--seeds", type=positive_int, default=None,
                    help="training seeds at each method's chosen learning rate")
+    p.add_argument("--grid", type=parse_grid, action="append", default=[], metavar="METHOD=LRS",
+                   help="a method's learning-rate grid instead of the mode's, e.g. "
+                        "full=3e-5,1e-4 (repeatable)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-length", type=positive_int, default=64)
     p.add_argument("--methods", type=parse_methods, default=METHODS,

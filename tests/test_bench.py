@@ -102,6 +102,14 @@ def test_bench_rejects_unknown_methods(capsys):
     assert "qlora" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("grid", ["qlora=1e-3", "lora=", "lora=fast", "full=-1e-4"])
+def test_bench_rejects_a_bad_grid(capsys, grid):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--grid", grid])
+    assert info.value.code == 2
+    assert "METHOD=RATE,RATE" in capsys.readouterr().err
+
+
 def test_mcnemar_exact_p_values():
     """Against values computed by hand: 10 discordant pairs split 9:1 give
     p = 2 * (C(10,0) + C(10,1)) / 2^10 = 22/1024; a 5:5 split gives 1."""
