@@ -1,0 +1,90 @@
+"""Uploaded training files: validated on upload, stored under LADDER_HOME/files."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+
+from api.db import new_id
+from api.errors import APIError, require_id
+from api.schemas import FileList, FileObject
+from api.state import Services, services
+
+router = APIRouter(prefix="/v1/files")
+
+MAX_UPLOAD_BYTES = int(os.environ.get("LADDER_MAX_UPLOAD_BYTES", 50 * 2**20))
+MIN_ROWS = 10
+UPLOAD_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+@router.post("", response_model=FileObject)
+async def upload(file: UploadFile = File(...), purpose: str = Form(...),
+                 s: Services = Depends(services)) -> FileObject:
+    from backbone_worker.data import DataError, load_dataset
+    if purpose != "fine-tune":
+        raise APIError(400, "invalid_purpose", f"purpose {purpose!r} is not supported; use "
+                       f"'fine-tune'", "purpose")
+    name = Path(file.filename or "").name
+    suffix = Path(name).suffix.lower()
+    if suffix not in UPLOAD_SUFFIXES:
+        raise APIError(400, "invalid_file", f"file {name!r} must be .csv or .jsonl with "
+                       f"columns text and label (optional text_pair)", "file")
+    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise APIError(413, "file_too_large", f"file is larger than {MAX_UPLOAD_BYTES} bytes; "
+                       f"split it or raise LADDER_MAX_UPLOAD_BYTES", "file")
+    file_id = new_id("file")
+    path = s.home / "files" / f"{file_id}{suffix}"
+    path.write_bytes(data)
+    has_pair = _has_column(data, suffix, "text_pair")
+    try:
+        dataset = load_dataset(str(path), text_pair_column="text_pair" if has_pair else None)
+        if len(dataset.examples) < MIN_ROWS:
+            raise DataError(f"the file has {len(dataset.examples)} rows; a fine-tuning file "
+                            f"needs at least {MIN_ROWS}")
+    except DataError as exc:
+        path.unlink(missing_ok=True)
+        raise APIError(400, "invalid_file", str(exc).replace(str(path), name), "file") from None
+    record = {"id": file_id, "filename": name, "bytes": len(data),
+              "created_at": int(time.time()), "purpose": purpose,
+              "rows": len(dataset.examples), "labels": dataset.labels, "has_pair": has_pair,
+              "path": str(path)}
+    s.db.add_file(record)
+    return FileObject(**record)
+
+
+@router.get("", response_model=FileList)
+def list_files(s: Services = Depends(services)) -> FileList:
+    return FileList(data=[FileObject(**f) for f in s.db.list_files()])
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def get_file(file_id: str, s: Services = Depends(services)) -> FileObject:
+    return FileObject(**file_record(s, require_id(file_id, "file_id"), "file_id"))
+
+
+def file_record(s: Services, file_id: str, param: str, status: int = 404) -> dict:
+    record = s.db.get_file(file_id)
+    if record is None:
+        raise APIError(status, "file_not_found", f"no file with id {file_id!r}; upload it with "
+                       f"POST /v1/files", param)
+    return record
+
+
+def _has_column(data: bytes, suffix: str, column: str) -> bool:
+    """Whether an upload names `column` (header of a CSV, keys of the first JSON line)."""
+    text = data.decode("utf-8-sig", errors="replace")
+    if suffix == ".csv":
+        return column in next(csv.reader(io.StringIO(text)), [])
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                return column in json.loads(line)
+            except (json.JSONDecodeError, TypeError):
+                return False
+    return False

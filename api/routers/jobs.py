@@ -1,0 +1,121 @@
+"""Fine-tuning jobs: create, list, get, cancel, and their events (paged or streamed)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
+
+from api.db import TERMINAL, Database, new_id
+from api.errors import APIError, require_id
+from api.routers.files import file_record
+from api.schemas import EventList, EventObject, Hyperparameters, JobCreate, JobList, JobObject
+from api.serving import ModelRegistry
+from api.state import Services, services
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs")
+
+
+@router.post("", response_model=JobObject)
+def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
+    registry: ModelRegistry = s.registry
+    if body.model not in registry.available_backbones():
+        raise APIError(400, "model_not_found", f"backbone {body.model!r} is not available; "
+                       f"use one of {', '.join(registry.available_backbones())}", "model")
+    file_record(s, require_id(body.training_file, "training_file"), "training_file", 400)
+    if body.validation_file:
+        file_record(s, require_id(body.validation_file, "validation_file"), "validation_file", 400)
+    _check_hyperparameters(body.model, body.hyperparameters)
+    job = s.db.add_job({
+        "id": new_id("ftjob"), "created_at": int(time.time()), "model": body.model,
+        "training_file": body.training_file, "validation_file": body.validation_file,
+        "seed": body.seed, "suffix": body.suffix, "status": "queued",
+        "hyperparameters": body.hyperparameters.model_dump()})
+    s.db.add_event(job["id"], "job created", data={"status": "queued"})
+    s.runner.submit(job["id"])
+    return _job_object(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(after: str | None = Query(default=None, max_length=128),
+              limit: int = Query(default=20, ge=1, le=100),
+              s: Services = Depends(services)) -> JobList:
+    jobs, more = s.db.list_jobs(require_id(after, "after") if after else None, limit)
+    return JobList(data=[_job_object(j) for j in jobs], has_more=more)
+
+
+@router.get("/{job_id}", response_model=JobObject)
+def get_job(job_id: str, s: Services = Depends(services)) -> JobObject:
+    return _job_object(_job(s, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject)
+def cancel_job(job_id: str, s: Services = Depends(services)) -> JobObject:
+    job = _job(s, job_id)
+    if job["status"] in TERMINAL:
+        raise APIError(409, "job_not_cancellable", f"job {job_id} is already {job['status']}",
+                       "job_id")
+    s.db.update_job(job_id, only_if_active=True, status="cancelled")
+    s.runner.cancel(job_id)
+    return _job_object(_job(s, job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventList,
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def job_events(job_id: str, after: str | None = Query(default=None, max_length=128),
+                     limit: int = Query(default=100, ge=1, le=1000), stream: bool = False,
+                     s: Services = Depends(services)):
+    _job(s, job_id)
+    if after:
+        require_id(after, "after")
+    if not stream:
+        events, more = s.db.list_events(job_id, after, limit)
+        return EventList(data=[EventObject(**e) for e in events], has_more=more)
+    return StreamingResponse(_stream(s.db, job_id, after), media_type="text/event-stream")
+
+
+async def _stream(db: Database, job_id: str, after: str | None):
+    while True:
+        events, _ = db.list_events(job_id, after, 100)
+        for event in events:
+            after = event["id"]
+            yield f"data: {json.dumps(EventObject(**event).model_dump())}\n\n"
+        if not events and db.get_job(job_id)["status"] in TERMINAL:
+            yield "data: [DONE]\n\n"
+            return
+        if not events:
+            await asyncio.sleep(0.5)
+
+
+def _job(s: Services, job_id: str) -> dict:
+    job = s.db.get_job(require_id(job_id, "job_id"))
+    if job is None:
+        raise APIError(404, "job_not_found", f"no fine-tuning job with id {job_id!r}", "job_id")
+    return job
+
+
+def _job_object(job: dict) -> JobObject:
+    return JobObject(**{k: v for k, v in job.items() if k != "attempts"})
+
+
+def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
+    from transformers import AutoConfig
+
+    from backbone_worker.backbone import resolve
+    from backbone_worker.families import FamilyError, family_of
+    config = AutoConfig.from_pretrained(resolve(backbone), local_files_only=True)
+    family = family_of(config)
+    if hp.reduction_factor != "auto":
+        try:
+            family.side_config(config, hp.reduction_factor)
+        except FamilyError as exc:
+            raise APIError(400, "invalid_hyperparameter", str(exc),
+                           "hyperparameters.reduction_factor") from None
+    if isinstance(hp.kept_layers, list):
+        n = family.num_layers(config)
+        bad = [i for i in hp.kept_layers if i >= n]
+        if bad:
+            raise APIError(400, "invalid_hyperparameter", f"kept_layers {bad} out of range: "
+                           f"{backbone} has layers 0..{n - 1}", "hyperparameters.kept_layers")

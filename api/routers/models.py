@@ -1,0 +1,56 @@
+"""Backbones and fine-tuned side models, and joint predictions (one backbone pass feeds every
+side model a request names; concurrent requests are micro-batched)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from api.errors import APIError, require_id
+from api.schemas import (DeletedModel, ModelList, ModelObject, PredictionObject, PredictRequest,
+                         PredictResponse)
+from api.serving import ModelNotFound, ModelRegistry
+from api.state import Services, services
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(s: Services = Depends(services)) -> ModelList:
+    registry: ModelRegistry = s.registry
+    data = [ModelObject(id=b, created=0, owned_by="ladder", kind="backbone", backbone=b)
+            for b in registry.available_backbones()]
+    data += [ModelObject(id=m["id"], created=m["created"], owned_by="user", kind="side",
+                         backbone=m["backbone"]) for m in s.db.list_models()]
+    return ModelList(data=data)
+
+
+@router.delete("/models/{model_id}", response_model=DeletedModel)
+def delete_model(model_id: str, s: Services = Depends(services)) -> DeletedModel:
+    require_id(model_id, "model_id")
+    if model_id in s.registry.available_backbones():
+        raise APIError(400, "model_not_deletable", f"{model_id} is a backbone; only "
+                       f"fine-tuned side models can be deleted", "model_id")
+    record = s.db.get_model(model_id)
+    if record is None:
+        raise APIError(404, "model_not_found", f"no model with id {model_id!r}", "model_id")
+    s.db.delete_model(model_id)
+    s.registry.forget(model_id)
+    s.runner.delete_model_files(record["path"])
+    return DeletedModel(id=model_id, deleted=True)
+
+
+@router.post("/predict", response_model=PredictResponse)
+async def predict(body: PredictRequest, s: Services = Depends(services)) -> PredictResponse:
+    ids = [body.model] if isinstance(body.model, str) else body.model
+    for model_id in ids:
+        require_id(model_id, "model")
+    try:
+        results = await s.batcher.predict(ids, body.inputs)
+    except ModelNotFound as exc:
+        raise APIError(404, "model_not_found", f"no fine-tuned model with id {exc.args[0]!r}; "
+                       f"list them with GET /v1/models", "model") from None
+    except ValueError as exc:
+        raise APIError(400, "invalid_request_error", str(exc), "model") from None
+    as_objects = [[PredictionObject(label=p.label, scores=p.scores) for p in r] for r in results]
+    if isinstance(body.model, str):
+        return PredictResponse(model=body.model, predictions=as_objects[0])
+    return PredictResponse(models=ids, predictions=as_objects)

@@ -1,0 +1,148 @@
+"""Request and response bodies of the HTTP service (shapes of the OpenAI fine-tuning API)."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    rows: int
+    labels: list[str]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=100)] = "auto"
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
+    learning_rate: Literal["auto"] | Annotated[float, Field(gt=0, le=1)] = "auto"
+    reduction_factor: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = "auto"
+    kept_layers: Literal["auto", "all"] | Annotated[list[Annotated[int, Field(ge=0, le=1000)]],
+                                                    Field(min_length=1, max_length=1000)] = "auto"
+    init: Literal["auto", "fisher", "magnitude", "random"] = "auto"
+    cache_dtype: Literal["auto", "fp16", "bf16", "int8"] = "auto"
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=128)
+    training_file: str = Field(min_length=1, max_length=128)
+    validation_file: str | None = Field(default=None, max_length=128)
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    suffix: Annotated[str, Field(max_length=40, pattern=r"^[A-Za-z0-9_-]+$")] | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    created_at: int
+    finished_at: int | None = None
+    status: Literal["validating_files", "queued", "caching", "training", "succeeded", "failed",
+                    "cancelled"]
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: dict[str, Any]
+    fine_tuned_model: str | None = None
+    error: JobError | None = None
+    result: dict[str, Any] | None = None
+    seed: int | None = None
+    suffix: str | None = None
+
+
+class EventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    data: dict[str, Any] = {}
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    kind: Literal["backbone", "side"]
+    backbone: str
+
+
+class DeletedModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool = False
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobObject]
+    has_more: bool
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventObject]
+    has_more: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+    has_more: bool = False
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Annotated[str, Field(min_length=1, max_length=128)] | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128)]], Field(min_length=1, max_length=16)]
+    inputs: Annotated[list[Annotated[str, Field(max_length=10000)]], Field(min_length=1,
+                                                                          max_length=256)]
+
+    @field_validator("inputs")
+    @classmethod
+    def no_empty_text(cls, inputs: list[str]) -> list[str]:
+        for k, text in enumerate(inputs):
+            if not text.strip():
+                raise ValueError(f"inputs[{k}] is empty; send non-empty texts")
+        return inputs
+
+
+class PredictionObject(BaseModel):
+    label: str
+    scores: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    model: str | None = None
+    models: list[str] | None = None
+    predictions: list[PredictionObject] | list[list[PredictionObject]]
