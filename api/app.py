@@ -10,19 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
 import threading
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.db import Database
 from api.errors import APIError, error_body
+from api.guard import RequestGuard, RequestMetrics
 from api.jobs import JobRunner
 from api.routers import files, jobs, models, operations
 from api.schemas import ErrorResponse
@@ -101,8 +100,8 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed"}
-        return JSONResponse(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)),
-                            status_code=exc.status_code)
+        code = getattr(exc, "code", None) or codes.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -110,26 +109,9 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
         return JSONResponse(error_body("internal_error", "the server hit an unexpected error; "
                                        "see its log"), status_code=500)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        s.metrics.requests.labels(path, request.method, str(response.status_code)).inc()
-        s.metrics.latency.labels(path).observe(time.perf_counter() - start)
-        return response
-
-    def auth(request: Request) -> None:
-        key = os.environ.get("LADDER_API_KEY")
-        if not key:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise APIError(401, "invalid_api_key", "missing or wrong API key; send the header "
-                           "'Authorization: Bearer <LADDER_API_KEY>'")
-
-    app.include_router(operations.router)
-    for router in (files.router, jobs.router, models.router):
-        app.include_router(router, dependencies=[Depends(auth)])
+    for router in (operations.router, files.router, jobs.router, models.router):
+        app.include_router(router)
+    # The last added runs first: metrics see every answer, the guard's 401s and 413s included.
+    app.add_middleware(RequestGuard)
+    app.add_middleware(RequestMetrics, metrics=s.metrics)
     return app

@@ -121,20 +121,37 @@ class ModelList(BaseModel):
     has_more: bool = False
 
 
+Text = Annotated[str, Field(max_length=10000)]
+
+
+class TextPair(BaseModel):
+    """One input of a model trained on text pairs (uploads with a text_pair column)."""
+    model_config = ConfigDict(extra="forbid")
+    text: Text
+    text_pair: Text
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Annotated[str, Field(min_length=1, max_length=128)] | Annotated[
         list[Annotated[str, Field(min_length=1, max_length=128)]], Field(min_length=1, max_length=16)]
-    inputs: Annotated[list[Annotated[str, Field(max_length=10000)]], Field(min_length=1,
-                                                                          max_length=256)]
+    inputs: Annotated[list[Text | TextPair], Field(min_length=1, max_length=256)]
 
     @field_validator("inputs")
     @classmethod
-    def no_empty_text(cls, inputs: list[str]) -> list[str]:
-        for k, text in enumerate(inputs):
-            if not text.strip():
+    def no_empty_text(cls, inputs: list) -> list:
+        if len({isinstance(x, TextPair) for x in inputs}) > 1:
+            raise ValueError("mixes plain texts and text pairs; send one kind per request")
+        for k, item in enumerate(inputs):
+            texts = [item.text, item.text_pair] if isinstance(item, TextPair) else [item]
+            if any(not t.strip() for t in texts):
                 raise ValueError(f"inputs[{k}] is empty; send non-empty texts")
         return inputs
+
+    def texts_and_pairs(self) -> tuple[list[str], list[str] | None]:
+        if isinstance(self.inputs[0], TextPair):
+            return [x.text for x in self.inputs], [x.text_pair for x in self.inputs]
+        return list(self.inputs), None
 
 
 class PredictionObject(BaseModel):

@@ -70,6 +70,9 @@ def store_settings(backbone: Backbone, dataset: Dataset, layers: list[int], opts
         "max_length": opts.max_length,
         "layers": layers,
         "dtype": opts.dtype,
+        # Only pair data records it, so stores of single texts keep their fingerprints.
+        **({"text_pair": True} if dataset.examples and dataset.examples[0].text_pair is not None
+           else {}),
     }
 
 

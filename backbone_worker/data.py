@@ -131,6 +131,12 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[dict]]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} line {number} is not valid JSON ({exc.msg}); write one JSON "
                             f"object per line") from None
+        except RecursionError:
+            raise DataError(f"{path} line {number} nests JSON too deeply to read; write flat "
+                            f"objects such as {{\"text\": ..., \"label\": ...}}") from None
+        except ValueError as exc:      # e.g. an integer of more than 4,300 digits
+            raise DataError(f"{path} line {number} cannot be read ({exc}); write labels as short "
+                            f"strings or numbers") from None
         if not isinstance(row, dict):
             raise DataError(f"{path} line {number} is not a JSON object; write one object per "
                             f"line, such as {{\"text\": ..., \"label\": ...}}")
@@ -145,7 +151,12 @@ def _read_rows(path: Path, text: str) -> tuple[list[str], list[dict]]:
     if suffix == ".csv":
         # StringIO does no newline translation, as csv needs: quoted fields may hold \r or \n.
         reader = csv.DictReader(io.StringIO(text))
-        rows = list(reader)
+        try:
+            rows = list(reader)
+        except csv.Error as exc:   # e.g. a field over csv.field_size_limit() (131,072 characters)
+            raise DataError(f"{path} line {reader.line_num + 1} cannot be read as CSV ({exc}); "
+                            f"shorten that field (texts are cut to the model's max length "
+                            f"anyway) or fix its quoting") from None
         return list(reader.fieldnames or []), rows
     if suffix in JSONL_SUFFIXES:
         return _read_jsonl(path, text)

@@ -43,6 +43,7 @@ class SideConfig:
     max_length: int = 128
     store_fingerprint: str = ""       # the activation store the network was trained from
     label_texts: list[str] = field(default_factory=list)  # T5: the text the decoder emits per class
+    text_pair: bool = False           # trained on (text, text_pair) inputs: predictions need both
     # RMS-normalise each backbone state before its ladder; None = the family's default (on for
     # decoder-only models, whose residual streams carry massive activations, off otherwise).
     ladder_norm: bool | None = None

@@ -113,7 +113,8 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
         backbone_config=settings["backbone_config"], layers=settings["layers"],
         labels=settings["labels"], reduction=opts.reduction, pooling=opts.pooling, init=opts.init,
         max_length=settings["max_length"], store_fingerprint=store.fingerprint,
-        label_texts=settings["labels"] if settings["family"] == ENCODER_DECODER else [])
+        label_texts=settings["labels"] if settings["family"] == ENCODER_DECODER else [],
+        text_pair=settings.get("text_pair", False))
     torch.manual_seed(opts.seed)
     net = SideNetwork(cfg)
     needs_backbone = opts.init != "random" or cfg.family == ENCODER_DECODER

@@ -87,6 +87,76 @@ def test_several_side_models_share_one_pass(service, finished_job):
     assert body["predictions"][0] == body["predictions"][1]
 
 
+def test_a_broken_model_fails_only_the_requests_that_name_it(service, finished_job):
+    """Requests micro-batched into one pass: one names a model whose weights are truncated,
+    one a model deleted meanwhile, two a healthy model. The healthy ones are answered; the
+    others get their own error, the damaged one as the server's fault, naming no server path."""
+    import asyncio
+    import shutil
+
+    from api.serving import ModelNotFound, ModelUnavailable
+    s = service["client"].app.state.ladder
+    healthy = finished_job[0]["fine_tuned_model"]
+    source = s.db.get_model(healthy)["path"]
+    damaged_dir = service["tmp"] / "damaged"
+    shutil.copytree(source, damaged_dir)
+    weights = damaged_dir / "side_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    s.db.add_model("ft:tiny:damaged:1", "tiny", str(damaged_dir), "job-x")
+    s.db.add_model("ft:tiny:gone:1", "tiny", source, "job-y")
+    s.db.delete_model("ft:tiny:gone:1")
+
+    async def four_at_once():
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(4)]
+        from api.serving import _Request
+        group = [_Request("tiny", [healthy], ["a lovely ride"], None, futures[0]),
+                 _Request("tiny", ["ft:tiny:damaged:1"], ["a ride"], None, futures[1]),
+                 _Request("tiny", ["ft:tiny:gone:1", healthy], ["a ride"], None, futures[2]),
+                 _Request("tiny", [healthy], ["an awful ride", "ok"], None, futures[3])]
+        return s.batcher._run(group)
+
+    first, damaged, gone, last = asyncio.run(four_at_once())
+    assert len(first) == 1 and len(first[0]) == 1 and len(last[0]) == 2
+    assert isinstance(damaged, ModelUnavailable) and str(damaged_dir) not in str(damaged)
+    assert isinstance(gone, ModelNotFound)
+    response = service["client"].post("/v1/predict", json={"model": "ft:tiny:damaged:1",
+                                                           "inputs": ["a ride"]})
+    assert_error(response, 500, "model_unavailable", "model")
+    assert str(damaged_dir) not in response.text and "fine-tune it again" in response.text
+
+
+def test_pair_models_are_served_with_pairs(service, finished_job):
+    """A model trained on (text, text_pair) rows predicts from pairs; a lone text for it, or a
+    pair for a single-text model, is a 400 that says which to send."""
+    import csv
+    client = service["client"]
+    path = service["tmp"] / "pairs.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "text_pair", "label"])
+        for k in range(60):
+            same = k % 2 == 0
+            writer.writerow([f"ride number {k}", f"ride number {k if same else k + 7}",
+                             "same" if same else "other"])
+    file_id = upload(client, path).json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny", "training_file": file_id,
+        "hyperparameters": {"n_epochs": 1, "reduction_factor": 4, "kept_layers": [0, 2]}}).json()
+    pair_model = wait_for(client, job["id"])["fine_tuned_model"]
+    pair = {"text": "ride number 3", "text_pair": "ride number 3"}
+    response = client.post("/v1/predict", json={"model": pair_model, "inputs": [pair, pair]})
+    assert response.status_code == 200, response.text
+    assert {p["label"] for p in response.json()["predictions"]} <= {"same", "other"}
+    assert_error(client.post("/v1/predict", json={"model": pair_model, "inputs": ["alone"]}),
+                 400, "invalid_request_error", "inputs")
+    single = finished_job[0]["fine_tuned_model"]
+    assert_error(client.post("/v1/predict", json={"model": single, "inputs": [pair]}),
+                 400, "invalid_request_error", "inputs")
+    assert_error(client.post("/v1/predict", json={"model": single, "inputs": [pair, "x"]}),
+                 400, "invalid_request_error", "inputs")
+
+
 def test_events_page_and_stream(service, finished_job):
     client = service["client"]
     job_id = finished_job[0]["id"]
@@ -185,11 +255,49 @@ def test_empty_inputs_are_refused(service, finished_job):
 
 
 def test_auth_when_api_key_is_set(service, monkeypatch):
+    """With a key, only liveness, readiness, metrics and the API description are public; /info
+    (loaded model ids, the home path) and every /v1 route need the key."""
     client = service["client"]
     monkeypatch.setenv("LADDER_API_KEY", "s3cret")
-    assert_error(client.get("/v1/models"), 401, "invalid_api_key")
-    assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert client.get("/health").status_code == 200        # operations stay open
+    key = {"Authorization": "Bearer s3cret"}
+    for path in ("/v1/models", "/v1/files", "/info", "/no/such/route"):
+        assert_error(client.get(path), 401, "invalid_api_key")
+        assert_error(client.get(path, headers={"Authorization": "Bearer wrong"}), 401,
+                     "invalid_api_key")
+    assert client.get("/v1/models", headers=key).status_code == 200
+    assert client.get("/info", headers=key).status_code == 200
+    for path in ("/health", "/ready", "/metrics", "/openapi.json", "/docs"):
+        assert client.get(path).status_code == 200, path
+    # Refused before the body is looked at: an upload without the key gets 401, not a 4xx about
+    # the file.
+    assert_error(client.post("/v1/files", content=b"x" * 1000), 401, "invalid_api_key")
+
+
+def test_bodies_over_a_routes_cap_are_refused(service, monkeypatch):
+    client = service["client"]
+    monkeypatch.setenv("LADDER_MAX_PREDICT_BYTES", "1000")
+    big = {"model": "ft:x", "inputs": ["y" * 2000]}
+    assert_error(client.post("/v1/predict", json=big), 413, "request_too_large")
+    # Without a Content-Length (chunked), the bytes received are counted.
+    chunks = (b'{"model": "ft:x", "inputs": ["' + b"y" * 500 + b'"' for _ in range(4))
+    assert_error(client.post("/v1/predict", content=chunks), 413, "request_too_large")
+    assert_error(client.post("/v1/fine_tuning/jobs", content=b"{" + b" " * (2**20 + 10) + b"}",
+                             headers={"content-type": "application/json"}),
+                 413, "request_too_large")
+
+
+def test_server_errors_are_counted(service, monkeypatch):
+    """A route that crashes answers 500 with the error shape, and /metrics counts it."""
+    s = service["client"].app.state.ladder
+
+    def broken():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(s.db, "list_files", broken)
+    client = TestClient(service["client"].app, raise_server_exceptions=False)
+    assert_error(client.get("/v1/files"), 500, "internal_error")
+    text = client.get("/metrics").text
+    assert 'ladder_requests_total{method="GET",route="/v1/files",status="500"} 1.0' in text
 
 
 def test_operations_endpoints(service):

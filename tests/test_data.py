@@ -236,6 +236,19 @@ def test_bad_jsonl_line(tmp_path):
     assert_data_error("line 2 is not a JSON object", "one object per line", spec=str(path))
 
 
+def test_files_that_break_the_parsers_are_data_errors(tmp_path):
+    """A CSV field over csv's field limit, JSON nested past the recursion limit and an integer
+    past Python's 4,300-digit limit are bad data (one line naming the fix), not crashes."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "x" * 200_000 + ",a\nb,c\n")
+    assert_data_error("line 2 cannot be read as CSV", "shorten that field", spec=str(path))
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert_data_error("line 2 nests JSON too deeply", spec=str(path))
+    path.write_text('{"text": "a", "label": ' + "9" * 5000 + "}\n")
+    assert_data_error("line 1 cannot be read", "short strings or numbers", spec=str(path))
+
+
 @pytest.mark.parametrize("kwargs, flag", [({"text_column": "body"}, "--text-column"),
                                           ({"label_column": "y"}, "--label-column"),
                                           ({"text_pair_column": "second"}, "--text-pair-column")])

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -12,12 +11,12 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from api.db import new_id
 from api.errors import APIError, require_id
+from api.guard import max_upload_bytes
 from api.schemas import FileList, FileObject
 from api.state import Services, services
 
 router = APIRouter(prefix="/v1/files")
 
-MAX_UPLOAD_BYTES = int(os.environ.get("LADDER_MAX_UPLOAD_BYTES", 50 * 2**20))
 MIN_ROWS = 10
 UPLOAD_SUFFIXES = (".csv", ".jsonl", ".json")
 
@@ -34,9 +33,10 @@ async def upload(file: UploadFile = File(...), purpose: str = Form(...),
     if suffix not in UPLOAD_SUFFIXES:
         raise APIError(400, "invalid_file", f"file {name!r} must be .csv or .jsonl with "
                        f"columns text and label (optional text_pair)", "file")
-    data = await file.read(MAX_UPLOAD_BYTES + 1)
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise APIError(413, "file_too_large", f"file is larger than {MAX_UPLOAD_BYTES} bytes; "
+    cap = max_upload_bytes()
+    data = await file.read(cap + 1)
+    if len(data) > cap:
+        raise APIError(413, "file_too_large", f"file is larger than {cap} bytes; "
                        f"split it or raise LADDER_MAX_UPLOAD_BYTES", "file")
     file_id = new_id("file")
     path = s.home / "files" / f"{file_id}{suffix}"

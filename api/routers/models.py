@@ -7,7 +7,8 @@ from fastapi import APIRouter, Depends
 from api.errors import APIError, require_id
 from api.schemas import (DeletedModel, ModelList, ModelObject, PredictionObject, PredictRequest,
                          PredictResponse)
-from api.serving import ModelNotFound, ModelRegistry
+from api.inference import InferenceError
+from api.serving import ModelNotFound, ModelRegistry, ModelUnavailable
 from api.state import Services, services
 
 router = APIRouter(prefix="/v1")
@@ -43,11 +44,16 @@ async def predict(body: PredictRequest, s: Services = Depends(services)) -> Pred
     ids = [body.model] if isinstance(body.model, str) else body.model
     for model_id in ids:
         require_id(model_id, "model")
+    texts, pairs = body.texts_and_pairs()
     try:
-        results = await s.batcher.predict(ids, body.inputs)
+        results = await s.batcher.predict(ids, texts, pairs)
     except ModelNotFound as exc:
         raise APIError(404, "model_not_found", f"no fine-tuned model with id {exc.args[0]!r}; "
                        f"list them with GET /v1/models", "model") from None
+    except ModelUnavailable as exc:
+        raise APIError(500, "model_unavailable", str(exc), "model") from None
+    except InferenceError as exc:
+        raise APIError(400, "invalid_request_error", str(exc), "inputs") from None
     except ValueError as exc:
         raise APIError(400, "invalid_request_error", str(exc), "model") from None
     as_objects = [[PredictionObject(label=p.label, scores=p.scores) for p in r] for r in results]

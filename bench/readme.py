@@ -1,0 +1,142 @@
+"""The README's measured figures, written from the JSON files in bench/results/ (never by hand).
+
+A generated block sits between two markers that name its renderer and its file:
+
+    <!-- bench.readme bench quick.json -->
+    ... (rewritten) ...
+    <!-- /bench.readme -->
+
+    python -m bench.readme            rewrite README.md's blocks from the JSON files
+    python -m bench.readme --check    exit 1 if a block differs from what its file gives
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from bench.compare import markdown
+
+ROOT = Path(__file__).parents[1]
+RESULTS = ROOT / "bench" / "results"
+BLOCK = re.compile(r"(<!-- bench\.readme (\w+) ([\w.]+) -->\n)(.*?)(<!-- /bench\.readme -->)", re.S)
+
+
+def _mb(value) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def finetune(run: dict) -> str:
+    """`ladder finetune` then `ladder evaluate` on the whole test split (see runs/ commands)."""
+    f, e = run["finetune"], run["evaluate"]
+    rows = ["| figure | value |", "|---|---|",
+            f"| test accuracy, whole test split (`ladder evaluate`) | {e['accuracy']:.3f} "
+            f"({e['n']:,} rows) |",
+            f"| test accuracy, the --limit sample's test rows (`ladder finetune`) | "
+            f"{f['test_accuracy']:.3f} ({f['n_test']} rows) |",
+            f"| best validation accuracy (epoch kept) | {f['best_val_accuracy']:.3f} "
+            f"(epoch {f['best_epoch']} of {f['epochs_run']}) |",
+            f"| trainable parameters | {f['trainable_params']:,} ({f['trainable_pct']:.2f}% of "
+            f"{f['backbone_params'] / 1e6:.1f}M) |",
+            f"| training speed | {f['train_examples_per_s']:,.0f} examples/s |",
+            f"| training peak memory (RSS above the start of training) | "
+            f"{_mb(f['train_peak_mem_mb'])} MB |",
+            f"| store | {f['bytes_per_element']} bytes/element, {f['compression_ratio']:.2f}x "
+            f"smaller than fp32 on disk |",
+            f"| caching (Fisher importance included) | {f['cache_seconds']:.0f} s |",
+            f"| wall time: finetune / evaluate | {run['seconds']['finetune']:.0f} s / "
+            f"{run['seconds']['evaluate']:.0f} s |"]
+    return "\n".join(rows) + "\n\n" + "\n".join(f"    {c}" for c in run["commands"]) + "\n"
+
+
+def gpu(report: dict) -> str:
+    c, m = report["checks"], report["machine"]
+    overlap, bf16, ray = c["overlap"], c["bf16_caching"], c["ray_gpu_workers"]
+    b32 = overlap["batch_32"]
+    rows = ["| check | result |", "|---|---|",
+            f"| overlapped joint inference (side networks on their own CUDA stream) = "
+            f"sequential | {'yes' if overlap['ok'] else 'NO'}: largest probability difference "
+            f"{overlap['max_abs_probability_diff']:g} over 8 side models x 32 texts |",
+            f"| latency at batch 32: backbone / joint with 1 side model / with 8 | "
+            f"{b32['backbone_ms']} / {b32['joint_1_sequential_ms']} / "
+            f"{b32['joint_8_sequential_ms']} ms (overlapped: {b32['joint_1_overlap_ms']} / "
+            f"{b32['joint_8_overlap_ms']} ms) |",
+            f"| bf16 caching (bf16 autocast, bf16 store) | {bf16['bf16']['examples_per_s']:,.0f} "
+            f"examples/s with Fisher; relative error vs fp32 CPU states "
+            f"{bf16['bf16']['relative_error_vs_fp32_cpu']:.2%} |",
+            f"| fp16 caching (fp32 forward, fp16 store) | {bf16['fp16']['examples_per_s']:,.0f} "
+            f"examples/s with Fisher; relative error {bf16['fp16']['relative_error_vs_fp32_cpu']:.2%} |",
+            f"| Ray workers with a GPU | {'yes' if ray.get('ok') else ray.get('skipped') or 'NO'}"
+            + (f": {ray['workers']} actors at {ray['gpus_per_worker']} GPU each cached "
+               f"{ray['n_examples']:,} examples, each once, in {ray['seconds']} s |"
+               if ray.get("ok") else " |")]
+    return (f"On {m['gpu']} (torch {m['torch']}, {m['cores']} CPU cores):\n\n" +
+            "\n".join(rows) + "\n")
+
+
+def cache(report: dict) -> str:
+    """bench/cache_bench.py: write overhead, Ray scaling and the store's read cost."""
+    w, sc, r = report["write"], report["scaling"], report["read"]
+    return "\n".join([
+        "| figure | value |", "|---|---|",
+        f"| caching path / bare backbone forward (examples/s) | {w['caching_examples_per_s']} / "
+        f"{w['bare_forward_examples_per_s']} = {w['write_overhead_ratio']:.2f} |",
+        f"| 2 Ray workers / 1 in-process worker (examples/s) | {sc['workers_2_examples_per_s']} / "
+        f"{sc['workers_1_examples_per_s']} = {sc['speedup']:.2f} |",
+        f"| training epoch from the store / from batches in memory | {r['epoch_from_store_s']} s / "
+        f"{r['epoch_from_memory_s']} s = {r['read_vs_memory']:.2f} |",
+        f"| setup | {report['backbone']}, {report['examples']:,} examples, "
+        f"{report['machine']['cores']} CPU cores |"]) + "\n"
+
+
+def serve(report: dict) -> str:
+    """bench/serve_bench.py: joint inference latency and micro-batching over HTTP."""
+    b, one = report["batch_32"], report["batch_1"]
+    rows = ["| figure | batch of 32 | single text |", "|---|---|---|",
+            f"| backbone alone | {b['backbone_ms']} ms | {one['backbone_ms']} ms |"]
+    for tag, what in (("sequential", ""), ("overlap", ", side networks overlapped in a thread")):
+        rows += [f"| joint backbone + 1 side network / backbone{what} | "
+                 f"{b[f'joint_vs_backbone_{tag}']:.2f} | {one[f'joint_vs_backbone_{tag}']:.2f} |",
+                 f"| 8 side networks in one pass / 1{what} | "
+                 f"{b[f'multitask8_vs_single_{tag}']:.2f} | {one[f'multitask8_vs_single_{tag}']:.2f} |"]
+    if report.get("http"):
+        h = report["http"]
+        rows.append(f"| HTTP requests/s: 32 concurrent clients / one at a time | "
+                    f"{h['concurrent_32_requests_per_s']} / {h['one_at_a_time_requests_per_s']} = "
+                    f"{h['micro_batching_gain']:.2f}x | |")
+    return "\n".join(rows) + "\n"
+
+
+RENDERERS = {"bench": markdown, "finetune": finetune, "gpu": gpu, "cache": cache, "serve": serve}
+
+
+def render(text: str) -> str:
+    def block(match: re.Match) -> str:
+        renderer, name = match.group(2), match.group(3)
+        data = json.loads((RESULTS / name).read_text())
+        return match.group(1) + RENDERERS[renderer](data) + match.group(5)
+    return BLOCK.sub(block, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = parser.parse_args(argv)
+    path = Path(args.readme)
+    text = path.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            print(f"{path}: generated blocks differ from bench/results; run python -m bench.readme",
+                  file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
