@@ -7,9 +7,11 @@ api/routers/, one module per resource; what they share is `api.state.Services`.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import sqlite3
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.db import Database
+from api.db import open_database
 from api.errors import APIError, error_body
 from api.guard import RequestGuard, RequestMetrics
 from api.jobs import JobRunner
@@ -46,14 +48,13 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         (home / "files").mkdir(parents=True, exist_ok=True)
-        s.db = Database(home / "ladder.db")
+        s.db, s.recovered_from = open_database(home)
         s.registry = ModelRegistry(s.db)
         metrics = s.metrics
         s.batcher = MicroBatcher(s.registry, on_batch=lambda n, r: (
             metrics.batch_size.observe(n), metrics.batch_requests.observe(r)))
         s.batcher.start()
         s.runner = JobRunner(s.db, home, executor)
-        s.runner.recover()
 
         def warm() -> None:
             for name in preload:
@@ -73,6 +74,7 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
 
         threading.Thread(target=warm, name="ladder-preload", daemon=True).start()
         yield
+        s.runner.stop()
         await s.batcher.stop()
 
     app = FastAPI(title="Ladder", version="0.1.0", lifespan=lifespan,
@@ -89,6 +91,11 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":      # its location is a character offset
+            where = first.get("loc", ())[-1] if first.get("loc") else "?"
+            return JSONResponse(error_body(
+                "invalid_request_error", f"the request body is not valid JSON (at character "
+                f"{where}: {first.get('ctx', {}).get('error', first['msg'])})"), status_code=400)
         # pydantic adds union-member tags ("int", "literal['auto']") to the location: keep only
         # the field names, so param names the field a client sent.
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")
@@ -102,6 +109,26 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
         codes = {404: "not_found", 405: "method_not_allowed"}
         code = getattr(exc, "code", None) or codes.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(OSError)
+    async def storage_error(request: Request, exc: OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("disk full under %s on %s: %r", home, request.url.path, exc)
+            return JSONResponse(error_body(
+                "insufficient_storage", "the server's disk is full; nothing of this request was "
+                "kept. Retry once its operator has freed space"), status_code=507)
+        return await internal_error(request, exc)
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def database_error(request: Request, exc: sqlite3.OperationalError):
+        log.error("database error on %s: %r", request.url.path, exc)
+        if "full" in str(exc):
+            return JSONResponse(error_body(
+                "insufficient_storage", "the server's disk is full, so its database cannot "
+                "grow; retry once its operator has freed space"), status_code=507)
+        return JSONResponse(error_body("storage_unavailable", "the server's database is "
+                                       "unavailable right now; retry shortly"),
+                            status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):

@@ -246,6 +246,9 @@ def cmd_serve(args) -> dict:
     import uvicorn
     if args.executor:
         os.environ["LADDER_EXECUTOR"] = args.executor
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("LADDER_API_KEY"):
+        log.warning("serving on %s without LADDER_API_KEY: anyone who can reach this port can "
+                    "upload data, run jobs and read models; set LADDER_API_KEY", args.host)
     uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port,
                 log_level="info")
     return {"stopped": True}
@@ -379,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None and args.json is not False:
         print(json.dumps(result, default=str))
     elif args.command not in ("predict", "bench"):
-        print(json.dumps({k: v for k, v in result.items() if k not in ("history", "options")},
+        print(json.dumps({k: v for k, v in result.items()
+                          if k not in ("history", "options", "identity")},
                          indent=2, default=str))
     return 0
 

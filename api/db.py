@@ -6,6 +6,8 @@ on the same volume); every call opens a short transaction, so writers never hold
 from __future__ import annotations
 
 import json
+import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -28,6 +30,8 @@ CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 CREATE TABLE IF NOT EXISTS models (
     id TEXT PRIMARY KEY, created INTEGER, backbone TEXT, path TEXT, job_id TEXT);
 """
+
+log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("validating_files", "queued", "caching", "training")
@@ -55,6 +59,13 @@ class Database:
         with self._tx() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
+
+    def check(self) -> None:
+        """Raise sqlite3.DatabaseError when the file is damaged."""
+        with self._tx() as con:
+            result = con.execute("PRAGMA quick_check").fetchone()[0]
+        if result != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {result}")
 
     @contextmanager
     def _tx(self):
@@ -136,13 +147,48 @@ class Database:
                               {**fields, "id": job_id})
             return cur.rowcount > 0
 
+    def finish_job(self, job_id: str, model_id: str, backbone: str, path: str,
+                   result: dict) -> bool:
+        """Succeed a job and register its model in one transaction, only while the job is still
+        active: a job cancelled meanwhile registers nothing. Returns whether it happened."""
+        with self._tx() as con:
+            cur = con.execute(
+                f"UPDATE jobs SET status = 'succeeded', fine_tuned_model = ?, result = ?, "
+                f"finished_at = ? WHERE id = ? AND status IN ({','.join('?' * len(ACTIVE))})",
+                (model_id, json.dumps(result), int(time.time()), job_id, *ACTIVE))
+            if cur.rowcount == 0:
+                return False
+            con.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
+                        (model_id, int(time.time()), backbone, path, job_id))
+            self._insert_event(con, job_id, f"succeeded: {model_id}", "info",
+                               {"status": "succeeded", **result})
+            return True
+
     # ---- events --------------------------------------------------------------------------
 
     def add_event(self, job_id: str, message: str, level: str = "info", data: dict | None = None):
+        """Add an event. One whose data has a terminal status (the job's last word) is added
+        only if the job has none yet, so racing writers (a cancel, the job) never repeat it."""
         with self._tx() as con:
-            con.execute("INSERT INTO events (id, job_id, created_at, level, message, data) "
-                        "VALUES (?, ?, ?, ?, ?, ?)", (new_id("ftevent"), job_id, int(time.time()),
-                                                     level, message, json.dumps(data or {})))
+            self._insert_event(con, job_id, message, level, data or {})
+
+    def _insert_event(self, con, job_id: str, message: str, level: str, data: dict) -> None:
+        if data.get("status") in TERMINAL and self._terminal_event(con, job_id):
+            return
+        con.execute("INSERT INTO events (id, job_id, created_at, level, message, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", (new_id("ftevent"), job_id, int(time.time()),
+                                                 level, message, json.dumps(data)))
+
+    @staticmethod
+    def _terminal_event(con, job_id: str) -> bool:
+        marks = ",".join("?" * len(TERMINAL))
+        return con.execute(f"SELECT 1 FROM events WHERE job_id = ? AND json_extract(data, "
+                           f"'$.status') IN ({marks}) LIMIT 1", (job_id, *TERMINAL)).fetchone() \
+            is not None
+
+    def has_terminal_event(self, job_id: str) -> bool:
+        with self._tx() as con:
+            return self._terminal_event(con, job_id)
 
     def list_events(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
         """Oldest first, so a client can follow a job with `after` = the last id it saw."""
@@ -179,3 +225,63 @@ class Database:
     def delete_model(self, model_id: str) -> None:
         with self._tx() as con:
             con.execute("DELETE FROM models WHERE id = ?", (model_id,))
+
+
+MODEL_RECORD = "model.json"   # beside a side model's weights: its id, so a lost database can be rebuilt
+
+
+def write_model_record(model_dir: Path, model_id: str, backbone: str, job_id: str) -> None:
+    path = Path(model_dir) / MODEL_RECORD
+    write_durably(path, json.dumps({"id": model_id, "backbone": backbone, "job_id": job_id,
+                                    "created": int(time.time())}).encode())
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write a file and flush it to disk before anything records that it exists."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def open_database(home: Path) -> tuple[Database, str | None]:
+    """The service's database. A damaged one is moved aside (never deleted) and a new one is
+    rebuilt from what the home holds: every side model (its model.json) and every uploaded file.
+    Job history cannot be rebuilt. Returns the database and where the damaged file went."""
+    path = Path(home) / "ladder.db"
+    try:
+        db = Database(path)
+        db.check()
+        return db, None
+    except sqlite3.DatabaseError as exc:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = path.with_name(f"ladder.db.damaged-{stamp}")
+        log.error("the database %s is damaged (%s); moving it to %s and rebuilding the models and "
+                  "files from %s (job history is lost)", path, exc, aside, home)
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{path}{suffix}")
+            if source.exists():
+                source.replace(Path(f"{aside}{suffix}"))
+    db = Database(path)
+    _rebuild(db, Path(home))
+    return db, str(aside)
+
+
+def _rebuild(db: Database, home: Path) -> None:
+    for record in sorted((home / "models").glob(f"*/{MODEL_RECORD}")):
+        try:
+            model = json.loads(record.read_text())
+            db.add_model(model["id"], model["backbone"], str(record.parent), model["job_id"])
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("cannot restore the model in %s: %r", record.parent, exc)
+    from backbone_worker.data import DataError, has_column, load_dataset
+    for upload in sorted((home / "files").glob("file-*")):
+        pair = has_column(upload, "text_pair")
+        try:
+            dataset = load_dataset(str(upload), text_pair_column="text_pair" if pair else None)
+        except DataError:
+            continue
+        db.add_file({"id": upload.stem, "filename": upload.name, "bytes": upload.stat().st_size,
+                     "created_at": int(upload.stat().st_mtime), "purpose": "fine-tune",
+                     "rows": len(dataset.examples), "labels": dataset.labels, "has_pair": pair,
+                     "path": str(upload)})

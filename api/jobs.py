@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from api.db import ACTIVE, Database
+from api.db import ACTIVE, Database, write_model_record
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +53,14 @@ def store_key(backbone_fingerprint: str, data_fingerprint: str, hp: dict) -> str
 
 def run_job(home: str, job_id: str) -> None:
     """The whole job; safe to run again after an interruption (every step resumes)."""
-    import torch
-    from transformers import AutoConfig
-
-    from api.inference import JointModel, evaluate
-    from backbone_worker.backbone import fingerprint_dir, load_backbone, resolve
-    from backbone_worker.cache import CacheOptions, build_cache
-    from backbone_worker.data import load_dataset
-    from backbone_worker.families import family_of
-    from side_trainer.artifacts import load_side_model
-    from side_trainer.train import FAMILY_DEFAULTS, TrainOptions, train
-
     home_path = Path(home)
     db = Database(home_path / "ladder.db")
     job = db.get_job(job_id)
-    if job is None or job["status"] not in ACTIVE:
+    if job is None:
+        return
+    if job["status"] not in ACTIVE:
+        if job["status"] == "cancelled":     # cancelled before it started: its last word
+            db.add_event(job_id, "cancelled", level="warning", data={"status": "cancelled"})
         return
     db.update_job(job_id, attempts=job["attempts"] + 1)
 
@@ -75,98 +68,212 @@ def run_job(home: str, job_id: str) -> None:
         if db.get_job(job_id)["status"] == "cancelled":
             raise JobCancelled
 
+    training = db.get_file(job["training_file"])
+    try:
+        _run(home_path, db, job, training, check_cancelled)
+    except JobCancelled:
+        db.add_event(job_id, "cancelled", level="warning", data={"status": "cancelled"})
+    except Exception as exc:  # noqa: BLE001 - any failure ends the job with its reason
+        code, message = _error(exc)
+        if code not in ("invalid_training_data", "invalid_hyperparameters"):
+            log.exception("job %s failed", job_id)
+        # The client knows its upload by name, and server paths are not its business.
+        if training:
+            message = message.replace(training["path"], training["filename"])
+        message = message.replace(str(home_path), "LADDER_HOME")
+        error = {"code": code, "message": message, "param": None}
+        if db.update_job(job_id, only_if_active=True, status="failed", error=error):
+            db.add_event(job_id, f"failed: {message}", level="error", data={"status": "failed"})
+
+
+def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancelled) -> None:
+    import torch
+    from transformers import AutoConfig
+
+    from api.inference import JointModel, evaluate
+    from backbone_worker.backbone import fingerprint_dir, load_backbone, resolve
+    from backbone_worker.data import load_dataset
+    from backbone_worker.families import family_of
+    from cache_store import CorruptPartError
+    from side_trainer.artifacts import load_side_model
+    from side_trainer.train import FAMILY_DEFAULTS, TrainOptions, train
+
+    job_id = job["id"]
+
     def set_status(status: str, message: str) -> None:
         check_cancelled()
         db.update_job(job_id, only_if_active=True, status=status)
         db.add_event(job_id, message, data={"status": status})
 
-    try:
-        training = db.get_file(job["training_file"])
-        set_status("validating_files", f"validating {training['filename']}")
-        dataset = load_dataset(training["path"], **_columns(training))
-        backbone_dir = resolve(job["model"])
-        config = AutoConfig.from_pretrained(backbone_dir, local_files_only=True)
-        family = family_of(config)
-        hp = resolve_hyperparameters(job["hyperparameters"], len(dataset.examples),
-                                     family.default_layers(config), FAMILY_DEFAULTS[family.name])
-        db.update_job(job_id, hyperparameters=hp)
-        store = str(home_path / "stores" / store_key(fingerprint_dir(backbone_dir),
-                                                   dataset.fingerprint, hp))
-        set_status("caching", f"caching ladder states of {len(dataset.examples)} examples")
-        layers = hp["kept_layers"]
-        last = [0.0]
+    set_status("validating_files", f"validating {training['filename']}")
+    dataset = load_dataset(training["path"], **_columns(training))
+    backbone_dir = resolve(job["model"])
+    config = AutoConfig.from_pretrained(backbone_dir, local_files_only=True)
+    family = family_of(config)
+    hp = resolve_hyperparameters(job["hyperparameters"], len(dataset.examples),
+                                 family.default_layers(config), FAMILY_DEFAULTS[family.name])
+    db.update_job(job_id, hyperparameters=hp)
+    store = str(home_path / "stores" / store_key(fingerprint_dir(backbone_dir),
+                                               dataset.fingerprint, hp))
+    set_status("caching", f"caching ladder states of {len(dataset.examples)} examples")
+    _cache(db, job, dataset, store, hp, check_cancelled)
+    set_status("training", "training the side network from the store")
+    out_dir = home_path / "models" / job_id
 
-        def on_part(done: int, total: int) -> None:
-            check_cancelled()
-            if time.time() - last[0] > 2 or done == total:
-                last[0] = time.time()
-                db.add_event(job_id, f"cached {done}/{total} examples",
-                             data={"step": "caching", "done": done, "total": total})
-
-        build_cache(job["model"], dataset, store, CacheOptions(layers=layers,
-                    dtype=hp["cache_dtype"], wait_s=60), on_part=on_part)
-        set_status("training", "training the side network from the store")
-        out_dir = home_path / "models" / job_id
-
-        def on_epoch(record: dict) -> None:
-            check_cancelled()
-            db.add_event(job_id, f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
-                         f"validation accuracy {record['val_accuracy']}",
-                         data={"step": "training", **record})
-
-        result = train(store, out_dir, TrainOptions(
-            reduction=hp["reduction_factor"], epochs=hp["n_epochs"], batch_size=hp["batch_size"],
-            lr=hp["learning_rate"], init=hp["init"], seed=job["seed"] or 0,
-            device="cuda" if torch.cuda.is_available() else "cpu"), on_epoch=on_epoch)
+    def on_epoch(record: dict) -> None:
         check_cancelled()
-        joint = JointModel(load_backbone(job["model"]), [load_side_model(out_dir)])
-        metrics = {k: result[k] for k in ("n_train", "epochs_run", "best_val_accuracy",
-                                          "best_epoch", "selection", "trainable_params",
-                                          "trainable_pct", "train_peak_mem_mb",
-                                          "train_examples_per_s")}
-        metrics["test_accuracy"] = evaluate(joint, dataset.split("test"))["accuracy"][0]
-        if job["validation_file"]:
-            validation = db.get_file(job["validation_file"])
-            examples = load_dataset(validation["path"], **_columns(validation)).examples
-            metrics["validation_file_accuracy"] = evaluate(joint, examples)["accuracy"][0]
-        name = model_id(job)
-        db.add_model(name, job["model"], str(out_dir), job_id)
-        if db.update_job(job_id, only_if_active=True, status="succeeded", fine_tuned_model=name,
-                         result=metrics):
-            db.add_event(job_id, f"succeeded: {name}", data={"status": "succeeded", **metrics})
-    except JobCancelled:
-        db.add_event(job_id, "cancelled", level="warning", data={"status": "cancelled"})
-    except Exception as exc:  # noqa: BLE001 - any failure ends the job with its reason
-        code = _error_code(exc)
-        if code == "internal_error":
-            log.exception("job %s failed", job_id)
-        error = {"code": code, "message": str(exc).splitlines()[0] if str(exc) else repr(exc),
-                 "param": None}
-        if db.update_job(job_id, only_if_active=True, status="failed", error=error):
-            db.add_event(job_id, f"failed: {error['message']}", level="error",
-                         data={"status": "failed"})
+        db.add_event(job_id, f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
+                     f"validation accuracy {record['val_accuracy']}",
+                     data={"step": "training", **record})
+
+    opts = TrainOptions(
+        reduction=hp["reduction_factor"], epochs=hp["n_epochs"], batch_size=hp["batch_size"],
+        lr=hp["learning_rate"], init=hp["init"], seed=job["seed"] or 0,
+        device="cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        result = train(store, out_dir, opts, on_epoch=on_epoch)
+    except CorruptPartError as exc:
+        # The service's own cached states are damaged, not the user's data: recompute the
+        # damaged parts once, then train on (from the last epoch's checkpoint).
+        log.error("job %s: %s", job_id, exc)
+        db.add_event(job_id, f"part {exc.part} of the cached states was damaged; recomputing it",
+                     level="warning", data={"step": "caching", "repair": exc.part})
+        _cache(db, job, dataset, store, hp, check_cancelled, repair=True)
+        try:
+            result = train(store, out_dir, opts, on_epoch=on_epoch)
+        except CorruptPartError as again:
+            raise StoreDamaged() from again
+    check_cancelled()
+    db.add_event(job_id, "evaluating on the held-out test split", data={"step": "evaluating"})
+    joint = JointModel(load_backbone(job["model"]), [load_side_model(out_dir)])
+    metrics = {k: result[k] for k in ("n_train", "epochs_run", "best_val_accuracy",
+                                      "best_epoch", "selection", "trainable_params",
+                                      "trainable_pct", "train_peak_mem_mb",
+                                      "train_examples_per_s")}
+    metrics["test_accuracy"] = evaluate(joint, dataset.split("test"))["accuracy"][0]
+    if job["validation_file"]:
+        validation = db.get_file(job["validation_file"])
+        examples = load_dataset(validation["path"], **_columns(validation)).examples
+        metrics["validation_file_accuracy"] = evaluate(joint, examples)["accuracy"][0]
+    # Succeeding and registering the model are one transaction that a cancel, arriving at any
+    # point before it, prevents; a cancelled job's model directory is removed.
+    write_model_record(out_dir, model_id(job), job["model"], job_id)
+    if not db.finish_job(job_id, model_id(job), job["model"], str(out_dir), metrics):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        check_cancelled()
+
+
+def _cache(db: Database, job: dict, dataset, store: str, hp: dict, check_cancelled,
+           repair: bool = False) -> None:
+    """Fill the job's store (shared by jobs with the same backbone, data and settings). Waits,
+    still cancellable, while another job writes the same store; with `repair`, first un-commits
+    parts whose checksums fail so they are computed again."""
+    from backbone_worker.cache import CacheOptions, build_cache
+    from cache_store import ActivationStore, StoreBusyError, StoreLock
+    job_id = job["id"]
+    last = [0.0]
+
+    def on_part(done: int, total: int) -> None:
+        check_cancelled()
+        if time.time() - last[0] > 2 or done == total:
+            last[0] = time.time()
+            db.add_event(job_id, f"cached {done}/{total} examples",
+                         data={"step": "caching", "done": done, "total": total})
+
+    waiting = False
+    while True:
+        try:
+            if repair:
+                with StoreLock(store).acquire(wait_s=5):
+                    ActivationStore.open(store, writable=True).verify(repair=True)
+                repair = False
+            build_cache(job["model"], dataset, store, CacheOptions(
+                layers=hp["kept_layers"], dtype=hp["cache_dtype"], wait_s=5),
+                on_part=on_part, check=check_cancelled)
+            return
+        except StoreBusyError:
+            check_cancelled()
+            if not waiting:
+                waiting = True
+                db.add_event(job_id, "waiting for another job that is caching the same data",
+                             data={"step": "caching"})
+
+
+class StoreDamaged(RuntimeError):
+    """The service's cached states stay damaged after recomputing them: a server fault."""
+
+    def __init__(self):
+        super().__init__("the server's cached states of this data are damaged and recomputing "
+                         "them did not help; this is a fault of the server, see its log")
 
 
 def _columns(file_record: dict) -> dict:
     return {"text_pair_column": "text_pair" if file_record.get("has_pair") else None}
 
 
-def _error_code(exc: Exception) -> str:
+def _error(exc: Exception) -> tuple[str, str]:
+    """The failed job's error code and one-line message. Bad data or settings are the client's
+    to fix; everything else (store_damaged, internal_error) is the server's."""
     from api.cli import user_errors
-    return "invalid_training_data" if isinstance(exc, user_errors()) else "internal_error"
+    from cache_store import CorruptPartError, StateRangeError
+    message = str(exc).splitlines()[0] if str(exc) else repr(exc)
+    if isinstance(exc, StoreDamaged):
+        return "store_damaged", message
+    if isinstance(exc, StateRangeError):
+        return "invalid_hyperparameters", message
+    if isinstance(exc, user_errors()) and not isinstance(exc, CorruptPartError):
+        return "invalid_training_data", message
+    return "internal_error", "the server hit an unexpected error while running the job; see its log"
 
 
 class JobRunner:
-    """Submits jobs to Ray tasks or to one worker thread (jobs then run one after another)."""
+    """Runs jobs in Ray tasks or in one worker thread (jobs then run one after another).
 
-    def __init__(self, db: Database, home: Path, executor: str):
+    One runner per LADDER_HOME runs jobs: the one holding the home's job lease. It resumes what
+    was unfinished when it took the lease, and runs every queued job it finds in the database,
+    whichever server created it. Another server on the same home serves requests without
+    running jobs, and takes the lease over when its holder stops or dies."""
+
+    POLL_S = 1.0
+
+    def __init__(self, db: Database, home: Path, executor: str, lease_ttl_s: float = 30.0):
+        from cache_store import StoreLock
         self.db = db
         self.home = home
         self.executor = executor
         self.refs: dict[str, object] = {}
-        # submit() only queues: joining Ray (seconds) or running a job never blocks a request.
+        self.lease = StoreLock(str(home / "job-runner"), ttl_s=lease_ttl_s)
+        self.leader = False
+        self._submitted: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        # Nothing here blocks a request: joining Ray (seconds) or running a job happen in threads.
         self.queue: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._work, name="ladder-jobs", daemon=True).start()
+        threading.Thread(target=self._lead, name="ladder-job-lease", daemon=True).start()
+
+    def _lead(self) -> None:
+        from cache_store import StoreBusyError
+        while not self._stop.is_set():
+            if not self.leader:
+                try:
+                    self.lease.acquire(wait_s=0)
+                except StoreBusyError:
+                    self._stop.wait(self.lease.ttl_s / 3)
+                    continue
+                log.info("this server runs the jobs of %s", self.home)
+                self.leader = True
+                self.recover()
+            for job in self.db.jobs_with_status(("queued",)):
+                self._enqueue(job["id"])
+            self._stop.wait(self.POLL_S)
+
+    def _enqueue(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._submitted:
+                return
+            self._submitted.add(job_id)
+        self.queue.put(job_id)
 
     def _work(self) -> None:
         if self.executor == "thread":
@@ -192,26 +299,39 @@ class JobRunner:
                 error = {"code": "executor_unavailable", "param": None,
                          "message": f"could not start the job on Ray: {exc}"}
                 if self.db.update_job(job_id, only_if_active=True, status="failed", error=error):
-                    self.db.add_event(job_id, error["message"], level="error")
+                    self.db.add_event(job_id, error["message"], level="error",
+                                      data={"status": "failed"})
 
     def submit(self, job_id: str) -> None:
-        self.queue.put(job_id)
+        """A job just created: the lease holder starts it (this server, or within POLL_S the
+        server that holds the lease)."""
+        if self.leader:
+            self._enqueue(job_id)
 
     def cancel(self, job_id: str) -> None:
-        """The job stops at its next part or epoch; the database already says cancelled."""
+        """The job stops at its next batch; the database already says cancelled."""
         self.db.add_event(job_id, "cancellation requested", level="warning")
 
     def recover(self) -> None:
-        """After a restart: resume unfinished jobs, or fail those interrupted too often."""
+        """On taking the lease: resume unfinished jobs, or fail those interrupted too often."""
         for job in self.db.jobs_with_status(ACTIVE):
             if job["attempts"] >= MAX_ATTEMPTS:
                 error = {"code": "interrupted", "param": None,
                          "message": f"the job was interrupted {job['attempts']} times"}
-                self.db.update_job(job["id"], status="failed", error=error)
-                self.db.add_event(job["id"], error["message"], level="error")
+                if self.db.update_job(job["id"], only_if_active=True, status="failed",
+                                      error=error):
+                    self.db.add_event(job["id"], error["message"], level="error",
+                                      data={"status": "failed"})
                 continue
-            self.db.add_event(job["id"], "resuming after a service restart", level="warning")
-            self.submit(job["id"])
+            if job["status"] != "queued":
+                self.db.add_event(job["id"], "resuming after a service restart", level="warning")
+            self._enqueue(job["id"])
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.leader:
+            self.lease.release()
+            self.leader = False
 
     def delete_model_files(self, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)

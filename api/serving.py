@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,10 +38,15 @@ class ModelUnavailable(RuntimeError):
 
 
 class ModelRegistry:
-    def __init__(self, db):
+    """Loaded backbones, and side models in a least-recently-used cache bounded in bytes
+    (LADDER_MAX_SIDE_MODEL_MB, default 1024): a model evicted is loaded again on its next use."""
+
+    def __init__(self, db, max_side_bytes: int | None = None):
         self.db = db
         self.backbones: dict[str, Backbone] = {}
-        self.sides: dict[str, SideNetwork] = {}
+        self.sides: OrderedDict[str, SideNetwork] = OrderedDict()
+        self.max_side_bytes = max_side_bytes or int(
+            float(os.environ.get("LADDER_MAX_SIDE_MODEL_MB", 1024)) * 2**20)
         self._lock = threading.Lock()
 
     def backbone(self, name: str) -> Backbone:
@@ -50,7 +57,9 @@ class ModelRegistry:
 
     def side(self, model_id: str) -> SideNetwork:
         with self._lock:
-            if model_id not in self.sides:
+            if model_id in self.sides:
+                self.sides.move_to_end(model_id)
+            else:
                 record = self.db.get_model(model_id)
                 if record is None:
                     raise ModelNotFound(model_id)
@@ -61,7 +70,14 @@ class ModelRegistry:
                               exc)
                     raise ModelUnavailable(model_id, "its files on the server are missing or "
                                            "damaged; fine-tune it again") from exc
+                while len(self.sides) > 1 and self._side_bytes() > self.max_side_bytes:
+                    evicted, _ = self.sides.popitem(last=False)
+                    log.info("unloaded side model %s (LADDER_MAX_SIDE_MODEL_MB)", evicted)
             return self.sides[model_id]
+
+    def _side_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for side in self.sides.values()
+                   for t in side.state_dict().values())
 
     def backbone_of(self, model_id: str) -> str:
         record = self.db.get_model(model_id)
@@ -91,16 +107,45 @@ class _Request:
     texts: list[str]
     pairs: list[str] | None          # second texts of pair inputs, or None
     future: asyncio.Future
+    done: int = 0                    # texts answered so far (a request passes in chunks)
+    results: list | None = None      # per model id: the predictions so far
+
+
+@dataclass
+class _Chunk:
+    """Up to max_batch texts of one request: the unit the queue holds and a pass groups."""
+    request: _Request
+    start: int
+    stop: int
+
+    @property
+    def texts(self) -> list[str]:
+        return self.request.texts[self.start:self.stop]
+
+    @property
+    def pairs(self) -> list[str] | None:
+        pairs = self.request.pairs
+        return None if pairs is None else pairs[self.start:self.stop]
+
+
+class Overloaded(RuntimeError):
+    """More predictions waiting than LADDER_MAX_PREDICT_QUEUE: retry later."""
 
 
 class MicroBatcher:
+    """Fair micro-batching: a request passes in chunks of at most `max_batch` texts, and a
+    request's next chunk queues behind whatever arrived meanwhile, so a one-text request waits
+    at most one pass behind a request of hundreds of texts. At most `max_queue` requests wait."""
+
     def __init__(self, registry: ModelRegistry, max_batch: int = 64, max_wait_ms: float = 5.0,
-                 on_batch=None):
+                 on_batch=None, max_queue: int | None = None):
         self.registry = registry
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.on_batch = on_batch          # metrics hook: on_batch(n_texts, n_requests)
-        self.queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self.max_queue = max_queue or int(os.environ.get("LADDER_MAX_PREDICT_QUEUE", 256))
+        self.queue: asyncio.Queue[_Chunk] = asyncio.Queue()
+        self.waiting = 0                  # requests not answered yet
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ladder-infer")
         self._task: asyncio.Task | None = None
 
@@ -113,7 +158,7 @@ class MicroBatcher:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def depth(self) -> int:
-        return self.queue.qsize()
+        return self.waiting
 
     async def predict(self, model_ids: list[str], texts: list[str],
                       pairs: list[str] | None = None) -> list[list[Prediction]]:
@@ -121,9 +166,21 @@ class MicroBatcher:
         if len(backbones) > 1:
             raise ValueError(f"side models of different backbones ({', '.join(sorted(backbones))}) "
                              f"cannot share one pass; send one request per backbone")
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Request(backbones.pop(), model_ids, texts, pairs, future))
-        return await future
+        if self.waiting >= self.max_queue:
+            raise Overloaded(f"{self.waiting} predictions are already waiting on this server; "
+                             f"retry in a moment")
+        request = _Request(backbones.pop(), model_ids, texts, pairs,
+                           asyncio.get_running_loop().create_future(),
+                           results=[[] for _ in model_ids])
+        self.waiting += 1
+        try:
+            self.queue.put_nowait(self._next_chunk(request))
+            return await request.future
+        finally:
+            self.waiting -= 1
+
+    def _next_chunk(self, request: _Request) -> _Chunk:
+        return _Chunk(request, request.done, min(request.done + self.max_batch, len(request.texts)))
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -133,42 +190,50 @@ class MicroBatcher:
             deadline = loop.time() + self.max_wait_s
             while size < self.max_batch:
                 try:
-                    request = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
+                    chunk = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
                 except asyncio.TimeoutError:
                     break
                 # One pass runs one backbone on texts alone or on pairs alone.
-                if (request.backbone != first.backbone
-                        or (request.pairs is None) != (first.pairs is None)
-                        or size + len(request.texts) > self.max_batch):
+                if (chunk.request.backbone != first.request.backbone
+                        or (chunk.pairs is None) != (first.pairs is None)
+                        or size + len(chunk.texts) > self.max_batch):
                     # Served in the next pass: put it back at the front of the line.
-                    self.queue._queue.appendleft(request)  # noqa: SLF001 - asyncio.Queue has no push-front
+                    self.queue._queue.appendleft(chunk)  # noqa: SLF001 - asyncio.Queue has no push-front
                     break
-                group.append(request)
-                size += len(request.texts)
+                group.append(chunk)
+                size += len(chunk.texts)
             try:
                 results = await loop.run_in_executor(self.executor, self._run, group)
-                for request, result in zip(group, results):
-                    if request.future.done():
-                        continue
-                    if isinstance(result, Exception):
-                        request.future.set_exception(result)
-                    else:
-                        request.future.set_result(result)
             except Exception as exc:  # noqa: BLE001 - the pass itself failed: every request
-                for request in group:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
+                results = [exc] * len(group)
+            for chunk, result in zip(group, results):
+                self._settle(chunk, result)
             if self.on_batch is not None:
                 self.on_batch(size, len(group))
 
-    def _run(self, group: list[_Request]) -> list:
-        """One backbone pass for the whole group, then each request's slice for its models, or
-        the exception of the first of its models that could not run."""
+    def _settle(self, chunk: _Chunk, result) -> None:
+        request = chunk.request
+        if request.future.done():
+            return
+        if isinstance(result, Exception):
+            request.future.set_exception(result)
+            return
+        for so_far, part in zip(request.results, result):
+            so_far.extend(part)
+        request.done = chunk.stop
+        if request.done < len(request.texts):
+            self.queue.put_nowait(self._next_chunk(request))     # behind what came meanwhile
+        else:
+            request.future.set_result(request.results)
+
+    def _run(self, group: list[_Chunk]) -> list:
+        """One backbone pass for the whole group, then each chunk's slice for its request's
+        models, or the exception of the first of its models that could not run."""
         from api.inference import InferenceError
-        backbone = self.registry.backbone(group[0].backbone)
+        backbone = self.registry.backbone(group[0].request.backbone)
         sides: dict[str, SideNetwork] = {}
         failed: dict[str, Exception] = {}
-        for model_id in sorted({m for r in group for m in r.model_ids}):
+        for model_id in sorted({m for c in group for m in c.request.model_ids}):
             try:
                 side = self.registry.side(model_id)
             except (ModelNotFound, ModelUnavailable) as exc:
@@ -178,32 +243,28 @@ class MicroBatcher:
                 failed[model_id] = ModelUnavailable(
                     model_id, f"it was trained on other weights than the loaded backbone "
                               f"{backbone.name!r}")
+            elif side.cfg.text_pair != (group[0].pairs is not None):
+                failed[model_id] = InferenceError(
+                    f"model {model_id!r} was trained on " +
+                    ("text pairs: send each input as {\"text\": ..., \"text_pair\": ...}"
+                     if side.cfg.text_pair else "single texts: send inputs as plain strings"))
             else:
                 sides[model_id] = side
-        for r in group:
-            for model_id in r.model_ids:
-                side = sides.get(model_id)
-                if side is not None and side.cfg.text_pair != (r.pairs is not None):
-                    failed.setdefault(model_id, InferenceError(
-                        f"model {model_id!r} was trained on " +
-                        ("text pairs: send each input as {\"text\": ..., \"text_pair\": ...}"
-                         if side.cfg.text_pair else
-                         "single texts: send inputs as plain strings")))
-        healthy = [m for m in sides if m not in failed]
-        wanted = [r for r in group if not any(m in failed for m in r.model_ids)]
+        healthy = list(sides)
+        wanted = [c for c in group if not any(m in failed for m in c.request.model_ids)]
         per_model: dict[str, list[Prediction]] = {}
         if healthy and wanted:
-            texts = [t for r in wanted for t in r.texts]
-            pairs = [p for r in wanted for p in r.pairs] if wanted[0].pairs is not None else None
+            texts = [t for c in wanted for t in c.texts]
+            pairs = [p for c in wanted for p in c.pairs] if wanted[0].pairs is not None else None
             joint = JointModel(backbone, [sides[m] for m in healthy])
             per_model = dict(zip(healthy, joint.predict(texts, pairs)))
         out, start = [], 0
-        for r in group:
-            bad = next((failed[m] for m in r.model_ids if m in failed), None)
+        for c in group:
+            bad = next((failed[m] for m in c.request.model_ids if m in failed), None)
             if bad is not None:
                 out.append(bad)
                 continue
-            stop = start + len(r.texts)
-            out.append([per_model[m][start:stop] for m in r.model_ids])
+            stop = start + len(c.texts)
+            out.append([per_model[m][start:stop] for m in c.request.model_ids])
             start = stop
         return out

@@ -41,6 +41,8 @@ class Services:
     batcher: MicroBatcher | None = None
     runner: JobRunner | None = None
     ready: bool = False
+    streams: int = 0        # event streams open now (capped by LADDER_MAX_EVENT_STREAMS)
+    recovered_from: str | None = None   # where a damaged database was moved at start
 
 
 def services(request: Request) -> Services:

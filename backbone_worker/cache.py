@@ -92,12 +92,15 @@ def part_examples(dataset: Dataset, part: dict) -> list[Example]:
 
 
 def encode_part(backbone: Backbone, examples: list[Example], layers: list[int], labels: list[str],
-                opts: CacheOptions) -> dict:
-    """Ladder states of one part's examples, padding stripped: arguments for `write_part`."""
+                opts: CacheOptions, check=None) -> dict:
+    """Ladder states of one part's examples, padding stripped: arguments for `write_part`.
+    `check()` runs before every forward batch (see build_cache)."""
     # Sorting by length keeps each forward batch's padding (wasted compute) small.
     order = sorted(range(len(examples)), key=lambda k: len(examples[k].text))
     streams = {s: {"input_ids": [None] * len(examples), "states": {}} for s in backbone.family.streams}
     for start in range(0, len(order), opts.batch_size):
+        if check is not None:
+            check()
         idx = order[start:start + opts.batch_size]
         batch = [examples[k] for k in idx]
         pairs = [e.text_pair or "" for e in batch] if batch[0].text_pair is not None else None
@@ -139,7 +142,7 @@ def _texts(examples: list[Example]) -> tuple[list[str], list[str] | None, list[s
 
 
 def write_importance(store_url: str, backbone: Backbone, dataset: Dataset, layers: list[int],
-                     opts: CacheOptions) -> None:
+                     opts: CacheOptions, check=None) -> None:
     path = f"{store_url.rstrip('/')}/{IMPORTANCE_FILE}"
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.exists(fs_path):
@@ -151,7 +154,7 @@ def write_importance(store_url: str, backbone: Backbone, dataset: Dataset, layer
     probe = fit_probe(backbone, *_texts(train[probed]), dataset.labels, opts.max_length) \
         if needs_probe else None
     scores = fisher_scores(backbone, layers, *_texts(train[scored]), dataset.labels,
-                           opts.max_length, probe=probe)
+                           opts.max_length, probe=probe, check=check)
     scores.update(magnitude_scores(backbone, layers))
     with fs.open(fs_path, "wb") as handle:
         handle.write(save_safetensors({k: v.contiguous() for k, v in scores.items()}))
@@ -165,10 +168,12 @@ def read_importance(store_url: str) -> dict[str, torch.Tensor]:
 
 
 def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: CacheOptions,
-                backbone: Backbone | None = None, on_part=None, **data_kwargs) -> ActivationStore:
+                backbone: Backbone | None = None, on_part=None, check=None,
+                **data_kwargs) -> ActivationStore:
     """Cache ladder states of every split of `data` into `store_url`; resumes a partial store.
-    `on_part(done, total)` is called after each committed part; an exception it raises (e.g. a
-    cancelled job) stops the run, leaving the committed parts for a later resume."""
+    `on_part(done, total)` is called after each committed part, and `check()` before every
+    forward batch of this process (the Fisher pass and in-process parts); an exception either
+    raises (e.g. a cancelled job) stops the run, leaving the committed parts for a later resume."""
     from backbone_worker.pool import PartWorker, RayPool, resolve_device
     dataset = data if isinstance(data, Dataset) else load_dataset(data, **data_kwargs)
     backbone = backbone or load_backbone(backbone_name, resolve_device(opts.device))
@@ -177,7 +182,7 @@ def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: C
     settings = store_settings(backbone, dataset, layers, opts)
     with StoreLock(store_url).acquire(wait_s=opts.wait_s):
         store = ActivationStore.create_or_open(store_url, settings, plan)
-        write_importance(store_url, backbone, dataset, layers, opts)
+        write_importance(store_url, backbone, dataset, layers, opts, check)
         todo = [p for p in plan if not store.is_committed(p["index"])]
         if len(todo) < len(plan):
             log.info("resuming: %d of %d parts already committed", len(plan) - len(todo), len(plan))
@@ -199,7 +204,8 @@ def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: C
                 finally:
                     pool.shutdown()
             elif todo:
-                PartWorker(backbone, dataset, store_url, settings, plan, opts).run_local(todo, done)
+                PartWorker(backbone, dataset, store_url, settings, plan, opts,
+                           check=check).run_local(todo, done)
         seconds = time.perf_counter() - start
     info = store.info()
     log.info("cached %d examples, %d tokens in %.1fs (%.0f examples/s); store: %d/%d examples, "

@@ -164,6 +164,22 @@ def _read_rows(path: Path, text: str) -> tuple[list[str], list[dict]]:
                     f".jsonl (one JSON object per line)")
 
 
+def has_column(path: Path, column: str) -> bool:
+    """Whether a CSV's header or a JSONL file's first object names `column` (read cheaply,
+    before the whole file is parsed)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        if Path(path).suffix.lower() == ".csv":
+            return column in next(csv.reader(handle), [])
+        for line in handle:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
+                    return False
+                return isinstance(row, dict) and column in row
+    return False
+
+
 def _cell(row: dict, column: str) -> str:
     # JSON values may be numbers (labels 0/1) or null; CSV short rows give None.
     value = row.get(column)

@@ -198,10 +198,11 @@ def _example_losses(backbone: Backbone, probe, enc, labels: list[str],
 
 def fisher_scores(backbone: Backbone, layers: list[int], texts: list[str], pairs: list[str] | None,
                   labels: list[str], label_names: list[str], max_length: int,
-                  probe: nn.Linear | None = None,
-                  batch_size: int = FISHER_BATCH) -> dict[str, torch.Tensor]:
+                  probe: nn.Linear | None = None, batch_size: int = FISHER_BATCH,
+                  check=None) -> dict[str, torch.Tensor]:
     """Row and column sums of the empirical Fisher of the kept blocks' weights over `texts`.
-    Encoders and decoder-only models need `probe` (see `fit_probe`), fitted on other examples."""
+    Encoders and decoder-only models need `probe` (see `fit_probe`), fitted on other examples.
+    `check()` runs before every batch; an exception it raises (a cancelled job) stops the pass."""
     if probe is None and backbone.family.name != ENCODER_DECODER:
         raise ValueError("Fisher scores of an encoder or decoder-only backbone need a probe "
                          "fitted on other training examples (fit_probe)")
@@ -223,6 +224,8 @@ def fisher_scores(backbone: Backbone, layers: list[int], texts: list[str], pairs
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="fisher", leave=False,
                           mininterval=1.0):
+            if check is not None:
+                check()
             idx = order[start:start + batch_size]
             enc = backbone.tokenize([texts[k] for k in idx],
                                     [pairs[k] for k in idx] if pairs else None, max_length)

@@ -35,7 +35,7 @@ class PartWorker:
     """Backbone + store writer for one process (an actor, or the caller's own process)."""
 
     def __init__(self, backbone: Backbone | str, dataset: Dataset, store_url: str, settings: dict,
-                 plan: list[dict], opts, threads: int | None = None):
+                 plan: list[dict], opts, threads: int | None = None, check=None):
         from cache_store import ActivationStore
         if threads:
             torch.set_num_threads(threads)
@@ -46,6 +46,7 @@ class PartWorker:
         self.layers = settings["layers"]
         self.store = ActivationStore.create_or_open(store_url, settings, plan)
         self._forward = threading.Lock()
+        self.check = check        # in-process only: run before every forward batch
 
     def _autocast(self):
         if self.opts.device.startswith("cuda") and self.opts.autocast:
@@ -57,7 +58,7 @@ class PartWorker:
         from backbone_worker.cache import encode_part, part_examples
         with self._forward, self._autocast():
             return encode_part(self.backbone, part_examples(self.dataset, part), self.layers,
-                               self.dataset.labels, self.opts)
+                               self.dataset.labels, self.opts, self.check)
 
     def write(self, part: dict, arrays: dict) -> dict:
         self.store.write_part(part["index"], arrays["example_ids"], arrays["labels"],

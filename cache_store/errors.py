@@ -12,3 +12,15 @@ class StoreMismatchError(StoreError):
 
 class StateRangeError(StoreError):
     """A backbone state the store's dtype cannot hold (fp16 tops out at 65,504)."""
+
+
+class StoreBusyError(StoreError):
+    """Another run holds the store's lease (it is being written)."""
+
+
+class CorruptPartError(StoreError):
+    """A committed part whose bytes no longer match what was committed."""
+
+    def __init__(self, message: str, part: int):
+        super().__init__(message)
+        self.part = part

@@ -19,7 +19,7 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from cache_store.errors import StoreError
+from cache_store.errors import StoreBusyError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class StoreLock:
                 continue
             left = holder["expires"] - time.time()
             if time.time() >= deadline:
-                raise StoreError(
+                raise StoreBusyError(
                     f"store {self.url} is being written by another run (pid {holder.get('pid')} on "
                     f"{holder.get('host')}; its lease ends in {max(left, 0):.0f}s unless renewed); "
                     f"wait for it to finish, or pass --wait SECONDS")

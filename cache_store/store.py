@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 
 from cache_store import codecs, layout
-from cache_store.errors import StateRangeError, StoreError, StoreMismatchError
+from cache_store.errors import CorruptPartError, StateRangeError, StoreError, StoreMismatchError
 from cache_store.location import Location
 from cache_store.reader import BatchPlan, iter_batches
 from cache_store.settings import canonical, differences, fingerprint, state_dtype, validate_plan
@@ -219,11 +219,11 @@ class ActivationStore:
                           "states": states}
         return {"example_ids": read("example_ids"), "labels": read("labels"), "streams": streams}
 
-    def _corrupt(self, index: int, path: str, why: str) -> StoreError:
-        return StoreError(
+    def _corrupt(self, index: int, path: str, why: str) -> CorruptPartError:
+        return CorruptPartError(
             f"part {index} of store {self.location.url} is corrupt ({path}: {why}); run "
             f"`ladder cache-info --store {self.location.url} --verify --repair`, then re-run "
-            f"`ladder cache` to recompute it")
+            f"`ladder cache` to recompute it", index)
 
     def verify(self, repair: bool = False) -> list[dict]:
         """Re-read every committed part and check its checksums; with repair, un-commit the

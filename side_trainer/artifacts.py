@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -24,6 +25,10 @@ def save_side_model(net: SideNetwork, out_dir: str | Path) -> None:
     net.cfg.save(out_dir / CONFIG_FILE)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, out_dir / WEIGHTS_FILE)
+    # On disk before anyone records the model (a service commits it to its database next).
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(out_dir / name, "rb") as handle:
+            os.fsync(handle.fileno())
 
 
 def load_side_model(model_dir: str | Path, backbone_dir: Path | None = None) -> SideNetwork:

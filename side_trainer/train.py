@@ -24,7 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 from backbone_worker.backbone import fingerprint_dir, resolve
 from backbone_worker.families import ENCODER_DECODER
 from cache_store import ActivationStore, StoreError
-from side_trainer.artifacts import save_side_model
+from side_trainer.artifacts import WEIGHTS_FILE, save_side_model
 from side_trainer.memory import PeakMemory
 from side_trainer.model import SideConfig, SideNetwork
 from side_trainer.pruning import INITS, apply_pruning_init, load_lm_head
@@ -132,6 +132,7 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
 
 
 CHECKPOINT = "checkpoint.pt"
+METRICS_FILE = "training_metrics.json"     # written last: the training's result and its marker
 
 
 def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None) -> dict:
@@ -165,8 +166,18 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT
     identity = {"store": store.fingerprint, "options": asdict(opts)}
+    finished = out_dir / METRICS_FILE
+    if finished.is_file() and (out_dir / WEIGHTS_FILE).is_file():
+        done = json.loads(finished.read_text())
+        if done.get("identity") == identity:
+            # A run killed after saving its model, before its caller (a job) committed it.
+            log.info("%s already holds the model of this training (same store and options); "
+                     "delete the directory to train again", out_dir)
+            return done
     if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=opts.device, weights_only=False)
+        # weights_only: tensors and plain data only, so a planted pickle in a shared directory
+        # cannot run code here.
+        state = torch.load(checkpoint, map_location=opts.device, weights_only=True)
         if state["identity"] == identity:
             net.load_state_dict(state["net"])
             optimizer.load_state_dict(state["optimizer"])
@@ -232,7 +243,6 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     log.info("keeping %s", selection)
     net.load_state_dict(best_state)
     save_side_model(net.cpu(), out_dir)
-    checkpoint.unlink(missing_ok=True)
     n_backbone = backbone_parameter_count(net.cfg)
     result = {
         "model_dir": str(out_dir),
@@ -248,8 +258,12 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
         "train_examples_per_s": round(seen / max(train_seconds, 1e-9), 1),
         "history": history,
         "options": asdict(opts),
+        "identity": identity,
     }
-    (out_dir / "training_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    # Written last and atomically: its presence says the model above is complete.
+    finished.with_suffix(".tmp").write_text(json.dumps(result, indent=2) + "\n")
+    finished.with_suffix(".tmp").replace(finished)
+    checkpoint.unlink(missing_ok=True)
     return result
 
 

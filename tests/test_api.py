@@ -109,12 +109,12 @@ def test_a_broken_model_fails_only_the_requests_that_name_it(service, finished_j
     async def four_at_once():
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in range(4)]
-        from api.serving import _Request
-        group = [_Request("tiny", [healthy], ["a lovely ride"], None, futures[0]),
-                 _Request("tiny", ["ft:tiny:damaged:1"], ["a ride"], None, futures[1]),
-                 _Request("tiny", ["ft:tiny:gone:1", healthy], ["a ride"], None, futures[2]),
-                 _Request("tiny", [healthy], ["an awful ride", "ok"], None, futures[3])]
-        return s.batcher._run(group)
+        from api.serving import _Chunk, _Request
+        requests = [_Request("tiny", [healthy], ["a lovely ride"], None, futures[0]),
+                    _Request("tiny", ["ft:tiny:damaged:1"], ["a ride"], None, futures[1]),
+                    _Request("tiny", ["ft:tiny:gone:1", healthy], ["a ride"], None, futures[2]),
+                    _Request("tiny", [healthy], ["an awful ride", "ok"], None, futures[3])]
+        return s.batcher._run([_Chunk(r, 0, len(r.texts)) for r in requests])
 
     first, damaged, gone, last = asyncio.run(four_at_once())
     assert len(first) == 1 and len(first[0]) == 1 and len(last[0]) == 2
@@ -124,6 +124,58 @@ def test_a_broken_model_fails_only_the_requests_that_name_it(service, finished_j
                                                            "inputs": ["a ride"]})
     assert_error(response, 500, "model_unavailable", "model")
     assert str(damaged_dir) not in response.text and "fine-tune it again" in response.text
+
+
+def test_a_small_request_is_not_held_behind_a_large_one(service, finished_job):
+    """A request of 256 texts passes in chunks of 64; a one-text request arriving meanwhile is
+    answered after one chunk, before the large one is done."""
+    import threading
+    client, model = service["client"], finished_job[0]["fine_tuned_model"]
+    done = {}
+
+    def ask(name, inputs):
+        response = client.post("/v1/predict", json={"model": model, "inputs": inputs})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["predictions"]) == len(inputs)
+        done[name] = time.perf_counter()
+
+    large = threading.Thread(target=ask, args=("large", [f"ride number {k} " * 20
+                                                         for k in range(256)]))
+    large.start()
+    time.sleep(0.02)
+    ask("small", ["a fine ride"])
+    large.join()
+    assert done["small"] < done["large"]
+
+
+def test_active_jobs_are_capped(service, finished_job, monkeypatch):
+    monkeypatch.setenv("LADDER_MAX_ACTIVE_JOBS", "0")
+    response = service["client"].post("/v1/fine_tuning/jobs", json={
+        "model": "tiny", "training_file": finished_job[1]})
+    assert_error(response, 429, "too_many_jobs")
+
+
+def test_a_full_prediction_queue_answers_503(service, finished_job, monkeypatch):
+    s = service["client"].app.state.ladder
+    monkeypatch.setattr(s.batcher, "max_queue", 0)
+    response = service["client"].post("/v1/predict", json={
+        "model": finished_job[0]["fine_tuned_model"], "inputs": ["x"]})
+    assert_error(response, 503, "overloaded")
+
+
+def test_side_models_are_cached_within_a_byte_budget(service, finished_job, monkeypatch):
+    s = service["client"].app.state.ladder
+    model = finished_job[0]["fine_tuned_model"]
+    path = s.db.get_model(model)["path"]
+    for k in range(3):
+        s.db.add_model(f"ft:tiny:copy:{k}", "tiny", path, "job")
+    one = sum(t.numel() * t.element_size() for t in s.registry.side(model).state_dict().values())
+    monkeypatch.setattr(s.registry, "max_side_bytes", 2 * one)
+    for k in range(3):
+        s.registry.side(f"ft:tiny:copy:{k}")
+    assert list(s.registry.sides) == ["ft:tiny:copy:1", "ft:tiny:copy:2"]   # least recent out
+    response = service["client"].post("/v1/predict", json={"model": model, "inputs": ["x"]})
+    assert response.status_code == 200                       # loaded again on demand
 
 
 def test_pair_models_are_served_with_pairs(service, finished_job):
@@ -155,6 +207,73 @@ def test_pair_models_are_served_with_pairs(service, finished_job):
                  400, "invalid_request_error", "inputs")
     assert_error(client.post("/v1/predict", json={"model": single, "inputs": [pair, "x"]}),
                  400, "invalid_request_error", "inputs")
+
+
+def test_a_damaged_database_is_set_aside_and_models_still_serve(service, finished_job,
+                                                                tmp_path):
+    """The server starts on a home whose database is garbage: the file is moved aside, the
+    models and uploads are registered again from the home, and predictions work."""
+    import shutil
+    from pathlib import Path
+    model = finished_job[0]["fine_tuned_model"]
+    source = Path(service["client"].app.state.ladder.db.get_model(model)["path"])
+    home = tmp_path / "home"
+    (home / "files").mkdir(parents=True)
+    shutil.copytree(source, home / "models" / source.name)
+    write_csv(home / "files" / "file-abc.csv", n=40)
+    garbage = b"this is not a database " * 200
+    (home / "ladder.db").write_bytes(garbage)
+    with TestClient(create_app(home=home, executor="thread", preload=["tiny"])) as client:
+        deadline = time.time() + 30
+        while client.get("/ready").status_code != 200 and time.time() < deadline:
+            time.sleep(0.1)
+        assert model in {m["id"] for m in client.get("/v1/models").json()["data"]}
+        assert [f["id"] for f in client.get("/v1/files").json()["data"]] == ["file-abc"]
+        response = client.post("/v1/predict", json={"model": model, "inputs": ["a fine ride"]})
+        assert response.status_code == 200, response.text
+        aside = Path(client.get("/info").json()["database_recovered_from"])
+    assert aside.read_bytes() == garbage
+
+
+def test_uploads_and_models_reach_the_disk_before_the_database(service, monkeypatch):
+    """What the database acknowledges is flushed to disk first: an upload before its file
+    record, a model's weights and record before the job commits it."""
+    import os
+
+    import api.db
+    client, s = service["client"], service["client"].app.state.ladder
+    order = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        order.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def recorded(name, real):
+        def call(*args, **kwargs):
+            order.append((name, None))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(s.db, "add_file", recorded("add_file", s.db.add_file))
+    monkeypatch.setattr(api.db.Database, "finish_job",
+                        recorded("finish_job", api.db.Database.finish_job))
+    path = service["tmp"] / "durable.csv"
+    write_csv(path, n=60)
+    file_id = upload(client, path).json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny", "training_file": file_id,
+        "hyperparameters": {"n_epochs": 1, "reduction_factor": 4, "kept_layers": [0]}}).json()
+    assert wait_for(client, job["id"])["status"] == "succeeded"
+
+    def first(name, path_part=None):
+        return next(k for k, (what, where) in enumerate(order)
+                    if what == name and (path_part is None or path_part in where))
+
+    assert first("fsync", file_id) < first("add_file")
+    for name in ("side_model.safetensors", "side_config.json", "model.json"):
+        assert first("fsync", f"{job['id']}/{name}") < first("finish_job")
 
 
 def test_events_page_and_stream(service, finished_job):
@@ -243,6 +362,12 @@ def test_bad_job_requests(service, finished_job):
                  "hyperparameters.kept_layers")
     bad["hyperparameters"] = {"epochs": 3}
     assert_error(client.post(jobs, json=bad), 400, "invalid_request_error")
+    # Malformed JSON: the message says so; param is no character offset posing as a field.
+    response = client.post(jobs, content=b'{"model": "tiny",,}',
+                           headers={"content-type": "application/json"})
+    assert_error(response, 400, "invalid_request_error")
+    assert response.json()["error"]["param"] is None
+    assert "not valid JSON (at character 17" in response.json()["error"]["message"]
 
 
 def test_empty_inputs_are_refused(service, finished_job):

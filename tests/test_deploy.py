@@ -34,7 +34,8 @@ def test_api_joins_the_head_through_ray_address(compose):
     port = re.search(r"--port=(\d+)", head["command"]).group(1)
     assert "--head" in head["command"] and "--block" in head["command"]
     assert api["environment"]["RAY_ADDRESS"] == f"ray-head:{port}"
-    assert "8000:8000" in api["ports"] and "ladder serve" in api["command"]
+    assert "${LADDER_API_BIND:-127.0.0.1}:8000:8000" in api["ports"]     # loopback by default
+    assert "ladder serve" in api["command"]
     assert api["depends_on"]["ray-head"]["condition"] == "service_healthy"
 
 
@@ -49,6 +50,11 @@ def test_ray_nodes_share_an_auth_token(compose):
     for name, service in compose["services"].items():
         assert service["environment"]["RAY_AUTH_MODE"] == "token", name
         assert service["environment"]["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN"), name
+
+
+def test_the_api_needs_a_key(compose):
+    assert compose["services"]["api"]["environment"]["LADDER_API_KEY"].startswith(
+        "${LADDER_API_KEY:?")
 
 
 def test_head_and_api_have_healthchecks(compose):

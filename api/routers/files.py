@@ -1,9 +1,7 @@
 """Uploaded training files: validated on upload, stored under LADDER_HOME/files."""
 from __future__ import annotations
 
-import csv
-import io
-import json
+import os
 import time
 from pathlib import Path
 
@@ -22,9 +20,11 @@ UPLOAD_SUFFIXES = (".csv", ".jsonl", ".json")
 
 
 @router.post("", response_model=FileObject)
-async def upload(file: UploadFile = File(...), purpose: str = Form(...),
-                 s: Services = Depends(services)) -> FileObject:
-    from backbone_worker.data import DataError, load_dataset
+def upload(file: UploadFile = File(...), purpose: str = Form(...),
+           s: Services = Depends(services)) -> FileObject:
+    """Plain `def`: copying and validating a large file runs in a worker thread, off the event
+    loop that answers every other request."""
+    from backbone_worker.data import DataError, has_column, load_dataset
     if purpose != "fine-tune":
         raise APIError(400, "invalid_purpose", f"purpose {purpose!r} is not supported; use "
                        f"'fine-tune'", "purpose")
@@ -33,29 +33,44 @@ async def upload(file: UploadFile = File(...), purpose: str = Form(...),
     if suffix not in UPLOAD_SUFFIXES:
         raise APIError(400, "invalid_file", f"file {name!r} must be .csv or .jsonl with "
                        f"columns text and label (optional text_pair)", "file")
-    cap = max_upload_bytes()
-    data = await file.read(cap + 1)
-    if len(data) > cap:
-        raise APIError(413, "file_too_large", f"file is larger than {cap} bytes; "
-                       f"split it or raise LADDER_MAX_UPLOAD_BYTES", "file")
     file_id = new_id("file")
     path = s.home / "files" / f"{file_id}{suffix}"
-    path.write_bytes(data)
-    has_pair = _has_column(data, suffix, "text_pair")
     try:
+        size = _save(file.file, path)
+        has_pair = has_column(path, "text_pair")
         dataset = load_dataset(str(path), text_pair_column="text_pair" if has_pair else None)
         if len(dataset.examples) < MIN_ROWS:
             raise DataError(f"the file has {len(dataset.examples)} rows; a fine-tuning file "
                             f"needs at least {MIN_ROWS}")
-    except DataError as exc:
-        path.unlink(missing_ok=True)
-        raise APIError(400, "invalid_file", str(exc).replace(str(path), name), "file") from None
-    record = {"id": file_id, "filename": name, "bytes": len(data),
-              "created_at": int(time.time()), "purpose": purpose,
-              "rows": len(dataset.examples), "labels": dataset.labels, "has_pair": has_pair,
-              "path": str(path)}
-    s.db.add_file(record)
+        record = {"id": file_id, "filename": name, "bytes": size,
+                  "created_at": int(time.time()), "purpose": purpose,
+                  "rows": len(dataset.examples), "labels": dataset.labels, "has_pair": has_pair,
+                  "path": str(path)}
+        s.db.add_file(record)
+    except BaseException as exc:
+        path.unlink(missing_ok=True)     # nothing is kept of an upload that was not recorded
+        if isinstance(exc, DataError):
+            raise APIError(400, "invalid_file", str(exc).replace(str(path), name),
+                           "file") from None
+        raise
     return FileObject(**record)
+
+
+def _save(source, path: Path) -> int:
+    """Copy an upload to its place and flush it to disk (before the database records it, so a
+    power cut cannot leave a record pointing at an empty file). Returns its size."""
+    cap = max_upload_bytes()
+    size = 0
+    with open(path, "wb") as out:
+        while chunk := source.read(1 << 20):
+            size += len(chunk)
+            if size > cap:
+                raise APIError(413, "file_too_large", f"file is larger than {cap} bytes; split "
+                               f"it or raise LADDER_MAX_UPLOAD_BYTES", "file")
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return size
 
 
 @router.get("", response_model=FileList)
@@ -74,17 +89,3 @@ def file_record(s: Services, file_id: str, param: str, status: int = 404) -> dic
         raise APIError(status, "file_not_found", f"no file with id {file_id!r}; upload it with "
                        f"POST /v1/files", param)
     return record
-
-
-def _has_column(data: bytes, suffix: str, column: str) -> bool:
-    """Whether an upload names `column` (header of a CSV, keys of the first JSON line)."""
-    text = data.decode("utf-8-sig", errors="replace")
-    if suffix == ".csv":
-        return column in next(csv.reader(io.StringIO(text)), [])
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                return column in json.loads(line)
-            except (json.JSONDecodeError, TypeError):
-                return False
-    return False

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
+from anyio import to_thread
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
-from api.db import TERMINAL, Database, new_id
+from api.db import ACTIVE, TERMINAL, new_id
 from api.errors import APIError, require_id
 from api.routers.files import file_record
-from api.schemas import EventList, EventObject, Hyperparameters, JobCreate, JobList, JobObject
+from api.schemas import (ErrorResponse, EventList, EventObject, Hyperparameters, JobCreate,
+                         JobList, JobObject)
 from api.serving import ModelRegistry
 from api.state import Services, services
 
@@ -28,6 +31,11 @@ def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
     if body.validation_file:
         file_record(s, require_id(body.validation_file, "validation_file"), "validation_file", 400)
     _check_hyperparameters(body.model, body.hyperparameters)
+    waiting = sum(s.db.count_jobs_by_status().get(status, 0) for status in ACTIVE)
+    limit = int(os.environ.get("LADDER_MAX_ACTIVE_JOBS", 100))
+    if waiting >= limit:
+        raise APIError(429, "too_many_jobs", f"{waiting} jobs are queued or running on this "
+                       f"server (at most {limit}); retry when some have finished")
     job = s.db.add_job({
         "id": new_id("ftjob"), "created_at": int(time.time()), "model": body.model,
         "training_file": body.training_file, "validation_file": body.validation_file,
@@ -59,34 +67,61 @@ def cancel_job(job_id: str, s: Services = Depends(services)) -> JobObject:
                        "job_id")
     s.db.update_job(job_id, only_if_active=True, status="cancelled")
     s.runner.cancel(job_id)
+    if job["status"] == "queued":
+        # Never started, so no job will write it: the last event is said here (a job that was
+        # starting at that moment writes the same one, and the database keeps only one).
+        s.db.add_event(job_id, "cancelled", level="warning", data={"status": "cancelled"})
     return _job_object(_job(s, job_id))
 
 
 @router.get("/{job_id}/events", response_model=EventList,
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses={200: {"content": {"text/event-stream": {}}}, 429: {"model": ErrorResponse}})
 async def job_events(job_id: str, after: str | None = Query(default=None, max_length=128),
                      limit: int = Query(default=100, ge=1, le=1000), stream: bool = False,
                      s: Services = Depends(services)):
-    _job(s, job_id)
+    await to_thread.run_sync(_job, s, job_id)
     if after:
         require_id(after, "after")
     if not stream:
-        events, more = s.db.list_events(job_id, after, limit)
+        events, more = await to_thread.run_sync(s.db.list_events, job_id, after, limit)
         return EventList(data=[EventObject(**e) for e in events], has_more=more)
-    return StreamingResponse(_stream(s.db, job_id, after), media_type="text/event-stream")
+    limit_streams = int(os.environ.get("LADDER_MAX_EVENT_STREAMS", 64))
+    if s.streams >= limit_streams:
+        raise APIError(429, "too_many_streams", f"this server already serves {limit_streams} "
+                       f"event streams; page through events with GET .../events?after=... "
+                       f"or retry later", "stream")
+    return StreamingResponse(_stream(s, job_id, after), media_type="text/event-stream")
 
 
-async def _stream(db: Database, job_id: str, after: str | None):
-    while True:
-        events, _ = db.list_events(job_id, after, 100)
-        for event in events:
-            after = event["id"]
-            yield f"data: {json.dumps(EventObject(**event).model_dump())}\n\n"
-        if not events and db.get_job(job_id)["status"] in TERMINAL:
-            yield "data: [DONE]\n\n"
-            return
-        if not events:
-            await asyncio.sleep(0.5)
+STREAM_POLL_S = 0.5
+# A job that ended without writing its last event (its runner died) closes streams after this.
+STREAM_GRACE_S = 30
+
+
+async def _stream(s: Services, job_id: str, after: str | None):
+    """Every event of the job, ending with the job's last one (a terminal status): the status
+    can turn terminal before the job has written it (a cancel takes effect at the job's next
+    batch). The database is read in worker threads, never on the event loop."""
+    db = s.db
+    s.streams += 1
+    try:
+        while True:
+            events, _ = await to_thread.run_sync(db.list_events, job_id, after, 100)
+            for event in events:
+                after = event["id"]
+                yield f"data: {json.dumps(EventObject(**event).model_dump())}\n\n"
+                if event["data"].get("status") in TERMINAL:
+                    yield "data: [DONE]\n\n"
+                    return
+            if not events:
+                job = await to_thread.run_sync(db.get_job, job_id)
+                if (job["status"] in TERMINAL
+                        and time.time() - (job["finished_at"] or 0) > STREAM_GRACE_S):
+                    yield "data: [DONE]\n\n"
+                    return
+                await asyncio.sleep(STREAM_POLL_S)
+    finally:
+        s.streams -= 1
 
 
 def _job(s: Services, job_id: str) -> dict:

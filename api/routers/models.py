@@ -8,7 +8,7 @@ from api.errors import APIError, require_id
 from api.schemas import (DeletedModel, ModelList, ModelObject, PredictionObject, PredictRequest,
                          PredictResponse)
 from api.inference import InferenceError
-from api.serving import ModelNotFound, ModelRegistry, ModelUnavailable
+from api.serving import ModelNotFound, ModelRegistry, ModelUnavailable, Overloaded
 from api.state import Services, services
 
 router = APIRouter(prefix="/v1")
@@ -52,6 +52,8 @@ async def predict(body: PredictRequest, s: Services = Depends(services)) -> Pred
                        f"list them with GET /v1/models", "model") from None
     except ModelUnavailable as exc:
         raise APIError(500, "model_unavailable", str(exc), "model") from None
+    except Overloaded as exc:
+        raise APIError(503, "overloaded", str(exc)) from None
     except InferenceError as exc:
         raise APIError(400, "invalid_request_error", str(exc), "inputs") from None
     except ValueError as exc:

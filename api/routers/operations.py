@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -22,8 +23,16 @@ def health() -> dict:
 
 @router.get("/ready", responses={503: {"model": ErrorResponse}})
 def ready(s: Services = Depends(services)):
+    """Ready to take work: a backbone is loaded and LADDER_HOME has room (LADDER_MIN_FREE_MB,
+    default 100) for uploads, stores and models."""
     if not s.ready:
         return JSONResponse(error_body("not_ready", "no backbone is loaded yet"), status_code=503)
+    free_mb = shutil.disk_usage(s.home).free / 2**20
+    floor = float(os.environ.get("LADDER_MIN_FREE_MB", 100))
+    if free_mb < floor:
+        return JSONResponse(error_body("disk_full", f"LADDER_HOME has {free_mb:.0f} MB free, "
+                                       f"under the {floor:.0f} MB this server needs"),
+                            status_code=503)
     return {"status": "ready", "backbones": sorted(s.registry.backbones)}
 
 
@@ -35,7 +44,8 @@ def info(s: Services = Depends(services)) -> dict:
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "backbones_loaded": sorted(s.registry.backbones),
             "side_models_loaded": sorted(s.registry.sides),
-            "auth": bool(os.environ.get("LADDER_API_KEY"))}
+            "auth": bool(os.environ.get("LADDER_API_KEY")),
+            "database_recovered_from": s.recovered_from}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -1,0 +1,209 @@
+"""Fine-tuning jobs run directly (api.jobs.run_job and JobRunner) on a tiny backbone: what an
+unlucky moment does to a job - a cancel during the last steps, a kill after training, damaged
+cached states, another job holding the store, a second runner on the same home."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import api.inference
+from api.db import Database, new_id
+from api.jobs import JobRunner, run_job, store_key
+from test_cli import write_csv
+
+HP = {"n_epochs": 2, "reduction_factor": 4, "kept_layers": [0, 2]}
+
+
+@pytest.fixture
+def home(tmp_path, tiny_bert_dir, monkeypatch):
+    monkeypatch.setenv("LADDER_BACKBONES", f"tiny={tiny_bert_dir}")
+    (tmp_path / "files").mkdir()
+    path = write_csv(tmp_path / "files" / "file-1.csv", n=120)
+    db = Database(tmp_path / "ladder.db")
+    db.add_file({"id": "file-1", "filename": "train.csv", "bytes": Path(path).stat().st_size,
+                 "created_at": 0, "purpose": "fine-tune", "rows": 120, "labels": ["neg", "pos"],
+                 "has_pair": False, "path": path})
+    return tmp_path
+
+
+def new_job(home: Path, **hp) -> str:
+    db = Database(home / "ladder.db")
+    job = db.add_job({"id": new_id("ftjob"), "created_at": int(time.time()), "model": "tiny",
+                      "training_file": "file-1", "validation_file": None, "seed": 0,
+                      "suffix": None, "status": "queued", "hyperparameters": {**HP, **hp}})
+    return job["id"]
+
+
+def events(home: Path, job_id: str) -> list[dict]:
+    return Database(home / "ladder.db").list_events(job_id, None, 1000)[0]
+
+
+def terminal_events(home: Path, job_id: str) -> list[dict]:
+    return [e for e in events(home, job_id)
+            if e["data"].get("status") in ("succeeded", "failed", "cancelled")]
+
+
+def cancel(home: Path, job_id: str) -> None:
+    Database(home / "ladder.db").update_job(job_id, only_if_active=True, status="cancelled")
+
+
+def test_a_cancel_during_the_final_evaluation_registers_no_model(home, monkeypatch):
+    job_id = new_job(home)
+    real = api.inference.evaluate
+
+    def evaluate_then_cancel(*args, **kwargs):
+        out = real(*args, **kwargs)
+        cancel(home, job_id)                  # the cancel lands while the job evaluates
+        return out
+
+    monkeypatch.setattr(api.inference, "evaluate", evaluate_then_cancel)
+    run_job(str(home), job_id)
+    db = Database(home / "ladder.db")
+    assert db.get_job(job_id)["status"] == "cancelled"
+    assert db.list_models() == [] and not (home / "models" / job_id).exists()
+    assert [e["message"] for e in terminal_events(home, job_id)] == ["cancelled"]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in the job catches it."""
+
+
+def test_a_kill_after_training_keeps_the_training(home, monkeypatch):
+    """Killed after the model is saved but before the job commits it, the rerun goes straight
+    to evaluation: no epoch is trained again."""
+    job_id = new_job(home)
+    with monkeypatch.context() as m:
+        m.setattr(api.inference, "JointModel", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+        with pytest.raises(Killed):
+            run_job(str(home), job_id)
+    assert Database(home / "ladder.db").get_job(job_id)["status"] == "training"
+    epochs_before = [e for e in events(home, job_id) if e["message"].startswith("epoch")]
+    run_job(str(home), job_id)
+    job = Database(home / "ladder.db").get_job(job_id)
+    assert job["status"] == "succeeded", job
+    epochs_after = [e for e in events(home, job_id) if e["message"].startswith("epoch")]
+    assert len(epochs_before) == len(epochs_after) == HP["n_epochs"]
+
+
+def test_a_cancel_during_the_importance_pass_stops_it(home, monkeypatch):
+    """The cancel is seen at the next Fisher batch, before any part is cached, and the job's
+    last event says so exactly once."""
+    import backbone_worker.cache
+    job_id = new_job(home)
+    real = backbone_worker.cache.fit_probe
+
+    def probe_then_cancel(*args, **kwargs):
+        out = real(*args, **kwargs)
+        cancel(home, job_id)
+        return out
+
+    monkeypatch.setattr(backbone_worker.cache, "fit_probe", probe_then_cancel)
+    run_job(str(home), job_id)
+    assert not [e for e in events(home, job_id) if e["message"].startswith("cached")]
+    assert [e["message"] for e in terminal_events(home, job_id)] == ["cancelled"]
+
+
+def _store_of(home: Path, job_id: str) -> str:
+    from backbone_worker.backbone import fingerprint_dir, resolve
+    from backbone_worker.data import load_dataset
+    db = Database(home / "ladder.db")
+    dataset = load_dataset(db.get_file("file-1")["path"])
+    hp = {"cache_dtype": "fp16", **db.get_job(job_id)["hyperparameters"]}   # as the job resolves it
+    key = store_key(fingerprint_dir(resolve("tiny")), dataset.fingerprint, hp)
+    return str(home / "stores" / key)
+
+
+def test_damaged_cached_states_are_recomputed_by_the_job(home):
+    """A chunk of the shared store is damaged after a first job used it: the next job on the
+    same data recomputes the damaged part itself and succeeds (it used to fail, blaming the
+    user's data)."""
+    first = new_job(home)
+    run_job(str(home), first)
+    store = _store_of(home, first)
+    chunk = sorted(p for p in (Path(store) / "parts" / "part-00000").rglob("c/*") if p.is_file())[0]
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    second = new_job(home)
+    run_job(str(home), second)
+    job = Database(home / "ladder.db").get_job(second)
+    assert job["status"] == "succeeded", job
+    assert any("damaged; recomputing" in e["message"] for e in events(home, second))
+
+
+def test_a_job_waits_for_a_store_another_job_writes_and_stays_cancellable(home):
+    from cache_store import StoreLock
+    job_id = new_job(home)
+    store = _store_of(home, job_id)
+    Path(store).parent.mkdir(parents=True, exist_ok=True)
+    lock = StoreLock(store).acquire()             # another job is caching the same data
+    try:
+        runner = threading.Thread(target=run_job, args=(str(home), job_id))
+        runner.start()
+        deadline = time.time() + 60
+        while not any("waiting for another job" in e["message"] for e in events(home, job_id)):
+            assert time.time() < deadline
+            time.sleep(0.2)
+        cancel(home, job_id)
+        runner.join(timeout=30)
+        assert not runner.is_alive()
+    finally:
+        lock.release()
+    assert [e["message"] for e in terminal_events(home, job_id)] == ["cancelled"]
+
+
+def test_a_planted_checkpoint_pickle_is_not_executed(home, tmp_path):
+    """Training resumes from checkpoint.pt in a directory Ray workers share; loading it runs no
+    pickled code."""
+    from side_trainer.train import CHECKPOINT, TrainOptions, train
+    job_id = new_job(home)
+    run_job(str(home), job_id)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    out = tmp_path / "model"
+    out.mkdir()
+    torch.save({"identity": Payload()}, out / CHECKPOINT)
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl"):
+        train(_store_of(home, job_id), out, TrainOptions(epochs=1, reduction=4))
+    assert not marker.exists()
+
+
+def test_one_runner_per_home_runs_the_jobs(home):
+    """Two servers on one home: the first runner takes the home's lease and runs every job,
+    also one the second server created; the second runs none, and takes over when the first
+    stops."""
+    db = Database(home / "ladder.db")
+    first = JobRunner(db, home, "thread", lease_ttl_s=1.5)
+    deadline = time.time() + 10
+    while not first.leader:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    second = JobRunner(db, home, "thread", lease_ttl_s=1.5)
+    job_id = new_job(home, n_epochs=1)
+    second.submit(job_id)                       # created through the second server
+    deadline = time.time() + 120
+    while db.get_job(job_id)["status"] != "succeeded":
+        assert time.time() < deadline, db.get_job(job_id)
+        time.sleep(0.2)
+    assert not second.leader and job_id not in second._submitted
+    messages = [e["message"] for e in events(home, job_id)]
+    assert len(messages) == len(set(messages)), messages      # nothing ran twice
+    first.stop()
+    deadline = time.time() + 10
+    while not second.leader:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    later = new_job(home, n_epochs=1)
+    deadline = time.time() + 120
+    while db.get_job(later)["status"] != "succeeded":
+        assert time.time() < deadline, db.get_job(later)
+        time.sleep(0.2)
+    second.stop()
