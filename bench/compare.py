@@ -286,12 +286,19 @@ def _ratios(results: dict) -> dict:
                                                         results[other]["examples_per_s"], 2)
     if results.get("full"):
         full = results["full"]
-        out["lst_cached_memory_vs_full"] = round(c["peak_mem_mb"] / full["peak_mem_mb"], 3)
-        out["lst_cached_total_memory_vs_full"] = round(c["peak_total_mb"] / full["peak_total_mb"], 3)
+        above, total = memory_keys(results)
+        out["lst_cached_memory_vs_full"] = round(c[above] / full[above], 3)
+        out["lst_cached_total_memory_vs_full"] = round(c[total] / full[total], 3)
         out["lst_cached_accuracy_minus_full"] = round(c["test_accuracy"] - full["test_accuracy"], 4)
         out["lst_cached_time_to_model_vs_full"] = round(c["time_to_model_s"] /
                                                         full["time_to_model_s"], 3)
     return out
+
+
+def memory_keys(results: dict) -> tuple[str, str]:
+    """The memory that binds training: the GPU's where the methods ran on one, else the RSS."""
+    on_gpu = any(r and r.get("gpu_peak_mem_mb") is not None for r in results.values())
+    return ("gpu_peak_mem_mb", "gpu_total_mb") if on_gpu else ("peak_mem_mb", "peak_total_mb")
 
 
 def _accuracy_cell(r: dict) -> str:
@@ -300,7 +307,9 @@ def _accuracy_cell(r: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| method | lr (grid) | trainable % | peak MB above load (total) | examples/s | "
+    above, total = memory_keys(report["methods"])
+    memory = "GPU" if above.startswith("gpu") else "peak"
+    rows = [f"| method | lr (grid) | trainable % | {memory} MB above load (total) | examples/s | "
             "time to model (s) | test accuracy | vs full: diff [95% CI], p |",
             "|---|---|---|---|---|---|---|---|"]
     for method, r in report["methods"].items():
@@ -312,7 +321,7 @@ def markdown(report: dict) -> str:
                   f"{100 * vs['ci95'][1]:+.1f}], p = {vs['p_bootstrap']:.3f}" if vs else "")
         grid = ", ".join(f"{lr:g}" for lr in r["lr_grid"])
         rows.append(f"| {method} | {r['lr']:g} ({grid}) | {r['trainable_pct']:.2f} | "
-                    f"{r['peak_mem_mb']:.0f} ({r['peak_total_mb']:.0f}) | "
+                    f"{r[above]:.0f} ({r[total]:.0f}) | "
                     f"{r['examples_per_s']:.1f} | {r['time_to_model_s']:.0f} | "
                     f"{_accuracy_cell(r)} | {versus} |")
     b, c, cfg = report["baselines"], report["cache"], report["config"]
@@ -348,11 +357,12 @@ def write_outputs(report: dict, out: Path) -> None:
     out.write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
     methods = {name: r for name, r in report["methods"].items() if r is not None}
+    above, _ = memory_keys(methods)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in methods.items():
-        ax.errorbar(r["peak_mem_mb"], 100 * r["test_accuracy"],
+        ax.errorbar(r[above], 100 * r["test_accuracy"],
                     yerr=100 * (r["test_accuracy_sd"] or 0), fmt="o", capsize=3)
-        ax.annotate(name, (r["peak_mem_mb"], 100 * r["test_accuracy"]),
+        ax.annotate(name, (r[above], 100 * r["test_accuracy"]),
                     textcoords="offset points", xytext=(6, 4))
     for name, line in (("majority class", "k:"), ("linear probe", "k--")):
         key = "majority" if name.startswith("majority") else "probe"
@@ -360,7 +370,8 @@ def write_outputs(report: dict, out: Path) -> None:
                    linestyle=line[1:], linewidth=1, label=name)
     ax.legend(loc="lower right", fontsize=8)
     ax.margins(x=0.15, y=0.1)      # room for the method labels
-    ax.set_xlabel("training peak memory (MB, above the loaded baseline)")
+    ax.set_xlabel(f"training peak {'GPU ' if above.startswith('gpu') else ''}memory "
+                  f"(MB, above the loaded baseline)")
     ax.set_ylabel("test accuracy (%, whole test split)")
     ax.set_title(f"{report['config']['backbone']} on {report['config']['data']}")
     ax.grid(alpha=0.3)
