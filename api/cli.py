@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -60,6 +61,16 @@ def parse_grid(text: str) -> tuple[str, tuple[float, ...]]:
     return method, values
 
 
+def parse_width(text: str) -> int | str | None:
+    """--width: an integer K, "d/N" (resolved against the backbone's width), or "full"."""
+    if text == "full":
+        return None
+    if re.fullmatch(r"d/[1-9][0-9]*", text) or re.fullmatch(r"[1-9][0-9]*", text):
+        return text if text.startswith("d/") else int(text)
+    raise argparse.ArgumentTypeError(f"--width {text!r} is not a positive integer, d/N or full; "
+                                     f"pass e.g. 96 or d/4")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -95,6 +106,12 @@ def add_cache_args(p: argparse.ArgumentParser, store_required: bool = True) -> N
     p.add_argument("--max-length", type=positive_int, default=128)
     p.add_argument("--dtype", choices=("fp16", "bf16", "int8"), default="fp16",
                    help="stored precision: fp16 (default, lossless for training), bf16, int8 (lossy)")
+    p.add_argument("--width", type=parse_width, default=None,
+                   help="stored width: K numbers per token and state instead of the backbone's "
+                        "d, as an integer or d/N (e.g. d/4); default: full width")
+    p.add_argument("--projection", choices=("pca", "pool"), default="pca",
+                   help="how --width maps d to K: pca (fitted on training states) or pool "
+                        "(mean of channel groups)")
     p.add_argument("--cache-batch-size", type=positive_int, default=64)
     p.add_argument("--fisher-examples", type=positive_int, default=CacheOptions.fisher_examples,
                    help="training examples the Fisher importance of the pruning init sums over "
@@ -144,6 +161,7 @@ def train_options(args):
 def cache_options(args):
     from backbone_worker.cache import CacheOptions
     return CacheOptions(layers=args.layers, max_length=args.max_length, dtype=args.dtype,
+                        width=args.width, projection=args.projection,
                         batch_size=args.cache_batch_size, fisher_examples=args.fisher_examples,
                         part_size=args.part_size,
                         workers=args.workers, gpus_per_worker=args.gpus_per_worker,
@@ -152,7 +170,8 @@ def cache_options(args):
 
 def default_store(args) -> str:
     key = json.dumps([args.backbone, args.data, args.limit, args.seed, args.layers, args.max_length,
-                      args.dtype, args.text_column, args.label_column, args.text_pair_column])
+                      args.dtype, args.text_column, args.label_column, args.text_pair_column]
+                     + ([args.width, args.projection] if args.width else []))
     name = f"{Path(args.backbone).name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return str(ladder_home() / "stores" / name)
 

@@ -58,8 +58,9 @@ class JointModel:
         if self.overlap:
             return [logits.softmax(-1) for logits in self._overlapped(enc)]
         states = self.backbone.ladder_states(self.layers, enc)["enc"]
-        batch = {"enc": {"states": states, "attention_mask": enc["attention_mask"]}}
-        return [side(batch).softmax(-1) for side in self.sides]
+        return [side({"enc": {"states": side.project_states("enc", states),
+                              "attention_mask": enc["attention_mask"]}}).softmax(-1)
+                for side in self.sides]
 
     def _overlapped(self, enc) -> list[torch.Tensor]:
         """Side block j of every side network runs while the backbone computes the next layer."""
@@ -83,9 +84,9 @@ class JointModel:
                         for k, side in enumerate(self.sides):
                             stack = side.streams["enc"]
                             if name == "emb":
-                                runs[k] = stack.begin(state, mask)
+                                runs[k] = stack.begin(stack.project(name, state), mask)
                             elif name in steps[k]:
-                                stack.step(runs[k], steps[k][name], state)
+                                stack.step(runs[k], steps[k][name], stack.project(name, state))
                     except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
                         errors.append(exc)
 
@@ -124,7 +125,9 @@ class JointModel:
                              "input_ids": dec["input_ids"]}}
             for k, side in enumerate(self.sides):
                 if text in side.cfg.label_texts:
-                    logp = side(batch).log_softmax(-1).gather(-1, dec["input_ids"][..., None])[..., 0]
+                    inputs = {s: {**part, "states": side.project_states(s, part["states"])}
+                              for s, part in batch.items()}
+                    logp = side(inputs).log_softmax(-1).gather(-1, dec["input_ids"][..., None])[..., 0]
                     loglik[k, text] = (logp * dec["attention_mask"]).sum(1)
         return [torch.stack([loglik[k, t] for t in side.cfg.label_texts], 1).softmax(-1)
                 for k, side in enumerate(self.sides)]

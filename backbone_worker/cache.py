@@ -21,14 +21,17 @@ from tqdm.auto import tqdm
 
 from backbone_worker.backbone import Backbone, load_backbone, portable_config
 from backbone_worker.data import SPLITS, Dataset, Example, load_dataset
-from backbone_worker.families import ENCODER_DECODER
+from backbone_worker.families import DECODER, ENCODER_DECODER, FamilyError
 from backbone_worker.importance import fisher_scores, fit_probe, magnitude_scores
 from cache_store import ActivationStore, StoreLock
+from cache_store.projection import ProjectionSpec
+from cache_store.projection import fit as fit_projection
 
 log = logging.getLogger(__name__)
 
 IMPORTANCE_FILE = "importance.safetensors"
 PROBE_EXAMPLES = 512     # training examples that fit the Fisher probe (disjoint from those scored)
+PROJECTION_EXAMPLES = 256   # training examples whose states fit a store's width map
 
 
 @dataclass
@@ -36,6 +39,8 @@ class CacheOptions:
     layers: list[int] | str | None = None  # kept layers: a list, "all", or None (family default)
     max_length: int = 128               # tokens per example (longer texts are truncated)
     dtype: str = "fp16"                 # fp16 | bf16 | int8 (lossy, per-token scale)
+    width: int | str | None = None      # stored width K < d, or "d/N"; None: full width d
+    projection: str = "pca"             # how d becomes K: pca | pool (cache_store/projection.py)
     batch_size: int = 64                # backbone forward batch
     part_size: int = 256                # examples per store part (the unit of work and resume)
     fisher_examples: int = 1024         # training examples the Fisher importance sums over (as the paper)
@@ -73,7 +78,45 @@ def store_settings(backbone: Backbone, dataset: Dataset, layers: list[int], opts
         # Only pair data records it, so stores of single texts keep their fingerprints.
         **({"text_pair": True} if dataset.examples and dataset.examples[0].text_pair is not None
            else {}),
+        # Likewise a stored width below d: full-width stores keep theirs.
+        **({"projection": projection_spec(backbone, opts).as_dict()} if opts.width else {}),
     }
+
+
+def projection_spec(backbone: Backbone, opts: CacheOptions) -> ProjectionSpec:
+    """Decoder-only backbones normalise each token before the map, as their side networks
+    normalise each state before its ladder (side_trainer/model.py)."""
+    d = backbone.hidden_size
+    width = opts.width
+    if isinstance(width, str):                     # "d/N"
+        n = int(width.split("/")[1])
+        if d % n:
+            raise FamilyError(f"--width {width}: {n} does not divide the backbone's width {d}; "
+                              f"pick a divisor of {d}, or an integer width")
+        width = d // n
+    try:
+        spec = ProjectionSpec(opts.projection, width, backbone.family.name == DECODER)
+        spec.check_width(d)
+    except ValueError as exc:
+        raise FamilyError(f"--width {opts.width}: {exc}") from None
+    return spec
+
+
+def write_projection(store: ActivationStore, backbone: Backbone, dataset: Dataset,
+                     layers: list[int], opts: CacheOptions) -> None:
+    """Fit the store's width map on the states of the first PROJECTION_EXAMPLES training
+    examples (once: a resumed store keeps its map)."""
+    if store.projection is None or store.projection_matrices():
+        return
+    start = time.perf_counter()
+    sample = dataset.split("train")[:PROJECTION_EXAMPLES]
+    arrays = encode_part(backbone, sample, layers, dataset.labels, opts)
+    store.set_projection({
+        f"{s}/{name}": fit_projection(store.projection, np.concatenate(rows))
+        for s, stream in arrays["streams"].items() for name, rows in stream["states"].items()})
+    log.info("fitted the %s map to width %d on %d training examples in %.1fs",
+             store.projection.kind, store.projection.width, len(sample),
+             time.perf_counter() - start)
 
 
 def make_plan(dataset: Dataset, part_size: int) -> list[dict]:
@@ -183,6 +226,7 @@ def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: C
     with StoreLock(store_url).acquire(wait_s=opts.wait_s):
         store = ActivationStore.create_or_open(store_url, settings, plan)
         write_importance(store_url, backbone, dataset, layers, opts, check)
+        write_projection(store, backbone, dataset, layers, opts)
         todo = [p for p in plan if not store.is_committed(p["index"])]
         if len(todo) < len(plan):
             log.info("resuming: %d of %d parts already committed", len(plan) - len(todo), len(plan))

@@ -239,7 +239,7 @@ def train_lst(method: str, cfg: dict) -> dict:
             enc = backbone.tokenize([e.text for e in chunk], None, cfg["max_length"])
             states = backbone.ladder_states(net.cfg.layers, enc)["enc"]
             # Made outside inference mode, the copies can be saved for the side's backward.
-            states = {k: v.clone() for k, v in states.items()}
+            states = {k: v.clone() for k, v in net.project_states("enc", states).items()}
             batch = {"enc": {"states": states, "attention_mask": enc["attention_mask"]},
                      "labels": torch.tensor([data.labels.index(e.label) for e in chunk],
                                             device=device)}

@@ -12,13 +12,15 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cache_store import codecs, layout
+from cache_store import codecs, layout, projection
 from cache_store.errors import CorruptPartError, StateRangeError, StoreError, StoreMismatchError
 from cache_store.location import Location
 from cache_store.reader import BatchPlan, iter_batches
 from cache_store.settings import canonical, differences, fingerprint, state_dtype, validate_plan
 
 log = logging.getLogger(__name__)
+
+PROJECTION = "projection"    # group of the fitted width maps: projection/<stream>/<state name>
 
 
 class ActivationStore:
@@ -29,6 +31,10 @@ class ActivationStore:
         self.fingerprint: str = attrs["fingerprint"]
         self.plan: list[dict] = attrs["plan"]
         self.dtype: str = state_dtype(self.settings)
+        spec = self.settings.get("projection")
+        self.projection: projection.ProjectionSpec | None = (
+            projection.ProjectionSpec(**spec) if spec else None)
+        self._matrices: dict[str, np.ndarray] | None = None
         self._root = root
 
     # ---- opening -------------------------------------------------------------------------
@@ -97,6 +103,31 @@ class ActivationStore:
             root = zarr.open_group(location.zarr_url, mode=mode, zarr_format=3)
         return cls(location, root)
 
+    # ---- stored width ----------------------------------------------------------------------
+
+    def projection_matrices(self) -> dict[str, np.ndarray]:
+        """The fitted (d, K) maps, keyed "stream/state name"; empty until set_projection."""
+        if self._matrices is None:
+            group = self._root.get(PROJECTION)
+            found = {} if group is None else {
+                f"{s}/{name}": layout.read_array(group[s], name)
+                for s in group.group_keys() for name in group[s].array_keys()}
+            if not found:
+                return {}
+            self._matrices = found
+        return self._matrices
+
+    def set_projection(self, matrices: dict[str, np.ndarray]) -> None:
+        """Store the fitted maps (once, before any part is written; a resumed run keeps them)."""
+        if self.projection_matrices():
+            return
+        group = self._root.require_group(PROJECTION)
+        for key, matrix in matrices.items():
+            stream, name = key.split("/")
+            layout.write_array(group.require_group(stream), name,
+                               np.asarray(matrix, dtype=np.float32))
+        self._matrices = None
+
     # ---- parts -----------------------------------------------------------------------------
 
     def _part_attrs(self, index: int) -> dict | None:
@@ -149,7 +180,12 @@ class ActivationStore:
         if parts.get(name) is not None:
             log.warning("overwriting uncommitted part %d of %s", index, self.location.url)
         # Encoded before anything is written: a state the dtype cannot hold fails the part here.
-        encoded = {s: _encode_stream(s, stream, self.dtype) for s, stream in streams.items()}
+        matrices = self.projection_matrices() if self.projection else None
+        if self.projection and not matrices:
+            raise StoreError(f"store {self.location.url} stores width {self.projection.width} but "
+                             f"its projection was not fitted; run `ladder cache` to fill it")
+        encoded = {s: _encode_stream(s, stream, self.dtype, self.projection, matrices)
+                   for s, stream in streams.items()}
         del parts[name]
         group = parts.create_group(name)
         sums = {"example_ids": layout.write_array(group, "example_ids", example_ids),
@@ -266,13 +302,24 @@ class ActivationStore:
             "total_parts": len(self.plan),
             "layers": self.settings.get("layers"),
             "dtype": self.dtype,
-            # per element, for the (first) state width d; None until a part tells us d
+            # The dtype's nominal size of one stored number, before compression: 2 for fp16 and
+            # bf16, 1 + 4/K for int8 (a float32 scale per token). None until a part is written.
             "bytes_per_element": codecs.bytes_per_element(self.dtype, dims[0]) if dims else None,
+            "stored_width": dims[0] if dims else None,
+            "projection": self.settings.get("projection"),
             "state_names": state_names,
             "n_tokens": sum(m["n_tokens"] for m in metas),
             "stored_bytes": stored,
+            # What one example costs on disk, everything included (states, ids, compression).
+            "bytes_per_example": round(stored / n) if (n := sum(
+                self.plan[i]["n"] for i in committed)) else None,
             "raw_fp32_bytes": raw,
+            # float32 states of the stored width over the bytes on disk (codec and compression).
             "compression_ratio": raw / stored if stored else None,
+            # float32 states of the backbone's full width over the bytes on disk (width, codec and
+            # compression together): what the store saves against keeping the states as they are.
+            "full_width_ratio": (raw * self.settings["hidden_size"] / dims[0] / stored
+                                 if stored and dims and "hidden_size" in self.settings else None),
             "splits": splits,
         }
 
@@ -290,8 +337,11 @@ class ActivationStore:
             state_names=state_names))
 
 
-def _encode_stream(prefix: str, stream: dict, dtype: str) -> dict:
-    """One stream's arrays as stored: offsets (n+1,), input_ids int32 (T,), states Encoded (T, d)."""
+def _encode_stream(prefix: str, stream: dict, dtype: str,
+                   spec: projection.ProjectionSpec | None = None,
+                   matrices: dict[str, np.ndarray] | None = None) -> dict:
+    """One stream's arrays as stored: offsets (n+1,), input_ids int32 (T,), states Encoded (T, d),
+    or (T, K) through the store's projection."""
     lengths = np.array([len(ids) for ids in stream["input_ids"]], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)          # (n+1,)
     ids = np.concatenate([np.asarray(i, dtype=np.int64).reshape(-1) for i in stream["input_ids"]])
@@ -299,8 +349,11 @@ def _encode_stream(prefix: str, stream: dict, dtype: str) -> dict:
         raise ValueError("input_ids do not fit in int32")
     states = {}
     for name, rows in stream["states"].items():
+        values = np.concatenate(rows, axis=0)                                    # (T, d)
+        if spec is not None:
+            values = projection.apply(spec, matrices[f"{prefix}/{name}"], values)  # (T, K)
         try:
-            states[name] = codecs.encode(np.concatenate(rows, axis=0), dtype)       # (T, d)
+            states[name] = codecs.encode(values, dtype)
         except StateRangeError as exc:
             raise StateRangeError(f"{prefix} state {name}: {exc}") from None
     return {"offsets": offsets, "input_ids": ids.astype(np.int32), "states": states}

@@ -44,6 +44,9 @@ class SideConfig:
     store_fingerprint: str = ""       # the activation store the network was trained from
     label_texts: list[str] = field(default_factory=list)  # T5: the text the decoder emits per class
     text_pair: bool = False           # trained on (text, text_pair) inputs: predictions need both
+    # The store's width map (cache_store/projection.py: kind, width K, normalize), or None: the
+    # ladders then read K-wide states, and live states go through the same map first.
+    projection: dict | None = None
     # RMS-normalise each backbone state before its ladder; None = the family's default (on for
     # decoder-only models, whose residual streams carry massive activations, off otherwise).
     ladder_norm: bool | None = None
@@ -85,14 +88,22 @@ class SideStack(nn.Module):
         side_width = width // cfg.reduction
         self.family = family.name
         self.layers = list(cfg.layers)
+        self.projection = cfg.projection
         self.temperature = cfg.gate_temperature
         names = ["emb"] + [f"layer_{i}" for i in cfg.layers]
-        self.ladders = nn.ModuleDict({name: nn.Linear(width, side_width) for name in names})
+        state_width = cfg.projection["width"] if cfg.projection else width
+        self.ladders = nn.ModuleDict({name: nn.Linear(state_width, side_width) for name in names})
         for ladder in self.ladders.values():
             nn.init.normal_(ladder.weight, std=0.01)
             nn.init.zeros_(ladder.bias)
         self.gate_alpha = nn.Parameter(torch.zeros(len(cfg.layers)))
         self.ladder_norm = cfg.ladder_norm if cfg.ladder_norm is not None else family.name == DECODER
+        if cfg.projection:
+            # The width map holds the states (normalised first where the family wants it, as
+            # cache_store.projection records): (d, K) per state, saved with the model.
+            self.ladder_norm = False
+            for name in names:
+                self.register_buffer(f"projection_{name}", torch.zeros(width, state_width))
         self.blocks = nn.ModuleList(
             make_block(family, side_config, stream, j) for j in range(len(cfg.layers)))
         if family.name == ENCODER_DECODER:
@@ -120,6 +131,17 @@ class SideStack(nn.Module):
             x = state.float()                  # squares of these overflow fp16
             state = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(ladder.weight.dtype)
         return ladder(state)
+
+    def project(self, name: str, state: torch.Tensor) -> torch.Tensor:
+        """A live backbone state (B, T, d) -> what the store would hold for it (B, T, K): the
+        identity without a width map."""
+        spec = self.projection
+        if spec is None:
+            return state
+        x = state.float()
+        if spec["normalize"]:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x @ getattr(self, f"projection_{name}")
 
     def gates(self) -> torch.Tensor:
         return torch.sigmoid(self.gate_alpha / self.temperature)
@@ -201,8 +223,15 @@ class SideNetwork(nn.Module):
         """Classification logits (B, n_labels) from the side encoder's output (B, T, d/r)."""
         return self.classifier(self.upsample(self.pool(h, mask)))
 
+    def project_states(self, stream: str, states: dict[str, torch.Tensor]) -> dict:
+        """Live backbone states of one stream -> this network's inputs (the store's width map)."""
+        stack = self.streams[stream]
+        return {name: stack.project(name, state) for name, state in states.items()
+                if name in stack.ladders}
+
     def forward(self, batch: dict) -> torch.Tensor:
-        """Classification logits (B, n_labels), or for T5 LM logits (B, T_dec, vocab)."""
+        """Classification logits (B, n_labels), or for T5 LM logits (B, T_dec, vocab), from
+        states as the store holds them (live states: project_states first)."""
         enc = batch["enc"]
         h = self.streams["enc"](enc["states"], enc["attention_mask"])
         if self.cfg.family != ENCODER_DECODER:

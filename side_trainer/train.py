@@ -114,9 +114,13 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
         labels=settings["labels"], reduction=opts.reduction, pooling=opts.pooling, init=opts.init,
         max_length=settings["max_length"], store_fingerprint=store.fingerprint,
         label_texts=settings["labels"] if settings["family"] == ENCODER_DECODER else [],
-        text_pair=settings.get("text_pair", False))
+        text_pair=settings.get("text_pair", False), projection=settings.get("projection"))
     torch.manual_seed(opts.seed)
     net = SideNetwork(cfg)
+    if cfg.projection:
+        for key, matrix in store.projection_matrices().items():
+            stream, name = key.split("/")
+            getattr(net.streams[stream], f"projection_{name}").copy_(torch.from_numpy(matrix))
     needs_backbone = opts.init != "random" or cfg.family == ENCODER_DECODER
     if needs_backbone:
         backbone_dir = resolve(cfg.backbone)
