@@ -34,7 +34,7 @@ class BatchPlan:
     batch_size: int
     shuffle: bool
     seed: int                        # pass e.g. base_seed + epoch for a new order every epoch
-    shuffle_buffer: int              # examples held for shuffling (mixes across part boundaries)
+    shuffle_bytes: int               # bytes of examples held for shuffling (mixes across parts)
     prefetch: int                    # batches prepared ahead by a thread; 0: read inline
     drop_last: bool
     state_names: list[str] | None    # None: every stored state
@@ -46,6 +46,7 @@ class Example:
     label: int
     # stream -> (input_ids int32 (t,), {state name: Encoded (t, d)}): views into the stored part
     streams: dict[str, tuple[np.ndarray, dict[str, Encoded]]]
+    nbytes: int = 0                  # bytes of its stored states (what holding it costs)
 
 
 def iter_batches(source: PartSource, plan: BatchPlan) -> Iterator[dict]:
@@ -63,22 +64,27 @@ def _batches(source: PartSource, plan: BatchPlan) -> Iterator[dict]:
         rng.shuffle(parts)
     examples = _examples(source, parts, plan.state_names)
     if plan.shuffle:
-        examples = _shuffle_buffer(examples, rng, plan.shuffle_buffer)
+        examples = _shuffle_buffer(examples, rng, plan.shuffle_bytes)
     for batch in _batched(examples, plan, rng):
         if len(batch) == plan.batch_size or not plan.drop_last:
             yield collate(batch, source.dtype)
 
 
 def _batched(examples: Iterator[Example], plan: BatchPlan, rng: random.Random) -> Iterator[list]:
-    """Batches of B examples. When shuffling, each window of BUCKET_BATCHES * B examples is
-    sorted by length before it is cut, and its batches are emitted in random order: batches then
-    hold examples of similar length, so little compute goes to padding."""
+    """Batches of B examples. When shuffling, each window of BUCKET_BATCHES * B examples (fewer
+    if they pass half the shuffle budget in bytes) is sorted by length before it is cut, and its
+    batches are emitted in random order: batches then hold examples of similar length, so
+    little compute goes to padding."""
     window = plan.batch_size * (BUCKET_BATCHES if plan.shuffle else 1)
     pending: list[Example] = []
+    held = 0
     for example in itertools.chain(examples, [None]):
         if example is not None:
             pending.append(example)
-            if len(pending) < window:
+            held += example.nbytes
+            over_budget = (plan.shuffle and held >= plan.shuffle_bytes // 2
+                           and len(pending) % plan.batch_size == 0)
+            if len(pending) < window and not over_budget:
                 continue
         if plan.shuffle:
             pending.sort(key=lambda e: len(next(iter(e.streams.values()))[0]))
@@ -86,7 +92,7 @@ def _batched(examples: Iterator[Example], plan: BatchPlan, rng: random.Random) -
         if plan.shuffle:
             rng.shuffle(batches)
         yield from batches
-        pending = []
+        pending, held = [], 0
 
 
 def _examples(source: PartSource, parts: list[int], state_names: list[str] | None) -> Iterator[Example]:
@@ -94,31 +100,35 @@ def _examples(source: PartSource, parts: list[int], state_names: list[str] | Non
         part = source.read_part(index, state_names=state_names, decode=False)
         streams = part["streams"]
         for j, (example_id, label) in enumerate(zip(part["example_ids"].tolist(), part["labels"].tolist())):
-            views = {}
+            views, nbytes = {}, 0
             for s, stream in streams.items():
                 start, end = int(stream["offsets"][j]), int(stream["offsets"][j + 1])
                 # Views into the part: it stays alive while any of its examples wait in the
                 # shuffle buffer (a few parts of a few tens of MB), which costs less than copying.
-                views[s] = (stream["input_ids"][start:end],
-                            {k: Encoded(v.values[start:end],
-                                        None if v.scales is None else v.scales[start:end])
-                             for k, v in stream["states"].items()})
-            yield Example(example_id, label, views)
+                states = {k: Encoded(v.values[start:end],
+                                     None if v.scales is None else v.scales[start:end])
+                          for k, v in stream["states"].items()}
+                views[s] = (stream["input_ids"][start:end], states)
+                nbytes += sum(e.values.nbytes for e in states.values())
+            yield Example(example_id, label, views, nbytes)
 
 
-def _shuffle_buffer(examples: Iterator[Example], rng: random.Random, size: int) -> Iterator[Example]:
-    """Windows of `size` examples, each shuffled and emitted whole. Examples are views into
-    their part, so a part stays in memory until its last example is out: emitting whole windows
-    bounds that to about two windows of parts. (A reservoir that evicts one random example at a
-    time keeps stragglers of every part read so far, i.e. the whole epoch, in memory.) Every
-    example comes out exactly once."""
+def _shuffle_buffer(examples: Iterator[Example], rng: random.Random,
+                    budget: int) -> Iterator[Example]:
+    """Windows of examples holding up to `budget` bytes of states, each shuffled and emitted
+    whole. Examples are views into their part, so a part stays in memory until its last example
+    is out: emitting whole windows bounds that to about two windows and a part, whatever the
+    store's size. (A reservoir that evicts one random example at a time keeps stragglers of
+    every part read so far, i.e. the whole epoch, in memory.) Every example comes out once."""
     window: list[Example] = []
+    held = 0
     for example in examples:
         window.append(example)
-        if len(window) >= max(1, size):
+        held += example.nbytes
+        if held >= budget:
             rng.shuffle(window)
             yield from window
-            window = []
+            window, held = [], 0
     rng.shuffle(window)
     yield from window
 

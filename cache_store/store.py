@@ -21,6 +21,9 @@ from cache_store.settings import canonical, differences, fingerprint, state_dtyp
 log = logging.getLogger(__name__)
 
 PROJECTION = "projection"    # group of the fitted width maps: projection/<stream>/<state name>
+# States the reader holds for shuffling: its memory is about twice this plus a part or two, for
+# any number of examples (cache_store/reader.py).
+SHUFFLE_BYTES = 32 * 2**20
 
 
 class ActivationStore:
@@ -324,7 +327,8 @@ class ActivationStore:
         }
 
     def iter_batches(self, split: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                     shuffle_buffer: int = 512, prefetch: int = 2, drop_last: bool = False,
+                     shuffle_bytes: int = SHUFFLE_BYTES, prefetch: int = 2,
+                     drop_last: bool = False,
                      state_names: list[str] | None = None) -> Iterator[dict]:
         """Padded torch batches of the committed parts of a split; see reader.py."""
         parts = self._committed_of_split(split)
@@ -333,7 +337,7 @@ class ActivationStore:
                              "run/finish `ladder cache` first")
         return iter_batches(self, BatchPlan(
             parts=parts, batch_size=batch_size, shuffle=shuffle, seed=seed,
-            shuffle_buffer=shuffle_buffer, prefetch=prefetch, drop_last=drop_last,
+            shuffle_bytes=shuffle_bytes, prefetch=prefetch, drop_last=drop_last,
             state_names=state_names))
 
 

@@ -302,7 +302,7 @@ def test_iter_batches_covers_each_example_once_with_its_states(tmp_path, dtype):
     store, parts = build(tmp_path, plan, dtype=dtype, streams=("enc", "dec"))
     expected = reference({i: p for i, p in parts.items() if plan[i]["split"] == "train"}, dtype)
     seen = []
-    for batch in store.iter_batches("train", 4, seed=3, shuffle_buffer=5):
+    for batch in store.iter_batches("train", 4, seed=3, shuffle_bytes=5 * 7 * D * 2):
         b = len(batch["example_ids"])
         assert batch["labels"].dtype == torch.int64 and batch["example_ids"].dtype == torch.int64
         for s in ("enc", "dec"):
@@ -345,10 +345,36 @@ def test_shuffle_depends_on_seed_and_keeps_every_example(tmp_path):
 
     in_plan_order = [i for p in parts.values() for i in p["example_ids"].tolist()]
     assert order(shuffle=False) == in_plan_order
-    a, b = order(seed=0, shuffle_buffer=16), order(seed=1, shuffle_buffer=16)
+    a, b = order(seed=0, shuffle_bytes=2000), order(seed=1, shuffle_bytes=2000)
     assert a != b and a != in_plan_order
     assert sorted(a) == sorted(b) == sorted(in_plan_order)
-    assert order(seed=0, shuffle_buffer=16) == a                       # reproducible
+    assert order(seed=0, shuffle_bytes=2000) == a                       # reproducible
+
+
+def _parts_held(tmp_path, monkeypatch, n_parts: int) -> int:
+    """The most parts the reader had read but not yet fully emitted during one epoch."""
+    store, parts = build(tmp_path / str(n_parts), make_plan(*[(10, "train")] * n_parts))
+    reads = []
+    real = store.read_part
+    monkeypatch.setattr(store, "read_part", lambda i, **kw: reads.append(i) or real(i, **kw))
+    part_of = {int(i): p for p, part in parts.items() for i in part["example_ids"]}
+    left = {p: len(part["example_ids"]) for p, part in parts.items()}
+    example_bytes = 7 * len(STATES) * D * 2             # fp16 states of a full-length example
+    held = []
+    for batch in store.iter_batches("train", 4, seed=0, prefetch=0,
+                                    shuffle_bytes=15 * example_bytes):
+        for i in batch["example_ids"].tolist():
+            left[part_of[i]] -= 1
+        held.append(sum(1 for p in set(reads) if left[p] > 0))
+    assert sorted(reads) == list(range(n_parts)) and all(v == 0 for v in left.values())
+    return max(held)
+
+
+def test_the_reader_holds_a_bounded_number_of_parts(tmp_path, monkeypatch):
+    """Parts read but not yet fully emitted (what the reader keeps in memory) stay within a few
+    shuffle budgets' worth, and do not grow with the number of parts in the epoch."""
+    small, large = (_parts_held(tmp_path, monkeypatch, n) for n in (20, 80))
+    assert small <= 8 and large <= small + 1, (small, large)
 
 
 def test_split_without_committed_parts(tmp_path):
