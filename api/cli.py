@@ -112,6 +112,9 @@ def add_cache_args(p: argparse.ArgumentParser, store_required: bool = True) -> N
     p.add_argument("--projection", choices=("pca", "pool"), default="pca",
                    help="how --width maps d to K: pca (fitted on training states) or pool "
                         "(mean of channel groups)")
+    p.add_argument("--importance", default=None, metavar="FILE",
+                   help="reuse the importance.safetensors of another store of the same backbone, "
+                        "data and layers (or a superset of them) instead of a Fisher pass")
     p.add_argument("--cache-batch-size", type=positive_int, default=64)
     p.add_argument("--fisher-examples", type=positive_int, default=CacheOptions.fisher_examples,
                    help="training examples the Fisher importance of the pruning init sums over "
@@ -161,7 +164,7 @@ def train_options(args):
 def cache_options(args):
     from backbone_worker.cache import CacheOptions
     return CacheOptions(layers=args.layers, max_length=args.max_length, dtype=args.dtype,
-                        width=args.width, projection=args.projection,
+                        width=args.width, projection=args.projection, importance=args.importance,
                         batch_size=args.cache_batch_size, fisher_examples=args.fisher_examples,
                         part_size=args.part_size,
                         workers=args.workers, gpus_per_worker=args.gpus_per_worker,

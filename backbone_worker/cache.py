@@ -41,6 +41,8 @@ class CacheOptions:
     dtype: str = "fp16"                 # fp16 | bf16 | int8 (lossy, per-token scale)
     width: int | str | None = None      # stored width K < d, or "d/N"; None: full width d
     projection: str = "pca"             # how d becomes K: pca | pool (cache_store/projection.py)
+    importance: str | None = None       # an importance file of another store of the same backbone
+                                        # and data, reused instead of a Fisher pass
     batch_size: int = 64                # backbone forward batch
     part_size: int = 256                # examples per store part (the unit of work and resume)
     fisher_examples: int = 1024         # training examples the Fisher importance sums over (as the paper)
@@ -189,6 +191,11 @@ def write_importance(store_url: str, backbone: Backbone, dataset: Dataset, layer
     path = f"{store_url.rstrip('/')}/{IMPORTANCE_FILE}"
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.exists(fs_path):
+        return
+    if opts.importance:
+        with fsspec.open(opts.importance, "rb") as source, fs.open(fs_path, "wb") as handle:
+            handle.write(source.read())
+        log.info("importance scores copied from %s", opts.importance)
         return
     train = dataset.split("train")
     needs_probe = backbone.family.name != ENCODER_DECODER

