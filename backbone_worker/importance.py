@@ -38,15 +38,18 @@ log = logging.getLogger(__name__)
 FISHER_BATCH = 16     # examples per backward pass; the scores do not depend on it
 
 
-def block_parameters(backbone: Backbone, layers: list[int]) -> dict[str, torch.nn.Parameter]:
-    """Parameters of the kept blocks, keyed "stream/i/in-block name"."""
-    out = {}
+def kept_blocks(backbone: Backbone, layers: list[int]):
+    """("stream/i/", block) for every kept block of every stream."""
     for stream in backbone.family.streams:
         blocks = backbone._blocks(stream)
         for i in layers:
-            for name, param in blocks[i].named_parameters():
-                out[f"{stream}/{i}/{name}"] = param
-    return out
+            yield f"{stream}/{i}/", blocks[i]
+
+
+def block_parameters(backbone: Backbone, layers: list[int]) -> dict[str, torch.nn.Parameter]:
+    """Parameters of the kept blocks, keyed "stream/i/in-block name"."""
+    return {prefix + name: param for prefix, block in kept_blocks(backbone, layers)
+            for name, param in block.named_parameters()}
 
 
 def _reduce(method: str, key: str, element_scores: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -206,12 +209,9 @@ def fisher_scores(backbone: Backbone, layers: list[int], texts: list[str], pairs
     if probe is None and backbone.family.name != ENCODER_DECODER:
         raise ValueError("Fisher scores of an encoder or decoder-only backbone need a probe "
                          "fitted on other training examples (fit_probe)")
-    modules = {}
-    for stream in backbone.family.streams:
-        blocks = backbone._blocks(stream)
-        for i in layers:
-            for name, module in blocks[i].named_modules():
-                modules[f"{stream}/{i}/{name + '.' if name else ''}"] = module
+    modules = {prefix + (name + "." if name else ""): module
+               for prefix, block in kept_blocks(backbone, layers)
+               for name, module in block.named_modules()}
     params = block_parameters(backbone, layers)
     hooks = _SquaredGradients(modules)
     # The weights stay frozen (autograd computes no weight gradients, which the hooks do not

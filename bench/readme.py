@@ -109,7 +109,28 @@ def serve(report: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-RENDERERS = {"bench": markdown, "finetune": finetune, "gpu": gpu, "cache": cache, "serve": serve}
+def tiers(report: dict) -> str:
+    """bench/tiers.py: what each store tier costs and gives (mean ± sd over the seeds)."""
+    base = report["tiers"]["fp16"]
+    rows = ["| tier | width | layers | bytes/example | smaller than fp16 | caching ex/s | "
+            "epoch s (store) | train peak MB | validation acc. | test acc. |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, t in sorted(report["tiers"].items(), key=lambda kv: -kv[1]["bytes_per_example"]):
+        rows.append(
+            f"| {name} | {t['stored_width']} | {len(t['layers'])} | {t['bytes_per_example']:,} | "
+            f"{base['bytes_per_example'] / t['bytes_per_example']:.1f}x | "
+            f"{t['caching_examples_per_s']:.0f} | {t['epoch_seconds_from_store']:.2f} | "
+            f"{t['train_peak_mem_mb']:.0f} | {t['val_accuracy']:.3f} ± {t['val_accuracy_sd']:.3f} | "
+            f"{t['test_accuracy']:.3f} ± {t['test_accuracy_sd']:.3f} |")
+    return ("\n".join(rows) + f"\n\n{report['backbone']} on {report['data']} (--limit "
+            f"{report['limit']}, {report['epochs']} epochs), LST at the rate of "
+            f"{report['lr_grid']} chosen on validation, seeds {report['seeds']}; accuracy on the "
+            f"whole validation ({report['n_validation']:,} rows) and test ({report['n_test']:,} "
+            f"rows) splits; {report['seconds']:.0f} s in all.\n")
+
+
+RENDERERS = {"bench": markdown, "finetune": finetune, "gpu": gpu, "cache": cache, "serve": serve,
+             "tiers": tiers}
 
 
 def render(text: str) -> str:

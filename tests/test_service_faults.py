@@ -18,7 +18,7 @@ import pytest
 from api.cli import main as cli
 from api.db import Database
 from test_cli import write_csv
-from test_service_process import free_port, start_server
+from test_service_process import free_port, start_server, wait_status
 
 KEY = "fault-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -69,13 +69,7 @@ def create_job(server: Server, file_id: str, **hp) -> str:
 
 def wait_job(server: Server, job_id: str, statuses=("succeeded", "failed", "cancelled"),
              timeout: float = 240) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = server.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} never reached {statuses}: {job}")
+    return wait_status(server.base, job_id, statuses, timeout, headers=AUTH)
 
 
 def all_events(server: Server, job_id: str) -> list[dict]:

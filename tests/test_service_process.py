@@ -46,10 +46,11 @@ def start_server(home: Path, port: int, env: dict) -> subprocess.Popen:
     raise AssertionError("server did not become ready")
 
 
-def wait_status(base: str, job_id: str, statuses: tuple, timeout: float) -> dict:
+def wait_status(base: str, job_id: str, statuses: tuple, timeout: float,
+                headers: dict | None = None) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        job = httpx.get(f"{base}/v1/fine_tuning/jobs/{job_id}").json()
+        job = httpx.get(f"{base}/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
         if job["status"] in statuses:
             return job
         time.sleep(0.1)
