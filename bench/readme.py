@@ -129,8 +129,23 @@ def tiers(report: dict) -> str:
             f"rows) splits; {report['seconds']:.0f} s in all.\n")
 
 
+def scaling(report: dict) -> str:
+    """bench/scaling.py: stores of growing size, the training peak of each."""
+    rows = ["| examples | cached by | caching s | store MB | bytes/example | training peak MB | "
+            "training ex/s |", "|---|---|---|---|---|---|---|"]
+    for r in report["stores"]:
+        rows.append(f"| {r['n_examples']:,} | {report['workers']} Ray workers | "
+                    f"{r['caching_seconds']:.0f} | {r['stored_mb']:,.0f} | "
+                    f"{r['bytes_per_example']:,} | {r['train_peak_mem_mb']:.0f} | "
+                    f"{r['train_examples_per_s']:.0f} |")
+    return ("\n".join(rows) + f"\n\nLargest training peak over the smallest: "
+            f"{1 + report['peak_spread']:.2f}x ({report['backbone']}, {report['epochs']} "
+            f"epochs, stored width {report['stores'][0]['stored_width']}, "
+            f"{report['stores'][0]['dtype']}).\n")
+
+
 RENDERERS = {"bench": markdown, "finetune": finetune, "gpu": gpu, "cache": cache, "serve": serve,
-             "tiers": tiers}
+             "tiers": tiers, "scaling": scaling}
 
 
 def render(text: str) -> str:

