@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,11 +101,48 @@ def alias_installed(name: str) -> bool:
 
 
 def _extra_aliases() -> dict:
+    """LADDER_BACKBONES="name=/model/dir,other=org/model@rev": a directory or a hub id each."""
     extra = {}
     for item in filter(None, os.environ.get("LADDER_BACKBONES", "").split(",")):
-        name, _, path = item.partition("=")
-        extra[name.strip()] = lambda path=path: Path(path.strip()).expanduser()
+        name, _, target = item.partition("=")
+        extra[name.strip()] = lambda target=target.strip(): _locate(target)
     return extra
+
+
+# A Hugging Face hub id: "org/name" or "name", optionally "@revision" (a branch, tag or commit).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
+# What Ladder reads of a hub snapshot: config, weights, tokenizer.
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.gguf"]
+
+
+def _locate(target: str) -> Path:
+    path = Path(target).expanduser()
+    if path.exists() or not HUB_ID.match(target):
+        return path
+    return hub_snapshot(target)
+
+
+def hub_snapshot(hub_id: str) -> Path:
+    """The local snapshot directory of `org/name[@revision]` in the Hugging Face cache
+    (HF_HOME / HF_HUB_CACHE), downloaded there first unless HF_HUB_OFFLINE is set."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    repo, _, revision = hub_id.partition("@")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES,
+                                      local_files_only=offline))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        from huggingface_hub.constants import HF_HUB_CACHE
+        raise BackboneError(
+            f"backbone {hub_id!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and "
+            f"HF_HUB_OFFLINE=1 forbids downloading it; fetch it on a connected machine with "
+            f"`hf download {repo}`{f' --revision {revision}' if revision else ''} into that "
+            f"cache, or unset HF_HUB_OFFLINE (a local directory of that name does not "
+            f"exist)") from None
+    except (HFValidationError, OSError) as exc:
+        raise BackboneError(f"backbone {hub_id!r} cannot be fetched from the Hugging Face hub "
+                            f"({exc}); check the id and revision") from None
 
 
 def aliases() -> dict:
@@ -114,14 +152,13 @@ def aliases() -> dict:
 
 
 def resolve(backbone: str) -> Path:
-    """Alias or local Hugging Face model directory -> directory holding config.json."""
-    if backbone in aliases():
-        return aliases()[backbone]()
-    path = Path(backbone).expanduser()
+    """Alias, local model directory or hub id -> the directory holding config.json."""
+    path = aliases()[backbone]() if backbone in aliases() else _locate(backbone)
     if not (path / "config.json").is_file():
         raise BackboneError(
-            f"backbone {backbone!r} is neither an alias ({', '.join(aliases())}) nor a model directory "
-            f"with a config.json; pass one of those")
+            f"backbone {backbone!r} is neither an alias ({', '.join(aliases())}), a model "
+            f"directory with a config.json, nor a Hugging Face hub id (org/name[@revision]); "
+            f"pass one of those")
     return path
 
 
@@ -169,6 +206,11 @@ class Backbone:
     def hidden_size(self) -> int:
         return self.family.hidden_size(self.config)
 
+    @property
+    def revision(self) -> str | None:
+        """The hub commit of a backbone resolved from the Hugging Face cache, else None."""
+        return self.path.name if self.path.parent.name == "snapshots" else None
+
     @functools.cached_property
     def takes_token_types(self) -> bool:
         """Whether the model's forward takes the tokenizer's token_type_ids (BERT does; T5 and
@@ -178,22 +220,18 @@ class Backbone:
     def num_layers(self, stream: str = "enc") -> int:
         return self.family.num_layers(self.config, stream)
 
-    def _stack(self, stream: str) -> nn.Module:
-        """The module that owns the embeddings and blocks of one stream."""
-        if self.family.name == ENCODER_DECODER:
-            return self.model.encoder if stream == "enc" else self.model.decoder
-        return self.model
-
     def _blocks(self, stream: str) -> nn.ModuleList:
-        stack = self._stack(stream)
-        return stack.block if self.family.name == ENCODER_DECODER else (
-            stack.encoder.layer if hasattr(stack, "encoder") else stack.layers)
-
-    def _embedding(self, stream: str) -> nn.Module:
-        stack = self._stack(stream)
+        """The blocks of one stream, in order."""
         if self.family.name == ENCODER_DECODER:
-            return stack.embed_tokens
-        return stack.embeddings if hasattr(stack, "embeddings") else stack.embed_tokens
+            return (self.model.encoder if stream == "enc" else self.model.decoder).block
+        return self.model.get_submodule(self.block_path)
+
+    @functools.cached_property
+    def block_path(self) -> str:
+        """Where an encoder's or decoder-only model's blocks live ("encoder.layer", "layers",
+        "transformer.layer", ...): the first module list with one entry per layer."""
+        return find_block_path(self.model, self.family.num_layers(self.config),
+                               self.config.model_type)
 
     def check_layers(self, layers: list[int]) -> list[int]:
         n = self.family.layer_count(self.config)
@@ -230,9 +268,20 @@ class Backbone:
                     on_state(stream, name, state)
             return hook
 
+        def keep_input(stream):
+            # What enters the first block is the embeddings as the model uses them (after any
+            # scaling, norm or projection, and whether or not streams share one embedding).
+            def hook(_module, args, kwargs):
+                state = block_input(args, kwargs)
+                captured[stream]["emb"] = state
+                if on_state is not None:
+                    on_state(stream, "emb", state)
+            return hook
+
         for stream in self.family.streams:
-            handles.append(self._embedding(stream).register_forward_hook(keep(stream, "emb")))
             blocks = self._blocks(stream)
+            handles.append(blocks[0].register_forward_pre_hook(keep_input(stream),
+                                                               with_kwargs=True))
             for i in layers:
                 handles.append(blocks[i].register_forward_hook(keep(stream, f"layer_{i}")))
         try:
@@ -255,6 +304,30 @@ class Backbone:
         return self.model(**kwargs)
 
 
+HIDDEN_ARGS = ("hidden_states", "x", "hidden_state")   # what blocks call their input
+
+
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A block's hidden-state input, passed positionally or by name."""
+    if args and torch.is_tensor(args[0]):
+        return args[0]
+    for name in HIDDEN_ARGS:
+        if torch.is_tensor(kwargs.get(name)):
+            return kwargs[name]
+    raise FamilyError("cannot find the hidden states among a block's inputs")
+
+
+def find_block_path(model: nn.Module, n_layers: int | None, model_type: str) -> str:
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.ModuleList) and n_layers and len(module) == n_layers
+                and any(True for _ in module[0].parameters())):
+            return name
+    raise FamilyError(
+        f"backbone model_type {model_type!r} has no list of {n_layers} blocks that Ladder can "
+        f"find; Ladder takes encoder and decoder-only models whose blocks sit in one module "
+        f"list, and T5")
+
+
 def load_backbone(name: str, device: str | torch.device = "cpu") -> Backbone:
     """Load a frozen backbone from an alias or a local directory, strictly offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -273,6 +346,9 @@ def load_backbone(name: str, device: str | torch.device = "cpu") -> Backbone:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    log.info("loaded %s backbone %s from %s", family.name, name, path)
-    return Backbone(name=name, path=path, family=family, model=model, tokenizer=tokenizer,
-                    fingerprint=fingerprint_dir(path))
+    backbone = Backbone(name=name, path=path, family=family, model=model, tokenizer=tokenizer,
+                        fingerprint=fingerprint_dir(path))
+    if family.name != ENCODER_DECODER:
+        backbone.block_path          # refuse a model without a block list now, not mid-cache
+    log.info("loaded %s backbone %s (%s) from %s", family.name, name, config.model_type, path)
+    return backbone

@@ -80,6 +80,8 @@ def store_settings(backbone: Backbone, dataset: Dataset, layers: list[int], opts
         # Only pair data records it, so stores of single texts keep their fingerprints.
         **({"text_pair": True} if dataset.examples and dataset.examples[0].text_pair is not None
            else {}),
+        # A hub backbone's resolved commit (its files are in the fingerprint either way).
+        **({"backbone_revision": backbone.revision} if backbone.revision else {}),
         # Likewise a stored width below d: full-width stores keep theirs.
         **({"projection": projection_spec(backbone, opts).as_dict()} if opts.width else {}),
     }

@@ -1,10 +1,15 @@
 """Backbone families: the facts the side network needs about a backbone, without its weights.
 
-A family says which block class the backbone uses, how to shrink its config by the reduction factor
-r, where each block's parameters live in the checkpoint, and along which axes each block parameter
-is pruned. `side_trainer` imports this module (descriptions only); it never imports `backbone.py`.
+Three families, by what a side network needs: an encoder (bidirectional attention), a
+decoder-only model (causal attention) and T5 (an encoder-decoder). Encoders and decoder-only
+models of any architecture get side blocks of one standard type at width d/r, built from a config
+synthesized from the backbone's (`Dims`): BERT blocks (post-norm, GELU feed-forward) for
+encoders, Llama blocks (pre-norm RMSNorm, rotary attention, SwiGLU) for decoder-only models. T5
+gets its own block class. The pruning init needs to know which backbone weight plays which
+role in a side block: `ROLE_MAPS` says it per architecture (fused projections are split by
+rows); an architecture without a role map gets random side blocks, said in the log.
 
-Axis kinds used by the pruning rules:
+Axis kinds used by the pruning rules (on the side block's parameter names):
 - "resid": the residual stream (width d -> d/r); one index set shared by every side block.
 - "attn" / "xattn": attention inner dims of self / cross attention, chosen per head so that side
   head h is a subset of backbone head h (queries and keys of a head must keep the same dims).
@@ -19,11 +24,14 @@ import copy
 import re
 from dataclasses import dataclass
 
-from transformers import PretrainedConfig
+import torch
+from transformers import BertConfig, LlamaConfig, PretrainedConfig
 
 ENCODER = "encoder"
 ENCODER_DECODER = "encoder-decoder"
 DECODER = "decoder"
+T5_TYPES = ("t5", "mt5")
+T5_BLOCK_PREFIX = {"enc": "encoder.block.{i}.", "dec": "decoder.block.{i}."}  # checkpoint keys
 
 
 class FamilyError(ValueError):
@@ -31,24 +39,169 @@ class FamilyError(ValueError):
 
 
 @dataclass(frozen=True)
+class Dims:
+    """The widths and settings of a backbone's blocks, whatever its config calls them."""
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    act: str
+    eps: float
+    dropout: float
+    rope_theta: float
+    max_positions: int
+    attention_bias: bool
+
+
+def _first(config: PretrainedConfig, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def dims(config: PretrainedConfig) -> Dims:
+    hidden = _first(config, "hidden_size", "d_model", "dim", "n_embd")
+    heads = _first(config, "num_attention_heads", "num_heads", "n_heads", "n_head")
+    if hidden is None or heads is None:
+        raise FamilyError(f"model type {config.model_type!r}: its config names no hidden size or "
+                          f"attention heads that Ladder recognises")
+    rope = getattr(config, "rope_parameters", None) or {}
+    act = _first(config, "hidden_activation", "hidden_act", "activation", default="gelu")
+    return Dims(
+        hidden=hidden, heads=heads,
+        kv_heads=_first(config, "num_key_value_heads", default=heads),
+        head_dim=_first(config, "head_dim", default=hidden // heads),
+        intermediate=_first(config, "intermediate_size", "hidden_dim", "d_ff", "n_inner",
+                            default=4 * hidden),
+        act=act if isinstance(act, str) else "gelu",
+        eps=float(_first(config, "layer_norm_eps", "rms_norm_eps", "layer_norm_epsilon",
+                         "norm_eps", default=1e-6)),
+        dropout=float(_first(config, "hidden_dropout_prob", "dropout", "hidden_dropout",
+                             default=0.0)),
+        rope_theta=float(rope.get("rope_theta") or _first(config, "rope_theta", "rotary_emb_base",
+                                                          default=10000.0)),
+        max_positions=_first(config, "max_position_embeddings", "n_positions", default=2048),
+        attention_bias=bool(_first(config, "attention_bias", default=config.model_type == "qwen2")))
+
+
+# ---- which backbone weight plays which role in a side block -----------------------------------
+
+@dataclass(frozen=True)
+class Role:
+    source: str                  # the backbone block's parameter (name inside the block)
+    rows: str | None = None      # part of a fused weight: q, k, v (stacked), neox_q/k/v
+                                 # (interleaved per head), first / second (halves)
+    plus_one: bool = False       # a norm whose scale is 1 + w (Gemma)
+
+    def select(self, tensor: torch.Tensor, d: Dims) -> torch.Tensor:
+        """The side block's full-width parameter from the backbone's (before pruning)."""
+        if self.rows is not None:
+            tensor = tensor.index_select(0, rows_of(self.rows, d, tensor.shape[0]))
+        return tensor + 1 if self.plus_one else tensor
+
+
+def rows_of(part: str, d: Dims, n: int) -> torch.Tensor:
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    if part in ("q", "k", "v"):
+        start = {"q": 0, "k": q, "v": q + kv}[part]
+        return torch.arange(start, start + (q if part == "q" else kv))
+    if part.startswith("neox_"):          # (heads, 3, head_dim) rows: q, k, v of each head
+        j = "qkv".index(part[-1])
+        return (torch.arange(d.heads)[:, None] * 3 * d.head_dim + j * d.head_dim
+                + torch.arange(d.head_dim)).flatten()
+    half = n // 2
+    return torch.arange(0, half) if part == "first" else torch.arange(half, n)
+
+
+BERT_NAMES = ("attention.self.query", "attention.self.key", "attention.self.value",
+              "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
+              "output.dense", "output.LayerNorm")
+LLAMA_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+               "post_attention_layernorm")
+
+
+def _renamed(names: tuple[str, ...], sources: dict[str, str | Role]) -> dict[str, Role]:
+    """Roles of weight and bias of each side module, from a map of side module -> source."""
+    out = {}
+    for name in names:
+        source = sources.get(name, name)
+        if source is None:
+            continue
+        role = source if isinstance(source, Role) else Role(source)
+        for suffix in (".weight", ".bias"):
+            out[name + suffix] = Role(role.source + suffix, role.rows, role.plus_one)
+    return out
+
+
+BERT_LIKE = _renamed(BERT_NAMES, {})
+LLAMA_LIKE = _renamed(LLAMA_NAMES, {})
+ROLE_MAPS: dict[str, dict[str, Role]] = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert"), BERT_LIKE),
+    "deberta-v2": _renamed(BERT_NAMES, {
+        "attention.self.query": "attention.self.query_proj",
+        "attention.self.key": "attention.self.key_proj",
+        "attention.self.value": "attention.self.value_proj"}),
+    "distilbert": _renamed(BERT_NAMES, {
+        "attention.self.query": "attention.q_lin", "attention.self.key": "attention.k_lin",
+        "attention.self.value": "attention.v_lin", "attention.output.dense": "attention.out_lin",
+        "attention.output.LayerNorm": "sa_layer_norm", "intermediate.dense": "ffn.lin1",
+        "output.dense": "ffn.lin2", "output.LayerNorm": "output_layer_norm"}),
+    # Pre-norm blocks with a fused QKV and a gated MLP (Wi = [input; gate]); the norm after
+    # attention is the one before the MLP; the block's last norm belongs to the next block.
+    "modernbert": _renamed(BERT_NAMES, {
+        "attention.self.query": Role("attn.Wqkv", "q"),
+        "attention.self.key": Role("attn.Wqkv", "k"),
+        "attention.self.value": Role("attn.Wqkv", "v"),
+        "attention.output.dense": "attn.Wo", "attention.output.LayerNorm": "mlp_norm",
+        "intermediate.dense": Role("mlp.Wi", "first"), "output.dense": "mlp.Wo",
+        "output.LayerNorm": None}),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), LLAMA_LIKE),
+    **dict.fromkeys(("gemma", "gemma2"), _renamed(LLAMA_NAMES, {
+        "input_layernorm": Role("input_layernorm", plus_one=True),
+        "post_attention_layernorm": Role("pre_feedforward_layernorm", plus_one=True)})),
+    "phi3": _renamed(LLAMA_NAMES, {
+        "self_attn.q_proj": Role("self_attn.qkv_proj", "q"),
+        "self_attn.k_proj": Role("self_attn.qkv_proj", "k"),
+        "self_attn.v_proj": Role("self_attn.qkv_proj", "v"),
+        "mlp.gate_proj": Role("mlp.gate_up_proj", "first"),
+        "mlp.up_proj": Role("mlp.gate_up_proj", "second")}),
+    # A GELU MLP without a gate: the side block's gate starts random.
+    "gpt_neox": _renamed(LLAMA_NAMES, {
+        "self_attn.q_proj": Role("attention.query_key_value", "neox_q"),
+        "self_attn.k_proj": Role("attention.query_key_value", "neox_k"),
+        "self_attn.v_proj": Role("attention.query_key_value", "neox_v"),
+        "self_attn.o_proj": "attention.dense", "mlp.gate_proj": None,
+        "mlp.up_proj": "mlp.dense_h_to_4h", "mlp.down_proj": "mlp.dense_4h_to_h"}),
+}
+
+
+def role_map(model_type: str) -> dict[str, Role] | None:
+    return ROLE_MAPS.get(model_type)
+
+
+# ---- families ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
 class Family:
     name: str
-    model_types: tuple[str, ...]
     streams: tuple[str, ...]                  # "enc" for every family, plus "dec" for T5
-    block_prefix: dict[str, str]              # checkpoint key prefix of block i, per stream
-    prune_rules: tuple[tuple[str, tuple], ...]  # (regex on the in-block name, axis kind per dim)
+    prune_rules: tuple[tuple[str, tuple], ...]  # (regex on the side block's name, axis kinds)
 
     def axes(self, param_name: str) -> tuple:
-        """Axis kinds of one block parameter (first matching rule wins)."""
+        """Axis kinds of one side-block parameter (first matching rule wins)."""
         for pattern, kinds in self.prune_rules:
             if re.search(pattern, param_name):
                 return kinds
         raise KeyError(f"no pruning rule for block parameter {param_name!r} in family {self.name}")
 
     def num_layers(self, config: PretrainedConfig, stream: str = "enc") -> int:
-        if self.name == ENCODER_DECODER and stream == "dec":
-            return config.num_decoder_layers
-        return config.num_layers if self.name == ENCODER_DECODER else config.num_hidden_layers
+        if self.name == ENCODER_DECODER:
+            return config.num_decoder_layers if stream == "dec" else config.num_layers
+        return _first(config, "num_hidden_layers", "n_layers", "num_layers", "n_layer")
 
     def layer_count(self, config: PretrainedConfig) -> int:
         """Layers every stream has: kept layer i means layer i of each stream."""
@@ -64,35 +217,43 @@ class Family:
         return list(range(n))
 
     def hidden_size(self, config: PretrainedConfig) -> int:
-        return config.d_model if self.name == ENCODER_DECODER else config.hidden_size
+        return dims(config).hidden
 
     def side_config(self, config: PretrainedConfig, reduction: int) -> PretrainedConfig:
-        """The backbone's config with every width divided by r; the number of heads is unchanged."""
-        side = copy.deepcopy(config)
-        heads = config.num_heads if self.name == ENCODER_DECODER else config.num_attention_heads
-        if self.name == ENCODER_DECODER:
-            widths = {"d_model": config.d_model, "d_ff": config.d_ff, "d_kv": config.d_kv}
-        elif self.name == DECODER:
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-            widths = {"hidden_size": config.hidden_size,
-                      "intermediate_size": config.intermediate_size, "head_dim": head_dim}
-        else:
-            widths = {"hidden_size": config.hidden_size,
-                      "intermediate_size": config.intermediate_size}
-        for field, width in widths.items():
+        """The config of the side blocks: the backbone's widths divided by r, heads kept."""
+        d = dims(config)
+        widths = {"hidden size": d.hidden, "feed-forward width": d.intermediate}
+        if self.name != ENCODER:         # BERT blocks derive their head dim (checked below)
+            widths["head dim"] = config.d_kv if self.name == ENCODER_DECODER else d.head_dim
+        for what, width in widths.items():
             if reduction < 1 or width % reduction:
                 raise FamilyError(
-                    f"reduction factor {reduction} does not divide the backbone's {field}={width}; "
+                    f"reduction factor {reduction} does not divide the backbone's {what} {width}; "
                     f"pick r among the divisors of {width} (the default is 8)")
-            setattr(side, field, width // reduction)
-        if self.name == ENCODER and side.hidden_size % heads:
-            raise FamilyError(
-                f"side width {side.hidden_size} (= {config.hidden_size}/{reduction}) is not a multiple "
-                f"of the {heads} attention heads; pick r so that {config.hidden_size}/r is")
-        if self.name == DECODER and side.head_dim % 2:
-            raise FamilyError(
-                f"side head dim {side.head_dim} is odd, which rotary embeddings cannot use; pick a "
-                f"smaller r")
+        if self.name == ENCODER_DECODER:
+            side = copy.deepcopy(config)
+            side.d_model, side.d_ff, side.d_kv = (config.d_model // reduction,
+                                                  config.d_ff // reduction,
+                                                  config.d_kv // reduction)
+        elif self.name == DECODER:
+            side = LlamaConfig(
+                hidden_size=d.hidden // reduction, intermediate_size=d.intermediate // reduction,
+                num_attention_heads=d.heads, num_key_value_heads=d.kv_heads,
+                head_dim=d.head_dim // reduction, rms_norm_eps=d.eps, hidden_act="silu",
+                max_position_embeddings=d.max_positions, attention_bias=d.attention_bias,
+                rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta})
+            if side.head_dim % 2:
+                raise FamilyError(f"side head dim {side.head_dim} is odd, which rotary "
+                                  f"embeddings cannot use; pick a smaller r")
+        else:
+            side = BertConfig(
+                hidden_size=d.hidden // reduction, intermediate_size=d.intermediate // reduction,
+                num_attention_heads=d.heads, hidden_act=_bert_act(d.act),
+                layer_norm_eps=d.eps, hidden_dropout_prob=d.dropout)
+            if side.hidden_size % d.heads:
+                raise FamilyError(
+                    f"side width {side.hidden_size} (= {d.hidden}/{reduction}) is not a multiple "
+                    f"of the {d.heads} attention heads; pick r so that {d.hidden}/r is")
         # Eager attention: T5 adds its position bias there, and it is the same maths elsewhere.
         side._attn_implementation = "eager"
         # No dropout on attention probabilities: with the heads kept and each head only d_kv/r
@@ -104,11 +265,15 @@ class Family:
         return side
 
 
+def _bert_act(act: str) -> str:
+    from transformers.activations import ACT2FN
+    act = act.replace("gelu_pytorch_tanh", "gelu_new")
+    return act if act in ACT2FN else "gelu"
+
+
 BERT = Family(
     name=ENCODER,
-    model_types=("bert", "roberta"),
     streams=("enc",),
-    block_prefix={"enc": "encoder.layer.{i}."},
     prune_rules=(
         (r"attention\.self\.(query|key|value)\.weight$", ("attn", "resid")),
         (r"attention\.self\.(query|key|value)\.bias$", ("attn",)),
@@ -122,9 +287,7 @@ BERT = Family(
 
 T5 = Family(
     name=ENCODER_DECODER,
-    model_types=("t5", "mt5"),
     streams=("enc", "dec"),
-    block_prefix={"enc": "encoder.block.{i}.", "dec": "decoder.block.{i}."},
     prune_rules=(
         (r"SelfAttention\.(q|k|v)\.weight$", ("attn", "resid")),
         (r"SelfAttention\.o\.weight$", ("resid", "attn")),
@@ -139,15 +302,14 @@ T5 = Family(
 
 LLAMA = Family(
     name=DECODER,
-    model_types=("llama", "mistral", "qwen2"),
     streams=("enc",),
-    block_prefix={"enc": "layers.{i}."},
     prune_rules=(
         (r"self_attn\.q_proj\.weight$", ("q", "resid")),
         (r"self_attn\.q_proj\.bias$", ("q",)),
         (r"self_attn\.(k|v)_proj\.weight$", ("kv", "resid")),
         (r"self_attn\.(k|v)_proj\.bias$", ("kv",)),
         (r"self_attn\.o_proj\.weight$", ("resid", "q")),
+        (r"self_attn\.o_proj\.bias$", ("resid",)),
         (r"mlp\.(gate|up)_proj\.weight$", ("ffn", "resid")),
         (r"mlp\.down_proj\.weight$", ("resid", "ffn")),
         (r"layernorm\.weight$", ("resid",)),
@@ -157,13 +319,23 @@ LLAMA = Family(
 FAMILIES = (BERT, T5, LLAMA)
 
 
+def _is_decoder_only(model_type: str) -> bool:
+    """Decoder-only: a causal language model type that is not also a masked one (BERT has a
+    causal head too)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    return (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
 def family_of(config: PretrainedConfig) -> Family:
-    for family in FAMILIES:
-        if config.model_type in family.model_types:
-            return family
-    known = ", ".join(t for f in FAMILIES for t in f.model_types)
-    raise FamilyError(
-        f"backbone model_type {config.model_type!r} is not supported; use one of: {known}")
+    if config.model_type in T5_TYPES:
+        return T5
+    if getattr(config, "is_encoder_decoder", False):
+        raise FamilyError(
+            f"backbone model_type {config.model_type!r} is an encoder-decoder; Ladder takes "
+            f"T5 and mT5 among those, and any encoder or decoder-only model")
+    return LLAMA if _is_decoder_only(config.model_type) else BERT
 
 
 def family_by_name(name: str) -> Family:
@@ -174,8 +346,8 @@ def family_by_name(name: str) -> Family:
 
 
 def make_block(family: Family, side_config: PretrainedConfig, stream: str, position: int):
-    """One side block of the backbone's own class. `position` is its index among the side blocks:
-    T5 gives the relative position bias to the first block only (later blocks share it)."""
+    """One side block. `position` is its index among the side blocks: T5 gives the relative
+    position bias to the first block only (later blocks share it)."""
     if family is BERT:
         from transformers.models.bert.modeling_bert import BertLayer
         return BertLayer(side_config)

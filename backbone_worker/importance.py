@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from backbone_worker.backbone import Backbone
+from backbone_worker.backbone import HIDDEN_ARGS, Backbone
 from backbone_worker.families import DECODER, ENCODER_DECODER
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,16 @@ class _SquaredGradients:
                 self._add(self.cols, f"{prefix}{name}", squares.sum(0))
 
 
+def _requires_grad(_module, args, kwargs):
+    """A block pre-hook: the same call, its hidden-state input made to require grad."""
+    if args and torch.is_tensor(args[0]):
+        return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+    for name in HIDDEN_ARGS:
+        if torch.is_tensor(kwargs.get(name)):
+            return args, {**kwargs, name: kwargs[name].detach().requires_grad_()}
+    return args, kwargs
+
+
 def _example_losses(backbone: Backbone, probe, enc, labels: list[str],
                     label_names: list[str]) -> torch.Tensor:
     """(B,) each example's own loss: the probe's cross-entropy, or T5's mean token loss on its
@@ -215,10 +225,11 @@ def fisher_scores(backbone: Backbone, layers: list[int], texts: list[str], pairs
     params = block_parameters(backbone, layers)
     hooks = _SquaredGradients(modules)
     # The weights stay frozen (autograd computes no weight gradients, which the hooks do not
-    # need); the embeddings' outputs require grad instead, so every layer's output gradient flows.
-    embeddings = {id(m): m for m in map(backbone._embedding, backbone.family.streams)}
-    hooks.handles += [m.register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_())
-                      for m in embeddings.values()]
+    # need); the first block's input requires grad instead, so every layer's output gradient
+    # flows.
+    hooks.handles += [backbone._blocks(s)[0].register_forward_pre_hook(_requires_grad,
+                                                                       with_kwargs=True)
+                      for s in backbone.family.streams]
     # Batches of similar lengths waste little compute on padding; the sums ignore the order.
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
     try:

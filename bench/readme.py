@@ -21,7 +21,7 @@ from bench.compare import markdown
 
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "bench" / "results"
-BLOCK = re.compile(r"(<!-- bench\.readme (\w+) ([\w.]+) -->\n)(.*?)(<!-- /bench\.readme -->)", re.S)
+BLOCK = re.compile(r"(<!-- bench\.readme (\w+) ([\w.-]+) -->\n)(.*?)(<!-- /bench\.readme -->)", re.S)
 
 
 def _mb(value) -> str:
@@ -144,14 +144,40 @@ def scaling(report: dict) -> str:
             f"{report['stores'][0]['dtype']}).\n")
 
 
+def architectures(_: dict | None = None) -> str:
+    """The architectures the pruning init knows, from backbone_worker.families (not a file)."""
+    from backbone_worker.families import (BERT_NAMES, LLAMA_NAMES, ROLE_MAPS, T5_TYPES,
+                                          _is_decoder_only)
+    rows = ["| model types | family | side blocks | pruning init |", "|---|---|---|---|"]
+    by_roles: dict[int, list[str]] = {}
+    for model_type, roles in ROLE_MAPS.items():
+        by_roles.setdefault(id(roles), []).append(model_type)
+    for types in by_roles.values():
+        decoder = _is_decoder_only(types[0])
+        roles = ROLE_MAPS[types[0]]
+        fused = sorted({r.source.rsplit(".", 1)[0] for r in roles.values() if r and r.rows})
+        names = LLAMA_NAMES if decoder else BERT_NAMES
+        missing = [n for n in names if n + ".weight" not in roles]
+        note = "; ".join(filter(None, [f"fused {', '.join(fused)} split by rows" if fused else "",
+                                       f"{', '.join(missing)} start random" if missing else ""]))
+        rows.append(f"| {', '.join(types)} | {'decoder-only' if decoder else 'encoder'} | "
+                    f"{'Llama' if decoder else 'BERT'} blocks at d/r | Fisher or magnitude"
+                    f"{f' ({note})' if note else ''} |")
+    rows.append(f"| {', '.join(T5_TYPES)} | encoder-decoder | the backbone's own T5 blocks at "
+                f"d/r | Fisher or magnitude |")
+    rows.append("| any other encoder or decoder-only model whose blocks sit in one module list | "
+                "by model type | BERT or Llama blocks at d/r | random (the log says so) |")
+    return "\n".join(rows) + "\n"
+
+
 RENDERERS = {"bench": markdown, "finetune": finetune, "gpu": gpu, "cache": cache, "serve": serve,
-             "tiers": tiers, "scaling": scaling}
+             "tiers": tiers, "scaling": scaling, "architectures": architectures}
 
 
 def render(text: str) -> str:
     def block(match: re.Match) -> str:
         renderer, name = match.group(2), match.group(3)
-        data = json.loads((RESULTS / name).read_text())
+        data = None if name == "-" else json.loads((RESULTS / name).read_text())
         return match.group(1) + RENDERERS[renderer](data) + match.group(5)
     return BLOCK.sub(block, text)
 

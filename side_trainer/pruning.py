@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from backbone_worker.families import DECODER, family_by_name
+from backbone_worker.families import (DECODER, ENCODER_DECODER, ROLE_MAPS, T5_BLOCK_PREFIX, Dims,
+                                      Role, dims, family_by_name, role_map, rows_of)
 from side_trainer.model import SideNetwork
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,43 @@ class CheckpointReader:
             return handle.get_tensor(key).float()
 
 
-def _score(scores: dict[str, torch.Tensor], method: str, stream: str, i: int, name: str,
-           axis: str) -> torch.Tensor | None:
-    return scores.get(f"{method}/{stream}/{i}/{name}/{axis}")
+def side_scores(net: SideNetwork, scores: dict[str, torch.Tensor], method: str) -> dict:
+    """Importance scores, keyed by the backbone's own parameter names, as the side blocks name
+    them: {(stream, i, side name, "row" | "col"): tensor}. A fused weight's row scores are
+    split by the role map's rows; its column scores count once (for the first role reading it),
+    which keeps the residual stream's summed scores exact."""
+    roles = role_map_of(net)
+    d = dims(net.cfg.hf_backbone_config())
+    out = {}
+    for stream, stack in net.streams.items():
+        for i, block in zip(stack.layers, stack.blocks):
+            columns_counted = set()
+            for name, _ in block.named_parameters():
+                role = roles[name] if roles is not None else Role(name)
+                row = scores.get(f"{method}/{stream}/{i}/{role.source}/row") if role else None
+                if row is None:
+                    continue
+                if role.rows is not None:
+                    row = row.index_select(0, rows_of(role.rows, d, row.shape[0]))
+                out[stream, i, name, "row"] = row
+                col = scores.get(f"{method}/{stream}/{i}/{role.source}/col")
+                if col is not None and role.source not in columns_counted:
+                    columns_counted.add(role.source)
+                    out[stream, i, name, "col"] = col
+    return out
+
+
+def role_map_of(net: SideNetwork) -> dict[str, Role] | None:
+    """Side parameter -> backbone role; None for T5, whose side blocks are its own block class
+    (every name is the backbone's). Parameters a map leaves out keep their random init."""
+    if net.cfg.family == ENCODER_DECODER:
+        return None
+    model_type = net.cfg.backbone_config["model_type"]
+    roles = role_map(model_type)
+    if roles is None:
+        return None
+    block = next(iter(net.streams.values())).blocks[0]
+    return {name: roles.get(name) for name, _ in block.named_parameters()}
 
 
 def _top(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,20 +107,21 @@ def _top(values: torch.Tensor, k: int) -> torch.Tensor:
 def choose_dims(net: SideNetwork, scores: dict[str, torch.Tensor], method: str) -> dict:
     """Kept dims: {"resid": idx} and {(stream, i, kind): idx} for each block's inner kinds."""
     family = family_by_name(net.cfg.family)
-    backbone_config = net.cfg.hf_backbone_config()
+    d = dims(net.cfg.hf_backbone_config())
     side = net.side_config
     r = net.cfg.reduction
-    width = family.hidden_size(backbone_config)
+    width = d.hidden
     resid = torch.zeros(width)
     chosen: dict = {}
     within = 0  # Llama: within-head scores summed over every kept block
+    named = side_scores(net, scores, method)
     for stream, stack in net.streams.items():
         for i, block in zip(stack.layers, stack.blocks):
             logs: dict[str, torch.Tensor] = defaultdict(lambda: 0)
             for name, param in block.named_parameters():
                 kinds = family.axes(name)
-                row = _score(scores, method, stream, i, name, "row")
-                col = _score(scores, method, stream, i, name, "col")
+                row = named.get((stream, i, name, "row"))
+                col = named.get((stream, i, name, "col"))
                 if row is None:
                     continue
                 if kinds[0] == "resid":
@@ -95,10 +131,11 @@ def choose_dims(net: SideNetwork, scores: dict[str, torch.Tensor], method: str) 
                 if param.dim() == 2 and kinds[0] not in (None, "resid"):
                     logs[kinds[0]] = logs[kinds[0]] + torch.log(row + _EPS)
             if family.name == DECODER:
-                within = within + _within_head(logs, backbone_config, side.head_dim * r)
+                within = within + _within_head(logs, d, side.head_dim * r)
             else:
                 chosen.update(_head_dims(stream, i, logs, side, r))
-            chosen[(stream, i, "ffn")] = _top(logs["ffn"], logs["ffn"].numel() // r)
+            ffn = logs["ffn"] if torch.is_tensor(logs["ffn"]) else torch.zeros(d.intermediate)
+            chosen[(stream, i, "ffn")] = _top(ffn, ffn.numel() // r)
     chosen["resid"] = _top(resid, width // r)
     if family.name == DECODER:
         # One rotary pair set for all blocks: they share one side rotary embedding.
@@ -106,18 +143,17 @@ def choose_dims(net: SideNetwork, scores: dict[str, torch.Tensor], method: str) 
         pairs = _top(within[:half] + within[half:], side.head_dim // 2)
         keep = torch.cat([pairs, pairs + half])
         chosen["rotary_pairs"] = pairs
-        heads, kv_heads = backbone_config.num_attention_heads, backbone_config.num_key_value_heads
         for stream, stack in net.streams.items():
             for i in stack.layers:
-                chosen[(stream, i, "q")] = (torch.arange(heads)[:, None] * 2 * half + keep).flatten()
-                chosen[(stream, i, "kv")] = (torch.arange(kv_heads)[:, None] * 2 * half + keep).flatten()
+                chosen[(stream, i, "q")] = (torch.arange(d.heads)[:, None] * 2 * half + keep).flatten()
+                chosen[(stream, i, "kv")] = (torch.arange(d.kv_heads)[:, None] * 2 * half
+                                             + keep).flatten()
     return chosen
 
 
-def _within_head(logs: dict, backbone_config, head_dim: int) -> torch.Tensor:
+def _within_head(logs: dict, d: Dims, head_dim: int) -> torch.Tensor:
     """Llama: one score per within-head dim, summed over all query and key/value heads."""
-    heads, kv_heads = backbone_config.num_attention_heads, backbone_config.num_key_value_heads
-    return logs["q"].view(heads, head_dim).sum(0) + logs["kv"].view(kv_heads, head_dim).sum(0)
+    return logs["q"].view(d.heads, head_dim).sum(0) + logs["kv"].view(d.kv_heads, head_dim).sum(0)
 
 
 def _head_dims(stream: str, i: int, logs: dict, side, r: int) -> dict:
@@ -133,20 +169,33 @@ def _head_dims(stream: str, i: int, logs: dict, side, r: int) -> dict:
 
 
 def pruned_block_state(net: SideNetwork, reader: CheckpointReader, chosen: dict, stream: str,
-                       i: int, j: int) -> dict[str, torch.Tensor]:
-    """The state dict of side block j, sliced from backbone block i."""
+                       i: int, j: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict of side block j, sliced from backbone block i (each side parameter from
+    the backbone weight that plays its role), and the side parameters no backbone weight maps
+    to (they keep their init; a missing bias is zero, as the backbone has none)."""
     family = family_by_name(net.cfg.family)
     block = net.streams[stream].blocks[j]
-    prefix = family.block_prefix[stream]
-    state = {}
+    roles = role_map_of(net)
+    d = dims(net.cfg.hf_backbone_config())
+    state, unmapped = {}, []
     for name, param in block.state_dict().items():
-        key = reader.find(prefix.format(i=i) + name)
-        if key is None and "relative_attention_bias" in name:
-            key = reader.find(prefix.format(i=0) + name)   # T5 keeps the bias in block 0 only
+        if roles is None:                                    # T5: its own block class
+            key = reader.find(T5_BLOCK_PREFIX[stream].format(i=i) + name)
+            if key is None and "relative_attention_bias" in name:   # T5 keeps it in block 0
+                key = reader.find(T5_BLOCK_PREFIX[stream].format(i=0) + name)
+            role = Role(name)
+        else:
+            role = roles[name]
+            key = reader.find(f"{i}.{role.source}") if role is not None else None
         if key is None:
-            raise KeyError(f"backbone checkpoint has no tensor for side parameter "
-                           f"{prefix.format(i=i) + name}")
-        tensor = reader.get(key)
+            if roles is None:
+                raise KeyError(f"backbone checkpoint has no tensor for side parameter "
+                               f"{T5_BLOCK_PREFIX[stream].format(i=i) + name}")
+            unmapped.append(name)
+            if name.endswith("bias"):
+                state[name] = torch.zeros_like(param)
+            continue
+        tensor = role.select(reader.get(key), d)
         for axis, kind in enumerate(family.axes(name)):
             if kind is not None:
                 index = chosen["resid"] if kind == "resid" else chosen[(stream, i, kind)]
@@ -155,28 +204,42 @@ def pruned_block_state(net: SideNetwork, reader: CheckpointReader, chosen: dict,
             raise ValueError(f"pruned {key} has shape {tuple(tensor.shape)}, side block expects "
                              f"{tuple(param.shape)}")
         state[name] = tensor
-    return state
+    return state, unmapped
 
 
 def apply_pruning_init(net: SideNetwork, model_dir: Path, scores: dict[str, torch.Tensor],
-                       method: str) -> dict:
-    """Initialise every side block from its pruned backbone block; returns the chosen dims."""
+                       method: str) -> dict | None:
+    """Initialise every side block from its pruned backbone block; returns the chosen dims, or
+    None when no role map says which backbone weight is which (the blocks stay random)."""
     if method not in ("fisher", "magnitude"):
         raise ValueError(f"unknown pruning init {method!r}; use one of {INITS}")
+    model_type = net.cfg.backbone_config["model_type"]
+    if net.cfg.family != ENCODER_DECODER and role_map(model_type) is None:
+        log.warning("no role map for model type %r (known: %s): the side blocks keep a random "
+                    "init instead of the %s-pruned backbone blocks", model_type,
+                    ", ".join(sorted(ROLE_MAPS)), method)
+        return None
     reader = CheckpointReader(model_dir)
     chosen = choose_dims(net, scores, method)
+    unmapped: set[str] = set()
     for stream, stack in net.streams.items():
         for j, i in enumerate(stack.layers):
-            stack.blocks[j].load_state_dict(pruned_block_state(net, reader, chosen, stream, i, j))
+            state, missing = pruned_block_state(net, reader, chosen, stream, i, j)
+            stack.blocks[j].load_state_dict(state, strict=False)
+            unmapped.update(missing)
         if hasattr(stack, "rotary"):
             stack.rotary.inv_freq.copy_(_backbone_inv_freq(net)[chosen["rotary_pairs"]])
+    if unmapped:
+        log.info("side block parameters with no backbone counterpart keep their init: %s",
+                 ", ".join(sorted(unmapped)))
     log.info("side network initialised from %s-pruned backbone blocks %s", method, net.cfg.layers)
     return chosen
 
 
 def _backbone_inv_freq(net: SideNetwork) -> torch.Tensor:
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-    return LlamaRotaryEmbedding(net.cfg.hf_backbone_config()).inv_freq
+    """The rotary frequencies of a full-width head (the side head keeps some of its pairs)."""
+    d = dims(net.cfg.hf_backbone_config())
+    return 1.0 / d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float) / d.head_dim)
 
 
 def load_lm_head(net: SideNetwork, model_dir: Path) -> None:

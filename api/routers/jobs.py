@@ -25,8 +25,14 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs")
 def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
     registry: ModelRegistry = s.registry
     if body.model not in registry.available_backbones():
-        raise APIError(400, "model_not_found", f"backbone {body.model!r} is not available; "
-                       f"use one of {', '.join(registry.available_backbones())}", "model")
+        # A hub id is taken when it is in the server's Hugging Face cache (or it may download).
+        from backbone_worker.backbone import BackboneError, resolve
+        try:
+            resolve(body.model)
+        except BackboneError as exc:
+            raise APIError(400, "model_not_found", f"backbone {body.model!r} is not available "
+                           f"({exc}); use one of {', '.join(registry.available_backbones())} or "
+                           f"a hub id the server has", "model") from None
     file_record(s, require_id(body.training_file, "training_file"), "training_file", 400)
     if body.validation_file:
         file_record(s, require_id(body.validation_file, "validation_file"), "validation_file", 400)
