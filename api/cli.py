@@ -25,17 +25,6 @@ def ladder_home() -> Path:
     return Path(os.environ.get("LADDER_HOME", "~/.ladder")).expanduser()
 
 
-def parse_layers(text: str) -> list[int] | str:
-    if text == "all":
-        return "all"
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--layers {text!r} is not a comma-separated list of layer indices; "
-            f"pass e.g. 0,2,4 or all") from None
-
-
 def parse_methods(text: str) -> tuple[str, ...]:
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
@@ -59,16 +48,6 @@ def parse_grid(text: str) -> tuple[str, tuple[float, ...]]:
             f"--grid {text!r} is not METHOD=RATE,RATE with METHOD one of {','.join(METHODS)} and "
             f"positive rates; pass e.g. lora=1e-4,1e-3")
     return method, values
-
-
-def parse_width(text: str) -> int | str | None:
-    """--width: an integer K, "d/N" (resolved against the backbone's width), or "full"."""
-    if text == "full":
-        return None
-    if re.fullmatch(r"d/[1-9][0-9]*", text) or re.fullmatch(r"[1-9][0-9]*", text):
-        return text if text.startswith("d/") else int(text)
-    raise argparse.ArgumentTypeError(f"--width {text!r} is not a positive integer, d/N or full; "
-                                     f"pass e.g. 96 or d/4")
 
 
 def positive_int(text: str) -> int:
@@ -96,56 +75,66 @@ def data_kwargs(args) -> dict:
             "encoding": args.encoding}
 
 
+def add_options(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per declared setting of an options dataclass (backbone_worker/options.py,
+    side_trainer/options.py): its type, choices, default and help come from the declaration."""
+    from backbone_worker.options import settings
+    for name, default, s in settings(cls):
+        flag = s.flag_for(name)
+        if flag is None:
+            continue
+        unset = f"default: {s.auto}" if s.auto else f"default: {default}"
+        kwargs = {"dest": _dest(flag), "default": default, "help": f"{s.help} ({unset})",
+                  "type": _arg_type(flag, s.parse or _value_type(cls, name))}
+        if s.choices is not None:
+            kwargs["choices"] = [c for c in s.choices if c is not None]
+        p.add_argument(flag, **kwargs)
+
+
+def _dest(flag: str) -> str:
+    """Flags are unique across caching and training settings (their field names are not:
+    both have a batch_size), so parsed values are kept under the flag's name."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _value_type(cls, name: str):
+    """The field's type without None (int for `int | None`)."""
+    import typing
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0] if args[0] in (int, float, str) else str
+
+
+def _arg_type(flag: str, parse):
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{flag} {exc}") from None
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def options_from(args, cls):
+    """The options dataclass from parsed flags (checked by its own __post_init__)."""
+    from backbone_worker.options import settings
+    return cls(**{name: getattr(args, _dest(s.flag_for(name))) for name, _, s in settings(cls)
+                  if s.flag_for(name) is not None})
+
+
 def add_cache_args(p: argparse.ArgumentParser, store_required: bool = True) -> None:
-    from backbone_worker.cache import CacheOptions
-    p.add_argument("--backbone", required=True, help="alias (minilm) or local model directory")
+    from backbone_worker.options import CacheOptions
+    p.add_argument("--backbone", required=True,
+                   help="alias (minilm), local model directory or hub id org/name[@revision]")
     add_data_args(p)
-    p.add_argument("--layers", type=parse_layers, default=None,
-                   help="kept backbone layers, e.g. 0,2,4, or all (default: all for encoders and T5, every "
-                        "third layer for decoder-only models)")
-    p.add_argument("--max-length", type=positive_int, default=128)
-    p.add_argument("--dtype", choices=("fp16", "bf16", "int8"), default="fp16",
-                   help="stored precision: fp16 (default, lossless for training), bf16, int8 (lossy)")
-    p.add_argument("--width", type=parse_width, default=None,
-                   help="stored width: K numbers per token and state instead of the backbone's "
-                        "d, as an integer or d/N (e.g. d/4); default: full width")
-    p.add_argument("--projection", choices=("pca", "pool"), default="pca",
-                   help="how --width maps d to K: pca (fitted on training states) or pool "
-                        "(mean of channel groups)")
-    p.add_argument("--importance", default=None, metavar="FILE",
-                   help="reuse the importance.safetensors of another store of the same backbone, "
-                        "data and layers (or a superset of them) instead of a Fisher pass")
-    p.add_argument("--cache-batch-size", type=positive_int, default=64)
-    p.add_argument("--fisher-examples", type=positive_int, default=CacheOptions.fisher_examples,
-                   help="training examples the Fisher importance of the pruning init sums over "
-                        "(default %(default)s, as the paper)")
-    p.add_argument("--part-size", type=positive_int, default=256,
-                   help="examples per store part: the unit of work, of retry and of resume")
-    p.add_argument("--workers", type=positive_int, default=1,
-                   help="backbone workers; >1 (or RAY_ADDRESS set) runs a Ray actor pool")
-    p.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPUs per Ray worker (default: 1 when the cluster has GPUs, else 0)")
-    p.add_argument("--cache-device", default="auto", help="backbone device: auto, cpu, cuda")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait this long for another run writing the same store")
+    add_options(p, CacheOptions)
     p.add_argument("--store", required=store_required, help="activation store path or fsspec URL")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reduction", type=positive_int, default=8, help="r: side width = d / r")
-    p.add_argument("--epochs", type=positive_int, default=10)
-    p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="training batch (default: 32, or 16 for decoder-only backbones)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 3e-3, or 1e-3 for decoder-only backbones)")
-    p.add_argument("--warmup", type=float, default=0.06, help="warm-up share of all steps")
-    p.add_argument("--patience", type=positive_int, default=3, help="early-stopping epochs")
-    p.add_argument("--init", choices=("fisher", "magnitude", "random"), default="fisher")
-    p.add_argument("--pooling", choices=("mean", "first"), default="mean")
-    p.add_argument("--feature-dropout", type=float, default=0.0)
-    p.add_argument("--feature-noise", type=float, default=0.0)
-    p.add_argument("--train-seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    from side_trainer.options import TrainOptions
+    add_options(p, TrainOptions)
+    p.set_defaults(device="cuda" if _cuda() else "cpu")
 
 
 def _cuda() -> bool:
@@ -154,21 +143,13 @@ def _cuda() -> bool:
 
 
 def train_options(args):
-    from side_trainer.train import TrainOptions
-    return TrainOptions(reduction=args.reduction, epochs=args.epochs, batch_size=args.batch_size,
-                        lr=args.lr, warmup=args.warmup, patience=args.patience, init=args.init,
-                        pooling=args.pooling, feature_dropout=args.feature_dropout,
-                        feature_noise=args.feature_noise, seed=args.train_seed, device=args.device)
+    from side_trainer.options import TrainOptions
+    return options_from(args, TrainOptions)
 
 
 def cache_options(args):
-    from backbone_worker.cache import CacheOptions
-    return CacheOptions(layers=args.layers, max_length=args.max_length, dtype=args.dtype,
-                        width=args.width, projection=args.projection, importance=args.importance,
-                        batch_size=args.cache_batch_size, fisher_examples=args.fisher_examples,
-                        part_size=args.part_size,
-                        workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                        device=args.cache_device, wait_s=args.wait)
+    from backbone_worker.options import CacheOptions
+    return options_from(args, CacheOptions)
 
 
 def default_store(args) -> str:
@@ -381,10 +362,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from backbone_worker.backbone import BackboneError
     from backbone_worker.data import DataError
     from backbone_worker.families import FamilyError
+    from backbone_worker.options import OptionError
     from cache_store import StoreError
     from side_trainer.artifacts import ArtifactError
     return (DataError, BackboneError, FamilyError, StoreError, ArtifactError, InferenceError,
-            *REMOTE_ERRORS)
+            OptionError, *REMOTE_ERRORS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,9 @@ import threading
 import time
 from pathlib import Path
 
+from api import hyperparameters
 from api.db import ACTIVE, Database, write_model_record
+from backbone_worker.options import CacheOptions
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +31,14 @@ class JobCancelled(Exception):
     pass
 
 
-def resolve_hyperparameters(hp: dict, n_rows: int, default_layers: list[int],
-                            train_defaults: dict) -> dict:
-    """Replace "auto" by defaults that suit the upload's size and the backbone
-    (`train_defaults`: the family's entry of side_trainer.train.FAMILY_DEFAULTS)."""
-    auto = {"n_epochs": 10 if n_rows < 1000 else 5 if n_rows < 10000 else 3,
-            "batch_size": train_defaults["batch_size"], "learning_rate": train_defaults["lr"],
-            "reduction_factor": 8, "kept_layers": default_layers,
-            "init": "fisher", "cache_dtype": "fp16"}
-    return {k: auto[k] if hp.get(k, "auto") == "auto" else hp[k] for k in auto}
-
-
 def model_id(job: dict) -> str:
     return f"ft:{job['model']}:{job.get('suffix') or 'side'}:{job['id'][-8:]}"
 
 
-def store_key(backbone_fingerprint: str, data_fingerprint: str, hp: dict) -> str:
+def store_key(backbone_fingerprint: str, data_fingerprint: str, cache: CacheOptions) -> str:
     """Stores are shared between jobs with the same backbone, data and caching settings."""
-    key = json.dumps([backbone_fingerprint, data_fingerprint, hp["kept_layers"],
-                      hp["cache_dtype"], 128])
+    key = json.dumps([backbone_fingerprint, data_fingerprint, cache.layers, cache.dtype,
+                      cache.max_length, cache.width, cache.projection if cache.width else None])
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -96,7 +87,7 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
     from backbone_worker.families import family_of
     from cache_store import CorruptPartError
     from side_trainer.artifacts import load_side_model
-    from side_trainer.train import FAMILY_DEFAULTS, TrainOptions, train
+    from side_trainer.train import train
 
     job_id = job["id"]
 
@@ -110,13 +101,16 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
     backbone_dir = resolve(job["model"])
     config = AutoConfig.from_pretrained(backbone_dir, local_files_only=True)
     family = family_of(config)
-    hp = resolve_hyperparameters(job["hyperparameters"], len(dataset.examples),
-                                 family.default_layers(config), FAMILY_DEFAULTS[family.name])
+    hp = hyperparameters.resolve(job["hyperparameters"], len(dataset.examples), family.name,
+                                 family.default_layers(config))
     db.update_job(job_id, hyperparameters=hp)
+    cache_opts, opts = hyperparameters.options(
+        hp, wait_s=5, seed=job["seed"] or 0,
+        device="cuda" if torch.cuda.is_available() else "cpu")
     store = str(home_path / "stores" / store_key(fingerprint_dir(backbone_dir),
-                                               dataset.fingerprint, hp))
+                                               dataset.fingerprint, cache_opts))
     set_status("caching", f"caching ladder states of {len(dataset.examples)} examples")
-    _cache(db, job, dataset, store, hp, check_cancelled)
+    _cache(db, job, dataset, store, cache_opts, check_cancelled)
     set_status("training", "training the side network from the store")
     out_dir = home_path / "models" / job_id
 
@@ -126,10 +120,6 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
                      f"validation accuracy {record['val_accuracy']}",
                      data={"step": "training", **record})
 
-    opts = TrainOptions(
-        reduction=hp["reduction_factor"], epochs=hp["n_epochs"], batch_size=hp["batch_size"],
-        lr=hp["learning_rate"], init=hp["init"], seed=job["seed"] or 0,
-        device="cuda" if torch.cuda.is_available() else "cpu")
     try:
         result = train(store, out_dir, opts, on_epoch=on_epoch)
     except CorruptPartError as exc:
@@ -138,7 +128,7 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
         log.error("job %s: %s", job_id, exc)
         db.add_event(job_id, f"part {exc.part} of the cached states was damaged; recomputing it",
                      level="warning", data={"step": "caching", "repair": exc.part})
-        _cache(db, job, dataset, store, hp, check_cancelled, repair=True)
+        _cache(db, job, dataset, store, cache_opts, check_cancelled, repair=True)
         try:
             result = train(store, out_dir, opts, on_epoch=on_epoch)
         except CorruptPartError as again:
@@ -163,12 +153,12 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
         check_cancelled()
 
 
-def _cache(db: Database, job: dict, dataset, store: str, hp: dict, check_cancelled,
+def _cache(db: Database, job: dict, dataset, store: str, opts: CacheOptions, check_cancelled,
            repair: bool = False) -> None:
     """Fill the job's store (shared by jobs with the same backbone, data and settings). Waits,
     still cancellable, while another job writes the same store; with `repair`, first un-commits
     parts whose checksums fail so they are computed again."""
-    from backbone_worker.cache import CacheOptions, build_cache
+    from backbone_worker.cache import build_cache
     from cache_store import ActivationStore, StoreBusyError, StoreLock
     job_id = job["id"]
     last = [0.0]
@@ -187,9 +177,8 @@ def _cache(db: Database, job: dict, dataset, store: str, hp: dict, check_cancell
                 with StoreLock(store).acquire(wait_s=5):
                     ActivationStore.open(store, writable=True).verify(repair=True)
                 repair = False
-            build_cache(job["model"], dataset, store, CacheOptions(
-                layers=hp["kept_layers"], dtype=hp["cache_dtype"], wait_s=5),
-                on_part=on_part, check=check_cancelled)
+            build_cache(job["model"], dataset, store, opts, on_part=on_part,
+                        check=check_cancelled)
             return
         except StoreBusyError:
             check_cancelled()

@@ -9,37 +9,11 @@ import argparse
 import os
 import sys
 from collections import deque
-from collections.abc import Callable
-from typing import Any
 
 from api.client import DEFAULT_URL, LadderAPIError, LadderClient
+from api.hyperparameters import add_flags, from_flags
 
 REMOTE_ERRORS: tuple[type[Exception], ...] = (LadderAPIError,)
-
-
-def _auto_or(kind: type) -> Callable[[str], Any]:
-    """argparse type accepting the server's "auto" or a value of `kind`."""
-    def parse(text: str) -> Any:
-        if text == "auto":
-            return text
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is neither auto nor a {kind.__name__}") from None
-    parse.__name__ = kind.__name__  # argparse names the type in its own error messages
-    return parse
-
-
-def _kept_layers(text: str) -> str | list[int]:
-    if text in ("auto", "all"):
-        return text
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--kept-layers {text!r} is not a comma-separated list of layer indices; "
-            f"pass e.g. 0,2,4, all or auto") from None
 
 
 def _leaf(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -65,13 +39,9 @@ def cmd_files_list(args: argparse.Namespace) -> dict:
         return {"object": "list", "data": client.list_files()}
 
 
-HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate", "reduction_factor", "kept_layers",
-                   "init", "cache_dtype")
-
-
 def cmd_jobs_create(args: argparse.Namespace) -> dict:
     # Only flags the user gave; the server fills in the rest.
-    hyperparameters = {k: getattr(args, k) for k in HYPERPARAMETERS if getattr(args, k) is not None}
+    hyperparameters = from_flags(args)
     with _client(args) as client:
         job = client.create_job(args.model, args.training_file,
                                 validation_file=args.validation_file, seed=args.seed,
@@ -134,15 +104,7 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--validation-file", default=None, metavar="FILE_ID_OR_PATH")
     p.add_argument("--suffix", default=None, help="appended to the fine-tuned model's name")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--n-epochs", dest="n_epochs", type=_auto_or(int), default=None)
-    p.add_argument("--batch-size", dest="batch_size", type=_auto_or(int), default=None)
-    p.add_argument("--learning-rate", dest="learning_rate", type=_auto_or(float), default=None)
-    p.add_argument("--reduction-factor", dest="reduction_factor", type=_auto_or(int), default=None)
-    p.add_argument("--kept-layers", dest="kept_layers", type=_kept_layers, default=None,
-                   help="kept backbone layers, e.g. 0,2,4, or all / auto")
-    p.add_argument("--init", choices=("auto", "fisher", "magnitude", "random"), default=None)
-    p.add_argument("--cache-dtype", dest="cache_dtype", choices=("auto", "fp16", "bf16", "int8"),
-                   default=None)
+    add_flags(p)
     p.add_argument("--wait", action="store_true", help="block until the job finishes")
     p.set_defaults(func=cmd_jobs_create)
 

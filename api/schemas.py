@@ -5,6 +5,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.hyperparameters import Hyperparameters
+
 
 class ErrorDetail(BaseModel):
     code: str
@@ -25,18 +27,6 @@ class FileObject(BaseModel):
     purpose: str
     rows: int
     labels: list[str]
-
-
-class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    n_epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=100)] = "auto"
-    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
-    learning_rate: Literal["auto"] | Annotated[float, Field(gt=0, le=1)] = "auto"
-    reduction_factor: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = "auto"
-    kept_layers: Literal["auto", "all"] | Annotated[list[Annotated[int, Field(ge=0, le=1000)]],
-                                                    Field(min_length=1, max_length=1000)] = "auto"
-    init: Literal["auto", "fisher", "magnitude", "random"] = "auto"
-    cache_dtype: Literal["auto", "fp16", "bf16", "int8"] = "auto"
 
 
 class JobCreate(BaseModel):

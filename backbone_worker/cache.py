@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -23,6 +22,7 @@ from backbone_worker.backbone import Backbone, load_backbone, portable_config
 from backbone_worker.data import SPLITS, Dataset, Example, load_dataset
 from backbone_worker.families import DECODER, ENCODER_DECODER, FamilyError
 from backbone_worker.importance import fisher_scores, fit_probe, magnitude_scores
+from backbone_worker.options import CacheOptions
 from cache_store import ActivationStore, StoreLock
 from cache_store.projection import ProjectionSpec
 from cache_store.projection import fit as fit_projection
@@ -32,25 +32,6 @@ log = logging.getLogger(__name__)
 IMPORTANCE_FILE = "importance.safetensors"
 PROBE_EXAMPLES = 512     # training examples that fit the Fisher probe (disjoint from those scored)
 PROJECTION_EXAMPLES = 256   # training examples whose states fit a store's width map
-
-
-@dataclass
-class CacheOptions:
-    layers: list[int] | str | None = None  # kept layers: a list, "all", or None (family default)
-    max_length: int = 128               # tokens per example (longer texts are truncated)
-    dtype: str = "fp16"                 # fp16 | bf16 | int8 (lossy, per-token scale)
-    width: int | str | None = None      # stored width K < d, or "d/N"; None: full width d
-    projection: str = "pca"             # how d becomes K: pca | pool (cache_store/projection.py)
-    importance: str | None = None       # an importance file of another store of the same backbone
-                                        # and data, reused instead of a Fisher pass
-    batch_size: int = 64                # backbone forward batch
-    part_size: int = 256                # examples per store part (the unit of work and resume)
-    fisher_examples: int = 1024         # training examples the Fisher importance sums over (as the paper)
-    device: str = "auto"                # auto: a GPU where there is one
-    autocast: str | None = "bf16"       # on GPU only: bf16 | fp16 | None (fp32 forward)
-    workers: int = 1                    # >1 (or RAY_ADDRESS set): a Ray actor pool
-    gpus_per_worker: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
-    wait_s: float = 0.0                 # how long to wait for another run's lease on the store
 
 
 def kept_layers(backbone: Backbone, layers: list[int] | str | None) -> list[int]:

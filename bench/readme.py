@@ -170,8 +170,24 @@ def architectures(_: dict | None = None) -> str:
     return "\n".join(rows) + "\n"
 
 
+def options(_: dict | None = None) -> str:
+    """Every caching and training setting, from their declarations (not a file)."""
+    from backbone_worker.options import CacheOptions, settings
+    from side_trainer.options import TrainOptions
+    rows = ["| setting | command line | job hyperparameter | default | values |",
+            "|---|---|---|---|---|"]
+    for cls in (CacheOptions, TrainOptions):
+        for name, default, s in settings(cls):
+            flag = s.flag_for(name)
+            values = ", ".join(str(c) for c in s.choices if c is not None) if s.choices else ""
+            rows.append(f"| {s.help} | {f'`{flag}`' if flag else ''} | "
+                        f"{f'`{s.http}`' if s.http else ''} | {s.auto or default} | {values} |")
+    return "\n".join(rows) + "\n"
+
+
 RENDERERS = {"bench": markdown, "finetune": finetune, "gpu": gpu, "cache": cache, "serve": serve,
-             "tiers": tiers, "scaling": scaling, "architectures": architectures}
+             "tiers": tiers, "scaling": scaling, "architectures": architectures,
+             "options": options}
 
 
 def render(text: str) -> str:

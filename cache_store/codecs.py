@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from cache_store.errors import StateRangeError
 
@@ -62,9 +61,10 @@ def decode(enc: Encoded, dtype: str) -> np.ndarray:
     return decode_tensor(enc, dtype).numpy()
 
 
-def decode_tensor(enc: Encoded, dtype: str) -> torch.Tensor:
+def decode_tensor(enc: Encoded, dtype: str):
     """float32 (T, d) torch tensor; torch's vectorised casts are several times faster than
     numpy's float16 -> float32 on CPUs (this is the training read path's hot spot)."""
+    import torch       # here, so the module's option lists load without torch
     check_dtype(dtype)
     if dtype == "fp16":
         return torch.from_numpy(enc.values).float()

@@ -38,7 +38,11 @@ def load_side_model(model_dir: str | Path, backbone_dir: Path | None = None) -> 
         raise ArtifactError(
             f"{model_dir} is not a side model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
             f"pass the --out directory of `ladder train` or `ladder finetune`")
-    net = SideNetwork(SideConfig.load(model_dir / CONFIG_FILE))
+    try:
+        net = SideNetwork(SideConfig.load(model_dir / CONFIG_FILE))
+    except (TypeError, ValueError) as exc:      # a field unknown, missing or out of its choices
+        raise ArtifactError(f"{model_dir / CONFIG_FILE} is not a valid side config ({exc}); "
+                            f"train the model again with this Ladder") from None
     state = load_file(model_dir / WEIGHTS_FILE)
     missing = [k for k in net.state_dict() if k not in state and k.endswith("rotary.inv_freq")]
     if missing:

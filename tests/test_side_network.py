@@ -270,3 +270,13 @@ def test_a_model_saved_without_rotary_frequencies_still_loads(tiny_llama_dir, tm
     with caplog.at_level("WARNING"):
         load_side_model(tmp_path)
     assert "retrain" in caplog.text
+
+
+def test_max_pooling_takes_each_channels_largest_real_token(tiny_bert_dir):
+    backbone = load_backbone(tiny_bert_dir)
+    cfg = side_config(backbone)
+    cfg.pooling = "max"
+    net = SideNetwork(cfg)
+    h = torch.tensor([[[1.0, -2.0], [3.0, -1.0], [9.0, 9.0]]])     # (1, 3, 2); token 3 is padding
+    mask = torch.tensor([[1, 1, 0]])
+    assert torch.equal(net.pool(h, mask), torch.tensor([[3.0, -1.0]]))
