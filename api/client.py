@@ -4,6 +4,7 @@ The routes mirror the OpenAI fine-tuning API, so the client stays a thin layer: 
 server's JSON objects as plain dicts and turns every failure - an error body, an unexpected
 status, an unreachable server - into one `LadderAPIError` that callers can report in one line.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,12 @@ class LadderAPIError(Exception):
             body = None
         error = body.get("error") if isinstance(body, dict) else None
         if isinstance(error, dict) and "message" in error:
-            return cls(response.status_code, str(error.get("code") or "error"),
-                       str(error["message"]), error.get("param"))
+            return cls(
+                response.status_code,
+                str(error.get("code") or "error"),
+                str(error["message"]),
+                error.get("param"),
+            )
         # Not Ladder's error shape (a proxy page, a bare framework error): keep what we can, on
         # one line, so the CLI can still print a single readable sentence.
         code = response.reason_phrase.lower().replace(" ", "_") or f"http_{response.status_code}"
@@ -66,8 +71,14 @@ class LadderTimeoutError(LadderAPIError, TimeoutError):
 
 
 class LadderClient:
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 http: httpx.Client | None = None, timeout: float = 30.0):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        http: httpx.Client | None = None,
+        timeout: float = 30.0,
+    ):
         self.base_url = (base_url or os.environ.get("LADDER_URL") or DEFAULT_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("LADDER_API_KEY")
         # A caller-supplied client (FastAPI's TestClient, a MockTransport) belongs to the caller:
@@ -76,7 +87,8 @@ class LadderClient:
         self._http = http if http is not None else httpx.Client(timeout=timeout)
         # Events may be minutes apart while a job trains, so a stream only time-limits connecting.
         self._stream_kwargs: dict[str, Any] = (
-            {"timeout": httpx.Timeout(timeout, read=None)} if self._owns_http else {})
+            {"timeout": httpx.Timeout(timeout, read=None)} if self._owns_http else {}
+        )
 
     def close(self) -> None:
         if self._owns_http:
@@ -95,9 +107,11 @@ class LadderClient:
 
     def _unreachable(self, exc: httpx.TransportError) -> LadderConnectionError:
         return LadderConnectionError(
-            None, "connection_error",
+            None,
+            "connection_error",
             f"cannot reach the Ladder server at {self.base_url} ({exc.__class__.__name__}: {exc}); "
-            f"start it with `ladder serve` or pass --url (or set LADDER_URL)")
+            f"start it with `ladder serve` or pass --url (or set LADDER_URL)",
+        )
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         url = self.base_url + path
@@ -118,8 +132,12 @@ class LadderClient:
             raise LadderAPIError(None, "file_not_found", f"no such local file: {path}", "file")
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         with path.open("rb") as fh:
-            return self._request("POST", "/v1/files", data={"purpose": "fine-tune"},
-                                 files={"file": (path.name, fh, content_type)})
+            return self._request(
+                "POST",
+                "/v1/files",
+                data={"purpose": "fine-tune"},
+                files={"file": (path.name, fh, content_type)},
+            )
 
     def list_files(self) -> list[dict]:
         return self._request("GET", "/v1/files")["data"]
@@ -138,9 +156,16 @@ class LadderClient:
             return uploaded["id"]
         return file_or_path
 
-    def create_job(self, model: str, training_file: str, *, validation_file: str | None = None,
-                   seed: int | None = None, suffix: str | None = None,
-                   hyperparameters: dict[str, Any] | None = None) -> dict:
+    def create_job(
+        self,
+        model: str,
+        training_file: str,
+        *,
+        validation_file: str | None = None,
+        seed: int | None = None,
+        suffix: str | None = None,
+        hyperparameters: dict[str, Any] | None = None,
+    ) -> dict:
         body: dict[str, Any] = {
             "model": model,
             "training_file": self._file_id(training_file),
@@ -186,8 +211,13 @@ class LadderClient:
         """Events as the server emits them, until it sends `[DONE]` (the job is terminal)."""
         url = f"{self.base_url}/v1/fine_tuning/jobs/{job_id}/events"
         try:
-            with self._http.stream("GET", url, params={"stream": "true"}, headers=self._headers(),
-                                   **self._stream_kwargs) as response:
+            with self._http.stream(
+                "GET",
+                url,
+                params={"stream": "true"},
+                headers=self._headers(),
+                **self._stream_kwargs,
+            ) as response:
                 if not response.is_success:
                     response.read()
                     raise LadderAPIError.from_response(response)
@@ -207,8 +237,12 @@ class LadderClient:
             if job["status"] in TERMINAL_STATUSES:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
-                raise LadderTimeoutError(None, "timeout", f"job {job_id} still {job['status']} "
-                                         f"after {timeout_s:g}s", "timeout_s")
+                raise LadderTimeoutError(
+                    None,
+                    "timeout",
+                    f"job {job_id} still {job['status']} after {timeout_s:g}s",
+                    "timeout_s",
+                )
             time.sleep(poll_s)
 
     # -- models and inference --------------------------------------------------------------

@@ -3,6 +3,7 @@
 One database file under LADDER_HOME, shared by the API process and the job processes (Ray tasks
 on the same volume); every call opens a short transaction, so writers never hold the file long.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,11 @@ class Database:
 
     def add_file(self, record: dict) -> dict:
         with self._tx() as con:
-            con.execute("INSERT INTO files VALUES (:id, :filename, :bytes, :created_at, :purpose, "
-                        ":rows, :labels, :has_pair, :path)", {**record, "labels": json.dumps(record["labels"])})
+            con.execute(
+                "INSERT INTO files VALUES (:id, :filename, :bytes, :created_at, :purpose, "
+                ":rows, :labels, :has_pair, :path)",
+                {**record, "labels": json.dumps(record["labels"])},
+            )
         return record
 
     def get_file(self, file_id: str) -> dict | None:
@@ -102,7 +106,8 @@ class Database:
                 "INSERT INTO jobs (id, created_at, model, training_file, validation_file, seed, "
                 "suffix, hyperparameters, status) VALUES (:id, :created_at, :model, "
                 ":training_file, :validation_file, :seed, :suffix, :hyperparameters, :status)",
-                {**job, "hyperparameters": json.dumps(job["hyperparameters"])})
+                {**job, "hyperparameters": json.dumps(job["hyperparameters"])},
+            )
         return self.get_job(job["id"])
 
     def get_job(self, job_id: str) -> dict | None:
@@ -116,18 +121,25 @@ class Database:
                 anchor = con.execute("SELECT rowid FROM jobs WHERE id = ?", (after,)).fetchone()
                 if anchor is None:
                     return [], False
-                rows = con.execute("SELECT * FROM jobs WHERE rowid < ? ORDER BY rowid DESC "
-                                   "LIMIT ?", (anchor[0], limit + 1)).fetchall()
+                rows = con.execute(
+                    "SELECT * FROM jobs WHERE rowid < ? ORDER BY rowid DESC LIMIT ?",
+                    (anchor[0], limit + 1),
+                ).fetchall()
             else:
-                rows = con.execute("SELECT * FROM jobs ORDER BY rowid DESC LIMIT ?",
-                                   (limit + 1,)).fetchall()
+                rows = con.execute(
+                    "SELECT * FROM jobs ORDER BY rowid DESC LIMIT ?", (limit + 1,)
+                ).fetchall()
         return [_row(r) for r in rows[:limit]], len(rows) > limit
 
     def jobs_with_status(self, statuses: tuple[str, ...]) -> list[dict]:
         marks = ",".join("?" * len(statuses))
         with self._tx() as con:
-            return [_row(r) for r in con.execute(
-                f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY rowid", statuses)]
+            return [
+                _row(r)
+                for r in con.execute(
+                    f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY rowid", statuses
+                )
+            ]
 
     def count_jobs_by_status(self) -> dict[str, int]:
         with self._tx() as con:
@@ -143,25 +155,31 @@ class Database:
         sets = ", ".join(f"{k} = :{k}" for k in fields)
         guard = f" AND status IN ({','.join(repr(s) for s in ACTIVE)})" if only_if_active else ""
         with self._tx() as con:
-            cur = con.execute(f"UPDATE jobs SET {sets} WHERE id = :id{guard}",
-                              {**fields, "id": job_id})
+            cur = con.execute(
+                f"UPDATE jobs SET {sets} WHERE id = :id{guard}", {**fields, "id": job_id}
+            )
             return cur.rowcount > 0
 
-    def finish_job(self, job_id: str, model_id: str, backbone: str, path: str,
-                   result: dict) -> bool:
+    def finish_job(
+        self, job_id: str, model_id: str, backbone: str, path: str, result: dict
+    ) -> bool:
         """Succeed a job and register its model in one transaction, only while the job is still
         active: a job cancelled meanwhile registers nothing. Returns whether it happened."""
         with self._tx() as con:
             cur = con.execute(
                 f"UPDATE jobs SET status = 'succeeded', fine_tuned_model = ?, result = ?, "
                 f"finished_at = ? WHERE id = ? AND status IN ({','.join('?' * len(ACTIVE))})",
-                (model_id, json.dumps(result), int(time.time()), job_id, *ACTIVE))
+                (model_id, json.dumps(result), int(time.time()), job_id, *ACTIVE),
+            )
             if cur.rowcount == 0:
                 return False
-            con.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
-                        (model_id, int(time.time()), backbone, path, job_id))
-            self._insert_event(con, job_id, f"succeeded: {model_id}", "info",
-                               {"status": "succeeded", **result})
+            con.execute(
+                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
+                (model_id, int(time.time()), backbone, path, job_id),
+            )
+            self._insert_event(
+                con, job_id, f"succeeded: {model_id}", "info", {"status": "succeeded", **result}
+            )
             return True
 
     # ---- events --------------------------------------------------------------------------
@@ -175,16 +193,23 @@ class Database:
     def _insert_event(self, con, job_id: str, message: str, level: str, data: dict) -> None:
         if data.get("status") in TERMINAL and self._terminal_event(con, job_id):
             return
-        con.execute("INSERT INTO events (id, job_id, created_at, level, message, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", (new_id("ftevent"), job_id, int(time.time()),
-                                                 level, message, json.dumps(data)))
+        con.execute(
+            "INSERT INTO events (id, job_id, created_at, level, message, data) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (new_id("ftevent"), job_id, int(time.time()), level, message, json.dumps(data)),
+        )
 
     @staticmethod
     def _terminal_event(con, job_id: str) -> bool:
         marks = ",".join("?" * len(TERMINAL))
-        return con.execute(f"SELECT 1 FROM events WHERE job_id = ? AND json_extract(data, "
-                           f"'$.status') IN ({marks}) LIMIT 1", (job_id, *TERMINAL)).fetchone() \
+        return (
+            con.execute(
+                f"SELECT 1 FROM events WHERE job_id = ? AND json_extract(data, "
+                f"'$.status') IN ({marks}) LIMIT 1",
+                (job_id, *TERMINAL),
+            ).fetchone()
             is not None
+        )
 
     def has_terminal_event(self, job_id: str) -> bool:
         with self._tx() as con:
@@ -197,8 +222,10 @@ class Database:
             if after:
                 anchor = con.execute("SELECT seq FROM events WHERE id = ?", (after,)).fetchone()
                 start = anchor[0] if anchor else 0
-            rows = con.execute("SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq "
-                               "LIMIT ?", (job_id, start, limit + 1)).fetchall()
+            rows = con.execute(
+                "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (job_id, start, limit + 1),
+            ).fetchall()
         out = []
         for row in rows[:limit]:
             event = _row(row)
@@ -211,8 +238,10 @@ class Database:
 
     def add_model(self, model_id: str, backbone: str, path: str, job_id: str) -> None:
         with self._tx() as con:
-            con.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
-                        (model_id, int(time.time()), backbone, path, job_id))
+            con.execute(
+                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
+                (model_id, int(time.time()), backbone, path, job_id),
+            )
 
     def get_model(self, model_id: str) -> dict | None:
         with self._tx() as con:
@@ -227,13 +256,19 @@ class Database:
             con.execute("DELETE FROM models WHERE id = ?", (model_id,))
 
 
-MODEL_RECORD = "model.json"   # beside a side model's weights: its id, so a lost database can be rebuilt
+MODEL_RECORD = (
+    "model.json"  # beside a side model's weights: its id, so a lost database can be rebuilt
+)
 
 
 def write_model_record(model_dir: Path, model_id: str, backbone: str, job_id: str) -> None:
     path = Path(model_dir) / MODEL_RECORD
-    write_durably(path, json.dumps({"id": model_id, "backbone": backbone, "job_id": job_id,
-                                    "created": int(time.time())}).encode())
+    write_durably(
+        path,
+        json.dumps(
+            {"id": model_id, "backbone": backbone, "job_id": job_id, "created": int(time.time())}
+        ).encode(),
+    )
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -256,8 +291,14 @@ def open_database(home: Path) -> tuple[Database, str | None]:
     except sqlite3.DatabaseError as exc:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = path.with_name(f"ladder.db.damaged-{stamp}")
-        log.error("the database %s is damaged (%s); moving it to %s and rebuilding the models and "
-                  "files from %s (job history is lost)", path, exc, aside, home)
+        log.error(
+            "the database %s is damaged (%s); moving it to %s and rebuilding the models and "
+            "files from %s (job history is lost)",
+            path,
+            exc,
+            aside,
+            home,
+        )
         for suffix in ("", "-wal", "-shm"):
             source = Path(f"{path}{suffix}")
             if source.exists():
@@ -275,13 +316,23 @@ def _rebuild(db: Database, home: Path) -> None:
         except (OSError, ValueError, KeyError) as exc:
             log.error("cannot restore the model in %s: %r", record.parent, exc)
     from backbone_worker.data import DataError, has_column, load_dataset
+
     for upload in sorted((home / "files").glob("file-*")):
         pair = has_column(upload, "text_pair")
         try:
             dataset = load_dataset(str(upload), text_pair_column="text_pair" if pair else None)
         except DataError:
             continue
-        db.add_file({"id": upload.stem, "filename": upload.name, "bytes": upload.stat().st_size,
-                     "created_at": int(upload.stat().st_mtime), "purpose": "fine-tune",
-                     "rows": len(dataset.examples), "labels": dataset.labels, "has_pair": pair,
-                     "path": str(upload)})
+        db.add_file(
+            {
+                "id": upload.stem,
+                "filename": upload.name,
+                "bytes": upload.stat().st_size,
+                "created_at": int(upload.stat().st_mtime),
+                "purpose": "fine-tune",
+                "rows": len(dataset.examples),
+                "labels": dataset.labels,
+                "has_pair": pair,
+                "path": str(upload),
+            }
+        )

@@ -1,9 +1,10 @@
 """The service's error shape, `{"error": {"code", "message", "param"}}`, and id checks."""
+
 from __future__ import annotations
 
 import re
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9:_.-]{0,127}$"   # no slashes, no "..": ids never become paths
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9:_.-]{0,127}$"  # no slashes, no "..": ids never become paths
 
 
 class APIError(Exception):

@@ -7,6 +7,7 @@
 - `RequestMetrics`: counts every response by route and status, 500s included (an unhandled
   error is counted on its way to the server-error handler).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import error_body
 
 # Routes anyone may call, key or not: liveness, readiness, metrics, and the API's description.
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect",
-                          "/redoc", "/openapi.json"})
+PUBLIC_PATHS = frozenset(
+    {"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 MIB = 2**20
 
 
@@ -43,17 +45,29 @@ class BodyTooLarge(HTTPException):
     code = "request_too_large"
 
     def __init__(self, cap: int):
-        super().__init__(413, f"the request body is larger than this route's {cap:,} bytes; "
-                              f"send less (uploads: raise LADDER_MAX_UPLOAD_BYTES on the server)")
+        super().__init__(
+            413,
+            f"the request body is larger than this route's {cap:,} bytes; "
+            f"send less (uploads: raise LADDER_MAX_UPLOAD_BYTES on the server)",
+        )
 
 
-async def _send_error(send: Send, status: int, code: str, message: str,
-                      headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def _send_error(
+    send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] = ()
+) -> None:
     body = json.dumps(error_body(code, message)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -70,9 +84,13 @@ class RequestGuard:
             given = headers.get(b"authorization", b"")
             if not secrets.compare_digest(given, f"Bearer {key}".encode()):
                 return await _send_error(
-                    send, 401, "invalid_api_key", "missing or wrong API key; send the header "
+                    send,
+                    401,
+                    "invalid_api_key",
+                    "missing or wrong API key; send the header "
                     "'Authorization: Bearer <LADDER_API_KEY>'",
-                    [(b"www-authenticate", b"Bearer")])
+                    [(b"www-authenticate", b"Bearer")],
+                )
         cap = body_cap(scope["method"], scope["path"])
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > cap):
@@ -97,7 +115,7 @@ class RequestGuard:
 
         try:
             await self.app(scope, capped, tracking)
-        except BodyTooLarge as exc:        # raised where no route turned it into a response
+        except BodyTooLarge as exc:  # raised where no route turned it into a response
             if started:
                 raise
             await _send_error(send, 413, exc.code, exc.detail)
@@ -122,7 +140,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording)
         except Exception:
-            status[0] = 500     # the server-error handler outside answers it with a 500
+            status[0] = 500  # the server-error handler outside answers it with a 500
             raise
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")

@@ -4,6 +4,7 @@ them and the options the cacher and the trainer take. The HTTP model, the remote
 jobs all come from here; "auto" means the declaration's default, or a default that depends on
 the upload's size or the backbone's family (AUTO below). Torch-free.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ OWNERS = (CacheOptions, TrainOptions)
 
 def declared() -> list[tuple[type, str, Any, Setting]]:
     """(options class, field, default, Setting) of every setting a job may set."""
-    return [(cls, name, default, s) for cls in OWNERS for name, default, s in settings(cls)
-            if s.http is not None]
+    return [
+        (cls, name, default, s)
+        for cls in OWNERS
+        for name, default, s in settings(cls)
+        if s.http is not None
+    ]
 
 
 def _http_type(cls, name: str, s: Setting):
@@ -30,8 +35,11 @@ def _http_type(cls, name: str, s: Setting):
         layer = Annotated[int, Field(ge=0, le=1000)]
         return Literal["auto", "all"] | Annotated[list[layer], Field(min_length=1, max_length=1000)]
     if s.parse is parse_width:
-        return (Literal["auto", "full"] | Annotated[int, Field(ge=1)]
-                | Annotated[str, Field(pattern=r"^d/[1-9][0-9]*$")])
+        return (
+            Literal["auto", "full"]
+            | Annotated[int, Field(ge=1)]
+            | Annotated[str, Field(pattern=r"^d/[1-9][0-9]*$")]
+        )
     if s.choices is not None:
         return Literal[("auto", *[c for c in s.choices if c is not None])]
     kind = {f.name: f.type for f in fields(cls)}[name]
@@ -40,9 +48,13 @@ def _http_type(cls, name: str, s: Setting):
 
 
 Hyperparameters = create_model(
-    "Hyperparameters", __config__=ConfigDict(extra="forbid"),
-    **{s.http: (_http_type(cls, name, s), Field(default="auto", description=s.help))
-       for cls, name, _, s in declared()})
+    "Hyperparameters",
+    __config__=ConfigDict(extra="forbid"),
+    **{
+        s.http: (_http_type(cls, name, s), Field(default="auto", description=s.help))
+        for cls, name, _, s in declared()
+    },
+)
 
 
 def _to_http(value: Any, s: Setting) -> Any:
@@ -56,13 +68,16 @@ def _from_http(value: Any, s: Setting) -> Any:
 def resolve(hp: dict, n_rows: int, family: str, default_layers: list[int]) -> dict:
     """Every hyperparameter with "auto" replaced: by what suits the upload's size and the
     backbone's family where AUTO says so, else by the declaration's default."""
-    auto = {"n_epochs": 10 if n_rows < 1000 else 5 if n_rows < 10000 else 3,
-            "batch_size": FAMILY_DEFAULTS[family]["batch_size"],
-            "learning_rate": FAMILY_DEFAULTS[family]["lr"], "kept_layers": default_layers}
+    auto = {
+        "n_epochs": 10 if n_rows < 1000 else 5 if n_rows < 10000 else 3,
+        "batch_size": FAMILY_DEFAULTS[family]["batch_size"],
+        "learning_rate": FAMILY_DEFAULTS[family]["lr"],
+        "kept_layers": default_layers,
+    }
     out = {}
     for _, _, default, s in declared():
         value = hp.get(s.http, "auto")
-        out[s.http] = (auto.get(s.http, _to_http(default, s)) if value == "auto" else value)
+        out[s.http] = auto.get(s.http, _to_http(default, s)) if value == "auto" else value
     return out
 
 
@@ -103,10 +118,12 @@ def _flag_type(cls, name: str, s: Setting):
             return _to_http(parse(text), s)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"--{s.http.replace('_', '-')} {exc}") from None
+
     return convert
 
 
 def from_flags(args: argparse.Namespace) -> dict:
     """The hyperparameters a remote-CLI user gave (the server fills in the rest)."""
-    return {s.http: getattr(args, s.http) for *_, s in declared()
-            if getattr(args, s.http) is not None}
+    return {
+        s.http: getattr(args, s.http) for *_, s in declared() if getattr(args, s.http) is not None
+    }

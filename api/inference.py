@@ -4,6 +4,7 @@ Every side network trained on the same backbone reads the ladder states of that 
 structural advantage over LoRA-style methods, whose adapters sit inside the backbone). T5 side models
 score each label text with the frozen LM head and pick the most likely one.
 """
+
 from __future__ import annotations
 
 import queue
@@ -38,7 +39,8 @@ class JointModel:
             if side.cfg.backbone_fingerprint != backbone.fingerprint:
                 raise InferenceError(
                     f"side model for backbone {side.cfg.backbone!r} was trained on other backbone "
-                    f"weights than the loaded {backbone.name!r}; load the backbone it was trained on")
+                    f"weights than the loaded {backbone.name!r}; load the backbone it was trained on"
+                )
         self.backbone = backbone
         self.sides = [s.eval() for s in sides]
         self.layers = sorted({i for s in sides for i in s.cfg.layers})
@@ -58,9 +60,17 @@ class JointModel:
         if self.overlap:
             return [logits.softmax(-1) for logits in self._overlapped(enc)]
         states = self.backbone.ladder_states(self.layers, enc)["enc"]
-        return [side({"enc": {"states": side.project_states("enc", states),
-                              "attention_mask": enc["attention_mask"]}}).softmax(-1)
-                for side in self.sides]
+        return [
+            side(
+                {
+                    "enc": {
+                        "states": side.project_states("enc", states),
+                        "attention_mask": enc["attention_mask"],
+                    }
+                }
+            ).softmax(-1)
+            for side in self.sides
+        ]
 
     def _overlapped(self, enc) -> list[torch.Tensor]:
         """Side block j of every side network runs while the backbone computes the next layer."""
@@ -73,14 +83,14 @@ class JointModel:
 
         def advance() -> None:
             # inference_mode is thread-local: the worker enters it too.
-            with torch.inference_mode(), (torch.cuda.stream(stream) if stream else nullcontext()):
+            with torch.inference_mode(), torch.cuda.stream(stream) if stream else nullcontext():
                 while (item := work.get()) is not None:
                     name, state, ready = item
                     if errors:
                         continue
                     try:
                         if ready is not None:
-                            stream.wait_event(ready)        # the state is computed on the GPU
+                            stream.wait_event(ready)  # the state is computed on the GPU
                         for k, side in enumerate(self.sides):
                             stack = side.streams["enc"]
                             if name == "emb":
@@ -109,8 +119,9 @@ class JointModel:
             raise errors[0]
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)
-        return [side.head(side.streams["enc"].end(runs[k]), mask)
-                for k, side in enumerate(self.sides)]
+        return [
+            side.head(side.streams["enc"].end(runs[k]), mask) for k, side in enumerate(self.sides)
+        ]
 
     def _score_label_texts(self, enc) -> list[torch.Tensor]:
         """T5: log-likelihood of each side model's label texts, softmaxed over the labels."""
@@ -120,25 +131,42 @@ class JointModel:
         for text in candidates:
             dec = self.backbone.tokenize_targets([text] * n)
             states = self.backbone.ladder_states(self.layers, enc, dec)
-            batch = {"enc": {"states": states["enc"], "attention_mask": enc["attention_mask"]},
-                     "dec": {"states": states["dec"], "attention_mask": dec["attention_mask"],
-                             "input_ids": dec["input_ids"]}}
+            batch = {
+                "enc": {"states": states["enc"], "attention_mask": enc["attention_mask"]},
+                "dec": {
+                    "states": states["dec"],
+                    "attention_mask": dec["attention_mask"],
+                    "input_ids": dec["input_ids"],
+                },
+            }
             for k, side in enumerate(self.sides):
                 if text in side.cfg.label_texts:
-                    inputs = {s: {**part, "states": side.project_states(s, part["states"])}
-                              for s, part in batch.items()}
-                    logp = side(inputs).log_softmax(-1).gather(-1, dec["input_ids"][..., None])[..., 0]
+                    inputs = {
+                        s: {**part, "states": side.project_states(s, part["states"])}
+                        for s, part in batch.items()
+                    }
+                    logp = (
+                        side(inputs).log_softmax(-1).gather(-1, dec["input_ids"][..., None])[..., 0]
+                    )
                     loglik[k, text] = (logp * dec["attention_mask"]).sum(1)
-        return [torch.stack([loglik[k, t] for t in side.cfg.label_texts], 1).softmax(-1)
-                for k, side in enumerate(self.sides)]
+        return [
+            torch.stack([loglik[k, t] for t in side.cfg.label_texts], 1).softmax(-1)
+            for k, side in enumerate(self.sides)
+        ]
 
     def predict(self, texts: list[str], pairs: list[str] | None = None) -> list[list[Prediction]]:
         out = []
         for side, probs in zip(self.sides, self.probabilities(texts, pairs)):
             labels = side.cfg.labels
-            out.append([Prediction(labels[int(p.argmax())],
-                                   {label: round(float(v), 6) for label, v in zip(labels, p)})
-                        for p in probs])
+            out.append(
+                [
+                    Prediction(
+                        labels[int(p.argmax())],
+                        {label: round(float(v), 6) for label, v in zip(labels, p)},
+                    )
+                    for p in probs
+                ]
+            )
         return out
 
 
@@ -149,7 +177,7 @@ def evaluate(joint: JointModel, examples: list[Example], batch_size: int = 64) -
     order = sorted(range(len(examples)), key=lambda k: len(examples[k].text))
     correct = [[False] * len(examples) for _ in joint.sides]
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         chunk = [examples[k] for k in idx]
         pairs = [e.text_pair or "" for e in chunk] if chunk[0].text_pair is not None else None
         for hits, preds in zip(correct, joint.predict([e.text for e in chunk], pairs)):

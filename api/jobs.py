@@ -6,6 +6,7 @@ reports through the SQLite database, so the API only reads state. A job survives
 `JobRunner.recover()` submits every job that was not finished again, and the run resumes from the
 store's committed parts and the trainer's last epoch checkpoint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ from backbone_worker.options import CacheOptions
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3     # a job interrupted this many times (e.g. restarts mid-run) is failed
+MAX_ATTEMPTS = 3  # a job interrupted this many times (e.g. restarts mid-run) is failed
 
 
 class JobCancelled(Exception):
@@ -37,8 +38,17 @@ def model_id(job: dict) -> str:
 
 def store_key(backbone_fingerprint: str, data_fingerprint: str, cache: CacheOptions) -> str:
     """Stores are shared between jobs with the same backbone, data and caching settings."""
-    key = json.dumps([backbone_fingerprint, data_fingerprint, cache.layers, cache.dtype,
-                      cache.max_length, cache.width, cache.projection if cache.width else None])
+    key = json.dumps(
+        [
+            backbone_fingerprint,
+            data_fingerprint,
+            cache.layers,
+            cache.dtype,
+            cache.max_length,
+            cache.width,
+            cache.projection if cache.width else None,
+        ]
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -50,7 +60,7 @@ def run_job(home: str, job_id: str) -> None:
     if job is None:
         return
     if job["status"] not in ACTIVE:
-        if job["status"] == "cancelled":     # cancelled before it started: its last word
+        if job["status"] == "cancelled":  # cancelled before it started: its last word
             db.add_event(job_id, "cancelled", level="warning", data={"status": "cancelled"})
         return
     db.update_job(job_id, attempts=job["attempts"] + 1)
@@ -101,14 +111,18 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
     backbone_dir = resolve(job["model"])
     config = AutoConfig.from_pretrained(backbone_dir, local_files_only=True)
     family = family_of(config)
-    hp = hyperparameters.resolve(job["hyperparameters"], len(dataset.examples), family.name,
-                                 family.default_layers(config))
+    hp = hyperparameters.resolve(
+        job["hyperparameters"], len(dataset.examples), family.name, family.default_layers(config)
+    )
     db.update_job(job_id, hyperparameters=hp)
     cache_opts, opts = hyperparameters.options(
-        hp, wait_s=5, seed=job["seed"] or 0,
-        device="cuda" if torch.cuda.is_available() else "cpu")
-    store = str(home_path / "stores" / store_key(fingerprint_dir(backbone_dir),
-                                               dataset.fingerprint, cache_opts))
+        hp, wait_s=5, seed=job["seed"] or 0, device="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    store = str(
+        home_path
+        / "stores"
+        / store_key(fingerprint_dir(backbone_dir), dataset.fingerprint, cache_opts)
+    )
     set_status("caching", f"caching ladder states of {len(dataset.examples)} examples")
     _cache(db, job, dataset, store, cache_opts, check_cancelled)
     set_status("training", "training the side network from the store")
@@ -116,9 +130,12 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
 
     def on_epoch(record: dict) -> None:
         check_cancelled()
-        db.add_event(job_id, f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
-                     f"validation accuracy {record['val_accuracy']}",
-                     data={"step": "training", **record})
+        db.add_event(
+            job_id,
+            f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
+            f"validation accuracy {record['val_accuracy']}",
+            data={"step": "training", **record},
+        )
 
     try:
         result = train(store, out_dir, opts, on_epoch=on_epoch)
@@ -126,8 +143,12 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
         # The service's own cached states are damaged, not the user's data: recompute the
         # damaged parts once, then train on (from the last epoch's checkpoint).
         log.error("job %s: %s", job_id, exc)
-        db.add_event(job_id, f"part {exc.part} of the cached states was damaged; recomputing it",
-                     level="warning", data={"step": "caching", "repair": exc.part})
+        db.add_event(
+            job_id,
+            f"part {exc.part} of the cached states was damaged; recomputing it",
+            level="warning",
+            data={"step": "caching", "repair": exc.part},
+        )
         _cache(db, job, dataset, store, cache_opts, check_cancelled, repair=True)
         try:
             result = train(store, out_dir, opts, on_epoch=on_epoch)
@@ -136,10 +157,20 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
     check_cancelled()
     db.add_event(job_id, "evaluating on the held-out test split", data={"step": "evaluating"})
     joint = JointModel(load_backbone(job["model"]), [load_side_model(out_dir)])
-    metrics = {k: result[k] for k in ("n_train", "epochs_run", "best_val_accuracy",
-                                      "best_epoch", "selection", "trainable_params",
-                                      "trainable_pct", "train_peak_mem_mb",
-                                      "train_examples_per_s")}
+    metrics = {
+        k: result[k]
+        for k in (
+            "n_train",
+            "epochs_run",
+            "best_val_accuracy",
+            "best_epoch",
+            "selection",
+            "trainable_params",
+            "trainable_pct",
+            "train_peak_mem_mb",
+            "train_examples_per_s",
+        )
+    }
     metrics["test_accuracy"] = evaluate(joint, dataset.split("test"))["accuracy"][0]
     if job["validation_file"]:
         validation = db.get_file(job["validation_file"])
@@ -153,13 +184,21 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
         check_cancelled()
 
 
-def _cache(db: Database, job: dict, dataset, store: str, opts: CacheOptions, check_cancelled,
-           repair: bool = False) -> None:
+def _cache(
+    db: Database,
+    job: dict,
+    dataset,
+    store: str,
+    opts: CacheOptions,
+    check_cancelled,
+    repair: bool = False,
+) -> None:
     """Fill the job's store (shared by jobs with the same backbone, data and settings). Waits,
     still cancellable, while another job writes the same store; with `repair`, first un-commits
     parts whose checksums fail so they are computed again."""
     from backbone_worker.cache import build_cache
     from cache_store import ActivationStore, StoreBusyError, StoreLock
+
     job_id = job["id"]
     last = [0.0]
 
@@ -167,8 +206,11 @@ def _cache(db: Database, job: dict, dataset, store: str, opts: CacheOptions, che
         check_cancelled()
         if time.time() - last[0] > 2 or done == total:
             last[0] = time.time()
-            db.add_event(job_id, f"cached {done}/{total} examples",
-                         data={"step": "caching", "done": done, "total": total})
+            db.add_event(
+                job_id,
+                f"cached {done}/{total} examples",
+                data={"step": "caching", "done": done, "total": total},
+            )
 
     waiting = False
     while True:
@@ -177,23 +219,27 @@ def _cache(db: Database, job: dict, dataset, store: str, opts: CacheOptions, che
                 with StoreLock(store).acquire(wait_s=5):
                     ActivationStore.open(store, writable=True).verify(repair=True)
                 repair = False
-            build_cache(job["model"], dataset, store, opts, on_part=on_part,
-                        check=check_cancelled)
+            build_cache(job["model"], dataset, store, opts, on_part=on_part, check=check_cancelled)
             return
         except StoreBusyError:
             check_cancelled()
             if not waiting:
                 waiting = True
-                db.add_event(job_id, "waiting for another job that is caching the same data",
-                             data={"step": "caching"})
+                db.add_event(
+                    job_id,
+                    "waiting for another job that is caching the same data",
+                    data={"step": "caching"},
+                )
 
 
 class StoreDamaged(RuntimeError):
     """The service's cached states stay damaged after recomputing them: a server fault."""
 
     def __init__(self):
-        super().__init__("the server's cached states of this data are damaged and recomputing "
-                         "them did not help; this is a fault of the server, see its log")
+        super().__init__(
+            "the server's cached states of this data are damaged and recomputing "
+            "them did not help; this is a fault of the server, see its log"
+        )
 
 
 def _columns(file_record: dict) -> dict:
@@ -205,6 +251,7 @@ def _error(exc: Exception) -> tuple[str, str]:
     to fix; everything else (store_damaged, internal_error) is the server's."""
     from api.cli import user_errors
     from cache_store import CorruptPartError, StateRangeError
+
     message = str(exc).splitlines()[0] if str(exc) else repr(exc)
     if isinstance(exc, StoreDamaged):
         return "store_damaged", message
@@ -227,6 +274,7 @@ class JobRunner:
 
     def __init__(self, db: Database, home: Path, executor: str, lease_ttl_s: float = 30.0):
         from cache_store import StoreLock
+
         self.db = db
         self.home = home
         self.executor = executor
@@ -243,6 +291,7 @@ class JobRunner:
 
     def _lead(self) -> None:
         from cache_store import StoreBusyError
+
         while not self._stop.is_set():
             if not self.leader:
                 try:
@@ -271,10 +320,14 @@ class JobRunner:
         import ray
 
         from backbone_worker.pool import init_ray
+
         # Ray workers start with their node's environment: hand them the service's own settings
         # (extra backbone aliases, offline flags) so a job sees what the API saw.
-        env = {k: v for k, v in os.environ.items()
-               if k.startswith(("LADDER_", "HF_", "TRANSFORMERS_")) and k != "LADDER_API_KEY"}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith(("LADDER_", "HF_", "TRANSFORMERS_")) and k != "LADDER_API_KEY"
+        }
         task = ray.remote(max_retries=0, runtime_env={"env_vars": env})(run_job)
         while True:
             job_id = self.queue.get()
@@ -283,13 +336,18 @@ class JobRunner:
                 # On a cluster with GPU workers the job (its backbone and its trainer) takes one.
                 gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
                 self.refs[job_id] = task.options(num_cpus=1, num_gpus=gpus).remote(
-                    str(self.home), job_id)
+                    str(self.home), job_id
+                )
             except Exception as exc:  # noqa: BLE001 - the job fails with the reason
-                error = {"code": "executor_unavailable", "param": None,
-                         "message": f"could not start the job on Ray: {exc}"}
+                error = {
+                    "code": "executor_unavailable",
+                    "param": None,
+                    "message": f"could not start the job on Ray: {exc}",
+                }
                 if self.db.update_job(job_id, only_if_active=True, status="failed", error=error):
-                    self.db.add_event(job_id, error["message"], level="error",
-                                      data={"status": "failed"})
+                    self.db.add_event(
+                        job_id, error["message"], level="error", data={"status": "failed"}
+                    )
 
     def submit(self, job_id: str) -> None:
         """A job just created: the lease holder starts it (this server, or within POLL_S the
@@ -305,12 +363,15 @@ class JobRunner:
         """On taking the lease: resume unfinished jobs, or fail those interrupted too often."""
         for job in self.db.jobs_with_status(ACTIVE):
             if job["attempts"] >= MAX_ATTEMPTS:
-                error = {"code": "interrupted", "param": None,
-                         "message": f"the job was interrupted {job['attempts']} times"}
-                if self.db.update_job(job["id"], only_if_active=True, status="failed",
-                                      error=error):
-                    self.db.add_event(job["id"], error["message"], level="error",
-                                      data={"status": "failed"})
+                error = {
+                    "code": "interrupted",
+                    "param": None,
+                    "message": f"the job was interrupted {job['attempts']} times",
+                }
+                if self.db.update_job(job["id"], only_if_active=True, status="failed", error=error):
+                    self.db.add_event(
+                        job["id"], error["message"], level="error", data={"status": "failed"}
+                    )
                 continue
             if job["status"] != "queued":
                 self.db.add_event(job["id"], "resuming after a service restart", level="warning")

@@ -1,4 +1,5 @@
 """Request and response bodies of the HTTP service (shapes of the OpenAI fine-tuning API)."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -51,8 +52,9 @@ class JobObject(BaseModel):
     model: str
     created_at: int
     finished_at: int | None = None
-    status: Literal["validating_files", "queued", "caching", "training", "succeeded", "failed",
-                    "cancelled"]
+    status: Literal[
+        "validating_files", "queued", "caching", "training", "succeeded", "failed", "cancelled"
+    ]
     training_file: str
     validation_file: str | None = None
     hyperparameters: dict[str, Any]
@@ -116,6 +118,7 @@ Text = Annotated[str, Field(max_length=10000)]
 
 class TextPair(BaseModel):
     """One input of a model trained on text pairs (uploads with a text_pair column)."""
+
     model_config = ConfigDict(extra="forbid")
     text: Text
     text_pair: Text
@@ -123,8 +126,13 @@ class TextPair(BaseModel):
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: Annotated[str, Field(min_length=1, max_length=128)] | Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=128)]], Field(min_length=1, max_length=16)]
+    model: (
+        Annotated[str, Field(min_length=1, max_length=128)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=128)]],
+            Field(min_length=1, max_length=16),
+        ]
+    )
     inputs: Annotated[list[Text | TextPair], Field(min_length=1, max_length=256)]
 
     @field_validator("inputs")

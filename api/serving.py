@@ -6,6 +6,7 @@ same ladder states. Inference runs in one executor thread, so requests never fig
 A side model that cannot be used (deleted meanwhile, damaged files, trained on other backbone
 weights) fails only the requests that name it; the others in the pass are answered.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,7 +47,8 @@ class ModelRegistry:
         self.backbones: dict[str, Backbone] = {}
         self.sides: OrderedDict[str, SideNetwork] = OrderedDict()
         self.max_side_bytes = max_side_bytes or int(
-            float(os.environ.get("LADDER_MAX_SIDE_MODEL_MB", 1024)) * 2**20)
+            float(os.environ.get("LADDER_MAX_SIDE_MODEL_MB", 1024)) * 2**20
+        )
         self._lock = threading.Lock()
 
     def backbone(self, name: str) -> Backbone:
@@ -66,18 +68,24 @@ class ModelRegistry:
                 try:
                     self.sides[model_id] = load_side_model(record["path"])
                 except Exception as exc:  # noqa: BLE001 - any load failure is the model's state
-                    log.error("cannot load side model %s from %s: %r", model_id, record["path"],
-                              exc)
-                    raise ModelUnavailable(model_id, "its files on the server are missing or "
-                                           "damaged; fine-tune it again") from exc
+                    log.error(
+                        "cannot load side model %s from %s: %r", model_id, record["path"], exc
+                    )
+                    raise ModelUnavailable(
+                        model_id,
+                        "its files on the server are missing or damaged; fine-tune it again",
+                    ) from exc
                 while len(self.sides) > 1 and self._side_bytes() > self.max_side_bytes:
                     evicted, _ = self.sides.popitem(last=False)
                     log.info("unloaded side model %s (LADDER_MAX_SIDE_MODEL_MB)", evicted)
             return self.sides[model_id]
 
     def _side_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for side in self.sides.values()
-                   for t in side.state_dict().values())
+        return sum(
+            t.numel() * t.element_size()
+            for side in self.sides.values()
+            for t in side.state_dict().values()
+        )
 
     def backbone_of(self, model_id: str) -> str:
         record = self.db.get_model(model_id)
@@ -105,27 +113,28 @@ class _Request:
     backbone: str
     model_ids: list[str]
     texts: list[str]
-    pairs: list[str] | None          # second texts of pair inputs, or None
+    pairs: list[str] | None  # second texts of pair inputs, or None
     future: asyncio.Future
-    done: int = 0                    # texts answered so far (a request passes in chunks)
-    results: list | None = None      # per model id: the predictions so far
+    done: int = 0  # texts answered so far (a request passes in chunks)
+    results: list | None = None  # per model id: the predictions so far
 
 
 @dataclass
 class _Chunk:
     """Up to max_batch texts of one request: the unit the queue holds and a pass groups."""
+
     request: _Request
     start: int
     stop: int
 
     @property
     def texts(self) -> list[str]:
-        return self.request.texts[self.start:self.stop]
+        return self.request.texts[self.start : self.stop]
 
     @property
     def pairs(self) -> list[str] | None:
         pairs = self.request.pairs
-        return None if pairs is None else pairs[self.start:self.stop]
+        return None if pairs is None else pairs[self.start : self.stop]
 
 
 class Overloaded(RuntimeError):
@@ -137,15 +146,21 @@ class MicroBatcher:
     request's next chunk queues behind whatever arrived meanwhile, so a one-text request waits
     at most one pass behind a request of hundreds of texts. At most `max_queue` requests wait."""
 
-    def __init__(self, registry: ModelRegistry, max_batch: int = 64, max_wait_ms: float = 5.0,
-                 on_batch=None, max_queue: int | None = None):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        max_batch: int = 64,
+        max_wait_ms: float = 5.0,
+        on_batch=None,
+        max_queue: int | None = None,
+    ):
         self.registry = registry
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
-        self.on_batch = on_batch          # metrics hook: on_batch(n_texts, n_requests)
+        self.on_batch = on_batch  # metrics hook: on_batch(n_texts, n_requests)
         self.max_queue = max_queue or int(os.environ.get("LADDER_MAX_PREDICT_QUEUE", 256))
         self.queue: asyncio.Queue[_Chunk] = asyncio.Queue()
-        self.waiting = 0                  # requests not answered yet
+        self.waiting = 0  # requests not answered yet
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ladder-infer")
         self._task: asyncio.Task | None = None
 
@@ -160,18 +175,27 @@ class MicroBatcher:
     def depth(self) -> int:
         return self.waiting
 
-    async def predict(self, model_ids: list[str], texts: list[str],
-                      pairs: list[str] | None = None) -> list[list[Prediction]]:
+    async def predict(
+        self, model_ids: list[str], texts: list[str], pairs: list[str] | None = None
+    ) -> list[list[Prediction]]:
         backbones = {self.registry.backbone_of(m) for m in model_ids}
         if len(backbones) > 1:
-            raise ValueError(f"side models of different backbones ({', '.join(sorted(backbones))}) "
-                             f"cannot share one pass; send one request per backbone")
+            raise ValueError(
+                f"side models of different backbones ({', '.join(sorted(backbones))}) "
+                f"cannot share one pass; send one request per backbone"
+            )
         if self.waiting >= self.max_queue:
-            raise Overloaded(f"{self.waiting} predictions are already waiting on this server; "
-                             f"retry in a moment")
-        request = _Request(backbones.pop(), model_ids, texts, pairs,
-                           asyncio.get_running_loop().create_future(),
-                           results=[[] for _ in model_ids])
+            raise Overloaded(
+                f"{self.waiting} predictions are already waiting on this server; retry in a moment"
+            )
+        request = _Request(
+            backbones.pop(),
+            model_ids,
+            texts,
+            pairs,
+            asyncio.get_running_loop().create_future(),
+            results=[[] for _ in model_ids],
+        )
         self.waiting += 1
         try:
             self.queue.put_nowait(self._next_chunk(request))
@@ -194,9 +218,11 @@ class MicroBatcher:
                 except asyncio.TimeoutError:
                     break
                 # One pass runs one backbone on texts alone or on pairs alone.
-                if (chunk.request.backbone != first.request.backbone
-                        or (chunk.pairs is None) != (first.pairs is None)
-                        or size + len(chunk.texts) > self.max_batch):
+                if (
+                    chunk.request.backbone != first.request.backbone
+                    or (chunk.pairs is None) != (first.pairs is None)
+                    or size + len(chunk.texts) > self.max_batch
+                ):
                     # Served in the next pass: put it back at the front of the line.
                     self.queue._queue.appendleft(chunk)  # noqa: SLF001 - asyncio.Queue has no push-front
                     break
@@ -222,7 +248,7 @@ class MicroBatcher:
             so_far.extend(part)
         request.done = chunk.stop
         if request.done < len(request.texts):
-            self.queue.put_nowait(self._next_chunk(request))     # behind what came meanwhile
+            self.queue.put_nowait(self._next_chunk(request))  # behind what came meanwhile
         else:
             request.future.set_result(request.results)
 
@@ -230,6 +256,7 @@ class MicroBatcher:
         """One backbone pass for the whole group, then each chunk's slice for its request's
         models, or the exception of the first of its models that could not run."""
         from api.inference import InferenceError
+
         backbone = self.registry.backbone(group[0].request.backbone)
         sides: dict[str, SideNetwork] = {}
         failed: dict[str, Exception] = {}
@@ -241,13 +268,18 @@ class MicroBatcher:
                 continue
             if side.cfg.backbone_fingerprint != backbone.fingerprint:
                 failed[model_id] = ModelUnavailable(
-                    model_id, f"it was trained on other weights than the loaded backbone "
-                              f"{backbone.name!r}")
+                    model_id,
+                    f"it was trained on other weights than the loaded backbone {backbone.name!r}",
+                )
             elif side.cfg.text_pair != (group[0].pairs is not None):
                 failed[model_id] = InferenceError(
-                    f"model {model_id!r} was trained on " +
-                    ("text pairs: send each input as {\"text\": ..., \"text_pair\": ...}"
-                     if side.cfg.text_pair else "single texts: send inputs as plain strings"))
+                    f"model {model_id!r} was trained on "
+                    + (
+                        'text pairs: send each input as {"text": ..., "text_pair": ...}'
+                        if side.cfg.text_pair
+                        else "single texts: send inputs as plain strings"
+                    )
+                )
             else:
                 sides[model_id] = side
         healthy = list(sides)

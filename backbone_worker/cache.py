@@ -5,6 +5,7 @@ written whole and committed last, so a rerun skips committed parts (resume) and 
 is simply redone. The importance scores for the side network's pruning init are computed here too,
 where the backbone lives, and stored beside the states as `importance.safetensors`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,8 @@ from cache_store.projection import fit as fit_projection
 log = logging.getLogger(__name__)
 
 IMPORTANCE_FILE = "importance.safetensors"
-PROBE_EXAMPLES = 512     # training examples that fit the Fisher probe (disjoint from those scored)
-PROJECTION_EXAMPLES = 256   # training examples whose states fit a store's width map
+PROBE_EXAMPLES = 512  # training examples that fit the Fisher probe (disjoint from those scored)
+PROJECTION_EXAMPLES = 256  # training examples whose states fit a store's width map
 
 
 def kept_layers(backbone: Backbone, layers: list[int] | str | None) -> list[int]:
@@ -42,7 +43,9 @@ def kept_layers(backbone: Backbone, layers: list[int] | str | None) -> list[int]
     return list(layers)
 
 
-def store_settings(backbone: Backbone, dataset: Dataset, layers: list[int], opts: CacheOptions) -> dict:
+def store_settings(
+    backbone: Backbone, dataset: Dataset, layers: list[int], opts: CacheOptions
+) -> dict:
     """Everything the stored states depend on; the store's fingerprint is a hash of this."""
     return {
         "backbone": backbone.name,
@@ -54,13 +57,16 @@ def store_settings(backbone: Backbone, dataset: Dataset, layers: list[int], opts
         "data_fingerprint": dataset.fingerprint,
         "labels": dataset.labels,
         "split_seed": dataset.seed,
-        "split_order": "seeded-hash",   # parts are runs of each split in this order
+        "split_order": "seeded-hash",  # parts are runs of each split in this order
         "max_length": opts.max_length,
         "layers": layers,
         "dtype": opts.dtype,
         # Only pair data records it, so stores of single texts keep their fingerprints.
-        **({"text_pair": True} if dataset.examples and dataset.examples[0].text_pair is not None
-           else {}),
+        **(
+            {"text_pair": True}
+            if dataset.examples and dataset.examples[0].text_pair is not None
+            else {}
+        ),
         # A hub backbone's resolved commit (its files are in the fingerprint either way).
         **({"backbone_revision": backbone.revision} if backbone.revision else {}),
         # Likewise a stored width below d: full-width stores keep theirs.
@@ -73,11 +79,13 @@ def projection_spec(backbone: Backbone, opts: CacheOptions) -> ProjectionSpec:
     normalise each state before its ladder (side_trainer/model.py)."""
     d = backbone.hidden_size
     width = opts.width
-    if isinstance(width, str):                     # "d/N"
+    if isinstance(width, str):  # "d/N"
         n = int(width.split("/")[1])
         if d % n:
-            raise FamilyError(f"--width {width}: {n} does not divide the backbone's width {d}; "
-                              f"pick a divisor of {d}, or an integer width")
+            raise FamilyError(
+                f"--width {width}: {n} does not divide the backbone's width {d}; "
+                f"pick a divisor of {d}, or an integer width"
+            )
         width = d // n
     try:
         spec = ProjectionSpec(opts.projection, width, backbone.family.name == DECODER)
@@ -87,8 +95,13 @@ def projection_spec(backbone: Backbone, opts: CacheOptions) -> ProjectionSpec:
     return spec
 
 
-def write_projection(store: ActivationStore, backbone: Backbone, dataset: Dataset,
-                     layers: list[int], opts: CacheOptions) -> None:
+def write_projection(
+    store: ActivationStore,
+    backbone: Backbone,
+    dataset: Dataset,
+    layers: list[int],
+    opts: CacheOptions,
+) -> None:
     """Fit the store's width map on the states of the first PROJECTION_EXAMPLES training
     examples (once: a resumed store keeps its map)."""
     if store.projection is None or store.projection_matrices():
@@ -96,12 +109,20 @@ def write_projection(store: ActivationStore, backbone: Backbone, dataset: Datase
     start = time.perf_counter()
     sample = dataset.split("train")[:PROJECTION_EXAMPLES]
     arrays = encode_part(backbone, sample, layers, dataset.labels, opts)
-    store.set_projection({
-        f"{s}/{name}": fit_projection(store.projection, np.concatenate(rows))
-        for s, stream in arrays["streams"].items() for name, rows in stream["states"].items()})
-    log.info("fitted the %s map to width %d on %d training examples in %.1fs",
-             store.projection.kind, store.projection.width, len(sample),
-             time.perf_counter() - start)
+    store.set_projection(
+        {
+            f"{s}/{name}": fit_projection(store.projection, np.concatenate(rows))
+            for s, stream in arrays["streams"].items()
+            for name, rows in stream["states"].items()
+        }
+    )
+    log.info(
+        "fitted the %s map to width %d on %d training examples in %.1fs",
+        store.projection.kind,
+        store.projection.width,
+        len(sample),
+        time.perf_counter() - start,
+    )
 
 
 def make_plan(dataset: Dataset, part_size: int) -> list[dict]:
@@ -110,26 +131,35 @@ def make_plan(dataset: Dataset, part_size: int) -> list[dict]:
     for split in SPLITS:
         n = len(dataset.split(split))
         for start in range(0, n, part_size):
-            plan.append({"index": len(plan), "split": split, "start": start,
-                         "n": min(part_size, n - start)})
+            plan.append(
+                {"index": len(plan), "split": split, "start": start, "n": min(part_size, n - start)}
+            )
     return plan
 
 
 def part_examples(dataset: Dataset, part: dict) -> list[Example]:
-    return dataset.split(part["split"])[part["start"]:part["start"] + part["n"]]
+    return dataset.split(part["split"])[part["start"] : part["start"] + part["n"]]
 
 
-def encode_part(backbone: Backbone, examples: list[Example], layers: list[int], labels: list[str],
-                opts: CacheOptions, check=None) -> dict:
+def encode_part(
+    backbone: Backbone,
+    examples: list[Example],
+    layers: list[int],
+    labels: list[str],
+    opts: CacheOptions,
+    check=None,
+) -> dict:
     """Ladder states of one part's examples, padding stripped: arguments for `write_part`.
     `check()` runs before every forward batch (see build_cache)."""
     # Sorting by length keeps each forward batch's padding (wasted compute) small.
     order = sorted(range(len(examples)), key=lambda k: len(examples[k].text))
-    streams = {s: {"input_ids": [None] * len(examples), "states": {}} for s in backbone.family.streams}
+    streams = {
+        s: {"input_ids": [None] * len(examples), "states": {}} for s in backbone.family.streams
+    }
     for start in range(0, len(order), opts.batch_size):
         if check is not None:
             check()
-        idx = order[start:start + opts.batch_size]
+        idx = order[start : start + opts.batch_size]
         batch = [examples[k] for k in idx]
         pairs = [e.text_pair or "" for e in batch] if batch[0].text_pair is not None else None
         enc = backbone.tokenize([e.text for e in batch], pairs, opts.max_length)
@@ -164,13 +194,22 @@ def fisher_slices(n_train: int, fisher_examples: int, needs_probe: bool) -> tupl
 
 
 def _texts(examples: list[Example]) -> tuple[list[str], list[str] | None, list[str]]:
-    pairs = ([e.text_pair or "" for e in examples]
-             if examples and examples[0].text_pair is not None else None)
+    pairs = (
+        [e.text_pair or "" for e in examples]
+        if examples and examples[0].text_pair is not None
+        else None
+    )
     return [e.text for e in examples], pairs, [e.label for e in examples]
 
 
-def write_importance(store_url: str, backbone: Backbone, dataset: Dataset, layers: list[int],
-                     opts: CacheOptions, check=None) -> None:
+def write_importance(
+    store_url: str,
+    backbone: Backbone,
+    dataset: Dataset,
+    layers: list[int],
+    opts: CacheOptions,
+    check=None,
+) -> None:
     path = f"{store_url.rstrip('/')}/{IMPORTANCE_FILE}"
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.exists(fs_path):
@@ -184,15 +223,29 @@ def write_importance(store_url: str, backbone: Backbone, dataset: Dataset, layer
     needs_probe = backbone.family.name != ENCODER_DECODER
     scored, probed = fisher_slices(len(train), opts.fisher_examples, needs_probe)
     start = time.perf_counter()
-    probe = fit_probe(backbone, *_texts(train[probed]), dataset.labels, opts.max_length) \
-        if needs_probe else None
-    scores = fisher_scores(backbone, layers, *_texts(train[scored]), dataset.labels,
-                           opts.max_length, probe=probe, check=check)
+    probe = (
+        fit_probe(backbone, *_texts(train[probed]), dataset.labels, opts.max_length)
+        if needs_probe
+        else None
+    )
+    scores = fisher_scores(
+        backbone,
+        layers,
+        *_texts(train[scored]),
+        dataset.labels,
+        opts.max_length,
+        probe=probe,
+        check=check,
+    )
     scores.update(magnitude_scores(backbone, layers))
     with fs.open(fs_path, "wb") as handle:
         handle.write(save_safetensors({k: v.contiguous() for k, v in scores.items()}))
-    log.info("Fisher importance from %d training examples (probe fitted on %d others) in %.1fs",
-             scored.stop, probed.stop - probed.start, time.perf_counter() - start)
+    log.info(
+        "Fisher importance from %d training examples (probe fitted on %d others) in %.1fs",
+        scored.stop,
+        probed.stop - probed.start,
+        time.perf_counter() - start,
+    )
 
 
 def read_importance(store_url: str) -> dict[str, torch.Tensor]:
@@ -200,14 +253,22 @@ def read_importance(store_url: str) -> dict[str, torch.Tensor]:
         return load_safetensors(handle.read())
 
 
-def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: CacheOptions,
-                backbone: Backbone | None = None, on_part=None, check=None,
-                **data_kwargs) -> ActivationStore:
+def build_cache(
+    backbone_name: str,
+    data: str | Dataset,
+    store_url: str,
+    opts: CacheOptions,
+    backbone: Backbone | None = None,
+    on_part=None,
+    check=None,
+    **data_kwargs,
+) -> ActivationStore:
     """Cache ladder states of every split of `data` into `store_url`; resumes a partial store.
     `on_part(done, total)` is called after each committed part, and `check()` before every
     forward batch of this process (the Fisher pass and in-process parts); an exception either
     raises (e.g. a cancelled job) stops the run, leaving the committed parts for a later resume."""
     from backbone_worker.pool import PartWorker, RayPool, resolve_device
+
     dataset = data if isinstance(data, Dataset) else load_dataset(data, **data_kwargs)
     backbone = backbone or load_backbone(backbone_name, resolve_device(opts.device))
     layers = backbone.check_layers(kept_layers(backbone, opts.layers))
@@ -223,6 +284,7 @@ def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: C
         totals = {"examples": 0, "tokens": 0}
         start = time.perf_counter()
         with tqdm(total=sum(p["n"] for p in todo), desc="caching", unit="ex") as bar:
+
             def done(stats: dict) -> None:
                 totals["examples"] += stats["n"]
                 totals["tokens"] += stats["tokens"]
@@ -231,22 +293,34 @@ def build_cache(backbone_name: str, data: str | Dataset, store_url: str, opts: C
                     on_part(bar.n, bar.total)
 
             if todo and (opts.workers > 1 or os.environ.get("RAY_ADDRESS")):
-                pool = RayPool(opts.workers, _gpus_per_worker(opts),
-                               (backbone_name, dataset, store_url, settings, plan, opts))
+                pool = RayPool(
+                    opts.workers,
+                    _gpus_per_worker(opts),
+                    (backbone_name, dataset, store_url, settings, plan, opts),
+                )
                 try:
                     pool.run(todo, done)
                 finally:
                     pool.shutdown()
             elif todo:
-                PartWorker(backbone, dataset, store_url, settings, plan, opts,
-                           check=check).run_local(todo, done)
+                PartWorker(
+                    backbone, dataset, store_url, settings, plan, opts, check=check
+                ).run_local(todo, done)
         seconds = time.perf_counter() - start
     info = store.info()
-    log.info("cached %d examples, %d tokens in %.1fs (%.0f examples/s); store: %d/%d examples, "
-             "%.1f MB, %.2f bytes/element, %.2fx smaller than fp32", totals["examples"],
-             totals["tokens"], seconds, totals["examples"] / max(seconds, 1e-9), info["n_examples"],
-             len(dataset.examples), info["stored_bytes"] / 1e6, info["bytes_per_element"] or 0,
-             info["compression_ratio"] or 0)
+    log.info(
+        "cached %d examples, %d tokens in %.1fs (%.0f examples/s); store: %d/%d examples, "
+        "%.1f MB, %.2f bytes/element, %.2fx smaller than fp32",
+        totals["examples"],
+        totals["tokens"],
+        seconds,
+        totals["examples"] / max(seconds, 1e-9),
+        info["n_examples"],
+        len(dataset.examples),
+        info["stored_bytes"] / 1e6,
+        info["bytes_per_element"] or 0,
+        info["compression_ratio"] or 0,
+    )
     return store
 
 
@@ -256,5 +330,6 @@ def _gpus_per_worker(opts: CacheOptions) -> float:
     import ray
 
     from backbone_worker.pool import init_ray
+
     init_ray()
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0

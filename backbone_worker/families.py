@@ -18,6 +18,7 @@ Axis kinds used by the pruning rules (on the side block's parameter names):
 - "ffn": the feed-forward inner dims.
 - None: kept whole (T5's relative position bias has one column per head, and heads are kept).
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,6 +42,7 @@ class FamilyError(ValueError):
 @dataclass(frozen=True)
 class Dims:
     """The widths and settings of a backbone's blocks, whatever its config calls them."""
+
     hidden: int
     heads: int
     kv_heads: int
@@ -66,35 +68,52 @@ def dims(config: PretrainedConfig) -> Dims:
     hidden = _first(config, "hidden_size", "d_model", "dim", "n_embd")
     heads = _first(config, "num_attention_heads", "num_heads", "n_heads", "n_head")
     if hidden is None or heads is None:
-        raise FamilyError(f"model type {config.model_type!r}: its config names no hidden size or "
-                          f"attention heads that Ladder recognises")
+        raise FamilyError(
+            f"model type {config.model_type!r}: its config names no hidden size or "
+            f"attention heads that Ladder recognises"
+        )
     rope = getattr(config, "rope_parameters", None) or {}
     act = _first(config, "hidden_activation", "hidden_act", "activation", default="gelu")
     return Dims(
-        hidden=hidden, heads=heads,
+        hidden=hidden,
+        heads=heads,
         kv_heads=_first(config, "num_key_value_heads", default=heads),
         head_dim=_first(config, "head_dim", default=hidden // heads),
-        intermediate=_first(config, "intermediate_size", "hidden_dim", "d_ff", "n_inner",
-                            default=4 * hidden),
+        intermediate=_first(
+            config, "intermediate_size", "hidden_dim", "d_ff", "n_inner", default=4 * hidden
+        ),
         act=act if isinstance(act, str) else "gelu",
-        eps=float(_first(config, "layer_norm_eps", "rms_norm_eps", "layer_norm_epsilon",
-                         "norm_eps", default=1e-6)),
-        dropout=float(_first(config, "hidden_dropout_prob", "dropout", "hidden_dropout",
-                             default=0.0)),
-        rope_theta=float(rope.get("rope_theta") or _first(config, "rope_theta", "rotary_emb_base",
-                                                          default=10000.0)),
+        eps=float(
+            _first(
+                config,
+                "layer_norm_eps",
+                "rms_norm_eps",
+                "layer_norm_epsilon",
+                "norm_eps",
+                default=1e-6,
+            )
+        ),
+        dropout=float(
+            _first(config, "hidden_dropout_prob", "dropout", "hidden_dropout", default=0.0)
+        ),
+        rope_theta=float(
+            rope.get("rope_theta")
+            or _first(config, "rope_theta", "rotary_emb_base", default=10000.0)
+        ),
         max_positions=_first(config, "max_position_embeddings", "n_positions", default=2048),
-        attention_bias=bool(_first(config, "attention_bias", default=config.model_type == "qwen2")))
+        attention_bias=bool(_first(config, "attention_bias", default=config.model_type == "qwen2")),
+    )
 
 
 # ---- which backbone weight plays which role in a side block -----------------------------------
 
+
 @dataclass(frozen=True)
 class Role:
-    source: str                  # the backbone block's parameter (name inside the block)
-    rows: str | None = None      # part of a fused weight: q, k, v (stacked), neox_q/k/v
-                                 # (interleaved per head), first / second (halves)
-    plus_one: bool = False       # a norm whose scale is 1 + w (Gemma)
+    source: str  # the backbone block's parameter (name inside the block)
+    rows: str | None = None  # part of a fused weight: q, k, v (stacked), neox_q/k/v
+    # (interleaved per head), first / second (halves)
+    plus_one: bool = False  # a norm whose scale is 1 + w (Gemma)
 
     def select(self, tensor: torch.Tensor, d: Dims) -> torch.Tensor:
         """The side block's full-width parameter from the backbone's (before pruning)."""
@@ -108,20 +127,38 @@ def rows_of(part: str, d: Dims, n: int) -> torch.Tensor:
     if part in ("q", "k", "v"):
         start = {"q": 0, "k": q, "v": q + kv}[part]
         return torch.arange(start, start + (q if part == "q" else kv))
-    if part.startswith("neox_"):          # (heads, 3, head_dim) rows: q, k, v of each head
+    if part.startswith("neox_"):  # (heads, 3, head_dim) rows: q, k, v of each head
         j = "qkv".index(part[-1])
-        return (torch.arange(d.heads)[:, None] * 3 * d.head_dim + j * d.head_dim
-                + torch.arange(d.head_dim)).flatten()
+        return (
+            torch.arange(d.heads)[:, None] * 3 * d.head_dim
+            + j * d.head_dim
+            + torch.arange(d.head_dim)
+        ).flatten()
     half = n // 2
     return torch.arange(0, half) if part == "first" else torch.arange(half, n)
 
 
-BERT_NAMES = ("attention.self.query", "attention.self.key", "attention.self.value",
-              "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
-              "output.dense", "output.LayerNorm")
-LLAMA_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
-               "post_attention_layernorm")
+BERT_NAMES = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "attention.output.LayerNorm",
+    "intermediate.dense",
+    "output.dense",
+    "output.LayerNorm",
+)
+LLAMA_NAMES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+)
 
 
 def _renamed(names: tuple[str, ...], sources: dict[str, str | Role]) -> dict[str, Role]:
@@ -141,41 +178,76 @@ BERT_LIKE = _renamed(BERT_NAMES, {})
 LLAMA_LIKE = _renamed(LLAMA_NAMES, {})
 ROLE_MAPS: dict[str, dict[str, Role]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert"), BERT_LIKE),
-    "deberta-v2": _renamed(BERT_NAMES, {
-        "attention.self.query": "attention.self.query_proj",
-        "attention.self.key": "attention.self.key_proj",
-        "attention.self.value": "attention.self.value_proj"}),
-    "distilbert": _renamed(BERT_NAMES, {
-        "attention.self.query": "attention.q_lin", "attention.self.key": "attention.k_lin",
-        "attention.self.value": "attention.v_lin", "attention.output.dense": "attention.out_lin",
-        "attention.output.LayerNorm": "sa_layer_norm", "intermediate.dense": "ffn.lin1",
-        "output.dense": "ffn.lin2", "output.LayerNorm": "output_layer_norm"}),
+    "deberta-v2": _renamed(
+        BERT_NAMES,
+        {
+            "attention.self.query": "attention.self.query_proj",
+            "attention.self.key": "attention.self.key_proj",
+            "attention.self.value": "attention.self.value_proj",
+        },
+    ),
+    "distilbert": _renamed(
+        BERT_NAMES,
+        {
+            "attention.self.query": "attention.q_lin",
+            "attention.self.key": "attention.k_lin",
+            "attention.self.value": "attention.v_lin",
+            "attention.output.dense": "attention.out_lin",
+            "attention.output.LayerNorm": "sa_layer_norm",
+            "intermediate.dense": "ffn.lin1",
+            "output.dense": "ffn.lin2",
+            "output.LayerNorm": "output_layer_norm",
+        },
+    ),
     # Pre-norm blocks with a fused QKV and a gated MLP (Wi = [input; gate]); the norm after
     # attention is the one before the MLP; the block's last norm belongs to the next block.
-    "modernbert": _renamed(BERT_NAMES, {
-        "attention.self.query": Role("attn.Wqkv", "q"),
-        "attention.self.key": Role("attn.Wqkv", "k"),
-        "attention.self.value": Role("attn.Wqkv", "v"),
-        "attention.output.dense": "attn.Wo", "attention.output.LayerNorm": "mlp_norm",
-        "intermediate.dense": Role("mlp.Wi", "first"), "output.dense": "mlp.Wo",
-        "output.LayerNorm": None}),
+    "modernbert": _renamed(
+        BERT_NAMES,
+        {
+            "attention.self.query": Role("attn.Wqkv", "q"),
+            "attention.self.key": Role("attn.Wqkv", "k"),
+            "attention.self.value": Role("attn.Wqkv", "v"),
+            "attention.output.dense": "attn.Wo",
+            "attention.output.LayerNorm": "mlp_norm",
+            "intermediate.dense": Role("mlp.Wi", "first"),
+            "output.dense": "mlp.Wo",
+            "output.LayerNorm": None,
+        },
+    ),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), LLAMA_LIKE),
-    **dict.fromkeys(("gemma", "gemma2"), _renamed(LLAMA_NAMES, {
-        "input_layernorm": Role("input_layernorm", plus_one=True),
-        "post_attention_layernorm": Role("pre_feedforward_layernorm", plus_one=True)})),
-    "phi3": _renamed(LLAMA_NAMES, {
-        "self_attn.q_proj": Role("self_attn.qkv_proj", "q"),
-        "self_attn.k_proj": Role("self_attn.qkv_proj", "k"),
-        "self_attn.v_proj": Role("self_attn.qkv_proj", "v"),
-        "mlp.gate_proj": Role("mlp.gate_up_proj", "first"),
-        "mlp.up_proj": Role("mlp.gate_up_proj", "second")}),
+    **dict.fromkeys(
+        ("gemma", "gemma2"),
+        _renamed(
+            LLAMA_NAMES,
+            {
+                "input_layernorm": Role("input_layernorm", plus_one=True),
+                "post_attention_layernorm": Role("pre_feedforward_layernorm", plus_one=True),
+            },
+        ),
+    ),
+    "phi3": _renamed(
+        LLAMA_NAMES,
+        {
+            "self_attn.q_proj": Role("self_attn.qkv_proj", "q"),
+            "self_attn.k_proj": Role("self_attn.qkv_proj", "k"),
+            "self_attn.v_proj": Role("self_attn.qkv_proj", "v"),
+            "mlp.gate_proj": Role("mlp.gate_up_proj", "first"),
+            "mlp.up_proj": Role("mlp.gate_up_proj", "second"),
+        },
+    ),
     # A GELU MLP without a gate: the side block's gate starts random.
-    "gpt_neox": _renamed(LLAMA_NAMES, {
-        "self_attn.q_proj": Role("attention.query_key_value", "neox_q"),
-        "self_attn.k_proj": Role("attention.query_key_value", "neox_k"),
-        "self_attn.v_proj": Role("attention.query_key_value", "neox_v"),
-        "self_attn.o_proj": "attention.dense", "mlp.gate_proj": None,
-        "mlp.up_proj": "mlp.dense_h_to_4h", "mlp.down_proj": "mlp.dense_4h_to_h"}),
+    "gpt_neox": _renamed(
+        LLAMA_NAMES,
+        {
+            "self_attn.q_proj": Role("attention.query_key_value", "neox_q"),
+            "self_attn.k_proj": Role("attention.query_key_value", "neox_k"),
+            "self_attn.v_proj": Role("attention.query_key_value", "neox_v"),
+            "self_attn.o_proj": "attention.dense",
+            "mlp.gate_proj": None,
+            "mlp.up_proj": "mlp.dense_h_to_4h",
+            "mlp.down_proj": "mlp.dense_4h_to_h",
+        },
+    ),
 }
 
 
@@ -185,10 +257,11 @@ def role_map(model_type: str) -> dict[str, Role] | None:
 
 # ---- families ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Family:
     name: str
-    streams: tuple[str, ...]                  # "enc" for every family, plus "dec" for T5
+    streams: tuple[str, ...]  # "enc" for every family, plus "dec" for T5
     prune_rules: tuple[tuple[str, tuple], ...]  # (regex on the side block's name, axis kinds)
 
     def axes(self, param_name: str) -> tuple:
@@ -223,37 +296,53 @@ class Family:
         """The config of the side blocks: the backbone's widths divided by r, heads kept."""
         d = dims(config)
         widths = {"hidden size": d.hidden, "feed-forward width": d.intermediate}
-        if self.name != ENCODER:         # BERT blocks derive their head dim (checked below)
+        if self.name != ENCODER:  # BERT blocks derive their head dim (checked below)
             widths["head dim"] = config.d_kv if self.name == ENCODER_DECODER else d.head_dim
         for what, width in widths.items():
             if reduction < 1 or width % reduction:
                 raise FamilyError(
                     f"reduction factor {reduction} does not divide the backbone's {what} {width}; "
-                    f"pick r among the divisors of {width} (the default is 8)")
+                    f"pick r among the divisors of {width} (the default is 8)"
+                )
         if self.name == ENCODER_DECODER:
             side = copy.deepcopy(config)
-            side.d_model, side.d_ff, side.d_kv = (config.d_model // reduction,
-                                                  config.d_ff // reduction,
-                                                  config.d_kv // reduction)
+            side.d_model, side.d_ff, side.d_kv = (
+                config.d_model // reduction,
+                config.d_ff // reduction,
+                config.d_kv // reduction,
+            )
         elif self.name == DECODER:
             side = LlamaConfig(
-                hidden_size=d.hidden // reduction, intermediate_size=d.intermediate // reduction,
-                num_attention_heads=d.heads, num_key_value_heads=d.kv_heads,
-                head_dim=d.head_dim // reduction, rms_norm_eps=d.eps, hidden_act="silu",
-                max_position_embeddings=d.max_positions, attention_bias=d.attention_bias,
-                rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta})
+                hidden_size=d.hidden // reduction,
+                intermediate_size=d.intermediate // reduction,
+                num_attention_heads=d.heads,
+                num_key_value_heads=d.kv_heads,
+                head_dim=d.head_dim // reduction,
+                rms_norm_eps=d.eps,
+                hidden_act="silu",
+                max_position_embeddings=d.max_positions,
+                attention_bias=d.attention_bias,
+                rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta},
+            )
             if side.head_dim % 2:
-                raise FamilyError(f"side head dim {side.head_dim} is odd, which rotary "
-                                  f"embeddings cannot use; pick a smaller r")
+                raise FamilyError(
+                    f"side head dim {side.head_dim} is odd, which rotary "
+                    f"embeddings cannot use; pick a smaller r"
+                )
         else:
             side = BertConfig(
-                hidden_size=d.hidden // reduction, intermediate_size=d.intermediate // reduction,
-                num_attention_heads=d.heads, hidden_act=_bert_act(d.act),
-                layer_norm_eps=d.eps, hidden_dropout_prob=d.dropout)
+                hidden_size=d.hidden // reduction,
+                intermediate_size=d.intermediate // reduction,
+                num_attention_heads=d.heads,
+                hidden_act=_bert_act(d.act),
+                layer_norm_eps=d.eps,
+                hidden_dropout_prob=d.dropout,
+            )
             if side.hidden_size % d.heads:
                 raise FamilyError(
                     f"side width {side.hidden_size} (= {d.hidden}/{reduction}) is not a multiple "
-                    f"of the {d.heads} attention heads; pick r so that {d.hidden}/r is")
+                    f"of the {d.heads} attention heads; pick r so that {d.hidden}/r is"
+                )
         # Eager attention: T5 adds its position bias there, and it is the same maths elsewhere.
         side._attn_implementation = "eager"
         # No dropout on attention probabilities: with the heads kept and each head only d_kv/r
@@ -267,6 +356,7 @@ class Family:
 
 def _bert_act(act: str) -> str:
     from transformers.activations import ACT2FN
+
     act = act.replace("gelu_pytorch_tanh", "gelu_new")
     return act if act in ACT2FN else "gelu"
 
@@ -322,10 +412,15 @@ FAMILIES = (BERT, T5, LLAMA)
 def _is_decoder_only(model_type: str) -> bool:
     """Decoder-only: a causal language model type that is not also a masked one (BERT has a
     causal head too)."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-    return (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-            and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    return (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
 
 
 def family_of(config: PretrainedConfig) -> Family:
@@ -334,7 +429,8 @@ def family_of(config: PretrainedConfig) -> Family:
     if getattr(config, "is_encoder_decoder", False):
         raise FamilyError(
             f"backbone model_type {config.model_type!r} is an encoder-decoder; Ladder takes "
-            f"T5 and mT5 among those, and any encoder or decoder-only model")
+            f"T5 and mT5 among those, and any encoder or decoder-only model"
+        )
     return LLAMA if _is_decoder_only(config.model_type) else BERT
 
 
@@ -350,12 +446,15 @@ def make_block(family: Family, side_config: PretrainedConfig, stream: str, posit
     position bias to the first block only (later blocks share it)."""
     if family is BERT:
         from transformers.models.bert.modeling_bert import BertLayer
+
         return BertLayer(side_config)
     if family is T5:
         from transformers.models.t5.modeling_t5 import T5Block
+
         config = copy.deepcopy(side_config)
         config.is_decoder = stream == "dec"
         config.use_cache = False
         return T5Block(config, has_relative_attention_bias=position == 0, layer_idx=position)
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
     return LlamaDecoderLayer(side_config, layer_idx=position)

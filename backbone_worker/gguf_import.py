@@ -10,6 +10,7 @@ or two processes converting at once never leave a half-written model behind.
 The weights are the de-quantised 4-bit ones (fp32 after conversion), not the original bf16
 release: close to it, not equal to it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE_FILE = "ladder_source.json"   # written last: a directory without it is incomplete
+SOURCE_FILE = "ladder_source.json"  # written last: a directory without it is incomplete
 
 
 def model_cache_dir() -> Path:
@@ -39,8 +40,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-_digests: dict[tuple, str] = {}   # (path, size, mtime) -> sha256, so a process hashes a file once
-_locks: dict[Path, threading.Lock] = {}   # one per target: threads of a process convert once
+_digests: dict[tuple, str] = {}  # (path, size, mtime) -> sha256, so a process hashes a file once
+_locks: dict[Path, threading.Lock] = {}  # one per target: threads of a process convert once
 _locks_guard = threading.Lock()
 
 
@@ -57,7 +58,7 @@ def converted_dir(gguf_path: Path, name: str, cache: Path | None = None) -> Path
         return target
     with _locks_guard:
         lock = _locks.setdefault(target, threading.Lock())
-    with lock:   # a second caller waits for the first one's copy instead of converting again
+    with lock:  # a second caller waits for the first one's copy instead of converting again
         if not (target / SOURCE_FILE).is_file():
             _convert_into(gguf_path, target, digest, name)
     return target
@@ -68,10 +69,17 @@ def _convert_into(gguf_path: Path, target: Path, digest: str, name: str) -> None
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         convert(gguf_path, work)
-        (work / SOURCE_FILE).write_text(json.dumps(
-            {"gguf_file": str(gguf_path), "sha256": digest,
-             "note": "de-quantised from this GGUF file; not the original full-precision weights"},
-            indent=2) + "\n")
+        (work / SOURCE_FILE).write_text(
+            json.dumps(
+                {
+                    "gguf_file": str(gguf_path),
+                    "sha256": digest,
+                    "note": "de-quantised from this GGUF file; not the original full-precision weights",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         try:
             work.rename(target)
         except OSError:
@@ -95,15 +103,18 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
     config = model.config
     if hasattr(config, "quantization_config"):
-        del config.quantization_config        # the copy is plain fp32, not a quantised model
+        del config.quantization_config  # the copy is plain fp32, not a quantised model
     config.save_pretrained(out_dir)
     state = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)     # the same tensor as the token embeddings
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+        state.pop("lm_head.weight", None)  # the same tensor as the token embeddings
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(out_dir / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     tokenizer.save_pretrained(out_dir)
-    out_dir.chmod(0o755)                       # mkdtemp makes it private; the copy is shared
+    out_dir.chmod(0o755)  # mkdtemp makes it private; the copy is shared
     for file in out_dir.iterdir():
         file.chmod(0o644)
     log.info("converted %s in %.1fs", gguf_path.name, time.perf_counter() - started)

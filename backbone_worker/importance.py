@@ -21,6 +21,7 @@ gradient. From those, per-example squared gradients are summed without materiali
 Parameters whose module output is shared by the batch (T5's relative position bias, which depends
 on positions only) get no Fisher score: the pruning init keeps them whole anyway.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,7 @@ from backbone_worker.families import DECODER, ENCODER_DECODER
 
 log = logging.getLogger(__name__)
 
-FISHER_BATCH = 16     # examples per backward pass; the scores do not depend on it
+FISHER_BATCH = 16  # examples per backward pass; the scores do not depend on it
 
 
 def kept_blocks(backbone: Backbone, layers: list[int]):
@@ -48,8 +49,11 @@ def kept_blocks(backbone: Backbone, layers: list[int]):
 
 def block_parameters(backbone: Backbone, layers: list[int]) -> dict[str, torch.nn.Parameter]:
     """Parameters of the kept blocks, keyed "stream/i/in-block name"."""
-    return {prefix + name: param for prefix, block in kept_blocks(backbone, layers)
-            for name, param in block.named_parameters()}
+    return {
+        prefix + name: param
+        for prefix, block in kept_blocks(backbone, layers)
+        for name, param in block.named_parameters()
+    }
 
 
 def _reduce(method: str, key: str, element_scores: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -68,23 +72,30 @@ def _pool(backbone: Backbone, hidden: torch.Tensor, mask: torch.Tensor) -> torch
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def pooled_features(backbone: Backbone, texts: list[str], pairs: list[str] | None,
-                    max_length: int, batch_size: int = 64) -> torch.Tensor:
+def pooled_features(
+    backbone: Backbone,
+    texts: list[str],
+    pairs: list[str] | None,
+    max_length: int,
+    batch_size: int = 64,
+) -> torch.Tensor:
     """(N, d) float32 pooled last-layer features of the frozen backbone, in the order given."""
-    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))     # little padding per batch
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))  # little padding per batch
     feats = torch.empty(len(texts), backbone.hidden_size)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            enc = backbone.tokenize([texts[k] for k in idx],
-                                    [pairs[k] for k in idx] if pairs else None, max_length)
+            idx = order[start : start + batch_size]
+            enc = backbone.tokenize(
+                [texts[k] for k in idx], [pairs[k] for k in idx] if pairs else None, max_length
+            )
             out = backbone.run(enc)
             feats[idx] = _pool(backbone, out.last_hidden_state, enc["attention_mask"]).float().cpu()
     return feats
 
 
-def train_probe(features: torch.Tensor, targets: torch.Tensor, n_labels: int,
-                weight_decay: float = 0.0) -> torch.nn.Linear:
+def train_probe(
+    features: torch.Tensor, targets: torch.Tensor, n_labels: int, weight_decay: float = 0.0
+) -> torch.nn.Linear:
     """A linear classifier fitted full-batch (Adam, 200 steps) on fixed features."""
     probe = torch.nn.Linear(features.shape[1], n_labels)
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=weight_decay)
@@ -95,8 +106,14 @@ def train_probe(features: torch.Tensor, targets: torch.Tensor, n_labels: int,
     return probe.requires_grad_(False)
 
 
-def fit_probe(backbone: Backbone, texts: list[str], pairs: list[str] | None, labels: list[str],
-              label_names: list[str], max_length: int) -> torch.nn.Linear:
+def fit_probe(
+    backbone: Backbone,
+    texts: list[str],
+    pairs: list[str] | None,
+    labels: list[str],
+    label_names: list[str],
+    max_length: int,
+) -> torch.nn.Linear:
     """A linear classifier on the frozen backbone's pooled last-layer features."""
     features = pooled_features(backbone, texts, pairs, max_length)
     targets = torch.tensor([label_names.index(y) for y in labels])
@@ -113,9 +130,11 @@ class _SquaredGradients:
         self.cols: dict[str, torch.Tensor] = {}
         self.unscored: set[str] = set()
         self.busy = False
-        self.handles = [m.register_forward_hook(self._forward(prefix, m))
-                        for prefix, m in modules.items()
-                        if any(True for _ in m.parameters(recurse=False))]
+        self.handles = [
+            m.register_forward_hook(self._forward(prefix, m))
+            for prefix, m in modules.items()
+            if any(True for _ in m.parameters(recurse=False))
+        ]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -127,18 +146,27 @@ class _SquaredGradients:
     def _forward(self, prefix: str, module: nn.Module):
         def hook(_module, inputs, output):
             if self.busy:
-                return      # the module's own call inside _generic below
+                return  # the module's own call inside _generic below
             x = inputs[0] if inputs else None
             out = output[0] if isinstance(output, tuple) else output
-            if (x is None or not torch.is_floating_point(x) or not out.requires_grad
-                    or out.shape[0] != x.shape[0]):
-                self.unscored.update(f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False))
+            if (
+                x is None
+                or not torch.is_floating_point(x)
+                or not out.requires_grad
+                or out.shape[0] != x.shape[0]
+            ):
+                self.unscored.update(
+                    f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False)
+                )
                 return
             x = x.detach()
             out.register_hook(lambda grad: self._backward(prefix, module, x, grad))
+
         return hook
 
-    def _backward(self, prefix: str, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    def _backward(
+        self, prefix: str, module: nn.Module, x: torch.Tensor, grad: torch.Tensor
+    ) -> None:
         self.busy = True
         try:
             with torch.no_grad():
@@ -151,10 +179,10 @@ class _SquaredGradients:
 
     def _linear(self, prefix: str, module: nn.Linear, x: torch.Tensor, d: torch.Tensor) -> None:
         """x (B, T, in), d (B, T, out): ghost norms of G_n = d_n^T x_n, and the bias's sum_t d."""
-        gram_x = x @ x.transpose(1, 2)                                        # (B, T, T)
-        gram_d = d @ d.transpose(1, 2)                                        # (B, T, T)
-        rows = ((gram_x @ d) * d).sum(1).sum(0)                               # (out,)
-        cols = ((gram_d @ x) * x).sum(1).sum(0)                               # (in,)
+        gram_x = x @ x.transpose(1, 2)  # (B, T, T)
+        gram_d = d @ d.transpose(1, 2)  # (B, T, T)
+        rows = ((gram_x @ d) * d).sum(1).sum(0)  # (out,)
+        cols = ((gram_d @ x) * x).sum(1).sum(0)  # (in,)
         self._add(self.rows, f"{prefix}weight", rows)
         self._add(self.cols, f"{prefix}weight", cols)
         if module.bias is not None:
@@ -164,6 +192,7 @@ class _SquaredGradients:
         """Per-example gradients of the module's own parameters, one vector-Jacobian product per
         example, vectorised over the batch."""
         from torch.func import functional_call, vjp, vmap
+
         params = {k: v.detach() for k, v in module.named_parameters(recurse=False)}
 
         def one(xi, gi):
@@ -172,7 +201,7 @@ class _SquaredGradients:
             return pullback(out_grad)[0]
 
         with torch.enable_grad():
-            per_example = vmap(one)(x, grad)                           # {name: (B, *shape)}
+            per_example = vmap(one)(x, grad)  # {name: (B, *shape)}
         for name, g in per_example.items():
             squares = g.float().pow(2).sum(0)
             if squares.dim() == 1:
@@ -192,16 +221,18 @@ def _requires_grad(_module, args, kwargs):
     return args, kwargs
 
 
-def _example_losses(backbone: Backbone, probe, enc, labels: list[str],
-                    label_names: list[str]) -> torch.Tensor:
+def _example_losses(
+    backbone: Backbone, probe, enc, labels: list[str], label_names: list[str]
+) -> torch.Tensor:
     """(B,) each example's own loss: the probe's cross-entropy, or T5's mean token loss on its
     label text (what the batch-size-1 loss of that example is)."""
     if probe is None:
         dec = backbone.tokenize_targets(labels)
-        logits = backbone.run(enc, dec).logits                                # (B, T_dec, V)
+        logits = backbone.run(enc, dec).logits  # (B, T_dec, V)
         targets = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
-        tokens = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-100,
-                                 reduction="none")                           # (B, T_dec)
+        tokens = F.cross_entropy(
+            logits.transpose(1, 2).float(), targets, ignore_index=-100, reduction="none"
+        )  # (B, T_dec)
         return tokens.sum(1) / dec["attention_mask"].sum(1).clamp(min=1)
     out = backbone.run(enc)
     pooled = _pool(backbone, out.last_hidden_state, enc["attention_mask"])
@@ -209,44 +240,63 @@ def _example_losses(backbone: Backbone, probe, enc, labels: list[str],
     return F.cross_entropy(probe(pooled.float()), targets, reduction="none")
 
 
-def fisher_scores(backbone: Backbone, layers: list[int], texts: list[str], pairs: list[str] | None,
-                  labels: list[str], label_names: list[str], max_length: int,
-                  probe: nn.Linear | None = None, batch_size: int = FISHER_BATCH,
-                  check=None) -> dict[str, torch.Tensor]:
+def fisher_scores(
+    backbone: Backbone,
+    layers: list[int],
+    texts: list[str],
+    pairs: list[str] | None,
+    labels: list[str],
+    label_names: list[str],
+    max_length: int,
+    probe: nn.Linear | None = None,
+    batch_size: int = FISHER_BATCH,
+    check=None,
+) -> dict[str, torch.Tensor]:
     """Row and column sums of the empirical Fisher of the kept blocks' weights over `texts`.
     Encoders and decoder-only models need `probe` (see `fit_probe`), fitted on other examples.
     `check()` runs before every batch; an exception it raises (a cancelled job) stops the pass."""
     if probe is None and backbone.family.name != ENCODER_DECODER:
-        raise ValueError("Fisher scores of an encoder or decoder-only backbone need a probe "
-                         "fitted on other training examples (fit_probe)")
-    modules = {prefix + (name + "." if name else ""): module
-               for prefix, block in kept_blocks(backbone, layers)
-               for name, module in block.named_modules()}
+        raise ValueError(
+            "Fisher scores of an encoder or decoder-only backbone need a probe "
+            "fitted on other training examples (fit_probe)"
+        )
+    modules = {
+        prefix + (name + "." if name else ""): module
+        for prefix, block in kept_blocks(backbone, layers)
+        for name, module in block.named_modules()
+    }
     params = block_parameters(backbone, layers)
     hooks = _SquaredGradients(modules)
     # The weights stay frozen (autograd computes no weight gradients, which the hooks do not
     # need); the first block's input requires grad instead, so every layer's output gradient
     # flows.
-    hooks.handles += [backbone._blocks(s)[0].register_forward_pre_hook(_requires_grad,
-                                                                       with_kwargs=True)
-                      for s in backbone.family.streams]
+    hooks.handles += [
+        backbone._blocks(s)[0].register_forward_pre_hook(_requires_grad, with_kwargs=True)
+        for s in backbone.family.streams
+    ]
     # Batches of similar lengths waste little compute on padding; the sums ignore the order.
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="fisher", leave=False,
-                          mininterval=1.0):
+        for start in tqdm(
+            range(0, len(order), batch_size), desc="fisher", leave=False, mininterval=1.0
+        ):
             if check is not None:
                 check()
-            idx = order[start:start + batch_size]
-            enc = backbone.tokenize([texts[k] for k in idx],
-                                    [pairs[k] for k in idx] if pairs else None, max_length)
+            idx = order[start : start + batch_size]
+            enc = backbone.tokenize(
+                [texts[k] for k in idx], [pairs[k] for k in idx] if pairs else None, max_length
+            )
             losses = _example_losses(backbone, probe, enc, [labels[k] for k in idx], label_names)
             losses.sum().backward()
     finally:
         hooks.remove()
     if hooks.unscored:
-        log.info("no Fisher score for %d parameters whose output the batch shares (kept whole "
-                 "by the pruning init): %s", len(hooks.unscored), sorted(hooks.unscored)[:3])
+        log.info(
+            "no Fisher score for %d parameters whose output the batch shares (kept whole "
+            "by the pruning init): %s",
+            len(hooks.unscored),
+            sorted(hooks.unscored)[:3],
+        )
     scores = {}
     for key in params:
         if key in hooks.rows:

@@ -4,6 +4,7 @@ job hyperparameters, the remote CLI, jobs and the README's option table are all 
 declarations (`side_trainer.options` does the same for training). Torch-free: the CLI and the
 service read it without loading a model library.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,14 +23,14 @@ class OptionError(ValueError):
 @dataclass(frozen=True)
 class Setting:
     help: str
-    flag: str | None = ""           # "" -> --field-name; None -> no command-line flag
-    http: str | None = None         # its name among a job's hyperparameters; None: not over HTTP
+    flag: str | None = ""  # "" -> --field-name; None -> no command-line flag
+    http: str | None = None  # its name among a job's hyperparameters; None: not over HTTP
     choices: tuple | None = None
-    parse: Callable[[str], Any] | None = None   # command-line text -> value (ValueError if bad)
-    low: float | None = None        # smallest value allowed
-    high: float | None = None       # largest value allowed
-    above: float | None = None      # the value must be strictly above this
-    auto: str = ""                  # what an unset value (None, "auto" over HTTP) becomes
+    parse: Callable[[str], Any] | None = None  # command-line text -> value (ValueError if bad)
+    low: float | None = None  # smallest value allowed
+    high: float | None = None  # largest value allowed
+    above: float | None = None  # the value must be strictly above this
+    auto: str = ""  # what an unset value (None, "auto" over HTTP) becomes
 
     def flag_for(self, name: str) -> str | None:
         return None if self.flag is None else (self.flag or "--" + name.replace("_", "-"))
@@ -41,8 +42,11 @@ def setting(help: str, **kwargs) -> dict:
 
 def settings(cls) -> list[tuple[str, Any, Setting]]:
     """(field name, default, Setting) of every declared field of an options dataclass."""
-    return [(f.name, f.default if f.default is not MISSING else None, f.metadata["setting"])
-            for f in fields(cls) if "setting" in f.metadata]
+    return [
+        (f.name, f.default if f.default is not MISSING else None, f.metadata["setting"])
+        for f in fields(cls)
+        if "setting" in f.metadata
+    ]
 
 
 def check(options) -> None:
@@ -53,20 +57,31 @@ def check(options) -> None:
         if value is None or isinstance(value, (list, str)) and s.choices is None:
             continue
         if s.choices is not None and value not in s.choices:
-            raise OptionError(f"{what} {value!r} is not one of {', '.join(map(str, s.choices))}; "
-                              f"pick one of those")
+            raise OptionError(
+                f"{what} {value!r} is not one of {', '.join(map(str, s.choices))}; "
+                f"pick one of those"
+            )
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if (s.low is not None and value < s.low) or (s.high is not None and value > s.high) \
-                    or (s.above is not None and value <= s.above):
-                bounds = " and ".join(filter(None, [
-                    f"at least {s.low:g}" if s.low is not None else "",
-                    f"above {s.above:g}" if s.above is not None else "",
-                    f"at most {s.high:g}" if s.high is not None else ""]))
+            if (
+                (s.low is not None and value < s.low)
+                or (s.high is not None and value > s.high)
+                or (s.above is not None and value <= s.above)
+            ):
+                bounds = " and ".join(
+                    filter(
+                        None,
+                        [
+                            f"at least {s.low:g}" if s.low is not None else "",
+                            f"above {s.above:g}" if s.above is not None else "",
+                            f"at most {s.high:g}" if s.high is not None else "",
+                        ],
+                    )
+                )
                 raise OptionError(f"{what} {value!r} is out of range; it must be {bounds}")
 
 
 def parse_layers(text: str) -> list[int] | str:
-    """"all", or comma-separated layer indices."""
+    """ "all", or comma-separated layer indices."""
     if text == "all":
         return "all"
     try:
@@ -74,8 +89,9 @@ def parse_layers(text: str) -> list[int] | str:
     except ValueError:
         layers = []
     if not layers or any(i < 0 for i in layers):
-        raise ValueError(f"{text!r} is not a comma-separated list of layer indices; pass e.g. "
-                         f"0,2,4 or all")
+        raise ValueError(
+            f"{text!r} is not a comma-separated list of layer indices; pass e.g. 0,2,4 or all"
+        )
     return layers
 
 
@@ -92,41 +108,101 @@ def parse_width(text: str) -> int | str | None:
 
 @dataclass
 class CacheOptions:
-    layers: list[int] | str | None = field(default=None, metadata=setting(
-        "kept backbone layers, e.g. 0,2,4, or all", http="kept_layers", parse=parse_layers,
-        auto="every layer of an encoder or T5, every third of a decoder-only model"))
-    max_length: int = field(default=128, metadata=setting(
-        "tokens per example (longer texts are cut)", low=1))
-    dtype: str = field(default="fp16", metadata=setting(
-        "stored precision: fp16 (lossless for training), bf16, int8 (lossy)",
-        http="cache_dtype", choices=DTYPES))
-    width: int | str | None = field(default=None, metadata=setting(
-        "stored width: K numbers per token and state instead of the backbone's d, an integer or "
-        "d/N (e.g. d/4), or full", http="cache_width", parse=parse_width, auto="full width"))
-    projection: str = field(default="pca", metadata=setting(
-        "how a stored width maps d to K: pca (fitted on training states) or pool (channel-group "
-        "means)", http="cache_projection", choices=KINDS))
-    importance: str | None = field(default=None, metadata=setting(
-        "reuse the importance.safetensors of another store of the same backbone, data and "
-        "layers (or more layers) instead of a Fisher pass", flag="--importance"))
-    batch_size: int = field(default=64, metadata=setting(
-        "backbone forward batch", flag="--cache-batch-size", low=1))
-    part_size: int = field(default=256, metadata=setting(
-        "examples per store part: the unit of work, of retry and of resume", low=1))
-    fisher_examples: int = field(default=1024, metadata=setting(
-        "training examples the Fisher importance of the pruning init sums over (as the paper)",
-        low=1))
-    device: str = field(default="auto", metadata=setting(
-        "backbone device: auto (a GPU where there is one), cpu, cuda", flag="--cache-device"))
-    autocast: str | None = field(default="bf16", metadata=setting(
-        "forward precision on a GPU: bf16, fp16, or none for fp32", flag=None,
-        choices=("bf16", "fp16", None)))
-    workers: int = field(default=1, metadata=setting(
-        "backbone workers; more than 1 (or RAY_ADDRESS set) runs a Ray actor pool", low=1))
-    gpus_per_worker: float | None = field(default=None, metadata=setting(
-        "GPUs per Ray worker", low=0, auto="1 when the Ray cluster has GPUs, else 0"))
-    wait_s: float = field(default=0.0, metadata=setting(
-        "seconds to wait for another run writing the same store", flag="--wait", low=0))
+    layers: list[int] | str | None = field(
+        default=None,
+        metadata=setting(
+            "kept backbone layers, e.g. 0,2,4, or all",
+            http="kept_layers",
+            parse=parse_layers,
+            auto="every layer of an encoder or T5, every third of a decoder-only model",
+        ),
+    )
+    max_length: int = field(
+        default=128, metadata=setting("tokens per example (longer texts are cut)", low=1)
+    )
+    dtype: str = field(
+        default="fp16",
+        metadata=setting(
+            "stored precision: fp16 (lossless for training), bf16, int8 (lossy)",
+            http="cache_dtype",
+            choices=DTYPES,
+        ),
+    )
+    width: int | str | None = field(
+        default=None,
+        metadata=setting(
+            "stored width: K numbers per token and state instead of the backbone's d, an integer or "
+            "d/N (e.g. d/4), or full",
+            http="cache_width",
+            parse=parse_width,
+            auto="full width",
+        ),
+    )
+    projection: str = field(
+        default="pca",
+        metadata=setting(
+            "how a stored width maps d to K: pca (fitted on training states) or pool (channel-group "
+            "means)",
+            http="cache_projection",
+            choices=KINDS,
+        ),
+    )
+    importance: str | None = field(
+        default=None,
+        metadata=setting(
+            "reuse the importance.safetensors of another store of the same backbone, data and "
+            "layers (or more layers) instead of a Fisher pass",
+            flag="--importance",
+        ),
+    )
+    batch_size: int = field(
+        default=64, metadata=setting("backbone forward batch", flag="--cache-batch-size", low=1)
+    )
+    part_size: int = field(
+        default=256,
+        metadata=setting(
+            "examples per store part: the unit of work, of retry and of resume", low=1
+        ),
+    )
+    fisher_examples: int = field(
+        default=1024,
+        metadata=setting(
+            "training examples the Fisher importance of the pruning init sums over (as the paper)",
+            low=1,
+        ),
+    )
+    device: str = field(
+        default="auto",
+        metadata=setting(
+            "backbone device: auto (a GPU where there is one), cpu, cuda", flag="--cache-device"
+        ),
+    )
+    autocast: str | None = field(
+        default="bf16",
+        metadata=setting(
+            "forward precision on a GPU: bf16, fp16, or none for fp32",
+            flag=None,
+            choices=("bf16", "fp16", None),
+        ),
+    )
+    workers: int = field(
+        default=1,
+        metadata=setting(
+            "backbone workers; more than 1 (or RAY_ADDRESS set) runs a Ray actor pool", low=1
+        ),
+    )
+    gpus_per_worker: float | None = field(
+        default=None,
+        metadata=setting(
+            "GPUs per Ray worker", low=0, auto="1 when the Ray cluster has GPUs, else 0"
+        ),
+    )
+    wait_s: float = field(
+        default=0.0,
+        metadata=setting(
+            "seconds to wait for another run writing the same store", flag="--wait", low=0
+        ),
+    )
 
     def __post_init__(self):
         check(self)

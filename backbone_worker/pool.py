@@ -10,6 +10,7 @@ writes. Ray retries are at-least-once; `ActivationStore.write_part` makes a rewr
 kill, `ray.kill`), its parts are queued again and the actor is replaced, so the run still ends with
 every example written exactly once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,19 +35,32 @@ MAX_TRIES_PER_PART = 3
 class PartWorker:
     """Backbone + store writer for one process (an actor, or the caller's own process)."""
 
-    def __init__(self, backbone: Backbone | str, dataset: Dataset, store_url: str, settings: dict,
-                 plan: list[dict], opts, threads: int | None = None, check=None):
+    def __init__(
+        self,
+        backbone: Backbone | str,
+        dataset: Dataset,
+        store_url: str,
+        settings: dict,
+        plan: list[dict],
+        opts,
+        threads: int | None = None,
+        check=None,
+    ):
         from cache_store import ActivationStore
+
         if threads:
             torch.set_num_threads(threads)
         self.opts = replace(opts, device=resolve_device(opts.device))
-        self.backbone = (backbone if isinstance(backbone, Backbone)
-                         else load_backbone(backbone, self.opts.device))
+        self.backbone = (
+            backbone
+            if isinstance(backbone, Backbone)
+            else load_backbone(backbone, self.opts.device)
+        )
         self.dataset = dataset
         self.layers = settings["layers"]
         self.store = ActivationStore.create_or_open(store_url, settings, plan)
         self._forward = threading.Lock()
-        self.check = check        # in-process only: run before every forward batch
+        self.check = check  # in-process only: run before every forward batch
 
     def _autocast(self):
         if self.opts.device.startswith("cuda") and self.opts.autocast:
@@ -56,13 +70,21 @@ class PartWorker:
 
     def encode(self, part: dict) -> dict:
         from backbone_worker.cache import encode_part, part_examples
+
         with self._forward, self._autocast():
-            return encode_part(self.backbone, part_examples(self.dataset, part), self.layers,
-                               self.dataset.labels, self.opts, self.check)
+            return encode_part(
+                self.backbone,
+                part_examples(self.dataset, part),
+                self.layers,
+                self.dataset.labels,
+                self.opts,
+                self.check,
+            )
 
     def write(self, part: dict, arrays: dict) -> dict:
-        self.store.write_part(part["index"], arrays["example_ids"], arrays["labels"],
-                              arrays["streams"])
+        self.store.write_part(
+            part["index"], arrays["example_ids"], arrays["labels"], arrays["streams"]
+        )
         tokens = sum(len(ids) for ids in arrays["streams"]["enc"]["input_ids"])
         return {"index": part["index"], "n": part["n"], "tokens": tokens}
 
@@ -95,12 +117,21 @@ def resolve_device(device: str) -> str:
 def init_ray() -> None:
     """Join the cluster at RAY_ADDRESS, or start a local Ray (no dashboard) for this process."""
     import ray
+
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, configure_logging=False)
-        log.info("Ray %s: %s", "joined cluster" if address else "started locally",
-                 ray.cluster_resources())
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            configure_logging=False,
+        )
+        log.info(
+            "Ray %s: %s",
+            "joined cluster" if address else "started locally",
+            ray.cluster_resources(),
+        )
 
 
 class RayPool:
@@ -108,11 +139,13 @@ class RayPool:
 
     def __init__(self, workers: int, num_gpus: float, make_args: tuple, threads: int | None = None):
         import ray
+
         init_ray()
         self.ray = ray
         self.make_args = make_args
         self.actor_class = ray.remote(PartWorker).options(
-            num_gpus=num_gpus, num_cpus=1, max_concurrency=IN_FLIGHT_PER_WORKER, max_restarts=0)
+            num_gpus=num_gpus, num_cpus=1, max_concurrency=IN_FLIGHT_PER_WORKER, max_restarts=0
+        )
         self.threads = threads
         self.actors = [self._new_actor() for _ in range(workers)]
         self.generation = [0] * workers
@@ -127,10 +160,13 @@ class RayPool:
         ray = self.ray
         queue = deque(parts)
         tries = {p["index"]: 0 for p in parts}
-        inflight: dict = {}                 # ref -> (actor slot, its generation, part)
+        inflight: dict = {}  # ref -> (actor slot, its generation, part)
 
         def fill(k: int) -> None:
-            while queue and sum(1 for slot, _, _ in inflight.values() if slot == k) < IN_FLIGHT_PER_WORKER:
+            while (
+                queue
+                and sum(1 for slot, _, _ in inflight.values() if slot == k) < IN_FLIGHT_PER_WORKER
+            ):
                 part = queue.popleft()
                 tries[part["index"]] += 1
                 inflight[self.submit(k, part)] = (k, self.generation[k], part)
@@ -144,11 +180,13 @@ class RayPool:
                 on_done(ray.get(ref))
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
                 if tries[part["index"]] >= MAX_TRIES_PER_PART:
-                    raise RuntimeError(f"part {part['index']} failed {MAX_TRIES_PER_PART} times; "
-                                       f"last error: {exc}") from exc
+                    raise RuntimeError(
+                        f"part {part['index']} failed {MAX_TRIES_PER_PART} times; last error: {exc}"
+                    ) from exc
                 if generation == self.generation[k]:
-                    log.warning("backbone worker %d died (%s); starting a new one", k,
-                                type(exc).__name__)
+                    log.warning(
+                        "backbone worker %d died (%s); starting a new one", k, type(exc).__name__
+                    )
                     self.actors[k] = self._new_actor()
                     self.generation[k] += 1
                 log.warning("part %d is queued again", part["index"])

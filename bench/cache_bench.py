@@ -10,6 +10,7 @@
 
 Run: python bench/cache_bench.py --limit 2000 --json bench/results/cache.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,14 @@ from pathlib import Path
 import torch
 
 from backbone_worker.backbone import load_backbone
-from backbone_worker.cache import (CacheOptions, encode_part, make_plan, part_examples,
-                                   store_settings, write_importance)
+from backbone_worker.cache import (
+    CacheOptions,
+    encode_part,
+    make_plan,
+    part_examples,
+    store_settings,
+    write_importance,
+)
 from backbone_worker.data import load_dataset
 from backbone_worker.pool import PartWorker, RayPool
 from cache_store import ActivationStore
@@ -42,7 +49,7 @@ def bare_forward(backbone, dataset, plan, opts) -> float:
         for part in plan:
             examples = sorted(part_examples(dataset, part), key=lambda e: len(e.text))
             for k in range(0, len(examples), opts.batch_size):
-                batch = examples[k:k + opts.batch_size]
+                batch = examples[k : k + opts.batch_size]
                 backbone.run(backbone.tokenize([e.text for e in batch], None, opts.max_length))
                 n += len(batch)
     return n / (time.perf_counter() - start)
@@ -58,7 +65,7 @@ def caching_path(worker: PartWorker, plan) -> float:
 def ray_caching(workers: int, args_tuple, plan) -> float:
     pool = RayPool(workers, 0.0, args_tuple, threads=max(1, (os.cpu_count() or 1) // workers))
     try:
-        pool.ray.get([a.ready.remote() for a in pool.actors])     # backbone loaded everywhere
+        pool.ray.get([a.ready.remote() for a in pool.actors])  # backbone loaded everywhere
         start = time.perf_counter()
         pool.run(plan, lambda stats: None)
         return sum(p["n"] for p in plan) / (time.perf_counter() - start)
@@ -68,6 +75,7 @@ def ray_caching(workers: int, args_tuple, plan) -> float:
 
 def epoch_seconds(net, batches, device: str = "cpu") -> float:
     from side_trainer.train import to_device
+
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
     start = time.perf_counter()
     for batch in batches:
@@ -98,10 +106,16 @@ def main() -> None:
         layers = backbone.family.default_layers(backbone.config)
         plan = make_plan(dataset, opts.part_size)
         settings = store_settings(backbone, dataset, layers, opts)
-        results: dict = {"machine": {"cpu": platform.processor() or platform.machine(),
-                                     "cores": os.cpu_count(), "torch": torch.__version__,
-                                     "torch_threads": torch.get_num_threads()},
-                         "backbone": args.backbone, "examples": len(dataset.examples)}
+        results: dict = {
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "cores": os.cpu_count(),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+            },
+            "backbone": args.backbone,
+            "examples": len(dataset.examples),
+        }
         # Warm-up: one part through both paths, so neither pays first-call costs in the timing.
         bare_forward(backbone, dataset, plan[:1], opts)
         bare = bare_forward(backbone, dataset, plan, opts)
@@ -110,36 +124,45 @@ def main() -> None:
         worker = PartWorker(backbone, dataset, store_url, settings, plan, opts)
         encode_part(backbone, part_examples(dataset, plan[0]), layers, dataset.labels, opts)
         full = caching_path(worker, plan)
-        results["write"] = {"bare_forward_examples_per_s": round(bare, 1),
-                            "caching_examples_per_s": round(full, 1),
-                            "write_overhead_ratio": round(full / bare, 3)}
+        results["write"] = {
+            "bare_forward_examples_per_s": round(bare, 1),
+            "caching_examples_per_s": round(full, 1),
+            "write_overhead_ratio": round(full / bare, 3),
+        }
         log.info("write path: %s", results["write"])
 
         store_n = str(root / f"store-{args.workers}")
         ActivationStore.create_or_open(store_n, settings, plan)
-        scaled = ray_caching(args.workers, (args.backbone, dataset, store_n, settings, plan, opts),
-                             plan)
-        results["scaling"] = {"workers_1_examples_per_s": round(full, 1),
-                              f"workers_{args.workers}_examples_per_s": round(scaled, 1),
-                              "speedup": round(scaled / full, 3)}
+        scaled = ray_caching(
+            args.workers, (args.backbone, dataset, store_n, settings, plan, opts), plan
+        )
+        results["scaling"] = {
+            "workers_1_examples_per_s": round(full, 1),
+            f"workers_{args.workers}_examples_per_s": round(scaled, 1),
+            "speedup": round(scaled / full, 3),
+        }
         log.info("scaling: %s", results["scaling"])
 
         write_importance(store_url, backbone, dataset, layers, opts)
         store = ActivationStore.open(store_url)
         net = build_side_network(store, TrainOptions(init="random"))
         net.train()
-        prefetch = 0   # what the trainer uses on a CPU (see side_trainer/train.py)
+        prefetch = 0  # what the trainer uses on a CPU (see side_trainer/train.py)
         from_memory = list(store.iter_batches("train", 32, seed=0))
-        epoch_seconds(net, from_memory[:5])                              # warm-up
+        epoch_seconds(net, from_memory[:5])  # warm-up
         # Alternating, best of three each: timings on a shared 2-core machine are noisy.
         memory_s, store_s = float("inf"), float("inf")
         for _ in range(3):
             memory_s = min(memory_s, epoch_seconds(net, from_memory))
-            store_s = min(store_s, epoch_seconds(
-                net, store.iter_batches("train", 32, seed=0, prefetch=prefetch)))
-        results["read"] = {"epoch_from_memory_s": round(memory_s, 2),
-                           "epoch_from_store_s": round(store_s, 2),
-                           "read_vs_memory": round(store_s / memory_s, 3)}
+            store_s = min(
+                store_s,
+                epoch_seconds(net, store.iter_batches("train", 32, seed=0, prefetch=prefetch)),
+            )
+        results["read"] = {
+            "epoch_from_memory_s": round(memory_s, 2),
+            "epoch_from_store_s": round(store_s, 2),
+            "read_vs_memory": round(store_s / memory_s, 3),
+        }
         log.info("read path: %s", results["read"])
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

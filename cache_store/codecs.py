@@ -2,6 +2,7 @@
 
 All encoders take float32 states of shape (T, d) and all decoders return float32 (T, d).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ _BF16_NAN = np.uint16(0x7FC0)
 
 @dataclass(frozen=True)
 class Encoded:
-    values: np.ndarray          # (T, d): float16 | uint16 (bf16 bits) | int8
-    scales: np.ndarray | None   # (T,) float32 per-token scale; int8 only
+    values: np.ndarray  # (T, d): float16 | uint16 (bf16 bits) | int8
+    scales: np.ndarray | None  # (T,) float32 per-token scale; int8 only
 
 
 def check_dtype(dtype: str) -> str:
@@ -50,7 +51,8 @@ def encode(x: np.ndarray, dtype: str) -> Encoded:
             raise StateRangeError(
                 f"a value of {float(np.abs(x).max()):.4g} exceeds fp16's range (65,504) and would "
                 f"be stored as inf; cache into a new store with --dtype bf16 (same size, float32's "
-                f"range; over HTTP: hyperparameters.cache_dtype \"bf16\")")
+                f'range; over HTTP: hyperparameters.cache_dtype "bf16")'
+            )
         return Encoded(values, None)
     if dtype == "bf16":
         return Encoded(_bf16_bits(x), None)
@@ -64,7 +66,8 @@ def decode(enc: Encoded, dtype: str) -> np.ndarray:
 def decode_tensor(enc: Encoded, dtype: str):
     """float32 (T, d) torch tensor; torch's vectorised casts are several times faster than
     numpy's float16 -> float32 on CPUs (this is the training read path's hot spot)."""
-    import torch       # here, so the module's option lists load without torch
+    import torch  # here, so the module's option lists load without torch
+
     check_dtype(dtype)
     if dtype == "fp16":
         return torch.from_numpy(enc.values).float()
@@ -91,8 +94,8 @@ def _int8(x: np.ndarray) -> Encoded:
     """Symmetric per-token quantisation: scale = max|x_row| / 127, q = round(x / scale).
     Error per element is at most scale / 2 (plus float32 rounding of the product on decode).
     All-zero rows get scale 0 and decode to exactly zero."""
-    scales = (np.abs(x).max(axis=1, initial=0.0) / 127.0).astype(np.float32)       # (T,)
+    scales = (np.abs(x).max(axis=1, initial=0.0) / 127.0).astype(np.float32)  # (T,)
     # Divide in float64 by the stored float32 scale, so rounding is against what decode uses.
     safe = np.where(scales > 0, scales, 1.0).astype(np.float64)[:, None]
-    q = np.clip(np.rint(x.astype(np.float64) / safe), -127, 127).astype(np.int8)   # (T, d)
+    q = np.clip(np.rint(x.astype(np.float64) / safe), -127, 127).astype(np.int8)  # (T, d)
     return Encoded(q, scales)

@@ -1,4 +1,5 @@
 """Errors raised by the activation store; every message is one line naming the problem and the fix."""
+
 from __future__ import annotations
 
 

@@ -9,6 +9,7 @@ parts/part-00000/
 The part group's attributes carry `committed`, `n_tokens` and per-stream metadata; they are
 written last, so a part without `committed` is an interrupted write.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 FORMAT_VERSION = 1
 PARTS = "parts"
-CHUNK_BYTES = 1 << 20     # a chunk holds >= 1 MiB uncompressed: fewer, larger objects on remote stores
+CHUNK_BYTES = 1 << 20  # a chunk holds >= 1 MiB uncompressed: fewer, larger objects on remote stores
 
 
 def part_name(index: int) -> str:

@@ -6,6 +6,7 @@ and a lease whose owner process is gone on this very host is taken over at once,
 with SIGKILL and started again does not wait. Works on any fsspec filesystem; on a local disk the
 first lease is created atomically (O_EXCL), elsewhere a read-back after writing settles races.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,7 +77,7 @@ class StoreLock:
             return None
         return lease
 
-    def acquire(self, wait_s: float = 0.0) -> "StoreLock":
+    def acquire(self, wait_s: float = 0.0) -> StoreLock:
         deadline = time.time() + wait_s
         while True:
             holder = self._holder()
@@ -92,7 +93,8 @@ class StoreLock:
                 raise StoreBusyError(
                     f"store {self.url} is being written by another run (pid {holder.get('pid')} on "
                     f"{holder.get('host')}; its lease ends in {max(left, 0):.0f}s unless renewed); "
-                    f"wait for it to finish, or pass --wait SECONDS")
+                    f"wait for it to finish, or pass --wait SECONDS"
+                )
             time.sleep(min(1.0, max(deadline - time.time(), 0.05)))
         self._thread = threading.Thread(target=self._renew, name="ladder-lease", daemon=True)
         self._thread.start()
@@ -102,8 +104,9 @@ class StoreLock:
         while not self._stop.wait(self.ttl_s / 3):
             lease = self._read()
             if lease is not None and lease.get("owner") != self.me["owner"]:
-                log.error("lease on %s was taken by another run; this run's writes may conflict",
-                          self.url)
+                log.error(
+                    "lease on %s was taken by another run; this run's writes may conflict", self.url
+                )
                 return
             self._write(exclusive=False)
 
@@ -114,7 +117,7 @@ class StoreLock:
         if (self._read() or {}).get("owner") == self.me["owner"]:
             self.fs.rm_file(self.path)
 
-    def __enter__(self) -> "StoreLock":
+    def __enter__(self) -> StoreLock:
         return self.acquire() if self._thread is None else self
 
     def __exit__(self, *exc) -> None:

@@ -4,6 +4,7 @@ The consumer's generator owns the thread: closing it (break, garbage collection,
 stops the producer at its next hand-over and joins it; an exception raised by the producer is
 re-raised in the consumer.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -15,11 +16,13 @@ from typing import TypeVar
 T = TypeVar("T")
 
 _ITEM, _DONE, _FAILED = range(3)
-_POLL_S = 0.05            # how often a blocked producer checks whether the consumer has gone
+_POLL_S = 0.05  # how often a blocked producer checks whether the consumer has gone
 _ids = itertools.count()
 
 
-def prefetched(make_source: Callable[[], Iterator[T]], size: int, name: str = "prefetch") -> Iterator[T]:
+def prefetched(
+    make_source: Callable[[], Iterator[T]], size: int, name: str = "prefetch"
+) -> Iterator[T]:
     """Yield make_source()'s items, produced up to `size` (at least 1) items ahead in a thread."""
     handover: queue.Queue = queue.Queue(maxsize=max(1, size))
     stop = threading.Event()

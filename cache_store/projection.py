@@ -11,6 +11,7 @@ With `normalize`, each token's state is RMS-normalised before the map (decoder-o
 whose residual streams carry a few massive activations that would otherwise own the top
 components); the side network then applies no normalisation of its own.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -22,9 +23,9 @@ KINDS = ("pca", "pool")
 
 @dataclass(frozen=True)
 class ProjectionSpec:
-    kind: str          # pca | pool
-    width: int         # K, the stored width
-    normalize: bool    # RMS-normalise each token before the map
+    kind: str  # pca | pool
+    width: int  # K, the stored width
+    normalize: bool  # RMS-normalise each token before the map
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -37,18 +38,23 @@ class ProjectionSpec:
 
     def check_width(self, d: int) -> None:
         if self.width >= d:
-            raise ValueError(f"stored width {self.width} is not below the state width {d}; pick "
-                             f"a smaller width, or store full width")
+            raise ValueError(
+                f"stored width {self.width} is not below the state width {d}; pick "
+                f"a smaller width, or store full width"
+            )
         if self.kind == "pool" and d % self.width:
-            raise ValueError(f"pooled width {self.width} does not divide the state width {d}; "
-                             f"pick a divisor of {d}")
+            raise ValueError(
+                f"pooled width {self.width} does not divide the state width {d}; "
+                f"pick a divisor of {d}"
+            )
 
 
 def rms_normalize(x: np.ndarray) -> np.ndarray:
     """(T, d) -> (T, d) float32, each row divided by its root mean square (eps 1e-6)."""
     x = np.asarray(x, dtype=np.float32)
-    return x / np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
-                       + 1e-6).astype(np.float32)
+    return x / np.sqrt(
+        np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True) + 1e-6
+    ).astype(np.float32)
 
 
 def fit(spec: ProjectionSpec, samples: np.ndarray) -> np.ndarray:
@@ -64,8 +70,8 @@ def fit(spec: ProjectionSpec, samples: np.ndarray) -> np.ndarray:
     if spec.normalize:
         samples = rms_normalize(samples)
     moment = samples.T.astype(np.float64) @ samples.astype(np.float64) / max(len(samples), 1)
-    values, vectors = np.linalg.eigh(moment)                   # ascending eigenvalues
-    top = vectors[:, np.argsort(values)[::-1][:spec.width]]    # (d, K)
+    values, vectors = np.linalg.eigh(moment)  # ascending eigenvalues
+    top = vectors[:, np.argsort(values)[::-1][: spec.width]]  # (d, K)
     return np.ascontiguousarray(top, dtype=np.float32)
 
 

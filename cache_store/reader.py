@@ -4,6 +4,7 @@ Pipeline, all in one background thread (prefetch.py) so reading and decoding ove
 parts (order shuffled with the seed) -> whole part read and decoded once -> per-example views ->
 shuffle buffer -> batches of B examples -> padded torch tensors.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -18,26 +19,27 @@ import torch
 from cache_store.codecs import Encoded, decode_tensor
 from cache_store.prefetch import prefetched
 
-BUCKET_BATCHES = 16   # batches per length-sorting window
+BUCKET_BATCHES = 16  # batches per length-sorting window
 
 
 class PartSource(Protocol):
     dtype: str
 
-    def read_part(self, index: int, *, state_names: list[str] | None = None,
-                  decode: bool = True) -> dict[str, Any]: ...
+    def read_part(
+        self, index: int, *, state_names: list[str] | None = None, decode: bool = True
+    ) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
 class BatchPlan:
-    parts: list[int]                 # committed part indices of the split, in plan order
+    parts: list[int]  # committed part indices of the split, in plan order
     batch_size: int
     shuffle: bool
-    seed: int                        # pass e.g. base_seed + epoch for a new order every epoch
-    shuffle_bytes: int               # bytes of examples held for shuffling (mixes across parts)
-    prefetch: int                    # batches prepared ahead by a thread; 0: read inline
+    seed: int  # pass e.g. base_seed + epoch for a new order every epoch
+    shuffle_bytes: int  # bytes of examples held for shuffling (mixes across parts)
+    prefetch: int  # batches prepared ahead by a thread; 0: read inline
     drop_last: bool
-    state_names: list[str] | None    # None: every stored state
+    state_names: list[str] | None  # None: every stored state
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Example:
     label: int
     # stream -> (input_ids int32 (t,), {state name: Encoded (t, d)}): views into the stored part
     streams: dict[str, tuple[np.ndarray, dict[str, Encoded]]]
-    nbytes: int = 0                  # bytes of its stored states (what holding it costs)
+    nbytes: int = 0  # bytes of its stored states (what holding it costs)
 
 
 def iter_batches(source: PartSource, plan: BatchPlan) -> Iterator[dict]:
@@ -82,39 +84,52 @@ def _batched(examples: Iterator[Example], plan: BatchPlan, rng: random.Random) -
         if example is not None:
             pending.append(example)
             held += example.nbytes
-            over_budget = (plan.shuffle and held >= plan.shuffle_bytes // 2
-                           and len(pending) % plan.batch_size == 0)
+            over_budget = (
+                plan.shuffle
+                and held >= plan.shuffle_bytes // 2
+                and len(pending) % plan.batch_size == 0
+            )
             if len(pending) < window and not over_budget:
                 continue
         if plan.shuffle:
             pending.sort(key=lambda e: len(next(iter(e.streams.values()))[0]))
-        batches = [pending[k:k + plan.batch_size] for k in range(0, len(pending), plan.batch_size)]
+        batches = [
+            pending[k : k + plan.batch_size] for k in range(0, len(pending), plan.batch_size)
+        ]
         if plan.shuffle:
             rng.shuffle(batches)
         yield from batches
         pending, held = [], 0
 
 
-def _examples(source: PartSource, parts: list[int], state_names: list[str] | None) -> Iterator[Example]:
+def _examples(
+    source: PartSource, parts: list[int], state_names: list[str] | None
+) -> Iterator[Example]:
     for index in parts:
         part = source.read_part(index, state_names=state_names, decode=False)
         streams = part["streams"]
-        for j, (example_id, label) in enumerate(zip(part["example_ids"].tolist(), part["labels"].tolist())):
+        for j, (example_id, label) in enumerate(
+            zip(part["example_ids"].tolist(), part["labels"].tolist())
+        ):
             views, nbytes = {}, 0
             for s, stream in streams.items():
                 start, end = int(stream["offsets"][j]), int(stream["offsets"][j + 1])
                 # Views into the part: it stays alive while any of its examples wait in the
                 # shuffle buffer (a few parts of a few tens of MB), which costs less than copying.
-                states = {k: Encoded(v.values[start:end],
-                                     None if v.scales is None else v.scales[start:end])
-                          for k, v in stream["states"].items()}
+                states = {
+                    k: Encoded(
+                        v.values[start:end], None if v.scales is None else v.scales[start:end]
+                    )
+                    for k, v in stream["states"].items()
+                }
                 views[s] = (stream["input_ids"][start:end], states)
                 nbytes += sum(e.values.nbytes for e in states.values())
             yield Example(example_id, label, views, nbytes)
 
 
-def _shuffle_buffer(examples: Iterator[Example], rng: random.Random,
-                    budget: int) -> Iterator[Example]:
+def _shuffle_buffer(
+    examples: Iterator[Example], rng: random.Random, budget: int
+) -> Iterator[Example]:
     """Windows of examples holding up to `budget` bytes of states, each shuffled and emitted
     whole. Examples are views into their part, so a part stays in memory until its last example
     is out: emitting whole windows bounds that to about two windows and a part, whatever the
@@ -143,7 +158,7 @@ def collate(batch: list[Example], dtype: str) -> dict:
     for s, (_, first_states) in batch[0].streams.items():
         rows = [e.streams[s] for e in batch]
         lengths = np.array([len(ids) for ids, _ in rows])
-        mask = np.arange(lengths.max())[None, :] < lengths[:, None]          # (B, T) bool
+        mask = np.arange(lengths.max())[None, :] < lengths[:, None]  # (B, T) bool
         ids = np.zeros(mask.shape, dtype=np.int64)
         ids[mask] = np.concatenate([row_ids for row_ids, _ in rows])
         states = {}
@@ -154,12 +169,15 @@ def collate(batch: list[Example], dtype: str) -> dict:
             scales = None if first.scales is None else np.zeros(mask.shape, dtype=np.float32)
             for i, (_, row_states) in enumerate(rows):
                 row = row_states[k]
-                values[i, :lengths[i]] = row.values
+                values[i, : lengths[i]] = row.values
                 if scales is not None:
-                    scales[i, :lengths[i]] = row.scales
+                    scales[i, : lengths[i]] = row.scales
             b, t, d = values.shape
             flat = Encoded(values.reshape(b * t, d), None if scales is None else scales.reshape(-1))
             states[k] = decode_tensor(flat, dtype).view(b, t, d)
-        out[s] = {"input_ids": torch.from_numpy(ids),
-                  "attention_mask": torch.from_numpy(mask.astype(np.int64)), "states": states}
+        out[s] = {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+            "states": states,
+        }
     return out

@@ -1,4 +1,5 @@
 """Store settings and part plan: canonical form, fingerprint, validation and mismatch reports."""
+
 from __future__ import annotations
 
 import hashlib
@@ -32,11 +33,15 @@ def validate_plan(plan: list[dict]) -> None:
     """Parts must be numbered 0..P-1 in order, each with a known split and n >= 1 examples."""
     for position, part in enumerate(plan):
         if part.get("index") != position:
-            raise ValueError(f"plan entry {position} has index {part.get('index')!r}; "
-                             f"parts must be numbered 0..{len(plan) - 1} in order")
+            raise ValueError(
+                f"plan entry {position} has index {part.get('index')!r}; "
+                f"parts must be numbered 0..{len(plan) - 1} in order"
+            )
         if part.get("split") not in SPLITS:
-            raise ValueError(f"plan part {position} has split {part.get('split')!r}; "
-                             f"use one of {', '.join(SPLITS)}")
+            raise ValueError(
+                f"plan part {position} has split {part.get('split')!r}; "
+                f"use one of {', '.join(SPLITS)}"
+            )
         n = part.get("n")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"plan part {position} has n={n!r}; it must be an integer >= 1")
@@ -56,4 +61,4 @@ def differences(stored: dict, requested: dict) -> list[str]:
 def _short(value: Any, limit: int = 80) -> str:
     # Some settings (a backbone's whole config) are large; keep the error message one short line.
     text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -3,6 +3,7 @@
 One writer writes one whole part and commits it last (see layout.py); readers only ever look at
 committed parts, so an interrupted or retried writer never exposes half a part.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,7 @@ from cache_store.settings import canonical, differences, fingerprint, state_dtyp
 
 log = logging.getLogger(__name__)
 
-PROJECTION = "projection"    # group of the fitted width maps: projection/<stream>/<state name>
+PROJECTION = "projection"  # group of the fitted width maps: projection/<stream>/<state name>
 # States the reader holds for shuffling: its memory is about twice this plus a part or two, for
 # any number of examples (cache_store/reader.py).
 SHUFFLE_BYTES = 32 * 2**20
@@ -36,14 +37,15 @@ class ActivationStore:
         self.dtype: str = state_dtype(self.settings)
         spec = self.settings.get("projection")
         self.projection: projection.ProjectionSpec | None = (
-            projection.ProjectionSpec(**spec) if spec else None)
+            projection.ProjectionSpec(**spec) if spec else None
+        )
         self._matrices: dict[str, np.ndarray] | None = None
         self._root = root
 
     # ---- opening -------------------------------------------------------------------------
 
     @classmethod
-    def create_or_open(cls, url: str, settings: dict, plan: list[dict]) -> "ActivationStore":
+    def create_or_open(cls, url: str, settings: dict, plan: list[dict]) -> ActivationStore:
         """A new store at url, or the existing one built with the same settings and plan (resume)."""
         settings, plan = canonical(settings), canonical(plan)
         state_dtype(settings)
@@ -53,7 +55,7 @@ class ActivationStore:
             try:
                 return cls._create(location, settings, plan)
             except FileExistsError:
-                pass            # another worker created it a moment ago: check it like any other
+                pass  # another worker created it a moment ago: check it like any other
         store = cls._open_existing(location, mode="r+")
         problems = differences(store.settings, settings)
         if store.plan != plan:
@@ -61,35 +63,51 @@ class ActivationStore:
         if problems:
             raise StoreMismatchError(
                 f"store {url} was built with different settings ({'; '.join(problems)}); "
-                f"use another --store path or delete {url}")
-        log.info("resuming activation store %s (%d/%d parts committed)",
-                 url, len(store.committed_parts()), len(plan))
+                f"use another --store path or delete {url}"
+            )
+        log.info(
+            "resuming activation store %s (%d/%d parts committed)",
+            url,
+            len(store.committed_parts()),
+            len(plan),
+        )
         return store
 
     @classmethod
-    def _create(cls, location: Location, settings: dict, plan: list[dict]) -> "ActivationStore":
-        root = zarr.open_group(location.zarr_url, mode="w-", zarr_format=3, attributes={
-            "format_version": layout.FORMAT_VERSION, "fingerprint": fingerprint(settings),
-            "settings": settings, "plan": plan})
+    def _create(cls, location: Location, settings: dict, plan: list[dict]) -> ActivationStore:
+        root = zarr.open_group(
+            location.zarr_url,
+            mode="w-",
+            zarr_format=3,
+            attributes={
+                "format_version": layout.FORMAT_VERSION,
+                "fingerprint": fingerprint(settings),
+                "settings": settings,
+                "plan": plan,
+            },
+        )
         # Created up front so concurrent part writers never race on creating it.
         root.require_group(layout.PARTS)
         log.info("created activation store %s (%d parts planned)", location.url, len(plan))
         return cls(location, root)
 
     @classmethod
-    def open(cls, url: str, writable: bool = False) -> "ActivationStore":
+    def open(cls, url: str, writable: bool = False) -> ActivationStore:
         """An existing store, read-only unless `writable` (for repairs)."""
         location = Location.parse(url)
         if not location.exists() or location.is_empty_dir():
-            raise StoreError(f"no activation store at {url}; run `ladder cache ... --store {url}` first")
+            raise StoreError(
+                f"no activation store at {url}; run `ladder cache ... --store {url}` first"
+            )
         return cls._open_existing(location, mode="a" if writable else "r")
 
     @classmethod
-    def _open_existing(cls, location: Location, mode: str) -> "ActivationStore":
+    def _open_existing(cls, location: Location, mode: str) -> ActivationStore:
         url = location.url
         foreign = StoreError(
             f"{url} exists but is not a Ladder activation store; pass another --store path "
-            f"(nothing at {url} was changed)")
+            f"(nothing at {url} was changed)"
+        )
         # Inspect read-only first: opening a foreign directory for writing would add a zarr.json.
         try:
             root = zarr.open_group(location.zarr_url, mode="r", zarr_format=3)
@@ -101,7 +119,8 @@ class ActivationStore:
         if attrs["format_version"] != layout.FORMAT_VERSION:
             raise StoreError(
                 f"store {url} has format_version {attrs['format_version']!r} but this Ladder reads "
-                f"version {layout.FORMAT_VERSION}; rebuild it with `ladder cache` at another --store path")
+                f"version {layout.FORMAT_VERSION}; rebuild it with `ladder cache` at another --store path"
+            )
         if mode != "r":
             root = zarr.open_group(location.zarr_url, mode=mode, zarr_format=3)
         return cls(location, root)
@@ -112,9 +131,15 @@ class ActivationStore:
         """The fitted (d, K) maps, keyed "stream/state name"; empty until set_projection."""
         if self._matrices is None:
             group = self._root.get(PROJECTION)
-            found = {} if group is None else {
-                f"{s}/{name}": layout.read_array(group[s], name)
-                for s in group.group_keys() for name in group[s].array_keys()}
+            found = (
+                {}
+                if group is None
+                else {
+                    f"{s}/{name}": layout.read_array(group[s], name)
+                    for s in group.group_keys()
+                    for name in group[s].array_keys()
+                }
+            )
             if not found:
                 return {}
             self._matrices = found
@@ -127,8 +152,9 @@ class ActivationStore:
         group = self._root.require_group(PROJECTION)
         for key, matrix in matrices.items():
             stream, name = key.split("/")
-            layout.write_array(group.require_group(stream), name,
-                               np.asarray(matrix, dtype=np.float32))
+            layout.write_array(
+                group.require_group(stream), name, np.asarray(matrix, dtype=np.float32)
+            )
         self._matrices = None
 
     # ---- parts -----------------------------------------------------------------------------
@@ -146,8 +172,11 @@ class ActivationStore:
         if parts is None:
             return []
         names = {name for name, _ in parts.groups()}
-        return [p["index"] for p in self.plan
-                if layout.part_name(p["index"]) in names and self.is_committed(p["index"])]
+        return [
+            p["index"]
+            for p in self.plan
+            if layout.part_name(p["index"]) in names and self.is_committed(p["index"])
+        ]
 
     def _committed_of_split(self, split: str) -> list[int]:
         return [i for i in self.committed_parts() if self.plan[i]["split"] == split]
@@ -156,16 +185,19 @@ class ActivationStore:
         """Committed examples of a split (e.g. for steps per epoch)."""
         return sum(self.plan[i]["n"] for i in self._committed_of_split(split))
 
-    def write_part(self, index: int, example_ids: np.ndarray, labels: np.ndarray,
-                   streams: dict[str, dict]) -> bool:
+    def write_part(
+        self, index: int, example_ids: np.ndarray, labels: np.ndarray, streams: dict[str, dict]
+    ) -> bool:
         """Encode and write one whole part, then commit it. False if it was already committed.
 
         streams[s] = {"input_ids": [1-D int array per example],
                       "states": {name: [float32 (tokens_i, d) per example]}}
         """
         if self._root.read_only:
-            raise StoreError(f"store {self.location.url} was opened read-only; "
-                             "use ActivationStore.create_or_open to write parts")
+            raise StoreError(
+                f"store {self.location.url} was opened read-only; "
+                "use ActivationStore.create_or_open to write parts"
+            )
         n = self._plan_n(index)
         example_ids = _vector(example_ids, n, "example_ids")
         labels = _vector(labels, n, "labels")
@@ -185,19 +217,33 @@ class ActivationStore:
         # Encoded before anything is written: a state the dtype cannot hold fails the part here.
         matrices = self.projection_matrices() if self.projection else None
         if self.projection and not matrices:
-            raise StoreError(f"store {self.location.url} stores width {self.projection.width} but "
-                             f"its projection was not fitted; run `ladder cache` to fill it")
-        encoded = {s: _encode_stream(s, stream, self.dtype, self.projection, matrices)
-                   for s, stream in streams.items()}
+            raise StoreError(
+                f"store {self.location.url} stores width {self.projection.width} but "
+                f"its projection was not fitted; run `ladder cache` to fill it"
+            )
+        encoded = {
+            s: _encode_stream(s, stream, self.dtype, self.projection, matrices)
+            for s, stream in streams.items()
+        }
         del parts[name]
         group = parts.create_group(name)
-        sums = {"example_ids": layout.write_array(group, "example_ids", example_ids),
-                "labels": layout.write_array(group, "labels", labels)}
-        meta = {s: self._write_stream(group.create_group(s), stream, s, sums)
-                for s, stream in encoded.items()}
-        group.update_attributes({
-            "n": n, "n_tokens": sum(m["n_tokens"] for m in meta.values()), "streams": meta,
-            "checksums": sums, "committed": True})
+        sums = {
+            "example_ids": layout.write_array(group, "example_ids", example_ids),
+            "labels": layout.write_array(group, "labels", labels),
+        }
+        meta = {
+            s: self._write_stream(group.create_group(s), stream, s, sums)
+            for s, stream in encoded.items()
+        }
+        group.update_attributes(
+            {
+                "n": n,
+                "n_tokens": sum(m["n_tokens"] for m in meta.values()),
+                "streams": meta,
+                "checksums": sums,
+                "committed": True,
+            }
+        )
         log.info("committed part %d of %s (%d examples)", index, self.location.url, n)
         return True
 
@@ -212,23 +258,29 @@ class ActivationStore:
         sums[f"{prefix}/input_ids"] = layout.write_array(group, "input_ids", stream["input_ids"])
         dims = {}
         for name, enc in stream["states"].items():
-            sums[f"{prefix}/states/{name}"] = layout.write_array(group, f"states/{name}", enc.values)
+            sums[f"{prefix}/states/{name}"] = layout.write_array(
+                group, f"states/{name}", enc.values
+            )
             if enc.scales is not None:
-                sums[f"{prefix}/scales/{name}"] = layout.write_array(group, f"scales/{name}",
-                                                                     enc.scales)
+                sums[f"{prefix}/scales/{name}"] = layout.write_array(
+                    group, f"scales/{name}", enc.scales
+                )
             dims[name] = int(enc.values.shape[1])
         return {"n_tokens": int(offsets[-1]), "states": dims}
 
-    def read_part(self, index: int, *, state_names: list[str] | None = None,
-                  decode: bool = True) -> dict[str, Any]:
+    def read_part(
+        self, index: int, *, state_names: list[str] | None = None, decode: bool = True
+    ) -> dict[str, Any]:
         """A committed part: {"example_ids", "labels", "streams": {s: {"offsets", "input_ids",
         "states": {name: float32 (T, d)}}}}; state_names limits which states are read. With
         decode=False the states stay `codecs.Encoded` (the reader decodes batch by batch, so its
         buffers hold 1-2 bytes per element instead of 4)."""
         attrs = self._part_attrs(index)
         if attrs is None or attrs.get("committed") is not True:
-            raise StoreError(f"part {index} of store {self.location.url} is not committed; "
-                             "run/finish `ladder cache` first")
+            raise StoreError(
+                f"part {index} of store {self.location.url} is not committed; "
+                "run/finish `ladder cache` first"
+            )
         group = self._root[layout.part_path(index)]
         sums = attrs.get("checksums", {})
 
@@ -247,22 +299,29 @@ class ActivationStore:
             names = list(meta["states"]) if state_names is None else state_names
             unknown = [k for k in names if k not in meta["states"]]
             if unknown:
-                raise StoreError(f"stream {s!r} of store {self.location.url} has no states {unknown}; "
-                                 f"available: {list(meta['states'])}")
+                raise StoreError(
+                    f"stream {s!r} of store {self.location.url} has no states {unknown}; "
+                    f"available: {list(meta['states'])}"
+                )
             states = {}
             for k in names:
                 scales = read(f"{s}/scales/{k}") if self.dtype == "int8" else None
                 encoded = codecs.Encoded(read(f"{s}/states/{k}"), scales)
                 states[k] = codecs.decode(encoded, self.dtype) if decode else encoded
-            streams[s] = {"offsets": read(f"{s}/offsets"), "input_ids": read(f"{s}/input_ids"),
-                          "states": states}
+            streams[s] = {
+                "offsets": read(f"{s}/offsets"),
+                "input_ids": read(f"{s}/input_ids"),
+                "states": states,
+            }
         return {"example_ids": read("example_ids"), "labels": read("labels"), "streams": streams}
 
     def _corrupt(self, index: int, path: str, why: str) -> CorruptPartError:
         return CorruptPartError(
             f"part {index} of store {self.location.url} is corrupt ({path}: {why}); run "
             f"`ladder cache-info --store {self.location.url} --verify --repair`, then re-run "
-            f"`ladder cache` to recompute it", index)
+            f"`ladder cache` to recompute it",
+            index,
+        )
 
     def verify(self, repair: bool = False) -> list[dict]:
         """Re-read every committed part and check its checksums; with repair, un-commit the
@@ -314,46 +373,73 @@ class ActivationStore:
             "n_tokens": sum(m["n_tokens"] for m in metas),
             "stored_bytes": stored,
             # What one example costs on disk, everything included (states, ids, compression).
-            "bytes_per_example": round(stored / n) if (n := sum(
-                self.plan[i]["n"] for i in committed)) else None,
+            "bytes_per_example": round(stored / n)
+            if (n := sum(self.plan[i]["n"] for i in committed))
+            else None,
             "raw_fp32_bytes": raw,
             # float32 states of the stored width over the bytes on disk (codec and compression).
             "compression_ratio": raw / stored if stored else None,
             # float32 states of the backbone's full width over the bytes on disk (width, codec and
             # compression together): what the store saves against keeping the states as they are.
-            "full_width_ratio": (raw * self.settings["hidden_size"] / dims[0] / stored
-                                 if stored and dims and "hidden_size" in self.settings else None),
+            "full_width_ratio": (
+                raw * self.settings["hidden_size"] / dims[0] / stored
+                if stored and dims and "hidden_size" in self.settings
+                else None
+            ),
             "splits": splits,
         }
 
-    def iter_batches(self, split: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                     shuffle_bytes: int = SHUFFLE_BYTES, prefetch: int = 2,
-                     drop_last: bool = False,
-                     state_names: list[str] | None = None) -> Iterator[dict]:
+    def iter_batches(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_bytes: int = SHUFFLE_BYTES,
+        prefetch: int = 2,
+        drop_last: bool = False,
+        state_names: list[str] | None = None,
+    ) -> Iterator[dict]:
         """Padded torch batches of the committed parts of a split; see reader.py."""
         parts = self._committed_of_split(split)
         if not parts:
-            raise StoreError(f"store {self.location.url} has no committed parts for split {split!r}; "
-                             "run/finish `ladder cache` first")
-        return iter_batches(self, BatchPlan(
-            parts=parts, batch_size=batch_size, shuffle=shuffle, seed=seed,
-            shuffle_bytes=shuffle_bytes, prefetch=prefetch, drop_last=drop_last,
-            state_names=state_names))
+            raise StoreError(
+                f"store {self.location.url} has no committed parts for split {split!r}; "
+                "run/finish `ladder cache` first"
+            )
+        return iter_batches(
+            self,
+            BatchPlan(
+                parts=parts,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                seed=seed,
+                shuffle_bytes=shuffle_bytes,
+                prefetch=prefetch,
+                drop_last=drop_last,
+                state_names=state_names,
+            ),
+        )
 
 
-def _encode_stream(prefix: str, stream: dict, dtype: str,
-                   spec: projection.ProjectionSpec | None = None,
-                   matrices: dict[str, np.ndarray] | None = None) -> dict:
+def _encode_stream(
+    prefix: str,
+    stream: dict,
+    dtype: str,
+    spec: projection.ProjectionSpec | None = None,
+    matrices: dict[str, np.ndarray] | None = None,
+) -> dict:
     """One stream's arrays as stored: offsets (n+1,), input_ids int32 (T,), states Encoded (T, d),
     or (T, K) through the store's projection."""
     lengths = np.array([len(ids) for ids in stream["input_ids"]], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)          # (n+1,)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (n+1,)
     ids = np.concatenate([np.asarray(i, dtype=np.int64).reshape(-1) for i in stream["input_ids"]])
     if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
         raise ValueError("input_ids do not fit in int32")
     states = {}
     for name, rows in stream["states"].items():
-        values = np.concatenate(rows, axis=0)                                    # (T, d)
+        values = np.concatenate(rows, axis=0)  # (T, d)
         if spec is not None:
             values = projection.apply(spec, matrices[f"{prefix}/{name}"], values)  # (T, K)
         try:
@@ -373,15 +459,21 @@ def _vector(values: np.ndarray, n: int, what: str) -> np.ndarray:
 def _check_stream(name: str, stream: dict, n: int) -> None:
     ids = stream["input_ids"]
     if len(ids) != n:
-        raise ValueError(f"stream {name!r} has {len(ids)} input_ids rows; this part's plan needs {n}")
+        raise ValueError(
+            f"stream {name!r} has {len(ids)} input_ids rows; this part's plan needs {n}"
+        )
     lengths = [len(i) for i in ids]
     for state, rows in stream["states"].items():
         if len(rows) != n:
             raise ValueError(f"stream {name!r} state {state!r} has {len(rows)} rows; expected {n}")
         widths = {np.shape(r)[1] if np.ndim(r) == 2 else None for r in rows}
         if len(widths) != 1 or None in widths:
-            raise ValueError(f"stream {name!r} state {state!r} must be (tokens, d) arrays of one width d")
+            raise ValueError(
+                f"stream {name!r} state {state!r} must be (tokens, d) arrays of one width d"
+            )
         for i, (row, length) in enumerate(zip(rows, lengths)):
             if np.shape(row)[0] != length:
-                raise ValueError(f"stream {name!r} state {state!r} example {i} has {np.shape(row)[0]} "
-                                 f"tokens but input_ids has {length}")
+                raise ValueError(
+                    f"stream {name!r} state {state!r} example {i} has {np.shape(row)[0]} "
+                    f"tokens but input_ids has {length}"
+                )

@@ -1,4 +1,5 @@
 """Side model artifacts, the PEFT way: `side_config.json` + `side_model.safetensors`."""
+
 from __future__ import annotations
 
 import logging
@@ -37,24 +38,30 @@ def load_side_model(model_dir: str | Path, backbone_dir: Path | None = None) -> 
     if not (model_dir / CONFIG_FILE).is_file() or not (model_dir / WEIGHTS_FILE).is_file():
         raise ArtifactError(
             f"{model_dir} is not a side model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
-            f"pass the --out directory of `ladder train` or `ladder finetune`")
+            f"pass the --out directory of `ladder train` or `ladder finetune`"
+        )
     try:
         net = SideNetwork(SideConfig.load(model_dir / CONFIG_FILE))
-    except (TypeError, ValueError) as exc:      # a field unknown, missing or out of its choices
-        raise ArtifactError(f"{model_dir / CONFIG_FILE} is not a valid side config ({exc}); "
-                            f"train the model again with this Ladder") from None
+    except (TypeError, ValueError) as exc:  # a field unknown, missing or out of its choices
+        raise ArtifactError(
+            f"{model_dir / CONFIG_FILE} is not a valid side config ({exc}); "
+            f"train the model again with this Ladder"
+        ) from None
     state = load_file(model_dir / WEIGHTS_FILE)
     missing = [k for k in net.state_dict() if k not in state and k.endswith("rotary.inv_freq")]
     if missing:
         # Models saved before the rotary frequencies were kept with the weights: the trained
         # frequencies are lost, and it runs with the defaults, as it did whenever it was loaded.
-        log.warning("%s was saved without its rotary frequencies (an older Ladder); it runs with "
-                    "the default ones, not those it was trained with: retrain it for best results",
-                    model_dir)
+        log.warning(
+            "%s was saved without its rotary frequencies (an older Ladder); it runs with "
+            "the default ones, not those it was trained with: retrain it for best results",
+            model_dir,
+        )
         state.update({k: net.state_dict()[k] for k in missing})
     net.load_state_dict(state)
     if net.cfg.family == ENCODER_DECODER:
         from backbone_worker.backbone import resolve
         from side_trainer.pruning import load_lm_head
+
         load_lm_head(net, backbone_dir or resolve(net.cfg.backbone))
     return net.eval()

@@ -6,6 +6,7 @@ GPU: `torch.cuda.max_memory_allocated` after a reset. `peak_mb` / `total_mb` are
 (the GPU's where the work runs on one): the peak above the start of the stretch, and the peak
 itself (weights and everything loaded before included). `rss_peak_mb` / `rss_total_mb` are the
 process's RSS figures on any device."""
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval_s):
             self._rss_peak = max(self._rss_peak, rss_bytes())
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -14,6 +14,7 @@ Heads: encoders and decoder-only models pool the side stream (masked mean, or th
 for causal models), apply the final side norm, upsample to d and classify (dense, tanh, out_proj).
 T5 upsamples every side-decoder position and applies the frozen backbone LM head (label words).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,21 +30,21 @@ from backbone_worker.families import DECODER, ENCODER, ENCODER_DECODER, family_b
 
 @dataclass
 class SideConfig:
-    family: str                       # encoder | encoder-decoder | decoder
-    backbone: str                     # alias or model directory the states came from
-    backbone_fingerprint: str         # sha256 of the backbone files
-    backbone_config: dict             # the backbone's transformers config, to rebuild blocks at d/r
-    layers: list[int]                 # kept backbone layers: one ladder + side block each
-    labels: list[str]                 # class names; a class's index is its position
-    reduction: int = 8                # r: side width = d / r
-    gate_temperature: float = 0.1     # T in mu = sigmoid(alpha / T)
-    pooling: str = "mean"             # encoder: side_trainer.options.POOLINGS; decoder-only: last
+    family: str  # encoder | encoder-decoder | decoder
+    backbone: str  # alias or model directory the states came from
+    backbone_fingerprint: str  # sha256 of the backbone files
+    backbone_config: dict  # the backbone's transformers config, to rebuild blocks at d/r
+    layers: list[int]  # kept backbone layers: one ladder + side block each
+    labels: list[str]  # class names; a class's index is its position
+    reduction: int = 8  # r: side width = d / r
+    gate_temperature: float = 0.1  # T in mu = sigmoid(alpha / T)
+    pooling: str = "mean"  # encoder: side_trainer.options.POOLINGS; decoder-only: last
     classifier_dropout: float = 0.1
-    init: str = "fisher"              # fisher | magnitude | random (structural pruning init)
+    init: str = "fisher"  # fisher | magnitude | random (structural pruning init)
     max_length: int = 128
-    store_fingerprint: str = ""       # the activation store the network was trained from
+    store_fingerprint: str = ""  # the activation store the network was trained from
     label_texts: list[str] = field(default_factory=list)  # T5: the text the decoder emits per class
-    text_pair: bool = False           # trained on (text, text_pair) inputs: predictions need both
+    text_pair: bool = False  # trained on (text, text_pair) inputs: predictions need both
     # The store's width map (cache_store/projection.py: kind, width K, normalize), or None: the
     # ladders then read K-wide states, and live states go through the same map first.
     projection: dict | None = None
@@ -54,12 +55,16 @@ class SideConfig:
     def __post_init__(self):
         from backbone_worker.options import OptionError
         from side_trainer.options import INITS, POOLINGS
+
         family_by_name(self.family)
-        for name, value, allowed in (("pooling", self.pooling, POOLINGS),
-                                     ("init", self.init, INITS)):
+        for name, value, allowed in (
+            ("pooling", self.pooling, POOLINGS),
+            ("init", self.init, INITS),
+        ):
             if value not in allowed:
-                raise OptionError(f"side config {name} {value!r} is not one of "
-                                  f"{', '.join(allowed)}")
+                raise OptionError(
+                    f"side config {name} {value!r} is not one of {', '.join(allowed)}"
+                )
         if self.reduction < 1:
             raise OptionError(f"side config reduction {self.reduction} must be at least 1")
 
@@ -67,7 +72,7 @@ class SideConfig:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "SideConfig":
+    def load(cls, path: Path) -> SideConfig:
         return cls(**json.loads(path.read_text()))
 
     def hf_backbone_config(self) -> PretrainedConfig:
@@ -109,7 +114,9 @@ class SideStack(nn.Module):
             nn.init.normal_(ladder.weight, std=0.01)
             nn.init.zeros_(ladder.bias)
         self.gate_alpha = nn.Parameter(torch.zeros(len(cfg.layers)))
-        self.ladder_norm = cfg.ladder_norm if cfg.ladder_norm is not None else family.name == DECODER
+        self.ladder_norm = (
+            cfg.ladder_norm if cfg.ladder_norm is not None else family.name == DECODER
+        )
         if cfg.projection:
             # The width map holds the states (normalised first where the family wants it, as
             # cache_store.projection records): (d, K) per state, saved with the model.
@@ -117,12 +124,15 @@ class SideStack(nn.Module):
             for name in names:
                 self.register_buffer(f"projection_{name}", torch.zeros(width, state_width))
         self.blocks = nn.ModuleList(
-            make_block(family, side_config, stream, j) for j in range(len(cfg.layers)))
+            make_block(family, side_config, stream, j) for j in range(len(cfg.layers))
+        )
         if family.name == ENCODER_DECODER:
             from transformers.models.t5.modeling_t5 import T5LayerNorm
+
             self.final_norm = T5LayerNorm(side_width, eps=side_config.layer_norm_epsilon)
         elif family.name == DECODER:
             from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+
             self.final_norm = LlamaRMSNorm(side_width, eps=side_config.rms_norm_eps)
             self.rotary = LlamaRotaryEmbedding(side_config)
             # The pruning init gives the side rotary embedding its kept pairs' frequencies, so
@@ -130,7 +140,7 @@ class SideStack(nn.Module):
             # inv_freq as non-persistent, and a reload would rebuild the default ones).
             self.rotary.register_buffer("inv_freq", self.rotary.inv_freq, persistent=True)
         else:
-            self.final_norm = nn.Identity()   # BERT blocks end in their own LayerNorm
+            self.final_norm = nn.Identity()  # BERT blocks end in their own LayerNorm
 
     def ladder(self, name: str, state: torch.Tensor) -> torch.Tensor:
         """Downsample one backbone state to the side width. Decoder-only backbones keep a few
@@ -140,8 +150,10 @@ class SideStack(nn.Module):
         stream; the ladder's own weights then learn the per-channel scale."""
         ladder = self.ladders[name]
         if self.ladder_norm:
-            x = state.float()                  # squares of these overflow fp16
-            state = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(ladder.weight.dtype)
+            x = state.float()  # squares of these overflow fp16
+            state = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(
+                ladder.weight.dtype
+            )
         return ladder(state)
 
     def project(self, name: str, state: torch.Tensor) -> torch.Tensor:
@@ -158,19 +170,29 @@ class SideStack(nn.Module):
     def gates(self) -> torch.Tensor:
         return torch.sigmoid(self.gate_alpha / self.temperature)
 
-    def forward(self, states: dict[str, torch.Tensor], mask: torch.Tensor,
-                cross: torch.Tensor | None = None, cross_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        states: dict[str, torch.Tensor],
+        mask: torch.Tensor,
+        cross: torch.Tensor | None = None,
+        cross_mask: torch.Tensor | None = None,
+    ):
         run = self.begin(states["emb"], mask, cross, cross_mask)
         for j, i in enumerate(self.layers):
             self.step(run, j, states[f"layer_{i}"])
-        return self.end(run)                                           # (B, T, d/r)
+        return self.end(run)  # (B, T, d/r)
 
     # The forward pass in three steps, so joint inference can advance side block j as soon as
     # backbone layer i is out (while the backbone computes layer i+1).
 
-    def begin(self, emb: torch.Tensor, mask: torch.Tensor, cross: torch.Tensor | None = None,
-              cross_mask: torch.Tensor | None = None) -> dict:
-        h = self.ladder("emb", emb)                                    # (B, T, d/r)
+    def begin(
+        self,
+        emb: torch.Tensor,
+        mask: torch.Tensor,
+        cross: torch.Tensor | None = None,
+        cross_mask: torch.Tensor | None = None,
+    ) -> dict:
+        h = self.ladder("emb", emb)  # (B, T, d/r)
         dtype = h.dtype
         causal = self.family == DECODER or cross is not None
         extra: dict = {}
@@ -178,18 +200,26 @@ class SideStack(nn.Module):
             positions = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
             extra = {"position_ids": positions, "position_embeddings": self.rotary(h, positions)}
         if cross is not None:
-            extra = {"encoder_hidden_states": cross,
-                     "encoder_attention_mask": additive_mask(cross_mask, dtype)}
-        return {"h": h, "attn": additive_mask(mask, dtype, causal=causal), "extra": extra,
-                "mu": self.gates(), "bias": None}
+            extra = {
+                "encoder_hidden_states": cross,
+                "encoder_attention_mask": additive_mask(cross_mask, dtype),
+            }
+        return {
+            "h": h,
+            "attn": additive_mask(mask, dtype, causal=causal),
+            "extra": extra,
+            "mu": self.gates(),
+            "bias": None,
+        }
 
     def step(self, run: dict, j: int, ladder_state: torch.Tensor) -> None:
         """Gate in kept layer j's backbone state, then side block j."""
         i, block, mu = self.layers[j], self.blocks[j], run["mu"]
         h = mu[j] * run["h"] + (1 - mu[j]) * self.ladder(f"layer_{i}", ladder_state)
         if self.family == ENCODER_DECODER:
-            h, run["bias"], _ = block(h, attention_mask=run["attn"], position_bias=run["bias"],
-                                      **run["extra"])
+            h, run["bias"], _ = block(
+                h, attention_mask=run["attn"], position_bias=run["bias"], **run["extra"]
+            )
         else:
             out = block(h, attention_mask=run["attn"], **run["extra"])
             h = out[0] if isinstance(out, tuple) else out
@@ -209,18 +239,23 @@ class SideNetwork(nn.Module):
         width = family.hidden_size(backbone_config)
         side_width = width // cfg.reduction
         self.streams = nn.ModuleDict(
-            {s: SideStack(cfg, self.side_config, s, width) for s in family.streams})
+            {s: SideStack(cfg, self.side_config, s, width) for s in family.streams}
+        )
         self.upsample = nn.Linear(side_width, width)
         if family.name == ENCODER_DECODER:
             # Frozen backbone LM head, filled from the backbone checkpoint (never trained or saved).
-            self.register_buffer("lm_head", torch.zeros(backbone_config.vocab_size, width),
-                                 persistent=False)
+            self.register_buffer(
+                "lm_head", torch.zeros(backbone_config.vocab_size, width), persistent=False
+            )
             tied = getattr(backbone_config, "tie_word_embeddings", True)
-            self.lm_scale = width ** -0.5 if tied else 1.0
+            self.lm_scale = width**-0.5 if tied else 1.0
         else:
             self.classifier = nn.Sequential(
-                nn.Linear(width, width), nn.Tanh(), nn.Dropout(cfg.classifier_dropout),
-                nn.Linear(width, len(cfg.labels)))
+                nn.Linear(width, width),
+                nn.Tanh(),
+                nn.Dropout(cfg.classifier_dropout),
+                nn.Linear(width, len(cfg.labels)),
+            )
 
     def pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, d/r) -> (B, d/r)."""
@@ -240,8 +275,11 @@ class SideNetwork(nn.Module):
     def project_states(self, stream: str, states: dict[str, torch.Tensor]) -> dict:
         """Live backbone states of one stream -> this network's inputs (the store's width map)."""
         stack = self.streams[stream]
-        return {name: stack.project(name, state) for name, state in states.items()
-                if name in stack.ladders}
+        return {
+            name: stack.project(name, state)
+            for name, state in states.items()
+            if name in stack.ladders
+        }
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Classification logits (B, n_labels), or for T5 LM logits (B, T_dec, vocab), from
@@ -251,15 +289,18 @@ class SideNetwork(nn.Module):
         if self.cfg.family != ENCODER_DECODER:
             return self.head(h, enc["attention_mask"])
         dec = batch["dec"]
-        g = self.streams["dec"](dec["states"], dec["attention_mask"],
-                                cross=h, cross_mask=enc["attention_mask"])
+        g = self.streams["dec"](
+            dec["states"], dec["attention_mask"], cross=h, cross_mask=enc["attention_mask"]
+        )
         return (self.upsample(g) * self.lm_scale) @ self.lm_head.T
 
     def loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
         if self.cfg.family != ENCODER_DECODER:
             return nn.functional.cross_entropy(logits, batch["labels"])
         targets = batch["dec"]["input_ids"].masked_fill(batch["dec"]["attention_mask"] == 0, -100)
-        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=-100
+        )
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

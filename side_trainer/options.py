@@ -1,5 +1,6 @@
 """Every training setting, declared once (see backbone_worker/options.py for how the CLI, the
 HTTP job hyperparameters and the remote CLI are built from these declarations). Torch-free."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -15,39 +16,75 @@ POOLINGS = ("mean", "first", "max")
 # / 2e-3 / 3e-3 / 1e-2). Batch: at 32 a decoder side network is still improving after 3 epochs of
 # ~1,200 rows; twice the steps at 16 gave SmolLM2 validation accuracy 0.828 vs 0.820 (mean of 8
 # seeds) and 0.79 vs 0.74 after the first epoch.
-FAMILY_DEFAULTS = {"encoder": {"lr": 3e-3, "batch_size": 32},
-                   "encoder-decoder": {"lr": 3e-3, "batch_size": 32},
-                   "decoder": {"lr": 1e-3, "batch_size": 16}}
+FAMILY_DEFAULTS = {
+    "encoder": {"lr": 3e-3, "batch_size": 32},
+    "encoder-decoder": {"lr": 3e-3, "batch_size": 32},
+    "decoder": {"lr": 1e-3, "batch_size": 16},
+}
 PER_FAMILY = "32 and 3e-3 for encoders and T5, 16 and 1e-3 for decoder-only models"
 
 
 @dataclass
 class TrainOptions:
-    reduction: int = field(default=8, metadata=setting(
-        "r: side width = backbone width / r", http="reduction_factor", low=1, high=64))
-    epochs: int = field(default=10, metadata=setting(
-        "passes over the training examples (the best by validation is kept)", http="n_epochs",
-        low=1, high=1000))
-    batch_size: int | None = field(default=None, metadata=setting(
-        "training batch", http="batch_size", low=1, high=4096, auto=PER_FAMILY))
-    lr: float | None = field(default=None, metadata=setting(
-        "peak learning rate", http="learning_rate", above=0, high=1, auto=PER_FAMILY))
-    warmup: float = field(default=0.06, metadata=setting(
-        "share of all steps spent warming up", low=0, high=1))
-    grad_clip: float = field(default=1.0, metadata=setting(
-        "gradient-norm clip", above=0))
-    patience: int = field(default=3, metadata=setting(
-        "epochs without a better validation score before stopping", low=1))
-    init: str = field(default="fisher", metadata=setting(
-        "side-block init: the Fisher- or magnitude-pruned backbone block, or random",
-        http="init", choices=INITS))
-    pooling: str = field(default="mean", metadata=setting(
-        "encoder pooling: masked mean, first token or masked max (decoder-only models use "
-        "their last token)", http="pooling", choices=POOLINGS))
-    feature_dropout: float = field(default=0.0, metadata=setting(
-        "dropout on ladder states while training", low=0, high=0.99))
-    feature_noise: float = field(default=0.0, metadata=setting(
-        "std of Gaussian noise on ladder states while training, relative to their RMS", low=0))
+    reduction: int = field(
+        default=8,
+        metadata=setting(
+            "r: side width = backbone width / r", http="reduction_factor", low=1, high=64
+        ),
+    )
+    epochs: int = field(
+        default=10,
+        metadata=setting(
+            "passes over the training examples (the best by validation is kept)",
+            http="n_epochs",
+            low=1,
+            high=1000,
+        ),
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata=setting("training batch", http="batch_size", low=1, high=4096, auto=PER_FAMILY),
+    )
+    lr: float | None = field(
+        default=None,
+        metadata=setting(
+            "peak learning rate", http="learning_rate", above=0, high=1, auto=PER_FAMILY
+        ),
+    )
+    warmup: float = field(
+        default=0.06, metadata=setting("share of all steps spent warming up", low=0, high=1)
+    )
+    grad_clip: float = field(default=1.0, metadata=setting("gradient-norm clip", above=0))
+    patience: int = field(
+        default=3,
+        metadata=setting("epochs without a better validation score before stopping", low=1),
+    )
+    init: str = field(
+        default="fisher",
+        metadata=setting(
+            "side-block init: the Fisher- or magnitude-pruned backbone block, or random",
+            http="init",
+            choices=INITS,
+        ),
+    )
+    pooling: str = field(
+        default="mean",
+        metadata=setting(
+            "encoder pooling: masked mean, first token or masked max (decoder-only models use "
+            "their last token)",
+            http="pooling",
+            choices=POOLINGS,
+        ),
+    )
+    feature_dropout: float = field(
+        default=0.0, metadata=setting("dropout on ladder states while training", low=0, high=0.99)
+    )
+    feature_noise: float = field(
+        default=0.0,
+        metadata=setting(
+            "std of Gaussian noise on ladder states while training, relative to their RMS", low=0
+        ),
+    )
     seed: int = field(default=0, metadata=setting("training seed", flag="--train-seed"))
     device: str = field(default="cpu", metadata=setting("training device: cpu, cuda"))
 
@@ -56,5 +93,6 @@ class TrainOptions:
 
 
 def with_family_defaults(opts: TrainOptions, family: str) -> TrainOptions:
-    return replace(opts, **{k: v for k, v in FAMILY_DEFAULTS[family].items()
-                            if getattr(opts, k) is None})
+    return replace(
+        opts, **{k: v for k, v in FAMILY_DEFAULTS[family].items() if getattr(opts, k) is None}
+    )

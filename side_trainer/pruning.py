@@ -14,6 +14,7 @@ Fisher or magnitude scores) and kept one-shot:
 The trainer never loads the backbone: it reads only the tensors of the kept blocks, one at a time,
 from the backbone's safetensors files, and keeps only the selected rows and columns.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,18 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from backbone_worker.families import (DECODER, ENCODER_DECODER, ROLE_MAPS, T5_BLOCK_PREFIX, Dims,
-                                      Role, dims, family_by_name, role_map, rows_of)
+from backbone_worker.families import (
+    DECODER,
+    ENCODER_DECODER,
+    ROLE_MAPS,
+    T5_BLOCK_PREFIX,
+    Dims,
+    Role,
+    dims,
+    family_by_name,
+    role_map,
+    rows_of,
+)
 from side_trainer.model import SideNetwork
 
 log = logging.getLogger(__name__)
@@ -40,7 +51,8 @@ class CheckpointReader:
         if not self.files:
             raise FileNotFoundError(
                 f"no *.safetensors in {model_dir}: the pruning init reads the backbone's weights; "
-                f"train with --init random, or make the backbone directory available")
+                f"train with --init random, or make the backbone directory available"
+            )
         self.where: dict[str, Path] = {}
         for file in self.files:
             with safe_open(file, "pt") as handle:
@@ -144,9 +156,12 @@ def choose_dims(net: SideNetwork, scores: dict[str, torch.Tensor], method: str) 
         chosen["rotary_pairs"] = pairs
         for stream, stack in net.streams.items():
             for i in stack.layers:
-                chosen[(stream, i, "q")] = (torch.arange(d.heads)[:, None] * 2 * half + keep).flatten()
-                chosen[(stream, i, "kv")] = (torch.arange(d.kv_heads)[:, None] * 2 * half
-                                             + keep).flatten()
+                chosen[(stream, i, "q")] = (
+                    torch.arange(d.heads)[:, None] * 2 * half + keep
+                ).flatten()
+                chosen[(stream, i, "kv")] = (
+                    torch.arange(d.kv_heads)[:, None] * 2 * half + keep
+                ).flatten()
     return chosen
 
 
@@ -161,14 +176,17 @@ def _head_dims(stream: str, i: int, logs: dict, side, r: int) -> dict:
     out = {}
     for kind in ("attn", "xattn"):
         if kind in logs:
-            per_head = logs[kind].view(heads, -1)                      # (H, head_dim)
+            per_head = logs[kind].view(heads, -1)  # (H, head_dim)
             keep = torch.topk(per_head, per_head.shape[1] // r, dim=1).indices.sort(dim=1).values
-            out[(stream, i, kind)] = (torch.arange(heads)[:, None] * per_head.shape[1] + keep).flatten()
+            out[(stream, i, kind)] = (
+                torch.arange(heads)[:, None] * per_head.shape[1] + keep
+            ).flatten()
     return out
 
 
-def pruned_block_state(net: SideNetwork, reader: CheckpointReader, chosen: dict, stream: str,
-                       i: int, j: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+def pruned_block_state(
+    net: SideNetwork, reader: CheckpointReader, chosen: dict, stream: str, i: int, j: int
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The state dict of side block j, sliced from backbone block i (each side parameter from
     the backbone weight that plays its role), and the side parameters no backbone weight maps
     to (they keep their init; a missing bias is zero, as the backbone has none)."""
@@ -178,9 +196,9 @@ def pruned_block_state(net: SideNetwork, reader: CheckpointReader, chosen: dict,
     d = dims(net.cfg.hf_backbone_config())
     state, unmapped = {}, []
     for name, param in block.state_dict().items():
-        if roles is None:                                    # T5: its own block class
+        if roles is None:  # T5: its own block class
             key = reader.find(T5_BLOCK_PREFIX[stream].format(i=i) + name)
-            if key is None and "relative_attention_bias" in name:   # T5 keeps it in block 0
+            if key is None and "relative_attention_bias" in name:  # T5 keeps it in block 0
                 key = reader.find(T5_BLOCK_PREFIX[stream].format(i=0) + name)
             role = Role(name)
         else:
@@ -188,8 +206,10 @@ def pruned_block_state(net: SideNetwork, reader: CheckpointReader, chosen: dict,
             key = reader.find(f"{i}.{role.source}") if role is not None else None
         if key is None:
             if roles is None:
-                raise KeyError(f"backbone checkpoint has no tensor for side parameter "
-                               f"{T5_BLOCK_PREFIX[stream].format(i=i) + name}")
+                raise KeyError(
+                    f"backbone checkpoint has no tensor for side parameter "
+                    f"{T5_BLOCK_PREFIX[stream].format(i=i) + name}"
+                )
             unmapped.append(name)
             if name.endswith("bias"):
                 state[name] = torch.zeros_like(param)
@@ -200,23 +220,30 @@ def pruned_block_state(net: SideNetwork, reader: CheckpointReader, chosen: dict,
                 index = chosen["resid"] if kind == "resid" else chosen[(stream, i, kind)]
                 tensor = tensor.index_select(axis, index)
         if tensor.shape != param.shape:
-            raise ValueError(f"pruned {key} has shape {tuple(tensor.shape)}, side block expects "
-                             f"{tuple(param.shape)}")
+            raise ValueError(
+                f"pruned {key} has shape {tuple(tensor.shape)}, side block expects "
+                f"{tuple(param.shape)}"
+            )
         state[name] = tensor
     return state, unmapped
 
 
-def apply_pruning_init(net: SideNetwork, model_dir: Path, scores: dict[str, torch.Tensor],
-                       method: str) -> dict | None:
+def apply_pruning_init(
+    net: SideNetwork, model_dir: Path, scores: dict[str, torch.Tensor], method: str
+) -> dict | None:
     """Initialise every side block from its pruned backbone block; returns the chosen dims, or
     None when no role map says which backbone weight is which (the blocks stay random)."""
     if method not in ("fisher", "magnitude"):
         raise ValueError(f"pruning init {method!r} is not fisher or magnitude")
     model_type = net.cfg.backbone_config["model_type"]
     if net.cfg.family != ENCODER_DECODER and role_map(model_type) is None:
-        log.warning("no role map for model type %r (known: %s): the side blocks keep a random "
-                    "init instead of the %s-pruned backbone blocks", model_type,
-                    ", ".join(sorted(ROLE_MAPS)), method)
+        log.warning(
+            "no role map for model type %r (known: %s): the side blocks keep a random "
+            "init instead of the %s-pruned backbone blocks",
+            model_type,
+            ", ".join(sorted(ROLE_MAPS)),
+            method,
+        )
         return None
     reader = CheckpointReader(model_dir)
     chosen = choose_dims(net, scores, method)
@@ -229,8 +256,10 @@ def apply_pruning_init(net: SideNetwork, model_dir: Path, scores: dict[str, torc
         if hasattr(stack, "rotary"):
             stack.rotary.inv_freq.copy_(_backbone_inv_freq(net)[chosen["rotary_pairs"]])
     if unmapped:
-        log.info("side block parameters with no backbone counterpart keep their init: %s",
-                 ", ".join(sorted(unmapped)))
+        log.info(
+            "side block parameters with no backbone counterpart keep their init: %s",
+            ", ".join(sorted(unmapped)),
+        )
     log.info("side network initialised from %s-pruned backbone blocks %s", method, net.cfg.layers)
     return chosen
 
@@ -249,4 +278,3 @@ def load_lm_head(net: SideNetwork, model_dir: Path) -> None:
     if key is None:
         raise KeyError(f"no LM head in {model_dir}")
     net.lm_head.copy_(reader.get(key))
-

@@ -8,6 +8,7 @@ when validation accuracy has not improved for `patience` epochs, keeping the bes
 Optional feature-space augmentation (dropout / Gaussian noise on ladder states) stands in for the
 backbone dropout that caching removes; it is off by default.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,9 @@ def warn_once(message: str) -> None:
 
 
 def to_device(batch: dict, device: str) -> dict:
-    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
+    return {
+        k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()
+    }
 
 
 def augment(batch: dict, dropout: float, noise: float) -> dict:
@@ -70,8 +73,9 @@ def correct(net: SideNetwork, batch: dict, logits: torch.Tensor) -> tuple[int, i
 
 
 @torch.inference_mode()
-def evaluate_store(net: SideNetwork, store: ActivationStore, split: str, device: str,
-                   batch_size: int = 128) -> float:
+def evaluate_store(
+    net: SideNetwork, store: ActivationStore, split: str, device: str, batch_size: int = 128
+) -> float:
     net.eval()
     hits = total = 0
     for batch in store.iter_batches(split, batch_size, shuffle=False, prefetch=0):
@@ -83,15 +87,24 @@ def evaluate_store(net: SideNetwork, store: ActivationStore, split: str, device:
 
 def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwork:
     from backbone_worker.cache import read_importance
+
     settings = store.settings
     cfg = SideConfig(
-        family=settings["family"], backbone=settings["backbone"],
+        family=settings["family"],
+        backbone=settings["backbone"],
         backbone_fingerprint=settings["backbone_fingerprint"],
-        backbone_config=settings["backbone_config"], layers=settings["layers"],
-        labels=settings["labels"], reduction=opts.reduction, pooling=opts.pooling, init=opts.init,
-        max_length=settings["max_length"], store_fingerprint=store.fingerprint,
+        backbone_config=settings["backbone_config"],
+        layers=settings["layers"],
+        labels=settings["labels"],
+        reduction=opts.reduction,
+        pooling=opts.pooling,
+        init=opts.init,
+        max_length=settings["max_length"],
+        store_fingerprint=store.fingerprint,
         label_texts=settings["labels"] if settings["family"] == ENCODER_DECODER else [],
-        text_pair=settings.get("text_pair", False), projection=settings.get("projection"))
+        text_pair=settings.get("text_pair", False),
+        projection=settings.get("projection"),
+    )
     torch.manual_seed(opts.seed)
     net = SideNetwork(cfg)
     if cfg.projection:
@@ -104,7 +117,8 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
         if fingerprint_dir(backbone_dir) != cfg.backbone_fingerprint:
             raise StoreError(
                 f"the backbone files at {backbone_dir} changed since the store was cached; "
-                f"re-run `ladder cache` into a new --store, or train with --init random")
+                f"re-run `ladder cache` into a new --store, or train with --init random"
+            )
         if opts.init != "random":
             apply_pruning_init(net, backbone_dir, read_importance(store.location.url), opts.init)
         if cfg.family == ENCODER_DECODER:
@@ -113,7 +127,7 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
 
 
 CHECKPOINT = "checkpoint.pt"
-METRICS_FILE = "training_metrics.json"     # written last: the training's result and its marker
+METRICS_FILE = "training_metrics.json"  # written last: the training's result and its marker
 
 
 def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None) -> dict:
@@ -125,19 +139,24 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     store = ActivationStore.open(store_url)
     n_train = store.n_examples("train")
     if n_train == 0:
-        raise StoreError(f"store {store_url} has no committed training examples; run or finish "
-                         f"`ladder cache --store {store_url}` first")
+        raise StoreError(
+            f"store {store_url} has no committed training examples; run or finish "
+            f"`ladder cache --store {store_url}` first"
+        )
     opts = with_family_defaults(opts, store.settings["family"])
     if store.settings["family"] == DECODER and opts.pooling != TrainOptions.pooling:
-        warn_once(f"pooling {opts.pooling!r} has no effect on a decoder-only backbone: its side "
-                  f"network pools the last token")
+        warn_once(
+            f"pooling {opts.pooling!r} has no effect on a decoder-only backbone: its side "
+            f"network pools the last token"
+        )
     net = build_side_network(store, opts).to(opts.device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(n_train / opts.batch_size)
     total_steps = steps_per_epoch * opts.epochs
     scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(opts.warmup * total_steps), total_steps)
+        optimizer, int(opts.warmup * total_steps), total_steps
+    )
     # A prefetch thread overlaps reading with GPU compute; on a CPU the training step already
     # uses every core, and the thread's Python work contends for the GIL: measured on 2 cores,
     # an epoch from the store took 1.6-2.1x the in-memory epoch with the thread, 1.1-1.2x without.
@@ -153,8 +172,11 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
         done = json.loads(finished.read_text())
         if done.get("identity") == identity:
             # A run killed after saving its model, before its caller (a job) committed it.
-            log.info("%s already holds the model of this training (same store and options); "
-                     "delete the directory to train again", out_dir)
+            log.info(
+                "%s already holds the model of this training (same store and options); "
+                "delete the directory to train again",
+                out_dir,
+            )
             return done
     if checkpoint.is_file():
         # weights_only: tensors and plain data only, so a planted pickle in a shared directory
@@ -164,23 +186,37 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             net.load_state_dict(state["net"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            best, best_state, history, stale = (state["best"], state["best_state"],
-                                                state["history"], state["stale"])
+            best, best_state, history, stale = (
+                state["best"],
+                state["best_state"],
+                state["history"],
+                state["stale"],
+            )
             train_seconds, seen = state["train_seconds"], state["seen"]
             log.info("resuming training after epoch %d from %s", len(history), checkpoint)
-    log.info("training %s side network: %d trainable parameters, %d steps",
-             net.cfg.family, net.trainable_parameters(), total_steps)
+    log.info(
+        "training %s side network: %d trainable parameters, %d steps",
+        net.cfg.family,
+        net.trainable_parameters(),
+        total_steps,
+    )
     with PeakMemory(opts.device) as memory:
         for epoch in range(len(history), opts.epochs if stale < opts.patience else 0):
             net.train()
             start = time.perf_counter()
             losses = []
-            bar = tqdm(store.iter_batches("train", opts.batch_size, seed=opts.seed + epoch,
-                                          prefetch=prefetch),
-                       total=steps_per_epoch, desc=f"epoch {epoch + 1}/{opts.epochs}", leave=False)
+            bar = tqdm(
+                store.iter_batches(
+                    "train", opts.batch_size, seed=opts.seed + epoch, prefetch=prefetch
+                ),
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{opts.epochs}",
+                leave=False,
+            )
             for batch in bar:
-                batch = augment(to_device(batch, opts.device), opts.feature_dropout,
-                                opts.feature_noise)
+                batch = augment(
+                    to_device(batch, opts.device), opts.feature_dropout, opts.feature_noise
+                )
                 loss = net.loss(batch, net(batch))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -195,33 +231,61 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             # the largest allocation here (SmolLM2 validation at 128 rows: 464 MB, at 32: 232 MB).
             # Without a validation split (a tiny upload) nothing can pick an epoch, so the
             # latest one is kept: its score rises with the epoch and early stopping never fires.
-            score = (evaluate_store(net, store, "validation", opts.device, opts.batch_size)
-                     if has_validation else float(epoch))
-            history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
-                            "val_accuracy": score if has_validation else None})
-            log.info("epoch %d: train loss %.4f, validation accuracy %s", epoch + 1,
-                     history[-1]["train_loss"], f"{score:.4f}" if has_validation else "n/a")
+            score = (
+                evaluate_store(net, store, "validation", opts.device, opts.batch_size)
+                if has_validation
+                else float(epoch)
+            )
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": sum(losses) / len(losses),
+                    "val_accuracy": score if has_validation else None,
+                }
+            )
+            log.info(
+                "epoch %d: train loss %.4f, validation accuracy %s",
+                epoch + 1,
+                history[-1]["train_loss"],
+                f"{score:.4f}" if has_validation else "n/a",
+            )
             if score > best:
                 best, stale = score, 0
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             else:
                 stale += 1
             out_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"identity": identity, "net": net.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "best": best, "best_state": best_state, "history": history,
-                        "stale": stale, "train_seconds": train_seconds, "seen": seen},
-                       checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)     # atomic: never half a file
+            torch.save(
+                {
+                    "identity": identity,
+                    "net": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best": best,
+                    "best_state": best_state,
+                    "history": history,
+                    "stale": stale,
+                    "train_seconds": train_seconds,
+                    "seen": seen,
+                },
+                checkpoint.with_suffix(".tmp"),
+            )
+            checkpoint.with_suffix(".tmp").replace(checkpoint)  # atomic: never half a file
             if on_epoch is not None:
                 on_epoch(history[-1])
             if stale >= opts.patience:
                 log.info("early stop: no validation improvement for %d epochs", stale)
                 break
-    best_epoch = (next(h["epoch"] for h in history if h["val_accuracy"] == best)
-                  if has_validation else len(history))
-    selection = (f"epoch {best_epoch}, the best validation accuracy" if has_validation else
-                 f"epoch {best_epoch}, the last one: the store has no validation split to choose by")
+    best_epoch = (
+        next(h["epoch"] for h in history if h["val_accuracy"] == best)
+        if has_validation
+        else len(history)
+    )
+    selection = (
+        f"epoch {best_epoch}, the best validation accuracy"
+        if has_validation
+        else f"epoch {best_epoch}, the last one: the store has no validation split to choose by"
+    )
     log.info("keeping %s", selection)
     net.load_state_dict(best_state)
     save_side_model(net.cpu(), out_dir)
@@ -251,8 +315,10 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
 
 def backbone_parameter_count(cfg: SideConfig) -> int:
     """Parameter count of the backbone, from its checkpoint headers (no weights are read)."""
-    from side_trainer.pruning import CheckpointReader
     from safetensors import safe_open
+
+    from side_trainer.pruning import CheckpointReader
+
     reader = CheckpointReader(resolve(cfg.backbone))
     total = 0
     for file in reader.files:

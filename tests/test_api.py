@@ -1,13 +1,14 @@
 """The HTTP service through FastAPI's test client, on a tiny backbone (jobs in a worker thread)."""
+
 from __future__ import annotations
 
 import time
 
 import pytest
 from fastapi.testclient import TestClient
+from test_cli import write_csv
 
 from api.app import create_app
-from test_cli import write_csv
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,11 @@ def service(tmp_path_factory, tiny_bert_dir):
 
 def upload(client, path):
     with open(path, "rb") as handle:
-        return client.post("/v1/files", data={"purpose": "fine-tune"},
-                           files={"file": (path.name, handle, "text/csv")})
+        return client.post(
+            "/v1/files",
+            data={"purpose": "fine-tune"},
+            files={"file": (path.name, handle, "text/csv")},
+        )
 
 
 def wait_for(client, job_id, timeout=120):
@@ -55,9 +59,15 @@ def finished_job(service):
     path = service["tmp"] / "train.csv"
     write_csv(path, n=120)
     file_id = upload(client, path).json()["id"]
-    job = client.post("/v1/fine_tuning/jobs", json={
-        "model": "tiny", "training_file": file_id, "suffix": "demo",
-        "hyperparameters": {"n_epochs": 2, "reduction_factor": 4, "kept_layers": [0, 2]}}).json()
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny",
+            "training_file": file_id,
+            "suffix": "demo",
+            "hyperparameters": {"n_epochs": 2, "reduction_factor": 4, "kept_layers": [0, 2]},
+        },
+    ).json()
     return wait_for(client, job["id"]), file_id
 
 
@@ -69,8 +79,10 @@ def test_upload_train_and_predict(service, finished_job):
     assert 0 <= job["result"]["test_accuracy"] <= 1
     models = client.get("/v1/models").json()
     assert {m["id"] for m in models["data"]} >= {"tiny", job["fine_tuned_model"]}
-    response = client.post("/v1/predict", json={"model": job["fine_tuned_model"],
-                                                "inputs": ["a lovely ride", "an awful ride"]})
+    response = client.post(
+        "/v1/predict",
+        json={"model": job["fine_tuned_model"], "inputs": ["a lovely ride", "an awful ride"]},
+    )
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     assert len(predictions) == 2 and all(p["label"] in ("pos", "neg") for p in predictions)
@@ -95,6 +107,7 @@ def test_a_broken_model_fails_only_the_requests_that_name_it(service, finished_j
     import shutil
 
     from api.serving import ModelNotFound, ModelUnavailable
+
     s = service["client"].app.state.ladder
     healthy = finished_job[0]["fine_tuned_model"]
     source = s.db.get_model(healthy)["path"]
@@ -110,18 +123,22 @@ def test_a_broken_model_fails_only_the_requests_that_name_it(service, finished_j
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in range(4)]
         from api.serving import _Chunk, _Request
-        requests = [_Request("tiny", [healthy], ["a lovely ride"], None, futures[0]),
-                    _Request("tiny", ["ft:tiny:damaged:1"], ["a ride"], None, futures[1]),
-                    _Request("tiny", ["ft:tiny:gone:1", healthy], ["a ride"], None, futures[2]),
-                    _Request("tiny", [healthy], ["an awful ride", "ok"], None, futures[3])]
+
+        requests = [
+            _Request("tiny", [healthy], ["a lovely ride"], None, futures[0]),
+            _Request("tiny", ["ft:tiny:damaged:1"], ["a ride"], None, futures[1]),
+            _Request("tiny", ["ft:tiny:gone:1", healthy], ["a ride"], None, futures[2]),
+            _Request("tiny", [healthy], ["an awful ride", "ok"], None, futures[3]),
+        ]
         return s.batcher._run([_Chunk(r, 0, len(r.texts)) for r in requests])
 
     first, damaged, gone, last = asyncio.run(four_at_once())
     assert len(first) == 1 and len(first[0]) == 1 and len(last[0]) == 2
     assert isinstance(damaged, ModelUnavailable) and str(damaged_dir) not in str(damaged)
     assert isinstance(gone, ModelNotFound)
-    response = service["client"].post("/v1/predict", json={"model": "ft:tiny:damaged:1",
-                                                           "inputs": ["a ride"]})
+    response = service["client"].post(
+        "/v1/predict", json={"model": "ft:tiny:damaged:1", "inputs": ["a ride"]}
+    )
     assert_error(response, 500, "model_unavailable", "model")
     assert str(damaged_dir) not in response.text and "fine-tune it again" in response.text
 
@@ -130,6 +147,7 @@ def test_a_small_request_is_not_held_behind_a_large_one(service, finished_job):
     """A request of 256 texts passes in chunks of 64; a one-text request arriving meanwhile is
     answered after one chunk, before the large one is done."""
     import threading
+
     client, model = service["client"], finished_job[0]["fine_tuned_model"]
     done = {}
 
@@ -139,8 +157,9 @@ def test_a_small_request_is_not_held_behind_a_large_one(service, finished_job):
         assert len(response.json()["predictions"]) == len(inputs)
         done[name] = time.perf_counter()
 
-    large = threading.Thread(target=ask, args=("large", [f"ride number {k} " * 20
-                                                         for k in range(256)]))
+    large = threading.Thread(
+        target=ask, args=("large", [f"ride number {k} " * 20 for k in range(256)])
+    )
     large.start()
     time.sleep(0.02)
     ask("small", ["a fine ride"])
@@ -150,16 +169,18 @@ def test_a_small_request_is_not_held_behind_a_large_one(service, finished_job):
 
 def test_active_jobs_are_capped(service, finished_job, monkeypatch):
     monkeypatch.setenv("LADDER_MAX_ACTIVE_JOBS", "0")
-    response = service["client"].post("/v1/fine_tuning/jobs", json={
-        "model": "tiny", "training_file": finished_job[1]})
+    response = service["client"].post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": finished_job[1]}
+    )
     assert_error(response, 429, "too_many_jobs")
 
 
 def test_a_full_prediction_queue_answers_503(service, finished_job, monkeypatch):
     s = service["client"].app.state.ladder
     monkeypatch.setattr(s.batcher, "max_queue", 0)
-    response = service["client"].post("/v1/predict", json={
-        "model": finished_job[0]["fine_tuned_model"], "inputs": ["x"]})
+    response = service["client"].post(
+        "/v1/predict", json={"model": finished_job[0]["fine_tuned_model"], "inputs": ["x"]}
+    )
     assert_error(response, 503, "overloaded")
 
 
@@ -173,15 +194,16 @@ def test_side_models_are_cached_within_a_byte_budget(service, finished_job, monk
     monkeypatch.setattr(s.registry, "max_side_bytes", 2 * one)
     for k in range(3):
         s.registry.side(f"ft:tiny:copy:{k}")
-    assert list(s.registry.sides) == ["ft:tiny:copy:1", "ft:tiny:copy:2"]   # least recent out
+    assert list(s.registry.sides) == ["ft:tiny:copy:1", "ft:tiny:copy:2"]  # least recent out
     response = service["client"].post("/v1/predict", json={"model": model, "inputs": ["x"]})
-    assert response.status_code == 200                       # loaded again on demand
+    assert response.status_code == 200  # loaded again on demand
 
 
 def test_pair_models_are_served_with_pairs(service, finished_job):
     """A model trained on (text, text_pair) rows predicts from pairs; a lone text for it, or a
     pair for a single-text model, is a 400 that says which to send."""
     import csv
+
     client = service["client"]
     path = service["tmp"] / "pairs.csv"
     with open(path, "w", newline="") as handle:
@@ -189,32 +211,54 @@ def test_pair_models_are_served_with_pairs(service, finished_job):
         writer.writerow(["text", "text_pair", "label"])
         for k in range(60):
             same = k % 2 == 0
-            writer.writerow([f"ride number {k}", f"ride number {k if same else k + 7}",
-                             "same" if same else "other"])
+            writer.writerow(
+                [
+                    f"ride number {k}",
+                    f"ride number {k if same else k + 7}",
+                    "same" if same else "other",
+                ]
+            )
     file_id = upload(client, path).json()["id"]
-    job = client.post("/v1/fine_tuning/jobs", json={
-        "model": "tiny", "training_file": file_id,
-        "hyperparameters": {"n_epochs": 1, "reduction_factor": 4, "kept_layers": [0, 2]}}).json()
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny",
+            "training_file": file_id,
+            "hyperparameters": {"n_epochs": 1, "reduction_factor": 4, "kept_layers": [0, 2]},
+        },
+    ).json()
     pair_model = wait_for(client, job["id"])["fine_tuned_model"]
     pair = {"text": "ride number 3", "text_pair": "ride number 3"}
     response = client.post("/v1/predict", json={"model": pair_model, "inputs": [pair, pair]})
     assert response.status_code == 200, response.text
     assert {p["label"] for p in response.json()["predictions"]} <= {"same", "other"}
-    assert_error(client.post("/v1/predict", json={"model": pair_model, "inputs": ["alone"]}),
-                 400, "invalid_request_error", "inputs")
+    assert_error(
+        client.post("/v1/predict", json={"model": pair_model, "inputs": ["alone"]}),
+        400,
+        "invalid_request_error",
+        "inputs",
+    )
     single = finished_job[0]["fine_tuned_model"]
-    assert_error(client.post("/v1/predict", json={"model": single, "inputs": [pair]}),
-                 400, "invalid_request_error", "inputs")
-    assert_error(client.post("/v1/predict", json={"model": single, "inputs": [pair, "x"]}),
-                 400, "invalid_request_error", "inputs")
+    assert_error(
+        client.post("/v1/predict", json={"model": single, "inputs": [pair]}),
+        400,
+        "invalid_request_error",
+        "inputs",
+    )
+    assert_error(
+        client.post("/v1/predict", json={"model": single, "inputs": [pair, "x"]}),
+        400,
+        "invalid_request_error",
+        "inputs",
+    )
 
 
-def test_a_damaged_database_is_set_aside_and_models_still_serve(service, finished_job,
-                                                                tmp_path):
+def test_a_damaged_database_is_set_aside_and_models_still_serve(service, finished_job, tmp_path):
     """The server starts on a home whose database is garbage: the file is moved aside, the
     models and uploads are registered again from the home, and predictions work."""
     import shutil
     from pathlib import Path
+
     model = finished_job[0]["fine_tuned_model"]
     source = Path(service["client"].app.state.ladder.db.get_model(model)["path"])
     home = tmp_path / "home"
@@ -241,6 +285,7 @@ def test_uploads_and_models_reach_the_disk_before_the_database(service, monkeypa
     import os
 
     import api.db
+
     client, s = service["client"], service["client"].app.state.ladder
     order = []
     real_fsync = os.fsync
@@ -253,23 +298,33 @@ def test_uploads_and_models_reach_the_disk_before_the_database(service, monkeypa
         def call(*args, **kwargs):
             order.append((name, None))
             return real(*args, **kwargs)
+
         return call
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(s.db, "add_file", recorded("add_file", s.db.add_file))
-    monkeypatch.setattr(api.db.Database, "finish_job",
-                        recorded("finish_job", api.db.Database.finish_job))
+    monkeypatch.setattr(
+        api.db.Database, "finish_job", recorded("finish_job", api.db.Database.finish_job)
+    )
     path = service["tmp"] / "durable.csv"
     write_csv(path, n=60)
     file_id = upload(client, path).json()["id"]
-    job = client.post("/v1/fine_tuning/jobs", json={
-        "model": "tiny", "training_file": file_id,
-        "hyperparameters": {"n_epochs": 1, "reduction_factor": 4, "kept_layers": [0]}}).json()
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny",
+            "training_file": file_id,
+            "hyperparameters": {"n_epochs": 1, "reduction_factor": 4, "kept_layers": [0]},
+        },
+    ).json()
     assert wait_for(client, job["id"])["status"] == "succeeded"
 
     def first(name, path_part=None):
-        return next(k for k, (what, where) in enumerate(order)
-                    if what == name and (path_part is None or path_part in where))
+        return next(
+            k
+            for k, (what, where) in enumerate(order)
+            if what == name and (path_part is None or path_part in where)
+        )
 
     assert first("fsync", file_id) < first("add_file")
     for name in ("side_model.safetensors", "side_config.json", "model.json"):
@@ -281,8 +336,9 @@ def test_events_page_and_stream(service, finished_job):
     job_id = finished_job[0]["id"]
     page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 2}).json()
     assert page["object"] == "list" and len(page["data"]) == 2 and page["has_more"]
-    rest = client.get(f"/v1/fine_tuning/jobs/{job_id}/events",
-                      params={"after": page["data"][-1]["id"]}).json()
+    rest = client.get(
+        f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": page["data"][-1]["id"]}
+    ).json()
     assert rest["data"] and rest["data"][0]["id"] != page["data"][-1]["id"]
     with client.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events?stream=true") as stream:
         lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
@@ -297,8 +353,9 @@ def test_job_list_paging(service, finished_job):
 
 def test_cancel_queued_job(service, finished_job):
     client = service["client"]
-    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny",
-                                                    "training_file": finished_job[1]}).json()
+    job = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": finished_job[1]}
+    ).json()
     cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()
     assert cancelled["status"] == "cancelled"
     assert wait_for(client, job["id"])["status"] == "cancelled"
@@ -311,27 +368,37 @@ def test_bad_uploads(service):
     tmp = service["tmp"]
     (tmp / "one.csv").write_text("text,label\n" + "".join(f"t{k},a\n" for k in range(20)))
     assert_error(upload(client, tmp / "one.csv"), 400, "invalid_file", "file")
-    (tmp / "cols.csv").write_text("sentence,label\n" + "".join(f"t{k},{k % 2}\n" for k in range(20)))
+    (tmp / "cols.csv").write_text(
+        "sentence,label\n" + "".join(f"t{k},{k % 2}\n" for k in range(20))
+    )
     assert_error(upload(client, tmp / "cols.csv"), 400, "invalid_file", "file")
     (tmp / "few.csv").write_text("text,label\na,x\nb,y\n")
     assert_error(upload(client, tmp / "few.csv"), 400, "invalid_file", "file")
     (tmp / "notes.txt").write_text("hello")
     assert_error(upload(client, tmp / "notes.txt"), 400, "invalid_file", "file")
-    (tmp / "latin.csv").write_bytes("text,label\n".encode() + "caf\xe9,a\n".encode("latin-1") * 12)
+    (tmp / "latin.csv").write_bytes(b"text,label\n" + "caf\xe9,a\n".encode("latin-1") * 12)
     assert_error(upload(client, tmp / "latin.csv"), 400, "invalid_file", "file")
-    response = client.post("/v1/files", data={"purpose": "batch"},
-                           files={"file": ("x.csv", b"text,label\n", "text/csv")})
+    response = client.post(
+        "/v1/files",
+        data={"purpose": "batch"},
+        files={"file": ("x.csv", b"text,label\n", "text/csv")},
+    )
     assert_error(response, 400, "invalid_purpose", "purpose")
     assert client.get("/v1/files").json()["data"] == [
-        f for f in client.get("/v1/files").json()["data"] if f["rows"] >= 10]
+        f for f in client.get("/v1/files").json()["data"] if f["rows"] >= 10
+    ]
 
 
 def test_unknown_ids_are_404(service):
     client = service["client"]
     assert_error(client.get("/v1/fine_tuning/jobs/ftjob-nope"), 404, "job_not_found", "job_id")
     assert_error(client.get("/v1/files/file-nope"), 404, "file_not_found", "file_id")
-    assert_error(client.post("/v1/predict", json={"model": "ft:none", "inputs": ["x"]}),
-                 404, "model_not_found", "model")
+    assert_error(
+        client.post("/v1/predict", json={"model": "ft:none", "inputs": ["x"]}),
+        404,
+        "model_not_found",
+        "model",
+    )
     assert_error(client.delete("/v1/models/ft:none"), 404, "model_not_found", "model_id")
     assert_error(client.get("/v1/nothing-here"), 404, "not_found")
 
@@ -347,24 +414,39 @@ def test_bad_job_requests(service, finished_job):
     client = service["client"]
     file_id = finished_job[1]
     jobs = "/v1/fine_tuning/jobs"
-    assert_error(client.post(jobs, json={"model": "gpt-9", "training_file": file_id}),
-                 400, "model_not_found", "model")
-    assert_error(client.post(jobs, json={"model": "tiny", "training_file": "file-missing"}),
-                 400, "file_not_found", "training_file")
+    assert_error(
+        client.post(jobs, json={"model": "gpt-9", "training_file": file_id}),
+        400,
+        "model_not_found",
+        "model",
+    )
+    assert_error(
+        client.post(jobs, json={"model": "tiny", "training_file": "file-missing"}),
+        400,
+        "file_not_found",
+        "training_file",
+    )
     bad = {"model": "tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 0}}
-    assert_error(client.post(jobs, json=bad), 400, "invalid_request_error",
-                 "hyperparameters.n_epochs")
+    assert_error(
+        client.post(jobs, json=bad), 400, "invalid_request_error", "hyperparameters.n_epochs"
+    )
     bad["hyperparameters"] = {"reduction_factor": 5}
-    assert_error(client.post(jobs, json=bad), 400, "invalid_hyperparameter",
-                 "hyperparameters.reduction_factor")
+    assert_error(
+        client.post(jobs, json=bad),
+        400,
+        "invalid_hyperparameter",
+        "hyperparameters.reduction_factor",
+    )
     bad["hyperparameters"] = {"kept_layers": [0, 7]}
-    assert_error(client.post(jobs, json=bad), 400, "invalid_hyperparameter",
-                 "hyperparameters.kept_layers")
+    assert_error(
+        client.post(jobs, json=bad), 400, "invalid_hyperparameter", "hyperparameters.kept_layers"
+    )
     bad["hyperparameters"] = {"epochs": 3}
     assert_error(client.post(jobs, json=bad), 400, "invalid_request_error")
     # Malformed JSON: the message says so; param is no character offset posing as a field.
-    response = client.post(jobs, content=b'{"model": "tiny",,}',
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        jobs, content=b'{"model": "tiny",,}', headers={"content-type": "application/json"}
+    )
     assert_error(response, 400, "invalid_request_error")
     assert response.json()["error"]["param"] is None
     assert "not valid JSON (at character 17" in response.json()["error"]["message"]
@@ -373,10 +455,18 @@ def test_bad_job_requests(service, finished_job):
 def test_empty_inputs_are_refused(service, finished_job):
     client = service["client"]
     model = finished_job[0]["fine_tuned_model"]
-    assert_error(client.post("/v1/predict", json={"model": model, "inputs": []}),
-                 400, "invalid_request_error", "inputs")
-    assert_error(client.post("/v1/predict", json={"model": model, "inputs": ["  "]}),
-                 400, "invalid_request_error", "inputs")
+    assert_error(
+        client.post("/v1/predict", json={"model": model, "inputs": []}),
+        400,
+        "invalid_request_error",
+        "inputs",
+    )
+    assert_error(
+        client.post("/v1/predict", json={"model": model, "inputs": ["  "]}),
+        400,
+        "invalid_request_error",
+        "inputs",
+    )
 
 
 def test_auth_when_api_key_is_set(service, monkeypatch):
@@ -387,8 +477,9 @@ def test_auth_when_api_key_is_set(service, monkeypatch):
     key = {"Authorization": "Bearer s3cret"}
     for path in ("/v1/models", "/v1/files", "/info", "/no/such/route"):
         assert_error(client.get(path), 401, "invalid_api_key")
-        assert_error(client.get(path, headers={"Authorization": "Bearer wrong"}), 401,
-                     "invalid_api_key")
+        assert_error(
+            client.get(path, headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key"
+        )
     assert client.get("/v1/models", headers=key).status_code == 200
     assert client.get("/info", headers=key).status_code == 200
     for path in ("/health", "/ready", "/metrics", "/openapi.json", "/docs"):
@@ -406,9 +497,15 @@ def test_bodies_over_a_routes_cap_are_refused(service, monkeypatch):
     # Without a Content-Length (chunked), the bytes received are counted.
     chunks = (b'{"model": "ft:x", "inputs": ["' + b"y" * 500 + b'"' for _ in range(4))
     assert_error(client.post("/v1/predict", content=chunks), 413, "request_too_large")
-    assert_error(client.post("/v1/fine_tuning/jobs", content=b"{" + b" " * (2**20 + 10) + b"}",
-                             headers={"content-type": "application/json"}),
-                 413, "request_too_large")
+    assert_error(
+        client.post(
+            "/v1/fine_tuning/jobs",
+            content=b"{" + b" " * (2**20 + 10) + b"}",
+            headers={"content-type": "application/json"},
+        ),
+        413,
+        "request_too_large",
+    )
 
 
 def test_server_errors_are_counted(service, monkeypatch):
@@ -441,17 +538,25 @@ def test_delete_model(service, finished_job):
 
 def test_openapi_spec_is_complete(service):
     spec = service["client"].get("/openapi.json").json()
-    for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{job_id}/cancel",
-                 "/v1/fine_tuning/jobs/{job_id}/events", "/v1/models", "/v1/predict"):
+    for path in (
+        "/v1/files",
+        "/v1/fine_tuning/jobs",
+        "/v1/fine_tuning/jobs/{job_id}/cancel",
+        "/v1/fine_tuning/jobs/{job_id}/events",
+        "/v1/models",
+        "/v1/predict",
+    ):
         assert path in spec["paths"]
     assert {"JobObject", "FileObject", "PredictRequest", "ErrorResponse"} <= set(
-        spec["components"]["schemas"])
+        spec["components"]["schemas"]
+    )
 
 
 def test_gguf_backbones_convert_at_start_not_in_a_request(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("backbone_worker.backbone.convert_gguf_aliases",
-                        lambda: calls.append("smollm2") or calls)
+    monkeypatch.setattr(
+        "backbone_worker.backbone.convert_gguf_aliases", lambda: calls.append("smollm2") or calls
+    )
     app = create_app(home=tmp_path, executor="thread", preload=[], convert_at_start=True)
     with TestClient(app):
         deadline = time.time() + 30
@@ -459,7 +564,8 @@ def test_gguf_backbones_convert_at_start_not_in_a_request(tmp_path, monkeypatch)
             time.sleep(0.05)
     assert calls == ["smollm2"]
     calls.clear()
-    with TestClient(create_app(home=tmp_path, executor="thread", preload=[],
-                               convert_at_start=False)):
+    with TestClient(
+        create_app(home=tmp_path, executor="thread", preload=[], convert_at_start=False)
+    ):
         time.sleep(0.5)
     assert calls == []

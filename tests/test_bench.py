@@ -1,6 +1,7 @@
 """`ladder bench` on a tiny random backbone: every step runs in its own process, every method gets
 its learning-rate grid and a validation choice, the test split is the whole data's, and the report
 has the documented shape, with every figure a finite number or a null with a reason."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ import math
 
 import numpy as np
 import pytest
-from api.cli import main
 from test_cli import write_csv
 
+from api.cli import main
 from backbone_worker.data import split_of
 from bench import METHODS
 from bench.compare import mcnemar_p, paired
@@ -19,9 +20,28 @@ from bench.compare import mcnemar_p, paired
 def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
     data = write_csv(tmp_path / "d.csv", n=200)
     out = tmp_path / "bench.json"
-    code = main(["bench", "--quick", "--backbone", tiny_bert_dir, "--data", data, "--limit", "80",
-                 "--epochs", "2", "--seeds", "2", "--batch-size", "8", "--max-length", "16",
-                 "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--quick",
+            "--backbone",
+            tiny_bert_dir,
+            "--data",
+            data,
+            "--limit",
+            "80",
+            "--epochs",
+            "2",
+            "--seeds",
+            "2",
+            "--batch-size",
+            "8",
+            "--max-length",
+            "16",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
@@ -29,10 +49,22 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
     n_test = len(test_ids)
     for method in METHODS:
         figures = report["methods"][method]
-        for key in ("trainable_params", "trainable_pct", "peak_mem_mb", "peak_total_mb",
-                    "examples_per_s", "test_accuracy", "test_accuracy_sd", "lr",
-                    "time_to_model_s", "val_accuracy"):
-            assert isinstance(figures[key], (int, float)) and math.isfinite(figures[key]), (method, key)
+        for key in (
+            "trainable_params",
+            "trainable_pct",
+            "peak_mem_mb",
+            "peak_total_mb",
+            "examples_per_s",
+            "test_accuracy",
+            "test_accuracy_sd",
+            "lr",
+            "time_to_model_s",
+            "val_accuracy",
+        ):
+            assert isinstance(figures[key], (int, float)) and math.isfinite(figures[key]), (
+                method,
+                key,
+            )
         # Each method's own grid, the rate chosen by validation accuracy, two seeds at that rate.
         assert len(figures["lr_grid"]) >= 2 and figures["lr"] in figures["lr_grid"]
         best = max(figures["grid"], key=lambda g: g["val_accuracy"])
@@ -48,8 +80,9 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
     cached = report["methods"]["lst_cached"]
     assert cached["time_to_model_s"] > report["cache"]["caching_seconds"]
     majority = report["baselines"]["majority"]
-    assert majority["test_accuracy"] == pytest.approx(   # write_csv: odd rows "pos", even "neg"
-        sum((k % 2 == 1) == (majority["label"] == "pos") for k in test_ids) / n_test)
+    assert majority["test_accuracy"] == pytest.approx(  # write_csv: odd rows "pos", even "neg"
+        sum((k % 2 == 1) == (majority["label"] == "pos") for k in test_ids) / n_test
+    )
     assert 0 <= report["baselines"]["probe"]["test_accuracy"] <= 1
     for key in ("bytes_per_element", "compression_ratio", "read_vs_memory", "bytes_per_example"):
         assert math.isfinite(report["cache"][key])
@@ -57,6 +90,7 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
         assert math.isfinite(report["inference"][key])
     assert report["machine"]["torch"] and report["machine"]["cores"] >= 1
     from bench.compare import finite_or_explained
+
     assert finite_or_explained(report) == []
     assert out.with_suffix(".md").read_text().startswith("| method |")
     assert (tmp_path / "bench_memory_accuracy.png").stat().st_size > 1000
@@ -68,24 +102,53 @@ def test_bench_reports_bitfit_absent_on_a_bias_free_backbone(tmp_path, capsys):
     decoder runs its LoRA on q_proj/v_proj and pools the last real token."""
     import shutil
 
+    from conftest import TOKENIZER_FILES, VOCAB
     from transformers import AutoModel, LlamaConfig
 
     from backbone_worker.backbone import resolve
     from bench.compare import finite_or_explained
-    from conftest import TOKENIZER_FILES, VOCAB
+
     # Head dim 16, so the bench's default r = 8 leaves an even side head dim for rotary embeddings.
     tiny_llama_dir = tmp_path / "llama"
-    AutoModel.from_config(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-        pad_token_id=0)).save_pretrained(tiny_llama_dir)
+    AutoModel.from_config(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+    ).save_pretrained(tiny_llama_dir)
     for name in TOKENIZER_FILES:
         shutil.copy(resolve("minilm") / name, tiny_llama_dir / name)
     data = write_csv(tmp_path / "d.csv", n=60)
     out = tmp_path / "bench.json"
-    code = main(["bench", "--quick", "--backbone", str(tiny_llama_dir), "--data", data,
-                 "--limit", "60", "--epochs", "1", "--batch-size", "8", "--max-length", "16",
-                 "--methods", "lora,bitfit,lst_cached", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--quick",
+            "--backbone",
+            str(tiny_llama_dir),
+            "--data",
+            data,
+            "--limit",
+            "60",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--max-length",
+            "16",
+            "--methods",
+            "lora,bitfit,lst_cached",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert list(report["methods"]) == ["lora", "bitfit", "lst_cached"]
@@ -123,8 +186,8 @@ def test_mcnemar_exact_p_values():
 def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
     rng = np.random.default_rng(0)
     b = rng.random((3, 2000)) < 0.80
-    better = b | (rng.random((3, 2000)) < 0.5)              # about 90% correct, on the same rows
+    better = b | (rng.random((3, 2000)) < 0.5)  # about 90% correct, on the same rows
     result = paired(better, b)
     assert result["accuracy_diff"] > 0.05 and result["ci95"][0] > 0 and result["p_bootstrap"] < 0.01
-    same = paired(rng.random((3, 2000)) < 0.80, b)          # as good, independently
+    same = paired(rng.random((3, 2000)) < 0.80, b)  # as good, independently
     assert same["ci95"][0] < 0 < same["ci95"][1] and same["p_bootstrap"] > 0.05

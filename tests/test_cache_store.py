@@ -1,4 +1,5 @@
 """cache_store: codecs against independent computations, part commit protocol, batches."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,15 @@ import pytest
 import torch
 import zarr
 
-from cache_store import (ActivationStore, StateRangeError, StoreError, StoreMismatchError,
-                         bytes_per_element, decode, encode)
+from cache_store import (
+    ActivationStore,
+    StateRangeError,
+    StoreError,
+    StoreMismatchError,
+    bytes_per_element,
+    decode,
+    encode,
+)
 from cache_store.layout import CHUNK_BYTES, chunk_rows, part_path
 
 D = 8
@@ -20,8 +28,13 @@ STATES = ("emb", "layer_0", "layer_3")
 
 
 def settings(**overrides) -> dict:
-    base = {"backbone": "tiny-bert", "data_fingerprint": "abc", "max_length": 128,
-            "layers": [0, 3], "dtype": "fp16"}
+    base = {
+        "backbone": "tiny-bert",
+        "data_fingerprint": "abc",
+        "max_length": 128,
+        "layers": [0, 3],
+        "dtype": "fp16",
+    }
     return {**base, **overrides}
 
 
@@ -32,14 +45,20 @@ def make_plan(*sizes_and_splits: tuple[int, str]) -> list[dict]:
 def make_part(index: int, n: int, streams=("enc",), seed: int = 0, max_len: int = 7) -> dict:
     """Random ragged part: example ids index*1000 + j, lengths in [0, max_len)."""
     rng = np.random.default_rng(1000 * index + seed)
-    out = {"example_ids": index * 1000 + np.arange(n), "labels": rng.integers(0, 3, n), "streams": {}}
+    out = {
+        "example_ids": index * 1000 + np.arange(n),
+        "labels": rng.integers(0, 3, n),
+        "streams": {},
+    }
     for s in streams:
         lengths = rng.integers(0, max_len, n)
-        lengths[0] = max_len          # at least one full row, so padding shows up in batches
+        lengths[0] = max_len  # at least one full row, so padding shows up in batches
         out["streams"][s] = {
             "input_ids": [rng.integers(1, 30000, length) for length in lengths],
-            "states": {k: [rng.normal(0, 3, (length, D)).astype(np.float32) for length in lengths]
-                       for k in STATES},
+            "states": {
+                k: [rng.normal(0, 3, (length, D)).astype(np.float32) for length in lengths]
+                for k in STATES
+            },
         }
     return out
 
@@ -61,32 +80,54 @@ def reference(parts: dict, dtype: str) -> dict:
     out = {}
     for part in parts.values():
         for j, example_id in enumerate(part["example_ids"].tolist()):
-            out[example_id] = (int(part["labels"][j]), {
-                s: (np.asarray(stream["input_ids"][j]),
-                    {k: decode(encode(rows[j], dtype), dtype) for k, rows in stream["states"].items()})
-                for s, stream in part["streams"].items()})
+            out[example_id] = (
+                int(part["labels"][j]),
+                {
+                    s: (
+                        np.asarray(stream["input_ids"][j]),
+                        {
+                            k: decode(encode(rows[j], dtype), dtype)
+                            for k, rows in stream["states"].items()
+                        },
+                    )
+                    for s, stream in part["streams"].items()
+                },
+            )
     return out
 
 
 # ---- codecs --------------------------------------------------------------------------------
 
+
 def test_fp16_round_trip_is_exact_cast():
     x = np.random.default_rng(0).normal(0, 10, (50, D)).astype(np.float32)
-    np.testing.assert_array_equal(decode(encode(x, "fp16"), "fp16"), x.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        decode(encode(x, "fp16"), "fp16"), x.astype(np.float16).astype(np.float32)
+    )
 
 
 def test_bf16_matches_torch_bit_for_bit():
     rng = np.random.default_rng(1)
-    x = np.concatenate([
-        rng.normal(0, 1, 4000), rng.normal(0, 1e30, 100), rng.normal(0, 1e-40, 100),  # subnormals
-        # exact ties between two bf16 values (low 16 bits 0x8000) with even and odd kept bit
-        np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7F8000], dtype=np.uint32).view(np.float32),
-        [0.0, -0.0, np.inf, -np.inf, np.nan, np.finfo(np.float32).max],
-    ]).astype(np.float32).reshape(-1, 2)
+    x = (
+        np.concatenate(
+            [
+                rng.normal(0, 1, 4000),
+                rng.normal(0, 1e30, 100),
+                rng.normal(0, 1e-40, 100),  # subnormals
+                # exact ties between two bf16 values (low 16 bits 0x8000) with even and odd kept bit
+                np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7F8000], dtype=np.uint32).view(
+                    np.float32
+                ),
+                [0.0, -0.0, np.inf, -np.inf, np.nan, np.finfo(np.float32).max],
+            ]
+        )
+        .astype(np.float32)
+        .reshape(-1, 2)
+    )
     ours = decode(encode(x, "bf16"), "bf16")
     theirs = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
     nan = np.isnan(x)
-    np.testing.assert_array_equal(np.isnan(ours), nan)          # NaN bit patterns vary by backend
+    np.testing.assert_array_equal(np.isnan(ours), nan)  # NaN bit patterns vary by backend
     np.testing.assert_array_equal(ours[~nan].view(np.uint32), theirs[~nan].view(np.uint32))
 
 
@@ -95,7 +136,7 @@ def test_int8_error_within_half_scale_and_zero_rows():
     x[3] = 0.0
     enc = encode(x, "int8")
     assert enc.values.dtype == np.int8 and enc.scales.shape == (200,)
-    scale = np.abs(x).max(axis=1) / 127.0                                  # independent
+    scale = np.abs(x).max(axis=1) / 127.0  # independent
     err = np.abs(x - decode(enc, "int8"))
     assert np.all(err <= scale[:, None] / 2 * (1 + 1e-5) + 1e-30)
     np.testing.assert_array_equal(decode(enc, "int8")[3], 0.0)
@@ -109,12 +150,13 @@ def test_bytes_per_element():
 
 
 def test_chunks_hold_at_least_one_mib():
-    assert chunk_rows(10, 16) == 10                          # small: one chunk
+    assert chunk_rows(10, 16) == 10  # small: one chunk
     rows = chunk_rows(10**7, 768 * 2)
     assert rows * 768 * 2 >= CHUNK_BYTES and (rows - 1) * 768 * 2 < CHUNK_BYTES
 
 
 # ---- writing and reading parts --------------------------------------------------------------
+
 
 def test_padding_never_stored(tmp_path):
     store, parts = build(tmp_path, make_plan((6, "train")), streams=("enc", "dec"))
@@ -130,7 +172,9 @@ def test_padding_never_stored(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
 def test_write_then_read_part(tmp_path, dtype):
-    store, parts = build(tmp_path, make_plan((5, "train"), (4, "test")), dtype=dtype, streams=("enc", "dec"))
+    store, parts = build(
+        tmp_path, make_plan((5, "train"), (4, "test")), dtype=dtype, streams=("enc", "dec")
+    )
     for index, part in parts.items():
         got = store.read_part(index)
         np.testing.assert_array_equal(got["example_ids"], part["example_ids"])
@@ -160,11 +204,12 @@ def test_fp16_overflow_is_refused_and_nothing_is_written(tmp_path):
         write(store, 0, part)
     assert not store.is_committed(0)
     assert zarr.open_group(str(tmp_path / "s"), mode="r")["parts"].get("part-00000") is None
-    wide = ActivationStore.create_or_open(str(tmp_path / "b"), settings(dtype="bf16"),
-                                          make_plan((3, "train")))
+    wide = ActivationStore.create_or_open(
+        str(tmp_path / "b"), settings(dtype="bf16"), make_plan((3, "train"))
+    )
     assert write(wide, 0, part)
     stored = wide.read_part(0)["streams"]["enc"]["states"]["layer_3"].min()
-    assert stored == torch.tensor(-1e5).bfloat16().item()             # -99,840: bf16's rounding
+    assert stored == torch.tensor(-1e5).bfloat16().item()  # -99,840: bf16's rounding
 
 
 def test_write_part_checks_lengths(tmp_path):
@@ -203,6 +248,7 @@ def test_uncommitted_part_is_invisible_and_rewritten(tmp_path):
 
 # ---- opening --------------------------------------------------------------------------------
 
+
 def test_resume_and_fingerprint(tmp_path):
     plan = make_plan((4, "train"), (3, "validation"))
     store, _ = build(tmp_path, plan)
@@ -220,7 +266,9 @@ def test_settings_mismatch_names_each_field(tmp_path):
     plan = make_plan((4, "train"))
     build(tmp_path, plan)
     with pytest.raises(StoreMismatchError) as err:
-        ActivationStore.create_or_open(str(tmp_path / "store"), settings(max_length=256, dtype="int8"), plan)
+        ActivationStore.create_or_open(
+            str(tmp_path / "store"), settings(max_length=256, dtype="int8"), plan
+        )
     message = str(err.value)
     assert "max_length: stored 128, requested 256" in message
     assert 'dtype: stored "fp16", requested "int8"' in message
@@ -266,17 +314,19 @@ def test_fsspec_memory_url_round_trip():
     part = make_part(0, 3)
     assert write(store, 0, part)
     got = ActivationStore.open(url).read_part(0)
-    np.testing.assert_array_equal(got["streams"]["enc"]["input_ids"],
-                                  np.concatenate(part["streams"]["enc"]["input_ids"]))
+    np.testing.assert_array_equal(
+        got["streams"]["enc"]["input_ids"], np.concatenate(part["streams"]["enc"]["input_ids"])
+    )
     assert ActivationStore.open(url).info()["stored_bytes"] > 0
 
 
 # ---- info -----------------------------------------------------------------------------------
 
+
 def test_info(tmp_path):
     plan = make_plan((5, "train"), (4, "train"), (3, "validation"), (2, "test"))
     store = ActivationStore.create_or_open(str(tmp_path / "store"), settings(dtype="int8"), plan)
-    parts = {i: make_part(i, plan[i]["n"]) for i in (0, 1, 2)}   # part 3 never written
+    parts = {i: make_part(i, plan[i]["n"]) for i in (0, 1, 2)}  # part 3 never written
     for i, part in parts.items():
         write(store, i, part)
     info = store.info()
@@ -296,6 +346,7 @@ def test_info(tmp_path):
 
 # ---- batches --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])
 def test_iter_batches_covers_each_example_once_with_its_states(tmp_path, dtype):
     plan = make_plan((7, "train"), (5, "validation"), (6, "train"), (4, "train"))
@@ -309,7 +360,7 @@ def test_iter_batches_covers_each_example_once_with_its_states(tmp_path, dtype):
             ids, mask = batch[s]["input_ids"], batch[s]["attention_mask"]
             assert ids.dtype == mask.dtype == torch.int64
             lengths = [len(expected[e][1][s][0]) for e in batch["example_ids"].tolist()]
-            assert ids.shape == (b, max(lengths))                     # T = longest row
+            assert ids.shape == (b, max(lengths))  # T = longest row
             for k in STATES:
                 assert batch[s]["states"][k].dtype == torch.float32
                 assert batch[s]["states"][k].shape == (b, max(lengths), D)
@@ -348,7 +399,7 @@ def test_shuffle_depends_on_seed_and_keeps_every_example(tmp_path):
     a, b = order(seed=0, shuffle_bytes=2000), order(seed=1, shuffle_bytes=2000)
     assert a != b and a != in_plan_order
     assert sorted(a) == sorted(b) == sorted(in_plan_order)
-    assert order(seed=0, shuffle_bytes=2000) == a                       # reproducible
+    assert order(seed=0, shuffle_bytes=2000) == a  # reproducible
 
 
 def _parts_held(tmp_path, monkeypatch, n_parts: int) -> int:
@@ -359,10 +410,11 @@ def _parts_held(tmp_path, monkeypatch, n_parts: int) -> int:
     monkeypatch.setattr(store, "read_part", lambda i, **kw: reads.append(i) or real(i, **kw))
     part_of = {int(i): p for p, part in parts.items() for i in part["example_ids"]}
     left = {p: len(part["example_ids"]) for p, part in parts.items()}
-    example_bytes = 7 * len(STATES) * D * 2             # fp16 states of a full-length example
+    example_bytes = 7 * len(STATES) * D * 2  # fp16 states of a full-length example
     held = []
-    for batch in store.iter_batches("train", 4, seed=0, prefetch=0,
-                                    shuffle_bytes=15 * example_bytes):
+    for batch in store.iter_batches(
+        "train", 4, seed=0, prefetch=0, shuffle_bytes=15 * example_bytes
+    ):
         for i in batch["example_ids"].tolist():
             left[part_of[i]] -= 1
         held.append(sum(1 for p in set(reads) if left[p] > 0))

@@ -1,5 +1,6 @@
 """Filling a store under failure: killed runs resume, killed Ray workers are replaced, corrupt
 chunks are caught, concurrent runs are refused, and a remote (S3-compatible) store round-trips."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli import last_json, one_line_error, run, write_csv
 
 from backbone_worker.cache import CacheOptions, build_cache
 from cache_store import ActivationStore, StoreError, StoreLock
-from test_cli import last_json, one_line_error, run, write_csv
 
 
 def assert_exactly_once(store_url: str, n: int) -> None:
@@ -26,8 +27,24 @@ def assert_exactly_once(store_url: str, n: int) -> None:
 def test_run_killed_with_sigkill_resumes_and_writes_each_example_once(tmp_path, tiny_bert_dir):
     data = write_csv(tmp_path / "d.csv", n=3000)
     store = str(tmp_path / "store")
-    cmd = [sys.executable, "-m", "api.cli", "cache", "--backbone", tiny_bert_dir, "--data", data,
-           "--store", store, "--layers", "0", "--part-size", "8", "--fisher-examples", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "api.cli",
+        "cache",
+        "--backbone",
+        tiny_bert_dir,
+        "--data",
+        data,
+        "--store",
+        store,
+        "--layers",
+        "0",
+        "--part-size",
+        "8",
+        "--fisher-examples",
+        "8",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -47,9 +64,11 @@ def test_run_killed_with_sigkill_resumes_and_writes_each_example_once(tmp_path, 
     assert_exactly_once(store, 3000)
 
 
-def test_killed_ray_worker_is_replaced_and_its_part_redone(tmp_path, tiny_bert_dir, monkeypatch,
-                                                           caplog):
+def test_killed_ray_worker_is_replaced_and_its_part_redone(
+    tmp_path, tiny_bert_dir, monkeypatch, caplog
+):
     from backbone_worker import pool
+
     ray = pytest.importorskip("ray")
     killed = []
     submit = pool.RayPool.submit
@@ -66,7 +85,9 @@ def test_killed_ray_worker_is_replaced_and_its_part_redone(tmp_path, tiny_bert_d
     data = write_csv(tmp_path / "d.csv", n=300)
     store = str(tmp_path / "store")
     with caplog.at_level("WARNING"):
-        build_cache(tiny_bert_dir, data, store, CacheOptions(workers=2, part_size=16, layers=[0, 2]))
+        build_cache(
+            tiny_bert_dir, data, store, CacheOptions(workers=2, part_size=16, layers=[0, 2])
+        )
     assert killed and any("died" in r.message for r in caplog.records)
     assert_exactly_once(store, 300)
 
@@ -97,8 +118,20 @@ def test_corrupt_chunk_is_detected_reported_and_repaired(small_store, capsys):
     total = last_json(out)["total_parts"]
     code, out, _ = run(capsys, "cache-info", "--store", store, "--verify", "--repair", "--json")
     assert last_json(out)["repaired"] and last_json(out)["committed_parts"] == total - 1
-    code, _, _ = run(capsys, "cache", "--backbone", small_store["backbone"], "--data",
-                     small_store["data"], "--store", store, "--layers", "0", "--part-size", "32")
+    code, _, _ = run(
+        capsys,
+        "cache",
+        "--backbone",
+        small_store["backbone"],
+        "--data",
+        small_store["data"],
+        "--store",
+        store,
+        "--layers",
+        "0",
+        "--part-size",
+        "32",
+    )
     code, out, _ = run(capsys, "cache-info", "--store", store, "--verify", "--json")
     assert code == 0 and last_json(out)["corrupt_parts"] == []
     assert_exactly_once(store, 100)
@@ -106,7 +139,7 @@ def test_corrupt_chunk_is_detected_reported_and_repaired(small_store, capsys):
 
 def test_missing_chunk_file_is_detected(small_store):
     for chunk in _chunk_files(small_store["store"], 0):
-        chunk.unlink()      # zarr would read the hole back as zeros
+        chunk.unlink()  # zarr would read the hole back as zeros
     problems = ActivationStore.open(small_store["store"]).verify()
     assert [p["part"] for p in problems] == [0]
 
@@ -114,21 +147,41 @@ def test_missing_chunk_file_is_detected(small_store):
 def test_second_run_on_a_store_being_written_is_refused(small_store, capsys):
     store = small_store["store"]
     with StoreLock(store).acquire():
-        code, _, err = run(capsys, "cache", "--backbone", small_store["backbone"], "--data",
-                           small_store["data"], "--store", store, "--layers", "0",
-                           "--part-size", "32")
+        code, _, err = run(
+            capsys,
+            "cache",
+            "--backbone",
+            small_store["backbone"],
+            "--data",
+            small_store["data"],
+            "--store",
+            store,
+            "--layers",
+            "0",
+            "--part-size",
+            "32",
+        )
         one_line_error(code, err, "being written by another run", "--wait")
     assert_exactly_once(store, 100)
 
 
 def test_lease_of_a_dead_process_is_taken_over_at_once(small_store):
     store = small_store["store"]
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     lock = StoreLock(store)
-    lock.fs.pipe_file(lock.path, json.dumps({"owner": "x", "host": lock.me["host"],
-                                             "pid": int(dead.stdout), "expires": time.time() + 600
-                                             }).encode())
+    lock.fs.pipe_file(
+        lock.path,
+        json.dumps(
+            {
+                "owner": "x",
+                "host": lock.me["host"],
+                "pid": int(dead.stdout),
+                "expires": time.time() + 600,
+            }
+        ).encode(),
+    )
     started = time.time()
     with StoreLock(store).acquire():
         pass
@@ -144,11 +197,15 @@ def test_s3_compatible_store_round_trip(tmp_path, tiny_bert_dir, monkeypatch):
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                           "AWS_DEFAULT_REGION": "us-east-1",
-                           "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "FSSPEC_S3_ENDPOINT_URL": endpoint,
+        }.items():
             monkeypatch.setenv(key, value)
         import fsspec.config
+
         fsspec.config.set_conf_env(fsspec.config.conf)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ladder")
         data = write_csv(tmp_path / "d.csv", n=80)
@@ -157,8 +214,9 @@ def test_s3_compatible_store_round_trip(tmp_path, tiny_bert_dir, monkeypatch):
         assert_exactly_once(url, 80)
         store = ActivationStore.open(url)
         assert store.verify() == []
-        seen = [int(i) for b in store.iter_batches("train", 16, shuffle=False)
-                for i in b["example_ids"]]
+        seen = [
+            int(i) for b in store.iter_batches("train", 16, shuffle=False) for i in b["example_ids"]
+        ]
         assert len(seen) == len(set(seen)) == store.n_examples("train")
     finally:
         fsspec.config.conf.pop("s3", None)

@@ -1,5 +1,6 @@
 """The `ladder` CLI end to end on a tiny backbone, and its bad-input contract (exit 2, one line,
 nothing stored is damaged)."""
+
 from __future__ import annotations
 
 import csv
@@ -40,8 +41,23 @@ def cached(tmp_path_factory, tiny_bert_dir):
     root = tmp_path_factory.mktemp("cli")
     data = write_csv(root / "data.csv")
     store = str(root / "store")
-    assert main(["cache", "--backbone", tiny_bert_dir, "--data", data, "--store", store,
-                 "--layers", "0,2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                "--backbone",
+                tiny_bert_dir,
+                "--data",
+                data,
+                "--store",
+                store,
+                "--layers",
+                "0,2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     return {"root": root, "data": data, "store": store, "backbone": tiny_bert_dir}
 
 
@@ -56,8 +72,19 @@ def test_cache_info_reports_every_example_once(cached, capsys):
 
 def test_train_evaluate_predict(cached, capsys, tmp_path):
     out_dir = str(tmp_path / "model")
-    code, out, _ = run(capsys, "train", "--store", cached["store"], "--out", out_dir,
-                       "--epochs", "2", "--reduction", "4", "--json")
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--store",
+        cached["store"],
+        "--out",
+        out_dir,
+        "--epochs",
+        "2",
+        "--reduction",
+        "4",
+        "--json",
+    )
     assert code == 0
     result = last_json(out)
     assert result["trainable_params"] > 0 and result["train_examples_per_s"] > 0
@@ -71,13 +98,34 @@ def test_train_evaluate_predict(cached, capsys, tmp_path):
 
 def test_finetune_json_has_the_documented_fields(tmp_path, capsys, tiny_backbone_dir):
     data = write_csv(tmp_path / "data.csv", n=60)
-    code, out, err = run(capsys, "finetune", "--backbone", tiny_backbone_dir, "--data", data,
-                         "--epochs", "1", "--reduction", "4", "--store", str(tmp_path / "s"),
-                         "--out", str(tmp_path / "m"), "--json")
+    code, out, err = run(
+        capsys,
+        "finetune",
+        "--backbone",
+        tiny_backbone_dir,
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        "--reduction",
+        "4",
+        "--store",
+        str(tmp_path / "s"),
+        "--out",
+        str(tmp_path / "m"),
+        "--json",
+    )
     assert code == 0, err
     result = last_json(out)
-    for key in ("test_accuracy", "n_train", "n_test", "model_dir", "trainable_params",
-                "train_peak_mem_mb", "train_examples_per_s"):
+    for key in (
+        "test_accuracy",
+        "n_train",
+        "n_test",
+        "model_dir",
+        "trainable_params",
+        "train_peak_mem_mb",
+        "train_examples_per_s",
+    ):
         assert key in result
     assert result["n_train"] + result["n_test"] <= 60
     # Unset --lr and --batch-size resolve to the family's defaults, and the result says which.
@@ -91,9 +139,23 @@ def test_artifacts_record_no_machine_paths(tmp_path, capsys, tiny_bert_dir, monk
     this machine (transformers configs carry it as `_name_or_path`)."""
     monkeypatch.setenv("LADDER_BACKBONES", f"tiny={tiny_bert_dir}")
     data = write_csv(tmp_path / "data.csv", n=40)
-    code, _, err = run(capsys, "finetune", "--backbone", "tiny", "--data", data, "--epochs", "1",
-                       "--reduction", "4", "--store", str(tmp_path / "s"),
-                       "--out", str(tmp_path / "m"), "--json")
+    code, _, err = run(
+        capsys,
+        "finetune",
+        "--backbone",
+        "tiny",
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        "--reduction",
+        "4",
+        "--store",
+        str(tmp_path / "s"),
+        "--out",
+        str(tmp_path / "m"),
+        "--json",
+    )
     assert code == 0, err
     side_config = (tmp_path / "m" / "side_config.json").read_text()
     assert json.loads(side_config)["backbone"] == "tiny"
@@ -109,53 +171,110 @@ def one_line_error(code, err, *words):
 
 
 def test_missing_data_file(capsys, tmp_path, tiny_bert_dir):
-    code, _, err = run(capsys, "cache", "--backbone", tiny_bert_dir, "--data",
-                       str(tmp_path / "nope.csv"), "--store", str(tmp_path / "s"))
+    code, _, err = run(
+        capsys,
+        "cache",
+        "--backbone",
+        tiny_bert_dir,
+        "--data",
+        str(tmp_path / "nope.csv"),
+        "--store",
+        str(tmp_path / "s"),
+    )
     one_line_error(code, err, "not found")
     assert not (tmp_path / "s").exists()
 
 
 def test_missing_column(capsys, tmp_path, tiny_bert_dir):
     data = write_csv(tmp_path / "d.csv")
-    code, _, err = run(capsys, "cache", "--backbone", tiny_bert_dir, "--data", data,
-                       "--label-column", "sentiment", "--store", str(tmp_path / "s"))
+    code, _, err = run(
+        capsys,
+        "cache",
+        "--backbone",
+        tiny_bert_dir,
+        "--data",
+        data,
+        "--label-column",
+        "sentiment",
+        "--store",
+        str(tmp_path / "s"),
+    )
     one_line_error(code, err, "sentiment", "--label-column")
 
 
 def test_single_class_label_column(capsys, tmp_path, tiny_bert_dir):
     path = tmp_path / "one.csv"
     path.write_text("text,label\nhello,a\nworld,a\n")
-    code, _, err = run(capsys, "cache", "--backbone", tiny_bert_dir, "--data", str(path),
-                       "--store", str(tmp_path / "s"))
+    code, _, err = run(
+        capsys,
+        "cache",
+        "--backbone",
+        tiny_bert_dir,
+        "--data",
+        str(path),
+        "--store",
+        str(tmp_path / "s"),
+    )
     one_line_error(code, err, "two classes")
 
 
 def test_empty_text(capsys, tmp_path, tiny_bert_dir):
     path = tmp_path / "empty.csv"
     path.write_text("text,label\nhello,a\n  ,b\n")
-    code, _, err = run(capsys, "cache", "--backbone", tiny_bert_dir, "--data", str(path),
-                       "--store", str(tmp_path / "s"))
+    code, _, err = run(
+        capsys,
+        "cache",
+        "--backbone",
+        tiny_bert_dir,
+        "--data",
+        str(path),
+        "--store",
+        str(tmp_path / "s"),
+    )
     one_line_error(code, err, "empty")
 
 
 def test_backbone_path_that_is_not_a_model(capsys, tmp_path):
     data = write_csv(tmp_path / "d.csv")
-    code, _, err = run(capsys, "cache", "--backbone", str(tmp_path), "--data", data,
-                       "--store", str(tmp_path / "s"))
+    code, _, err = run(
+        capsys, "cache", "--backbone", str(tmp_path), "--data", data, "--store", str(tmp_path / "s")
+    )
     one_line_error(code, err, "config.json")
 
 
 def test_out_of_range_layer(capsys, tmp_path, tiny_bert_dir):
     data = write_csv(tmp_path / "d.csv")
-    code, _, err = run(capsys, "cache", "--backbone", tiny_bert_dir, "--data", data,
-                       "--layers", "0,9", "--store", str(tmp_path / "s"))
+    code, _, err = run(
+        capsys,
+        "cache",
+        "--backbone",
+        tiny_bert_dir,
+        "--data",
+        data,
+        "--layers",
+        "0,9",
+        "--store",
+        str(tmp_path / "s"),
+    )
     one_line_error(code, err, "out of range", "--layers")
 
 
 def test_store_built_with_other_settings_names_the_field(cached, capsys):
     before = sorted(p.name for p in (cached["root"] / "store").rglob("*"))
-    code, _, err = run(capsys, "cache", "--backbone", cached["backbone"], "--data", cached["data"],
-                       "--layers", "0,2", "--max-length", "64", "--store", cached["store"])
+    code, _, err = run(
+        capsys,
+        "cache",
+        "--backbone",
+        cached["backbone"],
+        "--data",
+        cached["data"],
+        "--layers",
+        "0,2",
+        "--max-length",
+        "64",
+        "--store",
+        cached["store"],
+    )
     one_line_error(code, err, "max_length")
     assert sorted(p.name for p in (cached["root"] / "store").rglob("*")) == before
     code, out, _ = run(capsys, "cache-info", "--store", cached["store"], "--json")
@@ -163,23 +282,35 @@ def test_store_built_with_other_settings_names_the_field(cached, capsys):
 
 
 def test_store_with_uncommitted_parts_only(capsys, tmp_path, tiny_bert_dir):
-    from backbone_worker.cache import CacheOptions, make_plan, store_settings
     from backbone_worker.backbone import load_backbone
+    from backbone_worker.cache import CacheOptions, make_plan, store_settings
     from backbone_worker.data import load_dataset
     from cache_store import ActivationStore
+
     dataset = load_dataset(write_csv(tmp_path / "d.csv"))
     backbone = load_backbone(tiny_bert_dir)
-    ActivationStore.create_or_open(str(tmp_path / "s"),
-                                   store_settings(backbone, dataset, [0], CacheOptions()),
-                                   make_plan(dataset, 512))
-    code, _, err = run(capsys, "train", "--store", str(tmp_path / "s"), "--out",
-                       str(tmp_path / "m"))
+    ActivationStore.create_or_open(
+        str(tmp_path / "s"),
+        store_settings(backbone, dataset, [0], CacheOptions()),
+        make_plan(dataset, 512),
+    )
+    code, _, err = run(
+        capsys, "train", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "m")
+    )
     one_line_error(code, err, "committed", "ladder cache")
 
 
 def test_reduction_that_does_not_divide_the_width(cached, capsys, tmp_path):
-    code, _, err = run(capsys, "train", "--store", cached["store"], "--out", str(tmp_path / "m"),
-                       "--reduction", "5")
+    code, _, err = run(
+        capsys,
+        "train",
+        "--store",
+        cached["store"],
+        "--out",
+        str(tmp_path / "m"),
+        "--reduction",
+        "5",
+    )
     one_line_error(code, err, "reduction factor 5")
 
 

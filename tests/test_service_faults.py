@@ -1,6 +1,7 @@
 """Fault injection against real `ladder serve` processes (tiny backbone, jobs in a worker thread,
 LADDER_API_KEY set): hostile requests, damaged models, two servers on one home, a full disk,
 SIGKILL at each step of a job."""
+
 from __future__ import annotations
 
 import json
@@ -14,19 +15,24 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_cli import write_csv
+from test_service_process import free_port, start_server, wait_status
 
 from api.cli import main as cli
 from api.db import Database
-from test_cli import write_csv
-from test_service_process import free_port, start_server, wait_status
 
 KEY = "fault-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def env_for(tiny_bert_dir: str, **extra) -> dict:
-    return {"LADDER_BACKBONES": f"tiny={tiny_bert_dir}", "LADDER_PRELOAD": "tiny",
-            "LADDER_EXECUTOR": "thread", "LADDER_API_KEY": KEY, **extra}
+    return {
+        "LADDER_BACKBONES": f"tiny={tiny_bert_dir}",
+        "LADDER_PRELOAD": "tiny",
+        "LADDER_EXECUTOR": "thread",
+        "LADDER_API_KEY": KEY,
+        **extra,
+    }
 
 
 class Server:
@@ -55,26 +61,36 @@ class Server:
 
 def upload(server: Server, path: Path) -> httpx.Response:
     with open(path, "rb") as handle:
-        return server.post("/v1/files", data={"purpose": "fine-tune"},
-                           files={"file": (path.name, handle, "text/csv")})
+        return server.post(
+            "/v1/files",
+            data={"purpose": "fine-tune"},
+            files={"file": (path.name, handle, "text/csv")},
+        )
 
 
 def create_job(server: Server, file_id: str, **hp) -> str:
-    response = server.post("/v1/fine_tuning/jobs", json={
-        "model": "tiny", "training_file": file_id,
-        "hyperparameters": {"reduction_factor": 4, "kept_layers": [0, 2], **hp}})
+    response = server.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny",
+            "training_file": file_id,
+            "hyperparameters": {"reduction_factor": 4, "kept_layers": [0, 2], **hp},
+        },
+    )
     assert response.status_code == 200, response.text
     return response.json()["id"]
 
 
-def wait_job(server: Server, job_id: str, statuses=("succeeded", "failed", "cancelled"),
-             timeout: float = 240) -> dict:
+def wait_job(
+    server: Server, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 240
+) -> dict:
     return wait_status(server.base, job_id, statuses, timeout, headers=AUTH)
 
 
 def all_events(server: Server, job_id: str) -> list[dict]:
-    return server.get(f"/v1/fine_tuning/jobs/{job_id}/events",
-                      params={"limit": 1000}).json()["data"]
+    return server.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1000}).json()[
+        "data"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +107,11 @@ def test_an_unauthenticated_200_mib_upload_is_refused_before_its_body(server):
     before = server.rss_mb()
     files_before = sorted((server.home / "files").iterdir())
     boundary = "x" * 16
-    head = (f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-            f"Content-Length: {200 * 2**20}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {200 * 2**20}\r\n\r\n"
+    ).encode()
     sent = 0
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(head + b"a" * 2**20)
@@ -105,7 +123,7 @@ def test_an_unauthenticated_200_mib_upload_is_refused_before_its_body(server):
                 sock.sendall(b"a" * 2**20)
                 sent += 2**20
         except OSError:
-            pass                                     # the server closed the connection
+            pass  # the server closed the connection
     assert sent < 200 * 2**20
     assert server.rss_mb() - before < 64
     assert sorted((server.home / "files").iterdir()) == files_before
@@ -150,9 +168,29 @@ def test_a_damaged_model_does_not_fail_requests_for_healthy_ones(tmp_path, tiny_
     truncated: the six are answered, the seventh gets an error object."""
     data = write_csv(tmp_path / "d.csv", n=80)
     for name in ("healthy", "damaged"):
-        assert cli(["finetune", "--backbone", tiny_bert_dir, "--data", data, "--epochs", "1",
-                    "--reduction", "4", "--layers", "0,2", "--store", str(tmp_path / "store"),
-                    "--out", str(tmp_path / "home" / "models" / name), "--json"]) == 0
+        assert (
+            cli(
+                [
+                    "finetune",
+                    "--backbone",
+                    tiny_bert_dir,
+                    "--data",
+                    data,
+                    "--epochs",
+                    "1",
+                    "--reduction",
+                    "4",
+                    "--layers",
+                    "0,2",
+                    "--store",
+                    str(tmp_path / "store"),
+                    "--out",
+                    str(tmp_path / "home" / "models" / name),
+                    "--json",
+                ]
+            )
+            == 0
+        )
     weights = tmp_path / "home" / "models" / "damaged" / "side_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     db = Database(tmp_path / "home" / "ladder.db")
@@ -166,8 +204,9 @@ def test_a_damaged_model_does_not_fail_requests_for_healthy_ones(tmp_path, tiny_
         def ask(k: int) -> None:
             model = "ft:tiny:damaged:1" if k == 6 else "ft:tiny:healthy:1"
             start.wait()
-            results[k] = server.post("/v1/predict", json={"model": model,
-                                                          "inputs": [f"a fine ride {k}"]})
+            results[k] = server.post(
+                "/v1/predict", json={"model": model, "inputs": [f"a fine ride {k}"]}
+            )
 
         threads = [threading.Thread(target=ask, args=(k,)) for k in range(7)]
         for t in threads:
@@ -191,7 +230,7 @@ def test_a_second_server_on_the_same_home_runs_no_job_twice(tmp_path, tiny_bert_
         file_id = upload(first, Path(write_csv(tmp_path / "d.csv", n=2000))).json()["id"]
         job_id = create_job(first, file_id, n_epochs=4)
         wait_job(first, job_id, ("caching", "training"))
-        second = Server(tmp_path, env)                 # started while the job runs
+        second = Server(tmp_path, env)  # started while the job runs
         job = wait_job(second, job_id)
         assert job["status"] == "succeeded", job
         messages = [e["message"] for e in all_events(second, job_id)]
@@ -210,22 +249,26 @@ def small_disk(tmp_path):
     """A 64 MiB tmpfs: a disk that can really fill up (needs root, as CI has)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def test_a_full_disk_gives_clear_errors_and_keeps_no_partial_file(small_disk, tmp_path,
-                                                                  tiny_bert_dir):
+def test_a_full_disk_gives_clear_errors_and_keeps_no_partial_file(
+    small_disk, tmp_path, tiny_bert_dir
+):
     server = Server(small_disk, env_for(tiny_bert_dir, LADDER_MIN_FREE_MB="16"))
     try:
         data = Path(write_csv(tmp_path / "d.csv", n=3000))
         filler = small_disk / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:                                          # fill the disk to the last block
+        try:  # fill the disk to the last block
             for size in (2**20, 4096):
                 try:
                     while os.write(fd, b"\0" * size):
@@ -263,15 +306,25 @@ def test_sigkill_at_each_step_of_a_job_then_restart(tmp_path, tiny_bert_dir, ste
         file_id = upload(server, Path(write_csv(tmp_path / "d.csv", n=1500))).json()["id"]
         # A validation file makes the evaluating step long enough to be hit.
         validation = upload(server, Path(write_csv(tmp_path / "v.csv", n=6000, seed=1)))
-        response = server.post("/v1/fine_tuning/jobs", json={
-            "model": "tiny", "training_file": file_id,
-            "validation_file": validation.json()["id"],
-            "hyperparameters": {"reduction_factor": 4, "kept_layers": [0, 2],
-                                "n_epochs": n_epochs}})
+        response = server.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tiny",
+                "training_file": file_id,
+                "validation_file": validation.json()["id"],
+                "hyperparameters": {
+                    "reduction_factor": 4,
+                    "kept_layers": [0, 2],
+                    "n_epochs": n_epochs,
+                },
+            },
+        )
         job_id = response.json()["id"]
         deadline = time.time() + 240
-        while not any(e["data"].get("step") == step or e["data"].get("status") == step
-                      for e in all_events(server, job_id)):
+        while not any(
+            e["data"].get("step") == step or e["data"].get("status") == step
+            for e in all_events(server, job_id)
+        ):
             assert time.time() < deadline
             time.sleep(0.05)
     finally:
@@ -285,8 +338,9 @@ def test_sigkill_at_each_step_of_a_job_then_restart(tmp_path, tiny_bert_dir, ste
         if step == "evaluating":
             assert len(epochs) == n_epochs, [e["message"] for e in epochs]
         assert sum(e["data"].get("status") == "succeeded" for e in events) == 1
-        prediction = server.post("/v1/predict", json={"model": job["fine_tuned_model"],
-                                                      "inputs": ["good ride"]})
+        prediction = server.post(
+            "/v1/predict", json={"model": job["fine_tuned_model"], "inputs": ["good ride"]}
+        )
         assert prediction.status_code == 200
     finally:
         server.stop()
@@ -299,8 +353,13 @@ def test_event_streams_end_with_the_jobs_last_event(server, tmp_path):
     job_id = create_job(server, file_id, n_epochs=20)
     wait_job(server, job_id, ("caching", "training"))
     assert server.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 200
-    with httpx.stream("GET", f"{server.base}/v1/fine_tuning/jobs/{job_id}/events",
-                      params={"stream": "true"}, headers=AUTH, timeout=120) as stream:
+    with httpx.stream(
+        "GET",
+        f"{server.base}/v1/fine_tuning/jobs/{job_id}/events",
+        params={"stream": "true"},
+        headers=AUTH,
+        timeout=120,
+    ) as stream:
         lines = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     last = json.loads(lines[-2])
@@ -327,8 +386,10 @@ def test_a_large_upload_does_not_stall_other_requests(server, tmp_path):
     with open(path, "w") as handle:
         handle.write("text,label\n")
         for k in range(300_000):
-            handle.write(f"the ride number {k} was {'good' if k % 2 else 'bad'} indeed,"
-                         f"{'pos' if k % 2 else 'neg'}\n")
+            handle.write(
+                f"the ride number {k} was {'good' if k % 2 else 'bad'} indeed,"
+                f"{'pos' if k % 2 else 'neg'}\n"
+            )
     assert path.stat().st_size > 10 * 2**20
     worst = _health_latency_while(server, lambda: upload(server, path).raise_for_status())
     assert worst < 0.5, worst
@@ -341,9 +402,19 @@ def test_event_streams_are_capped_and_do_not_stall_other_requests(server, tmp_pa
     url = f"{server.base}/v1/fine_tuning/jobs/{job_id}/events"
     # Streams of a finished job end at once; to hold them open, follow a job that never ends.
     db = Database(server.home / "ladder.db")
-    db.add_job({"id": "ftjob-held-open", "created_at": 0, "model": "tiny",
-                "training_file": file_id, "validation_file": None, "seed": 0, "suffix": None,
-                "status": "training", "hyperparameters": {}})
+    db.add_job(
+        {
+            "id": "ftjob-held-open",
+            "created_at": 0,
+            "model": "tiny",
+            "training_file": file_id,
+            "validation_file": None,
+            "seed": 0,
+            "suffix": None,
+            "status": "training",
+            "hyperparameters": {},
+        }
+    )
     held = url.replace(job_id, "ftjob-held-open")
     client = httpx.Client(headers=AUTH, timeout=30)
     streams = []

@@ -1,6 +1,7 @@
 """The service as a real process under uvicorn: SIGKILL mid-job and a restart lose nothing, and
 the docker-compose topology (Ray head + API joining it through RAY_ADDRESS) runs a job end to end
 as local processes."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from test_cli import write_csv
 
 ROOT = Path(__file__).parents[1]
@@ -32,7 +32,9 @@ def start_server(home: Path, port: int, env: dict) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
         env={**os.environ, "PYTHONPATH": str(ROOT), "LADDER_HOME": str(home), **env},
-        stdout=subprocess.DEVNULL, stderr=open(home / f"server-{port}.log", "ab"))
+        stdout=subprocess.DEVNULL,
+        stderr=open(home / f"server-{port}.log", "ab"),
+    )
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
@@ -46,8 +48,9 @@ def start_server(home: Path, port: int, env: dict) -> subprocess.Popen:
     raise AssertionError("server did not become ready")
 
 
-def wait_status(base: str, job_id: str, statuses: tuple, timeout: float,
-                headers: dict | None = None) -> dict:
+def wait_status(
+    base: str, job_id: str, statuses: tuple, timeout: float, headers: dict | None = None
+) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = httpx.get(f"{base}/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
@@ -59,17 +62,28 @@ def wait_status(base: str, job_id: str, statuses: tuple, timeout: float,
 
 def create_job(base: str, csv_path: Path, **hp) -> tuple[str, str]:
     with open(csv_path, "rb") as handle:
-        file_id = httpx.post(f"{base}/v1/files", data={"purpose": "fine-tune"},
-                             files={"file": (csv_path.name, handle)}).json()["id"]
-    job = httpx.post(f"{base}/v1/fine_tuning/jobs", json={
-        "model": "tiny", "training_file": file_id,
-        "hyperparameters": {"reduction_factor": 4, "kept_layers": [0, 2], **hp}}).json()
+        file_id = httpx.post(
+            f"{base}/v1/files",
+            data={"purpose": "fine-tune"},
+            files={"file": (csv_path.name, handle)},
+        ).json()["id"]
+    job = httpx.post(
+        f"{base}/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny",
+            "training_file": file_id,
+            "hyperparameters": {"reduction_factor": 4, "kept_layers": [0, 2], **hp},
+        },
+    ).json()
     return file_id, job["id"]
 
 
 def test_sigkill_mid_job_then_restart_resumes_the_job(tmp_path, tiny_bert_dir):
-    env = {"LADDER_BACKBONES": f"tiny={tiny_bert_dir}", "LADDER_PRELOAD": "tiny",
-           "LADDER_EXECUTOR": "thread"}
+    env = {
+        "LADDER_BACKBONES": f"tiny={tiny_bert_dir}",
+        "LADDER_PRELOAD": "tiny",
+        "LADDER_EXECUTOR": "thread",
+    }
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port, env)
@@ -86,12 +100,14 @@ def test_sigkill_mid_job_then_restart_resumes_the_job(tmp_path, tiny_bert_dir):
     try:
         job = wait_status(base, job_id, ("succeeded", "failed", "cancelled"), 240)
         assert job["status"] == "succeeded", job
-        events = httpx.get(f"{base}/v1/fine_tuning/jobs/{job_id}/events",
-                           params={"limit": 1000}).json()["data"]
+        events = httpx.get(
+            f"{base}/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1000}
+        ).json()["data"]
         assert any("resuming after a service restart" in e["message"] for e in events)
         assert httpx.get(f"{base}/v1/files/{file_id}").status_code == 200
-        prediction = httpx.post(f"{base}/v1/predict", json={"model": job["fine_tuned_model"],
-                                                            "inputs": ["good ride"]})
+        prediction = httpx.post(
+            f"{base}/v1/predict", json={"model": job["fine_tuned_model"], "inputs": ["good ride"]}
+        )
         assert prediction.status_code == 200
     finally:
         server.terminate()
@@ -111,14 +127,30 @@ def test_compose_topology_as_local_processes(tmp_path, tiny_bert_dir):
     token = secrets.token_hex(32)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     ray_env = {**os.environ, "PYTHONPATH": str(ROOT), **auth}
-    subprocess.run([str(ray_bin), "start", "--head", f"--port={ray_port}", "--num-cpus=2",
-                    "--include-dashboard=false",
-                    f"--temp-dir={ray_tmp}"], env=ray_env, check=True, capture_output=True,
-                   timeout=120)
+    subprocess.run(
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            f"--port={ray_port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={ray_tmp}",
+        ],
+        env=ray_env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     server = None
     try:
-        env = {"LADDER_BACKBONES": f"tiny={tiny_bert_dir}", "LADDER_PRELOAD": "tiny",
-               "LADDER_EXECUTOR": "ray", "RAY_ADDRESS": f"127.0.0.1:{ray_port}", **auth}
+        env = {
+            "LADDER_BACKBONES": f"tiny={tiny_bert_dir}",
+            "LADDER_PRELOAD": "tiny",
+            "LADDER_EXECUTOR": "ray",
+            "RAY_ADDRESS": f"127.0.0.1:{ray_port}",
+            **auth,
+        }
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         server = start_server(tmp_path, port, env)
@@ -130,6 +162,7 @@ def test_compose_topology_as_local_processes(tmp_path, tiny_bert_dir):
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
-        subprocess.run([str(ray_bin), "stop", "--force"], env=ray_env, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            [str(ray_bin), "stop", "--force"], env=ray_env, capture_output=True, timeout=120
+        )
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
 """The side network and its pruning init, on tiny random backbones of each family."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,10 +17,16 @@ LAYERS = [0, 2]
 
 
 def side_config(backbone, reduction=4, layers=LAYERS) -> SideConfig:
-    return SideConfig(family=backbone.family.name, backbone=str(backbone.path),
-                      backbone_fingerprint=backbone.fingerprint,
-                      backbone_config=backbone.config.to_dict(), layers=layers,
-                      labels=["neg", "pos"], reduction=reduction, label_texts=["neg", "pos"])
+    return SideConfig(
+        family=backbone.family.name,
+        backbone=str(backbone.path),
+        backbone_fingerprint=backbone.fingerprint,
+        backbone_config=backbone.config.to_dict(),
+        layers=layers,
+        labels=["neg", "pos"],
+        reduction=reduction,
+        label_texts=["neg", "pos"],
+    )
 
 
 def make_batch(backbone, layers=LAYERS):
@@ -28,11 +35,16 @@ def make_batch(backbone, layers=LAYERS):
     states = backbone.ladder_states(layers, enc, dec)
     # States from inference mode are read-only constants, as they are when read from the store.
     clone = {s: {k: v.clone() for k, v in d.items()} for s, d in states.items()}
-    batch = {"enc": {"states": clone["enc"], "attention_mask": enc["attention_mask"]},
-             "labels": torch.tensor([0, 1, 0, 1])}
+    batch = {
+        "enc": {"states": clone["enc"], "attention_mask": enc["attention_mask"]},
+        "labels": torch.tensor([0, 1, 0, 1]),
+    }
     if dec is not None:
-        batch["dec"] = {"states": clone["dec"], "attention_mask": dec["attention_mask"],
-                        "input_ids": dec["input_ids"]}
+        batch["dec"] = {
+            "states": clone["dec"],
+            "attention_mask": dec["attention_mask"],
+            "input_ids": dec["input_ids"],
+        }
     return batch
 
 
@@ -46,8 +58,9 @@ def probe_for(backbone):
 
 
 def scores_for(backbone, layers=LAYERS):
-    scores = fisher_scores(backbone, layers, TEXTS, None, LABELS, ["neg", "pos"], 32,
-                           probe=probe_for(backbone))
+    scores = fisher_scores(
+        backbone, layers, TEXTS, None, LABELS, ["neg", "pos"], 32, probe=probe_for(backbone)
+    )
     scores.update(magnitude_scores(backbone, layers))
     return scores
 
@@ -61,6 +74,7 @@ def test_batched_fisher_equals_the_batch_size_1_sums(backbone):
     """The empirical Fisher as the reference computes it: one example at a time, the squared
     gradient of its own loss, summed; here by plain autograd, against the batched hooks."""
     import torch.nn.functional as F
+
     probe = probe_for(backbone)
     params = block_parameters(backbone, LAYERS)
     expected = {key: torch.zeros_like(p) for key, p in params.items()}
@@ -77,27 +91,30 @@ def test_batched_fisher_equals_the_batch_size_1_sums(backbone):
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for key, grad in zip(params, grads):
             if grad is not None:
-                expected[key] += grad ** 2
+                expected[key] += grad**2
     for p in params.values():
         p.requires_grad_(False)
-    got = fisher_scores(backbone, LAYERS, TEXTS, None, LABELS, ["neg", "pos"], 32, probe=probe,
-                        batch_size=3)
+    got = fisher_scores(
+        backbone, LAYERS, TEXTS, None, LABELS, ["neg", "pos"], 32, probe=probe, batch_size=3
+    )
     checked = 0
     for key, square in expected.items():
-        if "relative_attention_bias" in key:       # shared by the batch: not scored, kept whole
+        if "relative_attention_bias" in key:  # shared by the batch: not scored, kept whole
             assert f"fisher/{key}/row" not in got
             continue
         rows = square.sum(1) if square.dim() == 2 else square
         torch.testing.assert_close(got[f"fisher/{key}/row"], rows, rtol=1e-4, atol=1e-12)
         if square.dim() == 2:
-            torch.testing.assert_close(got[f"fisher/{key}/col"], square.sum(0), rtol=1e-4,
-                                       atol=1e-12)
+            torch.testing.assert_close(
+                got[f"fisher/{key}/col"], square.sum(0), rtol=1e-4, atol=1e-12
+            )
         checked += 1
     assert checked >= 10 and any(v.sum() > 0 for v in got.values())
 
 
 def test_fisher_and_its_probe_use_disjoint_training_examples():
     from backbone_worker.cache import PROBE_EXAMPLES, fisher_slices
+
     scored, probed = fisher_slices(5000, 1024, needs_probe=True)
     assert (scored.start, scored.stop) == (0, 1024) and probed.stop - probed.start == PROBE_EXAMPLES
     for n in (10, 300, 960, 1500):
@@ -127,7 +144,7 @@ def test_side_network_trains_for_every_family(backbone):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert eval_loss() < 0.7 * first   # it learns to fit four examples
+    assert eval_loss() < 0.7 * first  # it learns to fit four examples
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
     assert net.trainable_parameters() < 0.25 * backbone_params
 
@@ -148,7 +165,7 @@ def test_gate_mixes_ladder_state_as_the_paper_says(tiny_bert_dir):
     backbone = load_backbone(tiny_bert_dir)
     net = SideNetwork(side_config(backbone))
     stack = net.streams["enc"]
-    assert torch.allclose(stack.gates(), torch.full((2,), 0.5))   # alpha = 0 -> mu = 0.5
+    assert torch.allclose(stack.gates(), torch.full((2,), 0.5))  # alpha = 0 -> mu = 0.5
     with torch.no_grad():
         stack.gate_alpha.copy_(torch.tensor([0.3, -0.2]))
     seen = {}
@@ -156,7 +173,7 @@ def test_gate_mixes_ladder_state_as_the_paper_says(tiny_bert_dir):
     batch = make_batch(backbone)
     net(batch)
     states = batch["enc"]["states"]
-    mu = 1 / (1 + torch.exp(torch.tensor(-0.3 / 0.1)))           # sigmoid(alpha / T), T = 0.1
+    mu = 1 / (1 + torch.exp(torch.tensor(-0.3 / 0.1)))  # sigmoid(alpha / T), T = 0.1
     emb = states["emb"] @ stack.ladders["emb"].weight.T + stack.ladders["emb"].bias
     ladder = states["layer_0"] @ stack.ladders["layer_0"].weight.T + stack.ladders["layer_0"].bias
     assert torch.allclose(seen["h"], mu * emb + (1 - mu) * ladder, atol=1e-6)
@@ -169,7 +186,7 @@ def test_pruned_weights_are_the_selected_backbone_rows_and_columns(tiny_bert_dir
     chosen = apply_pruning_init(net, backbone.path, scores, "fisher")
     # Independent selection of the FFN dims of layer 2 and of the residual dims.
     ffn_rows = scores["fisher/enc/2/intermediate.dense.weight/row"]
-    ffn = torch.sort(torch.argsort(ffn_rows, descending=True)[:64 // 4]).values
+    ffn = torch.sort(torch.argsort(ffn_rows, descending=True)[: 64 // 4]).values
     assert torch.equal(chosen[("enc", 2, "ffn")], ffn)
     resid_score = torch.zeros(32)
     for key, value in scores.items():
@@ -177,9 +194,9 @@ def test_pruned_weights_are_the_selected_backbone_rows_and_columns(tiny_bert_dir
         if method != "fisher":
             continue
         if axis == "col" and not name.startswith("output.dense") and "attention.output" not in name:
-            resid_score += value                       # Q, K, V and FFN-in read the residual
+            resid_score += value  # Q, K, V and FFN-in read the residual
         if axis == "row" and (name.startswith("output.") or "attention.output" in name):
-            resid_score += value                       # O, FFN-out and layer norms write it
+            resid_score += value  # O, FFN-out and layer norms write it
     resid = torch.sort(torch.topk(resid_score, 8).indices).values
     assert torch.equal(chosen["resid"], resid)
     block = backbone.model.encoder.layer[2]
@@ -189,8 +206,9 @@ def test_pruned_weights_are_the_selected_backbone_rows_and_columns(tiny_bert_dir
     expect_out = block.output.dense.weight[resid][:, ffn]
     assert torch.equal(side.output.dense.weight, expect_out)
     attn = chosen[("enc", 2, "attn")]
-    assert torch.equal(side.attention.self.query.weight,
-                       block.attention.self.query.weight[attn][:, resid])
+    assert torch.equal(
+        side.attention.self.query.weight, block.attention.self.query.weight[attn][:, resid]
+    )
     # Each side head keeps dims of its own backbone head only (head_dim 8 -> 2).
     assert torch.equal(attn.view(4, 2) // 8, torch.arange(4)[:, None].expand(4, 2))
 
@@ -225,10 +243,13 @@ def test_out_of_range_layer_is_refused(tiny_bert_dir):
 
 def test_overlapped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
     from api.inference import JointModel
+
     backbone = load_backbone(tiny_bert_dir)
     torch.manual_seed(1)
-    sides = [SideNetwork(side_config(backbone)).eval(),
-             SideNetwork(side_config(backbone, layers=[1, 2])).eval()]
+    sides = [
+        SideNetwork(side_config(backbone)).eval(),
+        SideNetwork(side_config(backbone, layers=[1, 2])).eval(),
+    ]
     plain = JointModel(backbone, sides, overlap=False).probabilities(TEXTS)
     overlapped = JointModel(backbone, sides, overlap=True).probabilities(TEXTS)
     for a, b in zip(plain, overlapped):
@@ -240,6 +261,7 @@ def test_save_then_load_gives_identical_logits(backbone, init, tmp_path):
     """Everything the trained network computes with is saved: weights, gates, and for decoder-only
     backbones the pruned rotary frequencies (a buffer transformers does not persist)."""
     from side_trainer.artifacts import load_side_model, save_side_model
+
     torch.manual_seed(0)
     net = SideNetwork(side_config(backbone))
     if init != "random":
@@ -262,6 +284,7 @@ def test_a_model_saved_without_rotary_frequencies_still_loads(tiny_llama_dir, tm
     from safetensors.torch import load_file, save_file
 
     from side_trainer.artifacts import WEIGHTS_FILE, load_side_model, save_side_model
+
     backbone = load_backbone(tiny_llama_dir)
     save_side_model(SideNetwork(side_config(backbone)), tmp_path)
     state = load_file(tmp_path / WEIGHTS_FILE)
@@ -277,6 +300,6 @@ def test_max_pooling_takes_each_channels_largest_real_token(tiny_bert_dir):
     cfg = side_config(backbone)
     cfg.pooling = "max"
     net = SideNetwork(cfg)
-    h = torch.tensor([[[1.0, -2.0], [3.0, -1.0], [9.0, 9.0]]])     # (1, 3, 2); token 3 is padding
+    h = torch.tensor([[[1.0, -2.0], [3.0, -1.0], [9.0, 9.0]]])  # (1, 3, 2); token 3 is padding
     mask = torch.tensor([[1, 1, 0]])
     assert torch.equal(net.pool(h, mask), torch.tensor([[3.0, -1.0]]))

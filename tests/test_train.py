@@ -1,4 +1,5 @@
 """The side-network training loop (side_trainer/train.py) on tiny stores."""
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -6,12 +7,12 @@ from contextlib import nullcontext
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import write_csv
 
 from backbone_worker.cache import CacheOptions, build_cache
 from backbone_worker.data import load_dataset, split_of
 from side_trainer.artifacts import WEIGHTS_FILE
 from side_trainer.train import CHECKPOINT, TrainOptions, train
-from test_cli import write_csv
 
 
 def test_without_a_validation_split_the_last_epoch_is_kept(tmp_path, tiny_bert_dir):
@@ -21,16 +22,21 @@ def test_without_a_validation_split_the_last_epoch_is_kept(tmp_path, tiny_bert_d
     seed = next(s for s in range(1000) if all(split_of(k, s) != "validation" for k in range(n)))
     data = write_csv(tmp_path / "d.csv", n=n)
     store = str(tmp_path / "store")
-    build_cache(tiny_bert_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=4),
-                seed=seed)
+    build_cache(
+        tiny_bert_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=4), seed=seed
+    )
     per_epoch = []
 
     def keep_epoch_weights(record):
         state = torch.load(tmp_path / "model" / CHECKPOINT, weights_only=False)["net"]
         per_epoch.append({k: v.clone() for k, v in state.items()})
 
-    result = train(store, tmp_path / "model", TrainOptions(epochs=3, reduction=4, lr=1e-2),
-                   on_epoch=keep_epoch_weights)
+    result = train(
+        store,
+        tmp_path / "model",
+        TrainOptions(epochs=3, reduction=4, lr=1e-2),
+        on_epoch=keep_epoch_weights,
+    )
     assert result["epochs_run"] == 3 and result["best_epoch"] == 3
     assert result["best_val_accuracy"] is None and "no validation" in result["selection"]
     saved = load_file(tmp_path / "model" / WEIGHTS_FILE)
@@ -39,20 +45,26 @@ def test_without_a_validation_split_the_last_epoch_is_kept(tmp_path, tiny_bert_d
 
 
 @pytest.mark.parametrize("projection", ["pca", "pool"])
-def test_a_narrow_store_trains_and_serves_through_the_same_map(tmp_path, tiny_backbone_dir,
-                                                                projection):
+def test_a_narrow_store_trains_and_serves_through_the_same_map(
+    tmp_path, tiny_backbone_dir, projection
+):
     """A store of width K < d holds K numbers per token and state; the saved model carries the
     map, so live predictions see what training saw (up to the store's fp16 rounding)."""
     from api.inference import JointModel
     from backbone_worker.backbone import load_backbone
     from cache_store import ActivationStore
     from side_trainer.artifacts import load_side_model
+
     backbone = load_backbone(tiny_backbone_dir)
     width = backbone.hidden_size // 4
     data = write_csv(tmp_path / "d.csv", n=60)
     store_url = str(tmp_path / "store")
-    store = build_cache(tiny_backbone_dir, data, store_url, CacheOptions(
-        layers=[0, 2], fisher_examples=8, width="d/4", projection=projection))
+    store = build_cache(
+        tiny_backbone_dir,
+        data,
+        store_url,
+        CacheOptions(layers=[0, 2], fisher_examples=8, width="d/4", projection=projection),
+    )
     part = store.read_part(0)
     for states in (s["states"] for s in part["streams"].values()):
         assert {v.shape[1] for v in states.values()} == {width}
@@ -60,23 +72,39 @@ def test_a_narrow_store_trains_and_serves_through_the_same_map(tmp_path, tiny_ba
     train(store_url, tmp_path / "model", TrainOptions(epochs=1, reduction=4))
     net = load_side_model(tmp_path / "model", backbone.path)
     if backbone.family.name == "encoder-decoder":
-        return          # T5 scores label texts; its store path is covered by the family tests
+        return  # T5 scores label texts; its store path is covered by the family tests
     batch = next(ActivationStore.open(store_url).iter_batches("test", 64, shuffle=False))
     with torch.no_grad():
         from_store = net(batch).softmax(-1)
     texts = {e.id: e.text for e in load_dataset(data).examples}
     live = JointModel(backbone, [net], overlap=False).probabilities(
-        [texts[i] for i in batch["example_ids"].tolist()])[0]
+        [texts[i] for i in batch["example_ids"].tolist()]
+    )[0]
     torch.testing.assert_close(live, from_store, atol=2e-3, rtol=0)
 
 
 def test_a_width_that_does_not_fit_is_refused(tmp_path, tiny_bert_dir, capsys):
     from api.cli import main
+
     data = write_csv(tmp_path / "d.csv", n=30)
-    for width, words in (("32", "not below the state width"), ("d/5", "does not divide"),
-                         ("d/x", "positive integer, d/N or full")):
+    for width, words in (
+        ("32", "not below the state width"),
+        ("d/5", "does not divide"),
+        ("d/x", "positive integer, d/N or full"),
+    ):
         with pytest.raises(SystemExit) if width == "d/x" else nullcontext():
-            code = main(["cache", "--backbone", tiny_bert_dir, "--data", data, "--width", width,
-                         "--store", str(tmp_path / f"s{width.replace('/', '')}")])
+            code = main(
+                [
+                    "cache",
+                    "--backbone",
+                    tiny_bert_dir,
+                    "--data",
+                    data,
+                    "--width",
+                    width,
+                    "--store",
+                    str(tmp_path / f"s{width.replace('/', '')}"),
+                ]
+            )
             assert code == 2
         assert words in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Uploaded training files: validated on upload, stored under LADDER_HOME/files."""
+
 from __future__ import annotations
 
 import os
@@ -20,19 +21,30 @@ UPLOAD_SUFFIXES = (".csv", ".jsonl", ".json")
 
 
 @router.post("", response_model=FileObject)
-def upload(file: UploadFile = File(...), purpose: str = Form(...),
-           s: Services = Depends(services)) -> FileObject:
+def upload(
+    file: UploadFile = File(...), purpose: str = Form(...), s: Services = Depends(services)
+) -> FileObject:
     """Plain `def`: copying and validating a large file runs in a worker thread, off the event
     loop that answers every other request."""
     from backbone_worker.data import DataError, has_column, load_dataset
+
     if purpose != "fine-tune":
-        raise APIError(400, "invalid_purpose", f"purpose {purpose!r} is not supported; use "
-                       f"'fine-tune'", "purpose")
+        raise APIError(
+            400,
+            "invalid_purpose",
+            f"purpose {purpose!r} is not supported; use 'fine-tune'",
+            "purpose",
+        )
     name = Path(file.filename or "").name
     suffix = Path(name).suffix.lower()
     if suffix not in UPLOAD_SUFFIXES:
-        raise APIError(400, "invalid_file", f"file {name!r} must be .csv or .jsonl with "
-                       f"columns text and label (optional text_pair)", "file")
+        raise APIError(
+            400,
+            "invalid_file",
+            f"file {name!r} must be .csv or .jsonl with "
+            f"columns text and label (optional text_pair)",
+            "file",
+        )
     file_id = new_id("file")
     path = s.home / "files" / f"{file_id}{suffix}"
     try:
@@ -40,18 +52,26 @@ def upload(file: UploadFile = File(...), purpose: str = Form(...),
         has_pair = has_column(path, "text_pair")
         dataset = load_dataset(str(path), text_pair_column="text_pair" if has_pair else None)
         if len(dataset.examples) < MIN_ROWS:
-            raise DataError(f"the file has {len(dataset.examples)} rows; a fine-tuning file "
-                            f"needs at least {MIN_ROWS}")
-        record = {"id": file_id, "filename": name, "bytes": size,
-                  "created_at": int(time.time()), "purpose": purpose,
-                  "rows": len(dataset.examples), "labels": dataset.labels, "has_pair": has_pair,
-                  "path": str(path)}
+            raise DataError(
+                f"the file has {len(dataset.examples)} rows; a fine-tuning file "
+                f"needs at least {MIN_ROWS}"
+            )
+        record = {
+            "id": file_id,
+            "filename": name,
+            "bytes": size,
+            "created_at": int(time.time()),
+            "purpose": purpose,
+            "rows": len(dataset.examples),
+            "labels": dataset.labels,
+            "has_pair": has_pair,
+            "path": str(path),
+        }
         s.db.add_file(record)
     except BaseException as exc:
-        path.unlink(missing_ok=True)     # nothing is kept of an upload that was not recorded
+        path.unlink(missing_ok=True)  # nothing is kept of an upload that was not recorded
         if isinstance(exc, DataError):
-            raise APIError(400, "invalid_file", str(exc).replace(str(path), name),
-                           "file") from None
+            raise APIError(400, "invalid_file", str(exc).replace(str(path), name), "file") from None
         raise
     return FileObject(**record)
 
@@ -65,8 +85,12 @@ def _save(source, path: Path) -> int:
         while chunk := source.read(1 << 20):
             size += len(chunk)
             if size > cap:
-                raise APIError(413, "file_too_large", f"file is larger than {cap} bytes; split "
-                               f"it or raise LADDER_MAX_UPLOAD_BYTES", "file")
+                raise APIError(
+                    413,
+                    "file_too_large",
+                    f"file is larger than {cap} bytes; split it or raise LADDER_MAX_UPLOAD_BYTES",
+                    "file",
+                )
             out.write(chunk)
         out.flush()
         os.fsync(out.fileno())
@@ -86,6 +110,10 @@ def get_file(file_id: str, s: Services = Depends(services)) -> FileObject:
 def file_record(s: Services, file_id: str, param: str, status: int = 404) -> dict:
     record = s.db.get_file(file_id)
     if record is None:
-        raise APIError(status, "file_not_found", f"no file with id {file_id!r}; upload it with "
-                       f"POST /v1/files", param)
+        raise APIError(
+            status,
+            "file_not_found",
+            f"no file with id {file_id!r}; upload it with POST /v1/files",
+            param,
+        )
     return record

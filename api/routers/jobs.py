@@ -1,4 +1,5 @@
 """Fine-tuning jobs: create, list, get, cancel, and their events (paged or streamed)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,15 @@ from fastapi.responses import StreamingResponse
 from api.db import ACTIVE, TERMINAL, new_id
 from api.errors import APIError, require_id
 from api.routers.files import file_record
-from api.schemas import (ErrorResponse, EventList, EventObject, Hyperparameters, JobCreate,
-                         JobList, JobObject)
+from api.schemas import (
+    ErrorResponse,
+    EventList,
+    EventObject,
+    Hyperparameters,
+    JobCreate,
+    JobList,
+    JobObject,
+)
 from api.serving import ModelRegistry
 from api.state import Services, services
 
@@ -27,12 +35,18 @@ def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
     if body.model not in registry.available_backbones():
         # A hub id is taken when it is in the server's Hugging Face cache (or it may download).
         from backbone_worker.backbone import BackboneError, resolve
+
         try:
             resolve(body.model)
         except BackboneError as exc:
-            raise APIError(400, "model_not_found", f"backbone {body.model!r} is not available "
-                           f"({exc}); use one of {', '.join(registry.available_backbones())} or "
-                           f"a hub id the server has", "model") from None
+            raise APIError(
+                400,
+                "model_not_found",
+                f"backbone {body.model!r} is not available "
+                f"({exc}); use one of {', '.join(registry.available_backbones())} or "
+                f"a hub id the server has",
+                "model",
+            ) from None
     file_record(s, require_id(body.training_file, "training_file"), "training_file", 400)
     if body.validation_file:
         file_record(s, require_id(body.validation_file, "validation_file"), "validation_file", 400)
@@ -40,22 +54,36 @@ def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
     waiting = sum(s.db.count_jobs_by_status().get(status, 0) for status in ACTIVE)
     limit = int(os.environ.get("LADDER_MAX_ACTIVE_JOBS", 100))
     if waiting >= limit:
-        raise APIError(429, "too_many_jobs", f"{waiting} jobs are queued or running on this "
-                       f"server (at most {limit}); retry when some have finished")
-    job = s.db.add_job({
-        "id": new_id("ftjob"), "created_at": int(time.time()), "model": body.model,
-        "training_file": body.training_file, "validation_file": body.validation_file,
-        "seed": body.seed, "suffix": body.suffix, "status": "queued",
-        "hyperparameters": body.hyperparameters.model_dump()})
+        raise APIError(
+            429,
+            "too_many_jobs",
+            f"{waiting} jobs are queued or running on this "
+            f"server (at most {limit}); retry when some have finished",
+        )
+    job = s.db.add_job(
+        {
+            "id": new_id("ftjob"),
+            "created_at": int(time.time()),
+            "model": body.model,
+            "training_file": body.training_file,
+            "validation_file": body.validation_file,
+            "seed": body.seed,
+            "suffix": body.suffix,
+            "status": "queued",
+            "hyperparameters": body.hyperparameters.model_dump(),
+        }
+    )
     s.db.add_event(job["id"], "job created", data={"status": "queued"})
     s.runner.submit(job["id"])
     return _job_object(job)
 
 
 @router.get("", response_model=JobList)
-def list_jobs(after: str | None = Query(default=None, max_length=128),
-              limit: int = Query(default=20, ge=1, le=100),
-              s: Services = Depends(services)) -> JobList:
+def list_jobs(
+    after: str | None = Query(default=None, max_length=128),
+    limit: int = Query(default=20, ge=1, le=100),
+    s: Services = Depends(services),
+) -> JobList:
     jobs, more = s.db.list_jobs(require_id(after, "after") if after else None, limit)
     return JobList(data=[_job_object(j) for j in jobs], has_more=more)
 
@@ -69,8 +97,9 @@ def get_job(job_id: str, s: Services = Depends(services)) -> JobObject:
 def cancel_job(job_id: str, s: Services = Depends(services)) -> JobObject:
     job = _job(s, job_id)
     if job["status"] in TERMINAL:
-        raise APIError(409, "job_not_cancellable", f"job {job_id} is already {job['status']}",
-                       "job_id")
+        raise APIError(
+            409, "job_not_cancellable", f"job {job_id} is already {job['status']}", "job_id"
+        )
     s.db.update_job(job_id, only_if_active=True, status="cancelled")
     s.runner.cancel(job_id)
     if job["status"] == "queued":
@@ -80,11 +109,18 @@ def cancel_job(job_id: str, s: Services = Depends(services)) -> JobObject:
     return _job_object(_job(s, job_id))
 
 
-@router.get("/{job_id}/events", response_model=EventList,
-            responses={200: {"content": {"text/event-stream": {}}}, 429: {"model": ErrorResponse}})
-async def job_events(job_id: str, after: str | None = Query(default=None, max_length=128),
-                     limit: int = Query(default=100, ge=1, le=1000), stream: bool = False,
-                     s: Services = Depends(services)):
+@router.get(
+    "/{job_id}/events",
+    response_model=EventList,
+    responses={200: {"content": {"text/event-stream": {}}}, 429: {"model": ErrorResponse}},
+)
+async def job_events(
+    job_id: str,
+    after: str | None = Query(default=None, max_length=128),
+    limit: int = Query(default=100, ge=1, le=1000),
+    stream: bool = False,
+    s: Services = Depends(services),
+):
     await to_thread.run_sync(_job, s, job_id)
     if after:
         require_id(after, "after")
@@ -93,9 +129,14 @@ async def job_events(job_id: str, after: str | None = Query(default=None, max_le
         return EventList(data=[EventObject(**e) for e in events], has_more=more)
     limit_streams = int(os.environ.get("LADDER_MAX_EVENT_STREAMS", 64))
     if s.streams >= limit_streams:
-        raise APIError(429, "too_many_streams", f"this server already serves {limit_streams} "
-                       f"event streams; page through events with GET .../events?after=... "
-                       f"or retry later", "stream")
+        raise APIError(
+            429,
+            "too_many_streams",
+            f"this server already serves {limit_streams} "
+            f"event streams; page through events with GET .../events?after=... "
+            f"or retry later",
+            "stream",
+        )
     return StreamingResponse(_stream(s, job_id, after), media_type="text/event-stream")
 
 
@@ -121,8 +162,10 @@ async def _stream(s: Services, job_id: str, after: str | None):
                     return
             if not events:
                 job = await to_thread.run_sync(db.get_job, job_id)
-                if (job["status"] in TERMINAL
-                        and time.time() - (job["finished_at"] or 0) > STREAM_GRACE_S):
+                if (
+                    job["status"] in TERMINAL
+                    and time.time() - (job["finished_at"] or 0) > STREAM_GRACE_S
+                ):
                     yield "data: [DONE]\n\n"
                     return
                 await asyncio.sleep(STREAM_POLL_S)
@@ -146,17 +189,23 @@ def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
 
     from backbone_worker.backbone import resolve
     from backbone_worker.families import FamilyError, family_of
+
     config = AutoConfig.from_pretrained(resolve(backbone), local_files_only=True)
     family = family_of(config)
     if hp.reduction_factor != "auto":
         try:
             family.side_config(config, hp.reduction_factor)
         except FamilyError as exc:
-            raise APIError(400, "invalid_hyperparameter", str(exc),
-                           "hyperparameters.reduction_factor") from None
+            raise APIError(
+                400, "invalid_hyperparameter", str(exc), "hyperparameters.reduction_factor"
+            ) from None
     if isinstance(hp.kept_layers, list):
         n = family.num_layers(config)
         bad = [i for i in hp.kept_layers if i >= n]
         if bad:
-            raise APIError(400, "invalid_hyperparameter", f"kept_layers {bad} out of range: "
-                           f"{backbone} has layers 0..{n - 1}", "hyperparameters.kept_layers")
+            raise APIError(
+                400,
+                "invalid_hyperparameter",
+                f"kept_layers {bad} out of range: {backbone} has layers 0..{n - 1}",
+                "hyperparameters.kept_layers",
+            )

@@ -1,13 +1,20 @@
 """Backbones and fine-tuned side models, and joint predictions (one backbone pass feeds every
 side model a request names; concurrent requests are micro-batched)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
 from api.errors import APIError, require_id
-from api.schemas import (DeletedModel, ModelList, ModelObject, PredictionObject, PredictRequest,
-                         PredictResponse)
 from api.inference import InferenceError
+from api.schemas import (
+    DeletedModel,
+    ModelList,
+    ModelObject,
+    PredictionObject,
+    PredictRequest,
+    PredictResponse,
+)
 from api.serving import ModelNotFound, ModelRegistry, ModelUnavailable, Overloaded
 from api.state import Services, services
 
@@ -17,10 +24,16 @@ router = APIRouter(prefix="/v1")
 @router.get("/models", response_model=ModelList)
 def list_models(s: Services = Depends(services)) -> ModelList:
     registry: ModelRegistry = s.registry
-    data = [ModelObject(id=b, created=0, owned_by="ladder", kind="backbone", backbone=b)
-            for b in registry.available_backbones()]
-    data += [ModelObject(id=m["id"], created=m["created"], owned_by="user", kind="side",
-                         backbone=m["backbone"]) for m in s.db.list_models()]
+    data = [
+        ModelObject(id=b, created=0, owned_by="ladder", kind="backbone", backbone=b)
+        for b in registry.available_backbones()
+    ]
+    data += [
+        ModelObject(
+            id=m["id"], created=m["created"], owned_by="user", kind="side", backbone=m["backbone"]
+        )
+        for m in s.db.list_models()
+    ]
     return ModelList(data=data)
 
 
@@ -28,8 +41,12 @@ def list_models(s: Services = Depends(services)) -> ModelList:
 def delete_model(model_id: str, s: Services = Depends(services)) -> DeletedModel:
     require_id(model_id, "model_id")
     if model_id in s.registry.available_backbones():
-        raise APIError(400, "model_not_deletable", f"{model_id} is a backbone; only "
-                       f"fine-tuned side models can be deleted", "model_id")
+        raise APIError(
+            400,
+            "model_not_deletable",
+            f"{model_id} is a backbone; only fine-tuned side models can be deleted",
+            "model_id",
+        )
     record = s.db.get_model(model_id)
     if record is None:
         raise APIError(404, "model_not_found", f"no model with id {model_id!r}", "model_id")
@@ -48,8 +65,12 @@ async def predict(body: PredictRequest, s: Services = Depends(services)) -> Pred
     try:
         results = await s.batcher.predict(ids, texts, pairs)
     except ModelNotFound as exc:
-        raise APIError(404, "model_not_found", f"no fine-tuned model with id {exc.args[0]!r}; "
-                       f"list them with GET /v1/models", "model") from None
+        raise APIError(
+            404,
+            "model_not_found",
+            f"no fine-tuned model with id {exc.args[0]!r}; list them with GET /v1/models",
+            "model",
+        ) from None
     except ModelUnavailable as exc:
         raise APIError(500, "model_unavailable", str(exc), "model") from None
     except Overloaded as exc:

@@ -1,4 +1,5 @@
 """Liveness, readiness, service information and Prometheus metrics."""
+
 from __future__ import annotations
 
 import os
@@ -30,22 +31,32 @@ def ready(s: Services = Depends(services)):
     free_mb = shutil.disk_usage(s.home).free / 2**20
     floor = float(os.environ.get("LADDER_MIN_FREE_MB", 100))
     if free_mb < floor:
-        return JSONResponse(error_body("disk_full", f"LADDER_HOME has {free_mb:.0f} MB free, "
-                                       f"under the {floor:.0f} MB this server needs"),
-                            status_code=503)
+        return JSONResponse(
+            error_body(
+                "disk_full",
+                f"LADDER_HOME has {free_mb:.0f} MB free, "
+                f"under the {floor:.0f} MB this server needs",
+            ),
+            status_code=503,
+        )
     return {"status": "ready", "backbones": sorted(s.registry.backbones)}
 
 
 @router.get("/info")
 def info(s: Services = Depends(services)) -> dict:
     import torch
-    return {"version": "0.1.0", "executor": s.executor, "home": str(s.home),
-            "ray_address": os.environ.get("RAY_ADDRESS"),
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "backbones_loaded": sorted(s.registry.backbones),
-            "side_models_loaded": sorted(s.registry.sides),
-            "auth": bool(os.environ.get("LADDER_API_KEY")),
-            "database_recovered_from": s.recovered_from}
+
+    return {
+        "version": "0.1.0",
+        "executor": s.executor,
+        "home": str(s.home),
+        "ray_address": os.environ.get("RAY_ADDRESS"),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "backbones_loaded": sorted(s.registry.backbones),
+        "side_models_loaded": sorted(s.registry.sides),
+        "auth": bool(os.environ.get("LADDER_API_KEY")),
+        "database_recovered_from": s.recovered_from,
+    }
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
@@ -55,5 +66,6 @@ def prometheus(s: Services = Depends(services)) -> PlainTextResponse:
     counts = s.db.count_jobs_by_status()
     for status in ACTIVE + TERMINAL:
         metrics.jobs.labels(status).set(counts.get(status, 0))
-    return PlainTextResponse(generate_latest(metrics.registry).decode(),
-                             media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(
+        generate_latest(metrics.registry).decode(), media_type="text/plain; version=0.0.4"
+    )
