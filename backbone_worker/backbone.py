@@ -1,7 +1,7 @@
 """A frozen backbone: load it offline, tokenize, and run it once to collect ladder states.
 
 The backbone always runs in eval mode under `torch.inference_mode()`, so its ladder states are a
-pure function of (weights, tokenizer, text, max length) and can be cached (DESIGN.md section 3).
+pure function of (weights, tokenizer, text, max length) and can be cached (docs/architecture.md).
 Ladder states are the token embeddings ("emb") and the output of each kept block ("layer_i"), the
 residual stream before any final norm; they are captured with forward hooks so every family works
 the same way.
