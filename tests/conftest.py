@@ -26,6 +26,32 @@ TOKENIZER_FILES = (
 VOCAB = 30522
 
 
+def cache_argv(backbone, data, *extra) -> list[str]:
+    """`ladder cache` arguments: the backbone and the data, then whatever the test adds."""
+    return ["cache", "--backbone", str(backbone), "--data", str(data), *extra]
+
+
+def finetune_argv(backbone, data, store, out, *extra, epochs=1, reduction=4) -> list[str]:
+    """`ladder finetune` arguments for a test run: small side network, JSON output."""
+    return [
+        "finetune",
+        "--backbone",
+        str(backbone),
+        "--data",
+        str(data),
+        "--epochs",
+        str(epochs),
+        "--reduction",
+        str(reduction),
+        "--store",
+        str(store),
+        "--out",
+        str(out),
+        "--json",
+        *extra,
+    ]
+
+
 def tiny_config(family: str):
     if family == "encoder":
         return BertConfig(

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cache_argv
 from test_cli import last_json, one_line_error, run, write_csv
 
 from backbone_worker.cache import CacheOptions, build_cache
@@ -31,11 +32,7 @@ def test_run_killed_with_sigkill_resumes_and_writes_each_example_once(tmp_path, 
         sys.executable,
         "-m",
         "api.cli",
-        "cache",
-        "--backbone",
-        tiny_bert_dir,
-        "--data",
-        data,
+        *cache_argv(tiny_bert_dir, data),
         "--store",
         store,
         "--layers",
@@ -97,7 +94,9 @@ def small_store(tmp_path, tiny_bert_dir):
     data = write_csv(tmp_path / "d.csv", n=100)
     store = str(tmp_path / "store")
     build_cache(tiny_bert_dir, data, store, CacheOptions(part_size=32, layers=[0]))
-    return {"store": store, "data": data, "backbone": tiny_bert_dir}
+    # The same store from the CLI: what a user runs to resume or repair it.
+    argv = cache_argv(tiny_bert_dir, data, "--store", store, "--layers", "0", "--part-size", "32")
+    return {"store": store, "data": data, "backbone": tiny_bert_dir, "argv": argv}
 
 
 def _chunk_files(store: str, part: int) -> list[Path]:
@@ -118,20 +117,7 @@ def test_corrupt_chunk_is_detected_reported_and_repaired(small_store, capsys):
     total = last_json(out)["total_parts"]
     code, out, _ = run(capsys, "cache-info", "--store", store, "--verify", "--repair", "--json")
     assert last_json(out)["repaired"] and last_json(out)["committed_parts"] == total - 1
-    code, _, _ = run(
-        capsys,
-        "cache",
-        "--backbone",
-        small_store["backbone"],
-        "--data",
-        small_store["data"],
-        "--store",
-        store,
-        "--layers",
-        "0",
-        "--part-size",
-        "32",
-    )
+    code, _, _ = run(capsys, *small_store["argv"])
     code, out, _ = run(capsys, "cache-info", "--store", store, "--verify", "--json")
     assert code == 0 and last_json(out)["corrupt_parts"] == []
     assert_exactly_once(store, 100)
@@ -147,20 +133,7 @@ def test_missing_chunk_file_is_detected(small_store):
 def test_second_run_on_a_store_being_written_is_refused(small_store, capsys):
     store = small_store["store"]
     with StoreLock(store).acquire():
-        code, _, err = run(
-            capsys,
-            "cache",
-            "--backbone",
-            small_store["backbone"],
-            "--data",
-            small_store["data"],
-            "--store",
-            store,
-            "--layers",
-            "0",
-            "--part-size",
-            "32",
-        )
+        code, _, err = run(capsys, *small_store["argv"])
         one_line_error(code, err, "being written by another run", "--wait")
     assert_exactly_once(store, 100)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import finetune_argv
 from test_cli import write_csv
 from test_service_process import free_port, start_server, wait_status
 
@@ -170,24 +171,14 @@ def test_a_damaged_model_does_not_fail_requests_for_healthy_ones(tmp_path, tiny_
     for name in ("healthy", "damaged"):
         assert (
             cli(
-                [
-                    "finetune",
-                    "--backbone",
+                finetune_argv(
                     tiny_bert_dir,
-                    "--data",
                     data,
-                    "--epochs",
-                    "1",
-                    "--reduction",
-                    "4",
+                    tmp_path / "store",
+                    tmp_path / "home" / "models" / name,
                     "--layers",
                     "0,2",
-                    "--store",
-                    str(tmp_path / "store"),
-                    "--out",
-                    str(tmp_path / "home" / "models" / name),
-                    "--json",
-                ]
+                )
             )
             == 0
         )
