@@ -204,7 +204,7 @@ def default_store(args) -> str:
             args.label_column,
             args.text_pair_column,
         ]
-        + ([args.width, args.projection] if args.width else [])
+        + [args.width, args.projection]
     )
     name = f"{Path(args.backbone).name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return str(ladder_home() / "stores" / name)

@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, create_model
 
-from backbone_worker.options import CacheOptions, Setting, parse_layers, parse_width, settings
+from backbone_worker.options import (
+    CacheOptions,
+    Setting,
+    auto_width,
+    parse_layers,
+    parse_width,
+    settings,
+)
 from side_trainer.options import FAMILY_DEFAULTS, TrainOptions
 
 OWNERS = (CacheOptions, TrainOptions)
@@ -57,18 +64,13 @@ Hyperparameters = create_model(
 )
 
 
-def _to_http(value: Any, s: Setting) -> Any:
-    return "full" if s.parse is parse_width and value is None else value
-
-
-def _from_http(value: Any, s: Setting) -> Any:
-    return None if s.parse is parse_width and value == "full" else value
-
-
-def resolve(hp: dict, n_rows: int, family: str, default_layers: list[int]) -> dict:
+def resolve(
+    hp: dict, n_rows: int, family: str, default_layers: list[int], hidden_size: int
+) -> dict:
     """Every hyperparameter with "auto" replaced: by what suits the upload's size and the
-    backbone's family where AUTO says so, else by the declaration's default."""
+    backbone (its family, its width) where AUTO says so, else by the declaration's default."""
     auto = {
+        "cache_width": auto_width(hidden_size),
         "n_epochs": 10 if n_rows < 1000 else 5 if n_rows < 10000 else 3,
         "batch_size": FAMILY_DEFAULTS[family]["batch_size"],
         "learning_rate": FAMILY_DEFAULTS[family]["lr"],
@@ -77,7 +79,7 @@ def resolve(hp: dict, n_rows: int, family: str, default_layers: list[int]) -> di
     out = {}
     for _, _, default, s in declared():
         value = hp.get(s.http, "auto")
-        out[s.http] = auto.get(s.http, _to_http(default, s)) if value == "auto" else value
+        out[s.http] = auto.get(s.http, default) if value == "auto" else value
     return out
 
 
@@ -86,7 +88,7 @@ def options(hp: dict, **given) -> tuple[CacheOptions, TrainOptions]:
     fields that are not hyperparameters, such as the device or a seed)."""
     kwargs: dict[type, dict] = {cls: {} for cls in OWNERS}
     for cls, name, _, s in declared():
-        kwargs[cls][name] = _from_http(hp[s.http], s)
+        kwargs[cls][name] = hp[s.http]
     for cls in OWNERS:
         names = {f.name for f in fields(cls)}
         kwargs[cls].update({k: v for k, v in given.items() if k in names})
@@ -115,7 +117,7 @@ def _flag_type(cls, name: str, s: Setting):
         if text == "auto":
             return "auto"
         try:
-            return _to_http(parse(text), s)
+            return parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"--{s.http.replace('_', '-')} {exc}") from None
 

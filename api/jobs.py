@@ -46,7 +46,7 @@ def store_key(backbone_fingerprint: str, data_fingerprint: str, cache: CacheOpti
             cache.dtype,
             cache.max_length,
             cache.width,
-            cache.projection if cache.width else None,
+            cache.projection,
         ]
     )
     return hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -112,7 +112,11 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
     config = AutoConfig.from_pretrained(backbone_dir, local_files_only=True)
     family = family_of(config)
     hp = hyperparameters.resolve(
-        job["hyperparameters"], len(dataset.examples), family.name, family.default_layers(config)
+        job["hyperparameters"],
+        len(dataset.examples),
+        family.name,
+        family.default_layers(config),
+        family.hidden_size(config),
     )
     db.update_job(job_id, hyperparameters=hp)
     cache_opts, opts = hyperparameters.options(

@@ -23,7 +23,7 @@ from backbone_worker.backbone import Backbone, load_backbone, portable_config
 from backbone_worker.data import SPLITS, Dataset, Example, load_dataset
 from backbone_worker.families import DECODER, ENCODER_DECODER, FamilyError
 from backbone_worker.importance import fisher_scores, fit_probe, magnitude_scores
-from backbone_worker.options import CacheOptions
+from backbone_worker.options import CacheOptions, OptionError, stored_width
 from cache_store import ActivationStore, StoreLock
 from cache_store.projection import ProjectionSpec
 from cache_store.projection import fit as fit_projection
@@ -70,23 +70,21 @@ def store_settings(
         # A hub backbone's resolved commit (its files are in the fingerprint either way).
         **({"backbone_revision": backbone.revision} if backbone.revision else {}),
         # Likewise a stored width below d: full-width stores keep theirs.
-        **({"projection": projection_spec(backbone, opts).as_dict()} if opts.width else {}),
+        **({"projection": spec.as_dict()} if (spec := projection_spec(backbone, opts)) else {}),
     }
 
 
-def projection_spec(backbone: Backbone, opts: CacheOptions) -> ProjectionSpec:
-    """Decoder-only backbones normalise each token before the map, as their side networks
-    normalise each state before its ladder (side_trainer/model.py)."""
+def projection_spec(backbone: Backbone, opts: CacheOptions) -> ProjectionSpec | None:
+    """The store's width map, None for full width. Decoder-only backbones normalise each token
+    before the map, as their side networks normalise each state before its ladder
+    (side_trainer/model.py)."""
+    try:
+        width = stored_width(opts.width, backbone.hidden_size)
+    except OptionError as exc:
+        raise FamilyError(str(exc)) from None
+    if width is None:
+        return None
     d = backbone.hidden_size
-    width = opts.width
-    if isinstance(width, str):  # "d/N"
-        n = int(width.split("/")[1])
-        if d % n:
-            raise FamilyError(
-                f"--width {width}: {n} does not divide the backbone's width {d}; "
-                f"pick a divisor of {d}, or an integer width"
-            )
-        width = d // n
     try:
         spec = ProjectionSpec(opts.projection, width, backbone.family.name == DECODER)
         spec.check_width(d)

