@@ -191,3 +191,11 @@ def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
     assert result["accuracy_diff"] > 0.05 and result["ci95"][0] > 0 and result["p_bootstrap"] < 0.01
     same = paired(rng.random((3, 2000)) < 0.80, b)  # as good, independently
     assert same["ci95"][0] < 0 < same["ci95"][1] and same["p_bootstrap"] > 0.05
+
+
+def test_the_readmes_measured_figures_are_those_of_the_result_files():
+    """Every generated README block is what `python -m bench.readme` writes from bench/results/:
+    a result file changed without rerendering, or a figure edited by hand, fails here."""
+    from bench import readme
+
+    assert readme.main(["--check"]) == 0
