@@ -240,7 +240,7 @@ needs_smollm2 = pytest.mark.skipif(
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_finetune_end_to_end(tmp_path):
-    """The real SmolLM2-135M: cache (every third layer), train and evaluate on 400 rows."""
+    """The real SmolLM2-135M: cache (the default tier), train and evaluate on 400 rows."""
     out = subprocess.run(
         [
             sys.executable,
@@ -296,7 +296,9 @@ def test_smollm2_finetune_end_to_end(tmp_path):
         .stdout.strip()
         .splitlines()[-1]
     )
-    assert info["layers"] == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
+    # The default tier: the top half of every third layer, int8, 576 / 4 numbers per state.
+    assert info["layers"] == [17, 20, 23, 26, 29]
+    assert info["dtype"] == "int8" and info["stored_width"] == 144
     assert info["n_examples"] == info["unique_example_ids"] == 400
     config = json.loads((tmp_path / "model" / "side_config.json").read_text())
     assert config["family"] == "decoder" and config["backbone_config"]["hidden_size"] == 576
