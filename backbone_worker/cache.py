@@ -75,21 +75,25 @@ def store_settings(
 
 
 def projection_spec(backbone: Backbone, opts: CacheOptions) -> ProjectionSpec | None:
-    """The store's width map, None for full width. Decoder-only backbones normalise each token
-    before the map, as their side networks normalise each state before its ladder
-    (side_trainer/model.py)."""
+    """The store's width map, None for full width."""
+    return projection_for(backbone.hidden_size, backbone.family.name == DECODER, opts)
+
+
+def projection_for(
+    d: int, decoder: bool, opts: CacheOptions, name: str = "--width"
+) -> ProjectionSpec | None:
+    """The width map of a store of a backbone of width d, None for full width; FamilyError
+    (its message starting with `name`, the setting as the user wrote it) if the width does not
+    fit d. Decoder-only backbones normalise each token before the map, as their side networks
+    normalise each state before its ladder (side_trainer/model.py)."""
     try:
-        width = stored_width(opts.width, backbone.hidden_size)
-    except OptionError as exc:
-        raise FamilyError(str(exc)) from None
-    if width is None:
-        return None
-    d = backbone.hidden_size
-    try:
-        spec = ProjectionSpec(opts.projection, width, backbone.family.name == DECODER)
+        width = stored_width(opts.width, d)
+        if width is None:
+            return None
+        spec = ProjectionSpec(opts.projection, width, decoder)
         spec.check_width(d)
-    except ValueError as exc:
-        raise FamilyError(f"--width {opts.width}: {exc}") from None
+    except (OptionError, ValueError) as exc:
+        raise FamilyError(f"{name} {opts.width}: {exc}") from None
     return spec
 
 

@@ -118,7 +118,7 @@ def stored_width(width: int | str | None, d: int) -> int | None:
         n = int(width.split("/")[1])
         if d % n:
             raise OptionError(
-                f"--width {width}: {n} does not divide the backbone's width {d}; "
+                f"{n} does not divide the backbone's width {d}; "
                 f"pick a divisor of {d}, or an integer width"
             )
         return d // n

@@ -441,6 +441,12 @@ def test_bad_job_requests(service, finished_job):
     assert_error(
         client.post(jobs, json=bad), 400, "invalid_hyperparameter", "hyperparameters.kept_layers"
     )
+    # A stored width that does not fit the backbone's 32: refused at creation, not at caching.
+    for width, words in (("d/5", "5 does not divide"), (32, "stored width 32 is not below")):
+        bad["hyperparameters"] = {"cache_width": width}
+        response = client.post(jobs, json=bad)
+        assert_error(response, 400, "invalid_hyperparameter", "hyperparameters.cache_width")
+        assert response.json()["error"]["message"].startswith(f"cache_width {width}: {words}")
     bad["hyperparameters"] = {"epochs": 3}
     assert_error(client.post(jobs, json=bad), 400, "invalid_request_error")
     # Malformed JSON: the message says so; param is no character offset posing as a field.

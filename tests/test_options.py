@@ -167,5 +167,5 @@ def test_an_unset_width_is_d_over_4_where_that_leaves_64_numbers():
     assert (auto_width(384), auto_width(576), auto_width(255)) == ("d/4", "d/4", "full")
     assert stored_width(None, 384) == 96 and stored_width(None, 32) is None
     assert stored_width("full", 384) is None and stored_width(40, 384) == 40
-    with pytest.raises(OptionError, match="5 does not divide the backbone's width 384"):
+    with pytest.raises(OptionError, match="^5 does not divide the backbone's width 384"):
         stored_width("d/5", 384)

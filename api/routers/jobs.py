@@ -188,7 +188,7 @@ def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
     from transformers import AutoConfig
 
     from backbone_worker.backbone import resolve
-    from backbone_worker.families import FamilyError, family_of
+    from backbone_worker.families import DECODER, FamilyError, family_of
 
     config = AutoConfig.from_pretrained(resolve(backbone), local_files_only=True)
     family = family_of(config)
@@ -209,3 +209,18 @@ def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
                 f"kept_layers {bad} out of range: {backbone} has layers 0..{n - 1}",
                 "hyperparameters.kept_layers",
             )
+    if hp.cache_width != "auto":
+        from backbone_worker.cache import CacheOptions, projection_for
+
+        projection = {} if hp.cache_projection == "auto" else {"projection": hp.cache_projection}
+        try:
+            projection_for(
+                family.hidden_size(config),
+                family.name == DECODER,
+                CacheOptions(width=hp.cache_width, **projection),
+                name="cache_width",
+            )
+        except FamilyError as exc:
+            raise APIError(
+                400, "invalid_hyperparameter", str(exc), "hyperparameters.cache_width"
+            ) from None
