@@ -344,6 +344,7 @@ def cmd_bench(args) -> dict:
         methods=args.methods,
         grids=dict(args.grid),
         out=args.json or "bench/results/bench.json",
+        workdir=args.workdir,
     )
     if not args.json:
         print(markdown(report))
@@ -446,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-length", type=positive_int, default=64)
+    p.add_argument(
+        "--workdir",
+        default=None,
+        metavar="DIR",
+        help="keep the store, models and each finished step in DIR; run again with the same "
+        "DIR and settings to resume a stopped benchmark (default: a temporary directory)",
+    )
     p.add_argument(
         "--methods",
         type=parse_methods,

@@ -18,6 +18,7 @@ Figure 6; examples/s per method).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -79,8 +80,26 @@ def _python(args: list[str], timeout: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def step(name: str, cfg: dict, timeout: float) -> dict:
-    return _python(["-m", "bench.methods", name, json.dumps(cfg)], timeout)
+def step(name: str, cfg: dict, timeout: float, workdir: Path | None = None) -> dict:
+    """One step of the protocol in its own process. With a workdir, a step already finished
+    there with the same settings is not run again: its recorded result is returned."""
+    record = None
+    if workdir is not None:
+        key = json.dumps([name, cfg], sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        record = workdir / "steps" / f"{name}-{digest}.json"
+        if record.exists():
+            saved = json.loads(record.read_text())
+            if saved["key"] == key:
+                log.info("%s: reusing the result recorded in %s", name, record)
+                return saved["result"]
+    result = _python(["-m", "bench.methods", name, json.dumps(cfg)], timeout)
+    if record is not None:
+        record.parent.mkdir(exist_ok=True)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "result": result}))
+        tmp.replace(record)
+    return result
 
 
 def script_parser(doc: str, **defaults: int) -> argparse.ArgumentParser:
@@ -120,7 +139,12 @@ def run(
     methods: tuple[str, ...] = METHODS,
     grids: dict | None = None,
     timeout_s: float = 7200,
+    workdir: str | None = None,
 ) -> dict:
+    """Runs the protocol and returns its report. `workdir` keeps the store, the trained models and
+    each finished step's result, so a run stopped part-way resumes there with the same settings
+    (a step's result is reused only if its settings are identical); without it, a temporary
+    directory is used and removed."""
     mode = MODES["quick" if quick else "full"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     default_limit = QUICK_LIMIT_BY_BACKBONE.get(backbone, mode["limit"]) if quick else mode["limit"]
@@ -141,12 +165,15 @@ def run(
     }
     n_seeds = seeds or mode["seeds"]
     started = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="ladder-bench-"))
-    cfg["store"] = str(workdir / "store")
+    keep = workdir is not None
+    work = Path(workdir) if keep else Path(tempfile.mkdtemp(prefix="ladder-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cfg["store"] = str(work / "store")
     try:
-        report = _run(cfg, methods, grids, n_seeds, workdir, timeout_s)
+        report = _run(cfg, methods, grids, n_seeds, work, timeout_s)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_outputs(report, Path(out))
     return report
@@ -156,7 +183,7 @@ def _run(
     cfg: dict, methods: tuple[str, ...], grids: dict, n_seeds: int, workdir: Path, timeout_s: float
 ) -> dict:
     # The one-off caching cost of lst_cached, in its own process like every method.
-    cache = step("cache", cfg, timeout_s)
+    cache = step("cache", cfg, timeout_s, workdir)
     log.info("cached %d examples in %.1fs", cache["n_examples"], cache["caching_seconds"])
 
     runs: dict[str, dict] = {}
@@ -234,7 +261,7 @@ def _train(cfg: dict, method: str, lr: float, seed: int, workdir: Path, timeout_
     # LST saves a side-model directory; the others a file of their trainable weights.
     path = str(workdir / f"{method}-{lr:g}-{seed}{'' if method.startswith('lst') else '.pt'}")
     result = step(
-        "train", {**cfg, "method": method, "lr": lr, "seed": seed, "out": path}, timeout_s
+        "train", {**cfg, "method": method, "lr": lr, "seed": seed, "out": path}, timeout_s, workdir
     )
     log.info(
         "%s lr %g seed %d: validation %s, %.1f examples/s",

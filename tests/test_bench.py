@@ -199,3 +199,23 @@ def test_the_readmes_measured_figures_are_those_of_the_result_files():
     from bench import readme
 
     assert readme.main(["--check"]) == 0
+
+
+def test_a_stopped_benchmark_resumes_from_its_workdir(tmp_path, monkeypatch):
+    """With --workdir, a finished step is recorded and not run again with the same settings; a
+    step with other settings runs."""
+    from bench import compare
+
+    calls = []
+
+    def fake(args, timeout):
+        calls.append(json.loads(args[-1]))
+        return {"n": len(calls)}
+
+    monkeypatch.setattr(compare, "_python", fake)
+    cfg = {"method": "full", "lr": 1e-4, "seed": 0}
+    first = compare.step("train", cfg, 60, tmp_path)
+    assert compare.step("train", cfg, 60, tmp_path) == first == {"n": 1}
+    assert compare.step("train", {**cfg, "lr": 3e-4}, 60, tmp_path) == {"n": 2}
+    assert compare.step("train", cfg, 60) == {"n": 3}  # no workdir: always run
+    assert len(calls) == 3
