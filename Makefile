@@ -9,6 +9,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
+# Debian packages, installed only when root with apt-get (the package lists fetched if missing).
+APT_INSTALL = { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+  && { apt-get install -y -qq --no-install-recommends $(1) >/dev/null 2>&1 \
+       || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(1); }; }; }
+
 .PHONY: install demo test test-fast lint bench gpu-check clean
 
 install: $(VENV)/.installed
@@ -19,6 +24,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(OFFLINE_PACKAGES)
+	# jemalloc keeps training memory flat as the store grows (api/allocator.py); where it cannot
+	# be installed (no apt-get, not root), `ladder` runs on the system allocator.
+	$(BIN)/python -c "from api.allocator import jemalloc_library as j; exit(j() is None)" \
+	  || $(call APT_INSTALL,libjemalloc2) \
+	  || echo "note: libjemalloc2 not installed; training memory grows with the store"
 	touch $@
 
 demo: install

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from api import allocator
 from bench import METHODS
 
 log = logging.getLogger("ladder")
@@ -95,18 +96,19 @@ def data_kwargs(args) -> dict:
 def add_options(p: argparse.ArgumentParser, cls) -> None:
     """One flag per declared setting of an options dataclass (backbone_worker/options.py,
     side_trainer/options.py): its type, choices, default and help come from the declaration."""
-    from backbone_worker.options import settings
+    from backbone_worker.options import settings, sweep_parser
 
     for name, default, s in settings(cls):
         flag = s.flag_for(name)
         if flag is None:
             continue
         unset = f"default: {s.auto}" if s.auto else f"default: {default}"
+        parse = s.parse or _value_type(cls, name)
         kwargs = {
             "dest": _dest(flag),
             "default": default,
             "help": f"{s.help} ({unset})",
-            "type": _arg_type(flag, s.parse or _value_type(cls, name)),
+            "type": _arg_type(flag, sweep_parser(parse) if s.sweep else parse),
         }
         if s.choices is not None:
             kwargs["choices"] = [c for c in s.choices if c is not None]
@@ -512,6 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:  # the real command line (not a call from Python): pick the allocator
+        try:
+            allocator.restart_on_jemalloc("api.cli")
+        except allocator.AllocatorError as exc:
+            print(f"ladder {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -527,13 +535,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None and args.json is not False:
         print(json.dumps(result, default=str))
     elif args.command not in ("predict", "bench"):
-        print(
-            json.dumps(
-                {k: v for k, v in result.items() if k not in ("history", "options", "identity")},
-                indent=2,
-                default=str,
-            )
-        )
+        shown = {k: v for k, v in result.items() if k not in ("history", "options", "identity")}
+        if "candidates" in shown:  # a sweep: one line per configuration
+            shown["candidates"] = [
+                ", ".join(f"{k} {c[k]:g}" for k in result["sweep"])
+                + f": validation {c['best_val_accuracy']} at epoch {c['best_epoch']}"
+                for c in shown["candidates"]
+            ]
+        print(json.dumps(shown, indent=2, default=str))
     return 0
 
 

@@ -14,12 +14,14 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, create_model
 
 from backbone_worker.options import (
+    MAX_SWEEP,
     CacheOptions,
     Setting,
     auto_width,
     parse_layers,
     parse_width,
     settings,
+    sweep_parser,
 )
 from side_trainer.options import FAMILY_DEFAULTS, TrainOptions
 
@@ -50,8 +52,16 @@ def _http_type(cls, name: str, s: Setting):
     if s.choices is not None:
         return Literal[("auto", *[c for c in s.choices if c is not None])]
     kind = {f.name: f.type for f in fields(cls)}[name]
-    number = float if "float" in str(kind) else int
-    return Literal["auto"] | Annotated[number, Field(ge=s.low, le=s.high, gt=s.above)]
+    number = Annotated[
+        float if "float" in str(kind) else int, Field(ge=s.low, le=s.high, gt=s.above)
+    ]
+    if s.sweep:  # a list trains one network per value, the best on validation kept
+        return (
+            Literal["auto"]
+            | number
+            | Annotated[list[number], Field(min_length=1, max_length=MAX_SWEEP)]
+        )
+    return Literal["auto"] | number
 
 
 Hyperparameters = create_model(
@@ -112,6 +122,9 @@ def _flag_type(cls, name: str, s: Setting):
     else:
         kind = {f.name: f.type for f in fields(cls)}[name]
         parse = float if "float" in str(kind) else int
+
+    if s.sweep:
+        parse = sweep_parser(parse)
 
     def convert(text: str):
         if text == "auto":

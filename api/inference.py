@@ -17,6 +17,7 @@ import torch
 from backbone_worker.backbone import Backbone
 from backbone_worker.data import Example
 from backbone_worker.families import ENCODER_DECODER
+from side_trainer.group import groups_of
 from side_trainer.model import SideNetwork
 
 
@@ -48,6 +49,8 @@ class JointModel:
         cuda = backbone.model.device.type == "cuda"
         self.overlap = cuda if overlap == "auto" else bool(overlap)
         self.side_stream = torch.cuda.Stream() if cuda and self.overlap else None
+        # Side networks of one architecture run as one (side_trainer/group.py).
+        self.groups = groups_of(self.sides)
 
     @torch.inference_mode()
     def probabilities(self, texts: list[str], pairs: list[str] | None = None) -> list[torch.Tensor]:
@@ -60,17 +63,19 @@ class JointModel:
         if self.overlap:
             return [logits.softmax(-1) for logits in self._overlapped(enc)]
         states = self.backbone.ladder_states(self.layers, enc)["enc"]
-        return [
-            side(
-                {
-                    "enc": {
-                        "states": side.project_states("enc", states),
-                        "attention_mask": enc["attention_mask"],
-                    }
+        out: list = [None] * len(self.sides)
+        for indices, group in self.groups:
+            # Each network reads only the states of its own layers.
+            names = {"emb", *(f"layer_{i}" for i in group.nets[0].cfg.layers)}
+            batch = {
+                "enc": {
+                    "states": {n: s for n, s in states.items() if n in names},
+                    "attention_mask": enc["attention_mask"],
                 }
-            ).softmax(-1)
-            for side in self.sides
-        ]
+            }
+            for k, logits in zip(indices, group(batch, live=True)):
+                out[k] = logits.softmax(-1)
+        return out
 
     def _overlapped(self, enc) -> list[torch.Tensor]:
         """Side block j of every side network runs while the backbone computes the next layer."""

@@ -134,10 +134,11 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
 
     def on_epoch(record: dict) -> None:
         check_cancelled()
+        of = f" (the best of {len(record['candidates'])})" if "candidates" in record else ""
         db.add_event(
             job_id,
             f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
-            f"validation accuracy {record['val_accuracy']}",
+            f"validation accuracy {record['val_accuracy']}{of}",
             data={"step": "training", **record},
         )
 
@@ -175,6 +176,8 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
             "train_examples_per_s",
         )
     }
+    if "candidates" in result:  # a sweep: every configuration's curve, and which was kept
+        metrics.update({k: result[k] for k in ("sweep", "chosen", "candidates")})
     metrics["test_accuracy"] = evaluate(joint, dataset.split("test"))["accuracy"][0]
     if job["validation_file"]:
         validation = db.get_file(job["validation_file"])

@@ -31,6 +31,7 @@ class Setting:
     high: float | None = None  # largest value allowed
     above: float | None = None  # the value must be strictly above this
     auto: str = ""  # what an unset value (None, "auto" over HTTP) becomes
+    sweep: bool = False  # takes a list of values too: one training run per value, in lockstep
 
     def flag_for(self, name: str) -> str | None:
         return None if self.flag is None else (self.flag or "--" + name.replace("_", "-"))
@@ -50,34 +51,63 @@ def settings(cls) -> list[tuple[str, Any, Setting]]:
 
 
 def check(options) -> None:
-    """Raise OptionError for the first field out of its choices or range."""
+    """Raise OptionError for the first field (or, for a swept field, list item) out of its
+    choices or range."""
     for name, _, s in settings(type(options)):
         value = getattr(options, name)
         what = s.flag_for(name) or name
-        if value is None or isinstance(value, (list, str)) and s.choices is None:
-            continue
-        if s.choices is not None and value not in s.choices:
-            raise OptionError(
-                f"{what} {value!r} is not one of {', '.join(map(str, s.choices))}; "
-                f"pick one of those"
-            )
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if (
-                (s.low is not None and value < s.low)
-                or (s.high is not None and value > s.high)
-                or (s.above is not None and value <= s.above)
-            ):
-                bounds = " and ".join(
-                    filter(
-                        None,
-                        [
-                            f"at least {s.low:g}" if s.low is not None else "",
-                            f"above {s.above:g}" if s.above is not None else "",
-                            f"at most {s.high:g}" if s.high is not None else "",
-                        ],
-                    )
+        if isinstance(value, list) and s.sweep:
+            if not 1 <= len(value) <= MAX_SWEEP:
+                raise OptionError(
+                    f"{what} lists {len(value)} values; sweep between 1 and {MAX_SWEEP} of them"
                 )
-                raise OptionError(f"{what} {value!r} is out of range; it must be {bounds}")
+            for item in value:
+                _check_value(what, item, s)
+            continue
+        _check_value(what, value, s)
+
+
+def _check_value(what: str, value, s: Setting) -> None:
+    if value is None or isinstance(value, (list, str)) and s.choices is None:
+        return
+    if s.choices is not None and value not in s.choices:
+        raise OptionError(
+            f"{what} {value!r} is not one of {', '.join(map(str, s.choices))}; pick one of those"
+        )
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (
+            (s.low is not None and value < s.low)
+            or (s.high is not None and value > s.high)
+            or (s.above is not None and value <= s.above)
+        ):
+            bounds = " and ".join(
+                filter(
+                    None,
+                    [
+                        f"at least {s.low:g}" if s.low is not None else "",
+                        f"above {s.above:g}" if s.above is not None else "",
+                        f"at most {s.high:g}" if s.high is not None else "",
+                    ],
+                )
+            )
+            raise OptionError(f"{what} {value!r} is out of range; it must be {bounds}")
+
+
+# Most configurations one sweep trains together (each holds a side network, its optimizer state
+# and its best weights in memory).
+MAX_SWEEP = 64
+
+
+def sweep_parser(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Command-line text of a swept setting: one value, or comma-separated values (a list)."""
+
+    def convert(text: str):
+        values = [parse(x.strip()) for x in text.split(",") if x.strip()]
+        if not values:
+            raise ValueError(f"{text!r} holds no value; pass e.g. 1e-3 or 3e-4,1e-3")
+        return values[0] if len(values) == 1 else values
+
+    return convert
 
 
 def parse_layers(text: str) -> list[int] | str:

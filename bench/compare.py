@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from bench import METHODS
+from side_trainer.memory import allocator
 
 log = logging.getLogger("ladder.bench")
 ROOT = Path(__file__).parents[1]
@@ -121,6 +122,7 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "gpu": gpu,
         "torch": torch.__version__,
+        "allocator": allocator(),
         "python": platform.python_version(),
     }
 
@@ -253,6 +255,7 @@ def _run(
     }
     report["cache"].update(read_path(cfg))
     report["inference"] = inference_ratios(cfg)
+    report["sweep"] = step("sweep", cfg, timeout_s)
     report["ratios"] = _ratios(results)
     return report
 
@@ -380,13 +383,16 @@ def inference_ratios(cfg: dict) -> dict:
 
     model = load_backbone(cfg["backbone"], cfg["device"])
     dataset = load_dataset(cfg["data"], limit=cfg["limit"], seed=cfg["split_seed"])
-    sides = [side_network(model, dataset.labels).to(cfg["device"]) for _ in range(8)]
+    sides = [side_network(model, dataset.labels).to(cfg["device"]) for _ in range(64)]
     texts = [e.text for e in dataset.examples[: cfg["batch_size"]]]
     timing = latency(model, sides, texts, repeats=10)
     return {
         "joint_vs_backbone": round(timing["joint_1_sequential_ms"] / timing["backbone_ms"], 3),
         "multitask8_vs_single": round(
             timing["joint_8_sequential_ms"] / timing["joint_1_sequential_ms"], 3
+        ),
+        "multitask64_vs_single": round(
+            timing["joint_64_sequential_ms"] / timing["joint_1_sequential_ms"], 3
         ),
         "backbone_ms": timing["backbone_ms"],
         "batch": len(texts),
@@ -473,7 +479,17 @@ def markdown(report: dict) -> str:
         f"store / from memory {c['read_vs_memory']:.2f}; caching {c['caching_seconds']} s "
         f"({c['caching_examples_per_s']} examples/s, Fisher importance included).",
         f"Inference (batch {i['batch']}): joint / backbone {i['joint_vs_backbone']:.2f}, "
-        f"8 side models / 1 {i['multitask8_vs_single']:.2f}.",
+        f"8 side models / 1 {i['multitask8_vs_single']:.2f}"
+        + (f", 64 / 1 {i['multitask64_vs_single']:.2f}." if "multitask64_vs_single" in i else "."),
+        *(
+            [
+                f"Sweep: 8 configurations trained together / 1 alone "
+                f"{report['sweep']['k8_vs_single']:.2f} ({report['sweep']['k8_s']} s / "
+                f"{report['sweep']['single_s']} s)."
+            ]
+            if report.get("sweep")
+            else []
+        ),
         f"Ratios: {json.dumps(report['ratios'])}.",
         f"Setup: {cfg['backbone']}, {cfg['data']} (limit {cfg['limit']}, split seed "
         f"{cfg['split_seed']}), {cfg['epochs']} epochs, batch {cfg['batch_size']}, length "

@@ -322,6 +322,32 @@ def train_lst(method: str, cfg: dict) -> dict:
     }
 
 
+def sweep(cfg: dict) -> dict:
+    """Seconds of `ladder train` (side_trainer.train, everything it does: building the networks
+    from the backbone's pruned weights, reading the store, validation) for one configuration and
+    for a sweep of 8 (4 learning rates x 2 seeds) trained in lockstep, same epochs."""
+    import tempfile
+
+    from side_trainer.train import TrainOptions, train
+
+    rates = [3e-4, 1e-3, 3e-3, 1e-2]
+    out = {}
+    for name, opts in (
+        ("single", TrainOptions(epochs=cfg["epochs"], lr=1e-3, batch_size=cfg["batch_size"])),
+        (
+            "k8",
+            TrainOptions(epochs=cfg["epochs"], lr=rates, n_seeds=2, batch_size=cfg["batch_size"]),
+        ),
+    ):
+        with tempfile.TemporaryDirectory() as model_dir:
+            started = time.perf_counter()
+            result = train(cfg["store"], model_dir, opts)
+            out[f"{name}_s"] = round(time.perf_counter() - started, 2)
+            out[f"{name}_peak_mem_mb"] = result["train_peak_mem_mb"]
+    out["k8_vs_single"] = round(out["k8_s"] / out["single_s"], 3)
+    return out
+
+
 def joint_correct(joint, examples: list) -> torch.Tensor:
     """(n_sides, N) bool: each side model's correctness on each example, through the live
     backbone (as the model is served)."""
@@ -440,6 +466,8 @@ def main() -> None:
         result = cache(cfg)
     elif step == "evaluate":
         result = evaluate(cfg)
+    elif step == "sweep":
+        result = sweep(cfg)
     elif cfg["method"].startswith("lst"):
         result = train_lst(cfg["method"], cfg)
     else:

@@ -22,6 +22,16 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * _PAGE
 
 
+def allocator() -> str:
+    """`jemalloc` when this process runs on jemalloc (see api/allocator.py), else `system`: peak
+    memory on CPU depends on it, so results record it."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return "jemalloc" if "libjemalloc" in maps.read() else "system"
+    except OSError:  # no /proc (not Linux)
+        return "system"
+
+
 class PeakMemory:
     def __init__(self, device: str = "cpu", interval_s: float = 0.005):
         self.cuda = str(device).startswith("cuda")

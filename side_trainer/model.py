@@ -281,9 +281,17 @@ class SideNetwork(nn.Module):
             if name in stack.ladders
         }
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict, live: bool = False) -> torch.Tensor:
         """Classification logits (B, n_labels), or for T5 LM logits (B, T_dec, vocab), from
-        states as the store holds them (live states: project_states first)."""
+        states as the store holds them, or with `live`, from the backbone's own states (mapped
+        to the store's width here, by project_states)."""
+        if live:
+            batch = {
+                s: {**part, "states": self.project_states(s, part["states"])}
+                if isinstance(part, dict) and "states" in part
+                else part
+                for s, part in batch.items()
+            }
         enc = batch["enc"]
         h = self.streams["enc"](enc["states"], enc["attention_mask"])
         if self.cfg.family != ENCODER_DECODER:

@@ -3,9 +3,10 @@ HTTP job hyperparameters and the remote CLI are built from these declarations). 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
-from backbone_worker.options import check, setting
+from backbone_worker.options import MAX_SWEEP, OptionError, check, setting, settings
 
 INITS = ("fisher", "magnitude", "random")
 POOLINGS = ("mean", "first", "max")
@@ -26,10 +27,14 @@ PER_FAMILY = "32 and 3e-3 for encoders and T5, 16 and 1e-3 for decoder-only mode
 
 @dataclass
 class TrainOptions:
-    reduction: int = field(
+    reduction: int | list[int] = field(
         default=8,
         metadata=setting(
-            "r: side width = backbone width / r", http="reduction_factor", low=1, high=64
+            "r: side width = backbone width / r; a list (4,8) trains one network per value",
+            http="reduction_factor",
+            low=1,
+            high=64,
+            sweep=True,
         ),
     )
     epochs: int = field(
@@ -45,10 +50,15 @@ class TrainOptions:
         default=None,
         metadata=setting("training batch", http="batch_size", low=1, high=4096, auto=PER_FAMILY),
     )
-    lr: float | None = field(
+    lr: float | list[float] | None = field(
         default=None,
         metadata=setting(
-            "peak learning rate", http="learning_rate", above=0, high=1, auto=PER_FAMILY
+            "peak learning rate; a list (3e-4,1e-3,3e-3) trains one network per rate",
+            http="learning_rate",
+            above=0,
+            high=1,
+            auto=PER_FAMILY,
+            sweep=True,
         ),
     )
     warmup: float = field(
@@ -85,11 +95,58 @@ class TrainOptions:
             "std of Gaussian noise on ladder states while training, relative to their RMS", low=0
         ),
     )
+    shuffle_mb: float = field(
+        default=32.0,
+        metadata=setting(
+            "MB of stored examples held to shuffle across parts; bounds the reader's memory "
+            "whatever the store's size",
+            low=1,
+        ),
+    )
     seed: int = field(default=0, metadata=setting("training seed", flag="--train-seed"))
+    n_seeds: int = field(
+        default=1,
+        metadata=setting(
+            "training seeds per configuration: seed, seed+1, ... (they differ in initialisation "
+            "and dropout; every network of a sweep reads the batches in one order)",
+            http="n_seeds",
+            low=1,
+            high=MAX_SWEEP,
+        ),
+    )
     device: str = field(default="cpu", metadata=setting("training device: cpu, cuda"))
 
     def __post_init__(self):
         check(self)
+
+
+def swept(opts: TrainOptions) -> dict[str, list]:
+    """The settings a sweep varies, with their values: lists given for swept settings, and the
+    training seeds when n_seeds > 1. Empty for a single run."""
+    out = {
+        name: list(getattr(opts, name))
+        for name, _, s in settings(TrainOptions)
+        if s.sweep and isinstance(getattr(opts, name), list)
+    }
+    if opts.n_seeds > 1:
+        out["seed"] = [opts.seed + k for k in range(opts.n_seeds)]
+    return out
+
+
+def expand(opts: TrainOptions) -> list[TrainOptions]:
+    """Every configuration of a sweep (the product of its lists), each a single run; a single
+    run gives itself. Order: the lists' orders, seeds innermost."""
+    axes = swept(opts)
+    if not axes:
+        return [opts]
+    names = list(axes)
+    combos = list(itertools.product(*axes.values()))
+    if len(combos) > MAX_SWEEP:
+        raise OptionError(
+            f"the sweep has {len(combos)} configurations; at most {MAX_SWEEP} train together: "
+            f"give fewer values"
+        )
+    return [replace(opts, **dict(zip(names, combo)), n_seeds=1) for combo in combos]
 
 
 def with_family_defaults(opts: TrainOptions, family: str) -> TrainOptions:

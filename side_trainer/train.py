@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,9 +26,16 @@ from backbone_worker.backbone import fingerprint_dir, resolve
 from backbone_worker.families import DECODER, ENCODER_DECODER
 from cache_store import ActivationStore, StoreError
 from side_trainer.artifacts import WEIGHTS_FILE, save_side_model
-from side_trainer.memory import PeakMemory
+from side_trainer.group import groups_of
+from side_trainer.memory import PeakMemory, allocator
 from side_trainer.model import SideConfig, SideNetwork
-from side_trainer.options import FAMILY_DEFAULTS, TrainOptions, with_family_defaults  # noqa: F401
+from side_trainer.options import (  # noqa: F401
+    FAMILY_DEFAULTS,
+    TrainOptions,
+    expand,
+    swept,
+    with_family_defaults,
+)
 from side_trainer.pruning import apply_pruning_init, load_lm_head
 
 log = logging.getLogger(__name__)
@@ -130,8 +137,40 @@ CHECKPOINT = "checkpoint.pt"
 METRICS_FILE = "training_metrics.json"  # written last: the training's result and its marker
 
 
+@dataclass
+class Candidate:
+    """One configuration of a run (a single run has one): its network and its selection state."""
+
+    opts: TrainOptions
+    net: SideNetwork
+    best: float = -1.0
+    best_state: dict | None = None
+    history: list = field(default_factory=list)
+    stale: int = 0
+
+    def summary(self, axes: dict) -> dict:
+        return {
+            **{name: getattr(self.opts, name) for name in axes},
+            "best_val_accuracy": self.best if self.history[0]["val_accuracy"] is not None else None,
+            "best_epoch": best_epoch(self.history, self.best),
+            "history": self.history,
+        }
+
+
+def best_epoch(history: list, best: float) -> int:
+    if history and history[0]["val_accuracy"] is None:
+        return len(history)  # no validation split: the last epoch
+    return next(h["epoch"] for h in history if h["val_accuracy"] == best)
+
+
 def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None) -> dict:
     """Train, keep the best validation epoch, save artifacts; returns the run's metrics.
+
+    A sweep (lists of learning rates or reductions, several seeds: see `expand`) trains every
+    configuration in lockstep from one pass over the store: each batch is read and decoded once
+    and fed to all of them, networks of one architecture running as one group (group.py). The
+    configuration with the best validation accuracy is saved; every candidate's curve is in the
+    result under `candidates`.
 
     After every epoch the full training state goes to `out_dir/checkpoint.pt`, so a run that is
     killed resumes at its last finished epoch (same store and options only). `on_epoch(record)`
@@ -149,9 +188,14 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             f"pooling {opts.pooling!r} has no effect on a decoder-only backbone: its side "
             f"network pools the last token"
         )
-    net = build_side_network(store, opts).to(opts.device)
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=0.0)
+    axes = swept(opts)
+    candidates = [Candidate(o, build_side_network(store, o).to(opts.device)) for o in expand(opts)]
+    trainable = [[p for p in c.net.parameters() if p.requires_grad] for c in candidates]
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "lr": c.opts.lr} for c, ps in zip(candidates, trainable)],
+        lr=opts.lr if not isinstance(opts.lr, list) else opts.lr[0],
+        weight_decay=0.0,
+    )
     steps_per_epoch = math.ceil(n_train / opts.batch_size)
     total_steps = steps_per_epoch * opts.epochs
     scheduler = get_linear_schedule_with_warmup(
@@ -162,7 +206,6 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     # an epoch from the store took 1.6-2.1x the in-memory epoch with the thread, 1.1-1.2x without.
     prefetch = 2 if str(opts.device).startswith("cuda") else 0
     has_validation = store.n_examples("validation") > 0
-    best, best_state, history, stale = -1.0, None, [], 0
     train_seconds, seen = 0.0, 0
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT
@@ -182,32 +225,44 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
         # weights_only: tensors and plain data only, so a planted pickle in a shared directory
         # cannot run code here.
         state = torch.load(checkpoint, map_location=opts.device, weights_only=True)
-        if state["identity"] == identity:
-            net.load_state_dict(state["net"])
+        if state.get("identity") == identity and "candidates" in state:
+            for c, saved in zip(candidates, state["candidates"]):
+                c.net.load_state_dict(saved["net"])
+                c.best, c.best_state = saved["best"], saved["best_state"]
+                c.history, c.stale = saved["history"], saved["stale"]
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            best, best_state, history, stale = (
-                state["best"],
-                state["best_state"],
-                state["history"],
-                state["stale"],
-            )
             train_seconds, seen = state["train_seconds"], state["seen"]
-            log.info("resuming training after epoch %d from %s", len(history), checkpoint)
+            log.info(
+                "resuming training after epoch %d from %s", len(candidates[0].history), checkpoint
+            )
+    groups = groups_of([c.net for c in candidates])
     log.info(
-        "training %s side network: %d trainable parameters, %d steps",
-        net.cfg.family,
-        net.trainable_parameters(),
+        "training %s side network%s: %s trainable parameters, %d steps",
+        candidates[0].net.cfg.family,
+        f"s ({len(candidates)} configurations in {len(groups)} group(s))"
+        if len(candidates) > 1
+        else "",
+        "+".join(str(c.net.trainable_parameters()) for c in candidates[:4])
+        + ("+..." if len(candidates) > 4 else ""),
         total_steps,
     )
+    done_epochs = len(candidates[0].history)
     with PeakMemory(opts.device) as memory:
-        for epoch in range(len(history), opts.epochs if stale < opts.patience else 0):
-            net.train()
+        for epoch in range(done_epochs, opts.epochs):
+            if all(c.stale >= opts.patience for c in candidates):
+                break
+            for _, group in groups:
+                group.train()
             start = time.perf_counter()
-            losses = []
+            losses = [[] for _ in candidates]
             bar = tqdm(
                 store.iter_batches(
-                    "train", opts.batch_size, seed=opts.seed + epoch, prefetch=prefetch
+                    "train",
+                    opts.batch_size,
+                    seed=opts.seed + epoch,
+                    prefetch=prefetch,
+                    shuffle_bytes=int(opts.shuffle_mb * 2**20),
                 ),
                 total=steps_per_epoch,
                 desc=f"epoch {epoch + 1}/{opts.epochs}",
@@ -217,54 +272,66 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 batch = augment(
                     to_device(batch, opts.device), opts.feature_dropout, opts.feature_noise
                 )
-                loss = net.loss(batch, net(batch))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, opts.grad_clip)
+                for indices, group in groups:
+                    logits = group(batch)
+                    step_losses = [group.nets[0].loss(batch, out) for out in logits]
+                    torch.stack(step_losses).sum().backward()
+                    for k, loss in zip(indices, step_losses):
+                        losses[k].append(loss.item())
+                for ps in trainable:
+                    torch.nn.utils.clip_grad_norm_(ps, opts.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                losses.append(loss.item())
                 seen += len(batch["labels"])
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.set_postfix(loss=f"{losses[0][-1]:.4f}")
             train_seconds += time.perf_counter() - start
             # Validation batches are training-sized: a padded batch of every kept layer's states is
             # the largest allocation here (SmolLM2 validation at 128 rows: 464 MB, at 32: 232 MB).
             # Without a validation split (a tiny upload) nothing can pick an epoch, so the
             # latest one is kept: its score rises with the epoch and early stopping never fires.
-            score = (
-                evaluate_store(net, store, "validation", opts.device, opts.batch_size)
+            scores = (
+                evaluate_groups(groups, len(candidates), store, "validation", opts)
                 if has_validation
-                else float(epoch)
+                else [float(epoch)] * len(candidates)
             )
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": sum(losses) / len(losses),
-                    "val_accuracy": score if has_validation else None,
-                }
-            )
+            for c, score, ls in zip(candidates, scores, losses):
+                c.history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "train_loss": sum(ls) / len(ls),
+                        "val_accuracy": score if has_validation else None,
+                    }
+                )
+                if score > c.best:
+                    c.best, c.stale = score, 0
+                    c.best_state = {k: v.detach().clone() for k, v in c.net.state_dict().items()}
+                else:
+                    c.stale += 1
+            record = epoch_record(candidates, axes)
             log.info(
-                "epoch %d: train loss %.4f, validation accuracy %s",
+                "epoch %d: train loss %.4f, validation accuracy %s%s",
                 epoch + 1,
-                history[-1]["train_loss"],
-                f"{score:.4f}" if has_validation else "n/a",
+                record["train_loss"],
+                f"{record['val_accuracy']:.4f}" if has_validation else "n/a",
+                f" (the best of {len(candidates)} configurations)" if axes else "",
             )
-            if score > best:
-                best, stale = score, 0
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            else:
-                stale += 1
             out_dir.mkdir(parents=True, exist_ok=True)
             torch.save(
                 {
                     "identity": identity,
-                    "net": net.state_dict(),
+                    "candidates": [
+                        {
+                            "net": c.net.state_dict(),
+                            "best": c.best,
+                            "best_state": c.best_state,
+                            "history": c.history,
+                            "stale": c.stale,
+                        }
+                        for c in candidates
+                    ],
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "best": best,
-                    "best_state": best_state,
-                    "history": history,
-                    "stale": stale,
                     "train_seconds": train_seconds,
                     "seen": seen,
                 },
@@ -272,45 +339,81 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             )
             checkpoint.with_suffix(".tmp").replace(checkpoint)  # atomic: never half a file
             if on_epoch is not None:
-                on_epoch(history[-1])
-            if stale >= opts.patience:
-                log.info("early stop: no validation improvement for %d epochs", stale)
-                break
-    best_epoch = (
-        next(h["epoch"] for h in history if h["val_accuracy"] == best)
-        if has_validation
-        else len(history)
-    )
+                on_epoch(record)
+            if all(c.stale >= opts.patience for c in candidates):
+                log.info("early stop: no validation improvement for %d epochs", opts.patience)
+    # The first best on validation, in the sweep's order.
+    chosen = max(range(len(candidates)), key=lambda k: (candidates[k].best, -k))
+    winner = candidates[chosen]
+    epoch_kept = best_epoch(winner.history, winner.best)
     selection = (
-        f"epoch {best_epoch}, the best validation accuracy"
+        f"epoch {epoch_kept}, the best validation accuracy"
         if has_validation
-        else f"epoch {best_epoch}, the last one: the store has no validation split to choose by"
+        else f"epoch {epoch_kept}, the last one: the store has no validation split to choose by"
     )
+    if axes:
+        chosen_settings = ", ".join(f"{name} {getattr(winner.opts, name)}" for name in axes)
+        selection = f"{chosen_settings} of {len(candidates)} configurations; {selection}"
     log.info("keeping %s", selection)
-    net.load_state_dict(best_state)
+    net = winner.net
+    net.load_state_dict(winner.best_state)
     save_side_model(net.cpu(), out_dir)
     n_backbone = backbone_parameter_count(net.cfg)
     result = {
         "model_dir": str(out_dir),
         "n_train": n_train,
-        "epochs_run": len(history),
-        "best_val_accuracy": best if has_validation else None,
-        "best_epoch": best_epoch,
+        "epochs_run": len(winner.history),
+        "best_val_accuracy": winner.best if has_validation else None,
+        "best_epoch": epoch_kept,
         "selection": selection,
         "trainable_params": net.trainable_parameters(),
         "backbone_params": n_backbone,
         "trainable_pct": 100 * net.trainable_parameters() / n_backbone,
         "train_peak_mem_mb": round(memory.peak_mb, 1),
+        "allocator": allocator(),
         "train_examples_per_s": round(seen / max(train_seconds, 1e-9), 1),
-        "history": history,
-        "options": asdict(opts),
+        "history": winner.history,
+        "options": asdict(winner.opts),
         "identity": identity,
     }
+    if axes:
+        result["sweep"] = axes
+        result["chosen"] = chosen
+        result["candidates"] = [c.summary(axes) for c in candidates]
     # Written last and atomically: its presence says the model above is complete.
     finished.with_suffix(".tmp").write_text(json.dumps(result, indent=2) + "\n")
     finished.with_suffix(".tmp").replace(finished)
     checkpoint.unlink(missing_ok=True)
     return result
+
+
+def epoch_record(candidates: list[Candidate], axes: dict) -> dict:
+    """What an epoch reports: the leading configuration's loss and validation accuracy (the one
+    that would be kept now), and for a sweep every configuration's."""
+    lead = max(range(len(candidates)), key=lambda k: (candidates[k].best, -k))
+    record = dict(candidates[lead].history[-1])
+    if axes:
+        record["candidates"] = [
+            {**{name: getattr(c.opts, name) for name in axes}, **c.history[-1]} for c in candidates
+        ]
+    return record
+
+
+@torch.inference_mode()
+def evaluate_groups(
+    groups: list, n: int, store: ActivationStore, split: str, opts: TrainOptions
+) -> list[float]:
+    """Accuracy of every network of the groups on a stored split, the split read once."""
+    hits, total = [0] * n, [0] * n
+    for _, group in groups:
+        group.eval()
+    for batch in store.iter_batches(split, opts.batch_size, shuffle=False, prefetch=0):
+        batch = to_device(batch, opts.device)
+        for indices, group in groups:
+            for k, logits in zip(indices, group(batch)):
+                h, m = correct(group.nets[0], batch, logits)
+                hits[k], total[k] = hits[k] + h, total[k] + m
+    return [h / max(t, 1) for h, t in zip(hits, total)]
 
 
 def backbone_parameter_count(cfg: SideConfig) -> int:

@@ -89,6 +89,42 @@ def test_upload_train_and_predict(service, finished_job):
     assert all(abs(sum(p["scores"].values()) - 1) < 1e-4 for p in predictions)
 
 
+def test_a_sweep_job_reports_every_candidate_and_keeps_the_best(service, finished_job):
+    client = service["client"]
+    file_id = finished_job[1]
+    created = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny",
+            "training_file": file_id,
+            "hyperparameters": {
+                "n_epochs": 2,
+                "reduction_factor": 4,
+                "kept_layers": [0, 2],
+                "learning_rate": [1e-3, 1e-2],
+                "n_seeds": 2,
+            },
+        },
+    )
+    assert created.status_code == 200, created.text
+    job = wait_for(client, created.json()["id"])
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert len(result["candidates"]) == 4 and result["sweep"] == {
+        "lr": [1e-3, 1e-2],
+        "seed": [0, 1],
+    }
+    assert all(len(c["history"]) == 2 for c in result["candidates"])
+    best = max(c["best_val_accuracy"] for c in result["candidates"])
+    assert result["candidates"][result["chosen"]]["best_val_accuracy"] == best
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    epochs = [
+        e for e in events if e.get("data", {}).get("step") == "training" and "epoch" in e["data"]
+    ]
+    assert len(epochs) == 2 and all(len(e["data"]["candidates"]) == 4 for e in epochs)
+    assert "(the best of 4)" in epochs[0]["message"]
+
+
 def test_several_side_models_share_one_pass(service, finished_job):
     client = service["client"]
     model = finished_job[0]["fine_tuned_model"]
@@ -437,6 +473,15 @@ def test_bad_job_requests(service, finished_job):
         "invalid_hyperparameter",
         "hyperparameters.reduction_factor",
     )
+    bad["hyperparameters"] = {"reduction_factor": [4, 5]}  # a sweep: every value is checked
+    assert_error(
+        client.post(jobs, json=bad),
+        400,
+        "invalid_hyperparameter",
+        "hyperparameters.reduction_factor",
+    )
+    bad["hyperparameters"] = {"learning_rate": [1e-3, 2]}
+    assert_error(client.post(jobs, json=bad), 400, "invalid_request_error")
     bad["hyperparameters"] = {"kept_layers": [0, 7]}
     assert_error(
         client.post(jobs, json=bad), 400, "invalid_hyperparameter", "hyperparameters.kept_layers"

@@ -86,8 +86,12 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
     assert 0 <= report["baselines"]["probe"]["test_accuracy"] <= 1
     for key in ("bytes_per_element", "compression_ratio", "read_vs_memory", "bytes_per_example"):
         assert math.isfinite(report["cache"][key])
-    for key in ("joint_vs_backbone", "multitask8_vs_single"):
+    for key in ("joint_vs_backbone", "multitask8_vs_single", "multitask64_vs_single"):
         assert math.isfinite(report["inference"][key])
+    sweep = report["sweep"]
+    assert sweep["k8_s"] > 0 and sweep["k8_vs_single"] == round(
+        sweep["k8_s"] / sweep["single_s"], 3
+    )
     assert report["machine"]["torch"] and report["machine"]["cores"] >= 1
     from bench.compare import finite_or_explained
 

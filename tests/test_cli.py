@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 from conftest import cache_argv, finetune_argv
 
+from api import allocator
 from api.cli import main
 
 WORDS = {"pos": ["good", "great", "lovely", "fine"], "neg": ["bad", "awful", "sad", "poor"]}
@@ -263,3 +267,83 @@ def test_reduction_that_does_not_divide_the_width(cached, capsys, tmp_path):
 def test_model_dir_that_is_not_a_side_model(capsys, tmp_path):
     code, _, err = run(capsys, "predict", "--model", str(tmp_path), "hello")
     one_line_error(code, err, "side_config.json")
+
+
+def _ladder(*argv, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    """The real `ladder` command line in its own process (where the allocator is chosen)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV)}
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *argv],
+        env={**env, **env_extra},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.skipif(
+    allocator.jemalloc_library() is None,
+    reason="libjemalloc is not installed (make install installs it where apt-get can)",
+)
+def test_the_command_line_trains_on_jemalloc_unless_told_not_to(cached, tmp_path):
+    for choice, expected in (("auto", "jemalloc"), ("system", "system")):
+        done = _ladder(
+            "train",
+            "--store",
+            cached["store"],
+            "--out",
+            str(tmp_path / choice),
+            "--epochs",
+            "1",
+            "--json",
+            env_extra={allocator.ENV: choice},
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert last_json(done.stdout)["allocator"] == expected
+
+
+def test_a_bad_allocator_choice_is_one_line_and_exit_2(tmp_path):
+    done = _ladder("cache-info", "--store", str(tmp_path / "s"), env_extra={allocator.ENV: "tc"})
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "LADDER_ALLOCATOR" in done.stderr
+
+
+def test_the_allocator_switch_is_decided_from_the_environment(monkeypatch):
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: "/lib/libjemalloc.so.2")
+    env = allocator.preload_env({"LD_PRELOAD": "/lib/other.so"})
+    assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2 /lib/other.so"
+    assert allocator.preload_env({"LD_PRELOAD": "/lib/libjemalloc.so.2"}) is None  # done once
+    assert allocator.preload_env({allocator.ENV: "system"}) is None
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: None)
+    assert allocator.preload_env({}) is None  # auto without jemalloc: the system's
+    with pytest.raises(allocator.AllocatorError, match="apt-get install libjemalloc2"):
+        allocator.preload_env({allocator.ENV: "jemalloc"})
+
+
+def test_train_sweeps_lists_of_settings(cached, capsys, tmp_path):
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--store",
+        cached["store"],
+        "--out",
+        str(tmp_path / "m"),
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3,1e-2",
+        "--n-seeds",
+        "2",
+        "--json",
+    )
+    assert code == 0
+    result = last_json(out)
+    assert result["sweep"] == {"lr": [1e-3, 1e-2], "seed": [0, 1]}
+    assert [(c["lr"], c["seed"]) for c in result["candidates"]] == [
+        (1e-3, 0),
+        (1e-3, 1),
+        (1e-2, 0),
+        (1e-2, 1),
+    ]
+    code, _, err = run(capsys, "train", "--store", cached["store"], "--out", "x", "--lr", "1e-3,2")
+    assert code == 2 and "--lr 2.0 is out of range" in err and err.strip().count("\n") == 0

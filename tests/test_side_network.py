@@ -256,6 +256,25 @@ def test_overlapped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_side_networks_run_as_groups_give_what_each_gives_alone(backbone):
+    """Joint inference runs networks of one architecture as one group (stacked weights, one
+    vectorised pass): each network's probabilities are those it gives alone."""
+    from api.inference import JointModel
+
+    if backbone.family.name == "encoder-decoder":
+        pytest.skip("T5 side models score label texts one network at a time")
+    torch.manual_seed(2)
+    sides = [SideNetwork(side_config(backbone)).eval() for _ in range(3)]
+    sides.append(SideNetwork(side_config(backbone, reduction=2)).eval())  # a second group
+    joint = JointModel(backbone, sides, overlap=False)
+    assert sorted(len(g) for _, g in joint.groups) == [1, 3]
+    together = joint.probabilities(TEXTS)
+    for side, probs in zip(sides, together):
+        alone = JointModel(backbone, [side], overlap=False).probabilities(TEXTS)[0]
+        assert torch.allclose(probs, alone, atol=1e-6)
+    assert not torch.allclose(together[0], together[1])  # three networks, not one copied
+
+
 @pytest.mark.parametrize("init", ["fisher", "magnitude", "random"])
 def test_save_then_load_gives_identical_logits(backbone, init, tmp_path):
     """Everything the trained network computes with is saved: weights, gates, and for decoder-only

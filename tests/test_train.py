@@ -28,7 +28,8 @@ def test_without_a_validation_split_the_last_epoch_is_kept(tmp_path, tiny_bert_d
     per_epoch = []
 
     def keep_epoch_weights(record):
-        state = torch.load(tmp_path / "model" / CHECKPOINT, weights_only=False)["net"]
+        saved = torch.load(tmp_path / "model" / CHECKPOINT, weights_only=False)
+        state = saved["candidates"][0]["net"]
         per_epoch.append({k: v.clone() for k, v in state.items()})
 
     result = train(
@@ -108,3 +109,62 @@ def test_a_width_that_does_not_fit_is_refused(tmp_path, tiny_bert_dir, capsys):
             )
             assert code == 2
         assert words in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_dropout(monkeypatch):
+    """Dropout off everywhere, so a network's training is a function of its data and seed."""
+    monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: x)
+    monkeypatch.setattr(torch.nn.functional, "dropout", lambda x, *a, **k: x)  # T5 attention
+
+
+def test_a_sweep_trains_each_configuration_as_it_would_alone(
+    tmp_path, tiny_backbone_dir, no_dropout
+):
+    """Configurations trained together (one pass over the store, grouped execution) follow the
+    same path as each trained alone, and the best on validation is the one saved."""
+    data = write_csv(tmp_path / "d.csv", n=80)
+    store = str(tmp_path / "store")
+    build_cache(tiny_backbone_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=8))
+    rates = [1e-3, 3e-2]
+    sweep = train(store, tmp_path / "sweep", TrainOptions(epochs=2, reduction=4, lr=rates))
+    assert sweep["sweep"] == {"lr": rates}
+    assert [c["lr"] for c in sweep["candidates"]] == rates
+    alone = [
+        train(store, tmp_path / f"alone-{lr}", TrainOptions(epochs=2, reduction=4, lr=lr))
+        for lr in rates
+    ]
+    for candidate, single in zip(sweep["candidates"], alone):
+        assert candidate["best_val_accuracy"] == single["best_val_accuracy"]
+        for a, b in zip(candidate["history"], single["history"]):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    chosen = max(range(2), key=lambda k: (alone[k]["best_val_accuracy"], -k))
+    assert sweep["chosen"] == chosen and sweep["options"]["lr"] == rates[chosen]
+    saved = load_file(tmp_path / "sweep" / WEIGHTS_FILE)
+    expected = load_file(tmp_path / f"alone-{rates[chosen]}" / WEIGHTS_FILE)
+    assert all(torch.allclose(saved[k], expected[k], atol=1e-5) for k in expected)
+
+
+def test_a_sweep_over_reductions_and_seeds_reports_every_candidate(tmp_path, tiny_bert_dir):
+    data = write_csv(tmp_path / "d.csv", n=80)
+    store = str(tmp_path / "store")
+    build_cache(tiny_bert_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=8))
+    epochs = []
+    result = train(
+        store,
+        tmp_path / "model",
+        TrainOptions(epochs=2, reduction=[2, 4], lr=1e-2, n_seeds=2),
+        on_epoch=epochs.append,
+    )
+    grid = [(c["reduction"], c["seed"]) for c in result["candidates"]]
+    assert grid == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    assert all(len(c["history"]) == 2 for c in result["candidates"])
+    # Seeds differ in their initialisation: not four copies of one run.
+    assert result["candidates"][0]["history"] != result["candidates"][1]["history"]
+    assert len(epochs) == 2 and all(len(e["candidates"]) == 4 for e in epochs)
+    chosen = result["candidates"][result["chosen"]]
+    assert result["best_val_accuracy"] == max(c["best_val_accuracy"] for c in result["candidates"])
+    assert result["options"]["reduction"] == chosen["reduction"]
+    from side_trainer.artifacts import load_side_model
+
+    assert load_side_model(tmp_path / "model").cfg.reduction == chosen["reduction"]

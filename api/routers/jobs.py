@@ -193,8 +193,10 @@ def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
     config = AutoConfig.from_pretrained(resolve(backbone), local_files_only=True)
     family = family_of(config)
     if hp.reduction_factor != "auto":
+        reductions = hp.reduction_factor
         try:
-            family.side_config(config, hp.reduction_factor)
+            for r in reductions if isinstance(reductions, list) else [reductions]:
+                family.side_config(config, r)
         except FamilyError as exc:
             raise APIError(
                 400, "invalid_hyperparameter", str(exc), "hyperparameters.reduction_factor"
