@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes.util
 import glob
 import os
+import re
 import sys
 
 ENV = "LADDER_ALLOCATOR"
@@ -58,6 +59,8 @@ def preload_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
     preload = env.get("LD_PRELOAD", "")
     if choice == "system" or "jemalloc" in preload:
         return None
+    if choice == "auto" and re.search(r"tcmalloc|mimalloc", preload):
+        return None  # the user preloads another allocator already: theirs stands
     library = jemalloc_library()
     if library is None:
         if choice == "jemalloc":
@@ -70,9 +73,10 @@ def preload_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
     return env
 
 
-def restart_on_jemalloc(module: str) -> None:
-    """Replaces this process with `python -m module <same arguments>` on jemalloc, if it should
-    switch; returns otherwise. Call it before anything heavy is imported."""
+def restart_on_jemalloc() -> None:
+    """Replaces this process with the same command line (`sys.orig_argv`: the interpreter, its
+    flags, the script or -m module, the arguments) on jemalloc, if it should switch; returns
+    otherwise. Call it before anything heavy is imported."""
     if not sys.platform.startswith("linux"):
         return
     env = preload_env()
@@ -80,4 +84,4 @@ def restart_on_jemalloc(module: str) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -325,6 +325,11 @@ def cmd_serve(args) -> dict:
             "upload data, run jobs and read models; set LADDER_API_KEY",
             args.host,
         )
+    if args.replicas is not None:
+        from api.replicas import serve_replicas
+
+        serve_replicas(args.replicas, args.host, args.port)
+        return {"stopped": True}
     uvicorn.run(
         "api.app:create_app", factory=True, host=args.host, port=args.port, log_level="info"
     )
@@ -412,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("ray", "thread"),
         default=None,
         help="where jobs run (default: LADDER_EXECUTOR or ray)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="run N copies of the service on Ray Serve (local Ray, or RAY_ADDRESS's cluster) "
+        "behind one port; they share LADDER_HOME's models and run jobs once (default: one "
+        "process under uvicorn, without Ray Serve)",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -516,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if argv is None:  # the real command line (not a call from Python): pick the allocator
         try:
-            allocator.restart_on_jemalloc("api.cli")
+            allocator.restart_on_jemalloc()
         except allocator.AllocatorError as exc:
             print(f"ladder {args.command}: error: {exc}", file=sys.stderr)
             return 2

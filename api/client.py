@@ -70,6 +70,25 @@ class LadderTimeoutError(LadderAPIError, TimeoutError):
     """`wait` gave up before the job reached a terminal status."""
 
 
+# Statuses that say the request was not carried out and may succeed later: too many requests,
+# a proxy that found no live server, a server unavailable or a gateway timeout. (A 500 is the
+# server's own error, usually the same on a retry; a read timeout means it is still working.)
+RETRIED = frozenset({429, 502, 503, 504})
+# Failures before any request reached a server: safe to send again.
+RETRIED_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
+def _backoff(attempt: int, retry_after: str | None) -> float:
+    """Seconds before retry `attempt` (0-based): the server's Retry-After if it gave one (up to
+    30 s), else 0.5 s doubling, up to 8 s."""
+    try:
+        if retry_after is not None:
+            return min(max(float(retry_after), 0.0), 30.0)
+    except ValueError:
+        pass
+    return min(0.5 * 2**attempt, 8.0)
+
+
 class LadderClient:
     def __init__(
         self,
@@ -78,11 +97,16 @@ class LadderClient:
         *,
         http: httpx.Client | None = None,
         timeout: float = 30.0,
+        max_retries: int = 2,
     ):
         self.base_url = (base_url or os.environ.get("LADDER_URL") or DEFAULT_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("LADDER_API_KEY")
         # A caller-supplied client (FastAPI's TestClient, a MockTransport) belongs to the caller:
         # it keeps its own timeouts (TestClient warns on per-request ones) and is not closed here.
+        # Requests that are safe to repeat (reads and predictions) are retried this many times
+        # when the server cannot be reached or answers 429 / 502 / 503 / 504 (a replica
+        # restarting, a queue full), with exponential backoff or the server's Retry-After.
+        self.max_retries = max_retries
         self._owns_http = http is None
         self._http = http if http is not None else httpx.Client(timeout=timeout)
         # Events may be minutes apart while a job trains, so a stream only time-limits connecting.
@@ -115,14 +139,26 @@ class LadderClient:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         url = self.base_url + path
-        log.debug("%s %s", method, url)
-        try:
-            response = self._http.request(method, url, headers=self._headers(), **kwargs)
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
-        if not response.is_success:
-            raise LadderAPIError.from_response(response)
-        return response.json()
+        repeatable = method == "GET" or path == "/v1/predict"
+        for attempt in range(self.max_retries + 1 if repeatable else 1):
+            last = attempt == self.max_retries or not repeatable
+            log.debug("%s %s", method, url)
+            try:
+                response = self._http.request(method, url, headers=self._headers(), **kwargs)
+            except httpx.TransportError as exc:
+                if last or not isinstance(exc, RETRIED_ERRORS):
+                    raise self._unreachable(exc) from exc
+                log.info("%s %s: %s; retrying", method, path, exc.__class__.__name__)
+                time.sleep(_backoff(attempt, None))
+                continue
+            if response.status_code in RETRIED and not last:
+                log.info("%s %s: HTTP %d; retrying", method, path, response.status_code)
+                time.sleep(_backoff(attempt, response.headers.get("retry-after")))
+                continue
+            if not response.is_success:
+                raise LadderAPIError.from_response(response)
+            return response.json()
+        raise AssertionError("unreachable")
 
     # -- files -----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import time
 
 from starlette.exceptions import HTTPException
@@ -122,9 +123,13 @@ class RequestGuard:
 
 
 class RequestMetrics:
+    """Counts and times every answer, and names the process that gave it (`x-ladder-server:
+    host:pid`): behind `--replicas` or a load balancer, which replica answered."""
+
     def __init__(self, app: ASGIApp, metrics):
         self.app = app
         self.metrics = metrics
+        self.server = f"{socket.gethostname()}:{os.getpid()}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -135,6 +140,10 @@ class RequestMetrics:
         async def recording(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-ladder-server", self.server)],
+                }
             await send(message)
 
         try:

@@ -49,8 +49,15 @@ class JointModel:
         cuda = backbone.model.device.type == "cuda"
         self.overlap = cuda if overlap == "auto" else bool(overlap)
         self.side_stream = torch.cuda.Stream() if cuda and self.overlap else None
-        # Side networks of one architecture run as one (side_trainer/group.py).
-        self.groups = groups_of(self.sides)
+        self._groups = None
+
+    @property
+    def groups(self) -> list:
+        """Side networks of one architecture, run as one (side_trainer/group.py): used by the
+        sequential path; built on first use."""
+        if self._groups is None:
+            self._groups = groups_of(self.sides)
+        return self._groups
 
     @torch.inference_mode()
     def probabilities(self, texts: list[str], pairs: list[str] | None = None) -> list[torch.Tensor]:

@@ -134,10 +134,15 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
 
     def on_epoch(record: dict) -> None:
         check_cancelled()
-        of = f" (the best of {len(record['candidates'])})" if "candidates" in record else ""
+        of = (
+            f" (the best so far of {len(record['candidates'])} configurations)"
+            if "candidates" in record
+            else ""
+        )
+        loss = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
         db.add_event(
             job_id,
-            f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
+            f"epoch {record['epoch']}: train loss {loss}, "
             f"validation accuracy {record['val_accuracy']}{of}",
             data={"step": "training", **record},
         )

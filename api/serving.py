@@ -50,6 +50,12 @@ class ModelRegistry:
             float(os.environ.get("LADDER_MAX_SIDE_MODEL_MB", 1024)) * 2**20
         )
         self._lock = threading.Lock()
+        self.loads = 0  # side models loaded from disk (an evicted one counts again)
+
+    def held(self) -> dict:
+        """Side models in memory now: how many, their bytes, and loads since start."""
+        with self._lock:
+            return {"models": len(self.sides), "bytes": self._side_bytes(), "loads": self.loads}
 
     def backbone(self, name: str) -> Backbone:
         with self._lock:
@@ -67,6 +73,7 @@ class ModelRegistry:
                     raise ModelNotFound(model_id)
                 try:
                     self.sides[model_id] = load_side_model(record["path"])
+                    self.loads += 1
                 except Exception as exc:  # noqa: BLE001 - any load failure is the model's state
                     log.error(
                         "cannot load side model %s from %s: %r", model_id, record["path"], exc

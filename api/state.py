@@ -44,6 +44,19 @@ class Metrics:
         self.jobs = Gauge(
             "ladder_jobs", "fine-tuning jobs by status", ["status"], registry=self.registry
         )
+        self.side_models = Gauge(
+            "ladder_side_models_loaded", "side models held in memory", registry=self.registry
+        )
+        self.side_bytes = Gauge(
+            "ladder_side_models_bytes",
+            "bytes of the side models held (bounded by LADDER_MAX_SIDE_MODEL_MB)",
+            registry=self.registry,
+        )
+        self.side_loads = Gauge(
+            "ladder_side_model_loads",
+            "side models loaded from disk since start (an evicted model loads again)",
+            registry=self.registry,
+        )
 
 
 @dataclass

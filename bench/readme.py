@@ -27,6 +27,10 @@ BLOCK = re.compile(
 )
 
 
+def _seconds(value) -> str:
+    return "(store reused)" if value is None else f"{value:.0f}"
+
+
 def _mb(value) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
 
@@ -184,7 +188,7 @@ def scaling(report: dict) -> str:
     for r in report["stores"]:
         rows.append(
             f"| {r['n_examples']:,} | {report['workers']} Ray workers | "
-            f"{r['caching_seconds']:.0f} | {r['stored_mb']:,.0f} | "
+            f"{_seconds(r['caching_seconds'])} | {r['stored_mb']:,.0f} | "
             f"{r['bytes_per_example']:,} | {r['train_peak_mem_mb']:.0f} | "
             f"{r['train_examples_per_s']:.0f} |"
         )
@@ -192,7 +196,53 @@ def scaling(report: dict) -> str:
         "\n".join(rows) + f"\n\nLargest training peak over the smallest: "
         f"{1 + report['peak_spread']:.2f}x ({report['backbone']}, {report['epochs']} "
         f"epochs, stored width {report['stores'][0]['stored_width']}, "
-        f"{report['stores'][0]['dtype']}).\n"
+        f"{report['stores'][0]['dtype']}"
+        + (
+            f", {report['stores'][0]['allocator']} malloc, shuffle budget "
+            f"{report['stores'][0]['shuffle_mb']:g} MB"
+            if "allocator" in report["stores"][0]
+            else ""
+        )
+        + ").\n"
+    )
+
+
+def serve_many(report: dict) -> str:
+    """bench/serve_many.py: many side models in a bounded cache; latency under Poisson load."""
+    m = report["many_models"]
+    rows = [
+        f"{m['models_registered']} side models registered, a cache that holds "
+        f"{m['budget_models']} ({m['budget_mb']} MB of {m['model_bytes'] / 2**20:.2f} MB models): "
+        f"{m['answered_200']} of {m['requests']} requests answered (each model twice, 8 "
+        f"clients); side models held at most {m['side_bytes_held_max_mb']} MB, "
+        f"{m['side_model_loads']:.0f} loads from disk; server memory "
+        f"{m['rss_after_warmup_mb']:.0f} MB once the backbone and one model had served, peak "
+        f"{m['rss_peak_mb']:.0f} MB ({m['rss_peak_above_warmup_mb']:.0f} MB above).",
+        "",
+        "| side models | popularity | arrivals/s | requests | p50 ms | p95 ms | answered/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["latency"]:
+        rows.append(
+            f"| {r['models']} | {r['popularity']} | {r['rate']:g} | {r['requests']} | "
+            f"{r['p50_ms']:,.0f} | {r['p95_ms']:,.0f} | {r['throughput_per_s']:.1f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def sweep(report: dict) -> str:
+    """The quick bench's sweep and many-side-model ratios (bench/compare.py)."""
+    s, i = report["sweep"], report["inference"]
+    return (
+        "| figure | value |\n|---|---|\n"
+        f"| `ladder train`, 8 configurations in lockstep / 1 alone (same epochs) | "
+        f"{s['k8_vs_single']:.2f} ({s['k8_s']} s / {s['single_s']} s) |\n"
+        f"| training peak memory, 8 configurations / 1 | {s['k8_peak_mem_mb']:.0f} MB / "
+        f"{s['single_peak_mem_mb']:.0f} MB |\n"
+        f"| joint inference, 8 side networks / 1 (batch {i['batch']}) | "
+        f"{i['multitask8_vs_single']:.2f} |\n"
+        f"| joint inference, 64 side networks / 1 (batch {i['batch']}) | "
+        f"{i['multitask64_vs_single']:.2f} |\n"
     )
 
 
@@ -269,6 +319,8 @@ RENDERERS = {
     "serve": serve,
     "tiers": tiers,
     "scaling": scaling,
+    "serve_many": serve_many,
+    "sweep": sweep,
     "architectures": architectures,
     "options": options,
 }

@@ -24,9 +24,21 @@ def main() -> None:
     parser = script_parser(__doc__, epochs=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", default="bench/results/scaling.json")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="keep the stores here, and reuse those already there (default: a temporary "
+        "directory, removed)",
+    )
+    parser.add_argument(
+        "--shuffle-mb", type=float, default=None, help="`ladder train --shuffle-mb` (its default)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    workdir = Path(tempfile.mkdtemp(prefix="ladder-scaling-"))
+    keep = args.workdir is not None
+    workdir = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="ladder-scaling-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    shuffle = [] if args.shuffle_mb is None else ["--shuffle-mb", str(args.shuffle_mb)]
     report = {
         "backbone": args.backbone,
         "data": args.data,
@@ -37,28 +49,41 @@ def main() -> None:
     }
     try:
         for n in SIZES:
-            store = workdir / f"store-{n or 'all'}"
+            store = workdir / f"store-{args.backbone}-{args.data.replace(':', '_')}-{n or 'all'}"
             limit = ["--limit", str(n)] if n else []
             start = time.perf_counter()
-            info = _python(
-                [
-                    "-m",
-                    "api.cli",
-                    "cache",
-                    "--backbone",
-                    args.backbone,
-                    "--data",
-                    args.data,
-                    *limit,
-                    "--workers",
-                    str(args.workers),
-                    "--store",
-                    str(store),
-                    "--json",
-                ],
-                timeout=7200,
+            info = (
+                _python(
+                    ["-m", "api.cli", "cache-info", "--store", str(store), "--json"], timeout=600
+                )
+                if (store / "zarr.json").exists()
+                else None
             )
-            caching_s = time.perf_counter() - start
+            cached = info is not None and info["committed_parts"] == info["total_parts"]
+            info = (
+                info
+                if cached
+                else _python(
+                    [
+                        "-m",
+                        "api.cli",
+                        "cache",
+                        "--backbone",
+                        args.backbone,
+                        "--data",
+                        args.data,
+                        *limit,
+                        "--workers",
+                        str(args.workers),
+                        "--store",
+                        str(store),
+                        "--json",
+                    ],
+                    timeout=7200,
+                )
+            )
+            caching_s = None if cached else time.perf_counter() - start
+            shutil.rmtree(workdir / f"model-{n or 'all'}", ignore_errors=True)
             trained = _python(
                 [
                     "-m",
@@ -70,6 +95,7 @@ def main() -> None:
                     str(workdir / f"model-{n or 'all'}"),
                     "--epochs",
                     str(args.epochs),
+                    *shuffle,
                     "--json",
                 ],
                 timeout=7200,
@@ -77,24 +103,28 @@ def main() -> None:
             row = {
                 "n_examples": info["n_examples"],
                 "n_train": trained["n_train"],
-                "caching_seconds": round(caching_s, 1),
+                "caching_seconds": None if caching_s is None else round(caching_s, 1),
                 "stored_mb": round(info["stored_bytes"] / 2**20, 1),
                 "bytes_per_example": info["bytes_per_example"],
                 "stored_width": info["stored_width"],
                 "dtype": info["dtype"],
                 "train_peak_mem_mb": trained["train_peak_mem_mb"],
                 "train_examples_per_s": trained["train_examples_per_s"],
+                "allocator": trained["allocator"],
+                "shuffle_mb": trained["options"]["shuffle_mb"],
                 "best_val_accuracy": trained["best_val_accuracy"],
             }
             log.info("%s", row)
             report["stores"].append(row)
-            shutil.rmtree(store, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(store, ignore_errors=True)
         peaks = [row["train_peak_mem_mb"] for row in report["stores"]]
         report["peak_spread"] = round(max(peaks) / min(peaks) - 1, 3)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Does the reader's bounded shuffle cost accuracy? LST trained from one store with the reader's
-shuffle budget (cache_store.store.SHUFFLE_BYTES) and with a budget that holds the whole store (a
-full shuffle), for a few training seeds each: best validation accuracy per run.
+shuffle budget (`ladder train --shuffle-mb`, its default unless --budget-mb) and with a budget that
+holds the whole store (a full shuffle), for a few training seeds each: best validation accuracy
+per run.
 
     python -m bench.shuffle_check --store STORE --json bench/results/shuffle.json
 
@@ -25,36 +26,39 @@ def main() -> None:
     parser.add_argument("--store", required=True)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--budget-mb",
+        type=float,
+        default=None,
+        help="the reader's budget to check (default: `ladder train`'s --shuffle-mb default)",
+    )
     parser.add_argument("--json", default="bench/results/shuffle.json")
     args = parser.parse_args()
 
     from cache_store import ActivationStore
-    from cache_store.store import SHUFFLE_BYTES
     from side_trainer.options import TrainOptions
     from side_trainer.train import train
 
     info = ActivationStore.open(args.store).info()
-    original = ActivationStore.iter_batches
     report = {
         "store": {k: info[k] for k in ("n_examples", "stored_bytes", "dtype", "stored_width")},
         "epochs": args.epochs,
         "machine": machine(),
         "budgets": {},
     }
-    for name, budget in (("reader", SHUFFLE_BYTES), ("whole store", 4 * info["stored_bytes"])):
-
-        def iter_batches(self, *a, _budget=budget, **kw):
-            return original(self, *a, **{**kw, "shuffle_bytes": _budget})
-
-        ActivationStore.iter_batches = iter_batches
+    reader_mb = args.budget_mb or TrainOptions.shuffle_mb
+    for name, budget_mb in (
+        ("reader", reader_mb),
+        ("whole store", 4 * info["stored_bytes"] / 2**20),
+    ):
         runs = []
         for seed in map(int, args.seeds.split(",")):
+            opts = TrainOptions(epochs=args.epochs, seed=seed, shuffle_mb=budget_mb)
             with tempfile.TemporaryDirectory() as out:
-                result = train(args.store, out, TrainOptions(epochs=args.epochs, seed=seed))
+                result = train(args.store, out, opts)
             runs.append(result["best_val_accuracy"])
-        ActivationStore.iter_batches = original
         report["budgets"][name] = {
-            "shuffle_mb": round(budget / 2**20, 1),
+            "shuffle_mb": round(budget_mb, 1),
             "best_val_accuracy_per_seed": runs,
             "mean": float(np.mean(runs)),
             "sd": float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,

@@ -12,6 +12,8 @@ not stacked.
 from __future__ import annotations
 
 import copy
+import json
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -19,13 +21,16 @@ from torch.func import functional_call
 
 from side_trainer.model import SideNetwork
 
+# Settings that do not change what a network's forward pass computes from its weights.
+_NOT_IN_FORWARD = ("labels", "label_texts", "init", "max_length", "store_fingerprint", "backbone")
+
 
 def architecture(net: SideNetwork) -> tuple:
-    """What must be equal for networks to run as one group: every shape and every setting the
-    forward pass reads."""
-    cfg = net.cfg
-    shapes = tuple((k, tuple(v.shape)) for k, v in net.state_dict().items())
-    return (cfg.family, tuple(cfg.layers), cfg.reduction, cfg.pooling, cfg.text_pair, shapes)
+    """What must be equal for networks to run as one group: every setting the forward pass
+    reads (the group runs the first network's code) and every weight's shape and dtype."""
+    settings = {k: v for k, v in asdict(net.cfg).items() if k not in _NOT_IN_FORWARD}
+    shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in net.state_dict().items())
+    return (json.dumps(settings, sort_keys=True, default=str), shapes)
 
 
 class SideGroup:

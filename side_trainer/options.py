@@ -118,6 +118,20 @@ class TrainOptions:
 
     def __post_init__(self):
         check(self)
+        size = sweep_size(self.lr, self.reduction, self.n_seeds)
+        if size > MAX_SWEEP:
+            raise OptionError(
+                f"the sweep has {size} configurations; at most {MAX_SWEEP} train together: "
+                f"give fewer values"
+            )
+
+
+def sweep_size(lr, reduction, n_seeds) -> int:
+    """Configurations of a sweep with these settings (lists count their values)."""
+    count = n_seeds if isinstance(n_seeds, int) else 1
+    for value in (lr, reduction):
+        count *= len(value) if isinstance(value, list) else 1
+    return count
 
 
 def swept(opts: TrainOptions) -> dict[str, list]:

@@ -189,6 +189,13 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             f"network pools the last token"
         )
     axes = swept(opts)
+    has_validation = store.n_examples("validation") > 0
+    if axes and not has_validation:
+        raise StoreError(
+            f"store {store_url} has no validation split, and a sweep chooses its configuration "
+            f"by validation accuracy: train one configuration (no lists, --n-seeds 1), or cache "
+            f"more rows so that some fall in the validation split"
+        )
     candidates = [Candidate(o, build_side_network(store, o).to(opts.device)) for o in expand(opts)]
     trainable = [[p for p in c.net.parameters() if p.requires_grad] for c in candidates]
     optimizer = torch.optim.AdamW(
@@ -205,7 +212,6 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     # uses every core, and the thread's Python work contends for the GIL: measured on 2 cores,
     # an epoch from the store took 1.6-2.1x the in-memory epoch with the thread, 1.1-1.2x without.
     prefetch = 2 if str(opts.device).startswith("cuda") else 0
-    has_validation = store.n_examples("validation") > 0
     train_seconds, seen = 0.0, 0
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT
@@ -247,7 +253,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
         + ("+..." if len(candidates) > 4 else ""),
         total_steps,
     )
-    done_epochs = len(candidates[0].history)
+    done_epochs = max(len(c.history) for c in candidates)
     with PeakMemory(opts.device) as memory:
         for epoch in range(done_epochs, opts.epochs):
             if all(c.stale >= opts.patience for c in candidates):
@@ -275,16 +281,25 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 optimizer.zero_grad(set_to_none=True)
                 for indices, group in groups:
                     logits = group(batch)
-                    step_losses = [group.nets[0].loss(batch, out) for out in logits]
-                    torch.stack(step_losses).sum().backward()
-                    for k, loss in zip(indices, step_losses):
+                    # A candidate out of patience has stopped, as it would alone: no loss, so
+                    # no gradient, and AdamW leaves parameters without one untouched.
+                    live = [
+                        (k, group.nets[0].loss(batch, out))
+                        for k, out in zip(indices, logits)
+                        if candidates[k].stale < opts.patience
+                    ]
+                    if not live:
+                        continue
+                    torch.stack([loss for _, loss in live]).sum().backward()
+                    for k, loss in live:
                         losses[k].append(loss.item())
-                for ps in trainable:
-                    torch.nn.utils.clip_grad_norm_(ps, opts.grad_clip)
+                for c, ps in zip(candidates, trainable):
+                    if c.stale < opts.patience:
+                        torch.nn.utils.clip_grad_norm_(ps, opts.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 seen += len(batch["labels"])
-                bar.set_postfix(loss=f"{losses[0][-1]:.4f}")
+                bar.set_postfix(loss=f"{next(ls[-1] for ls in losses if ls):.4f}")
             train_seconds += time.perf_counter() - start
             # Validation batches are training-sized: a padded batch of every kept layer's states is
             # the largest allocation here (SmolLM2 validation at 128 rows: 464 MB, at 32: 232 MB).
@@ -296,10 +311,13 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 else [float(epoch)] * len(candidates)
             )
             for c, score, ls in zip(candidates, scores, losses):
+                if not ls:  # stopped early in an earlier epoch
+                    continue
+                loss = sum(ls) / len(ls)
                 c.history.append(
                     {
                         "epoch": epoch + 1,
-                        "train_loss": sum(ls) / len(ls),
+                        "train_loss": loss if math.isfinite(loss) else None,
                         "val_accuracy": score if has_validation else None,
                     }
                 )
@@ -308,13 +326,13 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                     c.best_state = {k: v.detach().clone() for k, v in c.net.state_dict().items()}
                 else:
                     c.stale += 1
-            record = epoch_record(candidates, axes)
+            record = epoch_record(candidates, axes, epoch + 1)
             log.info(
-                "epoch %d: train loss %.4f, validation accuracy %s%s",
+                "epoch %d: train loss %s, validation accuracy %s%s",
                 epoch + 1,
-                record["train_loss"],
+                "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}",
                 f"{record['val_accuracy']:.4f}" if has_validation else "n/a",
-                f" (the best of {len(candidates)} configurations)" if axes else "",
+                f" (the best so far of {len(candidates)} configurations)" if axes else "",
             )
             out_dir.mkdir(parents=True, exist_ok=True)
             torch.save(
@@ -378,6 +396,8 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     }
     if axes:
         result["sweep"] = axes
+        # Every configuration read the batches in the order of this seed (the first one).
+        result["data_seed"] = opts.seed
         result["chosen"] = chosen
         result["candidates"] = [c.summary(axes) for c in candidates]
     # Written last and atomically: its presence says the model above is complete.
@@ -387,14 +407,23 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     return result
 
 
-def epoch_record(candidates: list[Candidate], axes: dict) -> dict:
-    """What an epoch reports: the leading configuration's loss and validation accuracy (the one
-    that would be kept now), and for a sweep every configuration's."""
+def epoch_record(candidates: list[Candidate], axes: dict, epoch: int) -> dict:
+    """What an epoch reports. One configuration: its loss and validation accuracy this epoch.
+    A sweep: those of the configuration that would be kept now (the best validation accuracy so
+    far; `val_accuracy` is that best), and every configuration's latest epoch, each marked
+    `stopped` once out of patience."""
     lead = max(range(len(candidates)), key=lambda k: (candidates[k].best, -k))
-    record = dict(candidates[lead].history[-1])
+    record = {**candidates[lead].history[-1], "epoch": epoch}
     if axes:
+        if record["val_accuracy"] is not None:
+            record["val_accuracy"] = candidates[lead].best
         record["candidates"] = [
-            {**{name: getattr(c.opts, name) for name in axes}, **c.history[-1]} for c in candidates
+            {
+                **{name: getattr(c.opts, name) for name in axes},
+                **c.history[-1],
+                "stopped": c.history[-1]["epoch"] < epoch,
+            }
+            for c in candidates
         ]
     return record
 

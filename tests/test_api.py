@@ -122,7 +122,7 @@ def test_a_sweep_job_reports_every_candidate_and_keeps_the_best(service, finishe
         e for e in events if e.get("data", {}).get("step") == "training" and "epoch" in e["data"]
     ]
     assert len(epochs) == 2 and all(len(e["data"]["candidates"]) == 4 for e in epochs)
-    assert "(the best of 4)" in epochs[0]["message"]
+    assert "(the best so far of 4 configurations)" in epochs[0]["message"]
 
 
 def test_several_side_models_share_one_pass(service, finished_job):
@@ -480,6 +480,8 @@ def test_bad_job_requests(service, finished_job):
         "invalid_hyperparameter",
         "hyperparameters.reduction_factor",
     )
+    bad["hyperparameters"] = {"learning_rate": [1e-3, 2e-3, 3e-3], "n_seeds": 30}
+    assert_error(client.post(jobs, json=bad), 400, "invalid_hyperparameter", "hyperparameters")
     bad["hyperparameters"] = {"learning_rate": [1e-3, 2]}
     assert_error(client.post(jobs, json=bad), 400, "invalid_request_error")
     bad["hyperparameters"] = {"kept_layers": [0, 7]}

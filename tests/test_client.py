@@ -403,3 +403,40 @@ def test_cli_bad_kept_layers(cli, capsys):
 def test_cli_api_error_is_remote_error(cli):
     with pytest.raises(remote_cli.REMOTE_ERRORS, match="no job ftjob-404"):
         cli("jobs", "show", "ftjob-404")
+
+
+def test_reads_and_predictions_are_retried_and_job_creation_is_not(monkeypatch):
+    """A replica restarting (connection refused, 503) costs a retry, not the request; a POST
+    that creates something is sent once, so a retry can never create it twice."""
+    import api.client as client_module
+
+    slept = []
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+    answers = [
+        httpx.ConnectError("refused"),
+        httpx.Response(503, headers={"Retry-After": "3"}, json={"error": {"code": "busy"}}),
+        httpx.Response(200, json={"predictions": []}),
+    ]
+    seen = []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path))
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    client = LadderClient(BASE, http=httpx.Client(transport=httpx.MockTransport(flaky)))
+    assert client.predict("ft:x", ["hello"]) == {"predictions": []}
+    assert len(seen) == 3 and slept == [0.5, 3.0]  # backoff, then the server's Retry-After
+
+    answers[:] = [httpx.Response(503, json={"error": {"code": "busy", "message": "busy"}})] * 3
+    seen.clear()
+    with pytest.raises(LadderAPIError) as info:
+        client.create_job("minilm", "file-1")
+    assert info.value.status == 503 and seen == [("POST", "/v1/fine_tuning/jobs")]
+    answers[:] = [httpx.Response(503, json={"error": {"code": "busy", "message": "busy"}})] * 3
+    seen.clear()
+    with pytest.raises(LadderAPIError):
+        client.list_models()
+    assert len(seen) == 3  # the first try and two retries

@@ -166,3 +166,117 @@ def test_compose_topology_as_local_processes(tmp_path, tiny_bert_dir):
             [str(ray_bin), "stop", "--force"], env=ray_env, capture_output=True, timeout=120
         )
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_replicas_on_ray_serve_share_models_and_a_killed_one_loses_no_request(
+    tmp_path, tiny_bert_dir
+):
+    """`ladder serve --replicas 2` on a local Ray: both replicas answer for a model registered
+    in the shared home, and with one replica SIGKILLed mid-traffic every request a retrying
+    client sends still succeeds."""
+    import threading
+
+    import torch
+
+    from api.client import LadderClient
+    from api.db import Database
+    from backbone_worker.backbone import load_backbone, portable_config
+    from side_trainer.artifacts import save_side_model
+    from side_trainer.model import SideConfig, SideNetwork
+
+    ray_bin = Path(sys.executable).parent / "ray"
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
+    backbone = load_backbone(tiny_bert_dir)
+    torch.manual_seed(0)
+    side = SideNetwork(
+        SideConfig(
+            family=backbone.family.name,
+            backbone="tiny",
+            backbone_fingerprint=backbone.fingerprint,
+            backbone_config=portable_config(backbone.config),
+            layers=[0, 2],
+            labels=["neg", "pos"],
+            reduction=4,
+        )
+    )
+    save_side_model(side, tmp_path / "models" / "shared")
+    Database(tmp_path / "ladder.db").add_model(
+        "ft:shared", "tiny", str(tmp_path / "models" / "shared"), "test"
+    )
+    ray_port, port = free_port(), free_port()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    ray_env = {**os.environ, "PYTHONPATH": str(ROOT), **auth}
+    subprocess.run(
+        [str(ray_bin), "start", "--head", f"--port={ray_port}", "--num-cpus=2",
+         "--include-dashboard=false", f"--temp-dir={ray_tmp}"],
+        env=ray_env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    env = {
+        **ray_env,
+        "LADDER_HOME": str(tmp_path),
+        "LADDER_BACKBONES": f"tiny={tiny_bert_dir}",
+        "LADDER_PRELOAD": "tiny",
+        "LADDER_EXECUTOR": "thread",
+        "RAY_ADDRESS": f"127.0.0.1:{ray_port}",
+    }
+    log = open(tmp_path / "serve.log", "ab")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--replicas", "2"],
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
+    base = f"http://127.0.0.1:{port}"
+    body = {"model": "ft:shared", "inputs": ["a lovely ride"]}
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, "the replicas never became ready"
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        answered_by = set()
+        for _ in range(40):
+            r = httpx.post(f"{base}/v1/predict", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            answered_by.add(r.headers["x-ladder-server"])
+            if len(answered_by) == 2:
+                break
+        assert len(answered_by) == 2, answered_by
+
+        results, errors = [], []
+
+        def traffic() -> None:
+            with LadderClient(base, max_retries=8, timeout=60) as client:
+                for _ in range(30):
+                    try:
+                        results.append(client.predict("ft:shared", ["a lovely ride"]))
+                    except Exception as exc:  # noqa: BLE001 - counted, then asserted on
+                        errors.append(exc)
+
+        clients = [threading.Thread(target=traffic) for _ in range(3)]
+        for c in clients:
+            c.start()
+        time.sleep(0.5)
+        os.kill(int(sorted(answered_by)[0].rsplit(":", 1)[1]), signal.SIGKILL)
+        for c in clients:
+            c.join(timeout=300)
+        assert not errors, errors[:3]
+        assert len(results) == 90
+        assert all(r["predictions"][0]["label"] in ("neg", "pos") for r in results)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        subprocess.run(
+            [str(ray_bin), "stop", "--force"], env=ray_env, capture_output=True, timeout=120
+        )
+        shutil.rmtree(ray_tmp, ignore_errors=True)

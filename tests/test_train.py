@@ -11,6 +11,7 @@ from test_cli import write_csv
 
 from backbone_worker.cache import CacheOptions, build_cache
 from backbone_worker.data import load_dataset, split_of
+from cache_store import StoreError
 from side_trainer.artifacts import WEIGHTS_FILE
 from side_trainer.train import CHECKPOINT, TrainOptions, train
 
@@ -126,17 +127,19 @@ def test_a_sweep_trains_each_configuration_as_it_would_alone(
     data = write_csv(tmp_path / "d.csv", n=80)
     store = str(tmp_path / "store")
     build_cache(tiny_backbone_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=8))
-    rates = [1e-3, 3e-2]
-    sweep = train(store, tmp_path / "sweep", TrainOptions(epochs=2, reduction=4, lr=rates))
+    # A rate too small to learn stops at its patience while the other trains on, as alone.
+    rates = [1e-7, 3e-2]
+    settings = {"epochs": 4, "reduction": 4, "patience": 1}
+    sweep = train(store, tmp_path / "sweep", TrainOptions(lr=rates, **settings))
     assert sweep["sweep"] == {"lr": rates}
     assert [c["lr"] for c in sweep["candidates"]] == rates
     alone = [
-        train(store, tmp_path / f"alone-{lr}", TrainOptions(epochs=2, reduction=4, lr=lr))
-        for lr in rates
+        train(store, tmp_path / f"alone-{lr}", TrainOptions(lr=lr, **settings)) for lr in rates
     ]
+    assert [len(c["history"]) for c in sweep["candidates"]] == [s["epochs_run"] for s in alone]
     for candidate, single in zip(sweep["candidates"], alone):
         assert candidate["best_val_accuracy"] == single["best_val_accuracy"]
-        for a, b in zip(candidate["history"], single["history"]):
+        for a, b in zip(candidate["history"], single["history"], strict=True):
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     chosen = max(range(2), key=lambda k: (alone[k]["best_val_accuracy"], -k))
     assert sweep["chosen"] == chosen and sweep["options"]["lr"] == rates[chosen]
@@ -168,3 +171,15 @@ def test_a_sweep_over_reductions_and_seeds_reports_every_candidate(tmp_path, tin
     from side_trainer.artifacts import load_side_model
 
     assert load_side_model(tmp_path / "model").cfg.reduction == chosen["reduction"]
+
+
+def test_a_sweep_without_a_validation_split_is_refused(tmp_path, tiny_bert_dir):
+    n = 12
+    seed = next(s for s in range(1000) if all(split_of(k, s) != "validation" for k in range(n)))
+    store = str(tmp_path / "store")
+    data = write_csv(tmp_path / "d.csv", n=n)
+    build_cache(
+        tiny_bert_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=4), seed=seed
+    )
+    with pytest.raises(StoreError, match="no validation split, and a sweep chooses"):
+        train(store, tmp_path / "m", TrainOptions(epochs=1, reduction=4, lr=[1e-3, 1e-2]))

@@ -192,6 +192,18 @@ def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
 
     config = AutoConfig.from_pretrained(resolve(backbone), local_files_only=True)
     family = family_of(config)
+    from backbone_worker.options import MAX_SWEEP
+    from side_trainer.options import sweep_size
+
+    size = sweep_size(hp.learning_rate, hp.reduction_factor, hp.n_seeds)
+    if size > MAX_SWEEP:
+        raise APIError(
+            400,
+            "invalid_hyperparameter",
+            f"the sweep has {size} configurations (learning_rate x reduction_factor x n_seeds); "
+            f"at most {MAX_SWEEP} train together: give fewer values",
+            "hyperparameters",
+        )
     if hp.reduction_factor != "auto":
         reductions = hp.reduction_factor
         try:

@@ -63,6 +63,10 @@ def info(s: Services = Depends(services)) -> dict:
 def prometheus(s: Services = Depends(services)) -> PlainTextResponse:
     metrics = s.metrics
     metrics.queue_depth.set(s.batcher.depth())
+    held = s.registry.held()
+    metrics.side_models.set(held["models"])
+    metrics.side_bytes.set(held["bytes"])
+    metrics.side_loads.set(held["loads"])
     counts = s.db.count_jobs_by_status()
     for status in ACTIVE + TERMINAL:
         metrics.jobs.labels(status).set(counts.get(status, 0))
