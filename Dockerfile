@@ -15,9 +15,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv libjemalloc2 \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
-# jemalloc in every process (API, Ray head and workers), not only those `ladder` starts:
-# training memory then stays flat as the store grows (api/allocator.py).
-ENV LD_PRELOAD=libjemalloc.so.2
+# jemalloc is installed for the processes that train (`ladder train`/`finetune` switch to it
+# themselves; docker-compose preloads it on the Ray workers, where jobs train): api/allocator.py.
 
 # torch first and pinned to a CUDA build: installing the project first would let pip choose one.
 RUN pip install --no-cache-dir torch==${TORCH_VERSION} --index-url ${TORCH_INDEX_URL}

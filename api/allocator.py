@@ -8,8 +8,9 @@ a third of that at ~the same speed. It can only be chosen when a process starts 
 the `ladder` command starts itself again under jemalloc when the library is installed
 (Debian/Ubuntu: `apt-get install libjemalloc2`; `make install` does it where it can).
 
-LADDER_ALLOCATOR: `auto` (default: jemalloc when installed, else the system's), `jemalloc`
-(required: an error when missing), `system` (never switch).
+LADDER_ALLOCATOR: `auto` (default: jemalloc for `ladder train` and `ladder finetune` when it is
+installed, the system's malloc otherwise), `jemalloc` (every command; an error when missing),
+`system` (never switch).
 """
 
 from __future__ import annotations
@@ -73,11 +74,19 @@ def preload_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
     return env
 
 
-def restart_on_jemalloc() -> None:
+# Where jemalloc was measured to help: training from a store (flat memory). Elsewhere it costs
+# speed (MiniLM's forward pass, batch 32, 2 cores: 226 ms against glibc's 208), so `auto` leaves
+# serving and caching on the system's malloc; LADDER_ALLOCATOR=jemalloc switches every command.
+AUTO_COMMANDS = ("train", "finetune")
+
+
+def restart_on_jemalloc(command: str) -> None:
     """Replaces this process with the same command line (`sys.orig_argv`: the interpreter, its
     flags, the script or -m module, the arguments) on jemalloc, if it should switch; returns
     otherwise. Call it before anything heavy is imported."""
     if not sys.platform.startswith("linux"):
+        return
+    if wanted() == "auto" and command not in AUTO_COMMANDS:
         return
     env = preload_env()
     if env is None:

@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if argv is None:  # the real command line (not a call from Python): pick the allocator
         try:
-            allocator.restart_on_jemalloc()
+            allocator.restart_on_jemalloc(args.command)
         except allocator.AllocatorError as exc:
             print(f"ladder {args.command}: error: {exc}", file=sys.stderr)
             return 2

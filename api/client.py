@@ -78,6 +78,14 @@ RETRIED = frozenset({429, 502, 503, 504})
 RETRIED_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
+def _ladder_error(response: httpx.Response) -> bool:
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and isinstance(body.get("error"), dict)
+
+
 def _backoff(attempt: int, retry_after: str | None) -> float:
     """Seconds before retry `attempt` (0-based): the server's Retry-After if it gave one (up to
     30 s), else 0.5 s doubling, up to 8 s."""
@@ -151,7 +159,13 @@ class LadderClient:
                 log.info("%s %s: %s; retrying", method, path, exc.__class__.__name__)
                 time.sleep(_backoff(attempt, None))
                 continue
-            if response.status_code in RETRIED and not last:
+            if not last and (
+                response.status_code in RETRIED
+                # A 500 that is not Ladder's error object came from a proxy in front of it
+                # (Ray Serve answers so for a request whose replica died): not the server's
+                # own verdict on the request.
+                or (response.status_code == 500 and not _ladder_error(response))
+            ):
                 log.info("%s %s: HTTP %d; retrying", method, path, response.status_code)
                 time.sleep(_backoff(attempt, response.headers.get("retry-after")))
                 continue

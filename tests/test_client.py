@@ -415,6 +415,7 @@ def test_reads_and_predictions_are_retried_and_job_creation_is_not(monkeypatch):
     answers = [
         httpx.ConnectError("refused"),
         httpx.Response(503, headers={"Retry-After": "3"}, json={"error": {"code": "busy"}}),
+        httpx.Response(500, text="Internal Server Error"),  # a proxy's: the replica died
         httpx.Response(200, json={"predictions": []}),
     ]
     seen = []
@@ -426,17 +427,25 @@ def test_reads_and_predictions_are_retried_and_job_creation_is_not(monkeypatch):
             raise answer
         return answer
 
-    client = LadderClient(BASE, http=httpx.Client(transport=httpx.MockTransport(flaky)))
+    client = LadderClient(
+        BASE, http=httpx.Client(transport=httpx.MockTransport(flaky)), max_retries=3
+    )
     assert client.predict("ft:x", ["hello"]) == {"predictions": []}
-    assert len(seen) == 3 and slept == [0.5, 3.0]  # backoff, then the server's Retry-After
+    assert len(seen) == 4 and slept == [0.5, 3.0, 2.0]  # backoff, Retry-After, backoff
+    # Ladder's own 500 is its verdict on the request: not retried.
+    answers[:] = [httpx.Response(500, json={"error": {"code": "internal_error", "message": "x"}})]
+    seen.clear()
+    with pytest.raises(LadderAPIError):
+        client.predict("ft:x", ["hello"])
+    assert len(seen) == 1
 
     answers[:] = [httpx.Response(503, json={"error": {"code": "busy", "message": "busy"}})] * 3
     seen.clear()
     with pytest.raises(LadderAPIError) as info:
         client.create_job("minilm", "file-1")
     assert info.value.status == 503 and seen == [("POST", "/v1/fine_tuning/jobs")]
-    answers[:] = [httpx.Response(503, json={"error": {"code": "busy", "message": "busy"}})] * 3
+    answers[:] = [httpx.Response(503, json={"error": {"code": "busy", "message": "busy"}})] * 4
     seen.clear()
     with pytest.raises(LadderAPIError):
         client.list_models()
-    assert len(seen) == 3  # the first try and two retries
+    assert len(seen) == 4  # the first try and three retries

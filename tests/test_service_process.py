@@ -253,7 +253,7 @@ def test_replicas_on_ray_serve_share_models_and_a_killed_one_loses_no_request(
         results, errors = [], []
 
         def traffic() -> None:
-            with LadderClient(base, max_retries=8, timeout=60) as client:
+            with LadderClient(base, timeout=60) as client:  # the default retries
                 for _ in range(30):
                     try:
                         results.append(client.predict("ft:shared", ["a lovely ride"]))
