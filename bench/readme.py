@@ -217,8 +217,13 @@ def serve_many(report: dict) -> str:
         f"clients); side models held at most {m['side_bytes_held_max_mb']} MB, "
         f"{m['side_model_loads']:.0f} loads from disk; server memory "
         f"{m['rss_after_warmup_mb']:.0f} MB once the backbone and one model had served, peak "
-        f"{m['rss_peak_mb']:.0f} MB ({m['rss_peak_above_warmup_mb']:.0f} MB above).",
+        f"{m['rss_peak_mb']:.0f} MB ({m['rss_peak_above_warmup_mb']:.0f} MB above; server on "
+        f"{m['server_allocator']} malloc).",
         "",
+    ]
+    if not report["latency"]:
+        return "\n".join(rows) + "\n\nLatency under load: not measured in this run.\n"
+    rows += [
         "| side models | popularity | arrivals/s | requests | p50 ms | p95 ms | answered/s |",
         "|---|---|---|---|---|---|---|",
     ]

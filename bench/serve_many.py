@@ -318,6 +318,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,8,64")
     parser.add_argument("--rates", default="4,16")
     parser.add_argument("--seconds", type=float, default=12)
+    parser.add_argument(
+        "--no-latency", action="store_true", help="only the many-models memory check"
+    )
     parser.add_argument("--json", default="bench/results/serve_many.json")
     args = parser.parse_args()
     from backbone_worker.data import load_dataset
@@ -329,17 +332,22 @@ def main() -> None:
         "many_models": many_models(args.backbone, args.models, args.budget_models, texts[:2]),
     }
     print(json.dumps(report["many_models"]), flush=True)
-    report["latency"] = latency_under_load(
-        args.backbone,
-        [int(x) for x in args.sizes.split(",")],
-        [float(x) for x in args.rates.split(",")],
-        args.seconds,
-        texts,
+    report["latency"] = (
+        []
+        if args.no_latency
+        else latency_under_load(
+            args.backbone,
+            [int(x) for x in args.sizes.split(",")],
+            [float(x) for x in args.rates.split(",")],
+            args.seconds,
+            texts,
+        )
     )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report["latency"], out.with_suffix(".png"))
+    if report["latency"]:
+        plot(report["latency"], out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
