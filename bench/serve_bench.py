@@ -17,10 +17,7 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -103,31 +100,10 @@ def serve_and_measure(backbone_name: str, side: SideNetwork, texts: list[str]) -
     Database(home / "ladder.db").add_model(
         "ft:bench", backbone_name, str(home / "models" / "bench"), "bench"
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "LADDER_HOME": str(home),
-        "LADDER_EXECUTOR": "thread",
-        "LADDER_PRELOAD": backbone_name,
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    from bench.serve_many import start_server  # the one way the benches start a server
+
+    server, base = start_server(home, backbone_name, {})
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         sequential = asyncio.run(request_rate(base, "ft:bench", texts, 1, 64))
         concurrent = asyncio.run(request_rate(base, "ft:bench", texts, 32, 8))
         return {
