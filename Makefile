@@ -29,6 +29,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -c "from api.allocator import jemalloc_library as j; exit(j() is None)" \
 	  || $(call APT_INSTALL,libjemalloc2) \
 	  || echo "note: libjemalloc2 not installed; training memory grows with the store"
+	# The console's browser test drives Debian's Chromium through Playwright (Playwright's own
+	# browser download needs the internet); elsewhere set LADDER_CHROMIUM to a Chromium binary.
+	command -v chromium >/dev/null || [ -n "$$LADDER_CHROMIUM" ] || $(call APT_INSTALL,chromium) \
+	  || echo "note: chromium not installed; the console's browser test will fail (see tests/test_console.py)"
 	touch $@
 
 demo: install

@@ -26,7 +26,7 @@ from api.db import open_database
 from api.errors import APIError, error_body
 from api.guard import RequestGuard, RequestMetrics
 from api.jobs import JobRunner
-from api.routers import files, jobs, models, operations
+from api.routers import console, files, jobs, models, operations
 from api.schemas import ErrorResponse
 from api.serving import MicroBatcher, ModelRegistry
 from api.state import Metrics, Services
@@ -36,6 +36,30 @@ log = logging.getLogger(__name__)
 _UNION_TAG = re.compile(
     r"^(int|float|str|bool|list\[.*\]|literal\[.*\]|function-.*|constrained-.*)$"
 )
+
+
+_MISMATCH = re.compile(r"^(literal_error|.*_type|.*_parsing)$")
+
+
+def _telling_error(errors: list[dict]) -> dict:
+    """The error to report. A value of a union field (a hyperparameter: "auto", a number or a
+    list) fails every member: report the member whose kind of value it was (0 epochs: "greater
+    than or equal to 1", not "should be 'auto'"); if it fits none, every member's message."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request"}
+
+    def place(e: dict) -> list:
+        return [p for p in e.get("loc", ()) if not _UNION_TAG.match(str(p))]
+
+    first = errors[0]
+    field = place(first)
+    same = [e for e in errors if place(e)[: len(field)] == field]
+    if len(same) < 2:
+        return first
+    for e in same:
+        if not _MISMATCH.match(e.get("type", "")):
+            return e
+    return {**first, "msg": "; or ".join(dict.fromkeys(e["msg"] for e in same))}
 
 
 def create_app(
@@ -111,7 +135,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        first = _telling_error(exc.errors())
         if first.get("type") == "json_invalid":  # its location is a character offset
             where = first.get("loc", ())[-1] if first.get("loc") else "?"
             return JSONResponse(
@@ -182,8 +206,15 @@ def create_app(
             status_code=500,
         )
 
-    for router in (operations.router, files.router, jobs.router, models.router):
+    for router in (
+        operations.router,
+        files.router,
+        jobs.defaults_router,
+        jobs.router,
+        models.router,
+    ):
         app.include_router(router)
+    console.mount(app)
     # The last added runs first: metrics see every answer, the guard's 401s and 413s included.
     app.add_middleware(RequestGuard)
     app.add_middleware(RequestMetrics, metrics=s.metrics)

@@ -325,6 +325,12 @@ def cmd_serve(args) -> dict:
             "upload data, run jobs and read models; set LADDER_API_KEY",
             args.host,
         )
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(
+        f"ladder serve: the console is at http://{shown}:{args.port}/ (the API reference at /docs)",
+        file=sys.stderr,
+        flush=True,
+    )
     if args.replicas is not None:
         from api.replicas import serve_replicas
 

@@ -21,10 +21,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body
 
-# Routes anyone may call, key or not: liveness, readiness, metrics, and the API's description.
+# Routes anyone may call, key or not: liveness, readiness, metrics, the API's description, and
+# the console's page and static files (the page asks for the key before it calls the API).
 PUBLIC_PATHS = frozenset(
-    {"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    {
+        "/",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+    }
 )
+PUBLIC_PREFIXES = ("/console/",)
 MIB = 2**20
 
 
@@ -81,7 +92,8 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         key = os.environ.get("LADDER_API_KEY")
-        if key and scope["path"] not in PUBLIC_PATHS:
+        path = scope["path"]
+        if key and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             given = headers.get(b"authorization", b"")
             if not secrets.compare_digest(given, f"Bearer {key}".encode()):
                 return await _send_error(

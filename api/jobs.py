@@ -87,14 +87,27 @@ def run_job(home: str, job_id: str) -> None:
             db.add_event(job_id, f"failed: {message}", level="error", data={"status": "failed"})
 
 
+def resolved_hyperparameters(model: str, hp: dict, n_rows: int) -> dict:
+    """A job's hyperparameters with every "auto" replaced, for this backbone and an upload of
+    `n_rows` rows (what the job will run with, and what the console shows before it is created)."""
+    from transformers import AutoConfig
+
+    from backbone_worker.backbone import resolve
+    from backbone_worker.families import family_of
+
+    config = AutoConfig.from_pretrained(resolve(model), local_files_only=True)
+    family = family_of(config)
+    return hyperparameters.resolve(
+        hp, n_rows, family.name, family.default_layers(config), family.hidden_size(config)
+    )
+
+
 def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancelled) -> None:
     import torch
-    from transformers import AutoConfig
 
     from api.inference import JointModel, evaluate
     from backbone_worker.backbone import fingerprint_dir, load_backbone, resolve
     from backbone_worker.data import load_dataset
-    from backbone_worker.families import family_of
     from cache_store import CorruptPartError
     from side_trainer.artifacts import load_side_model
     from side_trainer.train import train
@@ -109,15 +122,7 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
     set_status("validating_files", f"validating {training['filename']}")
     dataset = load_dataset(training["path"], **_columns(training))
     backbone_dir = resolve(job["model"])
-    config = AutoConfig.from_pretrained(backbone_dir, local_files_only=True)
-    family = family_of(config)
-    hp = hyperparameters.resolve(
-        job["hyperparameters"],
-        len(dataset.examples),
-        family.name,
-        family.default_layers(config),
-        family.hidden_size(config),
-    )
+    hp = resolved_hyperparameters(job["model"], job["hyperparameters"], len(dataset.examples))
     db.update_job(job_id, hyperparameters=hp)
     cache_opts, opts = hyperparameters.options(
         hp, wait_s=5, seed=job["seed"] or 0, device="cuda" if torch.cuda.is_available() else "cpu"

@@ -40,6 +40,21 @@ class JobCreate(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class HyperparameterObject(BaseModel):
+    name: str
+    description: str
+    value: Any  # what "auto" resolves to for the backbone and the upload
+    sweep: bool  # a list of values trains one configuration per value
+    choices: list[Any] | None = None
+
+
+class HyperparameterList(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    training_file: str
+    data: list[HyperparameterObject]
+
+
 class JobError(BaseModel):
     code: str
     message: str

@@ -463,9 +463,13 @@ def test_bad_job_requests(service, finished_job):
         "training_file",
     )
     bad = {"model": "tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 0}}
-    assert_error(
-        client.post(jobs, json=bad), 400, "invalid_request_error", "hyperparameters.n_epochs"
-    )
+    response = client.post(jobs, json=bad)
+    assert_error(response, 400, "invalid_request_error", "hyperparameters.n_epochs")
+    # The message is the one of the kind of value sent (a number), not "should be 'auto'".
+    assert "greater than or equal to 1" in response.json()["error"]["message"]
+    bad["hyperparameters"] = {"n_epochs": "many"}  # fits no kind: every kind is named
+    message = client.post(jobs, json=bad).json()["error"]["message"]
+    assert "'auto'" in message and "valid integer" in message
     bad["hyperparameters"] = {"reduction_factor": 5}
     assert_error(
         client.post(jobs, json=bad),
@@ -483,7 +487,9 @@ def test_bad_job_requests(service, finished_job):
     bad["hyperparameters"] = {"learning_rate": [1e-3, 2e-3, 3e-3], "n_seeds": 30}
     assert_error(client.post(jobs, json=bad), 400, "invalid_hyperparameter", "hyperparameters")
     bad["hyperparameters"] = {"learning_rate": [1e-3, 2]}
-    assert_error(client.post(jobs, json=bad), 400, "invalid_request_error")
+    assert_error(
+        client.post(jobs, json=bad), 400, "invalid_request_error", "hyperparameters.learning_rate.1"
+    )
     bad["hyperparameters"] = {"kept_layers": [0, 7]}
     assert_error(
         client.post(jobs, json=bad), 400, "invalid_hyperparameter", "hyperparameters.kept_layers"
@@ -622,3 +628,38 @@ def test_gguf_backbones_convert_at_start_not_in_a_request(tmp_path, monkeypatch)
     ):
         time.sleep(0.5)
     assert calls == []
+
+
+def test_resolved_hyperparameters_before_a_job(service, finished_job):
+    """What "auto" becomes for a backbone and an upload: the job form shows it; a job created
+    with nothing set runs with exactly these values."""
+    client = service["client"]
+    job, file_id = finished_job
+    url = "/v1/fine_tuning/hyperparameters"
+    listed = client.get(url, params={"model": "tiny", "training_file": file_id})
+    assert listed.status_code == 200, listed.text
+    values = {hp["name"]: hp["value"] for hp in listed.json()["data"]}
+    rows = client.get(f"/v1/files/{file_id}").json()["rows"]
+    assert values["n_epochs"] == (10 if rows < 1000 else 5)  # depends on the upload's size
+    assert "auto" not in values.values()
+    by_name = {hp["name"]: hp for hp in listed.json()["data"]}
+    assert by_name["learning_rate"]["sweep"] and not by_name["batch_size"]["sweep"]
+    assert by_name["init"]["choices"] == ["fisher", "magnitude", "random"]
+    created = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id}
+    ).json()
+    done = wait_for(client, created["id"])
+    assert done["hyperparameters"] == values
+    assert_error(
+        client.get(url, params={"model": "nope", "training_file": file_id}),
+        400,
+        "model_not_found",
+        "model",
+    )
+    assert_error(
+        client.get(url, params={"model": "tiny", "training_file": "file-missing"}),
+        400,
+        "file_not_found",
+        "training_file",
+    )
+    assert_error(client.get(url, params={"model": "tiny"}), 400, "invalid_request_error")

@@ -13,11 +13,15 @@ from fastapi.responses import StreamingResponse
 
 from api.db import ACTIVE, TERMINAL, new_id
 from api.errors import APIError, require_id
+from api.hyperparameters import declared
+from api.jobs import resolved_hyperparameters
 from api.routers.files import file_record
 from api.schemas import (
     ErrorResponse,
     EventList,
     EventObject,
+    HyperparameterList,
+    HyperparameterObject,
     Hyperparameters,
     JobCreate,
     JobList,
@@ -27,26 +31,55 @@ from api.serving import ModelRegistry
 from api.state import Services, services
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs")
+# What a job would run with, before it is created (the console's job form shows it).
+defaults_router = APIRouter(prefix="/v1/fine_tuning")
 
 
-@router.post("", response_model=JobObject)
-def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
-    registry: ModelRegistry = s.registry
-    if body.model not in registry.available_backbones():
+def _check_backbone(registry: ModelRegistry, model: str) -> None:
+    if model not in registry.available_backbones():
         # A hub id is taken when it is in the server's Hugging Face cache (or it may download).
         from backbone_worker.backbone import BackboneError, resolve
 
         try:
-            resolve(body.model)
+            resolve(model)
         except BackboneError as exc:
             raise APIError(
                 400,
                 "model_not_found",
-                f"backbone {body.model!r} is not available "
+                f"backbone {model!r} is not available "
                 f"({exc}); use one of {', '.join(registry.available_backbones())} or "
                 f"a hub id the server has",
                 "model",
             ) from None
+
+
+@defaults_router.get("/hyperparameters", response_model=HyperparameterList)
+def resolved_defaults(
+    model: str = Query(min_length=1, max_length=128),
+    training_file: str = Query(min_length=1, max_length=128),
+    s: Services = Depends(services),
+) -> HyperparameterList:
+    """Every hyperparameter a job takes, with the value "auto" resolves to for this backbone
+    and this upload (some defaults depend on the upload's size or the backbone's family)."""
+    _check_backbone(s.registry, model)
+    record = file_record(s, require_id(training_file, "training_file"), "training_file", 400)
+    values = resolved_hyperparameters(model, {}, record["rows"])
+    data = [
+        HyperparameterObject(
+            name=setting.http,
+            description=setting.help,
+            value=values[setting.http],
+            sweep=setting.sweep,
+            choices=[c for c in setting.choices if c is not None] if setting.choices else None,
+        )
+        for *_, setting in declared()
+    ]
+    return HyperparameterList(model=model, training_file=training_file, data=data)
+
+
+@router.post("", response_model=JobObject)
+def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
+    _check_backbone(s.registry, body.model)
     file_record(s, require_id(body.training_file, "training_file"), "training_file", 400)
     if body.validation_file:
         file_record(s, require_id(body.validation_file, "validation_file"), "validation_file", 400)

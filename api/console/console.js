@@ -1,0 +1,530 @@
+// The Ladder console: one page over the HTTP API (the same routes the CLI and the Python client
+// use). No build step: plain browser JavaScript, uPlot for the charts.
+"use strict";
+
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+const KEY = "ladder-api-key"; // sessionStorage: the key lives as long as the tab
+const COLORS = { loss: "#d9480f", accuracy: "#1c7ed6" };
+
+// ---- the API ----------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const error = (body && body.error) || {};
+    super(error.message || `the server answered ${status}`);
+    this.status = status;
+    this.code = error.code;
+    this.param = error.param;
+  }
+}
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function api(path, options = {}) {
+  const headers = { ...authHeaders(), ...(options.headers || {}) };
+  let body = options.body;
+  if (options.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(options.json);
+  }
+  const response = await fetch(path, { method: options.method || "GET", headers, body });
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (e) { data = null; }
+  if (!response.ok) {
+    const error = new ApiError(response.status, data);
+    if (response.status === 401) askForKey(error.message);
+    throw error;
+  }
+  return data;
+}
+
+// Server-sent events through fetch (EventSource cannot send the Authorization header).
+// Calls onEvent for each event; resolves when the stream ends or `signal` aborts it.
+async function followEvents(jobId, onEvent, signal) {
+  const response = await fetch(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/events?stream=true`,
+    { headers: authHeaders(), signal });
+  if (!response.ok) {
+    let data = null;
+    try { data = await response.json(); } catch (e) { data = null; }
+    throw new ApiError(response.status, data);
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const chunk = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const data = chunk.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+      if (data === "[DONE]") return;
+      if (data) onEvent(JSON.parse(data));
+    }
+  }
+}
+
+// ---- small helpers ----------------------------------------------------------------------
+
+const $ = (selector, root = document) => root.querySelector(selector);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === "onclick") node.addEventListener("click", value);
+    else if (name === "text") node.textContent = value;
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child);
+  }
+  return node;
+}
+
+function showError(target, error) {
+  const node = typeof target === "string" ? $(target) : target;
+  if (!node) return;
+  node.textContent = error ? (error.message || String(error)) : "";
+}
+
+const when = (seconds) => (seconds ? new Date(seconds * 1000).toLocaleString() : "");
+const percent = (x) => (typeof x === "number" ? `${(100 * x).toFixed(1)}%` : "");
+
+function statusBadge(status) {
+  return el("span", { class: `status status-${status}`, "data-status": status, text: status.replace(/_/g, " ") });
+}
+
+// What the user typed in a hyperparameter field -> its JSON value ("" -> auto).
+function parseValue(text) {
+  const t = text.trim();
+  if (t === "") return undefined;
+  const list = t.includes(",") && !t.startsWith("[") ? `[${t}]` : t;
+  try { return JSON.parse(list); } catch (e) { return t; }
+}
+
+const show = (value) => (Array.isArray(value) ? value.join(", ") : String(value));
+
+// ---- the API key ------------------------------------------------------------------------
+
+function askForKey(message) {
+  $("#key-panel").hidden = false;
+  showError("#key-error", message ? { message } : null);
+  $("#key-input").focus();
+}
+
+function setupKey() {
+  $("#key-button").addEventListener("click", () => askForKey(""));
+  $("#key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    sessionStorage.setItem(KEY, $("#key-input").value.trim());
+    $("#key-input").value = "";
+    $("#key-panel").hidden = true;
+    route();
+  });
+  $("#key-forget").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY);
+    $("#key-panel").hidden = true;
+    route();
+  });
+}
+
+async function showServer() {
+  try {
+    const ready = await fetch("/ready").then((r) => r.json());
+    $("#server").textContent = ready.status === "ready"
+      ? `ready · ${ready.backbones.join(", ")}` : "starting: backbones still loading";
+  } catch (e) {
+    $("#server").textContent = "server unreachable";
+  }
+}
+
+// ---- views ------------------------------------------------------------------------------
+
+let leaving = new AbortController(); // aborted when the view changes: closes its event streams
+
+function mount(templateId, nav) {
+  leaving.abort();
+  leaving = new AbortController();
+  const view = $("#view");
+  view.replaceChildren($(`#${templateId}`).content.cloneNode(true));
+  for (const link of document.querySelectorAll("nav a")) {
+    link.classList.toggle("active", link.dataset.nav === nav);
+  }
+  return view;
+}
+
+async function newJobView() {
+  mount("tpl-new", "new");
+  const input = $("#file-input");
+  const drop = $("#drop");
+  let file = null;
+
+  async function useFile(record) {
+    file = record;
+    const card = $("#file-card");
+    card.hidden = false;
+    card.replaceChildren(
+      el("b", { text: record.filename }),
+      ` · ${record.rows.toLocaleString()} rows · labels: ${record.labels.join(", ")} · `,
+      el("code", { text: record.id }),
+    );
+    $("#job-form").hidden = false;
+    await loadHyperparameters();
+  }
+
+  async function upload(chosen) {
+    showError("#upload-error", null);
+    drop.classList.add("busy");
+    const form = new FormData();
+    form.append("purpose", "fine-tune");
+    form.append("file", chosen, chosen.name);
+    try {
+      await useFile(await api("/v1/files", { method: "POST", body: form }));
+    } catch (error) {
+      showError("#upload-error", error);
+    } finally {
+      drop.classList.remove("busy");
+      input.value = "";
+    }
+  }
+
+  let asked = 0; // only the answer to the latest question fills the table
+  async function loadHyperparameters() {
+    if (!file || !$("#backbone").value) return;
+    showError("#job-error", null);
+    const table = $("#hp-table");
+    const tbody = $("#hp-table tbody");
+    const question = ++asked;
+    try {
+      const query = new URLSearchParams({ model: $("#backbone").value, training_file: file.id });
+      const list = await api(`/v1/fine_tuning/hyperparameters?${query}`);
+      if (question !== asked) return;
+      const typed = {}; // what the user typed stays when the defaults change
+      for (const field of tbody.querySelectorAll("[data-hp]")) typed[field.dataset.hp] = field.value;
+      table.dataset.model = list.model;
+      table.dataset.file = list.training_file;
+      tbody.replaceChildren(...list.data.map((hp) => {
+        let field;
+        if (hp.choices) {
+          field = el("select", { "data-hp": hp.name, id: `hp-${hp.name}` },
+            el("option", { value: "", text: `${show(hp.value)} (default)` }),
+            hp.choices.map((c) => el("option", { value: String(c), text: String(c) })));
+        } else {
+          field = el("input", { "data-hp": hp.name, id: `hp-${hp.name}`, placeholder: show(hp.value) });
+        }
+        if (typed[hp.name]) field.value = typed[hp.name];
+        return el("tr", {},
+          el("th", {}, el("label", { for: `hp-${hp.name}`, text: hp.name })),
+          el("td", {}, field),
+          el("td", { class: "muted", text: hp.description }));
+      }));
+    } catch (error) {
+      showError("#job-error", error);
+    }
+  }
+
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
+  });
+  input.addEventListener("change", () => { if (input.files.length) upload(input.files[0]); });
+  $("#backbone").addEventListener("change", loadHyperparameters);
+
+  $("#job-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    showError("#job-error", null);
+    for (const bad of document.querySelectorAll(".invalid")) bad.classList.remove("invalid");
+    const hyperparameters = {};
+    for (const field of document.querySelectorAll("[data-hp]")) {
+      const value = parseValue(field.value);
+      if (value !== undefined) hyperparameters[field.dataset.hp] = value;
+    }
+    const body = { model: $("#backbone").value, training_file: file.id, hyperparameters };
+    if ($("#suffix").value.trim()) body.suffix = $("#suffix").value.trim();
+    if ($("#seed").value !== "") body.seed = Number($("#seed").value);
+    $("#create-job").disabled = true;
+    try {
+      const job = await api("/v1/fine_tuning/jobs", { method: "POST", json: body });
+      location.hash = `#/jobs/${job.id}`;
+    } catch (error) {
+      showError("#job-error", error);
+      const name = (error.param || "").replace(/^hyperparameters\./, "").split(".")[0];
+      const field = $(`#hp-${CSS.escape(name)}`) || $(`#${CSS.escape(name)}`);
+      if (field) field.classList.add("invalid");
+    } finally {
+      $("#create-job").disabled = false;
+    }
+  });
+
+  try {
+    const [models, files] = await Promise.all([api("/v1/models"), api("/v1/files")]);
+    $("#backbone").replaceChildren(...models.data.filter((m) => m.kind === "backbone")
+      .map((m) => el("option", { value: m.id, text: m.id })));
+    const select = $("#file-select");
+    for (const f of files.data) {
+      select.append(el("option", { value: f.id, text: `${f.filename} (${f.rows} rows, ${f.id})` }));
+    }
+    select.addEventListener("change", () => {
+      const chosen = files.data.find((f) => f.id === select.value);
+      if (chosen) useFile(chosen);
+    });
+  } catch (error) {
+    showError("#upload-error", error);
+  }
+}
+
+async function jobsView() {
+  mount("tpl-jobs", "jobs");
+  const signal = leaving.signal;
+  let jobs;
+  try {
+    jobs = (await api("/v1/fine_tuning/jobs?limit=100")).data;
+  } catch (error) {
+    showError("#jobs-error", error);
+    return;
+  }
+  $("#jobs-empty").hidden = jobs.length > 0;
+  const tbody = $("#jobs-table tbody");
+  for (const job of jobs) {
+    const status = el("td", {}, statusBadge(job.status));
+    const accuracy = el("td", { text: percent(job.result && job.result.test_accuracy) });
+    const model = el("td", {}, job.fine_tuned_model ? el("code", { text: job.fine_tuned_model }) : "");
+    tbody.append(el("tr", { "data-job": job.id },
+      el("td", {}, el("a", { href: `#/jobs/${job.id}`, text: job.id })),
+      el("td", { text: job.model }), status, el("td", { text: when(job.created_at) }), model, accuracy));
+    if (!TERMINAL.includes(job.status)) {
+      // Live status: the job's event stream says each change as it happens.
+      followEvents(job.id, (event) => {
+        if (event.data && event.data.status) status.replaceChildren(statusBadge(event.data.status));
+      }, signal).then(async () => {
+        if (signal.aborted) return;
+        const done = await api(`/v1/fine_tuning/jobs/${job.id}`);
+        status.replaceChildren(statusBadge(done.status));
+        accuracy.textContent = percent(done.result && done.result.test_accuracy);
+        if (done.fine_tuned_model) model.replaceChildren(el("code", { text: done.fine_tuned_model }));
+      }).catch((error) => { if (!signal.aborted) showError("#jobs-error", error); });
+    }
+  }
+}
+
+function drawChart(node, epochs) {
+  const x = epochs.map((r) => r.epoch);
+  const loss = epochs.map((r) => (typeof r.train_loss === "number" ? r.train_loss : null));
+  const acc = epochs.map((r) => (typeof r.val_accuracy === "number" ? r.val_accuracy : null));
+  node.replaceChildren();
+  node.dataset.epochs = String(epochs.length);
+  const width = Math.max(320, node.clientWidth || 560);
+  const options = {
+    width, height: 260,
+    scales: { x: { time: false }, acc: { range: [0, 1] } },
+    series: [
+      { label: "epoch" },
+      { label: "train loss", stroke: COLORS.loss, width: 2, points: { size: 7 } },
+      { label: "validation accuracy", stroke: COLORS.accuracy, width: 2, scale: "acc",
+        points: { size: 7 }, value: (u, v) => percent(v) },
+    ],
+    axes: [
+      { label: "epoch", incrs: [1, 2, 5, 10, 20, 50] },
+      { label: "train loss", stroke: COLORS.loss },
+      { label: "validation accuracy", side: 1, scale: "acc", stroke: COLORS.accuracy,
+        values: (u, ticks) => ticks.map((t) => `${Math.round(100 * t)}%`) },
+    ],
+  };
+  return new uPlot(options, [x, loss, acc], node);
+}
+
+async function jobView(jobId) {
+  mount("tpl-job", "jobs");
+  const signal = leaving.signal;
+  $("#job-id").textContent = jobId;
+  const epochs = [];
+  let chart = null;
+
+  function details(job) {
+    $("#job-status").replaceChildren(statusBadge(job.status));
+    $("#cancel-job").hidden = TERMINAL.includes(job.status);
+    const rows = [
+      ["Backbone", job.model],
+      ["Created", when(job.created_at)],
+      ["Finished", when(job.finished_at)],
+      ["Training file", job.training_file],
+      ["Fine-tuned model", job.fine_tuned_model
+        ? el("a", { href: `#/playground?model=${encodeURIComponent(job.fine_tuned_model)}`, text: job.fine_tuned_model })
+        : ""],
+    ];
+    const r = job.result || {};
+    if (r.test_accuracy !== undefined) rows.push(["Test accuracy", el("b", { text: percent(r.test_accuracy) })]);
+    if (r.best_val_accuracy !== undefined) rows.push(["Best validation accuracy", `${percent(r.best_val_accuracy)} (epoch ${r.best_epoch})`]);
+    if (r.train_examples_per_s !== undefined) rows.push(["Training speed", `${r.train_examples_per_s} examples/s`]);
+    if (r.trainable_params !== undefined) rows.push(["Trainable parameters", `${r.trainable_params.toLocaleString()} (${Number(r.trainable_pct).toPrecision(2)}% of the backbone)`]);
+    if (job.error) rows.push(["Error", el("span", { class: "error", text: job.error.message })]);
+    rows.push(["Hyperparameters", el("div", { class: "hp-list" }, Object.entries(job.hyperparameters)
+      .map(([k, v]) => el("div", {}, el("span", { class: "muted", text: `${k} ` }), show(v))))]);
+    $("#job-details").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", {}, v)]));
+    if (r.candidates) candidates(r);
+  }
+
+  function candidates(result) {
+    $("#candidates-card").hidden = false;
+    const axes = Object.keys(result.sweep || {});
+    $("#candidates thead").replaceChildren(el("tr", {}, axes.map((a) => el("th", { text: a })),
+      el("th", { text: "best validation accuracy" }), el("th", { text: "epochs" }), el("th", { text: "" })));
+    $("#candidates tbody").replaceChildren(...result.candidates.map((c, k) => el("tr",
+      { class: k === result.chosen ? "chosen" : "" },
+      axes.map((a) => el("td", { text: show(c[a]) })),
+      el("td", { text: percent(c.best_val_accuracy) }),
+      el("td", { text: c.history ? String(c.history.length) : "" }),
+      el("td", { text: k === result.chosen ? "kept" : "" }))));
+  }
+
+  function addEvent(event) {
+    $("#events").append(el("li", { class: `level-${event.level}` },
+      el("time", { text: new Date(event.created_at * 1000).toLocaleTimeString() }), " ", event.message));
+    const data = event.data || {};
+    if (data.step === "training" && typeof data.epoch === "number") {
+      epochs.push(data);
+      if (chart) chart.destroy();
+      chart = drawChart($("#chart"), epochs);
+    }
+    if (data.status) $("#job-status").replaceChildren(statusBadge(data.status));
+  }
+
+  $("#cancel-job").addEventListener("click", async () => {
+    try {
+      details(await api(`/v1/fine_tuning/jobs/${jobId}/cancel`, { method: "POST" }));
+    } catch (error) {
+      showError("#job-page-error", error);
+    }
+  });
+
+  try {
+    details(await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`));
+    await followEvents(jobId, addEvent, signal);
+    if (!signal.aborted) details(await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`));
+  } catch (error) {
+    if (!signal.aborted) showError("#job-page-error", error);
+  }
+}
+
+async function modelsView() {
+  mount("tpl-models", "models");
+  let models;
+  try {
+    models = (await api("/v1/models")).data;
+  } catch (error) {
+    showError("#models-error", error);
+    return;
+  }
+  const sides = models.filter((m) => m.kind === "side");
+  $("#models-empty").hidden = sides.length > 0;
+  $("#side-models tbody").replaceChildren(...sides.map((m) => {
+    const row = el("tr", { "data-model": m.id },
+      el("td", {}, el("code", { text: m.id })),
+      el("td", { text: m.backbone }),
+      el("td", { text: when(m.created) }),
+      el("td", {},
+        el("a", { href: `#/playground?model=${encodeURIComponent(m.id)}`, text: "Try" }), " ",
+        el("button", { type: "button", class: "danger", text: "Delete", onclick: async () => {
+          if (!confirm(`Delete ${m.id}? Its files are removed; this cannot be undone.`)) return;
+          try {
+            await api(`/v1/models/${encodeURIComponent(m.id)}`, { method: "DELETE" });
+            row.remove();
+            $("#models-empty").hidden = $("#side-models tbody").children.length > 0;
+          } catch (error) {
+            showError("#models-error", error);
+          }
+        } })));
+    return row;
+  }));
+  $("#backbones").replaceChildren(...models.filter((m) => m.kind === "backbone")
+    .map((m) => el("li", {}, el("code", { text: m.id }))));
+}
+
+async function playgroundView(params) {
+  mount("tpl-playground", "playground");
+  const wanted = params.getAll("model");
+  let sides;
+  try {
+    sides = (await api("/v1/models")).data.filter((m) => m.kind === "side");
+  } catch (error) {
+    showError("#predict-error", error);
+    return;
+  }
+  const pick = $("#pick-models");
+  if (!sides.length) pick.append(el("p", { class: "muted" }, "No fine-tuned models yet. ", el("a", { href: "#/new", text: "Fine-tune one" }), "."));
+  sides.forEach((m, k) => {
+    const checked = wanted.length ? wanted.includes(m.id) : k === 0;
+    pick.append(el("label", { class: "pick" },
+      el("input", { type: "checkbox", value: m.id, checked }), ` ${m.id} `, el("span", { class: "muted", text: `(${m.backbone})` })));
+  });
+
+  $("#predict").addEventListener("click", async () => {
+    showError("#predict-error", null);
+    const ids = [...pick.querySelectorAll("input:checked")].map((i) => i.value);
+    const texts = $("#texts").value.split("\n").map((t) => t.trim()).filter(Boolean);
+    const out = $("#predictions");
+    if (!ids.length) return showError("#predict-error", { message: "pick at least one side model" });
+    if (!texts.length) return showError("#predict-error", { message: "type at least one text" });
+    $("#predict").disabled = true;
+    try {
+      // Side models of different backbones cannot share a backbone pass: one request each.
+      const byBackbone = {};
+      for (const id of ids) {
+        const backbone = sides.find((m) => m.id === id).backbone;
+        (byBackbone[backbone] = byBackbone[backbone] || []).push(id);
+      }
+      const results = {};
+      await Promise.all(Object.values(byBackbone).map(async (group) => {
+        const answer = await api("/v1/predict", { method: "POST", json: { model: group, inputs: texts } });
+        group.forEach((id, k) => { results[id] = answer.predictions[k]; });
+      }));
+      out.replaceChildren(...texts.map((text, i) => el("div", { class: "card prediction" },
+        el("p", { class: "text", text }),
+        el("div", { class: "side-by-side" }, ids.map((id) => scoreBars(id, results[id][i]))))));
+    } catch (error) {
+      showError("#predict-error", error);
+    } finally {
+      $("#predict").disabled = false;
+    }
+  });
+}
+
+function scoreBars(modelId, prediction) {
+  const labels = Object.entries(prediction.scores).sort((a, b) => b[1] - a[1]);
+  return el("div", { class: "scores", "data-model": modelId },
+    el("p", {}, el("code", { text: modelId })),
+    el("p", {}, "label: ", el("b", { class: "label", text: prediction.label })),
+    labels.map(([label, score]) => el("div", { class: "bar-row" },
+      el("span", { class: "bar-label", text: label }),
+      el("span", { class: "bar" }, el("span", { class: label === prediction.label ? "fill top" : "fill",
+        style: `width: ${(100 * score).toFixed(1)}%` })),
+      el("span", { class: "bar-value", text: percent(score) }))));
+}
+
+// ---- routing ----------------------------------------------------------------------------
+
+function route() {
+  const [path, query] = (location.hash.slice(1) || "/").split("?");
+  const params = new URLSearchParams(query || "");
+  const parts = path.split("/").filter(Boolean);
+  if (parts[0] === "new") return newJobView();
+  if (parts[0] === "jobs" && parts[1]) return jobView(decodeURIComponent(parts[1]));
+  if (parts[0] === "models") return modelsView();
+  if (parts[0] === "playground") return playgroundView(params);
+  return jobsView();
+}
+
+window.addEventListener("hashchange", route);
+setupKey();
+showServer();
+route();

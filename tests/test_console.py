@@ -1,0 +1,223 @@
+"""The web console in a real headless Chromium (Debian's `chromium`, driven by Playwright; `make
+install` installs both): with an API key set, a bad upload's error is shown, a file dropped on the
+page becomes a job, the job succeeds with its curve drawn, its model predicts in the playground,
+and the model is deleted from the models page.
+
+`LADDER_CONSOLE_SCREENSHOTS=DIR` saves a screenshot of each page there, and
+`LADDER_CONSOLE_BACKBONE=minilm` runs it on MiniLM instead of a tiny random BERT (the README's
+screenshots: predictions that mean something)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from test_cli import write_csv
+from test_service_process import free_port, start_server
+
+playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+
+KEY = "console-test-key"
+BACKBONE = os.environ.get("LADDER_CONSOLE_BACKBONE", "tiny")
+LOSS_RGB = (217, 72, 15)  # console.js COLORS.loss
+
+
+def chromium() -> str:
+    for name in (os.environ.get("LADDER_CHROMIUM"), "chromium", "chromium-browser"):
+        if name and (found := shutil.which(name)):
+            return found
+    if os.environ.get("LADDER_SKIP_BROWSER") == "1":
+        pytest.skip("LADDER_SKIP_BROWSER=1 and no Chromium found")
+    pytest.fail(
+        "no Chromium found: `make install` installs Debian's chromium (as root), or set "
+        "LADDER_CHROMIUM to a Chromium binary (LADDER_SKIP_BROWSER=1 skips this test)"
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_bert_dir):
+    home = tmp_path_factory.mktemp("console")
+    port = free_port()
+    env = {
+        "LADDER_BACKBONES": f"tiny={tiny_bert_dir}",
+        "LADDER_PRELOAD": BACKBONE,
+        "LADDER_EXECUTOR": "thread",
+        "LADDER_API_KEY": KEY,
+    }
+    proc = start_server(home, port, env)
+    yield f"http://127.0.0.1:{port}", home
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        yield instance
+        instance.close()
+
+
+def shot(page, name: str) -> None:
+    where = os.environ.get("LADDER_CONSOLE_SCREENSHOTS")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(where) / f"{name}.png"), full_page=True)
+
+
+def drop_file(page, selector: str, name: str, content: str) -> None:
+    """Drag and drop a file onto an element, as a user's drop does (a DataTransfer with it)."""
+    transfer = page.evaluate_handle(
+        """([name, content]) => {
+            const t = new DataTransfer();
+            t.items.add(new File([content], name, { type: "text/csv" }));
+            return t;
+        }""",
+        [name, content],
+    )
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+def loss_pixels(page) -> int:
+    """Pixels of the chart's canvas in the train-loss colour: the curve was really drawn."""
+    return page.evaluate(
+        """([r, g, b]) => {
+            const canvas = document.querySelector("#chart canvas");
+            if (!canvas) return 0;
+            const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+            let n = 0;
+            for (let i = 0; i < data.length; i += 4) {
+                if (Math.abs(data[i] - r) < 12 && Math.abs(data[i + 1] - g) < 12
+                    && Math.abs(data[i + 2] - b) < 12 && data[i + 3] > 200) n++;
+            }
+            return n;
+        }""",
+        list(LOSS_RGB),
+    )
+
+
+def test_console_upload_job_chart_predict_delete(server, browser, tmp_path):
+    base, _ = server
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.set_default_timeout(20_000)
+
+    # Without the key, the API's 401 message is shown and the key is asked for.
+    page.goto(f"{base}/")
+    page.wait_for_selector("#key-panel:not([hidden])")
+    assert "API key" in page.inner_text("#key-error")
+    page.fill("#key-input", KEY)
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("#jobs-empty:not([hidden])")
+
+    # A bad upload: the server's validation message, inline.
+    page.click("nav >> text=Fine-tune")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,sentiment\nfine,pos\n")
+    page.set_input_files("#file-input", str(bad))
+    page.wait_for_selector("#upload-error:not(:empty)")
+    assert "label" in page.inner_text("#upload-error")
+    shot(page, "upload-error")
+
+    # A good file, dropped: its rows and labels, and the hyperparameters resolved for it.
+    drop_file(page, "#drop", "rides.csv", Path(write_csv(tmp_path / "d.csv", n=200)).read_text())
+    page.wait_for_selector("#file-card:not([hidden])")
+    assert "200 rows" in page.inner_text("#file-card")
+    page.select_option("#backbone", BACKBONE)
+    page.wait_for_selector(f"#hp-table[data-model='{BACKBONE}'] #hp-n_epochs")
+    assert page.get_attribute("#hp-n_epochs", "placeholder") == "10"  # under 1,000 rows
+
+    # A bad setting: the API's message, the field marked; then a good one starts the job.
+    page.fill("#hp-n_epochs", "0")
+    page.click("#create-job")
+    page.wait_for_selector("#job-error:not(:empty)")
+    assert "n_epochs" in page.inner_text("#job-error")
+    assert "invalid" in page.get_attribute("#hp-n_epochs", "class")
+    page.fill("#hp-n_epochs", "3")
+    page.fill("#hp-reduction_factor", "4")
+    page.fill("#hp-kept_layers", "0, 2")
+    page.fill("#suffix", "rides")
+    shot(page, "new-job")
+    page.click("#create-job")
+    page.wait_for_url(re.compile(r"#/jobs/ftjob-"))
+    page.wait_for_selector("#job-status [data-status=succeeded]", timeout=180_000)
+
+    # The curve: three epochs plotted, the loss line on the canvas; the events log.
+    page.wait_for_selector("#chart[data-epochs='3'] canvas")
+    assert loss_pixels(page) > 50
+    assert "epoch 3" in page.inner_text("#events")
+    assert "Test accuracy" in page.inner_text("#job-details")
+    shot(page, "job")
+
+    first_model = page.inner_text("#job-details a[href^='#/playground']")
+
+    # A sweep created through the API: its page lists both candidates and the one kept.
+    headers = {"Authorization": f"Bearer {KEY}"}
+    file_id = httpx.get(f"{base}/v1/files", headers=headers).json()["data"][0]["id"]
+    sweep = httpx.post(
+        f"{base}/v1/fine_tuning/jobs",
+        headers=headers,
+        json={
+            "model": BACKBONE,
+            "training_file": file_id,
+            "suffix": "sweep",
+            "hyperparameters": {
+                "learning_rate": [1e-3, 3e-3],
+                "n_epochs": 2,
+                "kept_layers": [0, 2],
+            },
+        },
+    ).json()
+    page.goto(f"{base}/#/jobs/{sweep['id']}")
+    page.wait_for_selector("#job-status [data-status=succeeded]", timeout=180_000)
+    page.wait_for_selector("#candidates-card:not([hidden])")
+    assert page.locator("#candidates tbody tr").count() == 2
+    assert page.locator("#candidates tr.chosen").count() == 1
+
+    # Both models side by side in the playground: a label and one bar per label for each.
+    page.click("#job-details a[href^='#/playground']")
+    page.wait_for_selector("#pick-models input:checked")
+    page.check(f"#pick-models input[value='{first_model}']")
+    page.fill("#texts", "the ride was lovely\nthe ride was awful")
+    page.click("#predict")
+    page.wait_for_selector(".scores")
+    assert page.locator(".prediction").count() == 2
+    first = page.locator(".prediction").first
+    assert first.locator(".scores").count() == 2
+    assert first.locator(".scores").first.locator(".bar-row").count() == 2
+    assert page.locator(".scores .label").first.inner_text() in ("pos", "neg")
+    shot(page, "playground")
+    # An input over the API's 10,000 characters: its 400 message is shown.
+    page.fill("#texts", "x" * 10_001)
+    page.click("#predict")
+    page.wait_for_selector("#predict-error:not(:empty)")
+    assert "10000 characters" in page.inner_text("#predict-error")
+
+    # The jobs list shows it succeeded; the models page deletes it.
+    page.click("nav >> text=Jobs")
+    page.wait_for_selector("#jobs-table [data-status=succeeded]")
+    shot(page, "jobs")
+    page.click("nav >> text=Models")
+    row = page.locator(f"#side-models tbody tr[data-model='{first_model}']")
+    row.wait_for()
+    shot(page, "models")
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.locator("button.danger").click()
+    row.wait_for(state="detached")
+    listed = httpx.get(f"{base}/v1/models", headers=headers).json()["data"]
+    assert first_model not in [m["id"] for m in listed]
+    assert errors == [], errors
+
+
+def test_console_is_served_without_a_key_and_the_api_is_not(server):
+    base, _ = server
+    page = httpx.get(f"{base}/")
+    assert page.status_code == 200 and "Ladder console" in page.text
+    assert httpx.get(f"{base}/console/console.js").status_code == 200
+    assert httpx.get(f"{base}/console/vendor/uPlot.iife.min.js").status_code == 200
+    assert httpx.get(f"{base}/v1/models").status_code == 401
