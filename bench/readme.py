@@ -204,6 +204,7 @@ def scaling(report: dict) -> str:
             else ""
         )
         + ").\n"
+        + (f"\n{report['note']}\n" if report.get("note") else "")
     )
 
 

@@ -39,6 +39,15 @@ def main() -> None:
     workdir = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="ladder-scaling-"))
     workdir.mkdir(parents=True, exist_ok=True)
     shuffle = [] if args.shuffle_mb is None else ["--shuffle-mb", str(args.shuffle_mb)]
+    previous = Path(args.json)
+    earlier = (
+        {
+            row["n_examples"]: row["caching_seconds"]
+            for row in json.loads(previous.read_text()).get("stores", [])
+        }
+        if keep and previous.is_file()
+        else {}
+    )
     report = {
         "backbone": args.backbone,
         "data": args.data,
@@ -83,6 +92,8 @@ def main() -> None:
                 )
             )
             caching_s = None if cached else time.perf_counter() - start
+            if cached:  # the store of an earlier run: its caching time, if that run wrote it
+                caching_s = earlier.get(info["n_examples"])
             shutil.rmtree(workdir / f"model-{n or 'all'}", ignore_errors=True)
             trained = _python(
                 [

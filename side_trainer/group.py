@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -20,6 +21,12 @@ from torch import nn
 from torch.func import functional_call
 
 from side_trainer.model import SideNetwork
+
+# Fused attention has no vmap rule on the CPU: torch runs it once per network of the group
+# (the rest of the block stays vectorised) and warns at every call. That is the intended path.
+warnings.filterwarnings(
+    "ignore", message=r"There is a performance drop because we have not yet implemented"
+)
 
 # Settings that do not change what a network's forward pass computes from its weights.
 _NOT_IN_FORWARD = ("labels", "label_texts", "init", "max_length", "store_fingerprint", "backbone")
