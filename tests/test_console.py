@@ -156,7 +156,10 @@ def test_console_upload_job_chart_predict_delete(server, browser, tmp_path):
 
     first_model = page.inner_text("#job-details a[href^='#/playground']")
 
-    # A sweep created through the API: its page lists both candidates and the one kept.
+    # A sweep created through the API while the jobs list is open: its status changes there
+    # live (the events stream), and its page lists both candidates and the one kept.
+    page.click("nav >> text=Jobs")
+    page.wait_for_selector("#jobs-table [data-status=succeeded]")
     headers = {"Authorization": f"Bearer {KEY}"}
     file_id = httpx.get(f"{base}/v1/files", headers=headers).json()["data"][0]["id"]
     sweep = httpx.post(
@@ -168,29 +171,47 @@ def test_console_upload_job_chart_predict_delete(server, browser, tmp_path):
             "suffix": "sweep",
             "hyperparameters": {
                 "learning_rate": [1e-3, 3e-3],
-                "n_epochs": 2,
+                "n_epochs": 6,
                 "kept_layers": [0, 2],
             },
         },
     ).json()
-    page.goto(f"{base}/#/jobs/{sweep['id']}")
-    page.wait_for_selector("#job-status [data-status=succeeded]", timeout=180_000)
+    page.reload()
+    listed = page.locator(f"#jobs-table tr[data-job='{sweep['id']}'] .status")
+    assert listed.get_attribute("data-status") not in ("succeeded", "failed", "cancelled")
+    page.wait_for_selector(
+        f"#jobs-table tr[data-job='{sweep['id']}'] [data-status=succeeded]", timeout=180_000
+    )
+    shot(page, "jobs")
+    page.click(f"a[href='#/jobs/{sweep['id']}']")
     page.wait_for_selector("#candidates-card:not([hidden])")
     assert page.locator("#candidates tbody tr").count() == 2
     assert page.locator("#candidates tr.chosen").count() == 1
+    table = page.inner_text("#candidates")
+    assert "learning_rate" in table and "0.001" in table and "0.003" in table
 
     # Both models side by side in the playground: a label and one bar per label for each.
+    sweep_model = page.inner_text("#job-details a[href^='#/playground']")
     page.click("#job-details a[href^='#/playground']")
     page.wait_for_selector("#pick-models input:checked")
     page.check(f"#pick-models input[value='{first_model}']")
-    page.fill("#texts", "the ride was lovely\nthe ride was awful")
+    texts = ["the ride was lovely", "the ride was awful", "the ride was fine I guess"]
+    page.fill("#texts", "\n".join(texts))
     page.click("#predict")
     page.wait_for_selector(".scores")
-    assert page.locator(".prediction").count() == 2
-    first = page.locator(".prediction").first
-    assert first.locator(".scores").count() == 2
-    assert first.locator(".scores").first.locator(".bar-row").count() == 2
-    assert page.locator(".scores .label").first.inner_text() in ("pos", "neg")
+    assert page.locator(".prediction").count() == 3
+    assert page.locator(".prediction").first.locator(".scores").count() == 2
+    assert page.locator(".prediction").first.locator(".bar-row").count() == 4  # 2 labels x 2
+    # What each card shows is what the API answers for that model and that text.
+    for model in (first_model, sweep_model):
+        direct = httpx.post(
+            f"{base}/v1/predict", headers=headers, json={"model": model, "inputs": texts}
+        ).json()["predictions"]
+        for k, expected in enumerate(direct):
+            card = page.locator(".prediction").nth(k).locator(f".scores[data-model='{model}']")
+            assert card.locator(".label").inner_text() == expected["label"]
+            top = f"{100 * expected['scores'][expected['label']]:.1f}%"
+            assert top in card.inner_text()
     shot(page, "playground")
     # An input over the API's 10,000 characters: its 400 message is shown.
     page.fill("#texts", "x" * 10_001)
@@ -198,10 +219,7 @@ def test_console_upload_job_chart_predict_delete(server, browser, tmp_path):
     page.wait_for_selector("#predict-error:not(:empty)")
     assert "10000 characters" in page.inner_text("#predict-error")
 
-    # The jobs list shows it succeeded; the models page deletes it.
-    page.click("nav >> text=Jobs")
-    page.wait_for_selector("#jobs-table [data-status=succeeded]")
-    shot(page, "jobs")
+    # The models page deletes a model.
     page.click("nav >> text=Models")
     row = page.locator(f"#side-models tbody tr[data-model='{first_model}']")
     row.wait_for()

@@ -5,6 +5,11 @@
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 const KEY = "ladder-api-key"; // sessionStorage: the key lives as long as the tab
 const COLORS = { loss: "#d9480f", accuracy: "#1c7ed6" };
+// Event streams the jobs list keeps open: a browser opens at most 6 connections to one server
+// over HTTP/1.1, and other tabs need some. Further active jobs are looked at again every 10 s.
+const MAX_STREAMS = 3;
+// The trainer's names of swept settings -> the hyperparameter names the form uses.
+const SWEPT_NAMES = { lr: "learning_rate", reduction: "reduction_factor", seed: "seed" };
 
 // ---- the API ----------------------------------------------------------------------------
 
@@ -44,8 +49,10 @@ async function api(path, options = {}) {
 
 // Server-sent events through fetch (EventSource cannot send the Authorization header).
 // Calls onEvent for each event; resolves when the stream ends or `signal` aborts it.
-async function followEvents(jobId, onEvent, signal) {
-  const response = await fetch(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/events?stream=true`,
+async function followEvents(jobId, onEvent, signal, after = null) {
+  const query = new URLSearchParams({ stream: "true" });
+  if (after) query.set("after", after);
+  const response = await fetch(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/events?${query}`,
     { headers: authHeaders(), signal });
   if (!response.ok) {
     let data = null;
@@ -101,12 +108,17 @@ function statusBadge(status) {
   return el("span", { class: `status status-${status}`, "data-status": status, text: status.replace(/_/g, " ") });
 }
 
-// What the user typed in a hyperparameter field -> its JSON value ("" -> auto).
-function parseValue(text) {
+// What the user typed in a hyperparameter field -> its JSON value ("" -> auto). `hp` is the
+// setting as GET /v1/fine_tuning/hyperparameters describes it: a list-valued setting (kept
+// layers) always gets a list, a sweepable one a list when several values are typed.
+function parseValue(text, hp) {
   const t = text.trim();
   if (t === "") return undefined;
-  const list = t.includes(",") && !t.startsWith("[") ? `[${t}]` : t;
-  try { return JSON.parse(list); } catch (e) { return t; }
+  const items = t.replace(/^\[|\]$/g, "").split(",").map((x) => x.trim()).filter(Boolean);
+  const one = (x) => { try { return JSON.parse(x); } catch (e) { return x; } };
+  if (Array.isArray(hp.value) && !["all", "auto"].includes(t)) return items.map(one);
+  if (hp.sweep && items.length > 1) return items.map(one);
+  return one(items.length === 1 ? items[0] : t);
 }
 
 const show = (value) => (Array.isArray(value) ? value.join(", ") : String(value));
@@ -136,13 +148,17 @@ function setupKey() {
 }
 
 async function showServer() {
+  let ready = false;
   try {
-    const ready = await fetch("/ready").then((r) => r.json());
-    $("#server").textContent = ready.status === "ready"
-      ? `ready · ${ready.backbones.join(", ")}` : "starting: backbones still loading";
+    const response = await fetch("/ready");
+    const body = await response.json();
+    ready = response.ok;
+    $("#server").textContent = ready ? `ready · ${body.backbones.join(", ")}`
+      : `not ready: ${(body.error && body.error.message) || "backbones still loading"}`;
   } catch (e) {
     $("#server").textContent = "server unreachable";
   }
+  if (!ready) setTimeout(showServer, 3000);
 }
 
 // ---- views ------------------------------------------------------------------------------
@@ -162,9 +178,11 @@ function mount(templateId, nav) {
 
 async function newJobView() {
   mount("tpl-new", "new");
+  const signal = leaving.signal;
   const input = $("#file-input");
   const drop = $("#drop");
   let file = null;
+  let described = {}; // hyperparameter name -> its description from the server
 
   async function useFile(record) {
     file = record;
@@ -205,7 +223,8 @@ async function newJobView() {
     try {
       const query = new URLSearchParams({ model: $("#backbone").value, training_file: file.id });
       const list = await api(`/v1/fine_tuning/hyperparameters?${query}`);
-      if (question !== asked) return;
+      if (question !== asked || signal.aborted) return;
+      described = Object.fromEntries(list.data.map((hp) => [hp.name, hp]));
       const typed = {}; // what the user typed stays when the defaults change
       for (const field of tbody.querySelectorAll("[data-hp]")) typed[field.dataset.hp] = field.value;
       table.dataset.model = list.model;
@@ -230,6 +249,9 @@ async function newJobView() {
     }
   }
 
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
+  });
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => {
@@ -246,7 +268,7 @@ async function newJobView() {
     for (const bad of document.querySelectorAll(".invalid")) bad.classList.remove("invalid");
     const hyperparameters = {};
     for (const field of document.querySelectorAll("[data-hp]")) {
-      const value = parseValue(field.value);
+      const value = parseValue(field.value, described[field.dataset.hp]);
       if (value !== undefined) hyperparameters[field.dataset.hp] = value;
     }
     const body = { model: $("#backbone").value, training_file: file.id, hyperparameters };
@@ -268,6 +290,7 @@ async function newJobView() {
 
   try {
     const [models, files] = await Promise.all([api("/v1/models"), api("/v1/files")]);
+    if (signal.aborted) return;
     $("#backbone").replaceChildren(...models.data.filter((m) => m.kind === "backbone")
       .map((m) => el("option", { value: m.id, text: m.id })));
     const select = $("#file-select");
@@ -278,6 +301,8 @@ async function newJobView() {
       const chosen = files.data.find((f) => f.id === select.value);
       if (chosen) useFile(chosen);
     });
+    await loadHyperparameters(); // a file uploaded before the backbones were listed
+
   } catch (error) {
     showError("#upload-error", error);
   }
@@ -290,11 +315,13 @@ async function jobsView() {
   try {
     jobs = (await api("/v1/fine_tuning/jobs?limit=100")).data;
   } catch (error) {
-    showError("#jobs-error", error);
+    if (!signal.aborted) showError("#jobs-error", error);
     return;
   }
+  if (signal.aborted) return;
   $("#jobs-empty").hidden = jobs.length > 0;
   const tbody = $("#jobs-table tbody");
+  let followed = 0;
   for (const job of jobs) {
     const status = el("td", {}, statusBadge(job.status));
     const accuracy = el("td", { text: percent(job.result && job.result.test_accuracy) });
@@ -302,7 +329,10 @@ async function jobsView() {
     tbody.append(el("tr", { "data-job": job.id },
       el("td", {}, el("a", { href: `#/jobs/${job.id}`, text: job.id })),
       el("td", { text: job.model }), status, el("td", { text: when(job.created_at) }), model, accuracy));
-    if (!TERMINAL.includes(job.status)) {
+    if (!TERMINAL.includes(job.status) && followed++ >= MAX_STREAMS) {
+      // More active jobs than streams this page opens (the server caps them): look again soon.
+      if (followed === MAX_STREAMS + 1) setTimeout(() => { if (!signal.aborted) jobsView(); }, 10_000);
+    } else if (!TERMINAL.includes(job.status)) {
       // Live status: the job's event stream says each change as it happens.
       followEvents(job.id, (event) => {
         if (event.data && event.data.status) status.replaceChildren(statusBadge(event.data.status));
@@ -364,7 +394,11 @@ async function jobView(jobId) {
     ];
     const r = job.result || {};
     if (r.test_accuracy !== undefined) rows.push(["Test accuracy", el("b", { text: percent(r.test_accuracy) })]);
-    if (r.best_val_accuracy !== undefined) rows.push(["Best validation accuracy", `${percent(r.best_val_accuracy)} (epoch ${r.best_epoch})`]);
+    if (r.best_val_accuracy !== undefined) {
+      rows.push(["Best validation accuracy", r.best_val_accuracy === null
+        ? `none (no validation split: epoch ${r.best_epoch}, the last, kept)`
+        : `${percent(r.best_val_accuracy)} (epoch ${r.best_epoch})`]);
+    }
     if (r.train_examples_per_s !== undefined) rows.push(["Training speed", `${r.train_examples_per_s} examples/s`]);
     if (r.trainable_params !== undefined) rows.push(["Trainable parameters", `${r.trainable_params.toLocaleString()} (${Number(r.trainable_pct).toPrecision(2)}% of the backbone)`]);
     if (job.error) rows.push(["Error", el("span", { class: "error", text: job.error.message })]);
@@ -377,7 +411,7 @@ async function jobView(jobId) {
   function candidates(result) {
     $("#candidates-card").hidden = false;
     const axes = Object.keys(result.sweep || {});
-    $("#candidates thead").replaceChildren(el("tr", {}, axes.map((a) => el("th", { text: a })),
+    $("#candidates thead").replaceChildren(el("tr", {}, axes.map((a) => el("th", { text: SWEPT_NAMES[a] || a })),
       el("th", { text: "best validation accuracy" }), el("th", { text: "epochs" }), el("th", { text: "" })));
     $("#candidates tbody").replaceChildren(...result.candidates.map((c, k) => el("tr",
       { class: k === result.chosen ? "chosen" : "" },
@@ -407,10 +441,27 @@ async function jobView(jobId) {
     }
   });
 
+  const url = `/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`;
+  let last = null; // the last event shown: a stream that breaks resumes after it
   try {
-    details(await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`));
-    await followEvents(jobId, addEvent, signal);
-    if (!signal.aborted) details(await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`));
+    let job = await api(url);
+    if (signal.aborted) return;
+    details(job);
+    for (;;) {
+      try {
+        await followEvents(jobId, (event) => { last = event.id; addEvent(event); }, signal, last);
+        showError("#job-page-error", null);
+      } catch (error) {
+        if (signal.aborted || error instanceof ApiError) throw error;
+        showError("#job-page-error", { message: "lost the connection to the server; retrying" });
+        await new Promise((resolve) => setTimeout(resolve, 2000));
+      }
+      if (signal.aborted) return;
+      job = await api(url);
+      if (signal.aborted) return;
+      details(job);
+      if (TERMINAL.includes(job.status)) return;
+    }
   } catch (error) {
     if (!signal.aborted) showError("#job-page-error", error);
   }
@@ -418,13 +469,15 @@ async function jobView(jobId) {
 
 async function modelsView() {
   mount("tpl-models", "models");
+  const signal = leaving.signal;
   let models;
   try {
     models = (await api("/v1/models")).data;
   } catch (error) {
-    showError("#models-error", error);
+    if (!signal.aborted) showError("#models-error", error);
     return;
   }
+  if (signal.aborted) return;
   const sides = models.filter((m) => m.kind === "side");
   $("#models-empty").hidden = sides.length > 0;
   $("#side-models tbody").replaceChildren(...sides.map((m) => {
@@ -452,14 +505,16 @@ async function modelsView() {
 
 async function playgroundView(params) {
   mount("tpl-playground", "playground");
+  const signal = leaving.signal;
   const wanted = params.getAll("model");
   let sides;
   try {
     sides = (await api("/v1/models")).data.filter((m) => m.kind === "side");
   } catch (error) {
-    showError("#predict-error", error);
+    if (!signal.aborted) showError("#predict-error", error);
     return;
   }
+  if (signal.aborted) return;
   const pick = $("#pick-models");
   if (!sides.length) pick.append(el("p", { class: "muted" }, "No fine-tuned models yet. ", el("a", { href: "#/new", text: "Fine-tune one" }), "."));
   sides.forEach((m, k) => {
@@ -472,6 +527,9 @@ async function playgroundView(params) {
     showError("#predict-error", null);
     const ids = [...pick.querySelectorAll("input:checked")].map((i) => i.value);
     const texts = $("#texts").value.split("\n").map((t) => t.trim()).filter(Boolean);
+    // A line "text<TAB>second text" is one input of a model trained on text pairs.
+    const inputs = texts.map((t) => (t.includes("\t")
+      ? { text: t.split("\t")[0].trim(), text_pair: t.split("\t").slice(1).join(" ").trim() } : t));
     const out = $("#predictions");
     if (!ids.length) return showError("#predict-error", { message: "pick at least one side model" });
     if (!texts.length) return showError("#predict-error", { message: "type at least one text" });
@@ -485,7 +543,7 @@ async function playgroundView(params) {
       }
       const results = {};
       await Promise.all(Object.values(byBackbone).map(async (group) => {
-        const answer = await api("/v1/predict", { method: "POST", json: { model: group, inputs: texts } });
+        const answer = await api("/v1/predict", { method: "POST", json: { model: group, inputs } });
         group.forEach((id, k) => { results[id] = answer.predictions[k]; });
       }));
       out.replaceChildren(...texts.map((text, i) => el("div", { class: "card prediction" },
@@ -524,7 +582,9 @@ function route() {
   return jobsView();
 }
 
-window.addEventListener("hashchange", route);
+// A view shows its own errors; anything else would be a bug of the page: logged.
+const showRoute = () => route().catch((error) => console.error(error));
+window.addEventListener("hashchange", showRoute);
 setupKey();
 showServer();
-route();
+showRoute();
