@@ -252,6 +252,24 @@ def sweep(report: dict) -> str:
     )
 
 
+def sweep_job(report: dict) -> str:
+    """bench/sweep_job.py: a sweep as a service job against a single run, whole test split."""
+    s, one = report["sweep"], report["single"]
+    rows = ["| learning rate | seed | best validation accuracy (epoch) | |", "|---|---|---|---|"]
+    for k, c in enumerate(s["candidates"]):
+        rows.append(
+            f"| {c['lr']:g} | {c['seed']} | {c['best_val_accuracy']:.3f} ({c['best_epoch']}) | "
+            f"{'kept' if k == s['chosen'] else ''} |"
+        )
+    return (
+        "\n".join(rows) + f"\n\nWhole test split ({report['n_test']:,} rows): the sweep's model "
+        f"{s['whole_test_accuracy']:.3f}, the single run's (learning rate "
+        f"{one['hyperparameters']['learning_rate']:g}, one seed) {one['whole_test_accuracy']:.3f}; "
+        f"both jobs {_seconds(report['seconds_both_jobs'])} s ({report['backbone']}, "
+        f"{report['upload_rows']:,} uploaded rows, {report['epochs']} epochs).\n"
+    )
+
+
 def architectures(_: dict | None = None) -> str:
     """The architectures the pruning init knows, from backbone_worker.families (not a file)."""
     from backbone_worker.families import (
@@ -327,6 +345,7 @@ RENDERERS = {
     "scaling": scaling,
     "serve_many": serve_many,
     "sweep": sweep,
+    "sweep_job": sweep_job,
     "architectures": architectures,
     "options": options,
 }
