@@ -163,6 +163,18 @@ async function showServer() {
 
 // ---- views ------------------------------------------------------------------------------
 
+// A list a view shows (its `data`), or null when it could not be had (the error is then shown
+// in the view) or the view was left meanwhile.
+async function listForView(path, errorSelector, signal) {
+  try {
+    const list = await api(path);
+    return signal.aborted ? null : list.data;
+  } catch (error) {
+    if (!signal.aborted) showError(errorSelector, error);
+    return null;
+  }
+}
+
 let leaving = new AbortController(); // aborted when the view changes: closes its event streams
 
 function mount(templateId, nav) {
@@ -311,14 +323,8 @@ async function newJobView() {
 async function jobsView() {
   mount("tpl-jobs", "jobs");
   const signal = leaving.signal;
-  let jobs;
-  try {
-    jobs = (await api("/v1/fine_tuning/jobs?limit=100")).data;
-  } catch (error) {
-    if (!signal.aborted) showError("#jobs-error", error);
-    return;
-  }
-  if (signal.aborted) return;
+  const jobs = await listForView("/v1/fine_tuning/jobs?limit=100", "#jobs-error", signal);
+  if (!jobs) return;
   $("#jobs-empty").hidden = jobs.length > 0;
   const tbody = $("#jobs-table tbody");
   let followed = 0;
@@ -470,14 +476,8 @@ async function jobView(jobId) {
 async function modelsView() {
   mount("tpl-models", "models");
   const signal = leaving.signal;
-  let models;
-  try {
-    models = (await api("/v1/models")).data;
-  } catch (error) {
-    if (!signal.aborted) showError("#models-error", error);
-    return;
-  }
-  if (signal.aborted) return;
+  const models = await listForView("/v1/models", "#models-error", signal);
+  if (!models) return;
   const sides = models.filter((m) => m.kind === "side");
   $("#models-empty").hidden = sides.length > 0;
   $("#side-models tbody").replaceChildren(...sides.map((m) => {
@@ -507,14 +507,9 @@ async function playgroundView(params) {
   mount("tpl-playground", "playground");
   const signal = leaving.signal;
   const wanted = params.getAll("model");
-  let sides;
-  try {
-    sides = (await api("/v1/models")).data.filter((m) => m.kind === "side");
-  } catch (error) {
-    if (!signal.aborted) showError("#predict-error", error);
-    return;
-  }
-  if (signal.aborted) return;
+  const models = await listForView("/v1/models", "#predict-error", signal);
+  if (!models) return;
+  const sides = models.filter((m) => m.kind === "side");
   const pick = $("#pick-models");
   if (!sides.length) pick.append(el("p", { class: "muted" }, "No fine-tuned models yet. ", el("a", { href: "#/new", text: "Fine-tune one" }), "."));
   sides.forEach((m, k) => {
