@@ -1,8 +1,9 @@
 """Padded training batches from the committed parts of one split.
 
-Pipeline, all in one background thread (prefetch.py) so reading and decoding overlap training:
-parts (order shuffled with the seed) -> whole part read and decoded once -> per-example views ->
-shuffle buffer -> batches of B examples -> padded torch tensors.
+Pipeline (on a GPU in a background thread, prefetch.py, so reading and decoding overlap training):
+parts (order shuffled with the seed) -> whole part read once, kept encoded -> per-example views ->
+a window of whole parts up to the shuffle budget, shuffled -> length-sorted batches of B examples
+-> padded torch tensors, decoded a batch at a time.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class BatchPlan:
     batch_size: int
     shuffle: bool
     seed: int  # pass e.g. base_seed + epoch for a new order every epoch
-    shuffle_bytes: int  # bytes of examples held for shuffling (mixes across parts)
+    shuffle_bytes: int  # bytes of stored states held to shuffle across parts (a window of parts)
     prefetch: int  # batches prepared ahead by a thread; 0: read inline
     drop_last: bool
     state_names: list[str] | None  # None: every stored state
@@ -64,58 +65,83 @@ def _batches(source: PartSource, plan: BatchPlan) -> Iterator[dict]:
     parts = list(plan.parts)
     if plan.shuffle:
         rng.shuffle(parts)
-    examples = _examples(source, parts, plan.state_names)
-    if plan.shuffle:
-        examples = _shuffle_buffer(examples, rng, plan.shuffle_bytes)
-    for batch in _batched(examples, plan, rng):
+        batches = _shuffled(_parts(source, parts, plan.state_names), plan, rng)
+    else:
+        batches = _in_order(_parts(source, parts, plan.state_names), plan.batch_size)
+    for batch in batches:
         if len(batch) == plan.batch_size or not plan.drop_last:
-            yield collate(batch, source.dtype)
+            tensors = collate(batch, source.dtype)
+            # Its examples are views that keep their parts alive: let go of them before asking
+            # for the next batch, which may read the next window's parts.
+            del batch
+            yield tensors
 
 
-def _batched(examples: Iterator[Example], plan: BatchPlan, rng: random.Random) -> Iterator[list]:
-    """Batches of B examples. When shuffling, each window of BUCKET_BATCHES * B examples (fewer
-    if they pass half the shuffle budget in bytes) is sorted by length before it is cut, and its
-    batches are emitted in random order: batches then hold examples of similar length, so
-    little compute goes to padding."""
-    window = plan.batch_size * (BUCKET_BATCHES if plan.shuffle else 1)
+def _in_order(parts: Iterator[list[Example]], batch_size: int) -> Iterator[list[Example]]:
     pending: list[Example] = []
-    held = 0
-    for example in itertools.chain(examples, [None]):
-        if example is not None:
+    for examples in parts:
+        for example in examples:
             pending.append(example)
-            held += example.nbytes
-            over_budget = (
-                plan.shuffle
-                and held >= plan.shuffle_bytes // 2
-                and len(pending) % plan.batch_size == 0
-            )
-            if len(pending) < window and not over_budget:
-                continue
-        if plan.shuffle:
-            pending.sort(key=lambda e: len(next(iter(e.streams.values()))[0]))
-        batches = [
-            pending[k : k + plan.batch_size] for k in range(0, len(pending), plan.batch_size)
-        ]
-        if plan.shuffle:
-            rng.shuffle(batches)
-        yield from batches
-        pending, held = [], 0
+            if len(pending) == batch_size:
+                yield pending
+                pending = []
+    if pending:
+        yield pending
 
 
-def _examples(
+def _shuffled(
+    parts: Iterator[list[Example]], plan: BatchPlan, rng: random.Random
+) -> Iterator[list[Example]]:
+    """Batches from windows of whole parts holding up to `shuffle_bytes` of states (at least one
+    part). A window's examples are shuffled together, cut into runs of BUCKET_BATCHES * B, each
+    run sorted by length before it is cut into batches (so a batch holds examples of similar
+    length and little compute goes to padding), and the window's batches come out in random
+    order. Every batch of a window is out before the next window's parts are read, so the reader
+    holds one window and one part, whatever the store's size (examples are views into their
+    part: a window that mixed in stragglers of earlier parts would keep those parts alive)."""
+    window: list[Example] = []
+    held = 0
+    for examples in itertools.chain(parts, [None]):
+        size = 0 if examples is None else sum(e.nbytes for e in examples)
+        if window and (examples is None or held + size > plan.shuffle_bytes):
+            yield from _window_batches(window, plan.batch_size, rng)
+            window, held = [], 0
+        if examples is not None:
+            window += examples
+            held += size
+
+
+def _window_batches(
+    window: list[Example], batch_size: int, rng: random.Random
+) -> list[list[Example]]:
+    rng.shuffle(window)
+    run = batch_size * BUCKET_BATCHES
+    batches = []
+    for k in range(0, len(window), run):
+        bucket = sorted(window[k : k + run], key=_length)
+        batches += [bucket[j : j + batch_size] for j in range(0, len(bucket), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _length(example: Example) -> int:
+    return len(next(iter(example.streams.values()))[0])
+
+
+def _parts(
     source: PartSource, parts: list[int], state_names: list[str] | None
-) -> Iterator[Example]:
+) -> Iterator[list[Example]]:
+    """Each part's examples, as views into the part as read (not decoded)."""
     for index in parts:
         part = source.read_part(index, state_names=state_names, decode=False)
         streams = part["streams"]
+        examples = []
         for j, (example_id, label) in enumerate(
             zip(part["example_ids"].tolist(), part["labels"].tolist())
         ):
             views, nbytes = {}, 0
             for s, stream in streams.items():
                 start, end = int(stream["offsets"][j]), int(stream["offsets"][j + 1])
-                # Views into the part: it stays alive while any of its examples wait in the
-                # shuffle buffer (a few parts of a few tens of MB), which costs less than copying.
                 states = {
                     k: Encoded(
                         v.values[start:end], None if v.scales is None else v.scales[start:end]
@@ -124,28 +150,8 @@ def _examples(
                 }
                 views[s] = (stream["input_ids"][start:end], states)
                 nbytes += sum(e.values.nbytes for e in states.values())
-            yield Example(example_id, label, views, nbytes)
-
-
-def _shuffle_buffer(
-    examples: Iterator[Example], rng: random.Random, budget: int
-) -> Iterator[Example]:
-    """Windows of examples holding up to `budget` bytes of states, each shuffled and emitted
-    whole. Examples are views into their part, so a part stays in memory until its last example
-    is out: emitting whole windows bounds that to about two windows and a part, whatever the
-    store's size. (A reservoir that evicts one random example at a time keeps stragglers of
-    every part read so far, i.e. the whole epoch, in memory.) Every example comes out once."""
-    window: list[Example] = []
-    held = 0
-    for example in examples:
-        window.append(example)
-        held += example.nbytes
-        if held >= budget:
-            rng.shuffle(window)
-            yield from window
-            window, held = [], 0
-    rng.shuffle(window)
-    yield from window
+            examples.append(Example(example_id, label, views, nbytes))
+        yield examples
 
 
 def collate(batch: list[Example], dtype: str) -> dict:
@@ -179,5 +185,34 @@ def collate(batch: list[Example], dtype: str) -> dict:
             "input_ids": torch.from_numpy(ids),
             "attention_mask": torch.from_numpy(mask.astype(np.int64)),
             "states": states,
+        }
+    return out
+
+
+def split_batch(batch: dict, max_tokens: int) -> list[dict]:
+    """A collated batch as consecutive row ranges of at most `max_tokens` tokens each (rows x the
+    padded lengths of every stream), each trimmed to its own longest row; [batch] when it fits
+    or `max_tokens` is 0. Batches are length-sorted (see _shuffled), so the ranges pad little."""
+    rows = len(batch["labels"])
+    tokens = rows * sum(v["attention_mask"].shape[1] for v in batch.values() if isinstance(v, dict))
+    if not max_tokens or tokens <= max_tokens:
+        return [batch]
+    pieces = min(rows, -(-tokens // max_tokens))
+    size = -(-rows // pieces)
+    return [_rows(batch, slice(k, k + size)) for k in range(0, rows, size)]
+
+
+def _rows(batch: dict, rows: slice) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if not isinstance(value, dict):
+            out[key] = value[rows]
+            continue
+        mask = value["attention_mask"][rows]
+        t = max(int(mask.sum(1).max()), 1)
+        out[key] = {
+            "input_ids": value["input_ids"][rows, :t],
+            "attention_mask": mask[:, :t],
+            "states": {k: v[rows, :t] for k, v in value["states"].items()},
         }
     return out

@@ -22,8 +22,8 @@ from cache_store.settings import canonical, differences, fingerprint, state_dtyp
 log = logging.getLogger(__name__)
 
 PROJECTION = "projection"  # group of the fitted width maps: projection/<stream>/<state name>
-# States the reader holds for shuffling: its memory is about twice this plus a part or two, for
-# any number of examples (cache_store/reader.py).
+# Stored states the reader holds to shuffle across parts: its memory is this plus one part, for
+# any number of examples (cache_store/reader.py). `ladder train --shuffle-mb` defaults to it.
 SHUFFLE_BYTES = 32 * 2**20
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import threading
 import uuid
+import weakref
 
 import numpy as np
 import pytest
@@ -402,31 +403,42 @@ def test_shuffle_depends_on_seed_and_keeps_every_example(tmp_path):
     assert order(seed=0, shuffle_bytes=2000) == a  # reproducible
 
 
-def _parts_held(tmp_path, monkeypatch, n_parts: int) -> int:
-    """The most parts the reader had read but not yet fully emitted during one epoch."""
+def _bytes_held(tmp_path, monkeypatch, n_parts: int, budget: int) -> tuple[int, int]:
+    """The most bytes of stored states in parts alive (some array of theirs still referenced
+    anywhere) as each part is read during one epoch, and the largest part's bytes."""
     store, parts = build(tmp_path / str(n_parts), make_plan(*[(10, "train")] * n_parts))
-    reads = []
-    real = store.read_part
-    monkeypatch.setattr(store, "read_part", lambda i, **kw: reads.append(i) or real(i, **kw))
-    part_of = {int(i): p for p, part in parts.items() for i in part["example_ids"]}
-    left = {p: len(part["example_ids"]) for p, part in parts.items()}
-    example_bytes = 7 * len(STATES) * D * 2  # fp16 states of a full-length example
+    size = {  # fp16 states
+        p: sum(x.size * 2 for rows in part["streams"]["enc"]["states"].values() for x in rows)
+        for p, part in parts.items()
+    }
+    alive: dict[int, list] = {}
     held = []
-    for batch in store.iter_batches(
-        "train", 4, seed=0, prefetch=0, shuffle_bytes=15 * example_bytes
-    ):
-        for i in batch["example_ids"].tolist():
-            left[part_of[i]] -= 1
-        held.append(sum(1 for p in set(reads) if left[p] > 0))
-    assert sorted(reads) == list(range(n_parts)) and all(v == 0 for v in left.values())
-    return max(held)
+    real = store.read_part
+
+    def read_part(i, **kw):
+        part = real(i, **kw)
+        alive[i] = [weakref.ref(e.values) for e in part["streams"]["enc"]["states"].values()]
+        held.append(sum(size[p] for p, refs in alive.items() if any(r() is not None for r in refs)))
+        return part
+
+    monkeypatch.setattr(store, "read_part", read_part)
+    seen = []
+    for batch in store.iter_batches("train", 4, seed=0, prefetch=0, shuffle_bytes=budget):
+        seen += batch["example_ids"].tolist()
+    assert sorted(alive) == list(range(n_parts)) and sorted(seen) == sorted(
+        i for part in parts.values() for i in part["example_ids"].tolist()
+    )
+    return max(held), max(size.values())
 
 
-def test_the_reader_holds_a_bounded_number_of_parts(tmp_path, monkeypatch):
-    """Parts read but not yet fully emitted (what the reader keeps in memory) stay within a few
-    shuffle budgets' worth, and do not grow with the number of parts in the epoch."""
-    small, large = (_parts_held(tmp_path, monkeypatch, n) for n in (20, 80))
-    assert small <= 8 and large <= small + 1, (small, large)
+def test_the_reader_holds_its_budget_and_one_part(tmp_path, monkeypatch):
+    """The parts the reader keeps in memory (read, not yet fully emitted) hold at most the
+    shuffle budget and the part read next, however many parts the epoch has."""
+    example_bytes = 7 * len(STATES) * D * 2  # fp16 states of a full-length example
+    budget = 25 * example_bytes  # 2-4 parts of 10 ragged examples
+    for n_parts in (20, 80):
+        held, part = _bytes_held(tmp_path, monkeypatch, n_parts, budget)
+        assert budget < held <= budget + part, (n_parts, held, budget, part)
 
 
 def test_split_without_committed_parts(tmp_path):
@@ -469,3 +481,28 @@ def test_reader_errors_reach_the_consumer(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk gone"):
         list(store.iter_batches("train", 2))
     assert _prefetch_threads() == []
+
+
+def test_a_batch_over_the_token_limit_splits_into_trimmed_row_ranges(tmp_path):
+    from cache_store.reader import split_batch
+
+    store, _ = build(tmp_path, make_plan((12, "train")), streams=("enc", "dec"))
+    batch = next(iter(store.iter_batches("train", 12, shuffle=False)))
+    tokens = sum(batch[s]["attention_mask"].shape[1] for s in ("enc", "dec"))
+    assert split_batch(batch, 0) == [batch] and split_batch(batch, 12 * tokens) == [batch]
+    pieces = split_batch(batch, 3 * tokens)
+    assert len(pieces) == 4
+    assert torch.equal(torch.cat([p["example_ids"] for p in pieces]), batch["example_ids"])
+    start = 0
+    for piece in pieces:
+        rows = len(piece["labels"])
+        for s in ("enc", "dec"):
+            mask = piece[s]["attention_mask"]
+            t = int(mask.sum(1).max())
+            assert mask.shape == (rows, t)  # trimmed to the piece's own longest row
+            whole = batch[s]
+            assert torch.equal(mask, whole["attention_mask"][start : start + rows, :t])
+            assert torch.equal(piece[s]["input_ids"], whole["input_ids"][start : start + rows, :t])
+            for k, v in piece[s]["states"].items():
+                assert torch.equal(v, whole["states"][k][start : start + rows, :t])
+        start += rows
