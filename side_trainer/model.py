@@ -215,7 +215,8 @@ class SideStack(nn.Module):
     def step(self, run: dict, j: int, ladder_state: torch.Tensor) -> None:
         """Gate in kept layer j's backbone state, then side block j."""
         i, block, mu = self.layers[j], self.blocks[j], run["mu"]
-        h = mu[j] * run["h"] + (1 - mu[j]) * self.ladder(f"layer_{i}", ladder_state)
+        # mu * h + (1 - mu) * ladder, as one fused op
+        h = torch.lerp(self.ladder(f"layer_{i}", ladder_state), run["h"], mu[j])
         if self.family == ENCODER_DECODER:
             h, run["bias"], _ = block(
                 h, attention_mask=run["attn"], position_bias=run["bias"], **run["extra"]
@@ -309,6 +310,13 @@ class SideNetwork(nn.Module):
         return nn.functional.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), ignore_index=-100
         )
+
+    def loss_terms(self, batch: dict) -> int:
+        """How many terms `loss` averages over: rows, or for T5 the real target tokens (a batch
+        split into micro-batches weighs each one's loss by its share of these)."""
+        if self.cfg.family != ENCODER_DECODER:
+            return len(batch["labels"])
+        return int(batch["dec"]["attention_mask"].sum())
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -7,6 +7,7 @@ import itertools
 from dataclasses import dataclass, field, replace
 
 from backbone_worker.options import MAX_SWEEP, OptionError, check, setting, settings
+from cache_store.store import SHUFFLE_BYTES
 
 INITS = ("fisher", "magnitude", "random")
 POOLINGS = ("mean", "first", "max")
@@ -95,8 +96,17 @@ class TrainOptions:
             "std of Gaussian noise on ladder states while training, relative to their RMS", low=0
         ),
     )
+    micro_batch_tokens: int = field(
+        default=2048,
+        metadata=setting(
+            "most tokens (rows x padded length) in one forward pass: a longer batch runs as "
+            "micro-batches whose gradients add up to the batch's, so training memory does not "
+            "depend on the longest text in the data; 0: no limit",
+            low=0,
+        ),
+    )
     shuffle_mb: float = field(
-        default=32.0,
+        default=SHUFFLE_BYTES / 2**20,
         metadata=setting(
             "MB of stored examples held to shuffle across parts; bounds the reader's memory "
             "whatever the store's size",

@@ -25,6 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from backbone_worker.backbone import fingerprint_dir, resolve
 from backbone_worker.families import DECODER, ENCODER_DECODER
 from cache_store import ActivationStore, StoreError
+from cache_store.reader import split_batch
 from side_trainer.artifacts import WEIGHTS_FILE, save_side_model
 from side_trainer.group import groups_of
 from side_trainer.memory import PeakMemory, allocator
@@ -279,20 +280,24 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                     to_device(batch, opts.device), opts.feature_dropout, opts.feature_noise
                 )
                 optimizer.zero_grad(set_to_none=True)
+                pieces = split_batch(batch, opts.micro_batch_tokens)
                 for indices, group in groups:
-                    logits = group(batch)
                     # A candidate out of patience has stopped, as it would alone: no loss, so
                     # no gradient, and AdamW leaves parameters without one untouched.
-                    live = [
-                        (k, group.nets[0].loss(batch, out))
-                        for k, out in zip(indices, logits)
-                        if candidates[k].stale < opts.patience
-                    ]
+                    live = [k for k in indices if candidates[k].stale < opts.patience]
                     if not live:
                         continue
-                    torch.stack([loss for _, loss in live]).sum().backward()
-                    for k, loss in live:
-                        losses[k].append(loss.item())
+                    terms = group.nets[0].loss_terms(batch)
+                    total = dict.fromkeys(live, 0.0)
+                    for piece in pieces:
+                        share = group.nets[0].loss_terms(piece) / terms
+                        outputs = dict(zip(indices, group(piece)))
+                        piece_losses = [group.nets[0].loss(piece, outputs[k]) * share for k in live]
+                        torch.stack(piece_losses).sum().backward()
+                        for k, loss in zip(live, piece_losses):
+                            total[k] += loss.item()
+                    for k in live:
+                        losses[k].append(total[k])
                 for c, ps in zip(candidates, trainable):
                     if c.stale < opts.patience:
                         torch.nn.utils.clip_grad_norm_(ps, opts.grad_clip)

@@ -185,3 +185,19 @@ def test_a_sweep_without_a_validation_split_is_refused(tmp_path, tiny_bert_dir):
     )
     with pytest.raises(StoreError, match="no validation split, and a sweep chooses"):
         train(store, tmp_path / "m", TrainOptions(epochs=1, reduction=4, lr=[1e-3, 1e-2]))
+
+
+def test_micro_batches_train_as_the_whole_batch(tmp_path, tiny_backbone_dir, no_dropout):
+    """A batch over the token limit runs as micro-batches whose share-weighted gradients add up
+    to the whole batch's: the same losses and weights as training without a limit."""
+    data = write_csv(tmp_path / "d.csv", n=60)
+    store = str(tmp_path / "store")
+    build_cache(tiny_backbone_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=8))
+    settings = {"epochs": 2, "reduction": 4, "lr": 3e-2, "batch_size": 8}
+    whole = train(store, tmp_path / "whole", TrainOptions(micro_batch_tokens=0, **settings))
+    split = train(store, tmp_path / "split", TrainOptions(micro_batch_tokens=12, **settings))
+    for a, b in zip(whole["history"], split["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_accuracy"] == b["val_accuracy"]
+    saved, expected = (load_file(tmp_path / d / WEIGHTS_FILE) for d in ("split", "whole"))
+    assert all(torch.allclose(saved[k], expected[k], atol=1e-4) for k in expected)
