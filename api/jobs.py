@@ -90,13 +90,9 @@ def run_job(home: str, job_id: str) -> None:
 def resolved_hyperparameters(model: str, hp: dict, n_rows: int) -> dict:
     """A job's hyperparameters with every "auto" replaced, for this backbone and an upload of
     `n_rows` rows (what the job will run with, and what the console shows before it is created)."""
-    from transformers import AutoConfig
+    from backbone_worker.backbone import backbone_config
 
-    from backbone_worker.backbone import resolve
-    from backbone_worker.families import family_of
-
-    config = AutoConfig.from_pretrained(resolve(model), local_files_only=True)
-    family = family_of(config)
+    config, family = backbone_config(model)
     return hyperparameters.resolve(
         hp, n_rows, family.name, family.default_layers(config), family.hidden_size(config)
     )

@@ -22,7 +22,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PretrainedConfig,
+)
 
 from backbone_worker.families import ENCODER_DECODER, Family, FamilyError, family_of
 
@@ -362,9 +368,9 @@ def find_block_path(model: nn.Module, n_layers: int | None, model_type: str) -> 
     )
 
 
-def load_backbone(name: str, device: str | torch.device = "cpu") -> Backbone:
-    """Load a frozen backbone from an alias or a local directory, strictly offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def backbone_config(name: str) -> tuple[PretrainedConfig, Family]:
+    """A backbone's transformers config and Ladder family, from an alias or a local directory,
+    without loading its weights."""
     path = resolve(name)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -372,7 +378,14 @@ def load_backbone(name: str, device: str | torch.device = "cpu") -> Backbone:
         raise BackboneError(
             f"cannot read the model config in {path}: {exc}; pass a valid model directory"
         ) from exc
-    family = family_of(config)
+    return config, family_of(config)
+
+
+def load_backbone(name: str, device: str | torch.device = "cpu") -> Backbone:
+    """Load a frozen backbone from an alias or a local directory, strictly offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve(name)
+    config, family = backbone_config(name)
     weight_files(path)
     loader = AutoModelForSeq2SeqLM if family.name == ENCODER_DECODER else AutoModel
     model = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)

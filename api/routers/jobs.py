@@ -218,13 +218,10 @@ def _job_object(job: dict) -> JobObject:
 
 
 def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
-    from transformers import AutoConfig
+    from backbone_worker.backbone import backbone_config
+    from backbone_worker.families import DECODER, FamilyError
 
-    from backbone_worker.backbone import resolve
-    from backbone_worker.families import DECODER, FamilyError, family_of
-
-    config = AutoConfig.from_pretrained(resolve(backbone), local_files_only=True)
-    family = family_of(config)
+    config, family = backbone_config(backbone)
     from backbone_worker.options import MAX_SWEEP
     from side_trainer.options import sweep_size
 
