@@ -181,16 +181,18 @@ def tiers(report: dict) -> str:
 def scaling(report: dict) -> str:
     """bench/scaling.py: stores of growing size, the training peak of each."""
     rows = [
-        "| examples | cached by | caching s | store MB | bytes/example | training peak MB | "
-        "training ex/s |",
-        "|---|---|---|---|---|---|---|",
+        "| examples | cached by | caching s | store MB | bytes/example | training set MB | "
+        "training peak MB | training ex/s | best validation acc. |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["stores"]:
+        train_mb = r.get("train_set_mb")
         rows.append(
             f"| {r['n_examples']:,} | {report['workers']} Ray workers | "
             f"{_seconds(r['caching_seconds'])} | {r['stored_mb']:,.0f} | "
-            f"{r['bytes_per_example']:,} | {r['train_peak_mem_mb']:.0f} | "
-            f"{r['train_examples_per_s']:.0f} |"
+            f"{r['bytes_per_example']:,} | {'' if train_mb is None else f'{train_mb:,.0f}'} | "
+            f"{r['train_peak_mem_mb']:.0f} | {r['train_examples_per_s']:.0f} | "
+            f"{r['best_val_accuracy']:.3f} |"
         )
     return (
         "\n".join(rows) + f"\n\nLargest training peak over the smallest: "
@@ -203,7 +205,19 @@ def scaling(report: dict) -> str:
             if "allocator" in report["stores"][0]
             else ""
         )
-        + ").\n"
+        + (
+            f", micro-batches of {report['stores'][0]['micro_batch_tokens']:,} tokens"
+            if report["stores"][0].get("micro_batch_tokens")
+            else ""
+        )
+        + ")"
+        + (
+            f"; among the stores whose training set outgrows the shuffle budget: "
+            f"{1 + report['peak_spread_beyond_budget']:.2f}x"
+            if "peak_spread_beyond_budget" in report
+            else ""
+        )
+        + ".\n"
         + (f"\n{report['note']}\n" if report.get("note") else "")
     )
 

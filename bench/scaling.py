@@ -94,6 +94,10 @@ def main() -> None:
             caching_s = None if cached else time.perf_counter() - start
             if cached:  # the store of an earlier run: its caching time, if that run wrote it
                 caching_s = earlier.get(info["n_examples"])
+                report["note"] = (
+                    "Stores kept from an earlier run of this script (--workdir): their caching "
+                    "times are that run's."
+                )
             shutil.rmtree(workdir / f"model-{n or 'all'}", ignore_errors=True)
             trained = _python(
                 [
@@ -123,6 +127,8 @@ def main() -> None:
                 "train_examples_per_s": trained["train_examples_per_s"],
                 "allocator": trained["allocator"],
                 "shuffle_mb": trained["options"]["shuffle_mb"],
+                "micro_batch_tokens": trained["options"]["micro_batch_tokens"],
+                "train_set_mb": round(trained["n_train"] * info["bytes_per_example"] / 2**20, 1),
                 "best_val_accuracy": trained["best_val_accuracy"],
             }
             log.info("%s", row)
@@ -131,6 +137,13 @@ def main() -> None:
                 shutil.rmtree(store, ignore_errors=True)
         peaks = [row["train_peak_mem_mb"] for row in report["stores"]]
         report["peak_spread"] = round(max(peaks) / min(peaks) - 1, 3)
+        # Stores whose training set outgrows the reader's shuffle budget (a smaller one is held
+        # whole): beyond that point memory should not depend on the store's size at all.
+        beyond = [
+            r["train_peak_mem_mb"] for r in report["stores"] if r["train_set_mb"] > r["shuffle_mb"]
+        ]
+        if len(beyond) > 1:
+            report["peak_spread_beyond_budget"] = round(max(beyond) / min(beyond) - 1, 3)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     finally:

@@ -114,7 +114,11 @@ def main() -> None:
             "best_val_accuracy": done["sweep"]["result"]["best_val_accuracy"],
             "job_test_accuracy": done["sweep"]["result"]["test_accuracy"],
             "whole_test_accuracy": tested["accuracy"][0],
-            "epoch_events": sum("(the best of" in e["message"] for e in events),
+            # Epoch events that carry every candidate's latest epoch in their data.
+            "epoch_events": sum(
+                len(e["data"].get("candidates", [])) == len(done["sweep"]["result"]["candidates"])
+                for e in events
+            ),
         },
         "single": {
             "hyperparameters": done["single"]["hyperparameters"],
