@@ -474,7 +474,7 @@ def markdown(report: dict) -> str:
         f"Test accuracy on the whole test split ({n_test} rows), mean"
         f"{' ± sd' if cfg['seeds'] > 1 else ''} over {cfg['seeds']} training seed(s) at the "
         f"learning rate chosen on validation.",
-        f"Store: {c['bytes_per_element']} bytes/element, {c['compression_ratio']:.2f}x "
+        f"Store: {c['bytes_per_element']:.2f} bytes/element, {c['compression_ratio']:.2f}x "
         f"smaller than fp32 on disk, {c['bytes_per_example']:,} bytes/example; epoch from "
         f"store / from memory {c['read_vs_memory']:.2f}; caching {c['caching_seconds']} s "
         f"({c['caching_examples_per_s']} examples/s, Fisher importance included).",

@@ -64,7 +64,7 @@ def _store_row(run: dict) -> str:
     f, store = run["finetune"], run.get("store")
     if store is None:  # runs recorded before cache-info was part of them
         return (
-            f"| store | {f['bytes_per_element']} bytes/element, {f['compression_ratio']:.2f}x "
+            f"| store | {f['bytes_per_element']:.2f} bytes/element, {f['compression_ratio']:.2f}x "
             f"smaller than fp32 on disk |"
         )
     return (

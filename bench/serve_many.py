@@ -151,11 +151,19 @@ async def ask_all(base: str, models: list[str], texts: list[str], clients: int) 
     return statuses
 
 
-def many_models(backbone_name: str, n_models: int, budget_models: int, texts: list[str]) -> dict:
+def many_models(
+    backbone_name: str,
+    n_models: int,
+    budget_models: int,
+    texts: list[str],
+    server_env: dict | None = None,
+) -> dict:
     home = Path(tempfile.mkdtemp(prefix="ladder-serve-many-"))
     ids, model_bytes = register_models(home, backbone_name, n_models)
     budget_mb = budget_models * model_bytes / MIB * 1.02  # room for 20, not 21
-    server, base = start_server(home, backbone_name, {"LADDER_MAX_SIDE_MODEL_MB": str(budget_mb)})
+    server, base = start_server(
+        home, backbone_name, {"LADDER_MAX_SIDE_MODEL_MB": str(budget_mb), **(server_env or {})}
+    )
     try:
         asyncio.run(ask_all(base, ids[:1], texts, 1))  # backbone and one side model warm
         baseline = rss_mb(server.pid)
@@ -321,6 +329,12 @@ def main() -> None:
     parser.add_argument(
         "--no-latency", action="store_true", help="only the many-models memory check"
     )
+    parser.add_argument(
+        "--server-allocator",
+        choices=("auto", "jemalloc", "system"),
+        default="auto",
+        help="LADDER_ALLOCATOR of the measured server (auto: its default, the system's malloc)",
+    )
     parser.add_argument("--json", default="bench/results/serve_many.json")
     args = parser.parse_args()
     from backbone_worker.data import load_dataset
@@ -329,7 +343,13 @@ def main() -> None:
     report = {
         "backbone": args.backbone,
         "machine": machine(),
-        "many_models": many_models(args.backbone, args.models, args.budget_models, texts[:2]),
+        "many_models": many_models(
+            args.backbone,
+            args.models,
+            args.budget_models,
+            texts[:2],
+            {"LADDER_ALLOCATOR": args.server_allocator},
+        ),
     }
     print(json.dumps(report["many_models"]), flush=True)
     report["latency"] = (
