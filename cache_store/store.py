@@ -283,18 +283,7 @@ class ActivationStore:
             )
         group = self._root[layout.part_path(index)]
         sums = attrs.get("checksums", {})
-
-        def read(path: str) -> np.ndarray:
-            """One array of the part, checked against the checksum recorded at commit."""
-            try:
-                data = layout.read_array(group, path)
-            except Exception as exc:  # noqa: BLE001 - any decode failure means a damaged chunk
-                raise self._corrupt(index, path, f"unreadable ({type(exc).__name__})") from exc
-            if path in sums and layout.checksum(data) != sums[path]:
-                raise self._corrupt(index, path, "checksum mismatch")
-            return data
-
-        streams = {}
+        wanted: dict[str, list[str]] = {}
         for s, meta in attrs["streams"].items():
             names = list(meta["states"]) if state_names is None else state_names
             unknown = [k for k in names if k not in meta["states"]]
@@ -303,17 +292,34 @@ class ActivationStore:
                     f"stream {s!r} of store {self.location.url} has no states {unknown}; "
                     f"available: {list(meta['states'])}"
                 )
+            wanted[s] = names
+        paths = ["example_ids", "labels"]
+        for s, names in wanted.items():
+            paths += [f"{s}/offsets", f"{s}/input_ids", *(f"{s}/states/{k}" for k in names)]
+            if self.dtype == "int8":
+                paths += [f"{s}/scales/{k}" for k in names]
+        data = {}
+        for path, value in zip(paths, layout.read_arrays(group, paths)):
+            # Each array is checked against the checksum recorded at commit.
+            if isinstance(value, BaseException):  # any decode failure means a damaged chunk
+                raise self._corrupt(index, path, f"unreadable ({type(value).__name__})") from value
+            if path in sums and layout.checksum(value) != sums[path]:
+                raise self._corrupt(index, path, "checksum mismatch")
+            data[path] = value
+
+        streams = {}
+        for s, names in wanted.items():
             states = {}
             for k in names:
-                scales = read(f"{s}/scales/{k}") if self.dtype == "int8" else None
-                encoded = codecs.Encoded(read(f"{s}/states/{k}"), scales)
+                scales = data[f"{s}/scales/{k}"] if self.dtype == "int8" else None
+                encoded = codecs.Encoded(data[f"{s}/states/{k}"], scales)
                 states[k] = codecs.decode(encoded, self.dtype) if decode else encoded
             streams[s] = {
-                "offsets": read(f"{s}/offsets"),
-                "input_ids": read(f"{s}/input_ids"),
+                "offsets": data[f"{s}/offsets"],
+                "input_ids": data[f"{s}/input_ids"],
                 "states": states,
             }
-        return {"example_ids": read("example_ids"), "labels": read("labels"), "streams": streams}
+        return {"example_ids": data["example_ids"], "labels": data["labels"], "streams": streams}
 
     def _corrupt(self, index: int, path: str, why: str) -> CorruptPartError:
         return CorruptPartError(
