@@ -204,15 +204,26 @@ def portable_config(config) -> dict:
     return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
 
 
+_FINGERPRINTED = (".json", ".txt", ".model", ".safetensors")
+
+
 def fingerprint_dir(path: Path) -> str:
-    """sha256 over config, tokenizer files and weights: any change makes cached states stale."""
+    """sha256 over config, tokenizer files and weights: any change makes cached states stale.
+    Hashed once per process for the same files (names, sizes and modification times): a sweep
+    builds one network per configuration, each checking the backbone it was cached from."""
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in _FINGERPRINTED)
+    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _fingerprint(str(path), stats)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(path: str, stats: tuple) -> str:
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.is_file()):
-        if file.suffix in {".json", ".txt", ".model", ".safetensors"}:
-            digest.update(file.name.encode())
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+    for name, _, _ in stats:
+        digest.update(name.encode())
+        with open(Path(path) / name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

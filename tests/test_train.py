@@ -201,3 +201,22 @@ def test_micro_batches_train_as_the_whole_batch(tmp_path, tiny_backbone_dir, no_
         assert a["val_accuracy"] == b["val_accuracy"]
     saved, expected = (load_file(tmp_path / d / WEIGHTS_FILE) for d in ("split", "whole"))
     assert all(torch.allclose(saved[k], expected[k], atol=1e-4) for k in expected)
+
+
+def test_a_backbone_changed_after_caching_is_refused(tmp_path, tiny_bert_dir):
+    """Training checks the backbone files against the store's fingerprint (hashed once per
+    process for unchanged files): a weight file rewritten after caching is caught."""
+    import shutil
+
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_bert_dir, backbone)
+    data = write_csv(tmp_path / "d.csv", n=30)
+    store = str(tmp_path / "store")
+    build_cache(str(backbone), data, store, CacheOptions(layers=[0, 2], fisher_examples=4))
+    train(store, tmp_path / "m1", TrainOptions(epochs=1, reduction=4))
+    weights = next(backbone.glob("*.safetensors"))
+    content = bytearray(weights.read_bytes())
+    content[-1] ^= 0xFF  # same size, one weight byte changed
+    weights.write_bytes(bytes(content))
+    with pytest.raises(StoreError, match="changed since the store was cached"):
+        train(store, tmp_path / "m2", TrainOptions(epochs=1, reduction=4))
