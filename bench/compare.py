@@ -476,7 +476,7 @@ def markdown(report: dict) -> str:
         f"learning rate chosen on validation.",
         f"Store: {c['bytes_per_element']:.2f} bytes/element, {c['compression_ratio']:.2f}x "
         f"smaller than fp32 on disk, {c['bytes_per_example']:,} bytes/example; epoch from "
-        f"store / from memory {c['read_vs_memory']:.2f}; caching {c['caching_seconds']} s "
+        f"store / from memory {c['read_vs_memory']:.3f}; caching {c['caching_seconds']} s "
         f"({c['caching_examples_per_s']} examples/s, Fisher importance included).",
         f"Inference (batch {i['batch']}): joint / backbone {i['joint_vs_backbone']:.2f}, "
         f"8 side models / 1 {i['multitask8_vs_single']:.2f}"

@@ -119,7 +119,7 @@ def cache(report: dict) -> str:
                 f"| 2 Ray workers / 1 in-process worker (examples/s) | {sc['workers_2_examples_per_s']} / "
                 f"{sc['workers_1_examples_per_s']} = {sc['speedup']:.2f} |",
                 f"| training epoch from the store / from batches in memory | {r['epoch_from_store_s']} s / "
-                f"{r['epoch_from_memory_s']} s = {r['read_vs_memory']:.2f} |",
+                f"{r['epoch_from_memory_s']} s = {r['read_vs_memory']:.3f} |",
                 f"| setup | {report['backbone']}, {report['examples']:,} examples, "
                 f"{report['machine']['cores']} CPU cores |",
             ]
