@@ -212,7 +212,7 @@ def fingerprint_dir(path: Path) -> str:
     Hashed once per process for the same files (names, sizes and modification times): a sweep
     builds one network per configuration, each checking the backbone it was cached from."""
     files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in _FINGERPRINTED)
-    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    stats = tuple((f.name, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
     return _fingerprint(str(path), stats)
 
 
@@ -382,7 +382,10 @@ def find_block_path(model: nn.Module, n_layers: int | None, model_type: str) -> 
 def backbone_config(name: str) -> tuple[PretrainedConfig, Family]:
     """A backbone's transformers config and Ladder family, from an alias or a local directory,
     without loading its weights."""
-    path = resolve(name)
+    return _config_at(resolve(name))
+
+
+def _config_at(path: Path) -> tuple[PretrainedConfig, Family]:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -396,7 +399,7 @@ def load_backbone(name: str, device: str | torch.device = "cpu") -> Backbone:
     """Load a frozen backbone from an alias or a local directory, strictly offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve(name)
-    config, family = backbone_config(name)
+    config, family = _config_at(path)
     weight_files(path)
     loader = AutoModelForSeq2SeqLM if family.name == ENCODER_DECODER else AutoModel
     model = loader.from_pretrained(path, local_files_only=True, dtype=torch.float32)

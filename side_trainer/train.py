@@ -288,16 +288,18 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                     if not live:
                         continue
                     terms = group.nets[0].loss_terms(batch)
-                    total = dict.fromkeys(live, 0.0)
+                    total = 0.0  # (len(live),): each live network's loss on the whole batch
                     for piece in pieces:
                         share = group.nets[0].loss_terms(piece) / terms
                         outputs = dict(zip(indices, group(piece)))
-                        piece_losses = [group.nets[0].loss(piece, outputs[k]) * share for k in live]
-                        torch.stack(piece_losses).sum().backward()
-                        for k, loss in zip(live, piece_losses):
-                            total[k] += loss.item()
-                    for k in live:
-                        losses[k].append(total[k])
+                        piece_losses = (
+                            torch.stack([group.nets[0].loss(piece, outputs[k]) for k in live])
+                            * share
+                        )
+                        piece_losses.sum().backward()
+                        total = total + piece_losses.detach()
+                    for k, loss in zip(live, total.tolist()):  # one device sync per batch
+                        losses[k].append(loss)
                 for c, ps in zip(candidates, trainable):
                     if c.stale < opts.patience:
                         torch.nn.utils.clip_grad_norm_(ps, opts.grad_clip)
