@@ -110,6 +110,8 @@ def test_settings_out_of_range_are_refused_where_they_are_made(capsys):
         TrainOptions(lr=0)
     with pytest.raises(OptionError, match="--workers 0 is out of range"):
         CacheOptions(workers=0)
+    with pytest.raises(OptionError, match="--micro-batch-tokens -5 is out of range"):
+        TrainOptions(micro_batch_tokens=-5)
     from api.cli import main
 
     code = main(["train", "--store", "s", "--out", "m", "--warmup", "2"])
