@@ -110,7 +110,11 @@ def check_bf16_caching(root: Path) -> dict:
             BACKBONE,
             dataset,
             store_url,
-            CacheOptions(dtype=dtype, device="cuda", autocast=autocast, max_length=64),
+            # Full width: this check measures the stored precision alone, against full-width
+            # fp32 states (the default tier also projects each state to d/4).
+            CacheOptions(
+                dtype=dtype, device="cuda", autocast=autocast, max_length=64, width="full"
+            ),
         )
         seconds = time.perf_counter() - start
         info = store.info()
@@ -172,6 +176,9 @@ def check_quick_bench(out: Path) -> dict:
         "report": str(out),
         "seconds": report["seconds"],
         "ratios": report["ratios"],
+        "inference": report.get("inference"),
+        "sweep": report.get("sweep"),
+        "cache": report.get("cache"),
         "test_accuracy": {
             m: r and round(r["test_accuracy"], 4) for m, r in report["methods"].items()
         },
