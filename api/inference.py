@@ -13,10 +13,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from backbone_worker.backbone import Backbone
 from backbone_worker.data import Example
 from backbone_worker.families import ENCODER_DECODER
+from side_trainer.group import groups_of
 from side_trainer.model import SideNetwork
 
 
@@ -32,9 +34,18 @@ class Prediction:
 
 class JointModel:
     """`overlap`: run side block j in a worker thread (on GPU: on its own CUDA stream) while the
-    backbone computes the next layer; "auto" turns it on where it was measured to help (GPU)."""
+    backbone computes the next layer; "auto" turns it on where it was measured to help (GPU).
+    `grouped`: side networks of one architecture run as one vectorised group (side_trainer/
+    group.py) after the backbone pass, instead of one after another; off unless asked for (on 2
+    CPU cores it was measured slower; see probabilities)."""
 
-    def __init__(self, backbone: Backbone, sides: list[SideNetwork], overlap: bool | str = "auto"):
+    def __init__(
+        self,
+        backbone: Backbone,
+        sides: list[SideNetwork],
+        overlap: bool | str = "auto",
+        grouped: bool = False,
+    ):
         for side in sides:
             if side.cfg.backbone_fingerprint != backbone.fingerprint:
                 raise InferenceError(
@@ -46,7 +57,12 @@ class JointModel:
         self.layers = sorted({i for s in sides for i in s.cfg.layers})
         self.max_length = max(s.cfg.max_length for s in sides)
         cuda = backbone.model.device.type == "cuda"
-        self.overlap = cuda if overlap == "auto" else bool(overlap)
+        self.grouped = bool(grouped) and len(sides) > 1
+        self.overlap = (cuda and not self.grouped) if overlap == "auto" else bool(overlap)
+        if self.overlap and self.grouped:
+            raise InferenceError(
+                "overlap and grouped are two ways to run the side networks; pick one"
+            )
         self.side_stream = torch.cuda.Stream() if cuda and self.overlap else None
 
     @torch.inference_mode()
@@ -60,10 +76,11 @@ class JointModel:
         if self.overlap:
             return [logits.softmax(-1) for logits in self._overlapped(enc)]
         states = self.backbone.ladder_states(self.layers, enc)["enc"]
-        # One side network after another. Running those of one shape as one vectorised group
-        # (side_trainer/group.py, as sweeps train) was measured slower here: 8 MiniLM side
-        # networks at batch 32 on 2 CPU cores took 74 ms grouped against 64 ms in turn (their
-        # cost is attention over T x T, which batching the weights does not reduce).
+        if self.grouped:
+            return self._grouped(states, enc["attention_mask"])
+        # One side network after another by default. Run as one vectorised group (`grouped`),
+        # MiniLM side networks at batch 32 on 2 CPU cores took 251 ms for 8 and 909 ms for 64
+        # against 253 and 642 ms in turn: their cost is compute, which grouping does not reduce.
         return [
             side(
                 {
@@ -75,6 +92,19 @@ class JointModel:
             ).softmax(-1)
             for side in self.sides
         ]
+
+    def _grouped(self, states: dict, mask: torch.Tensor) -> list[torch.Tensor]:
+        batch = {"enc": {"states": states, "attention_mask": mask}}
+        out: list[torch.Tensor | None] = [None] * len(self.sides)
+        # On an H100 (torch 2.11) the memory-efficient attention kernel under vmap refused the
+        # side blocks' shared mask ("attn_bias: wrong shape (batch dimension)"); the math
+        # backend is plain batched products, which vmap batches. Not yet measured on a GPU.
+        cuda = mask.device.type == "cuda"
+        with sdpa_kernel(SDPBackend.MATH) if cuda else nullcontext():
+            for indices, group in groups_of(self.sides):
+                for k, logits in zip(indices, group(batch, live=True)):
+                    out[k] = logits.softmax(-1)
+        return out
 
     def _overlapped(self, enc) -> list[torch.Tensor]:
         """Side block j of every side network runs while the backbone computes the next layer."""

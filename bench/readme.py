@@ -88,6 +88,16 @@ def gpu(report: dict) -> str:
         f"{b32['backbone_ms']} / {b32['joint_1_sequential_ms']} / "
         f"{b32['joint_8_sequential_ms']} ms (overlapped: {b32['joint_1_overlap_ms']} / "
         f"{b32['joint_8_overlap_ms']} ms) |",
+        *(
+            [
+                f"| the same, 8 / 64 side models as one vectorised group | {b32['joint_8_grouped_ms']} / "
+                f"{b32['joint_64_grouped_ms']} ms against {b32['joint_8_sequential_ms']} / "
+                f"{b32['joint_64_sequential_ms']} ms in turn; largest probability difference "
+                f"{overlap['grouped_max_abs_probability_diff']:g} |"
+            ]
+            if "joint_64_grouped_ms" in b32
+            else []
+        ),
         f"| bf16 caching (bf16 autocast, bf16 store) | {bf16['bf16']['examples_per_s']:,.0f} "
         f"examples/s with Fisher; relative error vs fp32 CPU states "
         f"{bf16['bf16']['relative_error_vs_fp32_cpu']:.2%} |",

@@ -57,7 +57,16 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def latency(backbone, sides, texts, repeats) -> dict:
+MODES = {
+    "sequential": {"overlap": False},
+    "overlap": {"overlap": True},
+    "grouped": {"grouped": True},
+}
+
+
+def latency(backbone, sides, texts, repeats, modes=tuple(MODES)) -> dict:
+    """Median milliseconds of the backbone alone and of joint passes with 1, 8 and 64 side
+    networks (as many as given), each way of running them (MODES)."""
     enc = backbone.tokenize(texts, None, 128)
 
     def alone():
@@ -65,14 +74,14 @@ def latency(backbone, sides, texts, repeats) -> dict:
             backbone.run(enc)
 
     out = {"backbone_ms": median_ms(alone, repeats)}
-    for overlap in (False, True):
-        tag = "overlap" if overlap else "sequential"
+    for tag in modes:
+        options = {"overlap": False, **MODES[tag]}
         for n in (1, 8, 64):
-            if n <= len(sides):
+            if n <= len(sides) and not (tag == "grouped" and n == 1):
                 # Built inside the timer: the service builds one for every pass.
                 out[f"joint_{n}_{tag}_ms"] = median_ms(
-                    lambda n=n, overlap=overlap: JointModel(
-                        backbone, sides[:n], overlap=overlap
+                    lambda n=n, options=options: JointModel(
+                        backbone, sides[:n], **options
                     ).probabilities(texts),
                     repeats,
                 )

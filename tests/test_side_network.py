@@ -256,6 +256,28 @@ def test_overlapped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_grouped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
+    """Side networks of one shape run as one vectorised group after the backbone pass; each
+    gets what it gets alone, in its own place, also when the groups interleave."""
+    from api.inference import InferenceError, JointModel
+
+    backbone = load_backbone(tiny_bert_dir)
+    torch.manual_seed(3)
+    sides = [
+        SideNetwork(side_config(backbone)).eval(),
+        SideNetwork(side_config(backbone, layers=[1, 2])).eval(),
+        SideNetwork(side_config(backbone)).eval(),
+    ]
+    plain = JointModel(backbone, sides, overlap=False).probabilities(TEXTS)
+    grouped = JointModel(backbone, sides, overlap=False, grouped=True)
+    assert grouped.grouped
+    for a, b in zip(plain, grouped.probabilities(TEXTS)):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(plain[0], plain[2], atol=1e-3)  # two networks, not one twice
+    with pytest.raises(InferenceError, match="pick one"):
+        JointModel(backbone, sides, overlap=True, grouped=True)
+
+
 def test_side_networks_run_as_a_group_give_what_each_gives_alone(backbone):
     """Sweeps train networks of one shape as one group (stacked weights, one vectorised pass):
     each network's output is the one it gives alone, in every family."""
