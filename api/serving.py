@@ -63,7 +63,11 @@ class ModelRegistry:
                 self.backbones[name] = load_backbone(name)
             return self.backbones[name]
 
-    def side(self, model_id: str) -> SideNetwork:
+    def side(self, model_id: str, keep: frozenset[str] = frozenset()) -> SideNetwork:
+        """The side model, loaded if it is not held. Making room evicts the least recently used
+        models, except those in `keep`: a pass names its models in `keep`, since a model it
+        already holds stays in memory until the pass ends, evicted or not, and the budget would
+        count it no more. A pass whose own models exceed the budget holds them all."""
         with self._lock:
             if model_id in self.sides:
                 self.sides.move_to_end(model_id)
@@ -82,8 +86,12 @@ class ModelRegistry:
                         model_id,
                         "its files on the server are missing or damaged; fine-tune it again",
                     ) from exc
-                while len(self.sides) > 1 and self._side_bytes() > self.max_side_bytes:
-                    evicted, _ = self.sides.popitem(last=False)
+                pinned = keep | {model_id}
+                while self._side_bytes() > self.max_side_bytes:
+                    evicted = next((m for m in self.sides if m not in pinned), None)
+                    if evicted is None:
+                        break
+                    del self.sides[evicted]
                     log.info("unloaded side model %s (LADDER_MAX_SIDE_MODEL_MB)", evicted)
             return self.sides[model_id]
 
@@ -267,9 +275,10 @@ class MicroBatcher:
         backbone = self.registry.backbone(group[0].request.backbone)
         sides: dict[str, SideNetwork] = {}
         failed: dict[str, Exception] = {}
-        for model_id in sorted({m for c in group for m in c.request.model_ids}):
+        named = frozenset(m for c in group for m in c.request.model_ids)
+        for model_id in sorted(named):
             try:
-                side = self.registry.side(model_id)
+                side = self.registry.side(model_id, keep=named)
             except (ModelNotFound, ModelUnavailable) as exc:
                 failed[model_id] = exc
                 continue

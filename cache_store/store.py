@@ -403,11 +403,14 @@ class ActivationStore:
         shuffle: bool = True,
         seed: int = 0,
         shuffle_bytes: int = SHUFFLE_BYTES,
-        prefetch: int = 2,
+        prefetch: int = 0,
         drop_last: bool = False,
         state_names: list[str] | None = None,
     ) -> Iterator[dict]:
-        """Padded torch batches of the committed parts of a split; see reader.py."""
+        """Padded torch batches of the committed parts of a split; see reader.py. `prefetch`:
+        batches prepared ahead in a thread, for a GPU; on a CPU the thread takes the training
+        step's cores (one MiniLM epoch of the quick bench's store on 2 cores: 1.04 s with 2
+        ahead, 0.65 s inline, 0.60 s from batches in memory)."""
         parts = self._committed_of_split(split)
         if not parts:
             raise StoreError(

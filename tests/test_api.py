@@ -235,6 +235,28 @@ def test_side_models_are_cached_within_a_byte_budget(service, finished_job, monk
     assert response.status_code == 200  # loaded again on demand
 
 
+def test_a_pass_keeps_its_own_models_when_it_makes_room(service, finished_job, monkeypatch):
+    """Models a pass has already taken stay in memory until it ends: evicting them would free
+    nothing, so room is made from the other models, and the budget counts what is held."""
+    s = service["client"].app.state.ladder
+    path = s.db.get_model(finished_job[0]["fine_tuned_model"])["path"]
+    names = [f"ft:tiny:copy:{k}" for k in range(4)]
+    for name in names:
+        s.db.add_model(name, "tiny", path, "job")
+    one = sum(t.numel() * t.element_size() for t in s.registry.side(names[0]).state_dict().values())
+    monkeypatch.setattr(s.registry, "max_side_bytes", 2 * one)
+    s.registry.side(names[1])  # held: 0, 1 (0 least recently used)
+    s.registry.side(names[2], keep=frozenset(names[:1] + names[2:3]))
+    assert list(s.registry.sides) == [names[0], names[2]]  # 1 out, not the pass's 0
+    pass_models = frozenset(names[1:])  # three models, more than the budget holds
+    for name in sorted(pass_models):
+        s.registry.side(name, keep=pass_models)
+    assert set(s.registry.sides) == pass_models
+    s.registry.side(names[0])  # the next pass makes room down to the budget again
+    assert list(s.registry.sides) == [names[3], names[0]]
+    assert s.registry.held()["bytes"] <= 2 * one
+
+
 def test_pair_models_are_served_with_pairs(service, finished_job):
     """A model trained on (text, text_pair) rows predicts from pairs; a lone text for it, or a
     pair for a single-text model, is a 400 that says which to send."""

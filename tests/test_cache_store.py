@@ -464,7 +464,7 @@ def test_early_break_leaves_no_thread(tmp_path):
     assert _prefetch_threads() == []
     assert threading.active_count() <= baseline
 
-    batches = store.iter_batches("train", 2)
+    batches = store.iter_batches("train", 2, prefetch=2)
     next(batches)
     assert len(_prefetch_threads()) == 1
     batches.close()
@@ -478,8 +478,9 @@ def test_reader_errors_reach_the_consumer(tmp_path, monkeypatch):
         raise OSError(f"disk gone reading part {index}")
 
     monkeypatch.setattr(store, "read_part", broken)
-    with pytest.raises(OSError, match="disk gone"):
-        list(store.iter_batches("train", 2))
+    for prefetch in (0, 2):
+        with pytest.raises(OSError, match="disk gone"):
+            list(store.iter_batches("train", 2, prefetch=prefetch))
     assert _prefetch_threads() == []
 
 
