@@ -15,9 +15,11 @@ installed, the system's malloc otherwise), `jemalloc` (every command; an error w
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import glob
 import os
+import platform
 import re
 import sys
 
@@ -94,3 +96,18 @@ def restart_on_jemalloc(command: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory glibc's malloc holds free back to the system (malloc_trim): glibc keeps
+    what a process frees for its next allocations, so after side models are unloaded the
+    server's resident memory stays at its high-water mark. Measured on 2 cores: 1.7 ms with the
+    MiniLM backbone and 20 side models loaded. False where the C library is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True

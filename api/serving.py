@@ -17,6 +17,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from api.allocator import release_freed_memory
 from api.inference import JointModel, Prediction
 from backbone_worker.backbone import Backbone, alias_installed, aliases, load_backbone
 from side_trainer.artifacts import load_side_model
@@ -51,6 +52,7 @@ class ModelRegistry:
         )
         self._lock = threading.Lock()
         self.loads = 0  # side models loaded from disk (an evicted one counts again)
+        self.evictions = 0  # side models unloaded to stay within the budget
 
     def held(self) -> dict:
         """Side models in memory now: how many, their bytes, and loads since start."""
@@ -92,6 +94,7 @@ class ModelRegistry:
                     if evicted is None:
                         break
                     del self.sides[evicted]
+                    self.evictions += 1
                     log.info("unloaded side model %s (LADDER_MAX_SIDE_MODEL_MB)", evicted)
             return self.sides[model_id]
 
@@ -276,6 +279,7 @@ class MicroBatcher:
         sides: dict[str, SideNetwork] = {}
         failed: dict[str, Exception] = {}
         named = frozenset(m for c in group for m in c.request.model_ids)
+        evictions = self.registry.evictions
         for model_id in sorted(named):
             try:
                 side = self.registry.side(model_id, keep=named)
@@ -298,6 +302,11 @@ class MicroBatcher:
                 )
             else:
                 sides[model_id] = side
+        if self.registry.evictions != evictions:
+            # Side models were unloaded to make room: hand their memory back before the pass
+            # allocates its own (malloc keeps freed memory, and the server's resident memory
+            # would stay at its high-water mark rather than follow the budget).
+            release_freed_memory()
         healthy = list(sides)
         wanted = [c for c in group if not any(m in failed for m in c.request.model_ids)]
         per_model: dict[str, list[Prediction]] = {}

@@ -167,6 +167,11 @@ def many_models(
     try:
         asyncio.run(ask_all(base, ids[:1], texts, 1))  # backbone and one side model warm
         baseline = rss_mb(server.pid)
+        # The backbone's working memory at the run's pass size (8 clients' texts in one pass),
+        # with one side model: what serving costs before any more side models are held.
+        for _ in range(3):
+            asyncio.run(ask_all(base, ids[:1] * 8, texts, 8))
+        shaped = rss_mb(server.pid)
         held_bytes = []
         stop = threading.Event()
 
@@ -184,6 +189,7 @@ def many_models(
             seconds = time.perf_counter() - started
             stop.set()
             watcher.join()
+        settled = rss_mb(server.pid)  # what stays: the cache full, no pass running
         return {
             "server_allocator": allocator_of(server.pid),
             "models_registered": n_models,
@@ -197,6 +203,10 @@ def many_models(
             "rss_after_warmup_mb": round(baseline, 1),
             "rss_peak_mb": round(rss.peak, 1),
             "rss_peak_above_warmup_mb": round(rss.peak - baseline, 1),
+            "rss_end_above_warmup_mb": round(settled - baseline, 1),
+            "rss_after_shaped_warmup_mb": round(shaped, 1),
+            "rss_peak_above_shaped_warmup_mb": round(rss.peak - shaped, 1),
+            "rss_end_above_shaped_warmup_mb": round(settled - shaped, 1),
             "side_bytes_held_max_mb": round(max(held_bytes, default=0) / MIB, 2),
             "side_models_held_end": metric(base, "ladder_side_models_loaded"),
             "side_model_loads": metric(base, "ladder_side_model_loads"),

@@ -257,6 +257,29 @@ def test_a_pass_keeps_its_own_models_when_it_makes_room(service, finished_job, m
     assert s.registry.held()["bytes"] <= 2 * one
 
 
+def test_a_pass_that_unloads_models_hands_the_memory_back(service, finished_job, monkeypatch):
+    """malloc keeps freed memory for later: a pass that evicted side models trims it (so the
+    server's memory follows the budget), a pass that evicted nothing does not pay for it."""
+    import api.serving
+
+    s = service["client"].app.state.ladder
+    path = s.db.get_model(finished_job[0]["fine_tuned_model"])["path"]
+    names = [f"ft:tiny:trim:{k}" for k in range(2)]
+    for name in names:
+        s.db.add_model(name, "tiny", path, "job")
+    monkeypatch.setattr(s.registry, "sides", type(s.registry.sides)())  # none held
+    monkeypatch.setattr(s.registry, "evictions", 0)
+    one = sum(t.numel() * t.element_size() for t in s.registry.side(names[0]).state_dict().values())
+    monkeypatch.setattr(s.registry, "max_side_bytes", one)
+    trims = []
+    monkeypatch.setattr(api.serving, "release_freed_memory", lambda: trims.append(1))
+    predict = service["client"].post
+    assert predict("/v1/predict", json={"model": names[0], "inputs": ["x"]}).status_code == 200
+    assert trims == []  # held already: nothing unloaded
+    assert predict("/v1/predict", json={"model": names[1], "inputs": ["x"]}).status_code == 200
+    assert trims == [1] and s.registry.evictions == 1
+
+
 def test_pair_models_are_served_with_pairs(service, finished_job):
     """A model trained on (text, text_pair) rows predicts from pairs; a lone text for it, or a
     pair for a single-text model, is a 400 that says which to send."""
