@@ -243,7 +243,14 @@ def serve_many(report: dict) -> str:
         f"{m['side_model_loads']:.0f} loads from disk; server memory "
         f"{m['rss_after_warmup_mb']:.0f} MB once the backbone and one model had served, peak "
         f"{m['rss_peak_mb']:.0f} MB ({m['rss_peak_above_warmup_mb']:.0f} MB above; server on "
-        f"{m['server_allocator']} malloc).",
+        f"{m['server_allocator']} malloc)"
+        + (
+            f". After a warm-up at the run's pass size (8 requests of 2 texts, one side model): "
+            f"{m['rss_after_shaped_warmup_mb']:.0f} MB; peak {m['rss_peak_above_shaped_warmup_mb']:.0f}"
+            f" MB above it, {m['rss_end_above_shaped_warmup_mb']:.0f} MB above it after the run."
+            if "rss_after_shaped_warmup_mb" in m
+            else "."
+        ),
         "",
     ]
     if not report["latency"]:
@@ -273,6 +280,12 @@ def sweep(report: dict) -> str:
         f"{i['multitask8_vs_single']:.2f} |\n"
         f"| joint inference, 64 side networks / 1 (batch {i['batch']}) | "
         f"{i['multitask64_vs_single']:.2f} |\n"
+        + (
+            f"| the same as one vectorised group (`JointModel(grouped=True)`): 8 / 1, 64 / 1 | "
+            f"{i['multitask8_grouped_vs_single']:.2f}, {i['multitask64_grouped_vs_single']:.2f} |\n"
+            if "multitask64_grouped_vs_single" in i
+            else ""
+        )
     )
 
 
