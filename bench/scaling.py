@@ -124,6 +124,7 @@ def main() -> None:
                 "stored_width": info["stored_width"],
                 "dtype": info["dtype"],
                 "train_peak_mem_mb": trained["train_peak_mem_mb"],
+                "train_total_mem_mb": trained["train_total_mem_mb"],
                 "train_examples_per_s": trained["train_examples_per_s"],
                 "allocator": trained["allocator"],
                 "shuffle_mb": trained["options"]["shuffle_mb"],
@@ -137,6 +138,8 @@ def main() -> None:
                 shutil.rmtree(store, ignore_errors=True)
         peaks = [row["train_peak_mem_mb"] for row in report["stores"]]
         report["peak_spread"] = round(max(peaks) / min(peaks) - 1, 3)
+        totals = [row["train_total_mem_mb"] for row in report["stores"]]
+        report["total_peak_spread"] = round(max(totals) / min(totals) - 1, 3)
         # Stores whose training set outgrows the reader's shuffle budget (a smaller one is held
         # whole): beyond that point memory should not depend on the store's size at all.
         beyond = [
