@@ -117,7 +117,9 @@ def test_finetune_json_has_the_documented_fields(tmp_path, capsys, tiny_backbone
         "train_examples_per_s",
     ):
         assert key in result
-    assert result["train_total_mem_mb"] >= result["train_peak_mem_mb"] > 0
+    # The process holds at least what training added to it (which can round to 0 on a tiny model).
+    assert result["train_total_mem_mb"] > 0
+    assert result["train_total_mem_mb"] >= result["train_peak_mem_mb"] >= 0
     assert result["n_train"] + result["n_test"] <= 60
     # Unset --lr and --batch-size resolve to the family's defaults, and the result says which.
     family = json.loads((tmp_path / "m" / "side_config.json").read_text())["family"]
