@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import os
 import platform
@@ -98,12 +99,20 @@ def restart_on_jemalloc(command: str) -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+@functools.cache
+def _on_glibc_malloc() -> bool:
+    from side_trainer.memory import allocator
+
+    return platform.libc_ver()[0] == "glibc" and allocator() != "jemalloc"
+
+
 def release_freed_memory() -> bool:
     """Hand the memory glibc's malloc holds free back to the system (malloc_trim): glibc keeps
     what a process frees for its next allocations, so after side models are unloaded the
     server's resident memory stays at its high-water mark. Measured on 2 cores: 1.7 ms with the
-    MiniLM backbone and 20 side models loaded. False where the C library is not glibc."""
-    if platform.libc_ver()[0] != "glibc":
+    MiniLM backbone and 20 side models loaded. False where malloc is not glibc's (another C
+    library, or jemalloc preloaded, which returns freed pages by itself)."""
+    if not _on_glibc_malloc():
         return False
     try:
         trim = ctypes.CDLL(None).malloc_trim

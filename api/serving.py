@@ -47,6 +47,7 @@ class ModelRegistry:
         self.db = db
         self.backbones: dict[str, Backbone] = {}
         self.sides: OrderedDict[str, SideNetwork] = OrderedDict()
+        self._bytes: dict[str, int] = {}  # each held side model's weights, counted at its load
         self.max_side_bytes = max_side_bytes or int(
             float(os.environ.get("LADDER_MAX_SIDE_MODEL_MB", 1024)) * 2**20
         )
@@ -78,7 +79,11 @@ class ModelRegistry:
                 if record is None:
                     raise ModelNotFound(model_id)
                 try:
-                    self.sides[model_id] = load_side_model(record["path"])
+                    side = load_side_model(record["path"])
+                    self.sides[model_id] = side
+                    self._bytes[model_id] = sum(
+                        t.numel() * t.element_size() for t in side.state_dict().values()
+                    )
                     self.loads += 1
                 except Exception as exc:  # noqa: BLE001 - any load failure is the model's state
                     log.error(
@@ -88,22 +93,31 @@ class ModelRegistry:
                         model_id,
                         "its files on the server are missing or damaged; fine-tune it again",
                     ) from exc
-                pinned = keep | {model_id}
-                while self._side_bytes() > self.max_side_bytes:
-                    evicted = next((m for m in self.sides if m not in pinned), None)
-                    if evicted is None:
-                        break
-                    del self.sides[evicted]
-                    self.evictions += 1
-                    log.info("unloaded side model %s (LADDER_MAX_SIDE_MODEL_MB)", evicted)
+                self._make_room(keep | {model_id})
             return self.sides[model_id]
 
+    def shrink(self) -> int:
+        """Unload least recently used models down to the budget, none kept: a pass whose own
+        models exceeded the budget held them all, and calls this when it ends. Returns how many
+        were unloaded."""
+        with self._lock:
+            return self._make_room(frozenset())
+
+    def _make_room(self, pinned: frozenset[str]) -> int:
+        evicted = 0
+        while self._side_bytes() > self.max_side_bytes:
+            victim = next((m for m in self.sides if m not in pinned), None)
+            if victim is None:
+                break
+            del self.sides[victim]
+            del self._bytes[victim]
+            self.evictions += 1
+            evicted += 1
+            log.info("unloaded side model %s (LADDER_MAX_SIDE_MODEL_MB)", victim)
+        return evicted
+
     def _side_bytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for side in self.sides.values()
-            for t in side.state_dict().values()
-        )
+        return sum(self._bytes.values())
 
     def backbone_of(self, model_id: str) -> str:
         record = self.db.get_model(model_id)
@@ -114,6 +128,7 @@ class ModelRegistry:
     def forget(self, model_id: str) -> None:
         with self._lock:
             self.sides.pop(model_id, None)
+            self._bytes.pop(model_id, None)
 
     def available_backbones(self) -> list[str]:
         out = []
@@ -272,7 +287,16 @@ class MicroBatcher:
 
     def _run(self, group: list[_Chunk]) -> list:
         """One backbone pass for the whole group, then each chunk's slice for its request's
-        models, or the exception of the first of its models that could not run."""
+        models, or the exception of the first of its models that could not run. A pass may
+        hold more side models than the budget (all those its requests name); the registry
+        shrinks back to the budget when it ends."""
+        try:
+            return self._pass(group)
+        finally:
+            if self.registry.shrink():
+                release_freed_memory()
+
+    def _pass(self, group: list[_Chunk]) -> list:
         from api.inference import InferenceError
 
         backbone = self.registry.backbone(group[0].request.backbone)

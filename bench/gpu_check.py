@@ -57,30 +57,39 @@ def check_overlap() -> dict:
     texts = [e.text for e in data.examples[:32]]
     sequential = JointModel(backbone, sides, overlap=False).probabilities(texts)
     overlapped = JointModel(backbone, sides[:8], overlap=True).probabilities(texts)
-    grouped = JointModel(backbone, sides, overlap=False, grouped=True).probabilities(texts)
     diff = max(float((a - b).abs().max()) for a, b in zip(sequential, overlapped))
-    grouped_diff = max(float((a - b).abs().max()) for a, b in zip(sequential, grouped))
     # How far the probabilities are from uniform: an equality of near-uniform outputs says little.
     spread = min(float((p - 1 / p.shape[-1]).abs().mean()) for p in sequential)
+    modes = ("sequential", "overlap")
     timing = {
-        "batch_32": latency(backbone, sides, texts, repeats=20),
-        "batch_1": latency(backbone, sides, texts[:1], repeats=30),
+        "batch_32": latency(backbone, sides, texts, repeats=20, modes=modes),
+        "batch_1": latency(backbone, sides, texts[:1], repeats=30, modes=modes),
     }
+    out = {"ok": diff <= 1e-5, "max_abs_probability_diff": diff, "probability_spread": spread}
+    # The grouped path, in its own try: its failure (seen once, in the fused attention kernel
+    # under vmap) must not lose the figures above.
+    try:
+        grouped = JointModel(backbone, sides, overlap=False, grouped=True).probabilities(texts)
+        grouped_diff = max(float((a - b).abs().max()) for a, b in zip(sequential, grouped))
+        out["grouped_max_abs_probability_diff"] = grouped_diff
+        out["ok"] = out["ok"] and grouped_diff <= 1e-4
+        for key, batch, repeats in (("batch_32", texts, 20), ("batch_1", texts[:1], 30)):
+            more = latency(backbone, sides, batch, repeats=repeats, modes=("grouped",))
+            timing[key] |= {k: v for k, v in more.items() if k != "backbone_ms"}
+    except Exception as exc:  # noqa: BLE001 - a failed path is a finding, reported
+        out["ok"] = False
+        out["grouped_error"] = repr(exc)[:500]
     for r in timing.values():
         for tag in ("sequential", "overlap", "grouped"):
+            if f"joint_8_{tag}_ms" not in r:
+                continue
+            # Against one side network run the same way (grouped: one network is run in turn).
+            single = r["joint_1_sequential_ms" if tag == "grouped" else f"joint_1_{tag}_ms"]
             if tag != "grouped":
-                r[f"joint_vs_backbone_{tag}"] = round(r[f"joint_1_{tag}_ms"] / r["backbone_ms"], 3)
+                r[f"joint_vs_backbone_{tag}"] = round(single / r["backbone_ms"], 3)
             for n in (8, 64):
-                r[f"multitask{n}_vs_single_{tag}"] = round(
-                    r[f"joint_{n}_{tag}_ms"] / r["joint_1_sequential_ms"], 3
-                )
-    return {
-        "ok": diff <= 1e-5 and grouped_diff <= 1e-4,
-        "max_abs_probability_diff": diff,
-        "grouped_max_abs_probability_diff": grouped_diff,
-        "probability_spread": spread,
-        **timing,
-    }
+                r[f"multitask{n}_vs_single_{tag}"] = round(r[f"joint_{n}_{tag}_ms"] / single, 3)
+    return {**out, **timing}
 
 
 def _relative_error(store, backbone_cpu, dataset) -> float:

@@ -395,8 +395,9 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
         "backbone_params": n_backbone,
         "trainable_pct": 100 * net.trainable_parameters() / n_backbone,
         "train_peak_mem_mb": round(memory.peak_mb, 1),
-        # The process's own peak (weights, libraries and store handles included): what the
-        # machine must have; train_peak_mem_mb is what training adds to the start.
+        # The device's whole peak (on a CPU the process's, libraries and store handles
+        # included; on a GPU the allocated peak): what the device must have. train_peak_mem_mb
+        # is what training adds to the start.
         "train_total_mem_mb": round(memory.total_mb, 1),
         "allocator": allocator(),
         "train_examples_per_s": round(seen / max(train_seconds, 1e-9), 1),

@@ -257,6 +257,34 @@ def test_a_pass_keeps_its_own_models_when_it_makes_room(service, finished_job, m
     assert s.registry.held()["bytes"] <= 2 * one
 
 
+def test_a_request_naming_more_models_than_the_budget_holds(service, finished_job, monkeypatch):
+    """Its pass holds all of them, counted (none is evicted while the pass still uses it), and
+    the registry is back within the budget when the pass ends."""
+    import api.serving
+
+    s = service["client"].app.state.ladder
+    path = s.db.get_model(finished_job[0]["fine_tuned_model"])["path"]
+    names = [f"ft:tiny:many:{k}" for k in range(3)]
+    for name in names:
+        s.db.add_model(name, "tiny", path, "job")
+    monkeypatch.setattr(s.registry, "sides", type(s.registry.sides)())
+    monkeypatch.setattr(s.registry, "_bytes", {})
+    one = sum(t.numel() * t.element_size() for t in s.registry.side(names[0]).state_dict().values())
+    monkeypatch.setattr(s.registry, "max_side_bytes", one)
+    held_during_pass = []
+    joint_model = api.serving.JointModel
+
+    def watched(backbone, sides, **kw):
+        held_during_pass.append(s.registry.held()["models"])
+        return joint_model(backbone, sides, **kw)
+
+    monkeypatch.setattr(api.serving, "JointModel", watched)
+    response = service["client"].post("/v1/predict", json={"model": names, "inputs": ["x"]})
+    assert response.status_code == 200, response.text
+    assert held_during_pass == [3]
+    assert s.registry.held()["models"] == 1 and s.registry.held()["bytes"] <= one
+
+
 def test_a_pass_that_unloads_models_hands_the_memory_back(service, finished_job, monkeypatch):
     """malloc keeps freed memory for later: a pass that evicted side models trims it (so the
     server's memory follows the budget), a pass that evicted nothing does not pay for it."""
@@ -268,6 +296,7 @@ def test_a_pass_that_unloads_models_hands_the_memory_back(service, finished_job,
     for name in names:
         s.db.add_model(name, "tiny", path, "job")
     monkeypatch.setattr(s.registry, "sides", type(s.registry.sides)())  # none held
+    monkeypatch.setattr(s.registry, "_bytes", {})
     monkeypatch.setattr(s.registry, "evictions", 0)
     one = sum(t.numel() * t.element_size() for t in s.registry.side(names[0]).state_dict().values())
     monkeypatch.setattr(s.registry, "max_side_bytes", one)

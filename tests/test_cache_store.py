@@ -348,13 +348,17 @@ def test_info(tmp_path):
 # ---- batches --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "int8"])
-def test_iter_batches_covers_each_example_once_with_its_states(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,prefetch", [("fp16", 0), ("int8", 0), ("int8", 2)])
+def test_iter_batches_covers_each_example_once_with_its_states(tmp_path, dtype, prefetch):
+    """Inline and through the prefetch thread (what training on a GPU uses)."""
     plan = make_plan((7, "train"), (5, "validation"), (6, "train"), (4, "train"))
     store, parts = build(tmp_path, plan, dtype=dtype, streams=("enc", "dec"))
     expected = reference({i: p for i, p in parts.items() if plan[i]["split"] == "train"}, dtype)
     seen = []
-    for batch in store.iter_batches("train", 4, seed=3, shuffle_bytes=5 * 7 * D * 2):
+    shuffle_bytes = 5 * 7 * D * 2
+    for batch in store.iter_batches(
+        "train", 4, seed=3, shuffle_bytes=shuffle_bytes, prefetch=prefetch
+    ):
         b = len(batch["example_ids"])
         assert batch["labels"].dtype == torch.int64 and batch["example_ids"].dtype == torch.int64
         for s in ("enc", "dec"):
