@@ -40,7 +40,7 @@ def check_overlap() -> dict:
     from api.inference import JointModel
     from backbone_worker.backbone import load_backbone
     from backbone_worker.data import load_dataset
-    from bench.serve_bench import latency, side_network
+    from bench.serve_bench import add_ratios, latency, side_network
 
     backbone = load_backbone(BACKBONE, "cuda")
     data = load_dataset(DATA, limit=256)
@@ -80,15 +80,7 @@ def check_overlap() -> dict:
         out["ok"] = False
         out["grouped_error"] = repr(exc)[:500]
     for r in timing.values():
-        for tag in ("sequential", "overlap", "grouped"):
-            if f"joint_8_{tag}_ms" not in r:
-                continue
-            # Against one side network run the same way (grouped: one network is run in turn).
-            single = r["joint_1_sequential_ms" if tag == "grouped" else f"joint_1_{tag}_ms"]
-            if tag != "grouped":
-                r[f"joint_vs_backbone_{tag}"] = round(single / r["backbone_ms"], 3)
-            for n in (8, 64):
-                r[f"multitask{n}_vs_single_{tag}"] = round(r[f"joint_{n}_{tag}_ms"] / single, 3)
+        add_ratios(r)
     return {**out, **timing}
 
 

@@ -88,6 +88,23 @@ def latency(backbone, sides, texts, repeats, modes=tuple(MODES)) -> dict:
     return {k: round(v, 2) for k, v in out.items()}
 
 
+def add_ratios(timing: dict) -> dict:
+    """latency()'s figures as ratios, added in place: joint pass / backbone alone, and N side
+    networks / one run the same way (grouped: one network runs in turn), for each mode timed."""
+    for tag in MODES:
+        single = timing.get("joint_1_sequential_ms" if tag == "grouped" else f"joint_1_{tag}_ms")
+        if single is None:
+            continue
+        if tag != "grouped":
+            timing[f"joint_vs_backbone_{tag}"] = round(single / timing["backbone_ms"], 3)
+        for n in (8, 64):
+            if f"joint_{n}_{tag}_ms" in timing:
+                timing[f"multitask{n}_vs_single_{tag}"] = round(
+                    timing[f"joint_{n}_{tag}_ms"] / single, 3
+                )
+    return timing
+
+
 async def request_rate(base: str, model: str, texts: list[str], clients: int, per_client: int):
     async with httpx.AsyncClient(base_url=base, timeout=120) as http:
 
@@ -148,12 +165,7 @@ def main() -> None:
         "batch_1": latency(backbone, sides, texts[:1], args.repeats * 5),
     }
     for key in ("batch_32", "batch_1"):
-        r = results[key]
-        for tag in ("sequential", "overlap"):
-            r[f"joint_vs_backbone_{tag}"] = round(r[f"joint_1_{tag}_ms"] / r["backbone_ms"], 3)
-            r[f"multitask8_vs_single_{tag}"] = round(
-                r[f"joint_8_{tag}_ms"] / r[f"joint_1_{tag}_ms"], 3
-            )
+        add_ratios(results[key])
     if not torch.cuda.is_available():
         results["http"] = serve_and_measure(args.backbone, sides[0].cpu(), texts)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -34,15 +34,10 @@ import httpx
 import numpy as np
 
 from bench.compare import machine, script_parser
+from side_trainer.memory import allocator
 
 ROOT = Path(__file__).parents[1]
 MIB = 2**20
-
-
-def allocator_of(pid: int) -> str:
-    """The malloc a process runs on (the measured server, not this client)."""
-    with open(f"/proc/{pid}/maps") as maps:
-        return "jemalloc" if "libjemalloc" in maps.read() else "system"
 
 
 def rss_mb(pid: int) -> float:
@@ -191,7 +186,7 @@ def many_models(
             watcher.join()
         settled = rss_mb(server.pid)  # what stays: the cache full, no pass running
         return {
-            "server_allocator": allocator_of(server.pid),
+            "server_allocator": allocator(server.pid),
             "models_registered": n_models,
             "budget_models": budget_models,
             "model_bytes": model_bytes,
@@ -277,7 +272,7 @@ def latency_under_load(
     ids, _ = register_models(home, backbone_name, max(sizes))
     server, base = start_server(home, backbone_name, {})
     rows = []
-    allocator = allocator_of(server.pid)
+    server_allocator = allocator(server.pid)
     try:
         asyncio.run(ask_all(base, ids, texts[:1], 4))  # every model loaded once
         for n in sizes:
@@ -289,7 +284,7 @@ def latency_under_load(
                         poisson_run(base, ids[:n], pick, texts, rate, seconds, seed=k)
                     )
                     row = {
-                        "server_allocator": allocator,
+                        "server_allocator": server_allocator,
                         "models": n,
                         "popularity": pattern,
                         **row,

@@ -22,11 +22,11 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * _PAGE
 
 
-def allocator() -> str:
-    """`jemalloc` when this process runs on jemalloc (see api/allocator.py), else `system`: peak
-    memory on CPU depends on it, so results record it."""
+def allocator(pid: int | str = "self") -> str:
+    """`jemalloc` when this process (or process `pid`) runs on jemalloc (see api/allocator.py),
+    else `system`: peak memory on CPU depends on it, so results record it."""
     try:
-        with open("/proc/self/maps") as maps:
+        with open(f"/proc/{pid}/maps") as maps:
             return "jemalloc" if "libjemalloc" in maps.read() else "system"
     except OSError:  # no /proc (not Linux)
         return "system"
