@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -20,6 +21,13 @@ from backbone_worker.data import Example
 from backbone_worker.families import ENCODER_DECODER
 from side_trainer.group import groups_of
 from side_trainer.model import SideNetwork
+
+# Side networks of one width map from which the map runs once per pass for all of them rather
+# than folded into each one's ladders (see JointModel). Measured with MiniLM (K 96), batch 32,
+# 2 CPU cores: 2 to 8 networks of one store within 2 ms either way; 64 of one store 501 ms
+# mapped once, 574-582 ms folded; 64 with a map each 575-595 ms folded, 684-711 ms when each
+# mapped its states to K first and then ran its ladders (as joint inference did before).
+SHARED_MAP_MIN = 3
 
 
 class InferenceError(ValueError):
@@ -64,6 +72,12 @@ class JointModel:
                 "overlap and grouped are two ways to run the side networks; pick one"
             )
         self.side_stream = torch.cuda.Stream() if cuda and self.overlap else None
+        # Side networks trained from one store carry one width map. Where at least
+        # SHARED_MAP_MIN of them are in the pass, the map runs once and each reads the K-wide
+        # states as it would from the store; any other network folds the map into its ladders.
+        keys = [s.projection_key() for s in self.sides]
+        counts = Counter(k for k in keys if k is not None)
+        self.map_keys = [k if k is not None and counts[k] >= SHARED_MAP_MIN else None for k in keys]
 
     @torch.inference_mode()
     def probabilities(self, texts: list[str], pairs: list[str] | None = None) -> list[torch.Tensor]:
@@ -76,34 +90,48 @@ class JointModel:
         if self.overlap:
             return [logits.softmax(-1) for logits in self._overlapped(enc)]
         states = self.backbone.ladder_states(self.layers, enc)["enc"]
+        mapped: dict = {}
         if self.grouped:
-            return self._grouped(states, enc["attention_mask"])
+            return self._grouped(states, enc["attention_mask"], mapped)
         # One side network after another by default. Run as one vectorised group (`grouped`),
         # MiniLM side networks at batch 32 on 2 CPU cores took 251 ms for 8 and 909 ms for 64
         # against 253 and 642 ms in turn: their cost is compute, which grouping does not reduce.
-        return [
-            side(
-                {
-                    "enc": {
-                        "states": side.project_states("enc", states),
-                        "attention_mask": enc["attention_mask"],
-                    }
-                }
-            ).softmax(-1)
-            for side in self.sides
-        ]
+        out = []
+        for k, side in enumerate(self.sides):
+            inputs, live = self._inputs(k, "enc", states, mapped)
+            batch = {"enc": {"states": inputs, "attention_mask": enc["attention_mask"]}}
+            out.append(side(batch, live=live).softmax(-1))
+        return out
 
-    def _grouped(self, states: dict, mask: torch.Tensor) -> list[torch.Tensor]:
-        batch = {"enc": {"states": states, "attention_mask": mask}}
+    def _inputs(self, k: int, stream: str, states: dict, mapped: dict) -> tuple[dict, bool]:
+        """Side network k's inputs from the live states of one stream, and whether they are
+        still live (d-wide): the shared width map's output, computed once per pass (`mapped`)."""
+        key = self.map_keys[k]
+        if key is None:
+            return states, True
+        if (key, stream) not in mapped:
+            mapped[key, stream] = self.sides[k].project_states(stream, states)
+        return mapped[key, stream], False
+
+    def _grouped(self, states: dict, mask: torch.Tensor, mapped: dict) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(self.sides)
         # On an H100 (torch 2.11) the memory-efficient attention kernel under vmap refused the
         # side blocks' shared mask ("attn_bias: wrong shape (batch dimension)"); the math
         # backend is plain batched products, which vmap batches. Not yet measured on a GPU.
         cuda = mask.device.type == "cuda"
         with sdpa_kernel(SDPBackend.MATH) if cuda else nullcontext():
-            for indices, group in groups_of(self.sides):
-                for k, logits in zip(indices, group(batch, live=True)):
-                    out[k] = logits.softmax(-1)
+            # Groups of one width map (which runs once for the group), or of networks that
+            # fold their own maps into their ladders.
+            by_map: dict = {}
+            for k, key in enumerate(self.map_keys):
+                by_map.setdefault(key, []).append(k)
+            for members in by_map.values():
+                for indices, group in groups_of([self.sides[k] for k in members]):
+                    indices = [members[i] for i in indices]
+                    inputs, live = self._inputs(indices[0], "enc", states, mapped)
+                    batch = {"enc": {"states": inputs, "attention_mask": mask}}
+                    for k, logits in zip(indices, group(batch, live=live)):
+                        out[k] = logits.softmax(-1)
         return out
 
     def _overlapped(self, enc) -> list[torch.Tensor]:
@@ -111,6 +139,7 @@ class JointModel:
         mask = enc["attention_mask"]
         steps = [{f"layer_{i}": j for j, i in enumerate(s.cfg.layers)} for s in self.sides]
         runs: dict[int, dict] = {}
+        mapped: dict = {}
         work: queue.Queue = queue.Queue()
         errors: list[BaseException] = []
         stream = self.side_stream
@@ -127,10 +156,14 @@ class JointModel:
                             stream.wait_event(ready)  # the state is computed on the GPU
                         for k, side in enumerate(self.sides):
                             stack = side.streams["enc"]
+                            if name != "emb" and name not in steps[k]:
+                                continue
+                            inputs, live = self._inputs(k, "enc", {name: state}, mapped)
                             if name == "emb":
-                                runs[k] = stack.begin(stack.project(name, state), mask)
-                            elif name in steps[k]:
-                                stack.step(runs[k], steps[k][name], stack.project(name, state))
+                                runs[k] = stack.begin(inputs[name], mask, live=live)
+                            else:
+                                stack.step(runs[k], steps[k][name], inputs[name])
+                        mapped.clear()  # one state at a time: the next one is another layer
                     except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
                         errors.append(exc)
 
@@ -173,14 +206,17 @@ class JointModel:
                     "input_ids": dec["input_ids"],
                 },
             }
+            mapped: dict = {}
             for k, side in enumerate(self.sides):
                 if text in side.cfg.label_texts:
-                    inputs = {
-                        s: {**part, "states": side.project_states(s, part["states"])}
-                        for s, part in batch.items()
-                    }
+                    inputs, live = {}, True
+                    for s, part in batch.items():
+                        states, live = self._inputs(k, s, part["states"], mapped)
+                        inputs[s] = {**part, "states": states}
                     logp = (
-                        side(inputs).log_softmax(-1).gather(-1, dec["input_ids"][..., None])[..., 0]
+                        side(inputs, live=live)
+                        .log_softmax(-1)
+                        .gather(-1, dec["input_ids"][..., None])[..., 0]
                     )
                     loglik[k, text] = (logp * dec["attention_mask"]).sum(1)
         return [

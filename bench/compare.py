@@ -383,6 +383,7 @@ def inference_ratios(cfg: dict) -> dict:
 
     model = load_backbone(cfg["backbone"], cfg["device"])
     dataset = load_dataset(cfg["data"], limit=cfg["limit"], seed=cfg["split_seed"])
+    # Default-tier side networks, each from a store of its own (64 tenants: 64 width maps) ...
     sides = [side_network(model, dataset.labels).to(cfg["device"]) for _ in range(64)]
     texts = [e.text for e in dataset.examples[: cfg["batch_size"]]]
     timing = latency(model, sides, texts, repeats=10, modes=("sequential", "overlap"))
@@ -397,6 +398,15 @@ def inference_ratios(cfg: dict) -> dict:
         "backbone_ms": timing["backbone_ms"],
         "batch": len(texts),
     }
+    # ... and all from one store (a sweep's candidates, seeds of an ensemble): one width map,
+    # which the joint pass runs once for all of them.
+    one_store: dict = {}
+    kin = [side_network(model, dataset.labels, one_store).to(cfg["device"]) for _ in range(64)]
+    shared = latency(model, kin, texts, repeats=10, modes=("sequential",))
+    for n in (8, 64):
+        out[f"multitask{n}_one_store_vs_single"] = round(
+            shared[f"joint_{n}_sequential_ms"] / timing["joint_1_sequential_ms"], 3
+        )
     # The same side networks run as one vectorised group (JointModel(grouped=True)); a path
     # not yet run on every device, so a failure is recorded rather than losing the report.
     try:
@@ -493,6 +503,12 @@ def markdown(report: dict) -> str:
         f"Inference (batch {i['batch']}): joint / backbone {i['joint_vs_backbone']:.2f}, "
         f"8 side models / 1 {i['multitask8_vs_single']:.2f}"
         + (f", 64 / 1 {i['multitask64_vs_single']:.2f}" if "multitask64_vs_single" in i else "")
+        + (
+            f"; all from one store: 8 / 1 {i['multitask8_one_store_vs_single']:.2f}, 64 / 1 "
+            f"{i['multitask64_one_store_vs_single']:.2f}"
+            if "multitask64_one_store_vs_single" in i
+            else ""
+        )
         + (
             f" (as one vectorised group: {i['multitask8_grouped_vs_single']:.2f} and "
             f"{i['multitask64_grouped_vs_single']:.2f})."

@@ -288,6 +288,13 @@ def sweep(report: dict) -> str:
         f"| joint inference, 64 side networks / 1 (batch {i['batch']}) | "
         f"{i['multitask64_vs_single']:.2f} |\n"
         + (
+            f"| the same, all 64 from one store (its width map runs once): 8 / 1, 64 / 1 | "
+            f"{i['multitask8_one_store_vs_single']:.2f}, "
+            f"{i['multitask64_one_store_vs_single']:.2f} |\n"
+            if "multitask64_one_store_vs_single" in i
+            else ""
+        )
+        + (
             f"| the same as one vectorised group (`JointModel(grouped=True)`): 8 / 1, 64 / 1 | "
             f"{i['multitask8_grouped_vs_single']:.2f}, {i['multitask64_grouped_vs_single']:.2f} |\n"
             if "multitask64_grouped_vs_single" in i

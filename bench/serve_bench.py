@@ -6,8 +6,8 @@
 - micro-batching: requests/s of 32 concurrent clients over one client at a time, against a real
   `ladder serve` process on loopback.
 
-Side networks are freshly initialised at the real shapes (r=8, every layer): latency does not
-depend on trained weights. Run: python bench/serve_bench.py --json bench/results/serve.json
+Side networks are freshly initialised at the shapes `ladder finetune` gives by default (r=8, the
+default layers and store width map): latency does not depend on trained weights. Run: python bench/serve_bench.py --json bench/results/serve.json
 """
 
 from __future__ import annotations
@@ -29,13 +29,22 @@ from api.db import Database
 from api.inference import JointModel
 from backbone_worker.backbone import load_backbone, portable_config
 from backbone_worker.data import load_dataset
+from backbone_worker.families import DECODER
+from backbone_worker.options import stored_width
 from side_trainer.artifacts import save_side_model
 from side_trainer.model import SideConfig, SideNetwork
 
 ROOT = Path(__file__).parents[1]
 
 
-def side_network(backbone, labels) -> SideNetwork:
+def side_network(backbone, labels, width_map: dict | None = None, width="auto") -> SideNetwork:
+    """A fresh side network at the shapes `ladder finetune` gives by default: r=8, the default
+    layers, and the default store tier's width map (`width="auto"`; "full": none). The map's
+    matrices are random orthonormal ones (latency does not depend on what they hold): pass one
+    `width_map` dict to several calls for networks of one store (the first call fills it),
+    none for a network with a store of its own."""
+    d = backbone.hidden_size
+    k = stored_width(None if width == "auto" else width, d)
     cfg = SideConfig(
         family=backbone.family.name,
         backbone=backbone.name,
@@ -43,8 +52,18 @@ def side_network(backbone, labels) -> SideNetwork:
         backbone_config=portable_config(backbone.config),
         layers=backbone.family.default_layers(backbone.config),
         labels=labels,
+        projection=None
+        if k is None
+        else {"kind": "pca", "width": k, "normalize": backbone.family.name == DECODER},
     )
-    return SideNetwork(cfg).eval()
+    net = SideNetwork(cfg).eval()
+    width_map = {} if width_map is None else width_map
+    for stream, stack in net.streams.items() if k is not None else ():
+        for name in stack.ladders:
+            if (stream, name) not in width_map:
+                width_map[stream, name] = torch.linalg.qr(torch.randn(d, k))[0]
+            getattr(stack, f"projection_{name}").copy_(width_map[stream, name])
+    return net
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -79,7 +79,9 @@ def register_models(home: Path, backbone_name: str, n: int) -> tuple[list[str], 
     ids = []
     for k in range(n):
         torch.manual_seed(k)
-        side = side_network(backbone, ["negative", "positive"])
+        # Full width, as in the committed results (a default-tier model also carries its
+        # store's width maps: ~0.37 MB more for MiniLM).
+        side = side_network(backbone, ["negative", "positive"], width="full")
         path = home / "models" / f"m{k}"
         save_side_model(side, path)
         db.add_model(f"ft:m{k}", backbone_name, str(path), f"bench-{k}")

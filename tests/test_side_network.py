@@ -281,6 +281,74 @@ def test_grouped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
         JointModel(backbone, sides, overlap=True, grouped=True)
 
 
+def mapped_side(backbone, width_map: dict, normalize: bool = False) -> SideNetwork:
+    """A side network of a store of width K = d/4: its ladders read K-wide states through
+    the given width maps (one (d, K) matrix per ladder)."""
+    import dataclasses
+
+    d = backbone.hidden_size
+    cfg = dataclasses.replace(
+        side_config(backbone), projection={"kind": "pca", "width": d // 4, "normalize": normalize}
+    )
+    net = SideNetwork(cfg).eval()
+    stack = net.streams["enc"]
+    for name in stack.ladders:
+        if name not in width_map:
+            width_map[name] = torch.linalg.qr(torch.randn(d, d // 4))[0]
+        getattr(stack, f"projection_{name}").copy_(width_map[name])
+    return net
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_joint_inference_maps_live_states_once_per_width_map(tiny_bert_dir, monkeypatch, normalize):
+    """Networks of one store share its width map: the map runs once per pass for all of them;
+    a network whose map is its own folds it into its ladders. Every way gives what the
+    network gives on the mapped states, as it reads them from the store."""
+    from api.inference import SHARED_MAP_MIN, JointModel
+
+    backbone = load_backbone(tiny_bert_dir)
+    torch.manual_seed(4)
+    one_store: dict = {}
+    sides = [mapped_side(backbone, one_store, normalize) for _ in range(SHARED_MAP_MIN)]
+    sides += [mapped_side(backbone, {}, normalize), SideNetwork(side_config(backbone)).eval()]
+    assert len({s.projection_key() for s in sides}) == 3  # one store's map, another, none
+    enc = backbone.tokenize(TEXTS, None, 32)
+    with torch.inference_mode():
+        states = backbone.ladder_states(LAYERS, enc)["enc"]
+        mask = enc["attention_mask"]
+        expected = [
+            s({"enc": {"states": s.project_states("enc", states), "attention_mask": mask}}).softmax(
+                -1
+            )
+            for s in sides
+        ]
+    mapped = []
+    real = SideNetwork.project_states
+    monkeypatch.setattr(
+        SideNetwork, "project_states", lambda self, *a: mapped.append(1) or real(self, *a)
+    )
+    for options in ({"overlap": False}, {"overlap": True}, {"grouped": True}):
+        mapped.clear()
+        got = JointModel(backbone, sides, **options).probabilities(TEXTS)
+        for a, b in zip(expected, got):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        # one store's map once (per state, when the states arrive one at a time)
+        assert len(mapped) == (len(LAYERS) + 1 if options.get("overlap") else 1)
+    # Fewer networks of that store than pays for a shared map: each folds it in.
+    mapped.clear()
+    JointModel(backbone, sides[SHARED_MAP_MIN - 1 :], overlap=False).probabilities(TEXTS)
+    assert mapped == []
+
+
+def test_a_width_map_written_to_gets_a_new_key(tiny_bert_dir):
+    backbone = load_backbone(tiny_bert_dir)
+    net = mapped_side(backbone, {})
+    key = net.projection_key()
+    assert net.projection_key() == key
+    net.streams["enc"].projection_emb.mul_(2)
+    assert net.projection_key() != key
+
+
 def test_side_networks_run_as_a_group_give_what_each_gives_alone(backbone):
     """Sweeps train networks of one shape as one group (stacked weights, one vectorised pass):
     each network's output is the one it gives alone, in every family."""
