@@ -105,9 +105,10 @@ def train_loop(
     from transformers import get_linear_schedule_with_warmup
 
     from side_trainer.memory import PeakMemory
+    from side_trainer.train import adamw
 
     steps = math.ceil(n_train / cfg["batch_size"]) * cfg["epochs"]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    optimizer = adamw(params, cfg["lr"])  # every method: the same optimizer
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
     timed_examples, timed_seconds, n_step = 0, 0.0, 0
     history, best, best_state = [], -1.0, None

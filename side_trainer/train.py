@@ -158,6 +158,16 @@ class Candidate:
         }
 
 
+def adamw(params, lr: float) -> torch.optim.AdamW:
+    """AdamW without weight decay (the recipe), as one fused kernel per step where torch has one
+    for the parameters' device (CPU and CUDA do). Measured on 2 CPU cores: a step of 8 MiniLM
+    side networks' AdamW 3.4 ms fused against 11 ms in torch's default per-parameter loop."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    except RuntimeError:  # no fused kernel for these parameters' device or dtype
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 def best_epoch(history: list, best: float) -> int:
     if history and history[0]["val_accuracy"] is None:
         return len(history)  # no validation split: the last epoch
@@ -199,10 +209,9 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
         )
     candidates = [Candidate(o, build_side_network(store, o).to(opts.device)) for o in expand(opts)]
     trainable = [[p for p in c.net.parameters() if p.requires_grad] for c in candidates]
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         [{"params": ps, "lr": c.opts.lr} for c, ps in zip(candidates, trainable)],
         lr=opts.lr if not isinstance(opts.lr, list) else opts.lr[0],
-        weight_decay=0.0,
     )
     steps_per_epoch = math.ceil(n_train / opts.batch_size)
     total_steps = steps_per_epoch * opts.epochs
