@@ -504,15 +504,15 @@ def markdown(report: dict) -> str:
         f"8 side models / 1 {i['multitask8_vs_single']:.2f}"
         + (f", 64 / 1 {i['multitask64_vs_single']:.2f}" if "multitask64_vs_single" in i else "")
         + (
-            f"; all from one store: 8 / 1 {i['multitask8_one_store_vs_single']:.2f}, 64 / 1 "
-            f"{i['multitask64_one_store_vs_single']:.2f}"
-            if "multitask64_one_store_vs_single" in i
+            f" (as one vectorised group: {i['multitask8_grouped_vs_single']:.2f} and "
+            f"{i['multitask64_grouped_vs_single']:.2f})"
+            if "multitask64_grouped_vs_single" in i
             else ""
         )
         + (
-            f" (as one vectorised group: {i['multitask8_grouped_vs_single']:.2f} and "
-            f"{i['multitask64_grouped_vs_single']:.2f})."
-            if "multitask64_grouped_vs_single" in i
+            f"; all from one store: 8 / 1 {i['multitask8_one_store_vs_single']:.2f}, 64 / 1 "
+            f"{i['multitask64_one_store_vs_single']:.2f}."
+            if "multitask64_one_store_vs_single" in i
             else "."
         ),
         *(
