@@ -224,8 +224,8 @@ class JointModel:
                 if text in side.cfg.label_texts:
                     inputs, live = {}, True
                     for s, part in batch.items():
-                        states, live = self._inputs(k, s, part["states"], mapped)
-                        inputs[s] = {**part, "states": states}
+                        side_states, live = self._inputs(k, s, part["states"], mapped)
+                        inputs[s] = {**part, "states": side_states}
                     logp = (
                         side(inputs, live=live)
                         .log_softmax(-1)

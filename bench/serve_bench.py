@@ -66,14 +66,20 @@ def side_network(backbone, labels, width_map: dict | None = None, width="auto") 
     return net
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def medians_ms(fns: dict, repeats: int) -> dict:
+    """Median milliseconds of each callable over `repeats` rounds, after one warm-up call each.
+    Each round calls every one of them once, in turn, so a slow stretch of a shared machine
+    lands on all of them alike rather than on whichever was being timed (the ratios between
+    them are what the bench reports)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 MODES = {
@@ -85,26 +91,24 @@ MODES = {
 
 def latency(backbone, sides, texts, repeats, modes=tuple(MODES)) -> dict:
     """Median milliseconds of the backbone alone and of joint passes with 1, 8 and 64 side
-    networks (as many as given), each way of running them (MODES)."""
+    networks (as many as given), each way of running them (MODES), timed in interleaved rounds
+    (medians_ms)."""
     enc = backbone.tokenize(texts, None, 128)
 
     def alone():
         with torch.inference_mode():
             backbone.run(enc)
 
-    out = {"backbone_ms": median_ms(alone, repeats)}
+    fns = {"backbone_ms": alone}
     for tag in modes:
         options = {"overlap": False, **MODES[tag]}
         for n in (1, 8, 64):
             if n <= len(sides) and not (tag == "grouped" and n == 1):
                 # Built inside the timer: the service builds one for every pass.
-                out[f"joint_{n}_{tag}_ms"] = median_ms(
-                    lambda n=n, options=options: JointModel(
-                        backbone, sides[:n], **options
-                    ).probabilities(texts),
-                    repeats,
-                )
-    return {k: round(v, 2) for k, v in out.items()}
+                fns[f"joint_{n}_{tag}_ms"] = lambda n=n, options=options: JointModel(
+                    backbone, sides[:n], **options
+                ).probabilities(texts)
+    return {k: round(v, 2) for k, v in medians_ms(fns, repeats).items()}
 
 
 def add_ratios(timing: dict) -> dict:

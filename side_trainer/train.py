@@ -162,10 +162,11 @@ def adamw(params, lr: float) -> torch.optim.AdamW:
     """AdamW without weight decay (the recipe), as one fused kernel per step where torch has one
     for the parameters' device (CPU and CUDA do). Measured on 2 CPU cores: a step of 8 MiniLM
     side networks' AdamW 3.4 ms fused against 11 ms in torch's default per-parameter loop."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
-    except RuntimeError:  # no fused kernel for these parameters' device or dtype
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    # torch checks this only at the first step: a device without the kernel would fail there.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused)
 
 
 def best_epoch(history: list, best: float) -> int:

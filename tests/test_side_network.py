@@ -297,62 +297,71 @@ def test_grouped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
         JointModel(backbone, sides, overlap=True, grouped=True)
 
 
-def mapped_side(backbone, width_map: dict, normalize: bool = False) -> SideNetwork:
-    """A side network of a store of width K = d/4: its ladders read K-wide states through
-    the given width maps (one (d, K) matrix per ladder)."""
+def mapped_side(backbone, width_map: dict) -> SideNetwork:
+    """A side network of a store of width K = d/4: its ladders read K-wide states through the
+    given width maps (one (d, K) matrix per ladder; the dict is filled on first use, so one dict
+    is one store). Weights are moved away from the init, so outputs differ between networks."""
     import dataclasses
 
     d = backbone.hidden_size
-    cfg = dataclasses.replace(
-        side_config(backbone), projection={"kind": "pca", "width": d // 4, "normalize": normalize}
-    )
-    net = SideNetwork(cfg).eval()
-    stack = net.streams["enc"]
-    for name in stack.ladders:
-        if name not in width_map:
-            width_map[name] = torch.linalg.qr(torch.randn(d, d // 4))[0]
-        getattr(stack, f"projection_{name}").copy_(width_map[name])
+    spec = {"kind": "pca", "width": d // 4, "normalize": backbone.family.name == "decoder"}
+    net = SideNetwork(dataclasses.replace(side_config(backbone), projection=spec)).eval()
+    with torch.no_grad():
+        for stream, stack in net.streams.items():
+            for name, ladder in stack.ladders.items():
+                if (stream, name) not in width_map:
+                    width_map[stream, name] = torch.linalg.qr(torch.randn(d, d // 4))[0]
+                getattr(stack, f"projection_{name}").copy_(width_map[stream, name])
+                ladder.weight.normal_(0, 0.5)
+            stack.gate_alpha.uniform_(-1, 1)
+        if backbone.family.name == "encoder-decoder":
+            load_lm_head(net, backbone.path)
+        else:
+            net.classifier[-1].weight.normal_(0, 1)
     return net
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_joint_inference_maps_live_states_once_per_width_map(tiny_bert_dir, monkeypatch, normalize):
+def test_joint_inference_maps_live_states_once_per_width_map(backbone, monkeypatch):
     """Networks of one store share its width map: the map runs once per pass for all of them;
-    a network whose map is its own folds it into its ladders. Every way gives what the
-    network gives on the mapped states, as it reads them from the store."""
-    from api.inference import SHARED_MAP_MIN, JointModel
+    a network whose map is its own folds it into its ladders (also as a vectorised group).
+    Every way gives what mapping each network's states first gives (how joint inference ran
+    before), in every family."""
+    import api.inference as inference
+    from api.inference import JointModel
 
-    backbone = load_backbone(tiny_bert_dir)
     torch.manual_seed(4)
     one_store: dict = {}
-    sides = [mapped_side(backbone, one_store, normalize) for _ in range(SHARED_MAP_MIN)]
-    sides += [mapped_side(backbone, {}, normalize), SideNetwork(side_config(backbone)).eval()]
-    assert len({s.projection_key() for s in sides}) == 3  # one store's map, another, none
-    enc = backbone.tokenize(TEXTS, None, 32)
-    with torch.inference_mode():
-        states = backbone.ladder_states(LAYERS, enc)["enc"]
-        mask = enc["attention_mask"]
-        expected = [
-            s({"enc": {"states": s.project_states("enc", states), "attention_mask": mask}}).softmax(
-                -1
-            )
-            for s in sides
-        ]
+    sides = [mapped_side(backbone, one_store) for _ in range(inference.SHARED_MAP_MIN)]
+    sides += [mapped_side(backbone, {}), mapped_side(backbone, {})]  # a map each: one group
+    sides.append(SideNetwork(side_config(backbone)).eval())  # full width
+    if backbone.family.name == "encoder-decoder":
+        load_lm_head(sides[-1], backbone.path)
+    assert len({s.projection_key() for s in sides}) == 4  # one store's map, two others, none
+    monkeypatch.setattr(inference, "SHARED_MAP_MIN", 1)  # every map runs first, on its own
+    expected = JointModel(backbone, sides, overlap=False).probabilities(TEXTS)
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # not one output twice
+    monkeypatch.undo()
     mapped = []
     real = SideNetwork.project_states
     monkeypatch.setattr(
         SideNetwork, "project_states", lambda self, *a: mapped.append(1) or real(self, *a)
     )
-    for options in ({"overlap": False}, {"overlap": True}, {"grouped": True}):
+    t5 = backbone.family.name == "encoder-decoder"
+    ways = (
+        [{"overlap": False}] if t5 else [{"overlap": False}, {"overlap": True}, {"grouped": True}]
+    )
+    for options in ways:
         mapped.clear()
         got = JointModel(backbone, sides, **options).probabilities(TEXTS)
         for a, b in zip(expected, got):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
-        # one store's map once (per state, when the states arrive one at a time)
-        assert len(mapped) == (len(LAYERS) + 1 if options.get("overlap") else 1)
+        # one store's map once: per stream and label text for T5, per state when overlapped
+        runs = 4 if t5 else len(LAYERS) + 1 if options.get("overlap") else 1
+        assert len(mapped) == runs, options
     # Fewer networks of that store than pays for a shared map: each folds it in.
     mapped.clear()
-    JointModel(backbone, sides[SHARED_MAP_MIN - 1 :], overlap=False).probabilities(TEXTS)
+    few = sides[inference.SHARED_MAP_MIN - 1 :]
+    JointModel(backbone, few, overlap=False).probabilities(TEXTS)
     assert mapped == []
 
 
@@ -363,6 +372,9 @@ def test_a_width_map_written_to_gets_a_new_key(tiny_bert_dir):
     assert net.projection_key() == key
     net.streams["enc"].projection_emb.mul_(2)
     assert net.projection_key() != key
+    with torch.inference_mode():  # a model built for serving: its tensors keep no version
+        served = mapped_side(backbone, {})
+        assert served.projection_key() == served.projection_key() is not None
 
 
 def test_side_networks_run_as_a_group_give_what_each_gives_alone(backbone):
