@@ -124,6 +124,23 @@ def test_fisher_and_its_probe_use_disjoint_training_examples():
     assert fisher_slices(300, 1024, needs_probe=False) == (slice(0, 300), slice(300, 300))
 
 
+def test_the_fisher_probe_is_the_same_whatever_the_random_state():
+    """Two `ladder cache` runs of one command must score the backbone alike: the probe that
+    the Fisher scores go through does not depend on the global random state."""
+    from backbone_worker.importance import train_probe
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(64, 16, generator=generator)
+    targets = (features[:, 0] + 0.5 * torch.randn(64, generator=generator) > 0).long()
+    probes = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        probes.append(train_probe(features, targets, 2))
+    assert torch.equal(probes[0].weight, probes[1].weight)
+    assert torch.equal(probes[0].bias, probes[1].bias)
+    assert probes[0].weight.abs().sum() > 0  # it was fitted
+
+
 def test_side_network_trains_for_every_family(backbone):
     net = SideNetwork(side_config(backbone))
     apply_pruning_init(net, backbone.path, scores_for(backbone), "fisher")
