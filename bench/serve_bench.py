@@ -7,7 +7,8 @@
   `ladder serve` process on loopback.
 
 Side networks are freshly initialised at the shapes `ladder finetune` gives by default (r=8, the
-default layers and store width map): latency does not depend on trained weights. Run: python bench/serve_bench.py --json bench/results/serve.json
+default layers and store width map): latency does not depend on trained weights.
+Run: python bench/serve_bench.py --json bench/results/serve.json
 """
 
 from __future__ import annotations

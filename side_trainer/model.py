@@ -81,6 +81,13 @@ class SideConfig:
         return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
+def rms_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Each token's state divided by its root mean square (eps 1e-6), in float32 (squares of
+    decoder-only states overflow fp16); cache_store.projection.rms_normalize is the store's."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype, causal: bool = False) -> torch.Tensor:
     """(B, T) 1/0 mask -> additive (B, 1, 1, T), or (B, 1, T, T) with the causal triangle."""
     neg = torch.finfo(dtype).min
@@ -151,10 +158,7 @@ class SideStack(nn.Module):
         stream; the ladder's own weights then learn the per-channel scale."""
         ladder = self.ladders[name]
         if self.ladder_norm:
-            x = state.float()  # squares of these overflow fp16
-            state = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(
-                ladder.weight.dtype
-            )
+            state = rms_normalize(state).to(ladder.weight.dtype)
         return ladder(state)
 
     def live_ladder(self, name: str, state: torch.Tensor) -> torch.Tensor:
@@ -167,23 +171,24 @@ class SideStack(nn.Module):
         if self.projection is None:
             return self.ladder(name, state)
         ladder = self.ladders[name]
-        x = state.float()
-        if self.projection["normalize"]:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = self._map_input(state)
         weight = ladder.weight @ getattr(self, f"projection_{name}").to(ladder.weight.dtype).T
         return nn.functional.linear(x.to(weight.dtype), weight, ladder.bias)
 
     def project(self, name: str, state: torch.Tensor) -> torch.Tensor:
         """A live backbone state (B, T, d) -> what the store would hold for it (B, T, K): the
         identity without a width map."""
-        spec = self.projection
-        if spec is None:
+        if self.projection is None:
             return state
-        x = state.float()
-        if spec["normalize"]:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         matrix = getattr(self, f"projection_{name}")
-        return (x @ matrix.float()).to(matrix.dtype)  # in the network's dtype, as its ladders
+        # in the network's dtype, as its ladders
+        return (self._map_input(state) @ matrix.float()).to(matrix.dtype)
+
+    def _map_input(self, state: torch.Tensor) -> torch.Tensor:
+        """A live state as the width map takes it: float32, RMS-normalised where the store's
+        map was fitted on normalised states (cache_store.projection)."""
+        x = state.float()
+        return rms_normalize(x) if self.projection["normalize"] else x
 
     def gates(self) -> torch.Tensor:
         return torch.sigmoid(self.gate_alpha / self.temperature)
