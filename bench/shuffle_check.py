@@ -28,9 +28,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
         "--budget-mb",
-        type=float,
         default=None,
-        help="the reader's budget to check (default: `ladder train`'s --shuffle-mb default)",
+        help="the reader's budget(s) to check, comma-separated (default: `ladder train`'s "
+        "--shuffle-mb default)",
     )
     parser.add_argument("--json", default="bench/results/shuffle.json")
     args = parser.parse_args()
@@ -46,11 +46,13 @@ def main() -> None:
         "machine": machine(),
         "budgets": {},
     }
-    reader_mb = args.budget_mb or TrainOptions.shuffle_mb
-    for name, budget_mb in (
-        ("reader", reader_mb),
-        ("whole store", 4 * info["stored_bytes"] / 2**20),
-    ):
+    budgets = (
+        [float(b) for b in args.budget_mb.split(",")]
+        if args.budget_mb
+        else [TrainOptions.shuffle_mb]
+    )
+    arms = [(f"reader {b:g} MB" if len(budgets) > 1 else "reader", b) for b in budgets]
+    for name, budget_mb in (*arms, ("whole store", 4 * info["stored_bytes"] / 2**20)):
         runs = []
         for seed in map(int, args.seeds.split(",")):
             opts = TrainOptions(epochs=args.epochs, seed=seed, shuffle_mb=budget_mb)

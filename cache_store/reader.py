@@ -3,7 +3,8 @@
 Pipeline (on a GPU in a background thread, prefetch.py, so reading and decoding overlap training):
 parts (order shuffled with the seed) -> whole part read once, kept encoded -> per-example views ->
 a window of whole parts up to the shuffle budget, shuffled -> length-sorted batches of B examples
--> padded torch tensors, decoded a batch at a time.
+-> padded in the stored dtype -> float32 torch tensors, decoded a batch at a time (or, for
+training, a micro-batch at a time: PaddedBatch.pieces).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class BatchPlan:
     prefetch: int  # batches prepared ahead by a thread; 0: read inline
     drop_last: bool
     state_names: list[str] | None  # None: every stored state
+    decode: bool = True  # False: yield PaddedBatch (padded, still encoded) instead of tensors
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Example:
     nbytes: int = 0  # bytes of its stored states (what holding it costs)
 
 
-def iter_batches(source: PartSource, plan: BatchPlan) -> Iterator[dict]:
+def iter_batches(source: PartSource, plan: BatchPlan) -> Iterator[dict] | Iterator[PaddedBatch]:
     if plan.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {plan.batch_size}")
     if plan.prefetch <= 0:
@@ -60,7 +62,7 @@ def iter_batches(source: PartSource, plan: BatchPlan) -> Iterator[dict]:
     return prefetched(lambda: _batches(source, plan), plan.prefetch, name="ladder-prefetch")
 
 
-def _batches(source: PartSource, plan: BatchPlan) -> Iterator[dict]:
+def _batches(source: PartSource, plan: BatchPlan) -> Iterator[dict] | Iterator[PaddedBatch]:
     rng = random.Random(plan.seed)
     parts = list(plan.parts)
     if plan.shuffle:
@@ -70,11 +72,11 @@ def _batches(source: PartSource, plan: BatchPlan) -> Iterator[dict]:
         batches = _in_order(_parts(source, parts, plan.state_names), plan.batch_size)
     for batch in batches:
         if len(batch) == plan.batch_size or not plan.drop_last:
-            tensors = collate(batch, source.dtype)
+            padded = pad(batch, source.dtype)
             # Its examples are views that keep their parts alive: let go of them before asking
             # for the next batch, which may read the next window's parts.
             del batch
-            yield tensors
+            yield padded.decode() if plan.decode else padded
 
 
 def _in_order(parts: Iterator[list[Example]], batch_size: int) -> Iterator[list[Example]]:
@@ -157,10 +159,92 @@ def _parts(
 def collate(batch: list[Example], dtype: str) -> dict:
     """labels, example_ids int64 [B]; per stream: input_ids, attention_mask int64 [B, T] and
     states float32 [B, T, d], zero-padded on the right to T = the stream's longest row."""
-    out: dict[str, Any] = {
-        "labels": torch.tensor([e.label for e in batch], dtype=torch.int64),
-        "example_ids": torch.tensor([e.example_id for e in batch], dtype=torch.int64),
-    }
+    return pad(batch, dtype).decode()
+
+
+@dataclass(frozen=True)
+class PaddedStream:
+    input_ids: np.ndarray  # int64 (B, T)
+    mask: np.ndarray  # bool (B, T)
+    states: dict[str, Encoded]  # values (B, T, d) in the stored dtype, int8 scales (B, T)
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """A batch zero-padded in its stored dtype (1-2 bytes per element) and not yet decoded: it
+    holds copies, not views, so it keeps no part of the store alive. `decode()` gives the whole
+    batch as float32 tensors; `pieces(max_tokens)` the same rows a micro-batch at a time, each
+    decoded only when it is reached, so a batch's float32 states never all exist at once and
+    training memory does not depend on the longest text in the data."""
+
+    labels: np.ndarray  # int64 (B,)
+    example_ids: np.ndarray  # int64 (B,)
+    streams: dict[str, PaddedStream]
+    dtype: str
+
+    @property
+    def rows(self) -> int:
+        return len(self.labels)
+
+    def head(self) -> dict:
+        """The whole batch without its states (labels, ids, masks): what counting a loss's terms
+        needs, at no decoding cost."""
+        return self._tensors(slice(None), None, decode=False)
+
+    def decode(self, rows: slice = slice(None), device: str | torch.device | None = None) -> dict:
+        """Rows of the batch as `collate` gives them, trimmed to their own longest row; the
+        states are decoded on `device` (a GPU takes the 1-2 byte values, not float32)."""
+        return self._tensors(rows, device, decode=True)
+
+    def row_ranges(self, max_tokens: int) -> list[slice]:
+        """Consecutive row ranges of at most `max_tokens` tokens each (rows x the padded lengths
+        of every stream); the whole batch when it fits or `max_tokens` is 0. Batches are
+        length-sorted (see _shuffled), so the ranges, each trimmed to its longest row, pad little."""
+        tokens = self.rows * sum(s.mask.shape[1] for s in self.streams.values())
+        if not max_tokens or tokens <= max_tokens:
+            return [slice(0, self.rows)]
+        pieces = min(self.rows, -(-tokens // max_tokens))
+        size = -(-self.rows // pieces)
+        return [slice(k, k + size) for k in range(0, self.rows, size)]
+
+    def pieces(self, max_tokens: int, device: str | torch.device | None = None) -> Iterator[dict]:
+        for rows in self.row_ranges(max_tokens):
+            yield self.decode(rows, device)
+
+    def _tensors(self, rows: slice, device, decode: bool) -> dict:
+        def put(array: np.ndarray) -> torch.Tensor:
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+            return tensor if device is None else tensor.to(device)
+
+        out: dict[str, Any] = {
+            "labels": put(self.labels[rows]),
+            "example_ids": put(self.example_ids[rows]),
+        }
+        for s, stream in self.streams.items():
+            mask = stream.mask[rows]
+            t = min(max(int(mask.sum(1).max(initial=0)), 1), mask.shape[1])  # longest row
+            mask = mask[:, :t]
+            out[s] = {
+                "input_ids": put(stream.input_ids[rows, :t]),
+                "attention_mask": put(mask.astype(np.int64)),
+            }
+            if not decode:
+                continue
+            states = {}
+            for k, enc in stream.states.items():
+                values = enc.values[rows, :t]
+                b, _, d = values.shape
+                scales = None if enc.scales is None else enc.scales[rows, :t].reshape(-1)
+                flat = Encoded(values.reshape(b * t, d), scales)  # a copy only for a piece
+                states[k] = decode_tensor(flat, self.dtype, device).view(b, t, d)
+            out[s]["states"] = states
+        return out
+
+
+def pad(batch: list[Example], dtype: str) -> PaddedBatch:
+    """The batch's rows zero-padded on the right to each stream's longest row, in the stored
+    dtype (cheap copies of 1-2 byte values); padding decodes to zeros (scale 0 for int8)."""
+    streams = {}
     for s, (_, first_states) in batch[0].streams.items():
         rows = [e.streams[s] for e in batch]
         lengths = np.array([len(ids) for ids, _ in rows])
@@ -169,8 +253,6 @@ def collate(batch: list[Example], dtype: str) -> dict:
         ids[mask] = np.concatenate([row_ids for row_ids, _ in rows])
         states = {}
         for k, first in first_states.items():
-            # Pad in the stored dtype (cheap copies of 1-2 byte values), then one vectorised
-            # decode of the whole padded batch; padding decodes to zeros (scale 0 for int8).
             values = np.zeros((*mask.shape, first.values.shape[1]), dtype=first.values.dtype)
             scales = None if first.scales is None else np.zeros(mask.shape, dtype=np.float32)
             for i, (_, row_states) in enumerate(rows):
@@ -178,41 +260,11 @@ def collate(batch: list[Example], dtype: str) -> dict:
                 values[i, : lengths[i]] = row.values
                 if scales is not None:
                     scales[i, : lengths[i]] = row.scales
-            b, t, d = values.shape
-            flat = Encoded(values.reshape(b * t, d), None if scales is None else scales.reshape(-1))
-            states[k] = decode_tensor(flat, dtype).view(b, t, d)
-        out[s] = {
-            "input_ids": torch.from_numpy(ids),
-            "attention_mask": torch.from_numpy(mask.astype(np.int64)),
-            "states": states,
-        }
-    return out
-
-
-def split_batch(batch: dict, max_tokens: int) -> list[dict]:
-    """A collated batch as consecutive row ranges of at most `max_tokens` tokens each (rows x the
-    padded lengths of every stream), each trimmed to its own longest row; [batch] when it fits
-    or `max_tokens` is 0. Batches are length-sorted (see _shuffled), so the ranges pad little."""
-    rows = len(batch["labels"])
-    tokens = rows * sum(v["attention_mask"].shape[1] for v in batch.values() if isinstance(v, dict))
-    if not max_tokens or tokens <= max_tokens:
-        return [batch]
-    pieces = min(rows, -(-tokens // max_tokens))
-    size = -(-rows // pieces)
-    return [_rows(batch, slice(k, k + size)) for k in range(0, rows, size)]
-
-
-def _rows(batch: dict, rows: slice) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if not isinstance(value, dict):
-            out[key] = value[rows]
-            continue
-        mask = value["attention_mask"][rows]
-        t = max(int(mask.sum(1).max()), 1)
-        out[key] = {
-            "input_ids": value["input_ids"][rows, :t],
-            "attention_mask": mask[:, :t],
-            "states": {k: v[rows, :t] for k, v in value["states"].items()},
-        }
-    return out
+            states[k] = Encoded(values, scales)
+        streams[s] = PaddedStream(ids, mask, states)
+    return PaddedBatch(
+        labels=np.array([e.label for e in batch], dtype=np.int64),
+        example_ids=np.array([e.example_id for e in batch], dtype=np.int64),
+        streams=streams,
+        dtype=dtype,
+    )

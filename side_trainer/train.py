@@ -25,7 +25,6 @@ from transformers import get_linear_schedule_with_warmup
 from backbone_worker.backbone import fingerprint_dir, resolve
 from backbone_worker.families import DECODER, ENCODER_DECODER
 from cache_store import ActivationStore, StoreError
-from cache_store.reader import split_batch
 from side_trainer.artifacts import WEIGHTS_FILE, save_side_model
 from side_trainer.group import groups_of
 from side_trainer.memory import PeakMemory, allocator
@@ -280,42 +279,47 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                     seed=opts.seed + epoch,
                     prefetch=prefetch,
                     shuffle_bytes=int(opts.shuffle_mb * 2**20),
+                    decode=False,
                 ),
                 total=steps_per_epoch,
                 desc=f"epoch {epoch + 1}/{opts.epochs}",
                 leave=False,
             )
-            for batch in bar:
-                batch = augment(
-                    to_device(batch, opts.device), opts.feature_dropout, opts.feature_noise
-                )
+            head = candidates[0].net  # every candidate has the family, so the same loss terms
+            for padded in bar:
                 optimizer.zero_grad(set_to_none=True)
-                pieces = split_batch(batch, opts.micro_batch_tokens)
-                for indices, group in groups:
-                    # A candidate out of patience has stopped, as it would alone: no loss, so
-                    # no gradient, and AdamW leaves parameters without one untouched.
-                    live = [k for k in indices if candidates[k].stale < opts.patience]
-                    if not live:
-                        continue
-                    terms = group.nets[0].loss_terms(batch)
-                    total = 0.0  # (len(live),): each live network's loss on the whole batch
-                    for piece in pieces:
-                        share = group.nets[0].loss_terms(piece) / terms
+                # A candidate out of patience has stopped, as it would alone: no loss, so no
+                # gradient, and AdamW leaves parameters without one untouched.
+                live = [
+                    [k for k in indices if candidates[k].stale < opts.patience]
+                    for indices, _ in groups
+                ]
+                terms = head.loss_terms(padded.head())
+                totals = [0.0] * len(groups)  # per group (len(live),): losses on the whole batch
+                # A batch over micro_batch_tokens runs as micro-batches, each decoded when it is
+                # reached, whose share-weighted gradients add up to the batch's.
+                for piece in padded.pieces(opts.micro_batch_tokens, opts.device):
+                    piece = augment(piece, opts.feature_dropout, opts.feature_noise)
+                    share = head.loss_terms(piece) / terms
+                    for g, (indices, group) in enumerate(groups):
+                        if not live[g]:
+                            continue
                         outputs = dict(zip(indices, group(piece)))
                         piece_losses = (
-                            torch.stack([group.nets[0].loss(piece, outputs[k]) for k in live])
+                            torch.stack([group.nets[0].loss(piece, outputs[k]) for k in live[g]])
                             * share
                         )
                         piece_losses.sum().backward()
-                        total = total + piece_losses.detach()
-                    for k, loss in zip(live, total.tolist()):  # one device sync per batch
+                        totals[g] = totals[g] + piece_losses.detach()
+                for ks, total in zip(live, totals):
+                    for k, loss in zip(ks, total.tolist() if ks else []):  # one sync a group
                         losses[k].append(loss)
                 for c, ps in zip(candidates, trainable):
                     if c.stale < opts.patience:
                         torch.nn.utils.clip_grad_norm_(ps, opts.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                seen += len(batch["labels"])
+                seen += padded.rows
                 bar.set_postfix(loss=f"{next(ls[-1] for ls in losses if ls):.4f}")
             train_seconds += time.perf_counter() - start
             # Validation batches are training-sized: a padded batch of every kept layer's states is

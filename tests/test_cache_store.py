@@ -489,13 +489,19 @@ def test_reader_errors_reach_the_consumer(tmp_path, monkeypatch):
 
 
 def test_a_batch_over_the_token_limit_splits_into_trimmed_row_ranges(tmp_path):
-    from cache_store.reader import split_batch
-
-    store, _ = build(tmp_path, make_plan((12, "train")), streams=("enc", "dec"))
+    """A padded (still encoded) batch decodes whole as iter_batches gives it, or a micro-batch
+    at a time: consecutive row ranges, each trimmed to its own longest row."""
+    store, _ = build(tmp_path, make_plan((12, "train")), streams=("enc", "dec"), dtype="int8")
     batch = next(iter(store.iter_batches("train", 12, shuffle=False)))
+    padded = next(iter(store.iter_batches("train", 12, shuffle=False, decode=False)))
+    assert_batches_equal(padded.decode(), batch)
     tokens = sum(batch[s]["attention_mask"].shape[1] for s in ("enc", "dec"))
-    assert split_batch(batch, 0) == [batch] and split_batch(batch, 12 * tokens) == [batch]
-    pieces = split_batch(batch, 3 * tokens)
+    for fits in (0, 12 * tokens):
+        (whole,) = padded.pieces(fits)
+        assert_batches_equal(whole, batch)
+    assert padded.head()["labels"].tolist() == batch["labels"].tolist()
+    assert "states" not in padded.head()["enc"]
+    pieces = list(padded.pieces(3 * tokens))
     assert len(pieces) == 4
     assert torch.equal(torch.cat([p["example_ids"] for p in pieces]), batch["example_ids"])
     start = 0
@@ -511,3 +517,13 @@ def test_a_batch_over_the_token_limit_splits_into_trimmed_row_ranges(tmp_path):
             for k, v in piece[s]["states"].items():
                 assert torch.equal(v, whole["states"][k][start : start + rows, :t])
         start += rows
+    assert start == 12
+
+
+def assert_batches_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, dict):
+            assert_batches_equal(value, b[key])
+        else:
+            assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
