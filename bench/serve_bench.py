@@ -38,12 +38,14 @@ from side_trainer.model import SideConfig, SideNetwork
 ROOT = Path(__file__).parents[1]
 
 
-def side_network(backbone, labels, width_map: dict | None = None, width="auto") -> SideNetwork:
+def side_network(
+    backbone, labels, width_map: dict | None = None, width="auto", heads: int | None = None
+) -> SideNetwork:
     """A fresh side network at the shapes `ladder finetune` gives by default: r=8, the default
-    layers, and the default store tier's width map (`width="auto"`; "full": none). The map's
+    layers and side heads, and the default store tier's width map (`width="auto"`; "full": none). The map's
     matrices are random orthonormal ones (latency does not depend on what they hold): pass one
     `width_map` dict to several calls for networks of one store (the first call fills it),
-    none for a network with a store of its own."""
+    none for a network with a store of its own. `heads`: side heads other than the default."""
     d = backbone.hidden_size
     k = stored_width(None if width == "auto" else width, d)
     cfg = SideConfig(
@@ -53,6 +55,7 @@ def side_network(backbone, labels, width_map: dict | None = None, width="auto") 
         backbone_config=portable_config(backbone.config),
         layers=backbone.family.default_layers(backbone.config),
         labels=labels,
+        heads=heads or backbone.family.default_side_heads(backbone.config, SideConfig.reduction),
         projection=None
         if k is None
         else {"kind": "pca", "width": k, "normalize": backbone.family.name == DECODER},

@@ -6,7 +6,8 @@ side block j, which sits beside kept backbone layer i, a gate mixes in that laye
 
     h = mu_j * h + (1 - mu_j) * down_i(backbone_i),   mu_j = sigmoid(alpha_j / T),  alpha_j = 0
 
-Side blocks are the backbone's own block class at width d/r with the same number of heads. The
+Side blocks are the backbone's own block class at width d/r (encoders: with fewer heads, see
+`default_side_heads`; other families keep the backbone's heads). The
 backbone states arrive precomputed (from the activation store or from a live backbone pass), so no
 gradient can reach a backbone parameter: the side network never holds one.
 
@@ -52,6 +53,9 @@ class SideConfig:
     # RMS-normalise each backbone state before its ladder; None = the family's default (on for
     # decoder-only models, whose residual streams carry massive activations, off otherwise).
     ladder_norm: bool | None = None
+    # Attention heads of the side blocks; None: the backbone's count (every model saved before
+    # this field existed). Encoders only (families.side_config).
+    heads: int | None = None
 
     def __post_init__(self):
         from backbone_worker.options import OptionError
@@ -265,7 +269,7 @@ class SideNetwork(nn.Module):
         self.cfg = cfg
         family = family_by_name(cfg.family)
         backbone_config = cfg.hf_backbone_config()
-        self.side_config = family.side_config(backbone_config, cfg.reduction)
+        self.side_config = family.side_config(backbone_config, cfg.reduction, cfg.heads)
         width = family.hidden_size(backbone_config)
         side_width = width // cfg.reduction
         self.streams = nn.ModuleDict(

@@ -24,6 +24,10 @@ FAMILY_DEFAULTS = {
     "decoder": {"lr": 1e-3, "batch_size": 16},
 }
 PER_FAMILY = "32 and 3e-3 for encoders and T5, 16 and 1e-3 for decoder-only models"
+SIDE_HEADS = (
+    "encoders: heads 16 wide (MiniLM at r 8: 3), no more than the backbone has; other "
+    "families keep the backbone's heads"
+)
 
 
 @dataclass
@@ -69,6 +73,18 @@ class TrainOptions:
     patience: int = field(
         default=3,
         metadata=setting("epochs without a better validation score before stopping", low=1),
+    )
+    side_heads: int | list[int] | None = field(
+        default=None,
+        metadata=setting(
+            "attention heads of an encoder's side blocks; a list (3,6) trains one network per "
+            "count",
+            http="side_heads",
+            low=1,
+            high=256,
+            auto=SIDE_HEADS,
+            sweep=True,
+        ),
     )
     init: str = field(
         default="fisher",
@@ -128,7 +144,7 @@ class TrainOptions:
 
     def __post_init__(self):
         check(self)
-        size = sweep_size(self.lr, self.reduction, self.n_seeds)
+        size = sweep_size(self.n_seeds, self.lr, self.reduction, self.side_heads)
         if size > MAX_SWEEP:
             raise OptionError(
                 f"the sweep has {size} configurations; at most {MAX_SWEEP} train together: "
@@ -136,10 +152,11 @@ class TrainOptions:
             )
 
 
-def sweep_size(lr, reduction, n_seeds) -> int:
-    """Configurations of a sweep with these settings (lists count their values)."""
+def sweep_size(n_seeds, *swept_values) -> int:
+    """Configurations of a sweep: seeds x the values of each swept setting (a list counts its
+    values, anything else one)."""
     count = n_seeds if isinstance(n_seeds, int) else 1
-    for value in (lr, reduction):
+    for value in swept_values:
         count *= len(value) if isinstance(value, list) else 1
     return count
 

@@ -6,7 +6,8 @@ Fisher or magnitude scores) and kept one-shot:
   block's residual rows and columns (the reference re-chooses them per sub-layer, which makes
   consecutive blocks disagree on what a residual dim means; one set keeps them consistent);
 - attention inner dims: per head, by the product of the Q, K and V row importances (a log-sum, so
-  tiny Fisher values do not underflow); O's columns follow;
+  tiny Fisher values do not underflow); O's columns follow. Encoder side networks with fewer
+  heads than the backbone take the backbone heads whose best dims score highest;
 - Llama: one within-head set in rotary pairs, shared by every head, so rotary embeddings and
   grouped K/V heads stay valid; the side rotary embedding takes those pairs' frequencies;
 - FFN inner dims by the product of the input projections' row importances; the output columns follow.
@@ -144,7 +145,10 @@ def choose_dims(net: SideNetwork, scores: dict[str, torch.Tensor], method: str) 
             if family.name == DECODER:
                 within = within + _within_head(logs, d, side.head_dim * r)
             else:
-                chosen.update(_head_dims(stream, i, logs, side, r))
+                side_heads = (
+                    side.num_heads if hasattr(side, "num_heads") else side.num_attention_heads
+                )
+                chosen.update(_head_dims(stream, i, logs, d.heads, side_heads, r))
             ffn = logs["ffn"] if torch.is_tensor(logs["ffn"]) else torch.zeros(d.intermediate)
             chosen[(stream, i, "ffn")] = _top(ffn, ffn.numel() // r)
     chosen["resid"] = _top(resid, width // r)
@@ -170,17 +174,20 @@ def _within_head(logs: dict, d: Dims, head_dim: int) -> torch.Tensor:
     return logs["q"].view(d.heads, head_dim).sum(0) + logs["kv"].view(d.kv_heads, head_dim).sum(0)
 
 
-def _head_dims(stream: str, i: int, logs: dict, side, r: int) -> dict:
-    """Per head: keep head_dim/r dims, so side head h is a subset of backbone head h."""
-    heads = side.num_heads if hasattr(side, "num_heads") else side.num_attention_heads
+def _head_dims(stream: str, i: int, logs: dict, heads: int, side_heads: int, r: int) -> dict:
+    """Attention inner dims, each side head a subset of one backbone head (a head's queries and
+    keys must keep the same dims). The side keeps 1/r of the backbone's inner width: with the
+    backbone's count of heads, head h keeps 1/r of backbone head h's dims; with fewer (wider)
+    side heads, they come from the backbone heads whose best dims score highest, in order."""
     out = {}
     for kind in ("attn", "xattn"):
         if kind in logs:
-            per_head = logs[kind].view(heads, -1)  # (H, head_dim)
-            keep = torch.topk(per_head, per_head.shape[1] // r, dim=1).indices.sort(dim=1).values
-            out[(stream, i, kind)] = (
-                torch.arange(heads)[:, None] * per_head.shape[1] + keep
-            ).flatten()
+            per_head = logs[kind].view(heads, -1)  # (H, head_dim) log-importances
+            width = per_head.numel() // r // side_heads  # a side head's dims
+            best = torch.topk(per_head, width, dim=1)
+            kept = torch.topk(best.values.sum(1), side_heads).indices.sort().values
+            keep = best.indices[kept].sort(dim=1).values
+            out[(stream, i, kind)] = (kept[:, None] * per_head.shape[1] + keep).flatten()
     return out
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from backbone_worker.backbone import fingerprint_dir, resolve
-from backbone_worker.families import DECODER, ENCODER_DECODER
+from backbone_worker.families import DECODER, ENCODER_DECODER, family_by_name
 from cache_store import ActivationStore, StoreError
 from side_trainer.artifacts import WEIGHTS_FILE, save_side_model
 from side_trainer.group import groups_of
@@ -111,7 +111,11 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
         label_texts=settings["labels"] if settings["family"] == ENCODER_DECODER else [],
         text_pair=settings.get("text_pair", False),
         projection=settings.get("projection"),
+        heads=opts.side_heads,
     )
+    if cfg.heads is None:  # the family's default for this width, recorded with the model
+        family = family_by_name(cfg.family)
+        cfg = replace(cfg, heads=family.default_side_heads(cfg.hf_backbone_config(), cfg.reduction))
     torch.manual_seed(opts.seed)
     net = SideNetwork(cfg)
     if cfg.projection:

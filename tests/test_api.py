@@ -558,6 +558,10 @@ def test_bad_job_requests(service, finished_job):
         "invalid_hyperparameter",
         "hyperparameters.reduction_factor",
     )
+    bad["hyperparameters"] = {"reduction_factor": 4, "side_heads": [1, 3]}  # 8 wide: 3 heads?
+    response = client.post(jobs, json=bad)
+    assert_error(response, 400, "invalid_hyperparameter", "hyperparameters.side_heads")
+    assert "multiple of the 3 attention heads" in response.json()["error"]["message"]
     bad["hyperparameters"] = {"learning_rate": [1e-3, 2e-3, 3e-3], "n_seeds": 30}
     assert_error(client.post(jobs, json=bad), 400, "invalid_hyperparameter", "hyperparameters")
     bad["hyperparameters"] = {"learning_rate": [1e-3, 2]}

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import cache_argv, finetune_argv
@@ -90,6 +91,9 @@ def test_train_evaluate_predict(cached, capsys, tmp_path):
     assert code == 0
     result = last_json(out)
     assert result["trainable_params"] > 0 and result["train_examples_per_s"] > 0
+    # The side heads are recorded: the family's default for the width (tiny BERT, r 4: one).
+    config = json.loads((Path(out_dir) / "side_config.json").read_text())
+    assert config["heads"] == 1
     code, out, _ = run(capsys, "evaluate", "--model", out_dir, "--data", cached["data"], "--json")
     assert code == 0 and last_json(out)["n"] > 0 and 0 <= last_json(out)["accuracy"] <= 1
     code, out, _ = run(capsys, "predict", "--model", out_dir, "what a lovely ride", "--json")
@@ -266,6 +270,23 @@ def test_reduction_that_does_not_divide_the_width(cached, capsys, tmp_path):
         "5",
     )
     one_line_error(code, err, "reduction factor 5")
+
+
+def test_side_heads_that_do_not_divide_the_side_width(cached, capsys, tmp_path):
+    code, _, err = run(
+        capsys,
+        "train",
+        "--store",
+        cached["store"],
+        "--out",
+        str(tmp_path / "m"),
+        "--reduction",
+        "4",
+        "--side-heads",
+        "3",
+    )
+    one_line_error(code, err, "multiple of the 3 attention heads")
+    assert not (tmp_path / "m").exists()
 
 
 def test_model_dir_that_is_not_a_side_model(capsys, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -230,6 +232,64 @@ def test_pruned_weights_are_the_selected_backbone_rows_and_columns(tiny_bert_dir
     assert torch.equal(attn.view(4, 2) // 8, torch.arange(4)[:, None].expand(4, 2))
 
 
+def test_fewer_side_heads_each_take_the_best_dims_of_one_backbone_head(tiny_bert_dir):
+    """An encoder side network with fewer (wider) heads than the backbone: each side head is a
+    subset of one backbone head, the heads whose best dims score highest, in order."""
+    backbone = load_backbone(tiny_bert_dir)  # 4 heads of 8 dims; r 4: side width 8
+    scores = scores_for(backbone)
+    net = SideNetwork(dataclasses.replace(side_config(backbone), heads=2))
+    assert net.side_config.num_attention_heads == 2
+    chosen = apply_pruning_init(net, backbone.path, scores, "fisher")
+    logs = sum(
+        torch.log(scores[f"fisher/enc/2/attention.self.{p}.weight/row"] + 1e-30)
+        for p in ("query", "key", "value")
+    ).view(4, 8)
+    best = torch.topk(logs, 4, dim=1)  # each side head is 8 / 2 = 4 wide
+    heads = torch.sort(torch.topk(best.values.sum(1), 2).indices).values
+    expect = (heads[:, None] * 8 + torch.sort(best.indices[heads], dim=1).values).flatten()
+    assert torch.equal(chosen[("enc", 2, "attn")], expect)
+    block, side = backbone.model.encoder.layer[2], net.streams["enc"].blocks[1]
+    assert torch.equal(
+        side.attention.output.dense.weight,
+        block.attention.output.dense.weight[chosen["resid"]][:, expect],
+    )
+    # The block attends with two heads: the same weights split four ways give other outputs.
+    four = SideNetwork(side_config(backbone))
+    four.load_state_dict(net.state_dict())
+    h = torch.randn(2, 5, 8)
+    outputs = [n.eval().streams["enc"].blocks[1].attention.self(h)[0] for n in (net, four)]
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4
+
+
+def test_a_model_saved_before_side_heads_keeps_the_backbone_heads(tiny_bert_dir, tmp_path):
+    """A side config written before the `heads` field existed means the backbone's heads; a new
+    model records its count, the family's default unless asked otherwise."""
+    import json
+
+    from side_trainer.artifacts import CONFIG_FILE, load_side_model, save_side_model
+
+    backbone = load_backbone(tiny_bert_dir)  # 4 heads; r 4: 8 wide
+    save_side_model(SideNetwork(dataclasses.replace(side_config(backbone), heads=2)), tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["heads"] == 2
+    assert load_side_model(tmp_path).side_config.num_attention_heads == 2
+    del config["heads"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    assert load_side_model(tmp_path).side_config.num_attention_heads == 4
+    assert backbone.family.default_side_heads(backbone.config, 4) == 1  # 8 < 16: one head
+
+
+def test_side_heads_that_do_not_fit_are_refused(tiny_bert_dir, tiny_llama_dir):
+    bert = load_backbone(tiny_bert_dir)
+    with pytest.raises(FamilyError, match="multiple of the 3 attention heads.*side heads"):
+        SideNetwork(dataclasses.replace(side_config(bert), heads=3))
+    with pytest.raises(FamilyError, match="wider than the backbone's heads"):
+        SideNetwork(dataclasses.replace(side_config(bert, reduction=2), heads=1))
+    llama = load_backbone(tiny_llama_dir)
+    with pytest.raises(FamilyError, match="keeps the backbone's .* attention heads"):
+        SideNetwork(dataclasses.replace(side_config(llama), heads=1))
+
+
 def test_decoder_side_blocks_are_causal(tiny_llama_dir):
     backbone = load_backbone(tiny_llama_dir)
     net = SideNetwork(side_config(backbone)).eval()
@@ -318,7 +378,6 @@ def mapped_side(backbone, width_map: dict) -> SideNetwork:
     """A side network of a store of width K = d/4: its ladders read K-wide states through the
     given width maps (one (d, K) matrix per ladder; the dict is filled on first use, so one dict
     is one store). Weights are moved away from the init, so outputs differ between networks."""
-    import dataclasses
 
     d = backbone.hidden_size
     spec = {"kind": "pca", "width": d // 4, "normalize": backbone.family.name == "decoder"}

@@ -223,26 +223,34 @@ def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
 
     config, family = backbone_config(backbone)
     from backbone_worker.options import MAX_SWEEP
-    from side_trainer.options import sweep_size
+    from side_trainer.options import TrainOptions, sweep_size
 
-    size = sweep_size(hp.learning_rate, hp.reduction_factor, hp.n_seeds)
+    size = sweep_size(hp.n_seeds, hp.learning_rate, hp.reduction_factor, hp.side_heads)
     if size > MAX_SWEEP:
         raise APIError(
             400,
             "invalid_hyperparameter",
-            f"the sweep has {size} configurations (learning_rate x reduction_factor x n_seeds); "
+            f"the sweep has {size} configurations (learning_rate x reduction_factor x side_heads "
+            f"x n_seeds); "
             f"at most {MAX_SWEEP} train together: give fewer values",
             "hyperparameters",
         )
-    if hp.reduction_factor != "auto":
-        reductions = hp.reduction_factor
-        try:
-            for r in reductions if isinstance(reductions, list) else [reductions]:
-                family.side_config(config, r)
-        except FamilyError as exc:
-            raise APIError(
-                400, "invalid_hyperparameter", str(exc), "hyperparameters.reduction_factor"
-            ) from None
+
+    def values(value, default) -> list:
+        value = default if value == "auto" else value
+        return value if isinstance(value, list) else [value]
+
+    # Every reduction of a sweep, alone and with every count of side heads asked for.
+    checks = [(None, "reduction_factor")]
+    checks += [(h, "side_heads") for h in values(hp.side_heads, []) if h is not None]
+    for r in values(hp.reduction_factor, TrainOptions.reduction):
+        for heads, param in checks:
+            try:
+                family.side_config(config, r, heads)
+            except FamilyError as exc:
+                raise APIError(
+                    400, "invalid_hyperparameter", str(exc), f"hyperparameters.{param}"
+                ) from None
     if isinstance(hp.kept_layers, list):
         n = family.num_layers(config)
         bad = [i for i in hp.kept_layers if i >= n]
