@@ -69,14 +69,21 @@ def read_array(group: zarr.Group, name: str) -> np.ndarray:
     return group[name][...]
 
 
-def read_arrays(group: zarr.Group, names: list[str]) -> list[np.ndarray | BaseException]:
+def read_arrays(
+    group: zarr.Group | None, names: list[str], opened: dict | None = None
+) -> list[np.ndarray | BaseException]:
     """Several whole arrays of a group, opened and read concurrently in one round trip to zarr's
     event loop (one call per array costs a round trip each to open it and to read it: most of
     the time of reading a part of a dozen small arrays). An array that cannot be read gives its
-    exception in its place."""
+    exception in its place. `opened` (name -> zarr's array handle) supplies handles opened
+    before and takes those opened now; `group` may be None when it holds every name."""
 
     async def one(name: str):
-        array = await group._async_group.getitem(name)  # noqa: SLF001 - no public async handle
+        array = None if opened is None else opened.get(name)
+        if array is None:
+            array = await group._async_group.getitem(name)  # noqa: SLF001 - no public async handle
+            if opened is not None:
+                opened[name] = array
         return await array.getitem(...)
 
     async def every():

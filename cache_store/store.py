@@ -7,6 +7,7 @@ committed parts, so an interrupted or retried writer never exposes half a part.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,9 @@ from cache_store.settings import canonical, differences, fingerprint, state_dtyp
 log = logging.getLogger(__name__)
 
 PROJECTION = "projection"  # group of the fitted width maps: projection/<stream>/<state name>
+# Parts whose zarr array handles a read-only store keeps (see ActivationStore.__init__).
+OPEN_PARTS = 64
+
 # Stored states the reader holds to shuffle across parts: its memory is this plus one part, for
 # any number of examples (cache_store/reader.py). `ladder train --shuffle-mb` defaults to it.
 SHUFFLE_BYTES = 32 * 2**20
@@ -41,6 +45,12 @@ class ActivationStore:
         )
         self._matrices: dict[str, np.ndarray] | None = None
         self._root = root
+        # A committed part never changes (writers skip it; only a repair, through a writable
+        # handle, un-commits it), so a read-only handle keeps the attributes it has read of
+        # committed parts (~2 KB each), and zarr's handles on the arrays of the OPEN_PARTS parts
+        # read last (~28 KB a part): later epochs then only read the arrays' chunks.
+        self._committed: dict[int, dict] = {}
+        self._opened: OrderedDict[int, dict] = OrderedDict()
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -160,14 +170,21 @@ class ActivationStore:
     # ---- parts -----------------------------------------------------------------------------
 
     def _part_attrs(self, index: int) -> dict | None:
+        if index in self._committed:
+            return self._committed[index]
         group = self._root.get(layout.part_path(index))
-        return None if group is None else group.attrs.asdict()
+        attrs = None if group is None else group.attrs.asdict()
+        if self._root.read_only and attrs is not None and attrs.get("committed") is True:
+            self._committed[index] = attrs
+        return attrs
 
     def is_committed(self, index: int) -> bool:
         attrs = self._part_attrs(index)
         return attrs is not None and attrs.get("committed") is True
 
     def committed_parts(self) -> list[int]:
+        if len(self._committed) == len(self.plan):  # read-only, and every part seen committed
+            return [p["index"] for p in self.plan]
         parts = self._root.get(layout.PARTS)
         if parts is None:
             return []
@@ -281,7 +298,6 @@ class ActivationStore:
                 f"part {index} of store {self.location.url} is not committed; "
                 "run/finish `ladder cache` first"
             )
-        group = self._root[layout.part_path(index)]
         sums = attrs.get("checksums", {})
         wanted: dict[str, list[str]] = {}
         for s, meta in attrs["streams"].items():
@@ -298,8 +314,11 @@ class ActivationStore:
             paths += [f"{s}/offsets", f"{s}/input_ids", *(f"{s}/states/{k}" for k in names)]
             if self.dtype == "int8":
                 paths += [f"{s}/scales/{k}" for k in names]
+        opened = self._opened_arrays(index)
+        held = opened is not None and all(p in opened for p in paths)
+        group = None if held else self._root[layout.part_path(index)]
         data = {}
-        for path, value in zip(paths, layout.read_arrays(group, paths)):
+        for path, value in zip(paths, layout.read_arrays(group, paths, opened)):
             # Each array is checked against the checksum recorded at commit.
             if isinstance(value, BaseException):  # any decode failure means a damaged chunk
                 raise self._corrupt(index, path, f"unreadable ({type(value).__name__})") from value
@@ -320,6 +339,17 @@ class ActivationStore:
                 "states": states,
             }
         return {"example_ids": data["example_ids"], "labels": data["labels"], "streams": streams}
+
+    def _opened_arrays(self, index: int) -> dict | None:
+        """The array handles kept for committed part `index` (filled by reading it); None on a
+        writable handle, whose parts may change."""
+        if not self._root.read_only:
+            return None
+        opened = self._opened.pop(index, {})
+        self._opened[index] = opened  # the most recently read last
+        while len(self._opened) > OPEN_PARTS:
+            self._opened.popitem(last=False)
+        return opened
 
     def _corrupt(self, index: int, path: str, why: str) -> CorruptPartError:
         return CorruptPartError(

@@ -488,6 +488,37 @@ def test_reader_errors_reach_the_consumer(tmp_path, monkeypatch):
     assert _prefetch_threads() == []
 
 
+def test_a_read_only_store_opens_a_parts_arrays_once(tmp_path, monkeypatch):
+    """Committed parts never change, so a read-only store keeps zarr's handles on the arrays of
+    the parts it read last (at most OPEN_PARTS of them) and reads only their chunks again; a
+    writable store, whose parts a repair may change, keeps none."""
+    import cache_store.store as store_module
+    from cache_store import layout
+
+    _, parts = build(tmp_path, make_plan((4, "train"), (4, "train"), (4, "train")))
+    monkeypatch.setattr(store_module, "OPEN_PARTS", 2)
+    store = ActivationStore.open(str(tmp_path / "store"))
+    opened = []
+    real = layout.read_arrays
+
+    def counting(group, names, held=None):
+        opened.append(sum(name not in (held or {}) for name in names))
+        return real(group, names, held)
+
+    monkeypatch.setattr(layout, "read_arrays", counting)
+    first = store.read_part(0, decode=False)
+    again = store.read_part(0, decode=False)
+    assert opened[0] > 0 and opened[1] == 0
+    assert np.array_equal(first["labels"], again["labels"])
+    for index in (1, 2, 0):  # part 0 was dropped for part 2: at most two are kept
+        store.read_part(index)
+    assert opened[2:] == [opened[0]] * 3 and list(store._opened) == [2, 0]
+    writable = ActivationStore.open(str(tmp_path / "store"), writable=True)
+    writable.read_part(0)
+    writable.read_part(0)
+    assert opened[-2:] == [opened[0]] * 2 and not writable._opened
+
+
 def test_a_batch_over_the_token_limit_splits_into_trimmed_row_ranges(tmp_path):
     """A padded (still encoded) batch decodes whole as iter_batches gives it, or a micro-batch
     at a time: consecutive row ranges, each trimmed to its own longest row."""

@@ -258,35 +258,18 @@ def test_store_with_uncommitted_parts_only(capsys, tmp_path, tiny_bert_dir):
     one_line_error(code, err, "committed", "ladder cache")
 
 
-def test_reduction_that_does_not_divide_the_width(cached, capsys, tmp_path):
-    code, _, err = run(
-        capsys,
-        "train",
-        "--store",
-        cached["store"],
-        "--out",
-        str(tmp_path / "m"),
-        "--reduction",
-        "5",
-    )
-    one_line_error(code, err, "reduction factor 5")
-
-
-def test_side_heads_that_do_not_divide_the_side_width(cached, capsys, tmp_path):
-    code, _, err = run(
-        capsys,
-        "train",
-        "--store",
-        cached["store"],
-        "--out",
-        str(tmp_path / "m"),
-        "--reduction",
-        "4",
-        "--side-heads",
-        "3",
-    )
-    one_line_error(code, err, "multiple of the 3 attention heads")
-    assert not (tmp_path / "m").exists()
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--reduction", "5"], "reduction factor 5"),
+        (["--reduction", "4", "--side-heads", "3"], "multiple of the 3 attention heads"),
+    ],
+)
+def test_side_shapes_that_do_not_fit_the_backbone(cached, capsys, tmp_path, flags, message):
+    out = tmp_path / "m"
+    code, _, err = run(capsys, "train", "--store", cached["store"], "--out", str(out), *flags)
+    one_line_error(code, err, message)
+    assert not out.exists()
 
 
 def test_model_dir_that_is_not_a_side_model(capsys, tmp_path):
