@@ -6,6 +6,8 @@
     python -m bench.finetune_check --backbone minilm --limit 3000 --cache-flags="--width full" \
         --json bench/results/minilm_finetune_full_width.json
 
+`--seeds 3` also trains the store's model with training seeds 1 and 2 and evaluates each.
+
 Each command runs in its own process; the wall times are those processes' (backbone load,
 caching and Fisher importance included).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +29,13 @@ def main() -> None:
     parser = script_parser(__doc__, limit=3000, epochs=3)
     parser.add_argument(
         "--cache-flags", default="", help='extra `ladder finetune` flags, e.g. "--width full"'
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="also train the store's model with training seeds 1 .. N-1 (`ladder train "
+        "--train-seed k`, the finetune's epochs) and evaluate each: the test accuracy's spread",
     )
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
@@ -61,10 +71,36 @@ def main() -> None:
         }
         for key in ("store", "model_dir"):
             run["finetune"].pop(key, None)
+        if args.seeds > 1:
+            run["seeds"] = seed_spread(args, store, workdir, run["evaluate"]["accuracy"])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     Path(args.json).write_text(json.dumps(run, indent=2) + "\n")
     print(json.dumps({k: run[k] for k in ("store", "evaluate", "seconds")}))
+
+
+def seed_spread(args, store: Path, workdir: Path, first: float) -> dict:
+    """Whole-test accuracy of the store's model trained with seeds 0 (the finetune's) .. N-1."""
+    accuracies = [first]
+    for seed in range(1, args.seeds):
+        model = workdir / f"model-{seed}"
+        _python(
+            ["-m", "api.cli", "train", "--store", str(store), "--out", str(model), "--epochs",
+             str(args.epochs), "--train-seed", str(seed), "--json"],
+            timeout=7200,
+        )  # fmt: skip
+        evaluated = _python(
+            ["-m", "api.cli", "evaluate", "--model", str(model), "--data", args.data, "--json"],
+            timeout=7200,
+        )
+        accuracies.append(evaluated["accuracy"])
+    return {
+        "command": "ladder train --store STORE --out MODEL-k --epochs "
+        f"{args.epochs} --train-seed k, then ladder evaluate (k = 1 .. {args.seeds - 1})",
+        "test_accuracy_per_seed": accuracies,
+        "mean": statistics.mean(accuracies),
+        "sd": statistics.stdev(accuracies),
+    }
 
 
 if __name__ == "__main__":

@@ -43,6 +43,17 @@ def finetune(run: dict) -> str:
         "|---|---|",
         f"| test accuracy, whole test split (`ladder evaluate`) | {e['accuracy']:.3f} "
         f"({e['n']:,} rows) |",
+        *(
+            [
+                f"| whole test split, training seeds 0-{len(sd['test_accuracy_per_seed']) - 1} "
+                f"(`ladder train --train-seed k` on the same store) | {sd['mean']:.3f} ± "
+                f"{sd['sd']:.3f} ("
+                + ", ".join(f"{a:.3f}" for a in sd["test_accuracy_per_seed"])
+                + ") |"
+            ]
+            if (sd := run.get("seeds"))
+            else []
+        ),
         f"| test accuracy, the --limit sample's test rows (`ladder finetune`) | "
         f"{f['test_accuracy']:.3f} ({f['n_test']} rows) |",
         f"| best validation accuracy (epoch kept) | {f['best_val_accuracy']:.3f} "
