@@ -390,6 +390,11 @@ class Family:
                     f"of the {n_heads} attention heads; pick r so that {d.hidden}/r is"
                     + ("" if heads is None else ", or another number of side heads")
                 )
+            if n_heads > d.heads:
+                raise FamilyError(
+                    f"{n_heads} side heads are more than the backbone's {d.heads}, which the "
+                    f"pruning init takes them from; use at most {d.heads}"
+                )
             if side.hidden_size // n_heads > d.head_dim:
                 raise FamilyError(
                     f"{n_heads} side heads would be {side.hidden_size // n_heads} wide, wider "

@@ -72,11 +72,14 @@ def _batches(source: PartSource, plan: BatchPlan) -> Iterator[dict] | Iterator[P
         batches = _in_order(_parts(source, parts, plan.state_names), plan.batch_size)
     for batch in batches:
         if len(batch) == plan.batch_size or not plan.drop_last:
-            padded = pad(batch, source.dtype)
-            # Its examples are views that keep their parts alive: let go of them before asking
-            # for the next batch, which may read the next window's parts.
-            del batch
-            yield padded.decode() if plan.decode else padded
+            out = padded = pad(batch, source.dtype)
+            if plan.decode:
+                out = padded.decode()
+            # Its examples are views that keep their parts alive: let go of them (and of the
+            # padded copy once decoded) before asking for the next batch, which may read the
+            # next window's parts.
+            del batch, padded
+            yield out
 
 
 def _in_order(parts: Iterator[list[Example]], batch_size: int) -> Iterator[list[Example]]:

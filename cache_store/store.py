@@ -292,6 +292,18 @@ class ActivationStore:
         "states": {name: float32 (T, d)}}}}; state_names limits which states are read. With
         decode=False the states stay `codecs.Encoded` (the reader decodes batch by batch, so its
         buffers hold 1-2 bytes per element instead of 4)."""
+        try:
+            return self._read_part(index, state_names, decode)
+        except CorruptPartError:
+            if index not in self._committed:
+                raise
+            # What this handle kept of the part may be stale (a repair has rewritten it since):
+            # read it afresh once before calling it corrupt.
+            self._committed.pop(index, None)
+            self._opened.pop(index, None)
+            return self._read_part(index, state_names, decode)
+
+    def _read_part(self, index: int, state_names: list[str] | None, decode: bool) -> dict:
         attrs = self._part_attrs(index)
         if attrs is None or attrs.get("committed") is not True:
             raise StoreError(

@@ -292,8 +292,9 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             head = candidates[0].net  # every candidate has the family, so the same loss terms
             for padded in bar:
                 optimizer.zero_grad(set_to_none=True)
-                # A candidate out of patience has stopped, as it would alone: no loss, so no
-                # gradient, and AdamW leaves parameters without one untouched.
+                # A candidate out of patience has stopped, as it would alone: no loss (alone, no
+                # gradient and AdamW leaves it be; in a group its gradient is zero and AdamW
+                # may still move it, but its best weights are kept apart).
                 live = [
                     [k for k in indices if candidates[k].stale < opts.patience]
                     for indices, _ in groups

@@ -519,6 +519,25 @@ def test_a_read_only_store_opens_a_parts_arrays_once(tmp_path, monkeypatch):
     assert opened[-2:] == [opened[0]] * 2 and not writable._opened
 
 
+def test_a_part_rewritten_by_a_repair_is_read_afresh(tmp_path):
+    """A read-only store that kept a part's attributes and handles reads the part again, rather
+    than calling it corrupt, when a repair has rewritten it since (new checksums, new chunks)."""
+    from cache_store import layout
+
+    build(tmp_path, make_plan((4, "train")))
+    url = str(tmp_path / "store")
+    reader = ActivationStore.open(url)
+    before = reader.read_part(0, decode=False)
+    writer = ActivationStore.open(url, writable=True)
+    writer._root[layout.part_path(0)].update_attributes({"committed": False})
+    assert write(writer, 0, make_part(0, 4, seed=1))
+    after = reader.read_part(0, decode=False)
+    assert not np.array_equal(after["labels"], before["labels"]) or not np.array_equal(
+        after["streams"]["enc"]["offsets"], before["streams"]["enc"]["offsets"]
+    )
+    assert np.array_equal(after["labels"], make_part(0, 4, seed=1)["labels"])
+
+
 def test_a_batch_over_the_token_limit_splits_into_trimmed_row_ranges(tmp_path):
     """A padded (still encoded) batch decodes whole as iter_batches gives it, or a micro-batch
     at a time: consecutive row ranges, each trimmed to its own longest row."""

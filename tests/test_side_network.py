@@ -285,6 +285,8 @@ def test_side_heads_that_do_not_fit_are_refused(tiny_bert_dir, tiny_llama_dir):
         SideNetwork(dataclasses.replace(side_config(bert), heads=3))
     with pytest.raises(FamilyError, match="wider than the backbone's heads"):
         SideNetwork(dataclasses.replace(side_config(bert, reduction=2), heads=1))
+    with pytest.raises(FamilyError, match="more than the backbone's 4"):
+        SideNetwork(dataclasses.replace(side_config(bert, reduction=1), heads=8))
     llama = load_backbone(tiny_llama_dir)
     with pytest.raises(FamilyError, match="keeps the backbone's .* attention heads"):
         SideNetwork(dataclasses.replace(side_config(llama), heads=1))

@@ -240,11 +240,12 @@ def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
         value = default if value == "auto" else value
         return value if isinstance(value, list) else [value]
 
-    # Every reduction of a sweep, alone and with every count of side heads asked for.
-    checks = [(None, "reduction_factor")]
-    checks += [(h, "side_heads") for h in values(hp.side_heads, []) if h is not None]
+    # Every reduction of a sweep with every count of side heads asked for, or the count
+    # training would take by default for it.
+    asked = [h for h in values(hp.side_heads, []) if h is not None]
     for r in values(hp.reduction_factor, TrainOptions.reduction):
-        for heads, param in checks:
+        param = "side_heads" if asked else "reduction_factor"
+        for heads in asked or [family.default_side_heads(config, r)]:
             try:
                 family.side_config(config, r, heads)
             except FamilyError as exc:
