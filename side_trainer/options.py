@@ -144,12 +144,17 @@ class TrainOptions:
 
     def __post_init__(self):
         check(self)
-        size = sweep_size(self.n_seeds, self.lr, self.reduction, self.side_heads)
+        size = sweep_size(self.n_seeds, *(getattr(self, name) for name in swept_settings()))
         if size > MAX_SWEEP:
             raise OptionError(
                 f"the sweep has {size} configurations; at most {MAX_SWEEP} train together: "
                 f"give fewer values"
             )
+
+
+def swept_settings() -> list[str]:
+    """The training settings a list sweeps (declared `sweep=True`)."""
+    return [name for name, _, s in settings(TrainOptions) if s.sweep]
 
 
 def sweep_size(n_seeds, *swept_values) -> int:
@@ -166,8 +171,8 @@ def swept(opts: TrainOptions) -> dict[str, list]:
     training seeds when n_seeds > 1. Empty for a single run."""
     out = {
         name: list(getattr(opts, name))
-        for name, _, s in settings(TrainOptions)
-        if s.sweep and isinstance(getattr(opts, name), list)
+        for name in swept_settings()
+        if isinstance(getattr(opts, name), list)
     }
     if opts.n_seeds > 1:
         out["seed"] = [opts.seed + k for k in range(opts.n_seeds)]

@@ -222,16 +222,16 @@ def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
     from backbone_worker.families import DECODER, FamilyError
 
     config, family = backbone_config(backbone)
-    from backbone_worker.options import MAX_SWEEP
+    from backbone_worker.options import MAX_SWEEP, settings
     from side_trainer.options import TrainOptions, sweep_size
 
-    size = sweep_size(hp.n_seeds, hp.learning_rate, hp.reduction_factor, hp.side_heads)
+    swept = [s.http for _, _, s in settings(TrainOptions) if s.sweep]
+    size = sweep_size(hp.n_seeds, *(getattr(hp, name) for name in swept))
     if size > MAX_SWEEP:
         raise APIError(
             400,
             "invalid_hyperparameter",
-            f"the sweep has {size} configurations (learning_rate x reduction_factor x side_heads "
-            f"x n_seeds); "
+            f"the sweep has {size} configurations ({' x '.join([*swept, 'n_seeds'])}); "
             f"at most {MAX_SWEEP} train together: give fewer values",
             "hyperparameters",
         )
