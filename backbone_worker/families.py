@@ -323,10 +323,8 @@ class Family:
         d = dims(config)
         width = d.hidden // reduction
         most = min(d.heads, max(1, width // MIN_SIDE_HEAD_WIDTH))
-        fewest = max(1, -(-width // d.head_dim))
-        wide = [n for n in range(most, fewest - 1, -1) if width % n == 0]
-        narrower = [n for n in range(fewest, d.heads + 1) if width % n == 0]
-        return (wide or narrower or [d.heads])[0]
+        counts = [*range(most, 0, -1), *range(most + 1, d.heads + 1)]  # wide first, then fewest
+        return next((n for n in counts if _side_heads_fault(d, width, n) is None), d.heads)
 
     def side_config(
         self, config: PretrainedConfig, reduction: int, heads: int | None = None
@@ -384,23 +382,15 @@ class Family:
                 layer_norm_eps=d.eps,
                 hidden_dropout_prob=d.dropout,
             )
-            if n_heads < 1 or side.hidden_size % n_heads:
+            if n_heads >= 1 and side.hidden_size % n_heads:
                 raise FamilyError(
                     f"side width {side.hidden_size} (= {d.hidden}/{reduction}) is not a multiple "
                     f"of the {n_heads} attention heads; pick r so that {d.hidden}/r is"
                     + ("" if heads is None else ", or another number of side heads")
                 )
-            if n_heads > d.heads:
-                raise FamilyError(
-                    f"{n_heads} side heads are more than the backbone's {d.heads}, which the "
-                    f"pruning init takes them from; use at most {d.heads}"
-                )
-            if side.hidden_size // n_heads > d.head_dim:
-                raise FamilyError(
-                    f"{n_heads} side heads would be {side.hidden_size // n_heads} wide, wider "
-                    f"than the backbone's heads ({d.head_dim}), which the pruning init takes "
-                    f"them from; use at least {-(-side.hidden_size // d.head_dim)} side heads"
-                )
+            fault = _side_heads_fault(d, side.hidden_size, n_heads)
+            if fault is not None:
+                raise FamilyError(fault)
         # Fused attention (scaled_dot_product_attention) where the family's side block has it:
         # it keeps no (B, H, T, T) score and probability tensors for the backward pass, which
         # were most of a training step's memory and grew with the square of the longest batch
@@ -414,6 +404,26 @@ class Family:
             if hasattr(side, field):
                 setattr(side, field, 0.0)
         return side
+
+
+def _side_heads_fault(d: Dims, width: int, heads: int) -> str | None:
+    """Why `heads` encoder side heads cannot split a side width of `width`, or None. Each side
+    head is taken by the pruning init from one backbone head, so there are no more of them
+    than the backbone has, and none wider."""
+    if heads < 1 or width % heads:
+        return f"{width} side dims do not split into {heads} heads; pick another count"
+    if heads > d.heads:
+        return (
+            f"{heads} side heads are more than the backbone's {d.heads}, which the pruning init "
+            f"takes them from; use at most {d.heads}"
+        )
+    if width // heads > d.head_dim:
+        return (
+            f"{heads} side heads would be {width // heads} wide, wider than the backbone's heads "
+            f"({d.head_dim}), which the pruning init takes them from; use at least "
+            f"{-(-width // d.head_dim)} side heads"
+        )
+    return None
 
 
 def _bert_act(act: str) -> str:

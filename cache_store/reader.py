@@ -159,12 +159,6 @@ def _parts(
         yield examples
 
 
-def collate(batch: list[Example], dtype: str) -> dict:
-    """labels, example_ids int64 [B]; per stream: input_ids, attention_mask int64 [B, T] and
-    states float32 [B, T, d], zero-padded on the right to T = the stream's longest row."""
-    return pad(batch, dtype).decode()
-
-
 @dataclass(frozen=True)
 class PaddedStream:
     input_ids: np.ndarray  # int64 (B, T)
@@ -195,8 +189,10 @@ class PaddedBatch:
         return self._tensors(slice(None), None, decode=False)
 
     def decode(self, rows: slice = slice(None), device: str | torch.device | None = None) -> dict:
-        """Rows of the batch as `collate` gives them, trimmed to their own longest row; the
-        states are decoded on `device` (a GPU takes the 1-2 byte values, not float32)."""
+        """Rows of the batch, trimmed to their own longest row: labels, example_ids int64 [B];
+        per stream input_ids, attention_mask int64 [B, T] and states float32 [B, T, d],
+        zero-padded on the right. The states are decoded on `device` (a GPU takes the 1-2 byte
+        values, not float32)."""
         return self._tensors(rows, device, decode=True)
 
     def row_ranges(self, max_tokens: int) -> list[slice]:

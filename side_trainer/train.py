@@ -85,8 +85,8 @@ def evaluate_store(
 ) -> float:
     net.eval()
     hits = total = 0
-    for batch in store.iter_batches(split, batch_size, shuffle=False, prefetch=0):
-        batch = to_device(batch, device)
+    for padded in store.iter_batches(split, batch_size, shuffle=False, decode=False):
+        batch = padded.decode(device=device)
         h, n = correct(net, batch, net(batch))
         hits, total = hits + h, total + n
     return hits / max(total, 1)
@@ -289,7 +289,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 desc=f"epoch {epoch + 1}/{opts.epochs}",
                 leave=False,
             )
-            head = candidates[0].net  # every candidate has the family, so the same loss terms
+            first = candidates[0].net  # every candidate has the family, so the same loss terms
             for padded in bar:
                 optimizer.zero_grad(set_to_none=True)
                 # A candidate out of patience has stopped, as it would alone: no loss (alone, no
@@ -299,13 +299,13 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                     [k for k in indices if candidates[k].stale < opts.patience]
                     for indices, _ in groups
                 ]
-                terms = head.loss_terms(padded.head())
+                terms = first.loss_terms(padded.head())
                 totals = [0.0] * len(groups)  # per group (len(live),): losses on the whole batch
                 # A batch over micro_batch_tokens runs as micro-batches, each decoded when it is
                 # reached, whose share-weighted gradients add up to the batch's.
                 for piece in padded.pieces(opts.micro_batch_tokens, opts.device):
                     piece = augment(piece, opts.feature_dropout, opts.feature_noise)
-                    share = head.loss_terms(piece) / terms
+                    share = first.loss_terms(piece) / terms
                     for g, (indices, group) in enumerate(groups):
                         if not live[g]:
                             continue
@@ -466,8 +466,8 @@ def evaluate_groups(
     hits, total = [0] * n, [0] * n
     for _, group in groups:
         group.eval()
-    for batch in store.iter_batches(split, opts.batch_size, shuffle=False, prefetch=0):
-        batch = to_device(batch, opts.device)
+    for padded in store.iter_batches(split, opts.batch_size, shuffle=False, decode=False):
+        batch = padded.decode(device=opts.device)
         for indices, group in groups:
             for k, logits in zip(indices, group(batch)):
                 h, m = correct(group.nets[0], batch, logits)

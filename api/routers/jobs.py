@@ -242,7 +242,7 @@ def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
 
     # Every reduction of a sweep with every count of side heads asked for, or the count
     # training would take by default for it.
-    asked = [h for h in values(hp.side_heads, []) if h is not None]
+    asked = values(hp.side_heads, [])
     for r in values(hp.reduction_factor, TrainOptions.reduction):
         param = "side_heads" if asked else "reduction_factor"
         for heads in asked or [family.default_side_heads(config, r)]:
