@@ -29,12 +29,6 @@ from side_trainer.model import SideNetwork
 # mapped its states to K first and then ran its ladders (as joint inference did before).
 SHARED_MAP_MIN = 3
 
-# On an H100 (MiniLM, bench/results/gpu_check.json) overlapping helped at 32 texts a pass (1 side
-# network 10.45 ms against 11.59 in turn, 8: 25.61 against 31.58) and hurt at 1 (8.52 against
-# 4.82, 8: 24.87 against 17.18), where the worker's hand-over costs more than it hides. Sizes in
-# between were not measured, so `overlap="auto"` waits for the size measured to help.
-AUTO_OVERLAP_MIN_TEXTS = 32
-
 
 class InferenceError(ValueError):
     """Side models that cannot run together or inputs that cannot be scored."""
@@ -48,8 +42,10 @@ class Prediction:
 
 class JointModel:
     """`overlap`: run side block j in a worker thread (on GPU: on its own CUDA stream) while the
-    backbone computes the next layer; "auto" turns it on where it was measured to help: on a GPU,
-    for passes of at least AUTO_OVERLAP_MIN_TEXTS texts.
+    backbone computes the next layer. Off unless asked for: on an H100 with 12-head MiniLM side
+    networks it helped at 32 texts a pass (8 side networks 25.61 ms against 31.58 in turn) and
+    hurt at 1 (1 side network 8.52 against 4.82); on an H200 with the 3-head ones it helped at
+    neither (32 texts: 1 side network 14.03 against 11.17, 8: 28.6 against 26.51; gpu_check.json).
     `grouped`: side networks of one architecture run as one vectorised group (side_trainer/
     group.py) after the backbone pass, instead of one after another; off unless asked for (on 2
     CPU cores it was measured slower; see probabilities)."""
@@ -58,7 +54,7 @@ class JointModel:
         self,
         backbone: Backbone,
         sides: list[SideNetwork],
-        overlap: bool | str = "auto",
+        overlap: bool = False,
         grouped: bool = False,
     ):
         for side in sides:
@@ -73,14 +69,12 @@ class JointModel:
         self.max_length = max(s.cfg.max_length for s in sides)
         cuda = backbone.model.device.type == "cuda"
         self.grouped = bool(grouped) and len(sides) > 1
-        self.auto_overlap = overlap == "auto" and cuda and not self.grouped
-        self.overlap = False if overlap == "auto" else bool(overlap)
+        self.overlap = bool(overlap)
         if self.overlap and self.grouped:
             raise InferenceError(
                 "overlap and grouped are two ways to run the side networks; pick one"
             )
-        uses_stream = cuda and (self.overlap or self.auto_overlap)
-        self.side_stream = torch.cuda.Stream() if uses_stream else None
+        self.side_stream = torch.cuda.Stream() if cuda and self.overlap else None
         # Side networks trained from one store carry one width map. Where at least
         # SHARED_MAP_MIN of them are in the pass, the map runs once and each reads the K-wide
         # states as it would from the store; any other network folds the map into its ladders.
@@ -96,7 +90,7 @@ class JointModel:
         enc = self.backbone.tokenize(texts, pairs, self.max_length)
         if self.backbone.family.name == ENCODER_DECODER:
             return self._score_label_texts(enc)
-        if self.overlaps(len(texts)):
+        if self.overlap:
             return [logits.softmax(-1) for logits in self._overlapped(enc)]
         states = self.backbone.ladder_states(self.layers, enc)["enc"]
         mapped: dict = {}
@@ -111,10 +105,6 @@ class JointModel:
             batch = {"enc": {"states": inputs, "attention_mask": enc["attention_mask"]}}
             out.append(side(batch, live=live).softmax(-1))
         return out
-
-    def overlaps(self, n_texts: int) -> bool:
-        """Whether a pass of n_texts texts runs the side networks overlapped."""
-        return self.overlap or (self.auto_overlap and n_texts >= AUTO_OVERLAP_MIN_TEXTS)
 
     def _inputs(self, k: int, stream: str, states: dict, mapped: dict) -> tuple[dict, bool]:
         """Side network k's inputs from the live states of one stream, and whether they are

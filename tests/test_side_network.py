@@ -335,22 +335,6 @@ def test_overlapped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_auto_overlap_is_off_on_a_cpu_and_for_small_passes(tiny_bert_dir):
-    """`overlap="auto"` overlaps only on a GPU and only for passes of the size where it was
-    measured to help (at 1 text it nearly doubled the pass on an H100)."""
-    from api.inference import AUTO_OVERLAP_MIN_TEXTS, JointModel
-
-    backbone = load_backbone(tiny_bert_dir)
-    sides = [SideNetwork(side_config(backbone)).eval()]
-    auto = JointModel(backbone, sides)
-    assert not auto.overlaps(1) and not auto.overlaps(AUTO_OVERLAP_MIN_TEXTS)  # a CPU
-    auto.auto_overlap = True  # what "auto" is on a GPU
-    assert not auto.overlaps(1) and not auto.overlaps(AUTO_OVERLAP_MIN_TEXTS - 1)
-    assert auto.overlaps(AUTO_OVERLAP_MIN_TEXTS)
-    assert JointModel(backbone, sides, overlap=True).overlaps(1)
-    assert not JointModel(backbone, sides, overlap=False).overlaps(AUTO_OVERLAP_MIN_TEXTS)
-
-
 def test_grouped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
     """Side networks of one shape run as one vectorised group after the backbone pass; each
     gets what it gets alone, in its own place, also when the groups interleave."""
