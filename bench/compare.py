@@ -519,7 +519,13 @@ def markdown(report: dict) -> str:
             [
                 f"Sweep: 8 configurations trained together / 1 alone "
                 f"{report['sweep']['k8_vs_single']:.2f} ({report['sweep']['k8_s']} s / "
-                f"{report['sweep']['single_s']} s)."
+                f"{report['sweep']['single_s']} s)"
+                + (
+                    f"; with successive halving {report['sweep']['k8_halving_vs_single']:.2f} "
+                    f"({report['sweep']['k8_halving_s']} s)."
+                    if "k8_halving_s" in report["sweep"]
+                    else "."
+                )
             ]
             if report.get("sweep")
             else []

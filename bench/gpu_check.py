@@ -6,7 +6,8 @@
    fp16 store (fp32 forward), each against fp32 states of the same examples computed on the CPU;
 3. Ray workers with a GPU: two actors sharing the GPU (0.5 each) cache a store, every example
    once;
-4. the quick bench (`ladder bench --quick`) on the GPU.
+4. `ladder train` on the GPU: one configuration, a sweep of 8, the sweep with successive halving;
+5. the quick bench (`ladder bench --quick`) on the GPU.
 
 Each check records its figures or the error that stopped it; the JSON goes to --json. On a machine
 without a CUDA device it says so and exits 0, measuring nothing.
@@ -74,14 +75,29 @@ def check_overlap() -> dict:
         out["grouped_max_abs_probability_diff"] = grouped_diff
         out["ok"] = out["ok"] and grouped_diff <= 1e-4
         for key, batch, repeats in (("batch_32", texts, 20), ("batch_1", texts[:1], 30)):
-            more = latency(backbone, sides, batch, repeats=repeats, modes=("grouped",))
-            timing[key] |= {k: v for k, v in more.items() if k != "backbone_ms"}
+            # Where grouping starts to pay: 8 to 64 side networks, in turn and grouped.
+            for modes, counts in ((("grouped",), (8, 16, 32, 64)), (("sequential",), (16, 32))):
+                more = latency(backbone, sides, batch, repeats, modes=modes, counts=counts)
+                timing[key] |= {k: v for k, v in more.items() if k != "backbone_ms"}
     except Exception as exc:  # noqa: BLE001 - a failed path is a finding, reported
         out["ok"] = False
         out["grouped_error"] = repr(exc)[:500]
     for r in timing.values():
         add_ratios(r)
     return {**out, **timing}
+
+
+def check_sweep(root: Path) -> dict:
+    """`ladder train` on the GPU from a store cached there (the quick bench's 1,200 rows): one
+    configuration, 8 in lockstep, 8 with successive halving (bench.methods.sweep)."""
+    from backbone_worker.cache import CacheOptions, build_cache
+    from backbone_worker.data import load_dataset
+    from bench.methods import sweep
+
+    store = str(root / "store-sweep")
+    data = load_dataset(DATA, limit=1200)
+    build_cache(BACKBONE, data, store, CacheOptions(device="cuda", max_length=64))
+    return {"ok": True, **sweep({"store": store, "epochs": 2, "batch_size": 32, "device": "cuda"})}
 
 
 def _relative_error(store, backbone_cpu, dataset) -> float:
@@ -214,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "overlap": check_overlap,
         "bf16_caching": lambda: check_bf16_caching(root),
         "ray_gpu_workers": lambda: check_ray_gpu_workers(root),
+        "sweep": lambda: check_sweep(root),
         "quick_bench": lambda: check_quick_bench(out.with_name("gpu_quick.json")),
     }
     report = {"machine": machine(), "checks": {}}

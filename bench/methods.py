@@ -326,26 +326,32 @@ def train_lst(method: str, cfg: dict) -> dict:
 def sweep(cfg: dict) -> dict:
     """Seconds of `ladder train` (side_trainer.train, everything it does: building the networks
     from the backbone's pruned weights, reading the store, validation) for one configuration and
-    for a sweep of 8 (4 learning rates x 2 seeds) trained in lockstep, same epochs."""
+    for a sweep of 8 (4 learning rates x 2 seeds) trained in lockstep, same epochs: every
+    configuration trained to the end, and with successive halving; with the validation accuracy
+    of the model each keeps."""
     import tempfile
 
     from side_trainer.train import TrainOptions, train
 
     rates = [3e-4, 1e-3, 3e-3, 1e-2]
+    common = {"epochs": cfg["epochs"], "batch_size": cfg["batch_size"], "device": cfg["device"]}
     out = {}
     for name, opts in (
-        ("single", TrainOptions(epochs=cfg["epochs"], lr=1e-3, batch_size=cfg["batch_size"])),
-        (
-            "k8",
-            TrainOptions(epochs=cfg["epochs"], lr=rates, n_seeds=2, batch_size=cfg["batch_size"]),
-        ),
+        ("single", TrainOptions(lr=1e-3, **common)),
+        ("k8", TrainOptions(lr=rates, n_seeds=2, **common)),
+        ("k8_halving", TrainOptions(lr=rates, n_seeds=2, sweep_schedule="halving", **common)),
     ):
         with tempfile.TemporaryDirectory() as model_dir:
             started = time.perf_counter()
             result = train(cfg["store"], model_dir, opts)
             out[f"{name}_s"] = round(time.perf_counter() - started, 2)
             out[f"{name}_peak_mem_mb"] = result["train_peak_mem_mb"]
+            out[f"{name}_val_accuracy"] = result["best_val_accuracy"]
+            if "candidates" in result:  # which it kept, and the steps all candidates trained
+                out[f"{name}_chosen"] = {k: result["options"][k] for k in ("lr", "seed")}
+                out[f"{name}_steps"] = sum(c["steps"] for c in result["candidates"])
     out["k8_vs_single"] = round(out["k8_s"] / out["single_s"], 3)
+    out["k8_halving_vs_single"] = round(out["k8_halving_s"] / out["single_s"], 3)
     return out
 
 

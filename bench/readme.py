@@ -292,7 +292,16 @@ def sweep(report: dict) -> str:
         "| figure | value |\n|---|---|\n"
         f"| `ladder train`, 8 configurations in lockstep / 1 alone (same epochs) | "
         f"{s['k8_vs_single']:.2f} ({s['k8_s']} s / {s['single_s']} s) |\n"
-        f"| training peak memory, 8 configurations / 1 | {s['k8_peak_mem_mb']:.0f} MB / "
+        + (
+            f"| the same with successive halving (`--sweep-schedule halving`) / 1 alone | "
+            f"{s['k8_halving_vs_single']:.2f} ({s['k8_halving_s']} s / {s['single_s']} s) |\n"
+            f"| validation accuracy kept: 8 in lockstep, with halving, 1 alone | "
+            f"{s['k8_val_accuracy']:.3f}, {s['k8_halving_val_accuracy']:.3f}, "
+            f"{s['single_val_accuracy']:.3f} |\n"
+            if "k8_halving_s" in s
+            else ""
+        )
+        + f"| training peak memory, 8 configurations / 1 | {s['k8_peak_mem_mb']:.0f} MB / "
         f"{s['single_peak_mem_mb']:.0f} MB |\n"
         f"| joint inference, 8 side networks / 1 (batch {i['batch']}) | "
         f"{i['multitask8_vs_single']:.2f} |\n"

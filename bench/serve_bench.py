@@ -93,8 +93,8 @@ MODES = {
 }
 
 
-def latency(backbone, sides, texts, repeats, modes=tuple(MODES)) -> dict:
-    """Median milliseconds of the backbone alone and of joint passes with 1, 8 and 64 side
+def latency(backbone, sides, texts, repeats, modes=tuple(MODES), counts=(1, 8, 64)) -> dict:
+    """Median milliseconds of the backbone alone and of joint passes with each count of side
     networks (as many as given), each way of running them (MODES), timed in interleaved rounds
     (medians_ms)."""
     enc = backbone.tokenize(texts, None, 128)
@@ -106,7 +106,7 @@ def latency(backbone, sides, texts, repeats, modes=tuple(MODES)) -> dict:
     fns = {"backbone_ms": alone}
     for tag in modes:
         options = {"overlap": False, **MODES[tag]}
-        for n in (1, 8, 64):
+        for n in counts:
             if n <= len(sides) and not (tag == "grouped" and n == 1):
                 # Built inside the timer: the service builds one for every pass.
                 fns[f"joint_{n}_{tag}_ms"] = lambda n=n, options=options: JointModel(

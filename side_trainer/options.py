@@ -11,6 +11,7 @@ from cache_store.store import SHUFFLE_BYTES
 
 INITS = ("fisher", "magnitude", "random")
 POOLINGS = ("mean", "first", "max")
+SWEEP_SCHEDULES = ("all", "halving")
 
 # What options left unset become, per backbone family. Learning rate: the paper's 3e-3 for
 # encoders and T5; decoder-only side networks train better slower (SmolLM2-135M states, 1,212
@@ -138,6 +139,16 @@ class TrainOptions:
             http="n_seeds",
             low=1,
             high=MAX_SWEEP,
+        ),
+    )
+    sweep_schedule: str = field(
+        default="all",
+        metadata=setting(
+            "how a sweep spends its steps: all (every configuration trains every epoch) or "
+            "halving (successive halving: for 8 configurations after 1/8, 1/4 and 1/2 of the "
+            "steps the better half on validation goes on and the rest stop, ~2.5 runs' steps)",
+            http="sweep_schedule",
+            choices=SWEEP_SCHEDULES,
         ),
     )
     device: str = field(default="cpu", metadata=setting("training device: cpu, cuda"))

@@ -151,14 +151,34 @@ class Candidate:
     best_state: dict | None = None
     history: list = field(default_factory=list)
     stale: int = 0
+    steps: int = 0  # optimizer steps it trained
+    # Successive halving: the validation accuracy at each round it took part in, and whether it
+    # went on ({"step", "val_accuracy", "kept"}); a candidate not kept trains no further.
+    rounds: list = field(default_factory=list)
+
+    def running(self, patience: int) -> bool:
+        return self.stale < patience and all(r["kept"] for r in self.rounds)
 
     def summary(self, axes: dict) -> dict:
+        scored = self.history and self.history[0]["val_accuracy"] is not None
         return {
             **{name: getattr(self.opts, name) for name in axes},
-            "best_val_accuracy": self.best if self.history[0]["val_accuracy"] is not None else None,
-            "best_epoch": best_epoch(self.history, self.best),
+            "best_val_accuracy": self.best if scored else None,
+            "best_epoch": best_epoch(self.history, self.best) if self.history else None,
+            "steps": self.steps,
             "history": self.history,
+            **({"halving": self.rounds} if self.rounds else {}),
         }
+
+
+def halving_steps(n_candidates: int, total_steps: int) -> list[int]:
+    """The steps after which successive halving keeps the better half of the configurations
+    still training: for 2^n configurations n rounds, at 1/2^n, ..., 1/4 and 1/2 of the steps,
+    so one is left for the second half (8 configurations: 8 x 1/8 + 4 x 1/8 + 2 x 1/4 + 1 x 1/2
+    = 2.5 runs' steps). Configurations in between round up (9 take 4 rounds: 9, 5, 3, 2, 1)."""
+    rounds = math.ceil(math.log2(n_candidates)) if n_candidates > 1 else 0
+    steps = [max(1, round(total_steps / 2 ** (rounds - r))) for r in range(rounds)]
+    return sorted(set(steps))
 
 
 def adamw(params, lr: float) -> torch.optim.AdamW:
@@ -250,13 +270,27 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 c.net.load_state_dict(saved["net"])
                 c.best, c.best_state = saved["best"], saved["best_state"]
                 c.history, c.stale = saved["history"], saved["stale"]
+                c.steps, c.rounds = saved["steps"], saved["rounds"]
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             train_seconds, seen = state["train_seconds"], state["seen"]
             log.info(
                 "resuming training after epoch %d from %s", len(candidates[0].history), checkpoint
             )
-    groups = groups_of([c.net for c in candidates])
+
+    def running_groups() -> list[tuple[list[int], object]]:
+        """Groups of the candidates still training, with their indices among all candidates:
+        a candidate that stopped leaves its group, so it costs no more compute."""
+        alive = [k for k, c in enumerate(candidates) if c.running(opts.patience)]
+        return [
+            ([alive[i] for i in indices], group)
+            for indices, group in groups_of([candidates[k].net for k in alive])
+        ]
+
+    halving = (
+        halving_steps(len(candidates), total_steps) if opts.sweep_schedule == "halving" else []
+    )
+    groups = running_groups()
     log.info(
         "training %s side network%s: %s trainable parameters, %d steps",
         candidates[0].net.cfg.family,
@@ -267,11 +301,15 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
         + ("+..." if len(candidates) > 4 else ""),
         total_steps,
     )
+    if halving:
+        log.info("successive halving after steps %s", ", ".join(map(str, halving)))
     done_epochs = max(len(c.history) for c in candidates)
+    step = done_epochs * steps_per_epoch
     with PeakMemory(opts.device) as memory:
         for epoch in range(done_epochs, opts.epochs):
-            if all(c.stale >= opts.patience for c in candidates):
+            if not any(c.running(opts.patience) for c in candidates):
                 break
+            groups = running_groups()
             for _, group in groups:
                 group.train()
             start = time.perf_counter()
@@ -292,39 +330,36 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             first = candidates[0].net  # every candidate has the family, so the same loss terms
             for padded in bar:
                 optimizer.zero_grad(set_to_none=True)
-                # A candidate out of patience has stopped, as it would alone: no loss (alone, no
-                # gradient and AdamW leaves it be; in a group its gradient is zero and AdamW
-                # may still move it, but its best weights are kept apart).
-                live = [
-                    [k for k in indices if candidates[k].stale < opts.patience]
-                    for indices, _ in groups
-                ]
+                # A candidate that stopped (out of patience, or halved) is in no group: it has
+                # no gradient, and AdamW leaves it be, as it would alone.
                 terms = first.loss_terms(padded.head())
-                totals = [0.0] * len(groups)  # per group (len(live),): losses on the whole batch
+                totals = [0.0] * len(groups)  # per group (len(indices),): losses on the whole batch
                 # A batch over micro_batch_tokens runs as micro-batches, each decoded when it is
                 # reached, whose share-weighted gradients add up to the batch's.
                 for piece in padded.pieces(opts.micro_batch_tokens, opts.device):
                     piece = augment(piece, opts.feature_dropout, opts.feature_noise)
                     share = first.loss_terms(piece) / terms
-                    for g, (indices, group) in enumerate(groups):
-                        if not live[g]:
-                            continue
-                        outputs = dict(zip(indices, group(piece)))
+                    for g, (_, group) in enumerate(groups):
+                        outputs = group(piece)
                         piece_losses = (
-                            torch.stack([group.nets[0].loss(piece, outputs[k]) for k in live[g]])
-                            * share
+                            torch.stack([group.nets[0].loss(piece, out) for out in outputs]) * share
                         )
                         piece_losses.sum().backward()
                         totals[g] = totals[g] + piece_losses.detach()
-                for ks, total in zip(live, totals):
-                    for k, loss in zip(ks, total.tolist() if ks else []):  # one sync a group
+                for (indices, _), total in zip(groups, totals):
+                    for k, loss in zip(indices, total.tolist()):  # one sync a group
                         losses[k].append(loss)
-                for c, ps in zip(candidates, trainable):
-                    if c.stale < opts.patience:
-                        torch.nn.utils.clip_grad_norm_(ps, opts.grad_clip)
+                        candidates[k].steps += 1
+                        torch.nn.utils.clip_grad_norm_(trainable[k], opts.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 seen += padded.rows
+                step += 1
+                if step in halving:
+                    halve(candidates, groups, store, opts, step)
+                    groups = running_groups()
+                    for _, group in groups:
+                        group.train()
                 bar.set_postfix(loss=f"{next(ls[-1] for ls in losses if ls):.4f}")
             train_seconds += time.perf_counter() - start
             # Validation batches are training-sized: a padded batch of every kept layer's states is
@@ -332,12 +367,13 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             # Without a validation split (a tiny upload) nothing can pick an epoch, so the
             # latest one is kept: its score rises with the epoch and early stopping never fires.
             scores = (
-                evaluate_groups(groups, len(candidates), store, "validation", opts)
+                evaluate_groups(groups, len(candidates), store, "validation", opts)[0]
                 if has_validation
                 else [float(epoch)] * len(candidates)
             )
-            for c, score, ls in zip(candidates, scores, losses):
-                if not ls:  # stopped early in an earlier epoch
+            trained = {k for indices, _ in groups for k in indices}
+            for k, (c, score, ls) in enumerate(zip(candidates, scores, losses)):
+                if k not in trained:  # stopped, in an earlier epoch or halved in this one
                     continue
                 loss = sum(ls) / len(ls)
                 c.history.append(
@@ -371,6 +407,8 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                             "best_state": c.best_state,
                             "history": c.history,
                             "stale": c.stale,
+                            "steps": c.steps,
+                            "rounds": c.rounds,
                         }
                         for c in candidates
                     ],
@@ -384,7 +422,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             checkpoint.with_suffix(".tmp").replace(checkpoint)  # atomic: never half a file
             if on_epoch is not None:
                 on_epoch(record)
-            if all(c.stale >= opts.patience for c in candidates):
+            if not any(c.running(opts.patience) for c in candidates):
                 log.info("early stop: no validation improvement for %d epochs", opts.patience)
     # The first best on validation, in the sweep's order.
     chosen = max(range(len(candidates)), key=lambda k: (candidates[k].best, -k))
@@ -447,11 +485,14 @@ def epoch_record(candidates: list[Candidate], axes: dict, epoch: int) -> dict:
     if axes:
         if record["val_accuracy"] is not None:
             record["val_accuracy"] = candidates[lead].best
+        # A candidate halved in the first epoch has no epoch of its own: nulls, and its rounds.
+        none = {"epoch": None, "train_loss": None, "val_accuracy": None}
         record["candidates"] = [
             {
                 **{name: getattr(c.opts, name) for name in axes},
-                **c.history[-1],
-                "stopped": c.history[-1]["epoch"] < epoch,
+                **(c.history[-1] if c.history else none),
+                "stopped": not c.history or c.history[-1]["epoch"] < epoch,
+                **({"halving": c.rounds} if c.rounds else {}),
             }
             for c in candidates
         ]
@@ -461,18 +502,45 @@ def epoch_record(candidates: list[Candidate], axes: dict, epoch: int) -> dict:
 @torch.inference_mode()
 def evaluate_groups(
     groups: list, n: int, store: ActivationStore, split: str, opts: TrainOptions
-) -> list[float]:
-    """Accuracy of every network of the groups on a stored split, the split read once."""
-    hits, total = [0] * n, [0] * n
+) -> tuple[list[float], list[float]]:
+    """Accuracy and mean loss of every network of the groups on a stored split, the split read
+    once (n: the number of candidates; those in no group score 0)."""
+    hits, total, loss, terms = [0] * n, [0] * n, [0.0] * n, [0] * n
     for _, group in groups:
         group.eval()
     for padded in store.iter_batches(split, opts.batch_size, shuffle=False, decode=False):
         batch = padded.decode(device=opts.device)
         for indices, group in groups:
+            net = group.nets[0]
+            count = net.loss_terms(batch)
             for k, logits in zip(indices, group(batch)):
-                h, m = correct(group.nets[0], batch, logits)
+                h, m = correct(net, batch, logits)
                 hits[k], total[k] = hits[k] + h, total[k] + m
-    return [h / max(t, 1) for h, t in zip(hits, total)]
+                loss[k] += float(net.loss(batch, logits)) * count
+                terms[k] += count
+    return (
+        [h / max(t, 1) for h, t in zip(hits, total)],
+        [x / max(t, 1) for x, t in zip(loss, terms)],
+    )
+
+
+def halve(candidates: list, groups: list, store: ActivationStore, opts, step: int) -> None:
+    """One round of successive halving: the candidates still training are scored on validation
+    and the better half (by accuracy, then lower loss; the sweep's order breaks a tie) goes on."""
+    accuracy, loss = evaluate_groups(groups, len(candidates), store, "validation", opts)
+    alive = sorted(
+        (k for indices, _ in groups for k in indices), key=lambda k: (-accuracy[k], loss[k], k)
+    )
+    keep = set(alive[: math.ceil(len(alive) / 2)])
+    for k in alive:
+        candidates[k].rounds.append({"step": step, "val_accuracy": accuracy[k], "kept": k in keep})
+    log.info(
+        "successive halving after step %d: %d of %d configurations go on (validation accuracy %s)",
+        step,
+        len(keep),
+        len(alive),
+        " ".join(f"{accuracy[k]:.4f}{'' if k in keep else '-'}" for k in alive),
+    )
 
 
 def backbone_parameter_count(cfg: SideConfig) -> int:

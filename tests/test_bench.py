@@ -92,6 +92,8 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
     assert sweep["k8_s"] > 0 and sweep["k8_vs_single"] == round(
         sweep["k8_s"] / sweep["single_s"], 3
     )
+    # Successive halving trains fewer steps in all: 8 x 1/8 + 4 x 1/8 + 2 x 1/4 + 1 x 1/2 runs.
+    assert sweep["k8_halving_steps"] < sweep["k8_steps"] / 2
     assert report["machine"]["torch"] and report["machine"]["cores"] >= 1
     from bench.compare import finite_or_explained
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import pytest
@@ -173,6 +174,55 @@ def test_a_sweep_over_reductions_and_seeds_reports_every_candidate(tmp_path, tin
     from side_trainer.artifacts import load_side_model
 
     assert load_side_model(tmp_path / "model").cfg.reduction == chosen["reduction"]
+
+
+def test_successive_halving_rounds():
+    from side_trainer.train import halving_steps
+
+    assert halving_steps(1, 100) == []
+    assert halving_steps(2, 100) == [50]
+    assert halving_steps(8, 64) == [8, 16, 32]
+    assert halving_steps(9, 64) == [4, 8, 16, 32]  # 9, 5, 3, 2, 1
+    assert halving_steps(8, 2) == [1]  # fewer steps than rounds: rounds that coincide merge
+
+
+def test_a_halving_sweep_keeps_the_better_half_and_its_survivor_trains_as_alone(
+    tmp_path, tiny_backbone_dir, no_dropout
+):
+    """Successive halving: after 1/4 and 1/2 of the steps the better half on validation goes
+    on, the rest stop (and cost nothing more); the last one trains to the end exactly as it
+    would alone, and is the model kept when its epochs score best."""
+    data = write_csv(tmp_path / "d.csv", n=80)
+    store = str(tmp_path / "store")
+    build_cache(tiny_backbone_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=8))
+    rates = [1e-7, 1e-3, 3e-2, 1e-1]
+    settings = {"epochs": 2, "reduction": 4, "batch_size": 8}
+    epochs = []
+    sweep = train(
+        store,
+        tmp_path / "sweep",
+        TrainOptions(lr=rates, sweep_schedule="halving", **settings),
+        on_epoch=epochs.append,
+    )
+    total = 2 * math.ceil(sweep["n_train"] / 8)  # steps of a run: 2 epochs of batches of 8
+    steps = [c["steps"] for c in sweep["candidates"]]
+    assert sorted(steps) == [total // 4, total // 4, total // 2, total]
+    for at in (total // 4, total // 2):  # each round: the kept scored at least the stopped
+        scores = [r for c in sweep["candidates"] for r in c.get("halving", []) if r["step"] == at]
+        kept = [r["val_accuracy"] for r in scores if r["kept"]]
+        stopped = [r["val_accuracy"] for r in scores if not r["kept"]]
+        assert len(kept) == len(stopped) and min(kept) >= max(stopped)
+    survivor = steps.index(total)
+    lr = rates[survivor]
+    alone = train(store, tmp_path / "alone", TrainOptions(lr=lr, **settings))
+    history = sweep["candidates"][survivor]["history"]
+    assert [h["val_accuracy"] for h in history] == [h["val_accuracy"] for h in alone["history"]]
+    for a, b in zip(history, alone["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    # The ones stopped in the first epoch have no epoch of their own, and are reported stopped.
+    assert all(c["best_epoch"] is None for c in sweep["candidates"] if c["steps"] < total // 2)
+    assert sum(e["stopped"] for e in epochs[-1]["candidates"]) == 3
+    assert sweep["chosen"] == survivor or sweep["best_val_accuracy"] > alone["best_val_accuracy"]
 
 
 def test_a_sweep_without_a_validation_split_is_refused(tmp_path, tiny_bert_dir):

@@ -424,7 +424,8 @@ async function jobView(jobId) {
       axes.map((a) => el("td", { text: show(c[a]) })),
       el("td", { text: percent(c.best_val_accuracy) }),
       el("td", { text: c.history ? String(c.history.length) : "" }),
-      el("td", { text: k === result.chosen ? "kept" : "" }))));
+      el("td", { text: k === result.chosen ? "kept"
+        : (c.halving || []).some((r) => !r.kept) ? `halved out after step ${c.steps}` : "" }))));
   }
 
   function addEvent(event) {
