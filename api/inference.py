@@ -14,7 +14,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from backbone_worker.backbone import Backbone
 from backbone_worker.data import Example
@@ -28,6 +27,12 @@ from side_trainer.model import SideNetwork
 # mapped once, 574-582 ms folded; 64 with a map each 575-595 ms folded, 684-711 ms when each
 # mapped its states to K first and then ran its ladders (as joint inference did before).
 SHARED_MAP_MIN = 3
+
+
+# An H200 (MiniLM, 3-head side networks, gpu_check.json), 8 / 16 / 32 / 64 side networks in turn
+# against one vectorised group: 22.4 / 31.6, 35.2 / 40.5, 62.9 / 60.3, 131.1 / 93.6 ms at 32
+# texts a pass; at 1 text 20.2 / 23.5, 34.0 / 31.3, 64.4 / 47.0, 135.9 / 78.6 ms.
+GROUPED_MIN_ON_CUDA = 32
 
 
 class InferenceError(ValueError):
@@ -45,9 +50,11 @@ class JointModel:
     backbone computes the next layer. Off unless asked for: on an H100 with 12-head MiniLM side
     networks it helped at 32 texts a pass (8 side networks 25.61 ms against 31.58 in turn) and
     hurt at 1 (1 side network 8.52 against 4.82); on an H200 with the 3-head ones it helped at
-    neither (32 texts: 1 side network 14.03 against 11.17, 8: 28.6 against 26.51; gpu_check.json).
+    neither (32 texts, 1 side network: 14.03 and 13.13 ms against 11.17 and 9.68 in turn, two
+    runs; gpu_check.json).
     `grouped`: side networks of one architecture run as one vectorised group (side_trainer/
-    group.py) after the backbone pass, instead of one after another; off unless asked for (on 2
+    group.py) after the backbone pass, instead of one after another. None: on CUDA for passes of
+    at least GROUPED_MIN_ON_CUDA side networks, where it was measured faster; elsewhere not (on 2
     CPU cores it was measured slower; see probabilities)."""
 
     def __init__(
@@ -55,7 +62,7 @@ class JointModel:
         backbone: Backbone,
         sides: list[SideNetwork],
         overlap: bool = False,
-        grouped: bool = False,
+        grouped: bool | None = None,
     ):
         for side in sides:
             if side.cfg.backbone_fingerprint != backbone.fingerprint:
@@ -68,6 +75,8 @@ class JointModel:
         self.layers = sorted({i for s in sides for i in s.cfg.layers})
         self.max_length = max(s.cfg.max_length for s in sides)
         cuda = backbone.model.device.type == "cuda"
+        if grouped is None:
+            grouped = cuda and not overlap and len(sides) >= GROUPED_MIN_ON_CUDA
         self.grouped = bool(grouped) and len(sides) > 1
         self.overlap = bool(overlap)
         if self.overlap and self.grouped:
@@ -118,23 +127,18 @@ class JointModel:
 
     def _grouped(self, states: dict, mask: torch.Tensor, mapped: dict) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(self.sides)
-        # On an H100 (torch 2.11) the memory-efficient attention kernel under vmap refused the
-        # side blocks' shared mask ("attn_bias: wrong shape (batch dimension)"); the math
-        # backend is plain batched products, which vmap batches. Not yet measured on a GPU.
-        cuda = mask.device.type == "cuda"
-        with sdpa_kernel(SDPBackend.MATH) if cuda else nullcontext():
-            # Groups of one width map (which runs once for the group), or of networks that
-            # fold their own maps into their ladders.
-            by_map: dict = {}
-            for k, key in enumerate(self.map_keys):
-                by_map.setdefault(key, []).append(k)
-            for members in by_map.values():
-                for indices, group in groups_of([self.sides[k] for k in members]):
-                    indices = [members[i] for i in indices]
-                    inputs, live = self._inputs(indices[0], "enc", states, mapped)
-                    batch = {"enc": {"states": inputs, "attention_mask": mask}}
-                    for k, logits in zip(indices, group(batch, live=live)):
-                        out[k] = logits.softmax(-1)
+        # Groups of one width map (which runs once for the group), or of networks that
+        # fold their own maps into their ladders.
+        by_map: dict = {}
+        for k, key in enumerate(self.map_keys):
+            by_map.setdefault(key, []).append(k)
+        for members in by_map.values():
+            for indices, group in groups_of([self.sides[k] for k in members]):
+                indices = [members[i] for i in indices]
+                inputs, live = self._inputs(indices[0], "enc", states, mapped)
+                batch = {"enc": {"states": inputs, "attention_mask": mask}}
+                for k, logits in zip(indices, group(batch, live=live)):
+                    out[k] = logits.softmax(-1)
         return out
 
     def _overlapped(self, enc) -> list[torch.Tensor]:

@@ -109,6 +109,18 @@ def gpu(report: dict) -> str:
             if "joint_64_grouped_ms" in b32
             else []
         ),
+        *(
+            [
+                "| 8 / 16 / 32 / 64 side models at batch 32, in turn against grouped | "
+                + ", ".join(
+                    f"{b32[f'joint_{n}_sequential_ms']} / {b32[f'joint_{n}_grouped_ms']} ms"
+                    for n in (8, 16, 32, 64)
+                )
+                + " |"
+            ]
+            if "joint_16_grouped_ms" in b32
+            else []
+        ),
         f"| bf16 caching (bf16 autocast, bf16 store) | {bf16['bf16']['examples_per_s']:,.0f} "
         f"examples/s with Fisher; relative error vs fp32 CPU states "
         f"{bf16['bf16']['relative_error_vs_fp32_cpu']:.2%} |",
@@ -122,6 +134,16 @@ def gpu(report: dict) -> str:
             else " |"
         ),
     ]
+    sweep = c.get("sweep") or {}
+    if sweep.get("ok"):
+        rows.append(
+            f"| `ladder train` on the GPU: 8 configurations in lockstep / 1 alone, with "
+            f"successive halving / 1 | {sweep['k8_vs_single']:.2f} ({sweep['k8_s']} s / "
+            f"{sweep['single_s']} s), {sweep['k8_halving_vs_single']:.2f} "
+            f"({sweep['k8_halving_s']} s) |"
+        )
+    elif sweep:
+        rows.append(f"| `ladder train` sweep on the GPU | NO: {sweep.get('error', '')[:120]} |")
     return (
         f"On {m['gpu']} (torch {m['torch']}, {m['cores']} CPU cores):\n\n" + "\n".join(rows) + "\n"
     )

@@ -87,7 +87,7 @@ def medians_ms(fns: dict, repeats: int) -> dict:
 
 
 MODES = {
-    "sequential": {"overlap": False},
+    "sequential": {"overlap": False, "grouped": False},
     "overlap": {"overlap": True},
     "grouped": {"grouped": True},
 }

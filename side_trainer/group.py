@@ -14,11 +14,13 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from side_trainer.model import SideNetwork
 
@@ -43,13 +45,20 @@ def architecture(net: SideNetwork) -> tuple:
 class SideGroup:
     """K side networks of one architecture; calling it returns the K outputs stacked (K, ...)."""
 
-    def __init__(self, nets: list[SideNetwork]):
+    def __init__(self, nets: list[SideNetwork], math_attention: bool | None = None):
         if not nets:
             raise ValueError("a group needs at least one side network")
         kinds = {architecture(n) for n in nets}
         if len(kinds) > 1:
             raise ValueError("side networks of different architectures cannot run as one group")
         self.nets = list(nets)
+        # On CUDA, fused attention's memory-efficient kernel has a vmap rule that folds the
+        # group into the batch of q, k and v but not of the shared mask: "attn_bias: wrong shape
+        # (batch dimension)" (an H100 in inference, an H200 in training). Its math backend is
+        # plain batched products, which vmap batches. None: that is where it is needed.
+        if math_attention is None:
+            math_attention = next(nets[0].parameters()).device.type == "cuda"
+        self.math_attention = math_attention
         self._base = None
         if len(nets) > 1:
             self._base = copy.deepcopy(nets[0]).to("meta")  # the code, without any weights
@@ -91,9 +100,10 @@ class SideGroup:
         def one(p: dict, b: dict, x: dict) -> torch.Tensor:
             return functional_call(base, {**p, **b}, (x,), {"live": live}, strict=True)
 
-        return torch.vmap(one, in_dims=(0, self._buffer_dims, None), randomness="different")(
-            params, buffers, batch
-        )
+        with sdpa_kernel(SDPBackend.MATH) if self.math_attention else nullcontext():
+            return torch.vmap(one, in_dims=(0, self._buffer_dims, None), randomness="different")(
+                params, buffers, batch
+            )
 
 
 def groups_of(nets: list[nn.Module]) -> list[tuple[list[int], SideGroup]]:

@@ -335,6 +335,25 @@ def test_overlapped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_side_networks_run_grouped_by_default_only_in_large_passes_on_cuda(tiny_bert_dir):
+    """Grouping was measured faster only on a GPU and from GROUPED_MIN_ON_CUDA side networks
+    a pass; a pass asks for it or not explicitly anywhere."""
+    from types import SimpleNamespace
+
+    from api.inference import GROUPED_MIN_ON_CUDA, JointModel
+
+    backbone = load_backbone(tiny_bert_dir)
+    sides = [SideNetwork(side_config(backbone)).eval()] * GROUPED_MIN_ON_CUDA
+    assert not JointModel(backbone, sides).grouped  # a CPU
+    assert JointModel(backbone, sides, grouped=True).grouped
+    gpu = SimpleNamespace(
+        fingerprint=backbone.fingerprint, model=SimpleNamespace(device=torch.device("cuda"))
+    )
+    assert JointModel(gpu, sides).grouped
+    assert not JointModel(gpu, sides[1:]).grouped
+    assert not JointModel(gpu, sides, grouped=False).grouped
+
+
 def test_grouped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
     """Side networks of one shape run as one vectorised group after the backbone pass; each
     gets what it gets alone, in its own place, also when the groups interleave."""
@@ -458,6 +477,36 @@ def test_side_networks_run_as_a_group_give_what_each_gives_alone(backbone):
             for k, out in zip(indices, group.eval()(batch)):
                 assert torch.allclose(out, nets[k](batch), atol=1e-5)
         assert not torch.allclose(nets[0](batch), nets[1](batch))  # not one network copied
+
+
+def test_a_group_training_with_eager_attention_gives_each_networks_gradients(backbone, monkeypatch):
+    """A group that trains on CUDA runs eager attention (fused attention's vmap rule fails there
+    with a mask): forced here on a CPU, its outputs and each network's gradients are the ones
+    the network gives alone, with fused attention."""
+    from side_trainer.group import SideGroup
+
+    torch.manual_seed(3)
+    nets = [SideNetwork(side_config(backbone)).train() for _ in range(2)]
+    if backbone.family.name == "encoder-decoder":
+        for net in nets:
+            load_lm_head(net, backbone.path)
+    monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: x)
+    monkeypatch.setattr(torch.nn.functional, "dropout", lambda x, *a, **k: x)
+    batch = make_batch(backbone)
+    group = SideGroup(nets, math_attention=True).train()
+    outputs = group(batch)
+    outputs.square().sum().backward()
+    grouped = [[p.grad.clone() for p in n.parameters() if p.grad is not None] for n in nets]
+    for net in nets:
+        net.zero_grad(set_to_none=True)
+    for k, net in enumerate(nets):
+        alone = net(batch)
+        assert torch.allclose(outputs[k], alone, atol=1e-5)
+        alone.square().sum().backward()
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        assert len(grads) == len(grouped[k]) > 0
+        for a, b in zip(grouped[k], grads):  # to float rounding at the gradient's scale
+            assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()) + 1e-6
 
 
 @pytest.mark.parametrize("init", ["fisher", "magnitude", "random"])
