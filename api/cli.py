@@ -558,12 +558,23 @@ def main(argv: list[str] | None = None) -> int:
         shown = {k: v for k, v in result.items() if k not in ("history", "options", "identity")}
         if "candidates" in shown:  # a sweep: one line per configuration
             shown["candidates"] = [
-                ", ".join(f"{k} {c[k]:g}" for k in result["sweep"])
-                + f": validation {c['best_val_accuracy']} at epoch {c['best_epoch']}"
+                ", ".join(f"{k} {c[k]:g}" for k in result["sweep"]) + ": " + candidate_line(c)
                 for c in shown["candidates"]
             ]
         print(json.dumps(shown, indent=2, default=str))
     return 0
+
+
+def candidate_line(c: dict) -> str:
+    """How a sweep's candidate ended, in words."""
+    out = c.get("halving", [])
+    if out and not out[-1]["kept"]:
+        stop = out[-1]
+        ended = f"halved out after step {stop['step']} (validation {stop['val_accuracy']:.4f})"
+        if c["best_epoch"] is None:
+            return ended
+        return f"validation {c['best_val_accuracy']} at epoch {c['best_epoch']}; {ended}"
+    return f"validation {c['best_val_accuracy']} at epoch {c['best_epoch']}"
 
 
 if __name__ == "__main__":

@@ -568,6 +568,10 @@ def test_bad_job_requests(service, finished_job):
     assert_error(
         client.post(jobs, json=bad), 400, "invalid_request_error", "hyperparameters.learning_rate.1"
     )
+    bad["hyperparameters"] = {"learning_rate": [1e-3, 3e-3], "sweep_schedule": "halve"}
+    assert_error(
+        client.post(jobs, json=bad), 400, "invalid_request_error", "hyperparameters.sweep_schedule"
+    )
     bad["hyperparameters"] = {"kept_layers": [0, 7]}
     assert_error(
         client.post(jobs, json=bad), 400, "invalid_hyperparameter", "hyperparameters.kept_layers"

@@ -355,3 +355,25 @@ def test_train_sweeps_lists_of_settings(cached, capsys, tmp_path):
     ]
     code, _, err = run(capsys, "train", "--store", cached["store"], "--out", "x", "--lr", "1e-3,2")
     assert code == 2 and "--lr 2.0 is out of range" in err and err.strip().count("\n") == 0
+    # With successive halving, the lines say which configurations were halved out, and when.
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--store",
+        cached["store"],
+        "--out",
+        str(tmp_path / "h"),
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3,1e-2",
+        "--n-seeds",
+        "2",
+        "--sweep-schedule",
+        "halving",
+    )
+    lines = json.loads(out[out.index("{") :])["candidates"]
+    assert code == 0 and sum("halved out after step" in line for line in lines) == 3
+    with pytest.raises(SystemExit) as exit_:
+        run(capsys, "train", "--store", cached["store"], "--out", "x", "--sweep-schedule", "half")
+    assert exit_.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err
