@@ -345,6 +345,33 @@ def sweep(report: dict) -> str:
     )
 
 
+def halving(report: dict) -> str:
+    """bench/halving_check.py: one run, a sweep trained to the end, the sweep with halving."""
+    names = {"single": "one run (lr 3e-3)", "all": "8 trained to the end", "halving": "8 halving"}
+    rows = ["| seed | " + " | ".join(names.values()) + " |", "|---|---|---|---|"]
+    for seed, runs in report["seeds"].items():
+        cells = [
+            f"lr {r['kept']['lr']:g} seed {r['kept']['seed']}: {r['val_accuracy']:.4f} / "
+            f"{r['test_accuracy']:.4f}"
+            for r in (runs[name] for name in names)
+        ]
+        rows.append(f"| {seed} | " + " | ".join(cells) + " |")
+    s = report["summary"]
+    rows.append(
+        "| mean +- sd | "
+        + " | ".join(
+            f"{s[n]['val_accuracy']['mean']:.4f} +- {s[n]['val_accuracy']['sd']:.4f} / "
+            f"{s[n]['test_accuracy']['mean']:.4f} +- {s[n]['test_accuracy']['sd']:.4f}"
+            for n in names
+        )
+        + " |"
+    )
+    return (
+        "\n".join(rows)
+        + f"\n\nKept configuration: validation / whole test accuracy. {report['note']}\n"
+    )
+
+
 def sweep_job(report: dict) -> str:
     """bench/sweep_job.py: a sweep as a service job against a single run, whole test split."""
     s, one = report["sweep"], report["single"]
@@ -439,6 +466,7 @@ RENDERERS = {
     "serve_many": serve_many,
     "sweep": sweep,
     "sweep_job": sweep_job,
+    "halving": halving,
     "architectures": architectures,
     "options": options,
 }
