@@ -75,8 +75,13 @@ class JointModel:
         self.layers = sorted({i for s in sides for i in s.cfg.layers})
         self.max_length = max(s.cfg.max_length for s in sides)
         cuda = backbone.model.device.type == "cuda"
+        # Asked for, every group of two or more runs grouped; by default (CUDA only) a group
+        # of at least GROUPED_MIN_ON_CUDA, and any smaller one (other labels, another width
+        # map) in turn.
+        self.min_group = 2
         if grouped is None:
             grouped = cuda and not overlap and len(sides) >= GROUPED_MIN_ON_CUDA
+            self.min_group = GROUPED_MIN_ON_CUDA
         self.grouped = bool(grouped) and len(sides) > 1
         self.overlap = bool(overlap)
         if self.overlap and self.grouped:
@@ -137,7 +142,11 @@ class JointModel:
                 indices = [members[i] for i in indices]
                 inputs, live = self._inputs(indices[0], "enc", states, mapped)
                 batch = {"enc": {"states": inputs, "attention_mask": mask}}
-                for k, logits in zip(indices, group(batch, live=live)):
+                if len(indices) < self.min_group:
+                    each = [self.sides[k](batch, live=live) for k in indices]
+                else:
+                    each = group(batch, live=live)
+                for k, logits in zip(indices, each):
                     out[k] = logits.softmax(-1)
         return out
 

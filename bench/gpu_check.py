@@ -56,7 +56,7 @@ def check_overlap() -> dict:
             side.classifier[-1].weight.normal_(0, 1)
         sides.append(side.cuda().eval())
     texts = [e.text for e in data.examples[:32]]
-    sequential = JointModel(backbone, sides, overlap=False).probabilities(texts)
+    sequential = JointModel(backbone, sides, grouped=False).probabilities(texts)
     overlapped = JointModel(backbone, sides[:8], overlap=True).probabilities(texts)
     diff = max(float((a - b).abs().max()) for a, b in zip(sequential, overlapped))
     # How far the probabilities are from uniform: an equality of near-uniform outputs says little.

@@ -368,7 +368,7 @@ def halving(report: dict) -> str:
     )
     return (
         "\n".join(rows)
-        + f"\n\nKept configuration: validation / whole test accuracy. {report['note']}\n"
+        + f"\n\nKept configuration: validation / whole test accuracy. {report.get('note', '')}\n"
     )
 
 

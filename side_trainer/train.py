@@ -175,10 +175,11 @@ def halving_steps(n_candidates: int, total_steps: int) -> list[int]:
     """The steps after which successive halving keeps the better half of the configurations
     still training: for 2^n configurations n rounds, at 1/2^n, ..., 1/4 and 1/2 of the steps,
     so one is left for the second half (8 configurations: 8 x 1/8 + 4 x 1/8 + 2 x 1/4 + 1 x 1/2
-    = 2.5 runs' steps). Configurations in between round up (9 take 4 rounds: 9, 5, 3, 2, 1)."""
+    = 2.5 runs' steps). Configurations in between round up (9 take 4 rounds: 9, 5, 3, 2, 1).
+    With fewer steps than that, rounds fall on one step and are taken there together (a step
+    listed twice halves twice)."""
     rounds = math.ceil(math.log2(n_candidates)) if n_candidates > 1 else 0
-    steps = [max(1, round(total_steps / 2 ** (rounds - r))) for r in range(rounds)]
-    return sorted(set(steps))
+    return [max(1, round(total_steps / 2 ** (rounds - r))) for r in range(rounds)]
 
 
 def adamw(params, lr: float) -> torch.optim.AdamW:
@@ -246,7 +247,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     # uses every core, and the thread's Python work contends for the GIL: measured on 2 cores,
     # an epoch from the store took 1.6-2.1x the in-memory epoch with the thread, 1.1-1.2x without.
     prefetch = 2 if str(opts.device).startswith("cuda") else 0
-    train_seconds, seen = 0.0, 0
+    train_seconds, seen, step = 0.0, 0, 0  # step: optimizer steps taken, for halving's rounds
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT
     identity = {"store": store.fingerprint, "options": asdict(opts)}
@@ -273,9 +274,11 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 c.steps, c.rounds = saved["steps"], saved["rounds"]
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            train_seconds, seen = state["train_seconds"], state["seen"]
+            train_seconds, seen, step = state["train_seconds"], state["seen"], state["step"]
             log.info(
-                "resuming training after epoch %d from %s", len(candidates[0].history), checkpoint
+                "resuming training after epoch %d from %s",
+                max(len(c.history) for c in candidates),
+                checkpoint,
             )
 
     def running_groups() -> list[tuple[list[int], object]]:
@@ -304,7 +307,6 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     if halving:
         log.info("successive halving after steps %s", ", ".join(map(str, halving)))
     done_epochs = max(len(c.history) for c in candidates)
-    step = done_epochs * steps_per_epoch
     with PeakMemory(opts.device) as memory:
         for epoch in range(done_epochs, opts.epochs):
             if not any(c.running(opts.patience) for c in candidates):
@@ -328,7 +330,15 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 leave=False,
             )
             first = candidates[0].net  # every candidate has the family, so the same loss terms
+            due = 0  # a halving round due after the step just taken
             for padded in bar:
+                if due:  # taken here, before the next step: a round due at the epoch's end is
+                    # taken after it, on the epoch's own validation scores (below)
+                    halve(candidates, groups, store, opts, due, halving.count(due))
+                    due = 0
+                    groups = running_groups()
+                    for _, group in groups:
+                        group.train()
                 optimizer.zero_grad(set_to_none=True)
                 # A candidate that stopped (out of patience, or halved) is in no group: it has
                 # no gradient, and AdamW leaves it be, as it would alone.
@@ -355,24 +365,20 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 scheduler.step()
                 seen += padded.rows
                 step += 1
-                if step in halving:
-                    halve(candidates, groups, store, opts, step)
-                    groups = running_groups()
-                    for _, group in groups:
-                        group.train()
+                due = step if step in halving else 0
                 bar.set_postfix(loss=f"{next(ls[-1] for ls in losses if ls):.4f}")
             train_seconds += time.perf_counter() - start
             # Validation batches are training-sized: a padded batch of every kept layer's states is
             # the largest allocation here (SmolLM2 validation at 128 rows: 464 MB, at 32: 232 MB).
             # Without a validation split (a tiny upload) nothing can pick an epoch, so the
             # latest one is kept: its score rises with the epoch and early stopping never fires.
-            scores = (
-                evaluate_groups(groups, len(candidates), store, "validation", opts)[0]
+            validation = (
+                evaluate_groups(groups, len(candidates), store, "validation", opts)
                 if has_validation
-                else [float(epoch)] * len(candidates)
+                else ([float(epoch)] * len(candidates), [0.0] * len(candidates))
             )
             trained = {k for indices, _ in groups for k in indices}
-            for k, (c, score, ls) in enumerate(zip(candidates, scores, losses)):
+            for k, (c, score, ls) in enumerate(zip(candidates, validation[0], losses)):
                 if k not in trained:  # stopped, in an earlier epoch or halved in this one
                     continue
                 loss = sum(ls) / len(ls)
@@ -388,6 +394,8 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                     c.best_state = {k: v.detach().clone() for k, v in c.net.state_dict().items()}
                 else:
                     c.stale += 1
+            if due:
+                halve(candidates, groups, store, opts, due, halving.count(due), validation)
             record = epoch_record(candidates, axes, epoch + 1)
             log.info(
                 "epoch %d: train loss %s, validation accuracy %s%s",
@@ -416,6 +424,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                     "scheduler": scheduler.state_dict(),
                     "train_seconds": train_seconds,
                     "seen": seen,
+                    "step": step,
                 },
                 checkpoint.with_suffix(".tmp"),
             )
@@ -479,7 +488,7 @@ def epoch_record(candidates: list[Candidate], axes: dict, epoch: int) -> dict:
     """What an epoch reports. One configuration: its loss and validation accuracy this epoch.
     A sweep: those of the configuration that would be kept now (the best validation accuracy so
     far; `val_accuracy` is that best), and every configuration's latest epoch, each marked
-    `stopped` once out of patience."""
+    `stopped` once out of patience or halved out."""
     lead = max(range(len(candidates)), key=lambda k: (candidates[k].best, -k))
     record = {**candidates[lead].history[-1], "epoch": epoch}
     if axes:
@@ -524,14 +533,27 @@ def evaluate_groups(
     )
 
 
-def halve(candidates: list, groups: list, store: ActivationStore, opts, step: int) -> None:
-    """One round of successive halving: the candidates still training are scored on validation
-    and the better half (by accuracy, then lower loss; the sweep's order breaks a tie) goes on."""
-    accuracy, loss = evaluate_groups(groups, len(candidates), store, "validation", opts)
-    alive = sorted(
-        (k for indices, _ in groups for k in indices), key=lambda k: (-accuracy[k], loss[k], k)
+def halve(
+    candidates: list,
+    groups: list,
+    store: ActivationStore,
+    opts,
+    step: int,
+    times: int = 1,
+    validation: tuple | None = None,
+) -> None:
+    """Successive halving after `step`: the candidates still training are scored on validation
+    (`validation`: scores already taken at this step) and the better half (by accuracy, then
+    lower loss; the sweep's order breaks a tie) goes on; `times` rounds falling on one step keep
+    1/2^times."""
+    accuracy, loss = validation or evaluate_groups(
+        groups, len(candidates), store, "validation", opts
     )
-    keep = set(alive[: math.ceil(len(alive) / 2)])
+    finite = [x if math.isfinite(x) else math.inf for x in loss]  # a diverged one ranks last
+    alive = sorted(
+        (k for indices, _ in groups for k in indices), key=lambda k: (-accuracy[k], finite[k], k)
+    )
+    keep = set(alive[: math.ceil(len(alive) / 2**times)])
     for k in alive:
         candidates[k].rounds.append({"step": step, "val_accuracy": accuracy[k], "kept": k in keep})
     log.info(

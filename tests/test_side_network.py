@@ -335,12 +335,15 @@ def test_overlapped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_side_networks_run_grouped_by_default_only_in_large_passes_on_cuda(tiny_bert_dir):
+def test_side_networks_run_grouped_by_default_only_in_large_passes_on_cuda(
+    tiny_bert_dir, monkeypatch
+):
     """Grouping was measured faster only on a GPU and from GROUPED_MIN_ON_CUDA side networks
     a pass; a pass asks for it or not explicitly anywhere."""
     from types import SimpleNamespace
 
     from api.inference import GROUPED_MIN_ON_CUDA, JointModel
+    from side_trainer.group import SideGroup
 
     backbone = load_backbone(tiny_bert_dir)
     sides = [SideNetwork(side_config(backbone)).eval()] * GROUPED_MIN_ON_CUDA
@@ -352,6 +355,16 @@ def test_side_networks_run_grouped_by_default_only_in_large_passes_on_cuda(tiny_
     assert JointModel(gpu, sides).grouped
     assert not JointModel(gpu, sides[1:]).grouped
     assert not JointModel(gpu, sides, grouped=False).grouped
+    # By default the size is a group's: a smaller group of the pass (another architecture)
+    # runs in turn, with the outputs it gives grouped.
+    torch.manual_seed(0)
+    few = [SideNetwork(side_config(backbone)).eval() for _ in range(3)]
+    grouped = JointModel(backbone, few, grouped=True).probabilities(TEXTS)
+    joint = JointModel(backbone, few, grouped=True)
+    joint.min_group = 4
+    monkeypatch.setattr(SideGroup, "__call__", lambda *a, **k: pytest.fail("ran grouped"))
+    for a, b in zip(joint.probabilities(TEXTS), grouped):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_grouped_joint_inference_equals_the_sequential_one(tiny_bert_dir):

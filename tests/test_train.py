@@ -183,7 +183,7 @@ def test_successive_halving_rounds():
     assert halving_steps(2, 100) == [50]
     assert halving_steps(8, 64) == [8, 16, 32]
     assert halving_steps(9, 64) == [4, 8, 16, 32]  # 9, 5, 3, 2, 1
-    assert halving_steps(8, 2) == [1]  # fewer steps than rounds: rounds that coincide merge
+    assert halving_steps(8, 2) == [1, 1, 1]  # fewer steps than rounds: all three at step 1
 
 
 def test_a_halving_sweep_keeps_the_better_half_and_its_survivor_trains_as_alone(
@@ -222,7 +222,33 @@ def test_a_halving_sweep_keeps_the_better_half_and_its_survivor_trains_as_alone(
     # The ones stopped in the first epoch have no epoch of their own, and are reported stopped.
     assert all(c["best_epoch"] is None for c in sweep["candidates"] if c["steps"] < total // 2)
     assert sum(e["stopped"] for e in epochs[-1]["candidates"]) == 3
-    assert sweep["chosen"] == survivor or sweep["best_val_accuracy"] > alone["best_val_accuracy"]
+    assert sweep["chosen"] == survivor or sweep["best_val_accuracy"] >= alone["best_val_accuracy"]
+
+
+def test_a_halving_sweep_resumes_from_its_checkpoint_as_if_never_stopped(
+    tmp_path, tiny_bert_dir, no_dropout
+):
+    data = write_csv(tmp_path / "d.csv", n=80)
+    store = str(tmp_path / "store")
+    build_cache(tiny_bert_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=8))
+    opts = TrainOptions(
+        lr=[1e-3, 3e-2, 1e-1, 1e-7], sweep_schedule="halving", epochs=3, reduction=4, batch_size=8
+    )
+    whole = train(store, tmp_path / "whole", opts)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_the_first_epoch(record):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(store, tmp_path / "resumed", opts, on_epoch=kill_after_the_first_epoch)
+    resumed = train(store, tmp_path / "resumed", opts)
+    assert [c["steps"] for c in resumed["candidates"]] == [c["steps"] for c in whole["candidates"]]
+    rounds = [c.get("halving") for c in whole["candidates"]]
+    assert [c.get("halving") for c in resumed["candidates"]] == rounds
+    assert sum(len(r or []) for r in rounds) == 4 + 2  # two rounds: 4 scored, then 2
 
 
 def test_a_sweep_without_a_validation_split_is_refused(tmp_path, tiny_bert_dir):
