@@ -18,7 +18,7 @@ import torch
 from backbone_worker.backbone import Backbone
 from backbone_worker.data import Example
 from backbone_worker.families import ENCODER_DECODER
-from side_trainer.group import groups_of
+from side_trainer.group import SideGroup, partition
 from side_trainer.model import SideNetwork
 
 # Side networks of one width map from which the map runs once per pass for all of them rather
@@ -138,14 +138,14 @@ class JointModel:
         for k, key in enumerate(self.map_keys):
             by_map.setdefault(key, []).append(k)
         for members in by_map.values():
-            for indices, group in groups_of([self.sides[k] for k in members]):
+            for indices in partition([self.sides[k] for k in members]):
                 indices = [members[i] for i in indices]
                 inputs, live = self._inputs(indices[0], "enc", states, mapped)
                 batch = {"enc": {"states": inputs, "attention_mask": mask}}
                 if len(indices) < self.min_group:
                     each = [self.sides[k](batch, live=live) for k in indices]
                 else:
-                    each = group(batch, live=live)
+                    each = SideGroup([self.sides[k] for k in indices])(batch, live=live)
                 for k, logits in zip(indices, each):
                     out[k] = logits.softmax(-1)
         return out

@@ -106,10 +106,15 @@ class SideGroup:
             )
 
 
-def groups_of(nets: list[nn.Module]) -> list[tuple[list[int], SideGroup]]:
-    """The networks partitioned into groups of one architecture: (their indices, the group),
-    in order of first appearance."""
+def partition(nets: list[nn.Module]) -> list[list[int]]:
+    """The networks' indices partitioned by architecture, in order of first appearance."""
     by_kind: dict[tuple, list[int]] = {}
     for index, net in enumerate(nets):
         by_kind.setdefault(architecture(net), []).append(index)
-    return [(idx, SideGroup([nets[i] for i in idx])) for idx in by_kind.values()]
+    return list(by_kind.values())
+
+
+def groups_of(nets: list[nn.Module]) -> list[tuple[list[int], SideGroup]]:
+    """The networks partitioned into groups of one architecture: (their indices, the group),
+    in order of first appearance."""
+    return [(idx, SideGroup([nets[i] for i in idx])) for idx in partition(nets)]

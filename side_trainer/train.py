@@ -282,11 +282,12 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             )
 
     def running_groups() -> list[tuple[list[int], object]]:
-        """Groups of the candidates still training, with their indices among all candidates:
-        a candidate that stopped leaves its group, so it costs no more compute."""
+        """Groups of the candidates still training, in training mode, with their indices among
+        all candidates: a candidate that stopped leaves its group, so it costs no more compute.
+        Rebuilt after each validation pass (epoch ends, halving rounds), where one may stop."""
         alive = [k for k, c in enumerate(candidates) if c.running(opts.patience)]
         return [
-            ([alive[i] for i in indices], group)
+            ([alive[i] for i in indices], group.train())
             for indices, group in groups_of([candidates[k].net for k in alive])
         ]
 
@@ -311,9 +312,6 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
         for epoch in range(done_epochs, opts.epochs):
             if not any(c.running(opts.patience) for c in candidates):
                 break
-            groups = running_groups()
-            for _, group in groups:
-                group.train()
             start = time.perf_counter()
             losses = [[] for _ in candidates]
             bar = tqdm(
@@ -337,8 +335,6 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                     halve(candidates, groups, store, opts, due, halving.count(due))
                     due = 0
                     groups = running_groups()
-                    for _, group in groups:
-                        group.train()
                 optimizer.zero_grad(set_to_none=True)
                 # A candidate that stopped (out of patience, or halved) is in no group: it has
                 # no gradient, and AdamW leaves it be, as it would alone.
@@ -396,6 +392,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                     c.stale += 1
             if due:
                 halve(candidates, groups, store, opts, due, halving.count(due), validation)
+            groups = running_groups()
             record = epoch_record(candidates, axes, epoch + 1)
             log.info(
                 "epoch %d: train loss %s, validation accuracy %s%s",
