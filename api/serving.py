@@ -16,11 +16,13 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from api.allocator import release_freed_memory
 from api.inference import JointModel, Prediction
 from backbone_worker.backbone import Backbone, alias_installed, aliases, load_backbone
-from side_trainer.artifacts import load_side_model
+from side_trainer.artifacts import WEIGHTS_FILE, load_side_model
+from side_trainer.memory import module_bytes
 from side_trainer.model import SideNetwork
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,14 @@ class ModelUnavailable(RuntimeError):
         self.model_id = model_id
 
 
+def _weights_bytes(record: dict) -> int:
+    """A side model's weights file's size: what loading it will hold, less its Python objects."""
+    try:
+        return (Path(record["path"]) / WEIGHTS_FILE).stat().st_size
+    except OSError:  # missing: the load fails and says so
+        return 0
+
+
 class ModelRegistry:
     """Loaded backbones, and side models in a least-recently-used cache bounded in bytes
     (LADDER_MAX_SIDE_MODEL_MB, default 1024): a model evicted is loaded again on its next use."""
@@ -47,7 +57,8 @@ class ModelRegistry:
         self.db = db
         self.backbones: dict[str, Backbone] = {}
         self.sides: OrderedDict[str, SideNetwork] = OrderedDict()
-        self._bytes: dict[str, int] = {}  # each held side model's weights, counted at its load
+        self._bytes: dict[str, int] = {}  # each held side model's memory, counted at its load
+        self._sizes: dict[str, int] = {}  # each model's memory when last loaded, held or not
         self.max_side_bytes = max_side_bytes or int(
             float(os.environ.get("LADDER_MAX_SIDE_MODEL_MB", 1024)) * 2**20
         )
@@ -56,7 +67,8 @@ class ModelRegistry:
         self.evictions = 0  # side models unloaded to stay within the budget
 
     def held(self) -> dict:
-        """Side models in memory now: how many, their bytes, and loads since start."""
+        """Side models in memory now: how many, their bytes (weights and Python objects), and
+        loads since start."""
         with self._lock:
             return {"models": len(self.sides), "bytes": self._side_bytes(), "loads": self.loads}
 
@@ -78,12 +90,13 @@ class ModelRegistry:
                 record = self.db.get_model(model_id)
                 if record is None:
                     raise ModelNotFound(model_id)
+                # Room first, for what the model cost when it was last loaded (a first load: its
+                # weights file), so that loading it does not take the cache past its budget.
+                self._make_room(keep, incoming=self._sizes.get(model_id, _weights_bytes(record)))
                 try:
                     side = load_side_model(record["path"])
                     self.sides[model_id] = side
-                    self._bytes[model_id] = sum(
-                        t.numel() * t.element_size() for t in side.state_dict().values()
-                    )
+                    self._bytes[model_id] = self._sizes[model_id] = module_bytes(side)
                     self.loads += 1
                 except Exception as exc:  # noqa: BLE001 - any load failure is the model's state
                     log.error(
@@ -103,9 +116,11 @@ class ModelRegistry:
         with self._lock:
             return self._make_room(frozenset())
 
-    def _make_room(self, pinned: frozenset[str]) -> int:
+    def _make_room(self, pinned: frozenset[str], incoming: int = 0) -> int:
+        """Unload least recently used models, none of `pinned`, until those held and `incoming`
+        bytes fit the budget. Returns how many were unloaded."""
         evicted = 0
-        while self._side_bytes() > self.max_side_bytes:
+        while self._side_bytes() + incoming > self.max_side_bytes:
             victim = next((m for m in self.sides if m not in pinned), None)
             if victim is None:
                 break
@@ -129,6 +144,7 @@ class ModelRegistry:
         with self._lock:
             self.sides.pop(model_id, None)
             self._bytes.pop(model_id, None)
+            self._sizes.pop(model_id, None)
 
     def available_backbones(self) -> list[str]:
         out = []

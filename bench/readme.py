@@ -290,6 +290,13 @@ def serve_many(report: dict) -> str:
             f" MB above it, {m['rss_end_above_shaped_warmup_mb']:.0f} MB above it after the run."
             if "rss_after_shaped_warmup_mb" in m
             else "."
+        )
+        + (
+            f" The warm-up's own peak (the backbone serving those passes): "
+            f"{m['rss_shaped_warmup_peak_mb']:.0f} MB; the run's peak "
+            f"**{m['rss_peak_above_warmup_peak_mb']:.1f} MB above it** (budget {m['budget_mb']} MB)."
+            if "rss_peak_above_warmup_peak_mb" in m
+            else ""
         ),
         "",
     ]

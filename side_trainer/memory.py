@@ -10,6 +10,7 @@ process's RSS figures on any device."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import torch
@@ -66,3 +67,24 @@ class PeakMemory:
             self.total_mb = peak / 2**20
         else:
             self.peak_mb, self.total_mb = self.rss_peak_mb, self.rss_total_mb
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """What holding `module` costs in memory: its parameters' and buffers' bytes, and its Python
+    objects (each submodule, its attribute dict and the containers in it, by sys.getsizeof).
+    The Python part is not small: 166 KB for a MiniLM side network of 1.3 MB of weights
+    (tracemalloc counted 169 KB), so a cache that counted weights alone would hold ~13% more
+    than its budget."""
+    tensors = python = 0
+    for m in module.modules():
+        python += sys.getsizeof(m) + sys.getsizeof(m.__dict__)
+        for value in m.__dict__.values():
+            if isinstance(value, dict):
+                python += sys.getsizeof(value) + sum(sys.getsizeof(k) for k in value)
+            elif isinstance(value, (list, set, tuple, torch.Tensor)):
+                python += sys.getsizeof(value)
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None:
+                tensors += t.numel() * t.element_size()
+                python += sys.getsizeof(t)
+    return tensors + python

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from test_cli import write_csv
 
 from api.app import create_app
+from side_trainer.memory import module_bytes
 
 
 @pytest.fixture(scope="module")
@@ -226,13 +227,44 @@ def test_side_models_are_cached_within_a_byte_budget(service, finished_job, monk
     path = s.db.get_model(model)["path"]
     for k in range(3):
         s.db.add_model(f"ft:tiny:copy:{k}", "tiny", path, "job")
-    one = sum(t.numel() * t.element_size() for t in s.registry.side(model).state_dict().values())
+    one = module_bytes(s.registry.side(model))
     monkeypatch.setattr(s.registry, "max_side_bytes", 2 * one)
     for k in range(3):
         s.registry.side(f"ft:tiny:copy:{k}")
     assert list(s.registry.sides) == ["ft:tiny:copy:1", "ft:tiny:copy:2"]  # least recent out
     response = service["client"].post("/v1/predict", json={"model": model, "inputs": ["x"]})
     assert response.status_code == 200  # loaded again on demand
+
+
+def test_room_is_made_before_a_model_loads(service, finished_job, monkeypatch):
+    """Loading a model never takes the cache past its budget, even for a moment: the least
+    recently used model goes first, for what the new one cost when last loaded (a first load:
+    its weights file's size)."""
+    import api.serving
+
+    s = service["client"].app.state.ladder
+    path = s.db.get_model(finished_job[0]["fine_tuned_model"])["path"]
+    names = [f"ft:tiny:room:{k}" for k in range(3)]
+    for name in names:
+        s.db.add_model(name, "tiny", path, "job")
+    monkeypatch.setattr(s.registry, "sides", type(s.registry.sides)())
+    monkeypatch.setattr(s.registry, "_bytes", {})
+    one = module_bytes(s.registry.side(names[0]))
+    monkeypatch.setattr(s.registry, "max_side_bytes", 2 * one)
+    held_at_load = []
+    load = api.serving.load_side_model
+
+    def watched(model_dir):
+        held_at_load.append(list(s.registry.sides))
+        return load(model_dir)
+
+    monkeypatch.setattr(api.serving, "load_side_model", watched)
+    for name in (names[1], names[2], names[0]):  # names[0] again: its size is known now
+        s.registry.side(name)
+    # The first load's weights file fitted beside one model; before each later load the least
+    # recently used left.
+    assert held_at_load == [[names[0]], [names[1]], [names[2]]]
+    assert list(s.registry.sides) == [names[2], names[0]]
 
 
 def test_a_pass_keeps_its_own_models_when_it_makes_room(service, finished_job, monkeypatch):
@@ -243,7 +275,7 @@ def test_a_pass_keeps_its_own_models_when_it_makes_room(service, finished_job, m
     names = [f"ft:tiny:copy:{k}" for k in range(4)]
     for name in names:
         s.db.add_model(name, "tiny", path, "job")
-    one = sum(t.numel() * t.element_size() for t in s.registry.side(names[0]).state_dict().values())
+    one = module_bytes(s.registry.side(names[0]))
     monkeypatch.setattr(s.registry, "max_side_bytes", 2 * one)
     s.registry.side(names[1])  # held: 0, 1 (0 least recently used)
     s.registry.side(names[2], keep=frozenset(names[:1] + names[2:3]))
@@ -269,7 +301,7 @@ def test_a_request_naming_more_models_than_the_budget_holds(service, finished_jo
         s.db.add_model(name, "tiny", path, "job")
     monkeypatch.setattr(s.registry, "sides", type(s.registry.sides)())
     monkeypatch.setattr(s.registry, "_bytes", {})
-    one = sum(t.numel() * t.element_size() for t in s.registry.side(names[0]).state_dict().values())
+    one = module_bytes(s.registry.side(names[0]))
     monkeypatch.setattr(s.registry, "max_side_bytes", one)
     held_during_pass = []
     joint_model = api.serving.JointModel
@@ -298,7 +330,7 @@ def test_a_pass_that_unloads_models_hands_the_memory_back(service, finished_job,
     monkeypatch.setattr(s.registry, "sides", type(s.registry.sides)())  # none held
     monkeypatch.setattr(s.registry, "_bytes", {})
     monkeypatch.setattr(s.registry, "evictions", 0)
-    one = sum(t.numel() * t.element_size() for t in s.registry.side(names[0]).state_dict().values())
+    one = module_bytes(s.registry.side(names[0]))
     monkeypatch.setattr(s.registry, "max_side_bytes", one)
     trims = []
     monkeypatch.setattr(api.serving, "release_freed_memory", lambda: trims.append(1))
