@@ -103,30 +103,54 @@ def _shuffled(
     length and little compute goes to padding), and the window's batches come out in random
     order. Every batch of a window is out before the next window's parts are read, so the reader
     holds one window and one part, whatever the store's size (examples are views into their
-    part: a window that mixed in stragglers of earlier parts would keep those parts alive)."""
+    part: a window that mixed in stragglers of earlier parts would keep those parts alive).
+    The examples that do not fill a last batch of B are copied out of their parts and go on to
+    the next window, so an epoch has one short batch (its last), not one per window."""
     window: list[Example] = []
     held = 0
     for examples in itertools.chain(parts, [None]):
         size = 0 if examples is None else sum(e.nbytes for e in examples)
         if window and (examples is None or held + size > plan.shuffle_bytes):
-            yield from _window_batches(window, plan.batch_size, rng)
-            window, held = [], 0
+            carry = 0 if examples is None else len(window) % plan.batch_size
+            batches, window = _window_batches(window, plan.batch_size, carry, rng)
+            yield from batches
+            del batches  # views into the window's parts: let the parts go before reading on
+            window = [_detached(e) for e in window]
+            held = sum(e.nbytes for e in window)
         if examples is not None:
             window += examples
             held += size
 
 
 def _window_batches(
-    window: list[Example], batch_size: int, rng: random.Random
-) -> list[list[Example]]:
+    window: list[Example], batch_size: int, carry: int, rng: random.Random
+) -> tuple[list[list[Example]], list[Example]]:
+    """The window's batches in random order, and `carry` of its examples (drawn at random) kept
+    back for the next window."""
     rng.shuffle(window)
+    kept, window = window[len(window) - carry :], window[: len(window) - carry]
     run = batch_size * BUCKET_BATCHES
     batches = []
     for k in range(0, len(window), run):
         bucket = sorted(window[k : k + run], key=_length)
         batches += [bucket[j : j + batch_size] for j in range(0, len(bucket), batch_size)]
     rng.shuffle(batches)
-    return batches
+    return batches, kept
+
+
+def _detached(example: Example) -> Example:
+    """The example with its own copies of its arrays, so it keeps no part alive."""
+    streams = {
+        s: (
+            ids.copy(),
+            {
+                k: Encoded(v.values.copy(), None if v.scales is None else v.scales.copy())
+                for k, v in states.items()
+            },
+        )
+        for s, (ids, states) in example.streams.items()
+    }
+    return Example(example.example_id, example.label, streams, example.nbytes)
 
 
 def _length(example: Example) -> int:
@@ -199,11 +223,12 @@ class PaddedBatch:
         """Consecutive row ranges of at most `max_tokens` tokens each (rows x the padded lengths
         of every stream); the whole batch when it fits or `max_tokens` is 0. Batches are
         length-sorted (see _shuffled), so the ranges, each trimmed to its longest row, pad little."""
-        tokens = self.rows * sum(s.mask.shape[1] for s in self.streams.values())
-        if not max_tokens or tokens <= max_tokens:
+        length = sum(s.mask.shape[1] for s in self.streams.values())  # a row's padded tokens
+        if not max_tokens or self.rows * length <= max_tokens:
             return [slice(0, self.rows)]
-        pieces = min(self.rows, -(-tokens // max_tokens))
-        size = -(-self.rows // pieces)
+        most = max(1, max_tokens // length)  # rows a piece may hold (one, if a row is longer)
+        pieces = -(-self.rows // most)
+        size = -(-self.rows // pieces)  # as even as pieces of at most `most` rows can be
         return [slice(k, k + size) for k in range(0, self.rows, size)]
 
     def pieces(self, max_tokens: int, device: str | torch.device | None = None) -> Iterator[dict]:

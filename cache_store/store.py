@@ -28,7 +28,7 @@ OPEN_PARTS = 64
 
 # Stored states the reader holds to shuffle across parts: its memory is this plus one part, for
 # any number of examples (cache_store/reader.py). `ladder train --shuffle-mb` defaults to it.
-SHUFFLE_BYTES = 32 * 2**20
+SHUFFLE_BYTES = 16 * 2**20
 
 
 class ActivationStore:

@@ -364,8 +364,9 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 due = step if step in halving else 0
                 bar.set_postfix(loss=f"{next(ls[-1] for ls in losses if ls):.4f}")
             train_seconds += time.perf_counter() - start
-            # Validation batches are training-sized: a padded batch of every kept layer's states is
-            # the largest allocation here (SmolLM2 validation at 128 rows: 464 MB, at 32: 232 MB).
+            # Validation batches are training-sized, run as micro-batches: a padded batch of every
+            # kept layer's states was the largest allocation here (SmolLM2 validation at 128 rows:
+            # 464 MB, at 32: 232 MB).
             # Without a validation split (a tiny upload) nothing can pick an epoch, so the
             # latest one is kept: its score rises with the epoch and early stopping never fires.
             validation = (
@@ -515,15 +516,17 @@ def evaluate_groups(
     for _, group in groups:
         group.eval()
     for padded in store.iter_batches(split, opts.batch_size, shuffle=False, decode=False):
-        batch = padded.decode(device=opts.device)
-        for indices, group in groups:
-            net = group.nets[0]
-            count = net.loss_terms(batch)
-            for k, logits in zip(indices, group(batch)):
-                h, m = correct(net, batch, logits)
-                hits[k], total[k] = hits[k] + h, total[k] + m
-                loss[k] += float(net.loss(batch, logits)) * count
-                terms[k] += count
+        # Micro-batches, as in training: a batch holding the split's longest text would
+        # otherwise set the run's peak memory, and a larger split holds longer texts.
+        for batch in padded.pieces(opts.micro_batch_tokens, opts.device):
+            for indices, group in groups:
+                net = group.nets[0]
+                count = net.loss_terms(batch)
+                for k, logits in zip(indices, group(batch)):
+                    h, m = correct(net, batch, logits)
+                    hits[k], total[k] = hits[k] + h, total[k] + m
+                    loss[k] += float(net.loss(batch, logits)) * count
+                    terms[k] += count
     return (
         [h / max(t, 1) for h, t in zip(hits, total)],
         [x / max(t, 1) for x, t in zip(loss, terms)],

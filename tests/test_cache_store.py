@@ -407,6 +407,20 @@ def test_shuffle_depends_on_seed_and_keeps_every_example(tmp_path):
     assert order(seed=0, shuffle_bytes=2000) == a  # reproducible
 
 
+def test_shuffled_windows_leave_one_short_batch(tmp_path):
+    """A window's examples that do not fill a batch go on to the next window: however many
+    windows an epoch has, only its last batch is short."""
+    store, parts = build(tmp_path, make_plan(*[(10, "train")] * 12))
+    example_bytes = 7 * len(STATES) * D * 2
+    for budget in (15 * example_bytes, 35 * example_bytes):  # windows of 1-2 and 3-4 parts
+        sizes, seen = [], []
+        for batch in store.iter_batches("train", 8, seed=3, prefetch=0, shuffle_bytes=budget):
+            sizes.append(len(batch["labels"]))
+            seen += batch["example_ids"].tolist()
+        assert sizes[:-1] == [8] * (len(sizes) - 1) and sizes[-1] == 120 - 8 * (len(sizes) - 1)
+        assert sorted(seen) == sorted(i for p in parts.values() for i in p["example_ids"].tolist())
+
+
 def _bytes_held(tmp_path, monkeypatch, n_parts: int, budget: int) -> tuple[int, int]:
     """The most bytes of stored states in parts alive (some array of theirs still referenced
     anywhere) as each part is read during one epoch, and the largest part's bytes."""
@@ -551,6 +565,12 @@ def test_a_batch_over_the_token_limit_splits_into_trimmed_row_ranges(tmp_path):
         assert_batches_equal(whole, batch)
     assert padded.head()["labels"].tolist() == batch["labels"].tolist()
     assert "states" not in padded.head()["enc"]
+    for limit in (
+        3 * tokens,
+        5 * tokens // 2,
+    ):  # pieces hold at most the limit, as evenly as can be
+        sizes = [len(p["labels"]) for p in padded.pieces(limit)]
+        assert sum(sizes) == 12 and max(sizes) * tokens <= limit and max(sizes) - min(sizes) <= 1
     pieces = list(padded.pieces(3 * tokens))
     assert len(pieces) == 4
     assert torch.equal(torch.cat([p["example_ids"] for p in pieces]), batch["example_ids"])

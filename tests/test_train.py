@@ -279,6 +279,40 @@ def test_micro_batches_train_as_the_whole_batch(tmp_path, tiny_backbone_dir, no_
     assert all(torch.allclose(saved[k], expected[k], atol=1e-4) for k in expected)
 
 
+def test_validation_runs_as_micro_batches(tmp_path, tiny_bert_dir, monkeypatch):
+    """Validation decodes at most --micro-batch-tokens at a time (a split's longest text would
+    otherwise set the peak), and scores as the whole batches do."""
+    from cache_store import ActivationStore
+    from cache_store.reader import PaddedBatch
+    from side_trainer.group import groups_of
+    from side_trainer.train import build_side_network, evaluate_groups
+
+    data = write_csv(tmp_path / "d.csv", n=60)
+    store_dir = str(tmp_path / "store")
+    build_cache(tiny_bert_dir, data, store_dir, CacheOptions(layers=[0, 2], fisher_examples=8))
+    store = ActivationStore.open(store_dir)
+    torch.manual_seed(0)
+    nets = [build_side_network(store, TrainOptions(init="random", reduction=4)) for _ in range(2)]
+    decode = PaddedBatch.decode
+    shapes: dict[int, list] = {}
+    scores = {}
+    for limit in (0, 12):
+        shapes[limit] = []
+
+        def watched(self, rows=slice(None), device=None, seen=shapes[limit]):
+            out = decode(self, rows, device)
+            seen.append(tuple(out["enc"]["attention_mask"].shape))
+            return out
+
+        monkeypatch.setattr(PaddedBatch, "decode", watched)
+        opts = TrainOptions(micro_batch_tokens=limit, batch_size=8)
+        scores[limit] = evaluate_groups(groups_of(nets), 2, store, "validation", opts)
+    assert max(rows * length for rows, length in shapes[0]) > 12  # the limit splits batches
+    assert all(rows * length <= 12 or rows == 1 for rows, length in shapes[12])
+    assert scores[0][0] == scores[12][0]
+    assert scores[0][1] == pytest.approx(scores[12][1], rel=1e-5)
+
+
 def test_a_backbone_changed_after_caching_is_refused(tmp_path, tiny_bert_dir):
     """Training checks the backbone files against the store's fingerprint (hashed once per
     process for unchanged files): a weight file rewritten after caching is caught."""
