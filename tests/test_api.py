@@ -236,21 +236,30 @@ def test_side_models_are_cached_within_a_byte_budget(service, finished_job, monk
     assert response.status_code == 200  # loaded again on demand
 
 
+def cache_of_copies(service, finished_job, monkeypatch, prefix: str, n: int, budget: int):
+    """n copies of the finished job's model registered as ft:tiny:<prefix>:<k>, the side-model
+    cache emptied, the first copy loaded, and a budget of `budget` such models: (service state,
+    the copies' names, one model's bytes as the cache counts them)."""
+    s = service["client"].app.state.ladder
+    path = s.db.get_model(finished_job[0]["fine_tuned_model"])["path"]
+    names = [f"ft:tiny:{prefix}:{k}" for k in range(n)]
+    for name in names:
+        s.db.add_model(name, "tiny", path, "job")
+    monkeypatch.setattr(s.registry, "sides", type(s.registry.sides)())  # none held
+    monkeypatch.setattr(s.registry, "_bytes", {})
+    monkeypatch.setattr(s.registry, "evictions", 0)
+    one = module_bytes(s.registry.side(names[0]))
+    monkeypatch.setattr(s.registry, "max_side_bytes", budget * one)
+    return s, names, one
+
+
 def test_room_is_made_before_a_model_loads(service, finished_job, monkeypatch):
     """Loading a model never takes the cache past its budget, even for a moment: the least
     recently used model goes first, for what the new one cost when last loaded (a first load:
     its weights file's size)."""
     import api.serving
 
-    s = service["client"].app.state.ladder
-    path = s.db.get_model(finished_job[0]["fine_tuned_model"])["path"]
-    names = [f"ft:tiny:room:{k}" for k in range(3)]
-    for name in names:
-        s.db.add_model(name, "tiny", path, "job")
-    monkeypatch.setattr(s.registry, "sides", type(s.registry.sides)())
-    monkeypatch.setattr(s.registry, "_bytes", {})
-    one = module_bytes(s.registry.side(names[0]))
-    monkeypatch.setattr(s.registry, "max_side_bytes", 2 * one)
+    s, names, one = cache_of_copies(service, finished_job, monkeypatch, "room", 3, 2)
     held_at_load = []
     load = api.serving.load_side_model
 
@@ -270,13 +279,7 @@ def test_room_is_made_before_a_model_loads(service, finished_job, monkeypatch):
 def test_a_pass_keeps_its_own_models_when_it_makes_room(service, finished_job, monkeypatch):
     """Models a pass has already taken stay in memory until it ends: evicting them would free
     nothing, so room is made from the other models, and the budget counts what is held."""
-    s = service["client"].app.state.ladder
-    path = s.db.get_model(finished_job[0]["fine_tuned_model"])["path"]
-    names = [f"ft:tiny:copy:{k}" for k in range(4)]
-    for name in names:
-        s.db.add_model(name, "tiny", path, "job")
-    one = module_bytes(s.registry.side(names[0]))
-    monkeypatch.setattr(s.registry, "max_side_bytes", 2 * one)
+    s, names, one = cache_of_copies(service, finished_job, monkeypatch, "keep", 4, 2)
     s.registry.side(names[1])  # held: 0, 1 (0 least recently used)
     s.registry.side(names[2], keep=frozenset(names[:1] + names[2:3]))
     assert list(s.registry.sides) == [names[0], names[2]]  # 1 out, not the pass's 0
@@ -294,15 +297,7 @@ def test_a_request_naming_more_models_than_the_budget_holds(service, finished_jo
     the registry is back within the budget when the pass ends."""
     import api.serving
 
-    s = service["client"].app.state.ladder
-    path = s.db.get_model(finished_job[0]["fine_tuned_model"])["path"]
-    names = [f"ft:tiny:many:{k}" for k in range(3)]
-    for name in names:
-        s.db.add_model(name, "tiny", path, "job")
-    monkeypatch.setattr(s.registry, "sides", type(s.registry.sides)())
-    monkeypatch.setattr(s.registry, "_bytes", {})
-    one = module_bytes(s.registry.side(names[0]))
-    monkeypatch.setattr(s.registry, "max_side_bytes", one)
+    s, names, one = cache_of_copies(service, finished_job, monkeypatch, "many", 3, 1)
     held_during_pass = []
     joint_model = api.serving.JointModel
 
@@ -322,16 +317,7 @@ def test_a_pass_that_unloads_models_hands_the_memory_back(service, finished_job,
     server's memory follows the budget), a pass that evicted nothing does not pay for it."""
     import api.serving
 
-    s = service["client"].app.state.ladder
-    path = s.db.get_model(finished_job[0]["fine_tuned_model"])["path"]
-    names = [f"ft:tiny:trim:{k}" for k in range(2)]
-    for name in names:
-        s.db.add_model(name, "tiny", path, "job")
-    monkeypatch.setattr(s.registry, "sides", type(s.registry.sides)())  # none held
-    monkeypatch.setattr(s.registry, "_bytes", {})
-    monkeypatch.setattr(s.registry, "evictions", 0)
-    one = module_bytes(s.registry.side(names[0]))
-    monkeypatch.setattr(s.registry, "max_side_bytes", one)
+    s, names, one = cache_of_copies(service, finished_job, monkeypatch, "trim", 2, 1)
     trims = []
     monkeypatch.setattr(api.serving, "release_freed_memory", lambda: trims.append(1))
     predict = service["client"].post

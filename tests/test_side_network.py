@@ -544,56 +544,53 @@ def test_save_then_load_gives_identical_logits(backbone, init, tmp_path):
         assert torch.equal(net(batch), loaded(batch))
 
 
+def python_bytes_kept(make):
+    """make()'s result, and the bytes of Python objects it left allocated (tracemalloc)."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        out = make()
+        gc.collect()
+        return out, tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
 def test_loading_a_model_again_and_again_keeps_nothing(backbone, tmp_path):
     """A server loads evicted side models again and again: a load keeps nothing once the model
     is dropped (safetensors' load_file kept ~3.5 KB of Python objects per call)."""
     if backbone.family.name == "encoder-decoder":
         pytest.skip("a T5 load also reads the backbone's LM head through safe_open (~0.5 KB kept)")
-    import gc
-    import tracemalloc
-
     from side_trainer.artifacts import load_side_model, save_side_model
 
     save_side_model(SideNetwork(side_config(backbone)), tmp_path)
     load_side_model(tmp_path, backbone.path)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(100):
-            load_side_model(tmp_path, backbone.path)
-        gc.collect()
-        kept = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    _, kept = python_bytes_kept(
+        lambda: all(load_side_model(tmp_path, backbone.path) for _ in range(100))
+    )
     assert kept < 50_000, f"{kept} bytes kept after 100 loads"
 
 
 def test_module_bytes_counts_weights_and_python_objects(backbone, tmp_path):
     """The side-model cache's budget counts what a model holds: its tensors' bytes and its
     Python objects, the latter within 20% of what tracemalloc sees a load keep."""
-    import gc
-    import tracemalloc
-
     from side_trainer.artifacts import load_side_model, save_side_model
     from side_trainer.memory import module_bytes
 
     save_side_model(SideNetwork(side_config(backbone)), tmp_path)
     load_side_model(tmp_path, backbone.path)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        nets = [load_side_model(tmp_path, backbone.path) for _ in range(5)]
-        gc.collect()
-        kept = (tracemalloc.get_traced_memory()[0] - before) / 5
-    finally:
-        tracemalloc.stop()
+    nets, kept = python_bytes_kept(
+        lambda: [load_side_model(tmp_path, backbone.path) for _ in range(5)]
+    )
     weights = sum(t.numel() * t.element_size() for t in nets[0].state_dict().values())
     extra = getattr(nets[0], "lm_head", torch.empty(0))  # T5's frozen head: a buffer, not saved
     weights += extra.numel() * extra.element_size()
     python = module_bytes(nets[0]) - weights
-    assert 0.8 * kept <= python <= 1.2 * kept, (python, kept)
+    assert 0.8 * kept / 5 <= python <= 1.2 * kept / 5, (python, kept / 5)
 
 
 def test_a_model_saved_without_rotary_frequencies_still_loads(tiny_llama_dir, tmp_path, caplog):
