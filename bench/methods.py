@@ -251,11 +251,12 @@ def train_lst(method: str, cfg: dict) -> dict:
     from backbone_worker.backbone import load_backbone
     from cache_store import ActivationStore
     from side_trainer.artifacts import save_side_model
+    from side_trainer.group import groups_of
     from side_trainer.train import (
         TrainOptions,
         backbone_parameter_count,
         build_side_network,
-        evaluate_store,
+        evaluate_groups,
         to_device,
     )
 
@@ -303,8 +304,11 @@ def train_lst(method: str, cfg: dict) -> dict:
             batch = to_device(batch, device)
             return net.loss(batch, net(batch)), len(batch["labels"])
 
+        scoring = TrainOptions(batch_size=cfg["batch_size"], device=device)
+        group = groups_of([net])  # a group of one runs the network as it is
+
         def validate() -> float:
-            return evaluate_store(net, store, "validation", device, cfg["batch_size"])
+            return evaluate_groups(group, 1, store, "validation", scoring)[0][0]
 
         def epoch_batches(epoch):
             return store.iter_batches(

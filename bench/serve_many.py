@@ -168,10 +168,9 @@ def many_models(
         baseline = rss_mb(server.pid)
         # The backbone's working memory at the run's pass size (8 clients' texts in one pass),
         # with one side model: what serving costs before any more side models are held. Its
-        # peak counts the pass's activations, which a pass frees (and the level after it
-        # does not show).
-        # Sampled every 2 ms, as the run is: a pass's activations live for milliseconds, and a
-        # coarser sampler would catch the run's many passes at their peak more often than the
+        # peak counts the pass's activations, which a pass frees (the level after it does not
+        # show them). Sampled every 2 ms, as the run is: activations live for milliseconds, and
+        # a coarser sampler would catch the run's many passes at their peak more often than the
         # warm-up's few.
         with RssSampler(server.pid, 0.002) as warm:
             for _ in range(10):
@@ -213,8 +212,8 @@ def many_models(
             "rss_peak_above_shaped_warmup_mb": round(rss.peak - shaped, 1),
             "rss_end_above_shaped_warmup_mb": round(settled - shaped, 1),
             "rss_shaped_warmup_peak_mb": round(warm.peak, 1),
-            # The done-when's test: side models and everything they bring, beyond the backbone
-            # serving the same passes, within the budget.
+            # Side models and all they bring, beyond the backbone serving the same passes: what
+            # LADDER_MAX_SIDE_MODEL_MB should bound.
             "rss_peak_above_warmup_peak_mb": round(rss.peak - warm.peak, 1),
             "side_bytes_held_max_mb": round(max(held_bytes, default=0) / MIB, 2),
             "side_models_held_end": metric(base, "ladder_side_models_loaded"),

@@ -79,19 +79,6 @@ def correct(net: SideNetwork, batch: dict, logits: torch.Tensor) -> tuple[int, i
     return int(hit.all(1).sum()), hit.shape[0]
 
 
-@torch.inference_mode()
-def evaluate_store(
-    net: SideNetwork, store: ActivationStore, split: str, device: str, batch_size: int = 128
-) -> float:
-    net.eval()
-    hits = total = 0
-    for padded in store.iter_batches(split, batch_size, shuffle=False, decode=False):
-        batch = padded.decode(device=device)
-        h, n = correct(net, batch, net(batch))
-        hits, total = hits + h, total + n
-    return hits / max(total, 1)
-
-
 def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwork:
     from backbone_worker.cache import read_importance
 
