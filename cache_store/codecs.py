@@ -64,8 +64,9 @@ def decode(enc: Encoded, dtype: str) -> np.ndarray:
 
 
 def decode_tensor(enc: Encoded, dtype: str, device=None):
-    """float32 (T, d) torch tensor, decoded on `device` (default: the CPU), which receives the
-    stored 1-2 byte values; torch's vectorised casts are several times faster than numpy's
+    """float32 torch tensor of the values' shape ((T, d), or (B, T, d) with (B, T) scales, a
+    strided view being read in place), decoded on `device` (default: the CPU), which receives
+    the stored 1-2 byte values; torch's vectorised casts are several times faster than numpy's
     float16 -> float32 on CPUs (this is the training read path's hot spot)."""
     import torch  # here, so the module's option lists load without torch
 
@@ -82,7 +83,7 @@ def decode_tensor(enc: Encoded, dtype: str, device=None):
         return put(enc.values.view(np.int16)).view(torch.bfloat16).float()
     if enc.scales is None:
         raise ValueError("int8 states need their per-token scales to decode")
-    return put(enc.values).float() * put(enc.scales)[:, None]
+    return put(enc.values).float().mul_(put(enc.scales).unsqueeze(-1))
 
 
 def _bf16_bits(x: np.ndarray) -> np.ndarray:

@@ -1,10 +1,11 @@
 """Padded training batches from the committed parts of one split.
 
 Pipeline (on a GPU in a background thread, prefetch.py, so reading and decoding overlap training):
-parts (order shuffled with the seed) -> whole part read once, kept encoded -> per-example views ->
-a window of whole parts up to the shuffle budget, shuffled -> length-sorted batches of B examples
--> padded in the stored dtype -> float32 torch tensors, decoded a batch at a time (or, for
-training, a micro-batch at a time: PaddedBatch.pieces).
+parts (order shuffled with the seed) -> whole part read once, still encoded, its token rows copied
+into a window's buffers (reused from window to window) -> a window of whole parts up to the
+shuffle budget, shuffled -> length-sorted batches of B examples -> padded in the stored dtype by
+one gather per array -> float32 torch tensors, decoded a batch at a time (or, for training, a
+micro-batch at a time: PaddedBatch.pieces).
 """
 
 from __future__ import annotations
@@ -45,15 +46,6 @@ class BatchPlan:
     decode: bool = True  # False: yield PaddedBatch (padded, still encoded) instead of tensors
 
 
-@dataclass(frozen=True)
-class Example:
-    example_id: int
-    label: int
-    # stream -> (input_ids int32 (t,), {state name: Encoded (t, d)}): views into the stored part
-    streams: dict[str, tuple[np.ndarray, dict[str, Encoded]]]
-    nbytes: int = 0  # bytes of its stored states (what holding it costs)
-
-
 def iter_batches(source: PartSource, plan: BatchPlan) -> Iterator[dict] | Iterator[PaddedBatch]:
     if plan.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {plan.batch_size}")
@@ -67,120 +59,199 @@ def _batches(source: PartSource, plan: BatchPlan) -> Iterator[dict] | Iterator[P
     parts = list(plan.parts)
     if plan.shuffle:
         rng.shuffle(parts)
-        batches = _shuffled(_parts(source, parts, plan.state_names), plan, rng)
-    else:
-        batches = _in_order(_parts(source, parts, plan.state_names), plan.batch_size)
-    for batch in batches:
-        if len(batch) == plan.batch_size or not plan.drop_last:
-            out = padded = pad(batch, source.dtype)
-            if plan.decode:
-                out = padded.decode()
-            # Its examples are views that keep their parts alive: let go of them (and of the
-            # padded copy once decoded) before asking for the next batch, which may read the
-            # next window's parts.
-            del batch, padded
-            yield out
+    # Unshuffled (evaluation), a window is one part: batches come out in plan order.
+    budget = plan.shuffle_bytes if plan.shuffle else 0
+    reads = (source.read_part(i, state_names=plan.state_names, decode=False) for i in parts)
+    window = _Window(budget, source.dtype)
+    for batch in _windows(reads, window, plan.batch_size, rng if plan.shuffle else None):
+        if batch.rows == plan.batch_size or not plan.drop_last:
+            yield batch.decode() if plan.decode else batch
 
 
-def _in_order(parts: Iterator[list[Example]], batch_size: int) -> Iterator[list[Example]]:
-    pending: list[Example] = []
-    for examples in parts:
-        for example in examples:
-            pending.append(example)
-            if len(pending) == batch_size:
-                yield pending
-                pending = []
-    if pending:
-        yield pending
-
-
-def _shuffled(
-    parts: Iterator[list[Example]], plan: BatchPlan, rng: random.Random
-) -> Iterator[list[Example]]:
-    """Batches from windows of whole parts holding up to `shuffle_bytes` of states (at least one
-    part). A window's examples are shuffled together, cut into runs of BUCKET_BATCHES * B, each
-    run sorted by length before it is cut into batches (so a batch holds examples of similar
-    length and little compute goes to padding), and the window's batches come out in random
-    order. Every batch of a window is out before the next window's parts are read, so the reader
-    holds one window and one part, whatever the store's size (examples are views into their
-    part: a window that mixed in stragglers of earlier parts would keep those parts alive).
-    The examples that do not fill a last batch of B are copied out of their parts and go on to
-    the next window, so an epoch has one short batch (its last), not one per window."""
-    window: list[Example] = []
-    held = 0
-    for examples in itertools.chain(parts, [None]):
-        size = 0 if examples is None else sum(e.nbytes for e in examples)
-        if window and (examples is None or held + size > plan.shuffle_bytes):
-            carry = 0 if examples is None else len(window) % plan.batch_size
-            batches, window = _window_batches(window, plan.batch_size, carry, rng)
-            yield from batches
-            del batches  # views into the window's parts: let the parts go before reading on
-            window = [_detached(e) for e in window]
-            held = sum(e.nbytes for e in window)
-        if examples is not None:
-            window += examples
-            held += size
+def _windows(
+    parts: Iterator[dict], window: _Window, batch_size: int, rng: random.Random | None
+) -> Iterator[PaddedBatch]:
+    """Batches from windows of whole parts holding up to `window.budget` bytes of states (at least one
+    part). Each part's token rows are copied into the window's buffers as it is read, and the
+    part is let go: the reader holds the window, the part being read and the batch being made,
+    whatever the store's size, and its buffers are allocated once an epoch (a window's memory is
+    reused by the next, so the allocator is not handed a part's worth of arrays to place every
+    few batches). With `rng`, a window's examples are shuffled together, cut into runs of
+    BUCKET_BATCHES * B, each run sorted by length before it is cut into batches (so a batch
+    holds examples of similar length and little compute goes to padding), and the window's
+    batches come out in random order; without it, in order. The examples that do not fill a
+    last batch of B go on to the next window, so an epoch has one short batch (its last)."""
+    for part in itertools.chain(parts, [None]):
+        size = 0 if part is None else _states_bytes(part)
+        if len(window) and (part is None or window.nbytes + size > window.budget):
+            carry = 0 if part is None else len(window) % batch_size
+            batches, kept = _window_batches(window, batch_size, carry, rng)
+            for rows in batches:
+                yield window.batch(rows)
+            window.keep(kept)
+        if part is not None:
+            window.add(part)
+            del part  # the window holds copies of its rows
 
 
 def _window_batches(
-    window: list[Example], batch_size: int, carry: int, rng: random.Random
-) -> tuple[list[list[Example]], list[Example]]:
-    """The window's batches in random order, and `carry` of its examples (drawn at random) kept
-    back for the next window."""
-    rng.shuffle(window)
-    kept, window = window[len(window) - carry :], window[: len(window) - carry]
-    run = batch_size * BUCKET_BATCHES
-    batches = []
-    for k in range(0, len(window), run):
-        bucket = sorted(window[k : k + run], key=_length)
-        batches += [bucket[j : j + batch_size] for j in range(0, len(bucket), batch_size)]
-    rng.shuffle(batches)
-    return batches, kept
+    window: _Window, batch_size: int, carry: int, rng: random.Random | None
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The window's batches (its example indices), in random order with `rng`, and `carry` of
+    its examples (drawn at random with `rng`, the last ones without) kept for the next window."""
+    order = list(range(len(window)))
+    if rng is not None:
+        rng.shuffle(order)
+    kept, order = order[len(order) - carry :], order[: len(order) - carry]
+    if rng is None:
+        runs = [order]
+    else:
+        length = window.lengths()
+        run = batch_size * BUCKET_BATCHES
+        runs = [
+            sorted(order[k : k + run], key=length.__getitem__) for k in range(0, len(order), run)
+        ]
+    batches = [
+        np.array(r[j : j + batch_size], dtype=np.int64)
+        for r in runs
+        for j in range(0, len(r), batch_size)
+    ]
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches, np.array(kept, dtype=np.int64)
 
 
-def _detached(example: Example) -> Example:
-    """The example with its own copies of its arrays, so it keeps no part alive."""
-    streams = {
-        s: (
-            ids.copy(),
-            {
-                k: Encoded(v.values.copy(), None if v.scales is None else v.scales.copy())
-                for k, v in states.items()
-            },
+def _states_bytes(part: dict) -> int:
+    """Bytes of a part's stored state values (what the shuffle budget counts)."""
+    return sum(
+        e.values.nbytes for stream in part["streams"].values() for e in stream["states"].values()
+    )
+
+
+class _Rows:
+    """One stream's token rows in a window: ids and stored states, in buffers of `capacity`
+    rows and one more, kept zero, that padding positions gather."""
+
+    def __init__(self, stream: dict, capacity: int):
+        self.capacity, self.used = capacity, 0
+        ids = stream["input_ids"]
+        self.ids = np.zeros(capacity + 1, dtype=ids.dtype)
+        self.states = {
+            k: Encoded(
+                np.zeros((capacity + 1, *e.values.shape[1:]), dtype=e.values.dtype),
+                None if e.scales is None else np.zeros(capacity + 1, dtype=e.scales.dtype),
+            )
+            for k, e in stream["states"].items()
+        }
+
+    def grown(self, stream: dict, need: int) -> _Rows:
+        """Rows of at least `need` (a quarter more than asked), holding these rows."""
+        bigger = _Rows(stream, max(need, self.capacity + self.capacity // 4))
+        bigger.write(self.ids[: self.used], self._encoded(slice(0, self.used)))
+        return bigger
+
+    def write(self, ids: np.ndarray, states: dict[str, Encoded]) -> int:
+        """Append rows; returns the first one's position."""
+        at, n = self.used, len(ids)
+        self.ids[at : at + n] = ids
+        for k, e in states.items():
+            self.states[k].values[at : at + n] = e.values
+            if e.scales is not None:
+                self.states[k].scales[at : at + n] = e.scales
+        self.used += n
+        return at
+
+    def _encoded(self, index) -> dict[str, Encoded]:
+        return {
+            k: Encoded(e.values[index], None if e.scales is None else e.scales[index])
+            for k, e in self.states.items()
+        }
+
+    def gather(self, positions: np.ndarray) -> tuple[np.ndarray, dict[str, Encoded]]:
+        """Copies of the rows at `positions` (any shape; `capacity` gives a zero row)."""
+        return self.ids[positions], self._encoded(positions)
+
+
+class _Window:
+    """The examples of a shuffle window: labels, ids and, per stream, where each example's
+    token rows start in the stream's buffers and how many it has."""
+
+    def __init__(self, budget: int, dtype: str):
+        self.budget, self.dtype = budget, dtype
+        self.example_ids = np.zeros(0, dtype=np.int64)
+        self.labels = np.zeros(0, dtype=np.int64)
+        self.rows: dict[str, _Rows] = {}
+        self.start: dict[str, np.ndarray] = {}
+        self.length: dict[str, np.ndarray] = {}
+        self.nbytes = 0  # bytes of the stored state values held
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def lengths(self) -> list[int]:
+        """Each example's tokens in its first stream (what batches are sorted by)."""
+        return next(iter(self.length.values())).tolist()
+
+    def add(self, part: dict) -> None:
+        for s, stream in part["streams"].items():
+            offsets = stream["offsets"].astype(np.int64)
+            tokens = int(offsets[-1])
+            rows = self.rows.get(s)
+            if rows is None:
+                # Room for the budget's worth of rows of this stream and one part more, sized
+                # on the first part: parts of one store are alike, and a larger one grows it.
+                part_bytes = max(_states_bytes(part), 1)
+                room = int(tokens * (1 + self.budget / part_bytes)) + 1
+                rows = self.rows[s] = _Rows(stream, room)
+            elif rows.used + tokens > rows.capacity:
+                rows = self.rows[s] = rows.grown(stream, rows.used + tokens)
+            at = rows.write(stream["input_ids"][:tokens], stream["states"])
+            self.start[s] = np.concatenate([self.start.get(s, offsets[:0]), at + offsets[:-1]])
+            self.length[s] = np.concatenate([self.length.get(s, offsets[:0]), np.diff(offsets)])
+        self.example_ids = np.concatenate([self.example_ids, part["example_ids"]])
+        self.labels = np.concatenate([self.labels, part["labels"]])
+        self.nbytes += _states_bytes(part)
+
+    def keep(self, kept: np.ndarray) -> None:
+        """Only the examples `kept` stay, their rows moved to the front of the buffers."""
+        nbytes = 0
+        for s, rows in self.rows.items():
+            start, length = self.start[s][kept], self.length[s][kept]
+            positions = _spans(start, length)
+            ids, states = rows.gather(positions)  # copies, so the rows can be written over
+            rows.used = 0
+            rows.write(ids, states)
+            nbytes += sum(e.values.nbytes for e in states.values())
+            self.start[s] = np.cumsum(length) - length
+            self.length[s] = length
+        self.example_ids, self.labels = self.example_ids[kept], self.labels[kept]
+        self.nbytes = nbytes
+
+    def batch(self, index: np.ndarray) -> PaddedBatch:
+        """The examples at `index`, zero-padded on the right to each stream's longest row, in
+        the stored dtype: one gather per array (padding positions read the zero row)."""
+        streams = {}
+        for s, rows in self.rows.items():
+            lengths = self.length[s][index]
+            steps = np.arange(int(lengths.max(initial=0)))
+            mask = steps[None, :] < lengths[:, None]  # (B, T) bool
+            positions = np.where(mask, self.start[s][index][:, None] + steps, rows.capacity)
+            ids, states = rows.gather(positions)
+            streams[s] = PaddedStream(ids.astype(np.int64), mask, states)
+        return PaddedBatch(
+            labels=self.labels[index],
+            example_ids=self.example_ids[index],
+            streams=streams,
+            dtype=self.dtype,
         )
-        for s, (ids, states) in example.streams.items()
-    }
-    return Example(example.example_id, example.label, streams, example.nbytes)
 
 
-def _length(example: Example) -> int:
-    return len(next(iter(example.streams.values()))[0])
-
-
-def _parts(
-    source: PartSource, parts: list[int], state_names: list[str] | None
-) -> Iterator[list[Example]]:
-    """Each part's examples, as views into the part as read (not decoded)."""
-    for index in parts:
-        part = source.read_part(index, state_names=state_names, decode=False)
-        streams = part["streams"]
-        examples = []
-        for j, (example_id, label) in enumerate(
-            zip(part["example_ids"].tolist(), part["labels"].tolist())
-        ):
-            views, nbytes = {}, 0
-            for s, stream in streams.items():
-                start, end = int(stream["offsets"][j]), int(stream["offsets"][j + 1])
-                states = {
-                    k: Encoded(
-                        v.values[start:end], None if v.scales is None else v.scales[start:end]
-                    )
-                    for k, v in stream["states"].items()
-                }
-                views[s] = (stream["input_ids"][start:end], states)
-                nbytes += sum(e.values.nbytes for e in states.values())
-            examples.append(Example(example_id, label, views, nbytes))
-        yield examples
+def _spans(start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """The positions start[i] .. start[i] + length[i] - 1 of every i, concatenated."""
+    if not len(length):
+        return np.zeros(0, dtype=np.int64)
+    first = np.repeat(start - (np.cumsum(length) - length), length)
+    return first + np.arange(int(length.sum()))
 
 
 @dataclass(frozen=True)
@@ -256,39 +327,10 @@ class PaddedBatch:
                 continue
             states = {}
             for k, enc in stream.states.items():
-                values = enc.values[rows, :t]
-                b, _, d = values.shape
-                scales = None if enc.scales is None else enc.scales[rows, :t].reshape(-1)
-                flat = Encoded(values.reshape(b * t, d), scales)  # a copy only for a piece
-                states[k] = decode_tensor(flat, self.dtype, device).view(b, t, d)
+                # views: decoding reads the rows in place
+                piece = Encoded(
+                    enc.values[rows, :t], None if enc.scales is None else enc.scales[rows, :t]
+                )
+                states[k] = decode_tensor(piece, self.dtype, device)
             out[s]["states"] = states
         return out
-
-
-def pad(batch: list[Example], dtype: str) -> PaddedBatch:
-    """The batch's rows zero-padded on the right to each stream's longest row, in the stored
-    dtype (cheap copies of 1-2 byte values); padding decodes to zeros (scale 0 for int8)."""
-    streams = {}
-    for s, (_, first_states) in batch[0].streams.items():
-        rows = [e.streams[s] for e in batch]
-        lengths = np.array([len(ids) for ids, _ in rows])
-        mask = np.arange(lengths.max())[None, :] < lengths[:, None]  # (B, T) bool
-        ids = np.zeros(mask.shape, dtype=np.int64)
-        ids[mask] = np.concatenate([row_ids for row_ids, _ in rows])
-        states = {}
-        for k, first in first_states.items():
-            values = np.zeros((*mask.shape, first.values.shape[1]), dtype=first.values.dtype)
-            scales = None if first.scales is None else np.zeros(mask.shape, dtype=np.float32)
-            for i, (_, row_states) in enumerate(rows):
-                row = row_states[k]
-                values[i, : lengths[i]] = row.values
-                if scales is not None:
-                    scales[i, : lengths[i]] = row.scales
-            states[k] = Encoded(values, scales)
-        streams[s] = PaddedStream(ids, mask, states)
-    return PaddedBatch(
-        labels=np.array([e.label for e in batch], dtype=np.int64),
-        example_ids=np.array([e.example_id for e in batch], dtype=np.int64),
-        streams=streams,
-        dtype=dtype,
-    )
