@@ -11,6 +11,12 @@ the `ladder` command starts itself again under jemalloc when the library is inst
 LADDER_ALLOCATOR: `auto` (default: jemalloc for `ladder train` and `ladder finetune` when it is
 installed, the system's malloc otherwise), `jemalloc` (every command; an error when missing),
 `system` (never switch).
+
+Training runs jemalloc with one arena (TRAINING_CONF): by default each thread that allocates
+(the training loop, zarr's reader threads, torch's) may get an arena of its own, each keeping its
+own freed pages for reuse. Measured on 2 cores, 2 epochs of `ladder train`: peaks above the
+trainer's start 92-96 MB with the default arenas and 77-78 with one on 2k examples, 106-107 and
+84-87 on 23k, at the same speed. A MALLOC_CONF of the user's comes after it, so it wins.
 """
 
 from __future__ import annotations
@@ -55,9 +61,15 @@ def wanted(env: dict[str, str] | None = None) -> str:
     return choice
 
 
-def preload_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
-    """The environment that starts a process on jemalloc, or None when it should not switch
-    (LADDER_ALLOCATOR=system, already preloaded, or `auto` with no jemalloc installed)."""
+TRAINING_CONF = "narenas:1"  # jemalloc's settings for training commands (see above)
+
+
+def preload_env(
+    env: dict[str, str] | None = None, command: str | None = None
+) -> dict[str, str] | None:
+    """The environment that starts a process (running `command`) on jemalloc, or None when it
+    should not switch (LADDER_ALLOCATOR=system, already preloaded, or `auto` with no jemalloc
+    installed)."""
     env = dict(os.environ if env is None else env)
     choice = wanted(env)
     preload = env.get("LD_PRELOAD", "")
@@ -74,6 +86,8 @@ def preload_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
             )
         return None
     env["LD_PRELOAD"] = f"{library} {preload}".strip()
+    if command in AUTO_COMMANDS:
+        env["MALLOC_CONF"] = ",".join(filter(None, [TRAINING_CONF, env.get("MALLOC_CONF")]))
     return env
 
 
@@ -91,7 +105,7 @@ def restart_on_jemalloc(command: str) -> None:
         return
     if wanted() == "auto" and command not in AUTO_COMMANDS:
         return
-    env = preload_env()
+    env = preload_env(command=command)
     if env is None:
         return
     sys.stdout.flush()

@@ -320,6 +320,12 @@ def test_the_allocator_switch_is_decided_from_the_environment(monkeypatch):
     monkeypatch.setattr(allocator, "jemalloc_library", lambda: "/lib/libjemalloc.so.2")
     env = allocator.preload_env({"LD_PRELOAD": "/lib/other.so"})
     assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2 /lib/other.so"
+    assert "MALLOC_CONF" not in env  # serving and caching keep jemalloc's own settings
+    # training: one arena, and a MALLOC_CONF of the user's after it (so it wins)
+    env = allocator.preload_env({}, command="train")
+    assert env["MALLOC_CONF"] == allocator.TRAINING_CONF
+    env = allocator.preload_env({"MALLOC_CONF": "narenas:4"}, command="finetune")
+    assert env["MALLOC_CONF"] == f"{allocator.TRAINING_CONF},narenas:4"
     assert allocator.preload_env({"LD_PRELOAD": "/lib/libjemalloc.so.2"}) is None  # done once
     assert allocator.preload_env({allocator.ENV: "system"}) is None
     monkeypatch.setattr(allocator, "jemalloc_library", lambda: None)
