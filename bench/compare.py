@@ -65,10 +65,13 @@ QUICK_LIMIT_BY_BACKBONE = {"smollm2": 800}
 BOOTSTRAP = 10_000
 
 
-def _python(args: list[str], timeout: float) -> dict:
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+def _python(args: list[str], timeout: float, environ: dict[str, str] | None = None) -> dict:
+    """Runs `python ARGS` (in `environ`, default this process's) and returns the JSON object
+    its last line of output holds."""
+    environ = os.environ if environ is None else environ
+    path = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
     env = {
-        **os.environ,
+        **environ,
         "PYTHONPATH": path,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -253,7 +256,7 @@ def _run(
         "nulls": nulls,
         "seconds": None,
     }
-    report["cache"].update(read_path(cfg))
+    report["cache"].update(read_path(cfg, timeout_s))
     report["inference"] = inference_ratios(cfg)
     report["sweep"] = step("sweep", cfg, timeout_s)
     report["ratios"] = _ratios(results)
@@ -349,31 +352,21 @@ def has_biases(backbone: str) -> bool:
     return False
 
 
-def read_path(cfg: dict) -> dict:
-    """One epoch of the side network from the store over the same epoch from batches already in
-    memory (best of three each, alternating): the cost of reading and decoding the store."""
-    from bench.cache_bench import epoch_seconds
-    from cache_store import ActivationStore
-    from side_trainer.train import TrainOptions, build_side_network
+def read_path(cfg: dict, timeout: float) -> dict:
+    """The read path's cost (bench.methods.read_path) in a process of its own on the allocator
+    `ladder train` runs on (jemalloc where installed: api/allocator.py), and on the system's."""
+    from api import allocator
 
-    store = ActivationStore.open(cfg["store"])
-    net = build_side_network(store, TrainOptions(init="random")).to(cfg["device"]).train()
-    in_memory = list(store.iter_batches("train", cfg["batch_size"], seed=0))
-    device = cfg["device"]
-    epoch_seconds(net, in_memory[:3], device)
-    memory_s = store_s = float("inf")
-    prefetch = 2 if device == "cuda" else 0
-    for _ in range(3):
-        memory_s = min(memory_s, epoch_seconds(net, in_memory, device))
-        store_s = min(
-            store_s,
-            epoch_seconds(
-                net,
-                store.iter_batches("train", cfg["batch_size"], seed=0, prefetch=prefetch),
-                device,
-            ),
-        )
-    return {"read_vs_memory": round(store_s / memory_s, 3)}
+    out = {}
+    training = allocator.preload_env(command="train")
+    if training is not None:
+        out = _python(["-m", "bench.methods", "read_path", json.dumps(cfg)], timeout, training)
+        out["read_allocator"] = "jemalloc"
+    system = {**os.environ, allocator.ENV: "system"}
+    base = _python(["-m", "bench.methods", "read_path", json.dumps(cfg)], timeout, system)
+    if training is None:
+        return {**base, "read_allocator": "system"}
+    return {**out, "read_vs_memory_system_malloc": base["read_vs_memory"]}
 
 
 def inference_ratios(cfg: dict) -> dict:
@@ -498,7 +491,14 @@ def markdown(report: dict) -> str:
         f"learning rate chosen on validation.",
         f"Store: {c['bytes_per_element']:.2f} bytes/element, {c['compression_ratio']:.2f}x "
         f"smaller than fp32 on disk, {c['bytes_per_example']:,} bytes/example; epoch from "
-        f"store / from memory {c['read_vs_memory']:.3f}; caching {c['caching_seconds']} s "
+        f"store / from memory {c['read_vs_memory']:.3f}"
+        + (
+            f" on jemalloc as `ladder train` runs ({c['read_vs_memory_system_malloc']:.3f} on "
+            f"the system's malloc)"
+            if "read_vs_memory_system_malloc" in c
+            else ""
+        )
+        + f"; caching {c['caching_seconds']} s "
         f"({c['caching_examples_per_s']} examples/s, Fisher importance included).",
         f"Inference (batch {i['batch']}): joint / backbone {i['joint_vs_backbone']:.2f}, "
         f"8 side models / 1 {i['multitask8_vs_single']:.2f}"

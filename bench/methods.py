@@ -327,6 +327,27 @@ def train_lst(method: str, cfg: dict) -> dict:
     }
 
 
+def read_path(cfg: dict) -> dict:
+    """One epoch of the side network from the store over the same epoch from batches already in
+    memory (best of five each, alternating): the cost of reading and decoding the store."""
+    from bench.cache_bench import epoch_seconds
+    from cache_store import ActivationStore
+    from side_trainer.train import TrainOptions, build_side_network
+
+    store = ActivationStore.open(cfg["store"])
+    device = cfg["device"]
+    net = build_side_network(store, TrainOptions(init="random")).to(device).train()
+    in_memory = list(store.iter_batches("train", cfg["batch_size"], seed=0))
+    epoch_seconds(net, in_memory[:3], device)
+    memory_s = store_s = float("inf")
+    prefetch = 2 if device == "cuda" else 0
+    for _ in range(5):
+        memory_s = min(memory_s, epoch_seconds(net, in_memory, device))
+        batches = store.iter_batches("train", cfg["batch_size"], seed=0, prefetch=prefetch)
+        store_s = min(store_s, epoch_seconds(net, batches, device))
+    return {"read_vs_memory": round(store_s / memory_s, 3)}
+
+
 def sweep(cfg: dict) -> dict:
     """Seconds of `ladder train` (side_trainer.train, everything it does: building the networks
     from the backbone's pruned weights, reading the store, validation) for one configuration and
@@ -479,6 +500,8 @@ def main() -> None:
         result = evaluate(cfg)
     elif step == "sweep":
         result = sweep(cfg)
+    elif step == "read_path":
+        result = read_path(cfg)
     elif cfg["method"].startswith("lst"):
         result = train_lst(cfg["method"], cfg)
     else:

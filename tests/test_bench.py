@@ -86,6 +86,14 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
     assert 0 <= report["baselines"]["probe"]["test_accuracy"] <= 1
     for key in ("bytes_per_element", "compression_ratio", "read_vs_memory", "bytes_per_example"):
         assert math.isfinite(report["cache"][key])
+    # The read path is timed on the allocator `ladder train` runs on, and on the system's.
+    from api.allocator import jemalloc_library
+
+    if jemalloc_library() is None:
+        assert report["cache"]["read_allocator"] == "system"
+    else:
+        assert report["cache"]["read_allocator"] == "jemalloc"
+        assert math.isfinite(report["cache"]["read_vs_memory_system_malloc"])
     for key in ("joint_vs_backbone", "multitask8_vs_single", "multitask64_vs_single"):
         assert math.isfinite(report["inference"][key])
     sweep = report["sweep"]
