@@ -329,7 +329,9 @@ def train_lst(method: str, cfg: dict) -> dict:
 
 def read_path(cfg: dict) -> dict:
     """One epoch of the side network from the store over the same epoch from batches already in
-    memory (best of five each, alternating): the cost of reading and decoding the store."""
+    memory (best of ten each, alternating: a quick-store epoch is under a second, and on a
+    shared 2-core machine a single pair varies by 10% or more): the cost of reading and
+    decoding the store."""
     from bench.cache_bench import epoch_seconds
     from cache_store import ActivationStore
     from side_trainer.train import TrainOptions, build_side_network
@@ -341,7 +343,7 @@ def read_path(cfg: dict) -> dict:
     epoch_seconds(net, in_memory[:3], device)
     memory_s = store_s = float("inf")
     prefetch = 2 if device == "cuda" else 0
-    for _ in range(5):
+    for _ in range(10):
         memory_s = min(memory_s, epoch_seconds(net, in_memory, device))
         batches = store.iter_batches("train", cfg["batch_size"], seed=0, prefetch=prefetch)
         store_s = min(store_s, epoch_seconds(net, batches, device))

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import zarr
+from numcodecs import blosc
 from zarr.codecs import BloscCodec, BloscShuffle
 from zarr.core.sync import sync
 
@@ -70,23 +73,83 @@ def read_array(group: zarr.Group, name: str) -> np.ndarray:
 
 
 def read_arrays(
-    group: zarr.Group | None, names: list[str], opened: dict | None = None
+    group: zarr.Group | None, names: list[str], opened: dict | None = None, direct: bool = True
 ) -> list[np.ndarray | BaseException]:
-    """Several whole arrays of a group, opened and read concurrently in one round trip to zarr's
-    event loop (one call per array costs a round trip each to open it and to read it: most of
-    the time of reading a part of a dozen small arrays). An array that cannot be read gives its
-    exception in its place. `opened` (name -> zarr's array handle) supplies handles opened
-    before and takes those opened now; `group` may be None when it holds every name."""
+    """Several whole arrays of a group. Handles not yet opened are opened concurrently in one
+    round trip to zarr's event loop (one call per array costs a round trip each); then each
+    array is read directly (`read_direct`) where it can be, and the others concurrently
+    through zarr in one more round trip. An array that cannot be read gives its exception in
+    its place. `opened` (name -> zarr's array handle) supplies handles opened before and takes
+    those opened now; `group` may be None when it holds every name. direct=False: every array
+    through zarr."""
+    handles = dict.fromkeys(names) if opened is None else {n: opened.get(n) for n in names}
+    missing = [n for n, h in handles.items() if h is None]
 
-    async def one(name: str):
-        array = None if opened is None else opened.get(name)
-        if array is None:
-            array = await group._async_group.getitem(name)  # noqa: SLF001 - no public async handle
-            if opened is not None:
-                opened[name] = array
-        return await array.getitem(...)
+    async def gather(calls):
+        return await asyncio.gather(*calls, return_exceptions=True)
 
-    async def every():
-        return await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+    if missing:
+        calls = (group._async_group.getitem(n) for n in missing)  # noqa: SLF001 - no public async handle
+        for name, handle in zip(missing, sync(gather(calls))):
+            handles[name] = handle
+            if opened is not None and not isinstance(handle, BaseException):
+                opened[name] = handle
+    out: dict[str, np.ndarray | BaseException | None] = {}
+    for name, handle in handles.items():
+        if isinstance(handle, BaseException):
+            out[name] = handle
+            continue
+        try:
+            out[name] = read_direct(handle) if direct else None
+        except Exception as exc:  # noqa: BLE001 - a damaged chunk: reported in its place
+            out[name] = exc
+    slow = [n for n, v in out.items() if v is None]
+    if slow:
+        for name, value in zip(slow, sync(gather(handles[n].getitem(...) for n in slow))):
+            out[name] = value if isinstance(value, BaseException) else np.asarray(value)
+    return [out[n] for n in names]
 
-    return [r if isinstance(r, BaseException) else np.asarray(r) for r in sync(every())]
+
+def read_direct(array) -> np.ndarray | None:
+    """A whole array read on this thread, its chunk files read and decoded here, where that is
+    zarr's own few steps: a local directory store, zarr format 3, chunks along the first axis
+    only, and this layout's codecs (bytes, then blosc). Through zarr's event loop each of a
+    part's dozen small arrays cost ~0.5 ms of hand-offs between threads, 3-4x the file reads and
+    decompression themselves (the quick bench's store: ~8 ms a part against ~1.8 ms), and more
+    on a busy machine, where each hand-off waits for a core. None where this does not apply
+    (zarr reads it). A chunk file that is missing reads as the fill value, as in zarr; the
+    checksums recorded at commit catch a hole, as they do through zarr."""
+    from zarr.codecs import BytesCodec
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+    from zarr.storage import LocalStore
+
+    store, meta = array.store_path.store, array.metadata
+    if not isinstance(store, LocalStore) or not isinstance(meta, ArrayV3Metadata):
+        return None
+    codecs = meta.codecs
+    if (
+        len(codecs) != 2
+        or not isinstance(codecs[0], BytesCodec)
+        or not isinstance(codecs[1], BloscCodec)
+        or (array.dtype.itemsize > 1 and getattr(codecs[0].endian, "value", None) != sys.byteorder)
+    ):
+        return None
+    shape, chunk = tuple(meta.shape), tuple(meta.chunk_grid.chunk_shape)
+    if not shape or chunk[1:] != shape[1:]:
+        return None
+    n_chunks = -(-shape[0] // chunk[0])
+    out = np.empty((n_chunks * chunk[0], *shape[1:]), dtype=array.dtype)
+    base = Path(store.root) / array.store_path.path
+    zeros = (0,) * (len(shape) - 1)
+    for i in range(n_chunks):
+        rows = out[i * chunk[0] : (i + 1) * chunk[0]]
+        try:
+            raw = (base / meta.encode_chunk_key((i, *zeros))).read_bytes()
+        except FileNotFoundError:
+            rows[...] = meta.fill_value
+            continue
+        decoded = blosc.decompress(raw)
+        if len(decoded) != rows.nbytes:
+            raise ValueError(f"chunk {i} decodes to {len(decoded)} bytes, {rows.nbytes} expected")
+        rows.reshape(-1).view(np.uint8)[...] = np.frombuffer(decoded, dtype=np.uint8)
+    return out[: shape[0]]

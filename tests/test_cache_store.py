@@ -612,3 +612,39 @@ def assert_batches_equal(a: dict, b: dict) -> None:
             assert_batches_equal(value, b[key])
         else:
             assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 64])  # one chunk an array; several
+def test_direct_reads_give_what_zarr_gives(tmp_path, monkeypatch, chunk_bytes):
+    """layout.read_direct (the reader's path on a local store) against zarr's own reads, for
+    every dtype the layout stores, arrays of several chunks, an array whose chunk zarr did not
+    write (all fill value) and an empty one."""
+    from cache_store import layout
+
+    monkeypatch.setattr(layout, "CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "fp16": rng.standard_normal((37, 8)).astype(np.float16),
+        "bf16": rng.integers(0, 2**16, (37, 8)).astype(np.uint16),
+        "int8": rng.integers(-127, 128, (37, 8)).astype(np.int8),
+        "scales": rng.random(37).astype(np.float32),
+        "input_ids": rng.integers(0, 30_000, 37).astype(np.int32),
+        "offsets": np.arange(38, dtype=np.int64),
+        "labels": np.zeros(37, dtype=np.int64),  # all fill value: zarr writes no chunk
+        "none": np.zeros((0, 8), dtype=np.float16),
+    }
+    group = zarr.open_group(str(tmp_path / "g"), mode="w")
+    for name, data in arrays.items():
+        layout.write_array(group, name, data)
+    chunks = {n: [p for p in (tmp_path / "g" / n).rglob("*") if p.is_file()] for n in arrays}
+    assert len(chunks["labels"]) == 1  # its zarr.json only
+    assert (len(chunks["fp16"]) > 2) == (chunk_bytes == 64)
+    read = zarr.open_group(str(tmp_path / "g"), mode="r")
+    opened: dict = {}
+    direct = layout.read_arrays(read, list(arrays), opened)
+    through_zarr = layout.read_arrays(read, list(arrays), direct=False)
+    for (name, data), a, b in zip(arrays.items(), direct, through_zarr):
+        assert layout.read_direct(opened[name]) is not None, name  # the direct path was taken
+        assert a.dtype == b.dtype == data.dtype and a.shape == data.shape, name
+        np.testing.assert_array_equal(a, data)
+        np.testing.assert_array_equal(b, data)
