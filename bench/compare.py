@@ -546,7 +546,8 @@ def markdown(report: dict) -> str:
         f"Ratios: {json.dumps(report['ratios'])}.",
         f"Setup: {cfg['backbone']}, {cfg['data']} (limit {cfg['limit']}, split seed "
         f"{cfg['split_seed']}), {cfg['epochs']} epochs, batch {cfg['batch_size']}, length "
-        f"{cfg['max_length']}; {report['machine']['cores']} CPU cores, GPU: "
+        f"{cfg['max_length']}; {report['machine']['cores']} CPU cores "
+        f"({report['machine']['cpu']}), GPU: "
         f"{report['machine']['gpu']}, torch {report['machine']['torch']}; "
         f"{report['seconds']} s in all.",
     ]

@@ -16,7 +16,9 @@ import asyncio
 import math
 import sys
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -76,13 +78,14 @@ def read_arrays(
     group: zarr.Group | None, names: list[str], opened: dict | None = None, direct: bool = True
 ) -> list[np.ndarray | BaseException]:
     """Several whole arrays of a group. Handles not yet opened are opened concurrently in one
-    round trip to zarr's event loop (one call per array costs a round trip each); then each
-    array is read directly (`read_direct`) where it can be, and the others concurrently
-    through zarr in one more round trip. An array that cannot be read gives its exception in
-    its place. `opened` (name -> zarr's array handle) supplies handles opened before and takes
-    those opened now; `group` may be None when it holds every name. direct=False: every array
-    through zarr."""
-    handles = dict.fromkeys(names) if opened is None else {n: opened.get(n) for n in names}
+    round trip to zarr's event loop (one call per array costs a round trip each); each array is
+    then read directly (`DirectArray`) where it can be, and the others concurrently through
+    zarr in one more round trip. An array that cannot be read gives its exception in its place.
+    `opened` (name -> a DirectArray, or zarr's handle where reading directly does not apply)
+    supplies handles kept from before and takes those made now; `group` may be None when it
+    holds every name. direct=False: every array through zarr, from handles opened afresh."""
+    kept = {} if opened is None or not direct else opened
+    handles = {n: kept.get(n) for n in names}
     missing = [n for n, h in handles.items() if h is None]
 
     async def gather(calls):
@@ -91,18 +94,22 @@ def read_arrays(
     if missing:
         calls = (group._async_group.getitem(n) for n in missing)  # noqa: SLF001 - no public async handle
         for name, handle in zip(missing, sync(gather(calls))):
+            if direct and not isinstance(handle, BaseException):
+                handle = DirectArray.of(handle) or handle
             handles[name] = handle
-            if opened is not None and not isinstance(handle, BaseException):
+            if opened is not None and direct and not isinstance(handle, BaseException):
                 opened[name] = handle
     out: dict[str, np.ndarray | BaseException | None] = {}
     for name, handle in handles.items():
         if isinstance(handle, BaseException):
             out[name] = handle
-            continue
-        try:
-            out[name] = read_direct(handle) if direct else None
-        except Exception as exc:  # noqa: BLE001 - a damaged chunk: reported in its place
-            out[name] = exc
+        elif isinstance(handle, DirectArray):
+            try:
+                out[name] = handle.read()
+            except Exception as exc:  # noqa: BLE001 - a damaged chunk: reported in its place
+                out[name] = exc
+        else:
+            out[name] = None
     slow = [n for n, v in out.items() if v is None]
     if slow:
         for name, value in zip(slow, sync(gather(handles[n].getitem(...) for n in slow))):
@@ -110,46 +117,73 @@ def read_arrays(
     return [out[n] for n in names]
 
 
-def read_direct(array) -> np.ndarray | None:
-    """A whole array read on this thread, its chunk files read and decoded here, where that is
-    zarr's own few steps: a local directory store, zarr format 3, chunks along the first axis
-    only, and this layout's codecs (bytes, then blosc). Through zarr's event loop each of a
-    part's dozen small arrays cost ~0.5 ms of hand-offs between threads, 3-4x the file reads and
-    decompression themselves (the quick bench's store: ~8 ms a part against ~1.8 ms), and more
-    on a busy machine, where each hand-off waits for a core. None where this does not apply
-    (zarr reads it). A chunk file that is missing reads as the fill value, as in zarr; the
-    checksums recorded at commit catch a hole, as they do through zarr."""
-    from zarr.codecs import BytesCodec
-    from zarr.core.metadata.v3 import ArrayV3Metadata
-    from zarr.storage import LocalStore
+@dataclass(frozen=True)
+class DirectArray:
+    """A stored array read on the reader's own thread, its chunk files read and decoded here,
+    where that is all zarr would do: a local directory store, zarr format 3, chunks along the
+    first axis only, this layout's codecs (bytes, then blosc). Through zarr's event loop each
+    of a part's dozen small arrays cost ~0.5 ms of hand-offs between threads, 3-4x the file
+    reads and decompression themselves (the quick bench's store: ~8 ms a part against ~1.8 ms),
+    and more on a busy machine, where each hand-off waits for a core. It is also what a
+    read-only store keeps per array between epochs, instead of zarr's handle and its metadata
+    objects (~20 KB a part of Python objects, and the heap they fragment). A missing chunk file
+    reads as the fill value, as in zarr; the checksums recorded at commit catch a hole."""
 
-    store, meta = array.store_path.store, array.metadata
-    if not isinstance(store, LocalStore) or not isinstance(meta, ArrayV3Metadata):
-        return None
-    codecs = meta.codecs
-    if (
-        len(codecs) != 2
-        or not isinstance(codecs[0], BytesCodec)
-        or not isinstance(codecs[1], BloscCodec)
-        or (array.dtype.itemsize > 1 and getattr(codecs[0].endian, "value", None) != sys.byteorder)
-    ):
-        return None
-    shape, chunk = tuple(meta.shape), tuple(meta.chunk_grid.chunk_shape)
-    if not shape or chunk[1:] != shape[1:]:
-        return None
-    n_chunks = -(-shape[0] // chunk[0])
-    out = np.empty((n_chunks * chunk[0], *shape[1:]), dtype=array.dtype)
-    base = Path(store.root) / array.store_path.path
-    zeros = (0,) * (len(shape) - 1)
-    for i in range(n_chunks):
-        rows = out[i * chunk[0] : (i + 1) * chunk[0]]
-        try:
-            raw = (base / meta.encode_chunk_key((i, *zeros))).read_bytes()
-        except FileNotFoundError:
-            rows[...] = meta.fill_value
-            continue
-        decoded = blosc.decompress(raw)
-        if len(decoded) != rows.nbytes:
-            raise ValueError(f"chunk {i} decodes to {len(decoded)} bytes, {rows.nbytes} expected")
-        rows.reshape(-1).view(np.uint8)[...] = np.frombuffer(decoded, dtype=np.uint8)
-    return out[: shape[0]]
+    directory: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    chunk_rows: int
+    fill_value: Any
+    chunk_files: tuple[str, ...]  # relative to `directory`, in order along the first axis
+
+    @classmethod
+    def of(cls, array) -> DirectArray | None:
+        """For zarr's handle of an array, or None where reading directly does not apply."""
+        from zarr.codecs import BytesCodec
+        from zarr.core.metadata.v3 import ArrayV3Metadata
+        from zarr.storage import LocalStore
+
+        store, meta = array.store_path.store, array.metadata
+        if not isinstance(store, LocalStore) or not isinstance(meta, ArrayV3Metadata):
+            return None
+        codecs, dtype = meta.codecs, np.dtype(array.dtype)
+        endian = getattr(codecs[0], "endian", None) if codecs else None
+        if (
+            len(codecs) != 2
+            or not isinstance(codecs[0], BytesCodec)
+            or not isinstance(codecs[1], BloscCodec)
+            or (dtype.itemsize > 1 and getattr(endian, "value", None) != sys.byteorder)
+        ):
+            return None
+        shape, chunk = tuple(meta.shape), tuple(meta.chunk_grid.chunk_shape)
+        if not shape or chunk[1:] != shape[1:]:
+            return None
+        zeros = (0,) * (len(shape) - 1)
+        return cls(
+            directory=Path(store.root) / array.store_path.path,
+            dtype=dtype,
+            shape=shape,
+            chunk_rows=chunk[0],
+            fill_value=meta.fill_value,
+            chunk_files=tuple(
+                meta.encode_chunk_key((i, *zeros)) for i in range(-(-shape[0] // chunk[0]))
+            ),
+        )
+
+    def read(self) -> np.ndarray:
+        rows_per = self.chunk_rows
+        out = np.empty((len(self.chunk_files) * rows_per, *self.shape[1:]), dtype=self.dtype)
+        for i, name in enumerate(self.chunk_files):
+            rows = out[i * rows_per : (i + 1) * rows_per]
+            try:
+                raw = (self.directory / name).read_bytes()
+            except FileNotFoundError:
+                rows[...] = self.fill_value
+                continue
+            decoded = blosc.decompress(raw)
+            if len(decoded) != rows.nbytes:
+                raise ValueError(
+                    f"chunk {name} decodes to {len(decoded)} bytes, {rows.nbytes} expected"
+                )
+            rows.reshape(-1).view(np.uint8)[...] = np.frombuffer(decoded, dtype=np.uint8)
+        return out[: self.shape[0]]

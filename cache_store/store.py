@@ -23,7 +23,7 @@ from cache_store.settings import canonical, differences, fingerprint, state_dtyp
 log = logging.getLogger(__name__)
 
 PROJECTION = "projection"  # group of the fitted width maps: projection/<stream>/<state name>
-# Parts whose zarr array handles a read-only store keeps (see ActivationStore.__init__).
+# Parts whose array handles a read-only store keeps (see ActivationStore.__init__).
 OPEN_PARTS = 64
 
 # Stored states the reader holds to shuffle across parts: its memory is this plus one part, for
@@ -47,8 +47,9 @@ class ActivationStore:
         self._root = root
         # A committed part never changes (writers skip it; only a repair, through a writable
         # handle, un-commits it), so a read-only handle keeps the attributes it has read of
-        # committed parts (~2 KB each), and zarr's handles on the arrays of the OPEN_PARTS parts
-        # read last (~28 KB a part): later epochs then only read the arrays' chunks.
+        # committed parts (~2 KB each), and what reading the arrays of the OPEN_PARTS parts read
+        # last takes (layout.DirectArray on a local store, ~9 KB a part; zarr's handles
+        # elsewhere, ~28 KB a part): later epochs then only read the arrays' chunks.
         self._committed: dict[int, dict] = {}
         self._opened: OrderedDict[int, dict] = OrderedDict()
 
@@ -335,9 +336,10 @@ class ActivationStore:
             if isinstance(value, BaseException):  # any decode failure means a damaged chunk
                 raise self._corrupt(index, path, f"unreadable ({type(value).__name__})") from value
             if path in sums and layout.checksum(value) != sums[path]:
-                # read directly (layout.read_direct): once more through zarr itself before
+                # read directly (layout.DirectArray): once more through zarr itself before
                 # calling the part corrupt
-                (value,) = layout.read_arrays(group, [path], opened, direct=False)
+                part = self._root[layout.part_path(index)]
+                (value,) = layout.read_arrays(part, [path], direct=False)
                 if isinstance(value, BaseException) or layout.checksum(value) != sums[path]:
                     raise self._corrupt(index, path, "checksum mismatch")
             data[path] = value
@@ -357,8 +359,8 @@ class ActivationStore:
         return {"example_ids": data["example_ids"], "labels": data["labels"], "streams": streams}
 
     def _opened_arrays(self, index: int) -> dict | None:
-        """The array handles kept for committed part `index` (filled by reading it); None on a
-        writable handle, whose parts may change."""
+        """The array handles kept for committed part `index` (filled by reading it:
+        layout.read_arrays); None on a writable handle, whose parts may change."""
         if not self._root.read_only:
             return None
         opened = self._opened.pop(index, {})

@@ -616,7 +616,7 @@ def assert_batches_equal(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 64])  # one chunk an array; several
 def test_direct_reads_give_what_zarr_gives(tmp_path, monkeypatch, chunk_bytes):
-    """layout.read_direct (the reader's path on a local store) against zarr's own reads, for
+    """layout.DirectArray (the reader's path on a local store) against zarr's own reads, for
     every dtype the layout stores, arrays of several chunks, an array whose chunk zarr did not
     write (all fill value) and an empty one."""
     from cache_store import layout
@@ -644,7 +644,7 @@ def test_direct_reads_give_what_zarr_gives(tmp_path, monkeypatch, chunk_bytes):
     direct = layout.read_arrays(read, list(arrays), opened)
     through_zarr = layout.read_arrays(read, list(arrays), direct=False)
     for (name, data), a, b in zip(arrays.items(), direct, through_zarr):
-        assert layout.read_direct(opened[name]) is not None, name  # the direct path was taken
+        assert isinstance(opened[name], layout.DirectArray), name  # the direct path was taken
         assert a.dtype == b.dtype == data.dtype and a.shape == data.shape, name
         np.testing.assert_array_equal(a, data)
         np.testing.assert_array_equal(b, data)
