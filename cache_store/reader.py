@@ -71,16 +71,17 @@ def _batches(source: PartSource, plan: BatchPlan) -> Iterator[dict] | Iterator[P
 def _windows(
     parts: Iterator[dict], window: _Window, batch_size: int, rng: random.Random | None
 ) -> Iterator[PaddedBatch]:
-    """Batches from windows of whole parts holding up to `window.budget` bytes of states (at least one
-    part). Each part's token rows are copied into the window's buffers as it is read, and the
-    part is let go: the reader holds the window, the part being read and the batch being made,
-    whatever the store's size, and its buffers are allocated once an epoch (a window's memory is
-    reused by the next, so the allocator is not handed a part's worth of arrays to place every
-    few batches). With `rng`, a window's examples are shuffled together, cut into runs of
-    BUCKET_BATCHES * B, each run sorted by length before it is cut into batches (so a batch
-    holds examples of similar length and little compute goes to padding), and the window's
-    batches come out in random order; without it, in order. The examples that do not fill a
-    last batch of B go on to the next window, so an epoch has one short batch (its last)."""
+    """Batches from windows of whole parts holding up to `window.budget` bytes of states (at
+    least one part). Each part's token rows are copied into the window's buffers as it is read,
+    and the part is let go: the reader holds the window, the part being read and the batch
+    being made, whatever the store's size, and its buffers are allocated once an epoch (a
+    window's memory is reused by the next, so the allocator is not handed a part's worth of
+    arrays to place every few batches). With `rng`, a window's examples are shuffled together,
+    cut into runs of BUCKET_BATCHES * B, each run sorted by length before it is cut into
+    batches (so a batch holds examples of similar length and little compute goes to padding),
+    and the window's batches come out in random order; without it, in order. The examples that
+    do not fill a last batch of B go on to the next window, so an epoch has one short batch
+    (its last)."""
     for part in itertools.chain(parts, [None]):
         size = 0 if part is None else _states_bytes(part)
         if len(window) and (part is None or window.nbytes + size > window.budget):
@@ -293,7 +294,7 @@ class PaddedBatch:
     def row_ranges(self, max_tokens: int) -> list[slice]:
         """Consecutive row ranges of at most `max_tokens` tokens each (rows x the padded lengths
         of every stream); the whole batch when it fits or `max_tokens` is 0. Batches are
-        length-sorted (see _shuffled), so the ranges, each trimmed to its longest row, pad little."""
+        length-sorted (see _windows), so the ranges, each trimmed to its longest row, pad little."""
         length = sum(s.mask.shape[1] for s in self.streams.values())  # a row's padded tokens
         if not max_tokens or self.rows * length <= max_tokens:
             return [slice(0, self.rows)]
