@@ -131,10 +131,25 @@ HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.ggu
 
 
 def _locate(target: str) -> Path:
-    path = Path(target).expanduser()
-    if path.exists() or not HUB_ID.match(target):
+    try:
+        path = Path(target).expanduser()
+    except RuntimeError:  # "~user/..." of a user this system does not know
+        raise BackboneError(
+            f"backbone {target!r}: {target.split('/')[0]!r} names no user's home directory "
+            f"here; give the model directory's full path"
+        ) from None
+    if _exists(path) or not HUB_ID.match(target):
         return path
     return hub_snapshot(target)
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; False for names the file system refuses (too long, a NUL byte),
+    which reach here from HTTP requests as well as command lines."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def hub_snapshot(hub_id: str) -> Path:
@@ -179,7 +194,8 @@ def aliases() -> dict:
 def resolve(backbone: str) -> Path:
     """Alias, local model directory or hub id -> the directory holding config.json."""
     path = aliases()[backbone]() if backbone in aliases() else _locate(backbone)
-    if not (path / "config.json").is_file():
+    config = path / "config.json"
+    if not _exists(config) or not config.is_file():
         raise BackboneError(
             f"backbone {backbone!r} is neither an alias ({', '.join(aliases())}), a model "
             f"directory with a config.json, nor a Hugging Face hub id (org/name[@revision]); "
