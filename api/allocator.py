@@ -14,9 +14,10 @@ installed, the system's malloc otherwise), `jemalloc` (every command; an error w
 
 Training runs jemalloc with one arena (TRAINING_CONF): by default each thread that allocates
 (the training loop, zarr's reader threads, torch's) may get an arena of its own, each keeping its
-own freed pages for reuse. Measured on 2 cores, 2 epochs of `ladder train`: peaks above the
-trainer's start 92-96 MB with the default arenas and 77-78 with one on 2k examples, 106-107 and
-84-87 on 23k, at the same speed. A MALLOC_CONF of the user's comes after it, so it wins.
+own freed pages for reuse. Measured on 2 cores, 2 epochs of `ladder train` on an 8k-example
+store, three runs of one build each: peaks above the trainer's start of 102.8, 109.2 and 79.2 MB
+with the default arenas, 77.3, 78.6 and 77.7 with one, at the same speed within noise. A
+MALLOC_CONF of the user's comes after it, so it wins.
 """
 
 from __future__ import annotations

@@ -36,7 +36,6 @@ from backbone_worker.cache import (
 from backbone_worker.data import load_dataset
 from backbone_worker.pool import PartWorker, RayPool
 from cache_store import ActivationStore
-from side_trainer.train import TrainOptions, build_side_network
 
 log = logging.getLogger("bench.cache")
 
@@ -142,20 +141,9 @@ def main() -> None:
         log.info("scaling: %s", results["scaling"])
 
         write_importance(store_url, backbone, dataset, layers, opts)
-        store = ActivationStore.open(store_url)
-        net = build_side_network(store, TrainOptions(init="random"))
-        net.train()
-        prefetch = 0  # what the trainer uses on a CPU (see side_trainer/train.py)
-        from_memory = list(store.iter_batches("train", 32, seed=0))
-        epoch_seconds(net, from_memory[:5])  # warm-up
-        # Alternating, best of three each: timings on a shared 2-core machine are noisy.
-        memory_s, store_s = float("inf"), float("inf")
-        for _ in range(3):
-            memory_s = min(memory_s, epoch_seconds(net, from_memory))
-            store_s = min(
-                store_s,
-                epoch_seconds(net, store.iter_batches("train", 32, seed=0, prefetch=prefetch)),
-            )
+        from bench.methods import read_timings
+
+        memory_s, store_s = read_timings(ActivationStore.open(store_url), 32)
         results["read"] = {
             "epoch_from_memory_s": round(memory_s, 2),
             "epoch_from_store_s": round(store_s, 2),

@@ -327,26 +327,32 @@ def train_lst(method: str, cfg: dict) -> dict:
     }
 
 
-def read_path(cfg: dict) -> dict:
-    """One epoch of the side network from the store over the same epoch from batches already in
-    memory (best of ten each, alternating: a quick-store epoch is under a second, and on a
-    shared 2-core machine a single pair varies by 10% or more): the cost of reading and
-    decoding the store."""
+def read_timings(store, batch_size: int, device: str = "cpu", repeats: int = 10) -> tuple:
+    """Seconds of one epoch of a side network from batches already in memory and of the same
+    epoch from the store (best of `repeats` each, alternating: a quick-store epoch is under a
+    second, and on a shared 2-core machine a single pair varies by 10% or more)."""
     from bench.cache_bench import epoch_seconds
-    from cache_store import ActivationStore
     from side_trainer.train import TrainOptions, build_side_network
 
-    store = ActivationStore.open(cfg["store"])
-    device = cfg["device"]
     net = build_side_network(store, TrainOptions(init="random")).to(device).train()
-    in_memory = list(store.iter_batches("train", cfg["batch_size"], seed=0))
+    in_memory = list(store.iter_batches("train", batch_size, seed=0))
     epoch_seconds(net, in_memory[:3], device)
     memory_s = store_s = float("inf")
-    prefetch = 2 if device == "cuda" else 0
-    for _ in range(10):
+    prefetch = 2 if device == "cuda" else 0  # what the trainer uses (side_trainer/train.py)
+    for _ in range(repeats):
         memory_s = min(memory_s, epoch_seconds(net, in_memory, device))
-        batches = store.iter_batches("train", cfg["batch_size"], seed=0, prefetch=prefetch)
+        batches = store.iter_batches("train", batch_size, seed=0, prefetch=prefetch)
         store_s = min(store_s, epoch_seconds(net, batches, device))
+    return memory_s, store_s
+
+
+def read_path(cfg: dict) -> dict:
+    """The cost of reading and decoding the store: an epoch from it over the same epoch from
+    memory (read_timings)."""
+    from cache_store import ActivationStore
+
+    store = ActivationStore.open(cfg["store"])
+    memory_s, store_s = read_timings(store, cfg["batch_size"], cfg["device"])
     return {"read_vs_memory": round(store_s / memory_s, 3)}
 
 
