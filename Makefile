@@ -43,7 +43,7 @@ demo: install
 		"These autonomous cars terrify me, never again"
 
 test: install lint
-	$(BIN)/python -m pytest -q -rs --timeout 900
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 lint: install
 	$(BIN)/ruff check .

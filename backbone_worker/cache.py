@@ -331,7 +331,11 @@ def _gpus_per_worker(opts: CacheOptions) -> float:
         return opts.gpus_per_worker
     import ray
 
-    from backbone_worker.pool import init_ray
+    from backbone_worker.pool import actor_share, init_ray, local_ray
 
     init_ray()
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if gpus < 1:
+        return 0.0
+    # Workers share a local machine's GPUs rather than wait for one that never comes.
+    return actor_share(opts.workers, gpus) if local_ray() else 1.0

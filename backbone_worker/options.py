@@ -257,7 +257,10 @@ class CacheOptions:
     gpus_per_worker: float | None = field(
         default=None,
         metadata=setting(
-            "GPUs per Ray worker", low=0, auto="1 when the Ray cluster has GPUs, else 0"
+            "GPUs per Ray worker",
+            low=0,
+            auto="1 when the Ray cluster has GPUs (an equal share where a local Ray has fewer "
+            "GPUs than workers), else 0",
         ),
     )
     wait_s: float = field(

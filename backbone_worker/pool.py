@@ -9,6 +9,11 @@ writes. Ray retries are at-least-once; `ActivationStore.write_part` makes a rewr
 `RayPool` keeps two parts in flight per actor. When an actor dies (a lost node, an out-of-memory
 kill, `ray.kill`), its parts are queued again and the actor is replaced, so the run still ends with
 every example written exactly once.
+
+Every actor must fit the cluster, or the parts queued on it wait for ever: on a local Ray (started
+by this process) with fewer CPUs or GPUs than workers, each actor asks for an equal share instead
+of a whole one. A joined cluster (`RAY_ADDRESS`) may still be growing, so there actors ask for
+whole units and a run that makes no progress for `STALL_WARNING_S` says what it is waiting for.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -25,11 +31,16 @@ import torch
 
 from backbone_worker.backbone import Backbone, load_backbone
 from backbone_worker.data import Dataset
+from backbone_worker.options import OptionError
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2
 MAX_TRIES_PER_PART = 3
+# `ray.wait` blocks in native code, where Python's signal handlers (Ctrl-C, test timeouts) cannot
+# run; waiting in slices of this many seconds lets them.
+WAIT_SLICE_S = 5.0
+STALL_WARNING_S = 120.0
 
 
 class PartWorker:
@@ -134,6 +145,19 @@ def init_ray() -> None:
         )
 
 
+def actor_share(workers: int, available: float) -> float:
+    """What each of `workers` actors asks of a resource the cluster has `available` units of: one
+    unit while there are enough, else an equal share (2 workers on 1 CPU ask for 0.5 each)."""
+    if available <= 0:
+        return 0.0
+    return 1.0 if available >= workers else available / workers
+
+
+def local_ray() -> bool:
+    """Whether the Ray this process uses is its own (no RAY_ADDRESS), so nothing joins it later."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
 class RayPool:
     """N `PartWorker` actors fed from a queue of parts; lost actors are replaced."""
 
@@ -143,8 +167,28 @@ class RayPool:
         init_ray()
         self.ray = ray
         self.make_args = make_args
+        self.resources = ray.cluster_resources()
+        cpus, gpus = self.resources.get("CPU", 0.0), self.resources.get("GPU", 0.0)
+        if local_ray() and num_gpus > gpus:
+            raise OptionError(
+                f"--gpus-per-worker {num_gpus:g} asks for more GPUs than this machine's Ray has "
+                f"({gpus:g}); leave it unset to use what there is"
+            )
+        num_cpus = actor_share(workers, cpus) if local_ray() else 1.0
+        if num_cpus < 1.0:
+            log.warning(
+                "%d backbone workers share this machine's %g CPUs (%.2g each); fewer workers "
+                "(--workers) would each run faster",
+                workers,
+                cpus,
+                num_cpus,
+            )
+        self.asks = {"CPU": num_cpus, "GPU": num_gpus}
         self.actor_class = ray.remote(PartWorker).options(
-            num_gpus=num_gpus, num_cpus=1, max_concurrency=IN_FLIGHT_PER_WORKER, max_restarts=0
+            num_gpus=num_gpus,
+            num_cpus=num_cpus,
+            max_concurrency=IN_FLIGHT_PER_WORKER,
+            max_restarts=0,
         )
         self.threads = threads
         self.actors = [self._new_actor() for _ in range(workers)]
@@ -173,8 +217,16 @@ class RayPool:
 
         for k in range(len(self.actors)):
             fill(k)
+        progress = time.monotonic()
         while inflight:
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=WAIT_SLICE_S)
+            if not ready:
+                if time.monotonic() - progress >= STALL_WARNING_S:
+                    self._warn_stalled(len(inflight), time.monotonic() - progress)
+                    progress = time.monotonic()
+                continue
+            progress = time.monotonic()
+            (ref,) = ready
             k, generation, part = inflight.pop(ref)
             try:
                 on_done(ray.get(ref))
@@ -192,6 +244,20 @@ class RayPool:
                 log.warning("part %d is queued again", part["index"])
                 queue.appendleft(part)
             fill(k)
+
+    def _warn_stalled(self, in_flight: int, seconds: float) -> None:
+        asks = ", ".join(f"{v:g} {k}" for k, v in self.asks.items() if v)
+        has = ", ".join(f"{v:g} {k}" for k, v in self.resources.items() if k in self.asks)
+        log.warning(
+            "no part finished in %.0f s (%d in flight on %d backbone workers, each asking for "
+            "%s; the cluster has %s): a worker the cluster cannot place waits for ever; "
+            "`ray status` shows pending actors",
+            seconds,
+            in_flight,
+            len(self.actors),
+            asks,
+            has or "none of them",
+        )
 
     def shutdown(self) -> None:
         for actor in self.actors:

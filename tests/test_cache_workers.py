@@ -90,6 +90,38 @@ def test_killed_ray_worker_is_replaced_and_its_part_redone(
 
 
 @pytest.fixture()
+def one_cpu_ray(monkeypatch):
+    """This process's own Ray, told it has one CPU and no GPU, shut down after the test."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_more_workers_than_cpus_share_them_instead_of_waiting(tmp_path, tiny_bert_dir, one_cpu_ray):
+    """Two workers on a one-CPU local Ray: each asks for half a CPU. With a whole CPU each the
+    second actor was never placed and the run waited for its parts for ever."""
+    data = write_csv(tmp_path / "d.csv", n=120)
+    store = str(tmp_path / "store")
+    build_cache(tiny_bert_dir, data, store, CacheOptions(workers=2, part_size=16, layers=[0]))
+    assert_exactly_once(store, 120)
+
+
+def test_more_gpus_per_worker_than_the_machine_has_is_refused(tmp_path, tiny_bert_dir, one_cpu_ray):
+    data = write_csv(tmp_path / "d.csv", n=40)
+    with pytest.raises(ValueError, match=r"--gpus-per-worker 1 .* has \(0\); leave it unset"):
+        build_cache(
+            tiny_bert_dir,
+            data,
+            str(tmp_path / "store"),
+            CacheOptions(workers=2, gpus_per_worker=1.0, part_size=16, layers=[0]),
+        )
+
+
+@pytest.fixture()
 def small_store(tmp_path, tiny_bert_dir):
     data = write_csv(tmp_path / "d.csv", n=100)
     store = str(tmp_path / "store")
