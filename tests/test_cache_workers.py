@@ -101,13 +101,27 @@ def one_cpu_ray(monkeypatch):
     ray.shutdown()
 
 
-def test_more_workers_than_cpus_share_them_instead_of_waiting(tmp_path, tiny_bert_dir, one_cpu_ray):
+def test_more_workers_than_cpus_share_them_instead_of_waiting(
+    tmp_path, tiny_bert_dir, one_cpu_ray, monkeypatch, caplog
+):
     """Two workers on a one-CPU local Ray: each asks for half a CPU. With a whole CPU each the
-    second actor was never placed and the run waited for its parts for ever."""
+    second actor was never placed and the run waited for its parts for ever. A wait with no part
+    finished says what the workers ask for and what the cluster has (here at once)."""
+    from backbone_worker import pool
+
+    monkeypatch.setattr(pool, "WAIT_SLICE_S", 0.05)
+    monkeypatch.setattr(pool, "STALL_WARNING_S", 0.0)
     data = write_csv(tmp_path / "d.csv", n=120)
     store = str(tmp_path / "store")
-    build_cache(tiny_bert_dir, data, store, CacheOptions(workers=2, part_size=16, layers=[0]))
+    with caplog.at_level("WARNING"):
+        build_cache(tiny_bert_dir, data, store, CacheOptions(workers=2, part_size=16, layers=[0]))
     assert_exactly_once(store, 120)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("2 backbone workers share this machine's 1 CPUs (0.5 each)" in m for m in messages)
+    assert any(
+        "no part finished" in m and "each asking for 0.5 CPU; the cluster has 1 CPU" in m
+        for m in messages
+    ), messages
 
 
 def test_more_gpus_per_worker_than_the_machine_has_is_refused(tmp_path, tiny_bert_dir, one_cpu_ray):
