@@ -42,8 +42,10 @@ demo: install
 		"I love how smooth this self-driving ride was" \
 		"These autonomous cars terrify me, never again"
 
+# Failures, errors and skips one line each, and the slowest tests, at the end: the part of a
+# CI log that is read first.
 test: install lint
-	$(BIN)/python -m pytest -q -rs --durations=15
+	$(BIN)/python -m pytest -q -rfEs --durations=15
 
 lint: install
 	$(BIN)/ruff check .
