@@ -250,8 +250,8 @@ class RayPool:
         has = ", ".join(f"{v:g} {k}" for k, v in self.resources.items() if k in self.asks)
         log.warning(
             "no part finished in %.0f s (%d in flight on %d backbone workers, each asking for "
-            "%s; the cluster has %s): a worker the cluster cannot place waits for ever; "
-            "`ray status` shows pending actors",
+            "%s; the cluster has %s): a worker the cluster cannot place has its parts wait "
+            "until it can (`ray status` lists pending actors)",
             seconds,
             in_flight,
             len(self.actors),
