@@ -269,7 +269,7 @@ def build_cache(
     `on_part(done, total)` is called after each committed part, and `check()` before every
     forward batch of this process (the Fisher pass and in-process parts); an exception either
     raises (e.g. a cancelled job) stops the run, leaving the committed parts for a later resume."""
-    from backbone_worker.pool import PartWorker, RayPool, resolve_device
+    from backbone_worker.pool import PartWorker, RayPool, actor_asks, resolve_device
 
     dataset = data if isinstance(data, Dataset) else load_dataset(data, **data_kwargs)
     backbone = backbone or load_backbone(backbone_name, resolve_device(opts.device))
@@ -278,9 +278,12 @@ def build_cache(
     settings = store_settings(backbone, dataset, layers, opts)
     with StoreLock(store_url).acquire(wait_s=opts.wait_s):
         store = ActivationStore.create_or_open(store_url, settings, plan)
+        todo = [p for p in plan if not store.is_committed(p["index"])]
+        # What Ray workers ask of the cluster, decided (or refused) before the long work.
+        use_ray = bool(todo) and (opts.workers > 1 or bool(os.environ.get("RAY_ADDRESS")))
+        asks = actor_asks(opts.workers, opts.gpus_per_worker) if use_ray else None
         write_importance(store_url, backbone, dataset, layers, opts, check)
         write_projection(store, backbone, dataset, layers, opts)
-        todo = [p for p in plan if not store.is_committed(p["index"])]
         if len(todo) < len(plan):
             log.info("resuming: %d of %d parts already committed", len(plan) - len(todo), len(plan))
         totals = {"examples": 0, "tokens": 0}
@@ -294,10 +297,10 @@ def build_cache(
                 if on_part is not None:
                     on_part(bar.n, bar.total)
 
-            if todo and (opts.workers > 1 or os.environ.get("RAY_ADDRESS")):
+            if asks is not None:
                 pool = RayPool(
                     opts.workers,
-                    _gpus_per_worker(opts),
+                    asks,
                     (backbone_name, dataset, store_url, settings, plan, opts),
                 )
                 try:
@@ -324,18 +327,3 @@ def build_cache(
         info["compression_ratio"] or 0,
     )
     return store
-
-
-def _gpus_per_worker(opts: CacheOptions) -> float:
-    if opts.gpus_per_worker is not None:
-        return opts.gpus_per_worker
-    import ray
-
-    from backbone_worker.pool import actor_share, init_ray, local_ray
-
-    init_ray()
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    if gpus < 1:
-        return 0.0
-    # Workers share a local machine's GPUs rather than wait for one that never comes.
-    return actor_share(opts.workers, gpus) if local_ray() else 1.0

@@ -10,10 +10,11 @@ writes. Ray retries are at-least-once; `ActivationStore.write_part` makes a rewr
 kill, `ray.kill`), its parts are queued again and the actor is replaced, so the run still ends with
 every example written exactly once.
 
-Every actor must fit the cluster, or the parts queued on it wait for ever: on a local Ray (started
-by this process) with fewer CPUs or GPUs than workers, each actor asks for an equal share instead
-of a whole one. A joined cluster (`RAY_ADDRESS`) may still be growing, so there actors ask for
-whole units and a run that makes no progress for `STALL_WARNING_S` says what it is waiting for.
+Every actor must fit the cluster, or the parts queued on it wait until it does: on a local Ray
+(started by this process) with fewer CPUs or GPUs than workers, each actor asks for an equal
+share instead of a whole one (`actor_asks`). A joined cluster (`RAY_ADDRESS`) may still be
+growing, so there actors ask for whole units, and a run that makes no progress for
+`STALL_WARNING_S` says what it is waiting for.
 """
 
 from __future__ import annotations
@@ -153,40 +154,52 @@ def actor_share(workers: int, available: float) -> float:
     return 1.0 if available >= workers else available / workers
 
 
-def local_ray() -> bool:
-    """Whether the Ray this process uses is its own (no RAY_ADDRESS), so nothing joins it later."""
-    return not os.environ.get("RAY_ADDRESS")
+def actor_asks(workers: int, gpus_per_worker: float | None) -> dict[str, float]:
+    """The CPUs and GPUs each backbone worker asks of the cluster (joined or started here). On a
+    local Ray, an equal share where it has fewer than workers, and an explicit GPU ask it cannot
+    meet refused (OptionError); on a joined one, whole units. `gpus_per_worker` None: GPUs
+    where the cluster has any. Decided before any long work, so a refusal costs nothing."""
+    import ray
+
+    init_ray()
+    has = ray.cluster_resources()
+    cpus, gpus = has.get("CPU", 0.0), has.get("GPU", 0.0)
+    local = not os.environ.get("RAY_ADDRESS")  # this process's own Ray: nothing joins it later
+    if gpus_per_worker is None:
+        gpus_per_worker = 0.0 if gpus < 1 else actor_share(workers, gpus) if local else 1.0
+    elif local and gpus_per_worker > gpus:
+        raise OptionError(
+            f"--gpus-per-worker {gpus_per_worker:g} asks for more GPUs than this machine's Ray "
+            f"has ({gpus:g}); leave it unset to use what there is"
+        )
+    num_cpus = actor_share(workers, cpus) if local else 1.0
+    if num_cpus < 1.0:
+        log.warning(
+            "%d backbone workers share this machine's %g CPUs (%.2g each); fewer workers "
+            "(--workers) would each run faster",
+            workers,
+            cpus,
+            num_cpus,
+        )
+    return {"CPU": num_cpus, "GPU": gpus_per_worker}
 
 
 class RayPool:
     """N `PartWorker` actors fed from a queue of parts; lost actors are replaced."""
 
-    def __init__(self, workers: int, num_gpus: float, make_args: tuple, threads: int | None = None):
+    def __init__(
+        self, workers: int, asks: dict[str, float], make_args: tuple, threads: int | None = None
+    ):
+        """`asks`: what each actor asks of the cluster (actor_asks)."""
         import ray
 
         init_ray()
         self.ray = ray
         self.make_args = make_args
-        self.resources = ray.cluster_resources()
-        cpus, gpus = self.resources.get("CPU", 0.0), self.resources.get("GPU", 0.0)
-        if local_ray() and num_gpus > gpus:
-            raise OptionError(
-                f"--gpus-per-worker {num_gpus:g} asks for more GPUs than this machine's Ray has "
-                f"({gpus:g}); leave it unset to use what there is"
-            )
-        num_cpus = actor_share(workers, cpus) if local_ray() else 1.0
-        if num_cpus < 1.0:
-            log.warning(
-                "%d backbone workers share this machine's %g CPUs (%.2g each); fewer workers "
-                "(--workers) would each run faster",
-                workers,
-                cpus,
-                num_cpus,
-            )
-        self.asks = {"CPU": num_cpus, "GPU": num_gpus}
+        self.asks = asks
         self.actor_class = ray.remote(PartWorker).options(
-            num_gpus=num_gpus,
-            num_cpus=num_cpus,
+            num_cpus=asks["CPU"],
+            num_gpus=asks["GPU"],
             max_concurrency=IN_FLIGHT_PER_WORKER,
             max_restarts=0,
         )
@@ -247,7 +260,8 @@ class RayPool:
 
     def _warn_stalled(self, in_flight: int, seconds: float) -> None:
         asks = ", ".join(f"{v:g} {k}" for k, v in self.asks.items() if v)
-        has = ", ".join(f"{v:g} {k}" for k, v in self.resources.items() if k in self.asks)
+        resources = self.ray.cluster_resources()
+        has = ", ".join(f"{v:g} {k}" for k, v in resources.items() if k in self.asks)
         log.warning(
             "no part finished in %.0f s (%d in flight on %d backbone workers, each asking for "
             "%s; the cluster has %s): a worker the cluster cannot place has its parts wait "

@@ -34,7 +34,7 @@ from backbone_worker.cache import (
     write_importance,
 )
 from backbone_worker.data import load_dataset
-from backbone_worker.pool import PartWorker, RayPool
+from backbone_worker.pool import PartWorker, RayPool, actor_asks
 from cache_store import ActivationStore
 
 log = logging.getLogger("bench.cache")
@@ -61,7 +61,8 @@ def caching_path(worker: PartWorker, plan) -> float:
 
 
 def ray_caching(workers: int, args_tuple, plan) -> float:
-    pool = RayPool(workers, 0.0, args_tuple, threads=max(1, (os.cpu_count() or 1) // workers))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = RayPool(workers, actor_asks(workers, 0.0), args_tuple, threads=threads)
     try:
         pool.ray.get([a.ready.remote() for a in pool.actors])  # backbone loaded everywhere
         start = time.perf_counter()

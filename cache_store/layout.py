@@ -84,8 +84,9 @@ def read_arrays(
     `opened` (name -> a DirectArray, or zarr's handle where reading directly does not apply)
     supplies handles kept from before and takes those made now; `group` may be None when it
     holds every name. direct=False: every array through zarr, from handles opened afresh."""
-    kept = {} if opened is None or not direct else opened
-    handles = {n: kept.get(n) for n in names}
+    if not direct:
+        opened = None  # kept handles may be DirectArrays: zarr's own are opened afresh
+    handles = {n: None if opened is None else opened.get(n) for n in names}
     missing = [n for n, h in handles.items() if h is None]
 
     async def gather(calls):
@@ -101,7 +102,7 @@ def read_arrays(
                 except Exception:  # noqa: BLE001 - metadata this code does not know: zarr reads it
                     pass
             handles[name] = handle
-            if opened is not None and direct and not isinstance(handle, BaseException):
+            if opened is not None and not isinstance(handle, BaseException):
                 opened[name] = handle
     out: dict[str, np.ndarray | BaseException | None] = {}
     for name, handle in handles.items():

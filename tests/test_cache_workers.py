@@ -15,7 +15,7 @@ import pytest
 from conftest import cache_argv
 from test_cli import last_json, one_line_error, run, write_csv
 
-from backbone_worker.cache import CacheOptions, build_cache
+from backbone_worker.cache import IMPORTANCE_FILE, CacheOptions, build_cache
 from cache_store import ActivationStore, StoreError, StoreLock
 
 
@@ -125,14 +125,17 @@ def test_more_workers_than_cpus_share_them_instead_of_waiting(
 
 
 def test_more_gpus_per_worker_than_the_machine_has_is_refused(tmp_path, tiny_bert_dir, one_cpu_ray):
+    """Refused before the long work (the Fisher pass writes the importance file first)."""
     data = write_csv(tmp_path / "d.csv", n=40)
+    store = tmp_path / "store"
     with pytest.raises(ValueError, match=r"--gpus-per-worker 1 .* has \(0\); leave it unset"):
         build_cache(
             tiny_bert_dir,
             data,
-            str(tmp_path / "store"),
+            str(store),
             CacheOptions(workers=2, gpus_per_worker=1.0, part_size=16, layers=[0]),
         )
+    assert not (store / IMPORTANCE_FILE).exists()
 
 
 @pytest.fixture()
