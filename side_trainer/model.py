@@ -11,6 +11,9 @@ Side blocks are the backbone's own block class at width d/r (encoders: with fewe
 backbone states arrive precomputed (from the activation store or from a live backbone pass), so no
 gradient can reach a backbone parameter: the side network never holds one.
 
+Encoder side streams skip the padding of batches that have much of it (side_trainer/packing.py);
+the others run padded.
+
 Heads: encoders and decoder-only models pool the side stream (masked mean, or the last real token
 for causal models), apply the final side norm, upsample to d and classify (dense, tanh, out_proj).
 T5 upsamples every side-decoder position and applies the frozen backbone LM head (label words).
@@ -28,6 +31,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from backbone_worker.families import DECODER, ENCODER, ENCODER_DECODER, family_by_name, make_block
+from side_trainer.packing import Packing, bert_block, packs, worth_packing
 
 
 @dataclass
@@ -204,10 +208,11 @@ class SideStack(nn.Module):
         cross: torch.Tensor | None = None,
         cross_mask: torch.Tensor | None = None,
         live: bool = False,
+        packing: Packing | None = None,
     ):
         """`live`: the states are the backbone's own (B, T, d), not the store's (see
-        live_ladder)."""
-        run = self.begin(states["emb"], mask, cross, cross_mask, live=live)
+        live_ladder). `packing`: the states are packed (N, C) by it (side_trainer/packing.py)."""
+        run = self.begin(states["emb"], mask, cross, cross_mask, live=live, packing=packing)
         for j, i in enumerate(self.layers):
             self.step(run, j, states[f"layer_{i}"])
         return self.end(run)  # (B, T, d/r)
@@ -222,9 +227,18 @@ class SideStack(nn.Module):
         cross: torch.Tensor | None = None,
         cross_mask: torch.Tensor | None = None,
         live: bool = False,
+        packing: Packing | None = None,
     ) -> dict:
+        """`packing`: emb and the states `step` gets are packed by it. Without one, an encoder
+        stream packs each state itself where there is enough padding to skip (worth_packing)."""
         ladder = self.live_ladder if live else self.ladder
-        h = ladder("emb", emb)  # (B, T, d/r)
+        if packing is not None and not packs(self.family):
+            raise ValueError(f"{self.family} side networks do not run packed; pass padded states")
+        own_packing = packing is None and worth_packing(self.family, mask)
+        if own_packing:
+            packing = Packing.of(mask)
+            emb = packing.pack(emb)
+        h = ladder("emb", emb)  # (B, T, d/r), or (N, d/r) packed
         dtype = h.dtype
         causal = self.family == DECODER or cross is not None
         extra: dict = {}
@@ -243,14 +257,20 @@ class SideStack(nn.Module):
             "mu": self.gates(),
             "bias": None,
             "ladder": ladder,
+            "packing": packing,
+            "own_packing": own_packing,
         }
 
     def step(self, run: dict, j: int, ladder_state: torch.Tensor) -> None:
         """Gate in kept layer j's backbone state, then side block j."""
-        i, block, mu = self.layers[j], self.blocks[j], run["mu"]
+        i, block, mu, packing = self.layers[j], self.blocks[j], run["mu"], run["packing"]
+        if run["own_packing"]:
+            ladder_state = packing.pack(ladder_state)
         # mu * h + (1 - mu) * ladder, as one fused op
         h = torch.lerp(run["ladder"](f"layer_{i}", ladder_state), run["h"], mu[j])
-        if self.family == ENCODER_DECODER:
+        if packing is not None:
+            h = bert_block(block, h, packing, run["attn"])
+        elif self.family == ENCODER_DECODER:
             h, run["bias"], _ = block(
                 h, attention_mask=run["attn"], position_bias=run["bias"], **run["extra"]
             )
@@ -260,7 +280,9 @@ class SideStack(nn.Module):
         run["h"] = h
 
     def end(self, run: dict) -> torch.Tensor:
-        return self.final_norm(run["h"])
+        """The stream's output (B, T, d/r), padded again where it ran packed."""
+        h = self.final_norm(run["h"])
+        return h if run["packing"] is None else run["packing"].pad(h)
 
 
 class SideNetwork(nn.Module):
@@ -341,7 +363,9 @@ class SideNetwork(nn.Module):
         states as the store holds them, or with `live`, from the backbone's own states (each
         ladder applies the store's width map first: SideStack.live_ladder)."""
         enc = batch["enc"]
-        h = self.streams["enc"](enc["states"], enc["attention_mask"], live=live)
+        h = self.streams["enc"](
+            enc["states"], enc["attention_mask"], live=live, packing=enc.get("packing")
+        )
         if self.cfg.family != ENCODER_DECODER:
             return self.head(h, enc["attention_mask"])
         dec = batch["dec"]

@@ -36,6 +36,7 @@ from side_trainer.options import (  # noqa: F401
     swept,
     with_family_defaults,
 )
+from side_trainer.packing import pack_batch
 from side_trainer.pruning import apply_pruning_init, load_lm_head
 
 log = logging.getLogger(__name__)
@@ -331,6 +332,9 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 # reached, whose share-weighted gradients add up to the batch's.
                 for piece in padded.pieces(opts.micro_batch_tokens, opts.device):
                     piece = augment(piece, opts.feature_dropout, opts.feature_noise)
+                    piece = pack_batch(
+                        piece, first.cfg.family
+                    )  # where worth it: side_trainer/packing
                     share = first.loss_terms(piece) / terms
                     for g, (_, group) in enumerate(groups):
                         outputs = group(piece)
@@ -506,6 +510,7 @@ def evaluate_groups(
         # Micro-batches, as in training: a batch holding the split's longest text would
         # otherwise set the run's peak memory, and a larger split holds longer texts.
         for batch in padded.pieces(opts.micro_batch_tokens, opts.device):
+            batch = pack_batch(batch, store.settings["family"])
             for indices, group in groups:
                 net = group.nets[0]
                 count = net.loss_terms(batch)

@@ -180,7 +180,9 @@ def test_gradients_never_reach_backbone(backbone):
     assert all(p.grad is not None for p in net.streams["enc"].ladders.parameters())
 
 
-def test_gate_mixes_ladder_state_as_the_paper_says(tiny_bert_dir):
+def test_gate_mixes_ladder_state_as_the_paper_says(tiny_bert_dir, monkeypatch):
+    import side_trainer.model as model
+
     backbone = load_backbone(tiny_bert_dir)
     net = SideNetwork(side_config(backbone))
     stack = net.streams["enc"]
@@ -188,14 +190,108 @@ def test_gate_mixes_ladder_state_as_the_paper_says(tiny_bert_dir):
     with torch.no_grad():
         stack.gate_alpha.copy_(torch.tensor([0.3, -0.2]))
     seen = {}
-    stack.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(h=args[0]))
+    block = model.bert_block  # encoder side blocks run packed: what enters the first one
+
+    def spy(b, x, packing, bias):
+        if b is stack.blocks[0]:
+            seen["h"] = packing.pad(x)
+        return block(b, x, packing, bias)
+
+    monkeypatch.setattr(model, "bert_block", spy)
     batch = make_batch(backbone)
     net(batch)
     states = batch["enc"]["states"]
     mu = 1 / (1 + torch.exp(torch.tensor(-0.3 / 0.1)))  # sigmoid(alpha / T), T = 0.1
     emb = states["emb"] @ stack.ladders["emb"].weight.T + stack.ladders["emb"].bias
     ladder = states["layer_0"] @ stack.ladders["layer_0"].weight.T + stack.ladders["layer_0"].bias
-    assert torch.allclose(seen["h"], mu * emb + (1 - mu) * ladder, atol=1e-6)
+    real = batch["enc"]["attention_mask"].bool()
+    assert not real.all()  # the batch has padding, which the packed stream skips
+    assert torch.allclose(seen["h"][real], (mu * emb + (1 - mu) * ladder)[real], atol=1e-6)
+
+
+def padded_forward(net: SideNetwork, batch: dict) -> torch.Tensor:
+    """The encoder side network as it ran before packing: every block transformers' own
+    BertLayer on the padded batch."""
+    from side_trainer.model import additive_mask
+
+    stack, enc = net.streams["enc"], batch["enc"]
+    states, mask = enc["states"], enc["attention_mask"]
+    h, mu = stack.ladder("emb", states["emb"]), stack.gates()
+    for j, i in enumerate(stack.layers):
+        h = torch.lerp(stack.ladder(f"layer_{i}", states[f"layer_{i}"]), h, mu[j])
+        out = stack.blocks[j](h, attention_mask=additive_mask(mask, h.dtype))
+        h = out[0] if isinstance(out, tuple) else out
+    return net.head(stack.final_norm(h), mask)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_packed_encoder_side_network_computes_what_the_padded_one_does(tiny_bert_dir, side):
+    """Packed (real tokens only) and padded, the same logits and the same gradients, with the
+    padding on either side and attention and hidden dropout off."""
+    from side_trainer.packing import pack_batch, worth_packing
+
+    backbone = load_backbone(tiny_bert_dir)
+    torch.manual_seed(0)
+    net = SideNetwork(side_config(backbone))
+    for name, param in net.named_parameters():  # away from the init's near-zero ladders
+        if "gate" not in name:
+            torch.nn.init.normal_(param, std=0.3)
+    for module in net.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # attention's too: BertSelfAttention passes its p to SDPA
+    batch = make_batch(backbone)
+    mask = batch["enc"]["attention_mask"]
+    if side == "left":  # each row's tokens moved to the end
+        order = torch.argsort(mask, dim=1, stable=True)
+        for name, state in batch["enc"]["states"].items():
+            batch["enc"]["states"][name] = state.gather(1, order[..., None].expand_as(state))
+        batch["enc"]["attention_mask"] = mask.gather(1, order)
+    assert worth_packing("encoder", batch["enc"]["attention_mask"])  # padding to skip
+
+    def grads(logits):
+        net.zero_grad()
+        logits.square().sum().backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    net.train()
+    expected = padded_forward(net, batch)
+    expected_grads = grads(expected)
+    for packed_by in ("itself", "the caller"):
+        inputs = pack_batch(batch, "encoder") if packed_by == "the caller" else batch
+        logits = net(inputs)
+        assert torch.allclose(logits, expected, atol=1e-5), packed_by
+        got = grads(logits)
+        assert got.keys() == expected_grads.keys()
+        for name, grad in expected_grads.items():
+            assert torch.allclose(got[name], grad, atol=1e-4), (packed_by, name)
+
+
+def test_packing_round_trips_and_only_encoders_pack_padded_batches(tiny_backbone_dir):
+    from side_trainer.packing import MIN_PADDING, Packing, pack_batch
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 1]])
+    x = torch.randn(3, 3, 5)
+    packing = Packing.of(mask)
+    packed = packing.pack(x)
+    assert packed.shape == (7, 5)
+    assert torch.equal(packing.pad(packed), x * mask[..., None])
+    backbone = load_backbone(tiny_backbone_dir)
+    batch = make_batch(backbone)
+    out = pack_batch(batch, backbone.family.name)
+    if backbone.family.name != "encoder":
+        assert out is batch  # T5 and decoder-only side blocks run padded
+        net = SideNetwork(side_config(backbone))
+        with pytest.raises(ValueError, match="do not run packed"):
+            net(pack_batch(batch, "encoder"))
+    else:
+        assert out["enc"]["states"]["emb"].shape[0] == int(batch["enc"]["attention_mask"].sum())
+        # A batch of texts of nearly one length (as the store's reader cuts them) runs padded.
+        mask = batch["enc"]["attention_mask"]
+        longest = int(mask.sum(1).max())
+        even = {"enc": {**batch["enc"], "attention_mask": torch.ones_like(mask[:, :longest])}}
+        even["enc"]["attention_mask"][0, -1] = 0
+        assert float(even["enc"]["attention_mask"].float().mean()) > 1 - MIN_PADDING
+        assert pack_batch(even, "encoder") is even
 
 
 def test_pruned_weights_are_the_selected_backbone_rows_and_columns(tiny_bert_dir):

@@ -276,7 +276,12 @@ def test_micro_batches_train_as_the_whole_batch(tmp_path, tiny_backbone_dir, no_
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_accuracy"] == b["val_accuracy"]
     saved, expected = (load_file(tmp_path / d / WEIGHTS_FILE) for d in ("split", "whole"))
-    assert all(torch.allclose(saved[k], expected[k], atol=1e-4) for k in expected)
+    # Not the attention key biases: adding one to every key shifts each query's scores by a
+    # constant, which softmax ignores, so their gradient is rounding noise that Adam scales up to
+    # learning-rate-sized steps, different for any other order of summation.
+    compared = [k for k in expected if not k.endswith("key.bias")]
+    assert len(compared) > 20
+    assert all(torch.allclose(saved[k], expected[k], atol=1e-4) for k in compared)
 
 
 def test_validation_runs_as_micro_batches(tmp_path, tiny_bert_dir, monkeypatch):
