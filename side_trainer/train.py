@@ -332,9 +332,8 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 # reached, whose share-weighted gradients add up to the batch's.
                 for piece in padded.pieces(opts.micro_batch_tokens, opts.device):
                     piece = augment(piece, opts.feature_dropout, opts.feature_noise)
-                    piece = pack_batch(
-                        piece, first.cfg.family
-                    )  # where worth it: side_trainer/packing
+                    # Real tokens only, where the piece has much padding (side_trainer/packing)
+                    piece = pack_batch(piece, first.cfg.family)
                     share = first.loss_terms(piece) / terms
                     for g, (_, group) in enumerate(groups):
                         outputs = group(piece)
