@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from backbone_worker.families import ENCODER
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: no elementwise ==
 class Packing:
     """Where a padded batch's real tokens are. `tokens`: (N,) their positions in the flattened
     (B * T) batch; `slots`: (B * T,) each position's index among them, N for padding (a zero row
@@ -95,6 +95,9 @@ def pack_batch(batch: dict, family: str) -> dict:
 def bert_block(block, x: torch.Tensor, packing: Packing, bias: torch.Tensor) -> torch.Tensor:
     """transformers' BertLayer.forward (self-attention, no cache or cross-attention) on packed
     tokens: x (N, d) -> (N, d). `bias`: the (B, 1, 1, T) additive attention mask."""
+    if block.is_decoder or block.add_cross_attention or block.chunk_size_feed_forward:
+        # families.side_config builds none of these; a block that has one is not this forward
+        raise ValueError("packed side blocks are plain encoder BertLayers; run this one padded")
     attention = block.attention.self
     heads, head_size = attention.num_attention_heads, attention.attention_head_size
     # query, key and value as one product, padded once for attention

@@ -431,6 +431,33 @@ def test_overlapped_joint_inference_equals_the_sequential_one(tiny_bert_dir):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_joint_inference_packed_equals_it_padded(tiny_bert_dir, monkeypatch):
+    """The joint pass packs the backbone's states once for all side networks: in turn, grouped
+    and overlapped, the probabilities of the padded pass."""
+    from api.inference import JointModel
+    from side_trainer import packing
+
+    backbone = load_backbone(tiny_bert_dir)
+    torch.manual_seed(1)
+    sides = [SideNetwork(side_config(backbone, layers=layers)).eval() for layers in LAYERS_EACH]
+    for side in sides:  # away from the init's near-zero ladders
+        for param in side.parameters():
+            torch.nn.init.normal_(param, std=0.3)
+    mask = backbone.tokenize(TEXTS, None, 32)["attention_mask"]
+    assert packing.worth_packing("encoder", mask)
+    ways = {"in turn": {}, "grouped": {"grouped": True}, "overlapped": {"overlap": True}}
+    packed = {way: JointModel(backbone, sides, **o).probabilities(TEXTS) for way, o in ways.items()}
+    monkeypatch.setattr(packing, "MIN_PADDING", 1.01)  # never worth packing
+    padded = JointModel(backbone, sides).probabilities(TEXTS)
+    for way, probabilities in packed.items():
+        for a, b in zip(probabilities, padded, strict=True):
+            assert torch.allclose(a, b, atol=1e-5), way
+    assert max(float((p[:, 0] - 0.5).abs().max()) for p in padded) > 0.01  # not all even
+
+
+LAYERS_EACH = [[0, 2], [0, 2], [1, 2]]
+
+
 def test_side_networks_run_grouped_by_default_only_in_large_passes_on_cuda(
     tiny_bert_dir, monkeypatch
 ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from contextlib import nullcontext
 
@@ -276,6 +277,41 @@ def test_micro_batches_train_as_the_whole_batch(tmp_path, tiny_backbone_dir, no_
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_accuracy"] == b["val_accuracy"]
     saved, expected = (load_file(tmp_path / d / WEIGHTS_FILE) for d in ("split", "whole"))
+    assert all(torch.allclose(saved[k], expected[k], atol=1e-4) for k in expected)
+
+
+def test_packed_training_follows_the_padded_one(tmp_path, tiny_bert_dir, no_dropout, monkeypatch):
+    """A sweep whose every piece runs packed (real tokens only, through the group's vmap, and in
+    validation) trains as it does padded: the same losses, scores and weights."""
+    import random
+
+    from side_trainer import packing
+
+    rng = random.Random(0)
+    data = tmp_path / "d.csv"
+    with open(data, "w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["text", "label"])
+        for k in range(60):  # lengths from 4 to 16 words: padding in every batch
+            words = " ".join(rng.choice(["fine", "awful", "ok"]) for _ in range(rng.randint(1, 13)))
+            out.writerow([f"the ride was {words}", "pos" if k % 2 else "neg"])
+    store = str(tmp_path / "store")
+    build_cache(tiny_bert_dir, str(data), store, CacheOptions(layers=[0, 2], fisher_examples=8))
+    settings = {"epochs": 2, "reduction": 4, "lr": [1e-2, 3e-2], "batch_size": 8}
+    packings = []
+    of = packing.Packing.of
+    monkeypatch.setattr(packing.Packing, "of", lambda mask: packings.append(1) or of(mask))
+    results = {}
+    for name, share in (("padded", 1.01), ("packed", 0.0)):  # never / always worth packing
+        monkeypatch.setattr(packing, "MIN_PADDING", share)
+        packings.clear()
+        results[name] = train(store, tmp_path / name, TrainOptions(**settings))
+        assert bool(packings) == (name == "packed")
+    for a, b in zip(results["padded"]["candidates"], results["packed"]["candidates"], strict=True):
+        for x, y in zip(a["history"], b["history"], strict=True):
+            assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+            assert x["val_accuracy"] == y["val_accuracy"]
+    saved, expected = (load_file(tmp_path / d / WEIGHTS_FILE) for d in ("packed", "padded"))
     # Not the attention key biases: adding one to every key shifts each query's scores by a
     # constant, which softmax ignores, so their gradient is rounding noise that Adam scales up to
     # learning-rate-sized steps, different for any other order of summation.
