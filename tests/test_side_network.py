@@ -294,6 +294,23 @@ def test_packing_round_trips_and_only_encoders_pack_padded_batches(tiny_backbone
         assert pack_batch(even, "encoder") is even
 
 
+def test_a_bert_block_the_packed_forward_does_not_implement_is_refused():
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    from side_trainer.model import additive_mask
+    from side_trainer.packing import Packing, bert_block
+
+    mask = torch.tensor([[1, 1, 0]])
+    packing = Packing.of(mask)
+    config = BertConfig(hidden_size=8, num_attention_heads=2, intermediate_size=16)
+    x = torch.randn(2, 8)
+    assert bert_block(BertLayer(config), x, packing, additive_mask(mask, x.dtype)).shape == (2, 8)
+    config.chunk_size_feed_forward = 1
+    with pytest.raises(ValueError, match="run this one padded"):
+        bert_block(BertLayer(config), x, packing, additive_mask(mask, x.dtype))
+
+
 def test_pruned_weights_are_the_selected_backbone_rows_and_columns(tiny_bert_dir):
     backbone = load_backbone(tiny_bert_dir)
     scores = scores_for(backbone)
