@@ -20,7 +20,7 @@ from backbone_worker.data import Example
 from backbone_worker.families import ENCODER_DECODER
 from side_trainer.group import SideGroup, partition
 from side_trainer.model import SideNetwork
-from side_trainer.packing import Packing, pack_batch, worth_packing
+from side_trainer.packing import pack_stream, packing_for
 
 # Side networks of one width map from which the map runs once per pass for all of them rather
 # than folded into each one's ladders (see JointModel). Measured with MiniLM (K 96), batch 32,
@@ -109,10 +109,9 @@ class JointModel:
             return [logits.softmax(-1) for logits in self._overlapped(enc)]
         states = self.backbone.ladder_states(self.layers, enc)["enc"]
         # Packed once for all side networks, where worth it (side_trainer/packing.py)
-        stream = pack_batch(
-            {"enc": {"states": states, "attention_mask": enc["attention_mask"]}},
-            self.backbone.family.name,
-        )["enc"]
+        stream = pack_stream(
+            {"states": states, "attention_mask": enc["attention_mask"]}, self.backbone.family.name
+        )
         mapped: dict = {}
         if self.grouped:
             return self._grouped(stream, mapped)
@@ -158,7 +157,7 @@ class JointModel:
     def _overlapped(self, enc) -> list[torch.Tensor]:
         """Side block j of every side network runs while the backbone computes the next layer."""
         mask = enc["attention_mask"]
-        packing = Packing.of(mask) if worth_packing(self.backbone.family.name, mask) else None
+        packing = packing_for(self.backbone.family.name, mask)
         steps = [{f"layer_{i}": j for j, i in enumerate(s.cfg.layers)} for s in self.sides]
         runs: dict[int, dict] = {}
         mapped: dict = {}

@@ -165,8 +165,10 @@ def actor_asks(workers: int, gpus_per_worker: float | None) -> dict[str, float]:
     has = ray.cluster_resources()
     cpus, gpus = has.get("CPU", 0.0), has.get("GPU", 0.0)
     local = not os.environ.get("RAY_ADDRESS")  # this process's own Ray: nothing joins it later
-    if gpus_per_worker is None:
-        gpus_per_worker = 0.0 if gpus < 1 else actor_share(workers, gpus) if local else 1.0
+    if gpus_per_worker is None and gpus < 1:
+        gpus_per_worker = 0.0
+    elif gpus_per_worker is None:  # a share of a local Ray's GPUs, a whole one of a cluster's
+        gpus_per_worker = actor_share(workers, gpus) if local else 1.0
     elif local and gpus_per_worker > gpus:
         raise OptionError(
             f"--gpus-per-worker {gpus_per_worker:g} asks for more GPUs than this machine's Ray "

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from backbone_worker.families import DECODER, ENCODER, ENCODER_DECODER, family_by_name, make_block
-from side_trainer.packing import Packing, bert_block, packs, worth_packing
+from side_trainer.packing import Packing, bert_block, packing_for, packs
 
 
 @dataclass
@@ -234,10 +234,12 @@ class SideStack(nn.Module):
         ladder = self.live_ladder if live else self.ladder
         if packing is not None and not packs(self.family):
             raise ValueError(f"{self.family} side networks do not run packed; pass padded states")
-        own_packing = packing is None and worth_packing(self.family, mask)
-        if own_packing:
-            packing = Packing.of(mask)
-            emb = packing.pack(emb)
+        own_packing = False  # whether the states arrive padded and are packed here
+        if packing is None:
+            packing = packing_for(self.family, mask)
+            own_packing = packing is not None
+            if own_packing:
+                emb = packing.pack(emb)
         h = ladder("emb", emb)  # (B, T, d/r), or (N, d/r) packed
         dtype = h.dtype
         causal = self.family == DECODER or cross is not None

@@ -81,15 +81,28 @@ def worth_packing(family: str, mask: torch.Tensor) -> bool:
     return float(mask.sum()) <= (1 - MIN_PADDING) * mask.numel()
 
 
+def packing_for(family: str, mask: torch.Tensor) -> Packing | None:
+    """The packing of a batch with this mask where it is worth it (worth_packing), else None."""
+    return Packing.of(mask) if worth_packing(family, mask) else None
+
+
+def pack_stream(stream: dict, family: str) -> dict:
+    """An encoder stream ({"states", "attention_mask"}) with its states packed once, for every
+    side network that reads it (each would otherwise gather the same tokens itself), where worth
+    it; otherwise as it is."""
+    if "packing" in stream:
+        return stream
+    packing = packing_for(family, stream["attention_mask"])
+    if packing is None:
+        return stream
+    states = {name: packing.pack(state) for name, state in stream["states"].items()}
+    return {**stream, "states": states, "packing": packing}
+
+
 def pack_batch(batch: dict, family: str) -> dict:
-    """The batch with its encoder states packed once, for every side network that reads it (each
-    would otherwise gather the same tokens itself), where worth it; otherwise as it is."""
-    enc = batch["enc"]
-    if "packing" in enc or not worth_packing(family, enc["attention_mask"]):
-        return batch
-    packing = Packing.of(enc["attention_mask"])
-    states = {name: packing.pack(state) for name, state in enc["states"].items()}
-    return {**batch, "enc": {**enc, "states": states, "packing": packing}}
+    """The batch with its encoder stream packed where worth it (pack_stream)."""
+    enc = pack_stream(batch["enc"], family)
+    return batch if enc is batch["enc"] else {**batch, "enc": enc}
 
 
 def bert_block(block, x: torch.Tensor, packing: Packing, bias: torch.Tensor) -> torch.Tensor:

@@ -456,7 +456,8 @@ def test_joint_inference_packed_equals_it_padded(tiny_bert_dir, monkeypatch):
 
     backbone = load_backbone(tiny_bert_dir)
     torch.manual_seed(1)
-    sides = [SideNetwork(side_config(backbone, layers=layers)).eval() for layers in LAYERS_EACH]
+    layers_each = [[0, 2], [0, 2], [1, 2]]  # two of one architecture: a group, and one apart
+    sides = [SideNetwork(side_config(backbone, layers=layers)).eval() for layers in layers_each]
     for side in sides:  # away from the init's near-zero ladders
         for param in side.parameters():
             torch.nn.init.normal_(param, std=0.3)
@@ -470,9 +471,6 @@ def test_joint_inference_packed_equals_it_padded(tiny_bert_dir, monkeypatch):
         for a, b in zip(probabilities, padded, strict=True):
             assert torch.allclose(a, b, atol=1e-5), way
     assert max(float((p[:, 0] - 0.5).abs().max()) for p in padded) > 0.01  # not all even
-
-
-LAYERS_EACH = [[0, 2], [0, 2], [1, 2]]
 
 
 def test_side_networks_run_grouped_by_default_only_in_large_passes_on_cuda(
