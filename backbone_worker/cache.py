@@ -53,7 +53,8 @@ def store_settings(
         "family": backbone.family.name,
         "backbone_config": portable_config(backbone.config),
         "hidden_size": backbone.hidden_size,
-        "data": dataset.spec,
+        # The data by its content (and the settings that select rows), not by where it was
+        # read: the same bytes uploaded twice, or a copied file, share one store.
         "data_fingerprint": dataset.fingerprint,
         "labels": dataset.labels,
         "split_seed": dataset.seed,

@@ -240,3 +240,19 @@ def test_one_runner_per_home_runs_the_jobs(home):
         assert time.time() < deadline, db.get_job(later)
         time.sleep(0.2)
     second.stop()
+
+
+def test_two_uploads_of_one_file_give_two_succeeding_jobs_on_one_store(home):
+    db = Database(home / "ladder.db")
+    first = db.get_file("file-1")
+    copy = home / "files" / "file-2.csv"
+    copy.write_bytes(Path(first["path"]).read_bytes())
+    db.add_file({**first, "id": "file-2", "filename": "again.csv", "path": str(copy)})
+    jobs = [new_job(home), new_job(home)]
+    db.update_job(jobs[1], training_file="file-2")
+    for job_id in jobs:
+        run_job(str(home), job_id)
+    assert [db.get_job(j)["status"] for j in jobs] == ["succeeded", "succeeded"], [
+        db.get_job(j)["error"] for j in jobs
+    ]
+    assert len(list((home / "stores").iterdir())) == 1
