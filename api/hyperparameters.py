@@ -64,6 +64,15 @@ def _http_type(cls, name: str, s: Setting):
     return Literal["auto"] | number
 
 
+def http_name(setting: str) -> str | None:
+    """A declared setting, as an error names it ("CacheOptions.layers"), by its name among a
+    job's hyperparameters ("kept_layers"); None if a job cannot set it."""
+    owner, _, field = setting.partition(".")
+    return next(
+        (s.http for cls, name, _, s in declared() if (cls.__name__, name) == (owner, field)), None
+    )
+
+
 Hyperparameters = create_model(
     "Hyperparameters",
     __config__=ConfigDict(extra="forbid"),

@@ -75,14 +75,19 @@ def run_job(home: str, job_id: str) -> None:
     except JobCancelled:
         db.add_event(job_id, "cancelled", level="warning", data={"status": "cancelled"})
     except Exception as exc:  # noqa: BLE001 - any failure ends the job with its reason
-        code, message = _error(exc)
+        import re
+
+        code, message, param = _error(exc)
         if code not in ("invalid_training_data", "invalid_hyperparameters"):
             log.exception("job %s failed", job_id)
-        # The client knows its upload by name, and server paths are not its business.
-        if training:
-            message = message.replace(training["path"], training["filename"])
-        message = message.replace(str(home_path), "LADDER_HOME")
-        error = {"code": code, "message": message, "param": None}
+        # The client knows its uploads by name, and server paths are not its business.
+        validation = db.get_file(job["validation_file"]) if job["validation_file"] else None
+        for upload in filter(None, (training, validation)):
+            message = message.replace(upload["path"], upload["filename"])
+        message = re.sub(
+            re.escape(str(home_path)) + r"[^\s;,'\"()]*", "(a path on the server)", message
+        )
+        error = {"code": code, "message": message, "param": param}
         if db.update_job(job_id, only_if_active=True, status="failed", error=error):
             db.add_event(job_id, f"failed: {message}", level="error", data={"status": "failed"})
 
@@ -259,20 +264,27 @@ def _columns(file_record: dict) -> dict:
     return {"text_pair_column": "text_pair" if file_record.get("has_pair") else None}
 
 
-def _error(exc: Exception) -> tuple[str, str]:
-    """The failed job's error code and one-line message. Bad data or settings are the client's
-    to fix; everything else (store_damaged, internal_error) is the server's."""
-    from api.cli import user_errors
-    from cache_store import CorruptPartError, StateRangeError
+def _error(exc: Exception) -> tuple[str, str, str | None]:
+    """The failed job's error code, one-line message in the service's words, and the request
+    field at fault. The client's to fix: its data, and its hyperparameters (an error naming
+    one). Everything else (store_damaged, internal_error) is the server's: a job runs on a
+    backbone and uploads the server checked, in stores the server keeps, so a store that does
+    not match or cannot be read is no advice to the client."""
+    from api.errors import http_field, http_message
+    from backbone_worker.data import DataError
+    from backbone_worker.options import OptionError
 
-    message = str(exc).splitlines()[0] if str(exc) else repr(exc)
+    message = http_message(exc).splitlines()[0] if str(exc) else repr(exc)
     if isinstance(exc, StoreDamaged):
-        return "store_damaged", message
-    if isinstance(exc, StateRangeError):
-        return "invalid_hyperparameters", message
-    if isinstance(exc, user_errors()) and not isinstance(exc, CorruptPartError):
-        return "invalid_training_data", message
-    return "internal_error", "the server hit an unexpected error while running the job; see its log"
+        return "store_damaged", message, None
+    if isinstance(exc, DataError):
+        return "invalid_training_data", message, None
+    if field := http_field(exc):
+        return "invalid_hyperparameters", message, field
+    if isinstance(exc, OptionError) and exc.setting is None:  # e.g. a sweep too large
+        return "invalid_hyperparameters", message, "hyperparameters"
+    error = "the server hit an unexpected error while running the job; see its log"
+    return "internal_error", error, None
 
 
 class JobRunner:

@@ -293,8 +293,9 @@ class Backbone:
         bad = [i for i in layers if not 0 <= i < n]
         if bad or not layers:
             raise FamilyError(
-                f"layer index {bad or layers} out of range: {self.name} has layers 0..{n - 1}; "
-                f"pass --layers as comma-separated indices in that range, or 'all'"
+                f"layer index {bad or layers} out of range: {self.name} has layers 0..{n - 1}",
+                "pass {setting} as indices in that range, or 'all'",
+                setting="CacheOptions.layers",
             )
         return sorted(set(layers))
 

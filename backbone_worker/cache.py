@@ -80,13 +80,11 @@ def projection_spec(backbone: Backbone, opts: CacheOptions) -> ProjectionSpec | 
     return projection_for(backbone.hidden_size, backbone.family.name == DECODER, opts)
 
 
-def projection_for(
-    d: int, decoder: bool, opts: CacheOptions, name: str = "--width"
-) -> ProjectionSpec | None:
+def projection_for(d: int, decoder: bool, opts: CacheOptions) -> ProjectionSpec | None:
     """The width map of a store of a backbone of width d, None for full width; FamilyError
-    (its message starting with `name`, the setting as the user wrote it) if the width does not
-    fit d. Decoder-only backbones normalise each token before the map, as their side networks
-    normalise each state before its ladder (side_trainer/model.py)."""
+    (naming the width setting) if the width does not fit d. Decoder-only backbones normalise
+    each token before the map, as their side networks normalise each state before its ladder
+    (side_trainer/model.py)."""
     try:
         width = stored_width(opts.width, d)
         if width is None:
@@ -94,7 +92,9 @@ def projection_for(
         spec = ProjectionSpec(opts.projection, width, decoder)
         spec.check_width(d)
     except (OptionError, ValueError) as exc:
-        raise FamilyError(f"{name} {opts.width}: {exc}") from None
+        raise FamilyError(
+            f"{{setting}} {opts.width}: {exc}", setting="CacheOptions.width"
+        ) from None
     return spec
 
 

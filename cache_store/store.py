@@ -505,7 +505,9 @@ def _encode_stream(
         try:
             states[name] = codecs.encode(values, dtype)
         except StateRangeError as exc:
-            raise StateRangeError(f"{prefix} state {name}: {exc}") from None
+            raise StateRangeError(
+                f"{prefix} state {name}: {exc.problem}", exc.fix, setting=exc.setting
+            ) from None
     return {"offsets": offsets, "input_ids": ids.astype(np.int32), "states": states}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -46,10 +47,22 @@ def wait_for(client, job_id, timeout=120):
     raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
+FLAG = re.compile(r"(?<![\w-])--[a-z]")
+SERVER_PATH = re.compile(r"(?<![\w.:/])/(?!v1/)[\w.-]+/")  # the service's own routes aside
+
+
+def assert_service_words(message: str) -> None:
+    """What the service tells a client names request fields and what to change in an upload:
+    never a command-line flag, the server's home or a path on the server."""
+    assert not FLAG.search(message), message
+    assert "LADDER_HOME" not in message and not SERVER_PATH.search(message), message
+
+
 def assert_error(response, status, code, param=None):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and error["message"]
+    assert_service_words(error["message"])
     if param is not None:
         assert error["param"] == param
 
@@ -517,6 +530,48 @@ def test_bad_uploads(service):
     ]
 
 
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        (
+            "sentences.csv",
+            "sentence,label\n" + "".join(f"t{k},{k % 2}\n" for k in range(20)),
+            ["sentences.csv has no column 'text'", "rename it to 'text'"],
+        ),
+        (
+            "one-class.csv",
+            "text,label\n" + "".join(f"t{k},a\n" for k in range(20)),
+            ["single class 'a'", "add rows of another class", "rename it to 'label'"],
+        ),
+        ("latin.csv", b"text,label\n" + "caf\xe9,a\n".encode("latin-1") * 12, ["re-save it"]),
+    ],
+    ids=["no-text-column", "one-class", "latin-1"],
+)
+def test_an_upload_error_says_what_to_change_in_the_file(service, name, content, words):
+    """An upload's columns are fixed: the fix is a column renamed, not a command-line flag."""
+    path = service["tmp"] / name
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    response = upload(service["client"], path)
+    assert_error(response, 400, "invalid_file", "file")
+    message = response.json()["error"]["message"]
+    assert all(w in message for w in words), message
+
+
+def test_a_backbone_the_server_lacks_is_refused_without_the_servers_details(service):
+    # Not in the server's Hugging Face cache, and the tests run offline: the server's reason
+    # names its cache directory and a shell command, neither the client's business.
+    response = service["client"].post(
+        "/v1/fine_tuning/jobs", json={"model": "nobody/no-such-model", "training_file": "file-x"}
+    )
+    assert_error(response, 400, "model_not_found", "model")
+    assert "tiny" in response.json()["error"]["message"]
+
+
+def test_ready_on_a_full_disk_names_no_server_setting(service, monkeypatch):
+    monkeypatch.setenv("LADDER_MIN_FREE_MB", str(2**40))
+    assert_error(service["client"].get("/ready"), 503, "disk_full")
+
+
 def test_unknown_ids_are_404(service):
     client = service["client"]
     assert_error(client.get("/v1/fine_tuning/jobs/ftjob-nope"), 404, "job_not_found", "job_id")
@@ -605,7 +660,8 @@ def test_bad_job_requests(service, finished_job):
         bad["hyperparameters"] = {"cache_width": width}
         response = client.post(jobs, json=bad)
         assert_error(response, 400, "invalid_hyperparameter", "hyperparameters.cache_width")
-        assert response.json()["error"]["message"].startswith(f"cache_width {width}: {words}")
+        message = response.json()["error"]["message"]
+        assert message.startswith(f"hyperparameters.cache_width {width}: {words}"), message
     bad["hyperparameters"] = {"epochs": 3}
     assert_error(client.post(jobs, json=bad), 400, "invalid_request_error")
     # Malformed JSON: the message says so; param is no character offset posing as a field.

@@ -178,6 +178,16 @@ def test_missing_column(capsys, tmp_path, tiny_bert_dir):
     one_line_error(code, err, "sentiment", "--label-column")
 
 
+def test_a_file_without_a_text_column_names_the_flag(capsys, tmp_path, tiny_bert_dir):
+    """The command line keeps its words for what the service words as a column to rename."""
+    path = tmp_path / "d.csv"
+    path.write_text("sentence,label\n" + "".join(f"t{k},{k % 2}\n" for k in range(20)))
+    code, _, err = run(
+        capsys, *cache_argv(tiny_bert_dir, str(path)), "--store", str(tmp_path / "s")
+    )
+    one_line_error(code, err, "no column 'text'", "pass --text-column with one of those")
+
+
 def test_single_class_label_column(capsys, tmp_path, tiny_bert_dir):
     path = tmp_path / "one.csv"
     path.write_text("text,label\nhello,a\nworld,a\n")
@@ -187,7 +197,7 @@ def test_single_class_label_column(capsys, tmp_path, tiny_bert_dir):
         "--store",
         str(tmp_path / "s"),
     )
-    one_line_error(code, err, "two classes")
+    one_line_error(code, err, "two classes", "--label-column")
 
 
 def test_empty_text(capsys, tmp_path, tiny_bert_dir):

@@ -4,12 +4,15 @@ cached states, another job holding the store, a second runner on the same home."
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from test_api import assert_service_words
 from test_cli import write_csv
 
 import api.inference
@@ -256,3 +259,70 @@ def test_two_uploads_of_one_file_give_two_succeeding_jobs_on_one_store(home):
         db.get_job(j)["error"] for j in jobs
     ]
     assert len(list((home / "stores").iterdir())) == 1
+
+
+def failure(home: Path, job_id: str) -> dict:
+    """A failed job's error, after checking that it and every event speak the service's words."""
+    job = Database(home / "ladder.db").get_job(job_id)
+    assert job["status"] == "failed", job
+    for message in [job["error"]["message"], *(e["message"] for e in events(home, job_id))]:
+        assert_service_words(message)
+    return job["error"]
+
+
+def test_a_job_on_a_file_without_a_text_column_says_which_column_to_rename(home):
+    """Uploads are checked when they arrive; a file that reaches a job unchecked (uploaded
+    before a server upgrade) is worded as an upload's error: rename a column, no flag."""
+    db = Database(home / "ladder.db")
+    path = home / "files" / "file-3.csv"
+    path.write_text("sentence,label\n" + "".join(f"t{k},{k % 2}\n" for k in range(20)))
+    db.add_file(
+        {**db.get_file("file-1"), "id": "file-3", "filename": "sentences.csv", "path": str(path)}
+    )
+    job_id = new_job(home)
+    db.update_job(job_id, training_file="file-3")
+    run_job(str(home), job_id)
+    error = failure(home, job_id)
+    assert error["code"] == "invalid_training_data", error
+    assert "sentences.csv has no column 'text'" in error["message"]
+    assert "rename it to 'text'" in error["message"]
+
+
+def test_states_the_cache_dtype_cannot_hold_name_the_hyperparameter(home, monkeypatch):
+    """fp16 cannot hold a state of 1e6: the client is told which hyperparameter to change
+    (the tiny backbone's states are small, so caching raises what the store raises)."""
+    import backbone_worker.cache
+    from cache_store import codecs
+
+    def overflowing(*args, **kwargs):
+        codecs.encode(np.full((2, 4), 1e6, dtype=np.float32), "fp16")
+
+    monkeypatch.setattr(backbone_worker.cache, "build_cache", overflowing)
+    job_id = new_job(home, cache_dtype="fp16")
+    run_job(str(home), job_id)
+    error = failure(home, job_id)
+    assert (error["code"], error["param"]) == (
+        "invalid_hyperparameters",
+        "hyperparameters.cache_dtype",
+    )
+    assert "hyperparameters.cache_dtype bf16" in error["message"]
+
+
+def test_a_store_that_does_not_match_is_not_the_clients_to_fix(home):
+    """The service's own store recorded other settings than a job asks of it: the client is
+    neither blamed nor told to pass a flag or delete a server path; the server resolves it or
+    owns the failure."""
+    first = new_job(home, n_epochs=1)
+    run_job(str(home), first)
+    meta = Path(_store_of(home, first)) / "zarr.json"
+    root = json.loads(meta.read_text())
+    root["attributes"]["settings"]["max_length"] = 64
+    meta.write_text(json.dumps(root))
+    second = new_job(home, n_epochs=1)
+    run_job(str(home), second)
+    job = Database(home / "ladder.db").get_job(second)
+    if job["status"] != "succeeded":
+        assert failure(home, second)["code"] not in (
+            "invalid_training_data",
+            "invalid_hyperparameters",
+        )

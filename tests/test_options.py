@@ -118,6 +118,25 @@ def test_settings_out_of_range_are_refused_where_they_are_made(capsys):
     assert code == 2 and "--warmup 2.0 is out of range" in capsys.readouterr().err
 
 
+def test_an_option_error_names_the_flag_and_over_http_the_hyperparameter():
+    """One declaration names a setting both ways: its flag on the command line, its field among
+    a job's hyperparameters over HTTP (a setting with no such field has no HTTP name)."""
+    from api.errors import http_field, http_message
+
+    with pytest.raises(OptionError) as info:
+        TrainOptions(lr=2.0)
+    assert str(info.value) == "--lr 2.0 is out of range; it must be above 0 and at most 1"
+    assert http_field(info.value) == "hyperparameters.learning_rate"
+    assert http_message(info.value) == (
+        "hyperparameters.learning_rate 2.0 is out of range; it must be above 0 and at most 1"
+    )
+    # batch_size is a hyperparameter of the trainer; the backbone's forward batch is none.
+    with pytest.raises(OptionError) as info:
+        CacheOptions(batch_size=0)
+    assert str(info.value).startswith("--cache-batch-size 0 is out of range")
+    assert http_field(info.value) is None
+
+
 def test_a_saved_config_with_an_unknown_pooling_is_refused(tmp_path, tiny_bert_dir):
     from backbone_worker.backbone import load_backbone
     from side_trainer.artifacts import ArtifactError, load_side_model, save_side_model

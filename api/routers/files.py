@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from api.db import new_id
-from api.errors import APIError, require_id
+from api.errors import APIError, http_message, require_id
 from api.guard import max_upload_bytes
 from api.schemas import FileList, FileObject
 from api.state import Services, services
@@ -71,7 +71,8 @@ def upload(
     except BaseException as exc:
         path.unlink(missing_ok=True)  # nothing is kept of an upload that was not recorded
         if isinstance(exc, DataError):
-            raise APIError(400, "invalid_file", str(exc).replace(str(path), name), "file") from None
+            message = http_message(exc).replace(str(path), name)
+            raise APIError(400, "invalid_file", message, "file") from None
         raise
     return FileObject(**record)
 

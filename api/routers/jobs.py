@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from api.db import ACTIVE, TERMINAL, new_id
-from api.errors import APIError, require_id
+from api.errors import APIError, http_field, http_message, require_id
 from api.hyperparameters import declared
 from api.jobs import resolved_hyperparameters
 from api.routers.files import file_record
@@ -42,13 +42,13 @@ def _check_backbone(registry: ModelRegistry, model: str) -> None:
 
         try:
             resolve(model)
-        except BackboneError as exc:
+        except BackboneError:
+            # Why the server lacks it (its cache, its packages) is the server's business.
             raise APIError(
                 400,
                 "model_not_found",
-                f"backbone {model!r} is not available "
-                f"({exc}); use one of {', '.join(registry.available_backbones())} or "
-                f"a hub id the server has",
+                f"backbone {model!r} is not available on this server; use one of "
+                f"{', '.join(registry.available_backbones())} or a hub id the server has",
                 "model",
             ) from None
 
@@ -271,9 +271,8 @@ def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:
                 family.hidden_size(config),
                 family.name == DECODER,
                 CacheOptions(width=hp.cache_width, **projection),
-                name="cache_width",
             )
         except FamilyError as exc:
             raise APIError(
-                400, "invalid_hyperparameter", str(exc), "hyperparameters.cache_width"
+                400, "invalid_hyperparameter", http_message(exc), http_field(exc)
             ) from None

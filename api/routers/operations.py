@@ -34,8 +34,7 @@ def ready(s: Services = Depends(services)):
         return JSONResponse(
             error_body(
                 "disk_full",
-                f"LADDER_HOME has {free_mb:.0f} MB free, "
-                f"under the {floor:.0f} MB this server needs",
+                f"the server's disk has {free_mb:.0f} MB free, under the {floor:.0f} MB it needs",
             ),
             status_code=503,
         )
