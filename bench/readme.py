@@ -1,13 +1,14 @@
-"""The README's measured figures, written from the JSON files in bench/results/ (never by hand).
+"""The measured figures and generated tables of README.md and docs/*.md, written from the JSON
+files in bench/results/ and from the code's own declarations (never by hand).
 
-A generated block sits between two markers that name its renderer and its file:
+A generated block sits between two markers that name its renderer and its file ("-": none):
 
     <!-- bench.readme bench quick.json -->
     ... (rewritten) ...
     <!-- /bench.readme -->
 
-    python -m bench.readme            rewrite README.md's blocks from the JSON files
-    python -m bench.readme --check    exit 1 if a block differs from what its file gives
+    python -m bench.readme            rewrite the blocks of README.md and docs/*.md
+    python -m bench.readme --check    exit 1 if a block differs from what its source gives
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from bench.compare import markdown
+from bench.compare import _accuracy_cell, markdown
 
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -442,6 +443,51 @@ def architectures(_: dict | None = None) -> str:
     return "\n".join(rows) + "\n"
 
 
+def headline(_: dict | None = None) -> str:
+    """The README's few figures, from the result files the docs pages render in full."""
+
+    def load(name: str) -> dict:
+        return json.loads((RESULTS / name).read_text())
+
+    def flag(run: dict, name: str) -> str:  # a setting of the run's `ladder finetune` command
+        return re.search(rf"{name} (\S+)", run["commands"][0]).group(1)
+
+    demo, smol, full, gpu_run = (
+        load(n)
+        for n in ("minilm_finetune.json", "smollm2_finetune.json", "full.json", "gpu_quick.json")
+    )
+    f, sd, store = demo["finetune"], demo["seeds"], demo["store"]
+    lst, ft = full["methods"]["lst_cached"], full["methods"]["full"]
+    vs, cfg = lst["vs_full"], full["config"]
+    rows = [
+        "| figure | value |",
+        "|---|---|",
+        f"| `make demo` (MiniLM, {int(flag(demo, '--limit')):,} tweets, {flag(demo, '--epochs')} "
+        f"epochs): accuracy on the whole test split | "
+        f"{demo['evaluate']['accuracy']:.3f} ({demo['evaluate']['n']:,} rows); "
+        f"training seeds 0-{len(sd['test_accuracy_per_seed']) - 1}: {sd['mean']:.3f} ± "
+        f"{sd['sd']:.3f} |",
+        f"| its trainable parameters | {f['trainable_params']:,} ({f['trainable_pct']:.2f}% of "
+        f"{f['backbone_params'] / 1e6:.1f}M) |",
+        f"| its store | {store['bytes_per_example']:,} bytes/example, "
+        f"{store['full_width_ratio']:.1f}x smaller than fp32 full width |",
+        f"| its wall time, `ladder finetune` | {demo['seconds']['finetune']:.0f} s, of which "
+        f"caching {f['cache_seconds']:.0f} s |",
+        f"| cached LST against full fine-tuning (`{cfg['backbone']}`, {cfg['limit']:,} rows, "
+        f"{cfg['seeds']} seeds): test accuracy | {_accuracy_cell(lst)} against "
+        f"{_accuracy_cell(ft)} ({100 * vs['accuracy_diff']:+.1f} pts) |",
+        f"| the same: training examples/s, peak MB above load | {lst['examples_per_s']:.1f} "
+        f"against {ft['examples_per_s']:.1f} ({full['ratios']['lst_cached_speed_vs_full']}x); "
+        f"{lst['peak_mem_mb']:.0f} against {ft['peak_mem_mb']:.0f} |",
+        f"| SmolLM2-135M ({int(flag(smol, '--limit')):,} tweets): accuracy on the whole test "
+        f"split | "
+        f"{smol['evaluate']['accuracy']:.3f} |",
+        f"| on an {gpu_run['machine']['gpu']} (quick bench): cached LST's training "
+        f"examples/s | {gpu_run['methods']['lst_cached']['examples_per_s']:.1f} |",
+    ]
+    return "\n".join(rows) + "\n"
+
+
 def options(_: dict | None = None) -> str:
     """Every caching and training setting, from their declarations (not a file)."""
     from backbone_worker.options import CacheOptions, settings
@@ -476,6 +522,7 @@ RENDERERS = {
     "halving": halving,
     "architectures": architectures,
     "options": options,
+    "headline": headline,
 }
 
 
@@ -488,24 +535,32 @@ def render(text: str) -> str:
     return BLOCK.sub(block, text)
 
 
+def pages() -> list[Path]:
+    """Every page that may hold generated blocks: the README and the docs."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true")
-    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("pages", nargs="*", type=Path, help="default: README.md and docs/*.md")
     args = parser.parse_args(argv)
-    path = Path(args.readme)
-    text = path.read_text()
-    new = render(text)
-    if args.check:
-        if new != text:
-            print(
-                f"{path}: generated blocks differ from bench/results; run python -m bench.readme",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    path.write_text(new)
-    return 0
+    stale = []
+    for path in args.pages or pages():
+        text = path.read_text()
+        new = render(text)
+        if new == text:
+            continue
+        if args.check:
+            stale.append(path)
+        else:
+            path.write_text(new)
+    for path in stale:
+        print(
+            f"{path}: generated blocks differ from their sources; run python -m bench.readme",
+            file=sys.stderr,
+        )
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,16 @@ FAMILY_DEFAULTS = {
     "encoder-decoder": {"lr": 3e-3, "batch_size": 32},
     "decoder": {"lr": 1e-3, "batch_size": 16},
 }
-PER_FAMILY = "32 and 3e-3 for encoders and T5, 16 and 1e-3 for decoder-only models"
+
+
+def per_family(key: str) -> str:
+    """What an unset `key` becomes, in words (help texts, docs), from FAMILY_DEFAULTS."""
+    assert FAMILY_DEFAULTS["encoder-decoder"] == FAMILY_DEFAULTS["encoder"]
+    enc, dec = (FAMILY_DEFAULTS[f][key] for f in ("encoder", "decoder"))
+    words = [str(v) if isinstance(v, int) else f"{v:.0e}".replace("e-0", "e-") for v in (enc, dec)]
+    return f"{words[0]} for encoders and T5, {words[1]} for decoder-only models"
+
+
 SIDE_HEADS = (
     "encoders: heads 16 wide (MiniLM at r 8: 3), no more than the backbone has; other "
     "families keep the backbone's heads"
@@ -54,7 +63,9 @@ class TrainOptions:
     )
     batch_size: int | None = field(
         default=None,
-        metadata=setting("training batch", http="batch_size", low=1, high=4096, auto=PER_FAMILY),
+        metadata=setting(
+            "training batch", http="batch_size", low=1, high=4096, auto=per_family("batch_size")
+        ),
     )
     lr: float | list[float] | None = field(
         default=None,
@@ -63,7 +74,7 @@ class TrainOptions:
             http="learning_rate",
             above=0,
             high=1,
-            auto=PER_FAMILY,
+            auto=per_family("lr"),
             sweep=True,
         ),
     )
