@@ -1,8 +1,12 @@
 # One image for every service of docker-compose.yml: the Ray head, the GPU Ray workers and the API.
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
-ARG TORCH_VERSION=2.5.1
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+# The torch of the Makefile and pyproject.toml (tests/test_deploy.py checks they agree), as its
+# CUDA build: pulled from the index below when the image is built, not shipped with the project.
+# 2.13's CUDA builds: cu126 (a CUDA 12 driver; GPUs from Maxwell to Hopper) and cu130 (a CUDA 13
+# driver; Blackwell too): --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \

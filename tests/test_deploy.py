@@ -92,3 +92,21 @@ def test_dockerfile_copies_every_package_the_project_installs():
     ]["find"]["include"]
     copied = set(re.findall(r"^COPY (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), re.M))
     assert {pattern.rstrip("*") for pattern in include} <= copied
+
+
+def test_one_torch_version_in_the_makefile_the_dockerfile_and_pyproject():
+    """`make install` (the CPU wheel), the image (its CUDA build) and pip's resolver install one
+    torch version, and the image pulls it from a CUDA wheel index."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    make = re.search(r"^TORCH_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    image = re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M)
+    index = re.search(r"^ARG TORCH_INDEX_URL=(\S+)$", dockerfile, re.M)
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch,) = [r for r in map(Requirement, dependencies) if r.name == "torch"]
+    assert make and image and index
+    assert make.group(1) == image.group(1)
+    assert str(torch.specifier) == f"=={make.group(1)}"
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", index.group(1))
