@@ -260,12 +260,20 @@ def _joint(model_dirs: list[str]):
 
 def cmd_evaluate(args) -> dict:
     from api.inference import evaluate
-    from backbone_worker.data import load_dataset
+    from backbone_worker.data import DataError, load_dataset
+    from side_trainer.metrics import table
 
     joint = _joint([args.model])
     examples = load_dataset(args.data, **data_kwargs(args)).split(args.split)
-    result = evaluate(joint, examples)
-    return {"accuracy": result["accuracy"][0], "n": result["n"], "split": args.split}
+    if not examples:
+        raise DataError(
+            f"the {args.split} split of {args.data} has no rows (a split holds about a tenth "
+            f"of the rows); pass another --split, or data with more rows"
+        )
+    split = evaluate(joint, examples)["reports"][0]
+    if not args.json:
+        print(table(split))
+    return {"split": args.split, **split}
 
 
 def cmd_predict(args) -> dict:
@@ -280,7 +288,7 @@ def cmd_predict(args) -> dict:
 def cmd_finetune(args) -> dict:
     import gc
 
-    from api.inference import JointModel, evaluate
+    from api.inference import JointModel, test_report
     from backbone_worker.backbone import load_backbone
     from backbone_worker.cache import build_cache
     from backbone_worker.data import load_dataset
@@ -301,11 +309,17 @@ def cmd_finetune(args) -> dict:
     gc.collect()
     result = train(args.store, args.out, train_options(args))
     joint = JointModel(load_backbone(args.backbone), [load_side_model(args.out)])
-    test = evaluate(joint, dataset.split("test"))
+    test = test_report(joint, dataset)
+    if test and not args.json:
+        from side_trainer.metrics import table
+
+        print(f"test split: {table(test)}")
     info = store.info()
     return {
-        "test_accuracy": test["accuracy"][0],
-        "n_test": test["n"],
+        "test_accuracy": test and test["accuracy"],
+        "test_macro_f1": test and test["macro_f1"],
+        "n_test": test["n"] if test else 0,
+        "test": test,
         "cache_seconds": round(cache_seconds, 1),
         "store": args.store,
         "bytes_per_element": info["bytes_per_element"],
@@ -552,10 +566,16 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as exc:
         print(f"ladder {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    if result.get("warning"):
+        print(f"ladder {args.command}: warning: {result['warning']['message']}", file=sys.stderr)
     if args.json is not None and args.json is not False:
         print(json.dumps(result, default=str))
-    elif args.command not in ("predict", "bench"):
-        shown = {k: v for k, v in result.items() if k not in ("history", "options", "identity")}
+    elif args.command not in ("predict", "bench", "evaluate"):
+        shown = {
+            k: v
+            for k, v in result.items()
+            if k not in ("history", "options", "identity", "validation", "test")
+        }
         if "candidates" in shown:  # a sweep: one line per configuration
             shown["candidates"] = [
                 ", ".join(f"{k} {c[k]:g}" for k in result["sweep"]) + ": " + candidate_line(c)

@@ -7,6 +7,7 @@ score each label text with the frozen LM head and pick the most likely one.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import Counter
@@ -21,6 +22,8 @@ from backbone_worker.families import ENCODER_DECODER
 from side_trainer.group import SideGroup, partition
 from side_trainer.model import SideNetwork
 from side_trainer.packing import pack_stream, packing_for
+
+log = logging.getLogger(__name__)
 
 # Side networks of one width map from which the map runs once per pass for all of them rather
 # than folded into each one's ladders (see JointModel). Measured with MiniLM (K 96), batch 32,
@@ -266,17 +269,52 @@ class JointModel:
 
 
 def evaluate(joint: JointModel, examples: list[Example], batch_size: int = 64) -> dict:
-    """Accuracy of each side model on labelled examples, through the live backbone, and each
-    example's correctness ("correct": one list per side model, in the examples' order). Batches
-    hold texts of similar lengths, so little of the backbone's work goes to padding."""
+    """Accuracy of each side model on labelled examples, through the live backbone, each
+    example's correctness ("correct": one list per side model, in the examples' order), and each
+    side model's full account ("reports": side_trainer.metrics.report: macro-F1, per class, the
+    confusion matrix, the majority-class rate). Batches hold texts of similar lengths, so little
+    of the backbone's work goes to padding."""
+    from cache_store.progress import Bar
+    from side_trainer.metrics import confusion, report
+
     order = sorted(range(len(examples)), key=lambda k: len(examples[k].text))
     correct = [[False] * len(examples) for _ in joint.sides]
-    for start in range(0, len(order), batch_size):
+    predicted = [[""] * len(examples) for _ in joint.sides]
+    batches = range(0, len(order), batch_size)
+    for start in Bar(batches, phase="evaluating", desc="evaluating", unit="batch", leave=False):
         idx = order[start : start + batch_size]
         chunk = [examples[k] for k in idx]
         pairs = [e.text_pair or "" for e in chunk] if chunk[0].text_pair is not None else None
-        for hits, preds in zip(correct, joint.predict([e.text for e in chunk], pairs)):
+        for hits, labels, preds in zip(
+            correct, predicted, joint.predict([e.text for e in chunk], pairs)
+        ):
             for k, p, e in zip(idx, preds, chunk):
-                hits[k] = p.label == e.label
+                hits[k], labels[k] = p.label == e.label, p.label
     n = len(examples)
-    return {"n": n, "accuracy": [sum(hits) / max(n, 1) for hits in correct], "correct": correct}
+    reports = []
+    for side, labels in zip(joint.sides, predicted):
+        # A label of the data the model never saw is a class it misses every time.
+        classes = list(side.cfg.labels)
+        classes += sorted({e.label for e in examples} - set(classes))
+        index = {label: k for k, label in enumerate(classes)}
+        true = [index[e.label] for e in examples]
+        reports.append(report(confusion(true, [index[y] for y in labels], len(classes)), classes))
+    return {
+        "n": n,
+        "accuracy": [sum(hits) / max(n, 1) for hits in correct],
+        "correct": correct,
+        "reports": reports,
+    }
+
+
+def test_report(joint, dataset) -> dict | None:
+    """The model's figures on the data's held-out test split; None when the split is empty (a
+    file of a few rows), where no figure can be had."""
+    examples = dataset.split("test")
+    if not examples:
+        log.warning(
+            "the data's test split is empty (%d rows in all): no test figures",
+            len(dataset.examples),
+        )
+        return None
+    return evaluate(joint, examples)["reports"][0]

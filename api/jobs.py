@@ -16,12 +16,12 @@ import os
 import queue
 import shutil
 import threading
-import time
 from pathlib import Path
 
 from api import hyperparameters
 from api.db import ACTIVE, Database, write_model_record
 from backbone_worker.options import CacheOptions
+from cache_store.progress import reporting
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,26 @@ def run_job(home: str, job_id: str) -> None:
         if db.get_job(job_id)["status"] == "cancelled":
             raise JobCancelled
 
+    def on_progress(phase: str, stage: str, done: int, total: int, eta_s: float | None) -> None:
+        """Every long loop's counts (the terminal's bars) as events, every 2 s at most."""
+        check_cancelled()
+        left = f", about {_duration(eta_s)} left" if eta_s is not None and done < total else ""
+        db.add_event(
+            job_id,
+            f"{stage}: {done}/{total}{left}",
+            data={
+                "step": phase,
+                "stage": stage,
+                "done": done,
+                "total": total,
+                "eta_s": None if eta_s is None else round(eta_s, 1),
+            },
+        )
+
     training = db.get_file(job["training_file"])
     try:
-        _run(home_path, db, job, training, check_cancelled)
+        with reporting(on_progress):
+            _run(home_path, db, job, training, check_cancelled)
     except JobCancelled:
         db.add_event(job_id, "cancelled", level="warning", data={"status": "cancelled"})
     except Exception as exc:  # noqa: BLE001 - any failure ends the job with its reason
@@ -106,7 +123,7 @@ def resolved_hyperparameters(model: str, hp: dict, n_rows: int) -> dict:
 def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancelled) -> None:
     import torch
 
-    from api.inference import JointModel, evaluate
+    from api.inference import JointModel, evaluate, test_report
     from backbone_worker.backbone import fingerprint_dir, load_backbone, resolve
     from backbone_worker.data import load_dataset
     from cache_store import CorruptPartError
@@ -146,10 +163,12 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
             else ""
         )
         loss = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
+        retry = f"retry {record['attempt']}, " if "attempt" in record else ""
+        f1 = f", macro-F1 {record['val_macro_f1']:.4f}" if record.get("val_macro_f1") else ""
         db.add_event(
             job_id,
-            f"epoch {record['epoch']}: train loss {loss}, "
-            f"validation accuracy {record['val_accuracy']}{of}",
+            f"{retry}epoch {record['epoch']}: train loss {loss}, "
+            f"validation accuracy {record['val_accuracy']}{f1}{of}",
             data={"step": "training", **record},
         )
 
@@ -171,6 +190,22 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
         except CorruptPartError as again:
             raise StoreDamaged() from again
     check_cancelled()
+    for attempt in result["attempts"] or []:
+        if attempt["collapsed"]:
+            db.add_event(
+                job_id,
+                f"the model at learning rate {attempt['lr']:.3g}, seed {attempt['seed']} was no "
+                f"better than the majority class ({attempt['collapsed']})",
+                level="warning",
+                data={"step": "training", "attempt": attempt},
+            )
+    if result["warning"]:
+        db.add_event(
+            job_id,
+            result["warning"]["message"],
+            level="warning",
+            data={"step": "training", "warning": result["warning"]},
+        )
     db.add_event(job_id, "evaluating on the held-out test split", data={"step": "evaluating"})
     joint = JointModel(load_backbone(job["model"]), [load_side_model(out_dir)])
     metrics = {
@@ -189,11 +224,27 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
     }
     if "candidates" in result:  # a sweep: every configuration's curve, and which was kept
         metrics.update({k: result[k] for k in ("sweep", "chosen", "candidates")})
-    metrics["test_accuracy"] = evaluate(joint, dataset.split("test"))["accuracy"][0]
+    # What accuracy alone hides: macro-F1, per class, the confusion matrix, the majority rate.
+    metrics["validation"] = result["validation"]
+    metrics["warning"], metrics["attempts"] = result["warning"], result["attempts"]
+    test = test_report(joint, dataset)
+    if test is None:
+        db.add_event(
+            job_id,
+            f"the file's {len(dataset.examples)} rows leave its test split empty: no test "
+            f"figures (a tenth of the rows, about, are test rows)",
+            level="warning",
+            data={"step": "evaluating"},
+        )
+    metrics["test"] = test
+    metrics["test_accuracy"] = test and test["accuracy"]
+    metrics["test_macro_f1"] = test and test["macro_f1"]
     if job["validation_file"]:
         validation = db.get_file(job["validation_file"])
         examples = load_dataset(validation["path"], **_columns(validation)).examples
-        metrics["validation_file_accuracy"] = evaluate(joint, examples)["accuracy"][0]
+        split = evaluate(joint, examples)["reports"][0]
+        metrics["validation_file"] = split
+        metrics["validation_file_accuracy"] = split["accuracy"]
     # Succeeding and registering the model are one transaction that a cancel, arriving at any
     # point before it, prevents; a cancelled job's model directory is removed.
     write_model_record(out_dir, model_id(job), job["model"], job_id)
@@ -218,17 +269,9 @@ def _cache(
     from cache_store import ActivationStore, StoreBusyError, StoreLock
 
     job_id = job["id"]
-    last = [0.0]
 
-    def on_part(done: int, total: int) -> None:
+    def on_part(done: int, total: int) -> None:  # the caching bar reports the counts
         check_cancelled()
-        if time.time() - last[0] > 2 or done == total:
-            last[0] = time.time()
-            db.add_event(
-                job_id,
-                f"cached {done}/{total} examples",
-                data={"step": "caching", "done": done, "total": total},
-            )
 
     waiting = False
     while True:
@@ -258,6 +301,14 @@ class StoreDamaged(RuntimeError):
             "the server's cached states of this data are damaged and recomputing "
             "them did not help; this is a fault of the server, see its log"
         )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _columns(file_record: dict) -> dict:

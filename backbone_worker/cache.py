@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from tqdm.auto import tqdm
 
 from backbone_worker.backbone import Backbone, load_backbone, portable_config
 from backbone_worker.data import SPLITS, Dataset, Example, load_dataset
@@ -25,6 +24,7 @@ from backbone_worker.families import DECODER, ENCODER_DECODER, FamilyError
 from backbone_worker.importance import fisher_scores, fit_probe, magnitude_scores
 from backbone_worker.options import CacheOptions, OptionError, stored_width
 from cache_store import ActivationStore, StoreLock
+from cache_store.progress import Bar
 from cache_store.projection import ProjectionSpec
 from cache_store.projection import fit as fit_projection
 
@@ -111,14 +111,17 @@ def write_projection(
         return
     start = time.perf_counter()
     sample = dataset.split("train")[:PROJECTION_EXAMPLES]
-    arrays = encode_part(backbone, sample, layers, dataset.labels, opts)
-    store.set_projection(
-        {
-            f"{s}/{name}": fit_projection(store.projection, np.concatenate(rows))
-            for s, stream in arrays["streams"].items()
-            for name, rows in stream["states"].items()
-        }
-    )
+    # One step for the sample's states, one per stored layer's fit.
+    with Bar(total=2, phase="width map", desc="width map", leave=False) as bar:
+        arrays = encode_part(backbone, sample, layers, dataset.labels, opts)
+        bar.total = 1 + sum(len(stream["states"]) for stream in arrays["streams"].values())
+        bar.update(1)
+        matrices = {}
+        for s, stream in arrays["streams"].items():
+            for name, rows in stream["states"].items():
+                matrices[f"{s}/{name}"] = fit_projection(store.projection, np.concatenate(rows))
+                bar.update(1)
+    store.set_projection(matrices)
     log.info(
         "fitted the %s map to width %d on %d training examples in %.1fs",
         store.projection.kind,
@@ -289,7 +292,9 @@ def build_cache(
             log.info("resuming: %d of %d parts already committed", len(plan) - len(todo), len(plan))
         totals = {"examples": 0, "tokens": 0}
         start = time.perf_counter()
-        with tqdm(total=sum(p["n"] for p in todo), desc="caching", unit="ex") as bar:
+        with Bar(
+            total=sum(p["n"] for p in todo), phase="caching", desc="caching", unit="ex"
+        ) as bar:
 
             def done(stats: dict) -> None:
                 totals["examples"] += stats["n"]

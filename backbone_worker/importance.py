@@ -29,10 +29,10 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from backbone_worker.backbone import HIDDEN_ARGS, Backbone
 from backbone_worker.families import DECODER, ENCODER_DECODER
+from cache_store.progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,13 @@ def pooled_features(
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))  # little padding per batch
     feats = torch.empty(len(texts), backbone.hidden_size)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
+        for start in Bar(
+            range(0, len(order), batch_size),
+            phase="importance",
+            desc="probe features",
+            leave=False,
+            mininterval=1.0,
+        ):
             idx = order[start : start + batch_size]
             enc = backbone.tokenize(
                 [texts[k] for k in idx], [pairs[k] for k in idx] if pairs else None, max_length
@@ -115,7 +121,7 @@ def train_probe(
     torch.nn.init.zeros_(probe.weight)
     torch.nn.init.zeros_(probe.bias)
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=weight_decay)
-    for _ in range(steps):
+    for _ in Bar(range(steps), phase="importance", desc="probe fit", leave=False, mininterval=1.0):
         optimizer.zero_grad()
         F.cross_entropy(probe(features), targets).backward()
         optimizer.step()
@@ -295,8 +301,12 @@ def fisher_scores(
     # Batches of similar lengths waste little compute on padding; the sums ignore the order.
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
     try:
-        for start in tqdm(
-            range(0, len(order), batch_size), desc="fisher", leave=False, mininterval=1.0
+        for start in Bar(
+            range(0, len(order), batch_size),
+            phase="importance",
+            desc="fisher scores",
+            leave=False,
+            mininterval=1.0,
         ):
             if check is not None:
                 check()

@@ -141,6 +141,17 @@ class TrainOptions:
             low=1,
         ),
     )
+    retries: int = field(
+        default=2,
+        metadata=setting(
+            "trainings again, each at a third of the last learning rate and the next seed, when "
+            "the kept model predicts one class for every validation row or its validation "
+            "macro-F1 is no better than the majority class's; the best attempt is kept",
+            http="collapse_retries",
+            low=0,
+            high=5,
+        ),
+    )
     seed: int = field(default=0, metadata=setting("training seed", flag="--train-seed"))
     n_seeds: int = field(
         default=1,

@@ -14,17 +14,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from backbone_worker.backbone import fingerprint_dir, resolve
 from backbone_worker.families import DECODER, ENCODER_DECODER, family_by_name
 from cache_store import ActivationStore, StoreError
+from cache_store.progress import Bar
+from side_trainer import metrics
 from side_trainer.artifacts import WEIGHTS_FILE, save_side_model
 from side_trainer.group import groups_of
 from side_trainer.memory import PeakMemory, allocator
@@ -137,6 +139,7 @@ class Candidate:
     net: SideNetwork
     best: float = -1.0
     best_state: dict | None = None
+    best_validation: dict | None = None  # metrics.report of the best epoch (class outputs only)
     history: list = field(default_factory=list)
     stale: int = 0
     steps: int = 0  # optimizer steps it trained
@@ -187,7 +190,98 @@ def best_epoch(history: list, best: float) -> int:
     return next(h["epoch"] for h in history if h["val_accuracy"] == best)
 
 
+# A model no better than the majority class is trained again (TrainOptions.retries times at most),
+# each time at this share of the last learning rate and the next seed: a rate too high for the
+# data, or an unlucky initialisation, is the usual cause.
+RETRY_LR_FACTOR = 1 / 3
+
+
 def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None) -> dict:
+    """`train_once`, and a guard against a collapsed model: when the kept model predicts one
+    class for all validation rows, or its validation macro-F1 is no better than the majority
+    class's, training runs again (`opts.retries` times at most, at a lower rate and another seed) and
+    the attempt with the best validation macro-F1 is kept. Its result then lists every attempt
+    (`attempts`); `warning` ({"code", "message"}, else None) says when none beat the majority
+    class. `on_epoch` records of a retry carry `attempt` (1, 2, ...)."""
+    out_dir = Path(out_dir)
+    result = train_once(store_url, out_dir, opts, on_epoch)
+    if "attempts" in result:  # a finished run of this guard, found again (a resumed job)
+        return result
+    reason = metrics.collapsed(result["validation"])
+    attempts = [(result, reason, out_dir)]
+    while reason and len(attempts) <= opts.retries:
+        k = len(attempts)
+        last = TrainOptions(**attempts[-1][0]["options"])
+        retry = replace(last, lr=last.lr * RETRY_LR_FACTOR, seed=last.seed + 1)
+        log.warning(
+            "the model is no better than the majority class (%s); training again at learning "
+            "rate %.3g with seed %d (retry %d of %d)",
+            reason,
+            retry.lr,
+            retry.seed,
+            k,
+            opts.retries,
+        )
+        where = out_dir / f"retry-{k}"
+        hook = None if on_epoch is None else lambda r, k=k: on_epoch({**r, "attempt": k})
+        result = train_once(store_url, where, retry, hook)
+        reason = metrics.collapsed(result["validation"])
+        attempts.append((result, reason, where))
+    if len(attempts) == 1:
+        return {**result, "attempts": None, "warning": None}
+    best, reason, where = max(attempts, key=lambda a: a[0]["validation"]["macro_f1"])
+    for path in where.iterdir() if where != out_dir else ():
+        path.replace(out_dir / path.name)
+    for _, _, path in attempts[1:]:
+        shutil.rmtree(path, ignore_errors=True)
+    # A sweep's retries train its chosen configuration: the sweep's own account stays.
+    sweep = {k: v for k, v in attempts[0][0].items() if k in ("sweep", "data_seed", "chosen")}
+    result = {
+        **best,
+        **sweep,
+        **({"candidates": attempts[0][0]["candidates"]} if sweep else {}),
+        "model_dir": str(out_dir),
+        # train_once's identity in out_dir is the first attempt's: a rerun finds this result.
+        "identity": attempts[0][0]["identity"],
+        "attempts": [
+            {
+                "lr": r["options"]["lr"],
+                "seed": r["options"]["seed"],
+                "val_accuracy": r["best_val_accuracy"],
+                "val_macro_f1": r["validation"]["macro_f1"],
+                "collapsed": why,
+            }
+            for r, why, _ in attempts
+        ],
+        "warning": None
+        if reason is None
+        else {
+            "code": "majority_class",
+            "message": f"after {len(attempts)} attempts the model is still no better than "
+            f"the majority class: {reason}; add rows of the smaller classes, or try a lower "
+            f"learning rate",
+        },
+    }
+    write_result(out_dir, result)
+    log.log(
+        logging.WARNING if reason else logging.INFO,
+        "kept attempt %d of %d (validation macro-F1 %.3f)%s",
+        attempts.index(next(a for a in attempts if a[0] is best)) + 1,
+        len(attempts),
+        best["validation"]["macro_f1"],
+        f"; still no better than the majority class: {reason}" if reason else "",
+    )
+    return result
+
+
+def write_result(out_dir: Path, result: dict) -> None:
+    """Written last and atomically: its presence says the model beside it is complete."""
+    finished = out_dir / METRICS_FILE
+    finished.with_suffix(".tmp").write_text(json.dumps(result, indent=2) + "\n")
+    finished.with_suffix(".tmp").replace(finished)
+
+
+def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None) -> dict:
     """Train, keep the best validation epoch, save artifacts; returns the run's metrics.
 
     A sweep (lists of learning rates or reductions, several seeds: see `expand`) trains every
@@ -221,6 +315,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             f"more rows so that some fall in the validation split"
         )
     candidates = [Candidate(o, build_side_network(store, o).to(opts.device)) for o in expand(opts)]
+    n_cand, labels = len(candidates), store.settings["labels"]
     trainable = [[p for p in c.net.parameters() if p.requires_grad] for c in candidates]
     optimizer = adamw(
         [{"params": ps, "lr": c.opts.lr} for c, ps in zip(candidates, trainable)],
@@ -258,6 +353,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             for c, saved in zip(candidates, state["candidates"]):
                 c.net.load_state_dict(saved["net"])
                 c.best, c.best_state = saved["best"], saved["best_state"]
+                c.best_validation = saved["best_validation"]
                 c.history, c.stale = saved["history"], saved["stale"]
                 c.steps, c.rounds = saved["steps"], saved["rounds"]
             optimizer.load_state_dict(state["optimizer"])
@@ -302,7 +398,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 break
             start = time.perf_counter()
             losses = [[] for _ in candidates]
-            bar = tqdm(
+            bar = Bar(
                 store.iter_batches(
                     "train",
                     opts.batch_size,
@@ -314,6 +410,9 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                 total=steps_per_epoch,
                 desc=f"epoch {epoch + 1}/{opts.epochs}",
                 leave=False,
+                phase="training",
+                start=epoch * steps_per_epoch,
+                overall=total_steps,
             )
             first = candidates[0].net  # every candidate has the family, so the same loss terms
             due = 0  # a halving round due after the step just taken
@@ -362,22 +461,26 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
             validation = (
                 evaluate_groups(groups, len(candidates), store, "validation", opts)
                 if has_validation
-                else ([float(epoch)] * len(candidates), [0.0] * len(candidates))
+                else ([float(epoch)] * n_cand, [0.0] * n_cand, [None] * n_cand)
             )
             trained = {k for indices, _ in groups for k in indices}
-            for k, (c, score, ls) in enumerate(zip(candidates, validation[0], losses)):
+            for k, (c, score, counts, ls) in enumerate(
+                zip(candidates, validation[0], validation[2], losses)
+            ):
                 if k not in trained:  # stopped, in an earlier epoch or halved in this one
                     continue
                 loss = sum(ls) / len(ls)
+                split = None if counts is None else metrics.report(counts.numpy(), labels)
                 c.history.append(
                     {
                         "epoch": epoch + 1,
                         "train_loss": loss if math.isfinite(loss) else None,
                         "val_accuracy": score if has_validation else None,
+                        **({"val_macro_f1": split["macro_f1"]} if split else {}),
                     }
                 )
                 if score > c.best:
-                    c.best, c.stale = score, 0
+                    c.best, c.stale, c.best_validation = score, 0, split
                     c.best_state = {k: v.detach().clone() for k, v in c.net.state_dict().items()}
                 else:
                     c.stale += 1
@@ -401,6 +504,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
                             "net": c.net.state_dict(),
                             "best": c.best,
                             "best_state": c.best_state,
+                            "best_validation": c.best_validation,
                             "history": c.history,
                             "stale": c.stale,
                             "steps": c.steps,
@@ -445,6 +549,8 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
         "best_val_accuracy": winner.best if has_validation else None,
         "best_epoch": epoch_kept,
         "selection": selection,
+        # The kept epoch's validation figures: macro-F1, per class, the confusion matrix.
+        "validation": winner.best_validation,
         "trainable_params": net.trainable_parameters(),
         "backbone_params": n_backbone,
         "trainable_pct": 100 * net.trainable_parameters() / n_backbone,
@@ -465,9 +571,7 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
         result["data_seed"] = opts.seed
         result["chosen"] = chosen
         result["candidates"] = [c.summary(axes) for c in candidates]
-    # Written last and atomically: its presence says the model above is complete.
-    finished.with_suffix(".tmp").write_text(json.dumps(result, indent=2) + "\n")
-    finished.with_suffix(".tmp").replace(finished)
+    write_result(out_dir, result)
     checkpoint.unlink(missing_ok=True)
     return result
 
@@ -499,10 +603,17 @@ def epoch_record(candidates: list[Candidate], axes: dict, epoch: int) -> dict:
 @torch.inference_mode()
 def evaluate_groups(
     groups: list, n: int, store: ActivationStore, split: str, opts: TrainOptions
-) -> tuple[list[float], list[float]]:
-    """Accuracy and mean loss of every network of the groups on a stored split, the split read
-    once (n: the number of candidates; those in no group score 0)."""
+) -> tuple[list[float], list[float], list]:
+    """Accuracy, mean loss and confusion matrix (a torch (K, K) count, rows true; None for T5,
+    whose outputs are label texts) of every network of the groups on a stored split, the split
+    read once (n: the number of candidates; those in no group score 0)."""
     hits, total, loss, terms = [0] * n, [0] * n, [0.0] * n, [0] * n
+    classes = len(store.settings["labels"])
+    counts = (
+        [torch.zeros(classes * classes, dtype=torch.long) for _ in range(n)]
+        if store.settings["family"] != ENCODER_DECODER
+        else [None] * n
+    )
     for _, group in groups:
         group.eval()
     for padded in store.iter_batches(split, opts.batch_size, shuffle=False, decode=False):
@@ -516,11 +627,15 @@ def evaluate_groups(
                 for k, logits in zip(indices, group(batch)):
                     h, m = correct(net, batch, logits)
                     hits[k], total[k] = hits[k] + h, total[k] + m
+                    if counts[k] is not None:
+                        cells = batch["labels"] * classes + logits.argmax(-1)
+                        counts[k] += torch.bincount(cells.cpu(), minlength=classes * classes)
                     loss[k] += float(net.loss(batch, logits)) * count
                     terms[k] += count
     return (
         [h / max(t, 1) for h, t in zip(hits, total)],
         [x / max(t, 1) for x, t in zip(loss, terms)],
+        [c if c is None else c.view(classes, classes) for c in counts],
     )
 
 
@@ -537,7 +652,7 @@ def halve(
     (`validation`: scores already taken at this step) and the better half (by accuracy, then
     lower loss; the sweep's order breaks a tie) goes on; `times` rounds falling on one step keep
     1/2^times."""
-    accuracy, loss = validation or evaluate_groups(
+    accuracy, loss, _ = validation or evaluate_groups(
         groups, len(candidates), store, "validation", opts
     )
     finite = [x if math.isfinite(x) else math.inf for x in loss]  # a diverged one ranks last

@@ -326,3 +326,40 @@ def test_a_store_that_does_not_match_is_not_the_clients_to_fix(home):
             "invalid_training_data",
             "invalid_hyperparameters",
         )
+
+
+def test_a_job_reports_progress_in_every_phase_and_the_whole_account_of_its_model(home):
+    job_id = new_job(home, cache_width="d/2")  # a width map to fit: a phase of its own
+    run_job(str(home), job_id)
+    job = Database(home / "ladder.db").get_job(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    counted = [e["data"] for e in events(home, job_id) if "done" in e["data"]]
+    phases = {d["step"] for d in counted}
+    assert {"importance", "width map", "caching", "training", "evaluating"} <= phases
+    for phase in phases:  # each phase's last count is its whole
+        last = [d for d in counted if d["step"] == phase][-1]
+        assert last["done"] == last["total"] > 0, last
+        assert all(d["eta_s"] is None or d["eta_s"] >= 0 for d in counted)
+    result = job["result"]
+    test = result["test"]
+    assert result["test_accuracy"] == test["accuracy"]
+    assert test["n"] == sum(test["per_class"][y]["support"] for y in ("neg", "pos")) > 0
+    assert sum(map(sum, test["confusion_matrix"])) == test["n"]
+    assert test["majority_rate"] >= 0.5 and 0 <= result["test_macro_f1"] <= 1
+    assert result["validation"]["n"] > 0 and "warning" in result
+
+
+def test_a_file_without_test_rows_has_no_test_figures_rather_than_zero(home):
+    db = Database(home / "ladder.db")
+    small = write_csv(home / "files" / "file-3.csv", n=11)
+    db.add_file({**db.get_file("file-1"), "id": "file-3", "path": small, "rows": 11})
+    from backbone_worker.data import load_dataset
+
+    assert not load_dataset(small).split("test")  # 11 rows: none falls in the test split
+    job_id = new_job(home)
+    db.update_job(job_id, training_file="file-3")
+    run_job(str(home), job_id)
+    job = db.get_job(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"]["test_accuracy"] is None and job["result"]["test"] is None
+    assert any("test split empty" in e["message"] for e in events(home, job_id))

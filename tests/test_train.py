@@ -371,3 +371,66 @@ def test_a_backbone_changed_after_caching_is_refused(tmp_path, tiny_bert_dir):
     weights.write_bytes(bytes(content))
     with pytest.raises(StoreError, match="changed since the store was cached"):
         train(store, tmp_path / "m2", TrainOptions(epochs=1, reduction=4))
+
+
+@pytest.fixture
+def keyword_store(tmp_path, tiny_bert_dir):
+    store = str(tmp_path / "store")
+    data = write_csv(tmp_path / "d.csv", n=160)
+    build_cache(tiny_bert_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=8))
+    return store
+
+
+def test_a_collapsed_model_is_trained_again_at_a_lower_rate_and_the_best_kept(
+    tmp_path, keyword_store, monkeypatch
+):
+    """At lr 1.0 the tiny network predicts one class for every validation row; the retry, at
+    lr 1.0 x the factor and seed 1, learns the keywords (both checked beforehand by training
+    each alone); its model is the one saved."""
+    import json
+
+    import side_trainer.train as trainer
+    from cache_store import ActivationStore
+    from side_trainer.artifacts import load_side_model
+    from side_trainer.group import groups_of
+    from side_trainer.train import evaluate_groups
+
+    monkeypatch.setattr(trainer, "RETRY_LR_FACTOR", 3e-3)
+    out = tmp_path / "model"
+    opts = TrainOptions(init="random", reduction=4, epochs=6, lr=1.0)
+    result = train(keyword_store, out, opts)
+    first, retry = result["attempts"]
+    assert first["lr"] == 1.0 and "for every one of the" in first["collapsed"]
+    assert retry["lr"] == pytest.approx(3e-3) and retry["seed"] == 1 and retry["collapsed"] is None
+    assert result["warning"] is None
+    assert result["validation"]["macro_f1"] == retry["val_macro_f1"] > 0.8
+    assert result["options"]["lr"] == pytest.approx(3e-3)
+    assert not (out / "retry-1").exists()
+    assert json.loads((out / "training_metrics.json").read_text())["attempts"] == result["attempts"]
+    # The model in `out` is the retry's: it scores the retry's validation accuracy.
+    saved = groups_of([load_side_model(out)])
+    store = ActivationStore.open(keyword_store)
+    accuracy = evaluate_groups(saved, 1, store, "validation", TrainOptions(batch_size=8))[0][0]
+    assert accuracy == retry["val_accuracy"] > first["val_accuracy"]
+    # A rerun (a resumed job) finds the finished result instead of training again.
+    assert train(keyword_store, out, opts)["attempts"] == result["attempts"]
+
+
+def test_a_model_that_cannot_beat_the_majority_class_says_so(tmp_path, tiny_bert_dir):
+    """Every row has the same text, so every prediction is one class: three attempts, then a
+    warning a program can read."""
+    path = tmp_path / "same.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for k in range(120):
+            writer.writerow(["the ride was a ride", "neg" if k % 4 else "pos"])
+    store = str(tmp_path / "store")
+    build_cache(tiny_bert_dir, str(path), store, CacheOptions(layers=[0, 2], fisher_examples=8))
+    result = train(store, tmp_path / "model", TrainOptions(init="random", reduction=4, epochs=1))
+    assert len(result["attempts"]) == 3
+    assert [a["lr"] for a in result["attempts"]] == pytest.approx([3e-3, 1e-3, 1e-3 / 3])
+    assert all(a["collapsed"] for a in result["attempts"])
+    assert result["warning"]["code"] == "majority_class"
+    assert "no better than the majority class" in result["warning"]["message"]
+    assert result["validation"]["predicted_classes"] == 1
