@@ -248,8 +248,17 @@ class Database:
             return _row(con.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone())
 
     def list_models(self) -> list[dict]:
+        """Newest first, each with its job's training file (id and name) and result: None
+        where the job or the file is gone (a database rebuilt from the models' records)."""
         with self._tx() as con:
-            return [_row(r) for r in con.execute("SELECT * FROM models ORDER BY created DESC")]
+            return [
+                _row(r)
+                for r in con.execute(
+                    "SELECT models.*, jobs.training_file, files.filename AS training_filename, "
+                    "jobs.result FROM models LEFT JOIN jobs ON jobs.id = models.job_id "
+                    "LEFT JOIN files ON files.id = jobs.training_file ORDER BY models.created DESC"
+                )
+            ]
 
     def delete_model(self, model_id: str) -> None:
         with self._tx() as con:

@@ -8,6 +8,7 @@ the upload's size or the backbone's family (AUTO below). Torch-free.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Annotated, Any, Literal
 
@@ -84,10 +85,18 @@ Hyperparameters = create_model(
 
 
 def resolve(
-    hp: dict, n_rows: int, family: str, default_layers: list[int], hidden_size: int
+    hp: dict,
+    n_rows: int,
+    family: str,
+    default_layers: list[int],
+    hidden_size: int,
+    side_heads: Callable[[int], int],
 ) -> dict:
     """Every hyperparameter with "auto" replaced: by what suits the upload's size and the
-    backbone (its family, its width) where AUTO says so, else by the declaration's default."""
+    backbone (its family, its width) where AUTO says so, else by the declaration's default.
+    `side_heads(r)` is the backbone family's count of side heads at reduction factor r (the
+    trainer's default for a network whose heads are unset); over a sweep of reduction factors
+    each takes its own, so side_heads stays unset (null) there."""
     auto = {
         "cache_width": auto_width(hidden_size),
         "n_epochs": 10 if n_rows < 1000 else 5 if n_rows < 10000 else 3,
@@ -99,6 +108,8 @@ def resolve(
     for _, _, default, s in declared():
         value = hp.get(s.http, "auto")
         out[s.http] = auto.get(s.http, default) if value == "auto" else value
+    if out["side_heads"] is None and isinstance(out["reduction_factor"], int):
+        out["side_heads"] = side_heads(out["reduction_factor"])
     return out
 
 

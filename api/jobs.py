@@ -16,6 +16,7 @@ import os
 import queue
 import shutil
 import threading
+from functools import partial
 from pathlib import Path
 
 from api import hyperparameters
@@ -116,7 +117,12 @@ def resolved_hyperparameters(model: str, hp: dict, n_rows: int) -> dict:
 
     config, family = backbone_config(model)
     return hyperparameters.resolve(
-        hp, n_rows, family.name, family.default_layers(config), family.hidden_size(config)
+        hp,
+        n_rows,
+        family.name,
+        family.default_layers(config),
+        family.hidden_size(config),
+        partial(family.default_side_heads, config),
     )
 
 

@@ -89,13 +89,28 @@ class EventObject(BaseModel):
     data: dict[str, Any] = {}
 
 
+class ModelWarning(BaseModel):
+    code: str
+    message: str
+
+
 class ModelObject(BaseModel):
+    """OpenAI's model object; a side model adds where it came from and how it scored on its
+    file's test split (its job's result; null for a backbone, or where that job is gone)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
     kind: Literal["backbone", "side"]
     backbone: str
+    job_id: str | None = None
+    training_file: str | None = None
+    training_filename: str | None = None
+    test_accuracy: float | None = None
+    test_macro_f1: float | None = None
+    # Still no better than predicting the majority class after training's retries.
+    warning: ModelWarning | None = None
 
 
 class DeletedModel(BaseModel):

@@ -316,14 +316,16 @@ class Family:
     def hidden_size(self, config: PretrainedConfig) -> int:
         return dims(config).hidden
 
-    def default_side_heads(self, config: PretrainedConfig, reduction: int) -> int | None:
-        """Attention heads of a new side network: None (the backbone's count) but for encoders:
-        the most heads at least MIN_SIDE_HEAD_WIDTH wide (see there) that divide the side width,
-        no more than the backbone has and no wider than its heads (the pruning init takes each
-        from one); where none is that wide, the fewest of the others."""
-        if self.name != ENCODER:
-            return None
+    def default_side_heads(self, config: PretrainedConfig, reduction: int) -> int:
+        """Attention heads of a new side network at reduction factor r: the backbone's count
+        but for encoders: the most heads at least MIN_SIDE_HEAD_WIDTH wide (see there) that
+        divide the side width, no more than the backbone has and no wider than its heads (the
+        pruning init takes each from one); where none is that wide, the fewest of the others.
+        The trainer takes it for a network whose heads are unset, and a job's hyperparameters
+        show it before the job runs."""
         d = dims(config)
+        if self.name != ENCODER:
+            return d.heads
         width = d.hidden // reduction
         most = min(d.heads, max(1, width // MIN_SIDE_HEAD_WIDTH))
         counts = [*range(most, 0, -1), *range(most + 1, d.heads + 1)]  # wide first, then fewest

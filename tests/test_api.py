@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -10,6 +11,7 @@ from fastapi.testclient import TestClient
 from test_cli import write_csv
 
 from api.app import create_app
+from api.db import Database
 from side_trainer.memory import module_bytes
 
 
@@ -810,6 +812,7 @@ def test_resolved_hyperparameters_before_a_job(service, finished_job):
     created = client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id}
     ).json()
+    assert created["hyperparameters"] == values  # known from the start, not "auto" till it runs
     done = wait_for(client, created["id"])
     assert done["hyperparameters"] == values
     assert_error(
@@ -825,3 +828,75 @@ def test_resolved_hyperparameters_before_a_job(service, finished_job):
         "training_file",
     )
     assert_error(client.get(url, params={"model": "tiny"}), 400, "invalid_request_error")
+
+
+def test_side_heads_resolve_to_a_count_before_and_after_a_job(service, finished_job):
+    """The side heads a job takes by default are a number wherever they are shown: MiniLM's
+    at r 8 are 3 (384/8 = 48 dims, heads 16 wide); tiny BERT's (32/r dims, under 16), one.
+    The count a job ran with is the one its model records."""
+    client = service["client"]
+    file_id = finished_job[1]
+    url = "/v1/fine_tuning/hyperparameters"
+
+    def side_heads(model: str) -> int:
+        listed = client.get(url, params={"model": model, "training_file": file_id})
+        assert listed.status_code == 200, listed.text
+        return {hp["name"]: hp["value"] for hp in listed.json()["data"]}["side_heads"]
+
+    assert side_heads("minilm") == 3 and side_heads("tiny") == 1
+    job = finished_job[0]
+    recorded = json.loads(
+        (service["home"] / "models" / job["id"] / "side_config.json").read_text()
+    )["heads"]
+    assert job["hyperparameters"]["side_heads"] == recorded == 1
+
+
+def test_a_side_model_names_its_job_and_file_and_carries_its_test_figures(service, finished_job):
+    client = service["client"]
+    job, file_id = finished_job
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    side = models[job["fine_tuned_model"]]
+    assert (side["job_id"], side["training_file"], side["training_filename"]) == (
+        job["id"],
+        file_id,
+        "train.csv",
+    )
+    test = job["result"]["test"]
+    matrix = test["confusion_matrix"]
+    hits = sum(matrix[k][k] for k in range(len(matrix)))
+    assert side["test_accuracy"] == pytest.approx(hits / sum(map(sum, matrix)))
+    assert side["test_macro_f1"] == test["macro_f1"]
+    assert side["warning"] == job["result"]["warning"]
+    backbone = models["tiny"]
+    assert backbone["job_id"] is None and backbone["test_accuracy"] is None
+
+
+def test_a_model_no_better_than_the_majority_class_says_so_where_it_is_listed(
+    tmp_path, monkeypatch
+):
+    """The warning of the model's job's result, and its figures, on its entry; a job whose
+    file was removed still names the file's id."""
+    monkeypatch.delenv("LADDER_API_KEY", raising=False)
+    warning = {"code": "majority_class", "message": "no better than the majority class"}
+    with TestClient(create_app(home=tmp_path, executor="thread", preload=[])) as client:
+        db = Database(tmp_path / "ladder.db")
+        db.add_job(
+            {
+                "id": "ftjob-1",
+                "created_at": 1,
+                "model": "tiny",
+                "training_file": "file-gone",
+                "validation_file": None,
+                "seed": None,
+                "suffix": None,
+                "status": "training",
+                "hyperparameters": {},
+            }
+        )
+        result = {"test_accuracy": 0.688, "test_macro_f1": 0.41, "warning": warning}
+        assert db.finish_job("ftjob-1", "ft:tiny:side:1", "tiny", str(tmp_path), result)
+        listed = client.get("/v1/models").json()["data"]
+    side = next(m for m in listed if m["kind"] == "side")
+    assert side["warning"] == warning
+    assert (side["test_accuracy"], side["test_macro_f1"]) == (0.688, 0.41)
+    assert (side["training_file"], side["training_filename"]) == ("file-gone", None)

@@ -16,6 +16,7 @@ from conftest import cache_argv, finetune_argv
 
 from api import allocator
 from api.cli import main
+from api.jobs import resolved_hyperparameters
 
 WORDS = {"pos": ["good", "great", "lovely", "fine"], "neg": ["bad", "awful", "sad", "poor"]}
 
@@ -91,9 +92,11 @@ def test_train_evaluate_predict(cached, capsys, tmp_path):
     assert code == 0
     result = last_json(out)
     assert result["trainable_params"] > 0 and result["train_examples_per_s"] > 0
-    # The side heads are recorded: the family's default for the width (tiny BERT, r 4: one).
+    # The side heads are recorded: the family's default for the width (tiny BERT, r 4: one),
+    # the count a job's hyperparameters show before it runs.
     config = json.loads((Path(out_dir) / "side_config.json").read_text())
-    assert config["heads"] == 1
+    shown = resolved_hyperparameters(cached["backbone"], {"reduction_factor": 4}, 120)
+    assert config["heads"] == shown["side_heads"] == 1
     code, out, _ = run(capsys, "evaluate", "--model", out_dir, "--data", cached["data"], "--json")
     assert code == 0 and last_json(out)["n"] > 0 and 0 <= last_json(out)["accuracy"] <= 1
     code, out, _ = run(capsys, "predict", "--model", out_dir, "what a lovely ride", "--json")

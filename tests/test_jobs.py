@@ -17,7 +17,7 @@ from test_cli import write_csv
 
 import api.inference
 from api.db import Database, new_id
-from api.jobs import JobRunner, run_job, store_key
+from api.jobs import JobRunner, resolved_hyperparameters, run_job, store_key
 
 HP = {"n_epochs": 2, "reduction_factor": 4, "kept_layers": [0, 2]}
 
@@ -143,9 +143,7 @@ def _store_of(home: Path, job_id: str) -> str:
     dataset = load_dataset(db.get_file("file-1")["path"])
     from api import hyperparameters
 
-    hp = hyperparameters.resolve(
-        db.get_job(job_id)["hyperparameters"], 120, "encoder", [0, 1, 2], 32
-    )
+    hp = resolved_hyperparameters("tiny", db.get_job(job_id)["hyperparameters"], 120)
     cache, _ = hyperparameters.options(hp)  # as the job resolves them
     key = store_key(fingerprint_dir(resolve("tiny")), dataset.fingerprint, cache)
     return str(home / "stores" / key)

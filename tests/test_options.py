@@ -74,7 +74,7 @@ def test_http_hyperparameters_map_to_the_options_and_back():
         "cache_width": "d/4",
         "cache_projection": "pool",
     }
-    resolved = hyperparameters.resolve(given, 5000, "encoder", [0, 1, 2], 384)
+    resolved = hyperparameters.resolve(given, 5000, "encoder", [0, 1, 2], 384, {4: 6}.get)
     assert resolved["batch_size"] == 32  # "auto": the family's default
     cache, train = hyperparameters.options(resolved, device="cpu", seed=7)
     assert (train.epochs, train.lr, train.reduction, train.init, train.pooling, train.seed) == (
@@ -97,10 +97,28 @@ def test_http_hyperparameters_map_to_the_options_and_back():
     }
     assert again == {**resolved, "cache_width": "d/4"}
     # "auto": the default tier, d/4 where that leaves 64 numbers per state, else full width.
-    wide, narrow = (hyperparameters.resolve({}, 100, "decoder", [2], d) for d in (576, 128))
+    wide, narrow = (
+        hyperparameters.resolve({}, 100, "decoder", [2], d, lambda r: 9) for d in (576, 128)
+    )
     assert (wide["cache_width"], narrow["cache_width"]) == ("d/4", "full")
     assert wide["cache_dtype"] == "int8" and wide["learning_rate"] == 1e-3
     assert hyperparameters.options(narrow)[0].width == "full"
+
+
+def test_auto_side_heads_are_the_familys_count_at_the_jobs_reduction_factor():
+    """What the trainer takes for unset heads, resolved before the job runs; a sweep over
+    reduction factors leaves each configuration its own count."""
+    counts = {4: 6, 8: 3}  # MiniLM's: heads 16 wide at r 4 and r 8
+
+    def resolve(hp: dict) -> dict:
+        return hyperparameters.resolve(hp, 100, "encoder", [3, 4, 5], 384, counts.__getitem__)
+
+    assert resolve({})["side_heads"] == 3  # r 8, the default
+    assert resolve({"reduction_factor": 4})["side_heads"] == 6
+    assert resolve({"reduction_factor": 4, "side_heads": 2})["side_heads"] == 2
+    assert resolve({"reduction_factor": [4, 8]})["side_heads"] is None
+    _, train = hyperparameters.options(resolve({"reduction_factor": 4}))
+    assert train.side_heads == 6
 
 
 def test_settings_out_of_range_are_refused_where_they_are_made(capsys):

@@ -80,7 +80,7 @@ def resolved_defaults(
 @router.post("", response_model=JobObject)
 def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
     _check_backbone(s.registry, body.model)
-    file_record(s, require_id(body.training_file, "training_file"), "training_file", 400)
+    record = file_record(s, require_id(body.training_file, "training_file"), "training_file", 400)
     if body.validation_file:
         file_record(s, require_id(body.validation_file, "validation_file"), "validation_file", 400)
     _check_hyperparameters(body.model, body.hyperparameters)
@@ -103,7 +103,11 @@ def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
             "seed": body.seed,
             "suffix": body.suffix,
             "status": "queued",
-            "hyperparameters": body.hyperparameters.model_dump(),
+            # What the job will run with, shown from the start ("auto" resolved as GET
+            # /v1/fine_tuning/hyperparameters resolves it; the job resolves nothing further).
+            "hyperparameters": resolved_hyperparameters(
+                body.model, body.hyperparameters.model_dump(), record["rows"]
+            ),
         }
     )
     s.db.add_event(job["id"], "job created", data={"status": "queued"})

@@ -28,13 +28,26 @@ def list_models(s: Services = Depends(services)) -> ModelList:
         ModelObject(id=b, created=0, owned_by="ladder", kind="backbone", backbone=b)
         for b in registry.available_backbones()
     ]
-    data += [
-        ModelObject(
-            id=m["id"], created=m["created"], owned_by="user", kind="side", backbone=m["backbone"]
-        )
-        for m in s.db.list_models()
-    ]
+    data += [_side_model(m) for m in s.db.list_models()]
     return ModelList(data=data)
+
+
+def _side_model(record: dict) -> ModelObject:
+    """A side model with its job, its training file and the figures of its job's result."""
+    result = record["result"] or {}
+    return ModelObject(
+        id=record["id"],
+        created=record["created"],
+        owned_by="user",
+        kind="side",
+        backbone=record["backbone"],
+        job_id=record["job_id"],
+        training_file=record["training_file"],
+        training_filename=record["training_filename"],
+        test_accuracy=result.get("test_accuracy"),
+        test_macro_f1=result.get("test_macro_f1"),
+        warning=result.get("warning"),
+    )
 
 
 @router.delete("/models/{model_id}", response_model=DeletedModel)
