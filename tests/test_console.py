@@ -1,7 +1,9 @@
 """The web console in a real headless Chromium (Debian's `chromium`, driven by Playwright; `make
 install` installs both): with an API key set, a bad upload's error is shown, a file dropped on the
-page becomes a job, the job succeeds with its curve drawn, its model predicts in the playground,
-and the model is deleted from the models page.
+page becomes a job, the job shows its progress and succeeds with its curve drawn and its figures
+against the majority class, its model predicts in the playground, a model that learnt nothing
+says so on its job and in the models list, a failed job shows its error, and the model is deleted
+from the models page.
 
 `LADDER_CONSOLE_SCREENSHOTS=DIR` saves a screenshot of each page there, and
 `LADDER_CONSOLE_BACKBONE=minilm` runs it on MiniLM instead of a tiny random BERT (the README's
@@ -100,6 +102,27 @@ def loss_pixels(page) -> int:
     )
 
 
+def upload(base: str, headers: dict, path: Path) -> str:
+    with open(path, "rb") as handle:
+        files = {"file": (path.name, handle, "text/csv")}
+        answer = httpx.post(
+            f"{base}/v1/files", headers=headers, data={"purpose": "fine-tune"}, files=files
+        )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["id"]
+
+
+def create_job(base: str, headers: dict, file_id: str, suffix: str, **hyperparameters) -> dict:
+    body = {"model": BACKBONE, "training_file": file_id, "suffix": suffix}
+    answer = httpx.post(
+        f"{base}/v1/fine_tuning/jobs",
+        headers=headers,
+        json={**body, "hyperparameters": {"kept_layers": [0, 2], **hyperparameters}},
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
 def test_console_upload_job_chart_predict_delete(server, browser, tmp_path):
     base, _ = server
     page = browser.new_page(viewport={"width": 1200, "height": 900})
@@ -131,6 +154,17 @@ def test_console_upload_job_chart_predict_delete(server, browser, tmp_path):
     page.select_option("#backbone", BACKBONE)
     page.wait_for_selector(f"#hp-table[data-model='{BACKBONE}'] #hp-n_epochs")
     assert page.get_attribute("#hp-n_epochs", "placeholder") == "10"  # under 1,000 rows
+    # The side heads the server resolves for this backbone: a count, not null.
+    headers = {"Authorization": f"Bearer {KEY}"}
+    file_id = httpx.get(f"{base}/v1/files", headers=headers).json()["data"][0]["id"]
+    resolved = httpx.get(
+        f"{base}/v1/fine_tuning/hyperparameters",
+        headers=headers,
+        params={"model": BACKBONE, "training_file": file_id},
+    ).json()["data"]
+    heads = next(hp["value"] for hp in resolved if hp["name"] == "side_heads")
+    assert page.get_attribute("#hp-side_heads", "placeholder") == str(heads)
+    assert isinstance(heads, int) and heads >= 1
 
     # A bad setting: the API's message, the field marked; then a good one starts the job.
     page.fill("#hp-n_epochs", "0")
@@ -145,13 +179,43 @@ def test_console_upload_job_chart_predict_delete(server, browser, tmp_path):
     shot(page, "new-job")
     page.click("#create-job")
     page.wait_for_url(re.compile(r"#/jobs/ftjob-"))
+    job_id = page.url.rsplit("/", 1)[1]
+    # While it runs: a bar with the phase and the counts of the latest progress event.
+    page.wait_for_selector("#progress:not([hidden])[data-step]", timeout=180_000)
+    phases = ("importance", "width map", "caching", "training", "evaluating")
+    assert page.get_attribute("#progress", "data-step") in phases
+    assert re.search(r"\d+/\d+", page.inner_text("#progress-stage"))
+    assert "auto" not in page.inner_text("#job-details .hp-list")  # resolved from the start
     page.wait_for_selector("#job-status [data-status=succeeded]", timeout=180_000)
+    job = httpx.get(f"{base}/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
 
-    # The curve: three epochs plotted, the loss line on the canvas; the events log.
+    # The last phase, done; the curve (three epochs of the kept attempt, the loss line on the
+    # canvas); the events log.
+    page.wait_for_selector("#progress[data-ended=succeeded]")
+    assert page.get_attribute("#progress", "data-step") == "evaluating"
+    bar = page.locator("#progress-bar")
+    assert bar.evaluate("b => b.value") == bar.evaluate("b => b.max") > 0
     page.wait_for_selector("#chart[data-epochs='3'] canvas")
     assert loss_pixels(page) > 50
     assert "epoch 3" in page.inner_text("#events")
-    assert "Test accuracy" in page.inner_text("#job-details")
+    # The test split's figures beside the majority class's, as the job's result has them.
+    test = job["result"]["test"]
+    row = page.locator("#splits tr[data-split=test]")
+    assert row.locator(".macro-f1").inner_text() == f"{test['macro_f1']:.3f}"
+    assert row.locator(".majority-rate").inner_text() == f"{100 * test['majority_rate']:.1f}%"
+    assert str(test["n"]) in row.inner_text()
+    cells = page.locator("#confusion tbody tr").evaluate_all(
+        "rows => rows.map(r => [...r.querySelectorAll('td')].map(c => Number(c.textContent)))"
+    )
+    assert cells == test["confusion_matrix"]
+    assert page.locator("#per-class tbody tr").count() == len(test["labels"])
+    # The file by its name; the settings as the job resolved them (side heads: a count).
+    details = page.inner_text("#job-details")
+    assert "Test macro-F1" in details and "rides.csv" in details and "Duration" in details
+    used = job["hyperparameters"]["side_heads"]
+    assert isinstance(used, int)
+    setting = page.inner_text("#job-details [data-setting=side_heads]")
+    assert setting.split() == ["side_heads", str(used)]
     shot(page, "job")
 
     first_model = page.inner_text("#job-details a[href^='#/playground']")
@@ -160,22 +224,19 @@ def test_console_upload_job_chart_predict_delete(server, browser, tmp_path):
     # live (the events stream), and its page lists both candidates and the one kept.
     page.click("nav >> text=Jobs")
     page.wait_for_selector("#jobs-table [data-status=succeeded]")
-    headers = {"Authorization": f"Bearer {KEY}"}
-    file_id = httpx.get(f"{base}/v1/files", headers=headers).json()["data"][0]["id"]
-    sweep = httpx.post(
-        f"{base}/v1/fine_tuning/jobs",
-        headers=headers,
-        json={
-            "model": BACKBONE,
-            "training_file": file_id,
-            "suffix": "sweep",
-            "hyperparameters": {
-                "learning_rate": [1e-3, 3e-3],
-                "n_epochs": 6,
-                "kept_layers": [0, 2],
-            },
-        },
-    ).json()
+    sweep = create_job(base, headers, file_id, "sweep", learning_rate=[1e-3, 3e-3], n_epochs=6)
+    # Every row the same text: the model cannot beat the majority class, whatever it tries.
+    same = tmp_path / "same.csv"
+    same.write_text(
+        "text,label\n" + "".join(f"the ride,{'pos' if k % 4 else 'neg'}\n" for k in range(120))
+    )
+    collapsed = create_job(
+        base, headers, upload(base, headers, same), "same", n_epochs=1, init="random"
+    )
+    # An upload damaged on the server after it was checked: the job fails validating it.
+    broken_id = upload(base, headers, Path(write_csv(tmp_path / "broken.csv", n=120)))
+    (server[1] / "files" / f"{broken_id}.csv").write_text("text,sentiment\nfine,pos\n")
+    broken = create_job(base, headers, broken_id, "broken")
     page.reload()
     listed = page.locator(f"#jobs-table tr[data-job='{sweep['id']}'] .status")
     assert listed.get_attribute("data-status") not in ("succeeded", "failed", "cancelled")
@@ -219,10 +280,33 @@ def test_console_upload_job_chart_predict_delete(server, browser, tmp_path):
     page.wait_for_selector("#predict-error:not(:empty)")
     assert "10000 characters" in page.inner_text("#predict-error")
 
-    # The models page deletes a model.
+    # The failed job: its error, code and message, where the curve would be.
+    page.goto(f"{base}/#/jobs/{broken['id']}")
+    page.wait_for_selector("#job-status [data-status=failed]", timeout=180_000)
+    page.wait_for_selector("#chart-card", state="hidden")
+    failure = page.inner_text("#job-failure")
+    assert "invalid_training_data" in failure and "label" in failure
+    shot(page, "failed-job")
+
+    # The model that learnt nothing: the warning and every attempt on its job's page.
+    page.goto(f"{base}/#/jobs/{collapsed['id']}")
+    page.wait_for_selector("#job-status [data-status=succeeded]", timeout=180_000)
+    page.wait_for_selector("#job-warning:not([hidden])")
+    assert "majority class" in page.inner_text("#job-warning")
+    assert page.locator("#attempts tbody tr").count() == 3
+    shot(page, "warned-job")
+    collapsed_model = page.inner_text("#job-details a[href^='#/playground']")
+
+    # The models page: each model's file, job and test figures; the warning; deleting a model.
     page.click("nav >> text=Models")
     row = page.locator(f"#side-models tbody tr[data-model='{first_model}']")
     row.wait_for()
+    assert row.locator(".macro-f1").inner_text() == f"{test['macro_f1']:.3f}"
+    assert "rides.csv" in row.inner_text() and job_id in row.inner_text()
+    assert row.locator(".warning-note").count() == 0
+    warned = page.locator(f"#side-models tbody tr[data-model='{collapsed_model}']")
+    assert "majority class" in warned.locator(".warning-note").inner_text()
+    assert "same.csv" in warned.inner_text()
     shot(page, "models")
     page.once("dialog", lambda dialog: dialog.accept())
     row.locator("button.danger").click()

@@ -4,7 +4,7 @@
 
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 const KEY = "ladder-api-key"; // sessionStorage: the key lives as long as the tab
-const COLORS = { loss: "#d9480f", accuracy: "#1c7ed6" };
+const COLORS = { loss: "#d9480f", accuracy: "#1c7ed6", macroF1: "#2b8a3e" };
 // Event streams the jobs list keeps open: a browser opens at most 6 connections to one server
 // over HTTP/1.1, and other tabs need some. Further active jobs are looked at again every 10 s.
 const MAX_STREAMS = 3;
@@ -103,6 +103,24 @@ function showError(target, error) {
 
 const when = (seconds) => (seconds ? new Date(seconds * 1000).toLocaleString() : "");
 const percent = (x) => (typeof x === "number" ? `${(100 * x).toFixed(1)}%` : "");
+const decimal = (x) => (typeof x === "number" ? x.toFixed(3) : "");
+
+// A span of seconds as a person reads it: "45 s", "3 min 20 s", "2 h 5 min".
+function duration(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+// An uploaded file's name (its id where the file is gone), asked for once per id.
+const fileNames = new Map();
+function fileName(id) {
+  if (!fileNames.has(id)) {
+    fileNames.set(id, api(`/v1/files/${encodeURIComponent(id)}`).then((f) => f.filename, () => null));
+  }
+  return fileNames.get(id);
+}
 
 function statusBadge(status) {
   return el("span", { class: `status status-${status}`, "data-status": status, text: status.replace(/_/g, " ") });
@@ -122,6 +140,9 @@ function parseValue(text, hp) {
 }
 
 const show = (value) => (Array.isArray(value) ? value.join(", ") : String(value));
+// A job's resolved setting: null is one that each configuration of a sweep resolves for itself
+// (side heads over several reduction factors).
+const showSetting = (value) => (value === null ? "each configuration's own" : show(value));
 
 // ---- the API key ------------------------------------------------------------------------
 
@@ -331,10 +352,12 @@ async function jobsView() {
   for (const job of jobs) {
     const status = el("td", {}, statusBadge(job.status));
     const accuracy = el("td", { text: percent(job.result && job.result.test_accuracy) });
+    const macroF1 = el("td", { text: decimal(job.result && job.result.test_macro_f1) });
     const model = el("td", {}, job.fine_tuned_model ? el("code", { text: job.fine_tuned_model }) : "");
     tbody.append(el("tr", { "data-job": job.id },
       el("td", {}, el("a", { href: `#/jobs/${job.id}`, text: job.id })),
-      el("td", { text: job.model }), status, el("td", { text: when(job.created_at) }), model, accuracy));
+      el("td", { text: job.model }), status, el("td", { text: when(job.created_at) }), model, accuracy,
+      macroF1));
     if (!TERMINAL.includes(job.status) && followed++ >= MAX_STREAMS) {
       // More active jobs than streams this page opens (the server caps them): look again soon.
       if (followed === MAX_STREAMS + 1) setTimeout(() => { if (!signal.aborted) jobsView(); }, 10_000);
@@ -347,6 +370,7 @@ async function jobsView() {
         const done = await api(`/v1/fine_tuning/jobs/${job.id}`);
         status.replaceChildren(statusBadge(done.status));
         accuracy.textContent = percent(done.result && done.result.test_accuracy);
+        macroF1.textContent = decimal(done.result && done.result.test_macro_f1);
         if (done.fine_tuned_model) model.replaceChildren(el("code", { text: done.fine_tuned_model }));
       }).catch((error) => { if (!signal.aborted) showError("#jobs-error", error); });
     }
@@ -355,51 +379,136 @@ async function jobsView() {
 
 function drawChart(node, epochs) {
   const x = epochs.map((r) => r.epoch);
-  const loss = epochs.map((r) => (typeof r.train_loss === "number" ? r.train_loss : null));
-  const acc = epochs.map((r) => (typeof r.val_accuracy === "number" ? r.val_accuracy : null));
+  const series = (key) => epochs.map((r) => (typeof r[key] === "number" ? r[key] : null));
   node.replaceChildren();
   node.dataset.epochs = String(epochs.length);
   const width = Math.max(320, node.clientWidth || 560);
   const options = {
     width, height: 260,
-    scales: { x: { time: false }, acc: { range: [0, 1] } },
+    scales: { x: { time: false }, val: { range: [0, 1] } },
     series: [
       { label: "epoch" },
       { label: "train loss", stroke: COLORS.loss, width: 2, points: { size: 7 } },
-      { label: "validation accuracy", stroke: COLORS.accuracy, width: 2, scale: "acc",
+      { label: "validation accuracy", stroke: COLORS.accuracy, width: 2, scale: "val",
         points: { size: 7 }, value: (u, v) => percent(v) },
+      { label: "validation macro-F1", stroke: COLORS.macroF1, width: 2, scale: "val",
+        points: { size: 7 }, value: (u, v) => decimal(v) },
     ],
     axes: [
       { label: "epoch", incrs: [1, 2, 5, 10, 20, 50] },
       { label: "train loss", stroke: COLORS.loss },
-      { label: "validation accuracy", side: 1, scale: "acc", stroke: COLORS.accuracy,
-        values: (u, ticks) => ticks.map((t) => `${Math.round(100 * t)}%`) },
+      { label: "validation", side: 1, scale: "val",
+        values: (u, ticks) => ticks.map((t) => t.toFixed(1)) },
     ],
   };
-  return new uPlot(options, [x, loss, acc], node);
+  return new uPlot(options, [x, series("train_loss"), series("val_accuracy"), series("val_macro_f1")], node);
+}
+
+// One split's report (the job's `result.test`, `.validation`): its row of the figures table.
+function splitRow(name, report) {
+  if (!report) {
+    return el("tr", { "data-split": name }, el("th", { text: name }),
+      el("td", { colspan: 6, class: "muted", text: "no rows: the file's split is empty" }));
+  }
+  return el("tr", { "data-split": name },
+    el("th", { text: name }),
+    el("td", { text: report.n.toLocaleString() }),
+    el("td", {}, el("b", { text: percent(report.accuracy) })),
+    el("td", {}, el("b", { class: "macro-f1", text: decimal(report.macro_f1) })),
+    el("td", { text: report.majority_label }),
+    el("td", { class: "majority-rate", text: percent(report.majority_rate) }),
+    el("td", { text: decimal(report.majority_macro_f1) }));
+}
+
+// What accuracy alone hides: both splits against the majority class, then per class and the
+// confusion matrix of the test split (the validation split's where there are no test rows).
+function evaluation(result) {
+  const splits = [["test", result.test], ["validation", result.validation]];
+  if (result.validation_file) splits.push(["validation file", result.validation_file]);
+  $("#splits tbody").replaceChildren(...splits.map(([name, report]) => splitRow(name, report)));
+  const [name, report] = result.test ? splits[0] : splits[1];
+  $("#evaluation-card").hidden = false;
+  if (!report) return;
+  $("#per-class-title").textContent = `Per class, ${name} split`;
+  $("#per-class").replaceChildren(
+    el("thead", {}, el("tr", {}, ["class", "precision", "recall", "F1", "rows", "predicted"]
+      .map((h) => el("th", { text: h })))),
+    el("tbody", {}, Object.entries(report.per_class).map(([label, c]) => el("tr", { "data-label": label },
+      el("th", { text: label }), el("td", { text: decimal(c.precision) }),
+      el("td", { text: decimal(c.recall) }), el("td", { text: decimal(c.f1) }),
+      el("td", { text: String(c.support) }), el("td", { text: String(c.predicted) })))));
+  const most = Math.max(1, ...report.confusion_matrix.flat());
+  $("#confusion").dataset.split = name;
+  $("#confusion").replaceChildren(
+    el("thead", {}, el("tr", {}, el("th", { text: "" }), report.labels.map((l) => el("th", { text: l })))),
+    el("tbody", {}, report.confusion_matrix.map((row, t) => el("tr", {},
+      el("th", { text: report.labels[t] }),
+      row.map((count, p) => el("td", {
+        text: String(count),
+        style: `background: rgba(${t === p ? "43, 138, 62" : "201, 42, 42"}, ${(0.6 * count / most).toFixed(3)})`,
+      }))))));
+}
+
+function attempts(list) {
+  $("#attempts-card").hidden = false;
+  $("#attempts tbody").replaceChildren(...list.map((a, k) => el("tr", {},
+    el("td", { text: k === 0 ? "first" : `retry ${k}` }),
+    el("td", { text: String(Number(a.lr.toPrecision(3))) }),
+    el("td", { text: String(a.seed) }), el("td", { text: percent(a.val_accuracy) }),
+    el("td", { text: decimal(a.val_macro_f1) }),
+    el("td", { class: a.collapsed ? "bad" : "", text: a.collapsed ? `yes: ${a.collapsed}` : "no" }))));
+}
+
+// The latest count of the job's long work (a progress event: its phase, and the server's words
+// for the stage, done/total and the time left), and whether the job has ended since.
+function progress(event, status) {
+  const data = event.data;
+  $("#progress").hidden = false;
+  $("#progress").dataset.step = data.step;
+  $("#progress").dataset.ended = TERMINAL.includes(status) ? status : "";
+  $("#progress-phase").textContent = data.step;
+  // The message names the stage first ("probe fit: 110/1000, ..."): once where it is the phase.
+  $("#progress-stage").textContent = data.stage === data.step
+    ? event.message.slice(data.stage.length + 1).trim() : event.message;
+  const bar = $("#progress-bar");
+  bar.max = Math.max(1, data.total);
+  bar.value = data.done;
 }
 
 async function jobView(jobId) {
   mount("tpl-job", "jobs");
   const signal = leaving.signal;
   $("#job-id").textContent = jobId;
-  const epochs = [];
+  let epochs = [];
+  let attempt = 0; // the training attempt the chart shows: a retry starts a curve of its own
   let chart = null;
+  let shown = null; // the job as last asked for
+  let counted = null; // the latest progress event
+  let streamed = false; // the events so far have been read (a job that has ended: all of them)
+  const url = `/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`;
 
   function details(job) {
+    shown = job;
     $("#job-status").replaceChildren(statusBadge(job.status));
     $("#cancel-job").hidden = TERMINAL.includes(job.status);
+    const file = el("span", {}, el("code", { text: job.training_file }));
+    fileName(job.training_file).then((name) => { if (name) file.prepend(el("b", { text: name }), " "); });
+    const ended = job.finished_at || (TERMINAL.includes(job.status) ? null : Date.now() / 1000);
     const rows = [
       ["Backbone", job.model],
+      ["Training file", file],
       ["Created", when(job.created_at)],
       ["Finished", when(job.finished_at)],
-      ["Training file", job.training_file],
+      ["Duration", ended ? duration(ended - job.created_at) + (job.finished_at ? "" : " so far") : ""],
       ["Fine-tuned model", job.fine_tuned_model
         ? el("a", { href: `#/playground?model=${encodeURIComponent(job.fine_tuned_model)}`, text: job.fine_tuned_model })
         : ""],
     ];
     const r = job.result || {};
-    if (r.test_accuracy !== undefined) rows.push(["Test accuracy", el("b", { text: percent(r.test_accuracy) })]);
+    if (r.test !== undefined) {
+      rows.push(["Test accuracy", r.test ? el("b", { text: percent(r.test_accuracy) }) : "none (no test rows)"]);
+      if (r.test) rows.push(["Test macro-F1", el("b", { text: decimal(r.test_macro_f1) })]);
+    }
     if (r.best_val_accuracy !== undefined) {
       rows.push(["Best validation accuracy", r.best_val_accuracy === null
         ? `none (no validation split: epoch ${r.best_epoch}, the last, kept)`
@@ -407,11 +516,33 @@ async function jobView(jobId) {
     }
     if (r.train_examples_per_s !== undefined) rows.push(["Training speed", `${r.train_examples_per_s} examples/s`]);
     if (r.trainable_params !== undefined) rows.push(["Trainable parameters", `${r.trainable_params.toLocaleString()} (${Number(r.trainable_pct).toPrecision(2)}% of the backbone)`]);
-    if (job.error) rows.push(["Error", el("span", { class: "error", text: job.error.message })]);
     rows.push(["Hyperparameters", el("div", { class: "hp-list" }, Object.entries(job.hyperparameters)
-      .map(([k, v]) => el("div", {}, el("span", { class: "muted", text: `${k} ` }), show(v))))]);
+      .map(([k, v]) => el("div", { "data-setting": k }, el("span", { class: "muted", text: `${k} ` }), showSetting(v))))]);
     $("#job-details").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", {}, v)]));
+
+    const warning = $("#job-warning");
+    warning.hidden = !r.warning;
+    if (r.warning) {
+      warning.dataset.code = r.warning.code;
+      warning.replaceChildren(el("b", { text: "No better than the majority class. " }), r.warning.message);
+    }
+    const failure = $("#job-failure");
+    failure.hidden = !job.error;
+    if (job.error) {
+      failure.replaceChildren(el("b", { text: "The job failed: " }), el("code", { text: job.error.code }), " ",
+        job.error.message);
+    }
+    // A job that ended before its first epoch has no curve: no empty chart card.
+    showChartCard(!(streamed && TERMINAL.includes(job.status) && epochs.length === 0));
+    if (counted) progress(counted, job.status);
+    if (r.test !== undefined || r.validation) evaluation(r);
+    if (r.attempts) attempts(r.attempts);
     if (r.candidates) candidates(r);
+  }
+
+  function showChartCard(visible) {
+    $("#chart-card").hidden = !visible;
+    $("#job-grid").classList.toggle("one", !visible);
   }
 
   function candidates(result) {
@@ -428,14 +559,31 @@ async function jobView(jobId) {
         : (c.halving || []).some((r) => !r.kept) ? `halved out after step ${c.steps}` : "" }))));
   }
 
+  // The job as the server has it now.
+  async function refresh() {
+    const job = await api(url);
+    if (!signal.aborted) details(job);
+    return job;
+  }
+
   function addEvent(event) {
     $("#events").append(el("li", { class: `level-${event.level}` },
       el("time", { text: new Date(event.created_at * 1000).toLocaleTimeString() }), " ", event.message));
     const data = event.data || {};
     if (data.step === "training" && typeof data.epoch === "number") {
+      if ((data.attempt || 0) !== attempt) {
+        attempt = data.attempt || 0;
+        epochs = [];
+        $("#chart-attempt").textContent = `(retry ${attempt})`;
+      }
       epochs.push(data);
+      showChartCard(true);
       if (chart) chart.destroy();
       chart = drawChart($("#chart"), epochs);
+    }
+    if (typeof data.done === "number" && typeof data.total === "number") {
+      counted = event;
+      progress(event, shown && shown.status);
     }
     if (data.status) $("#job-status").replaceChildren(statusBadge(data.status));
   }
@@ -448,15 +596,14 @@ async function jobView(jobId) {
     }
   });
 
-  const url = `/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`;
   let last = null; // the last event shown: a stream that breaks resumes after it
   try {
-    let job = await api(url);
+    await refresh();
     if (signal.aborted) return;
-    details(job);
     for (;;) {
       try {
         await followEvents(jobId, (event) => { last = event.id; addEvent(event); }, signal, last);
+        streamed = true;
         showError("#job-page-error", null);
       } catch (error) {
         if (signal.aborted || error instanceof ApiError) throw error;
@@ -464,10 +611,8 @@ async function jobView(jobId) {
         await new Promise((resolve) => setTimeout(resolve, 2000));
       }
       if (signal.aborted) return;
-      job = await api(url);
-      if (signal.aborted) return;
-      details(job);
-      if (TERMINAL.includes(job.status)) return;
+      const job = await refresh();
+      if (signal.aborted || TERMINAL.includes(job.status)) return;
     }
   } catch (error) {
     if (!signal.aborted) showError("#job-page-error", error);
@@ -482,9 +627,19 @@ async function modelsView() {
   const sides = models.filter((m) => m.kind === "side");
   $("#models-empty").hidden = sides.length > 0;
   $("#side-models tbody").replaceChildren(...sides.map((m) => {
-    const row = el("tr", { "data-model": m.id },
-      el("td", {}, el("code", { text: m.id })),
+    const job = m.job_id ? el("a", { href: `#/jobs/${encodeURIComponent(m.job_id)}`, text: m.job_id }) : "";
+    const name = el("td", {}, el("code", { text: m.id }));
+    if (m.warning) {
+      name.append(el("div", { class: "warning-note", "data-code": m.warning.code },
+        el("b", { text: "No better than the majority class. " }), m.warning.message));
+    }
+    const row = el("tr", { "data-model": m.id, class: m.warning ? "warned" : "" },
+      name,
       el("td", { text: m.backbone }),
+      el("td", {}, m.training_filename || (m.training_file ? el("code", { text: m.training_file }) : "")),
+      el("td", {}, job),
+      el("td", { text: percent(m.test_accuracy) }),
+      el("td", { class: "macro-f1", text: decimal(m.test_macro_f1) }),
       el("td", { text: when(m.created) }),
       el("td", {},
         el("a", { href: `#/playground?model=${encodeURIComponent(m.id)}`, text: "Try" }), " ",
