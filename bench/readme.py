@@ -239,6 +239,38 @@ def tiers(report: dict) -> str:
     )
 
 
+def tier_choice(_: dict | None = None) -> str:
+    """bench.tiers.choose over the default-recipe tier runs of both backbones: each tier's gap
+    to fp16 at full width, on validation (where the default is chosen) and on test."""
+    from bench.tiers import WITHIN, choose
+
+    reports = [
+        json.loads((RESULTS / f"tiers_{b}_default.json").read_text()) for b in ("minilm", "smollm2")
+    ]
+    on_val, on_test = choose(reports), choose(reports, "test_accuracy")
+    backbones = [r["backbone"] for r in reports]
+    rows = [
+        "| tier | bytes, share of fp16's | "
+        + " | ".join(f"{b}: validation gap | {b}: test gap" for b in backbones)
+        + " |",
+        "|---|---|" + "---|---|" * len(backbones),
+    ]
+    for name, row in on_val["tiers"].items():
+        cells = " | ".join(
+            f"{100 * row['gaps'][b]:+.2f} | {100 * on_test['tiers'][name]['gaps'][b]:+.2f}"
+            for b in backbones
+        )
+        mark = " (chosen)" if name == on_val["tier"] else ""
+        rows.append(f"| {name}{mark} | {100 * row['share_of_fp16']:.1f}% | {cells} |")
+    return (
+        "\n".join(rows)
+        + f"\n\nGaps in accuracy points to fp16 at full width (mean of {len(reports[0]['seeds'])} "
+        f"seeds). The rule: the smallest tier within {100 * WITHIN:.1f} points on every backbone, "
+        f"on validation: **{on_val['tier']}**. The same rule on test would give "
+        f"{on_test['tier']}.\n"
+    )
+
+
 def scaling(report: dict) -> str:
     """bench/scaling.py: stores of growing size, the training peak of each."""
     rows = [
@@ -540,6 +572,7 @@ RENDERERS = {
     "architectures": architectures,
     "options": options,
     "headline": headline,
+    "tier_choice": tier_choice,
 }
 
 

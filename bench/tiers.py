@@ -188,6 +188,36 @@ def run(
     return report
 
 
+WITHIN = 0.003  # the default tier's allowance below fp16 at full width: 0.3 points
+
+
+def choose(reports: list[dict], figure: str = "val_accuracy") -> dict:
+    """The default tier: of the tiers measured on every backbone (`reports`, default recipe),
+    the smallest (mean share of fp16's bytes over the backbones) whose `figure` (mean of the
+    seeds) is within WITHIN of fp16 at full width on every backbone. Chosen on validation;
+    `figure="test_accuracy"` applies the same rule to the test split, to report, never to
+    choose."""
+    names = set.intersection(*(set(r["tiers"]) for r in reports))
+    rows = {}
+    for name in names:
+        gaps = {
+            r["backbone"]: r["tiers"][name][figure] - r["tiers"]["fp16"][figure] for r in reports
+        }
+        share = np.mean(
+            [
+                r["tiers"][name]["bytes_per_example"] / r["tiers"]["fp16"]["bytes_per_example"]
+                for r in reports
+            ]
+        )
+        rows[name] = {"gaps": gaps, "share_of_fp16": float(share)}
+    passing = [n for n, row in rows.items() if all(g >= -WITHIN for g in row["gaps"].values())]
+    return {
+        "figure": figure,
+        "tier": min(passing, key=lambda n: rows[n]["share_of_fp16"]),
+        "tiers": dict(sorted(rows.items(), key=lambda kv: kv[1]["share_of_fp16"])),
+    }
+
+
 def _train(
     store: Path, workdir: Path, tier: str, lr: float | None, seed: int, epochs: int | None
 ) -> dict:
