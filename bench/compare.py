@@ -36,6 +36,7 @@ import torch
 
 from bench import METHODS
 from side_trainer.memory import allocator
+from side_trainer.metrics import collapsed
 
 log = logging.getLogger("ladder.bench")
 ROOT = Path(__file__).parents[1]
@@ -296,6 +297,8 @@ def _train(cfg: dict, method: str, lr: float, seed: int, workdir: Path, timeout_
 def _summary(method: str, runs: dict, tested: dict, cfg: dict, cache: dict) -> dict:
     seeds = runs["seeds"]
     accuracy = [float(np.mean(tested["correct"][f"{method}/{r['seed']}"])) for r in seeds]
+    reports = [tested.get("reports", {}).get(f"{method}/{r['seed']}") for r in seeds]
+    macro_f1 = [r["macro_f1"] for r in reports if r]
 
     def mean(key):
         values = [r[key] for r in seeds if r.get(key) is not None]
@@ -316,6 +319,13 @@ def _summary(method: str, runs: dict, tested: dict, cfg: dict, cache: dict) -> d
         "test_accuracy": float(np.mean(accuracy)),
         "test_accuracy_sd": float(np.std(accuracy, ddof=1)) if len(accuracy) > 1 else None,
         "test_accuracy_per_seed": accuracy,
+        # Beside accuracy: macro-F1 per seed, and what the majority class scores on these rows
+        # (a model that answers one class has exactly its accuracy and macro-F1).
+        "test_macro_f1": float(np.mean(macro_f1)) if macro_f1 else None,
+        "test_macro_f1_per_seed": macro_f1,
+        "test_majority_rate": reports[0]["majority_rate"] if reports[0] else None,
+        "test_majority_macro_f1": reports[0]["majority_macro_f1"] if reports[0] else None,
+        "collapsed_seeds": [r["seed"] for r, s in zip(seeds, reports) if s and collapsed(s)],
         "n_test": tested["n_test"],
         "examples_per_s": mean("examples_per_s"),
         "time_to_model_s": time_to_model,
@@ -460,17 +470,30 @@ def _accuracy_cell(r: dict) -> str:
     return f"{r['test_accuracy']:.3f}{sd}"
 
 
+def _collapsed(r: dict) -> str:
+    seeds = r.get("collapsed_seeds")
+    return f" (seed {', '.join(map(str, seeds))}: one class)" if seeds else ""
+
+
 def markdown(report: dict) -> str:
     above, total = memory_keys(report["methods"])
     memory = "GPU" if above.startswith("gpu") else "peak"
+    # Reports written before macro-F1 was scored have accuracy only.
+    f1 = any(r and r.get("test_macro_f1") is not None for r in report["methods"].values())
     rows = [
         f"| method | lr (grid) | trainable % | {memory} MB above load (total) | examples/s | "
-        "time to model (s) | test accuracy | vs full: diff [95% CI], p |",
-        "|---|---|---|---|---|---|---|---|",
+        "time to model (s) | test accuracy |"
+        + (" test macro-F1 |" if f1 else "")
+        + " vs full: diff [95% CI], p |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if f1 else ""),
     ]
     for method, r in report["methods"].items():
         if r is None:
-            rows.append(f"| {method} | not run: {report['nulls'].get(method, '')} | | | | | | |")
+            rows.append(
+                f"| {method} | not run: {report['nulls'].get(method, '')} | | | | | |"
+                + (" |" if f1 else "")
+                + " |"
+            )
             continue
         vs = r.get("vs_full")
         versus = (
@@ -484,16 +507,26 @@ def markdown(report: dict) -> str:
             f"| {method} | {r['lr']:g} ({grid}) | {r['trainable_pct']:.2f} | "
             f"{r[above]:.0f} ({r[total]:.0f}) | "
             f"{r['examples_per_s']:.1f} | {r['time_to_model_s']:.0f} | "
-            f"{_accuracy_cell(r)} | {versus} |"
+            f"{_accuracy_cell(r)} |"
+            + (f" {r['test_macro_f1']:.3f}{_collapsed(r)} |" if f1 else "")
+            + f" {versus} |"
         )
     b, c, cfg = report["baselines"], report["cache"], report["config"]
+    majority_f1 = next(
+        (
+            f" {r['test_majority_macro_f1']:.3f} |"
+            for r in report["methods"].values()
+            if r and r.get("test_majority_macro_f1") is not None
+        ),
+        " |",
+    )
     rows.append(
         f"| majority class ({b['majority']['label']}) | | | | | | "
-        f"{b['majority']['test_accuracy']:.3f} | |"
+        f"{b['majority']['test_accuracy']:.3f} |" + (majority_f1 if f1 else "") + " |"
     )
     rows.append(
         f"| linear probe (weight decay {b['probe']['weight_decay']:g}) | | | | | | "
-        f"{b['probe']['test_accuracy']:.3f} | |"
+        f"{b['probe']['test_accuracy']:.3f} |" + (" |" if f1 else "") + " |"
     )
     i = report["inference"]
     n_test = next((r["n_test"] for r in report["methods"].values() if r), 0)

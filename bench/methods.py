@@ -184,17 +184,24 @@ def tensors(backbone, chunk: list, labels: list[str], max_length: int):
 
 
 @torch.inference_mode()
+def classifier_predictions(
+    net: Classifier, backbone, examples: list, labels: list[str], max_length: int
+) -> list[str]:
+    """The predicted label of each example, in the examples' order."""
+    net.eval()
+    predicted = [""] * len(examples)
+    for idx in sorted_batches(examples):
+        ids, mask, _ = tensors(backbone, [examples[k] for k in idx], labels, max_length)
+        for k, p in zip(idx, net(ids, mask).argmax(-1).tolist()):
+            predicted[k] = labels[p]
+    return predicted
+
+
 def classifier_correct(
     net: Classifier, backbone, examples: list, labels: list[str], max_length: int
 ) -> list[bool]:
-    net.eval()
-    correct = [False] * len(examples)
-    for idx in sorted_batches(examples):
-        ids, mask, y = tensors(backbone, [examples[k] for k in idx], labels, max_length)
-        hits = (net(ids, mask).argmax(-1) == y).tolist()
-        for k, hit in zip(idx, hits):
-            correct[k] = hit
-    return correct
+    predicted = classifier_predictions(net, backbone, examples, labels, max_length)
+    return [p == e.label for p, e in zip(predicted, examples)]
 
 
 def train_baseline(method: str, cfg: dict) -> dict:
@@ -425,19 +432,25 @@ def evaluate(cfg: dict) -> dict:
     """Test-split correctness of every chosen model (`cfg["models"]`: method, seed, path), then
     of the majority class and of a linear probe tuned on validation."""
     from api.inference import JointModel
+    from api.inference import evaluate as evaluate_joint
     from backbone_worker.backbone import load_backbone
     from side_trainer.artifacts import load_side_model
+    from side_trainer.metrics import confusion, report
 
     device = cfg["device"]
     data, test = load_data(cfg)
-    out: dict = {"n_test": len(test), "correct": {}}
+    # Per model: which test rows it got right (for the paired tests) and its report (macro-F1,
+    # per class, the confusion matrix: what accuracy alone hides).
+    out: dict = {"n_test": len(test), "correct": {}, "reports": {}}
     lst = [m for m in cfg["models"] if m["method"].startswith("lst")]
     backbone = load_backbone(cfg["backbone"], device)
     if lst:
         # Every LST model reads the same single backbone pass (multi-task inference).
         sides = [load_side_model(m["path"]).to(device) for m in lst]
-        for m, hits in zip(lst, joint_correct(JointModel(backbone, sides), test)):
-            out["correct"][f"{m['method']}/{m['seed']}"] = hits.tolist()
+        scored = evaluate_joint(JointModel(backbone, sides), test)
+        for m, hits, split in zip(lst, scored["correct"], scored["reports"]):
+            out["correct"][f"{m['method']}/{m['seed']}"] = hits
+            out["reports"][f"{m['method']}/{m['seed']}"] = split
     out["probe"] = probe(backbone, data, test, cfg["max_length"])
     for m in cfg["models"]:
         if m["method"].startswith("lst"):
@@ -448,8 +461,16 @@ def evaluate(cfg: dict) -> dict:
         with torch.no_grad():
             for name, value in torch.load(m["path"]).items():
                 weights[name].copy_(value)
-        out["correct"][f"{m['method']}/{m['seed']}"] = classifier_correct(
-            net, backbone, test, data.labels, cfg["max_length"]
+        predicted = classifier_predictions(net, backbone, test, data.labels, cfg["max_length"])
+        out["correct"][f"{m['method']}/{m['seed']}"] = [
+            p == e.label for p, e in zip(predicted, test)
+        ]
+        index = {label: k for k, label in enumerate(data.labels)}
+        out["reports"][f"{m['method']}/{m['seed']}"] = report(
+            confusion(
+                [index[e.label] for e in test], [index[p] for p in predicted], len(data.labels)
+            ),
+            data.labels,
         )
     train_labels = [e.label for e in data.split("train")]
     majority = max(sorted(set(train_labels)), key=train_labels.count)

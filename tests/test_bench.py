@@ -57,6 +57,8 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
             "examples_per_s",
             "test_accuracy",
             "test_accuracy_sd",
+            "test_macro_f1",
+            "test_majority_rate",
             "lr",
             "time_to_model_s",
             "val_accuracy",
@@ -69,7 +71,10 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
         assert len(figures["lr_grid"]) >= 2 and figures["lr"] in figures["lr_grid"]
         best = max(figures["grid"], key=lambda g: g["val_accuracy"])
         assert figures["lr"] == best["lr"] and figures["seeds"] == [0, 1]
-        assert len(figures["test_accuracy_per_seed"]) == 2
+        assert len(figures["test_accuracy_per_seed"]) == len(figures["test_macro_f1_per_seed"]) == 2
+        assert figures["test_majority_rate"] == pytest.approx(
+            report["baselines"]["majority"]["test_accuracy"]
+        )
         # The whole data's test split, not the --limit sample's.
         assert figures["n_test"] == n_test and n_test > 80 * 0.1 * 2
         if method != "full":
