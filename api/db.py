@@ -39,6 +39,12 @@ ACTIVE = ("validating_files", "queued", "caching", "training")
 _JSON_FIELDS = {"labels", "hyperparameters", "error", "result", "data"}
 
 
+class TooManyJobs(Exception):
+    def __init__(self, active: int, cap: int):
+        super().__init__(f"{active} jobs active (at most {cap})")
+        self.active, self.cap = active, cap
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
@@ -100,14 +106,27 @@ class Database:
 
     # ---- jobs ----------------------------------------------------------------------------
 
-    def add_job(self, job: dict) -> dict:
+    def add_job(self, job: dict, max_active: int | None = None) -> dict:
+        """Insert a job; with max_active, only while fewer jobs are active (else TooManyJobs).
+        The count and the insert are one statement, so simultaneous requests, or servers on
+        one home, cannot all pass the check before any of them inserts."""
+        marks = ",".join("?" * len(ACTIVE))
+        active = f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})"
+        values = [job[k] for k in ("id", "created_at", "model", "training_file")]
+        values += [job[k] for k in ("validation_file", "seed", "suffix", "status")]
+        values.append(json.dumps(job["hyperparameters"]))
+        below_cap = ""
+        if max_active is not None:
+            below_cap = f" WHERE ({active}) < ?"
+            values += [*ACTIVE, max_active]
         with self._tx() as con:
-            con.execute(
+            cur = con.execute(
                 "INSERT INTO jobs (id, created_at, model, training_file, validation_file, seed, "
-                "suffix, hyperparameters, status) VALUES (:id, :created_at, :model, "
-                ":training_file, :validation_file, :seed, :suffix, :hyperparameters, :status)",
-                {**job, "hyperparameters": json.dumps(job["hyperparameters"])},
+                "suffix, status, hyperparameters) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?" + below_cap,
+                values,
             )
+            if cur.rowcount == 0:
+                raise TooManyJobs(con.execute(active, ACTIVE).fetchone()[0], max_active)
         return self.get_job(job["id"])
 
     def get_job(self, job_id: str) -> dict | None:

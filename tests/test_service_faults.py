@@ -423,3 +423,96 @@ def test_event_streams_are_capped_and_do_not_stall_other_requests(server, tmp_pa
             stream.__exit__(None, None, None)
         client.close()
         db.update_job("ftjob-held-open", status="cancelled")
+
+
+@pytest.fixture(scope="module")
+def capped_server(tmp_path_factory, tiny_bert_dir):
+    home = tmp_path_factory.mktemp("capped")
+    env = env_for(tiny_bert_dir, LADDER_MAX_ACTIVE_JOBS="2", LADDER_MAX_EVENT_STREAMS="2")
+    s = Server(home, env)
+    yield s
+    s.stop()
+
+
+def _at_once(n: int, request) -> list:
+    """`request()` from n threads released together; what each returned (bounded in time)."""
+    start = threading.Barrier(n)
+    results = []
+
+    def one():
+        start.wait(timeout=30)
+        results.append(request())
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == n
+    return results
+
+
+def test_simultaneous_event_streams_never_exceed_the_cap(capped_server, tmp_path):
+    """40 streams asked for at once, with LADDER_MAX_EVENT_STREAMS=2: at most 2 open, the rest
+    refused with 429; each accepted one is held open until every request has its answer."""
+    server = capped_server
+    file_id = upload(server, Path(write_csv(tmp_path / "d.csv", n=40))).json()["id"]
+    db = Database(server.home / "ladder.db")
+    db.add_job(
+        {
+            "id": "ftjob-streamed",
+            "created_at": 0,
+            "model": "tiny",
+            "training_file": file_id,
+            "validation_file": None,
+            "seed": 0,
+            "suffix": None,
+            "status": "training",  # never ends, so its streams stay open
+            "hyperparameters": {},
+        }
+    )
+    url = f"{server.base}/v1/fine_tuning/jobs/ftjob-streamed/events"
+    answered = threading.Barrier(40)
+
+    def stream() -> tuple[int, str]:
+        with httpx.stream("GET", url, params={"stream": "true"}, headers=AUTH, timeout=30) as r:
+            code = json.loads(r.read())["error"]["code"] if r.status_code != 200 else ""
+            try:
+                answered.wait(timeout=45)  # the accepted ones stay open meanwhile
+            except threading.BrokenBarrierError:
+                pass
+            return r.status_code, code
+
+    try:
+        results = _at_once(40, stream)
+    finally:
+        db.update_job("ftjob-streamed", status="cancelled")
+    accepted = [status for status, _ in results if status == 200]
+    assert 1 <= len(accepted) <= 2, results
+    assert all(r == (429, "too_many_streams") for r in results if r[0] != 200), results
+    # Every slot is given back once its stream closes.
+    with httpx.stream("GET", url, params={"stream": "true"}, headers=AUTH, timeout=30) as r:
+        assert r.status_code == 200
+
+
+def test_simultaneous_job_creations_never_exceed_the_cap(capped_server, tmp_path):
+    """12 jobs created at once, with LADDER_MAX_ACTIVE_JOBS=2 and no job active before: at most
+    2 accepted (long jobs, so none ends meanwhile), the rest refused with 429."""
+    server = capped_server
+    file_id = upload(server, Path(write_csv(tmp_path / "d.csv", n=3000))).json()["id"]
+    body = {
+        "model": "tiny",
+        "training_file": file_id,
+        "hyperparameters": {"reduction_factor": 4, "kept_layers": [0, 2], "n_epochs": 20},
+    }
+    results = _at_once(12, lambda: server.post("/v1/fine_tuning/jobs", json=body))
+    accepted = [r.json()["id"] for r in results if r.status_code == 200]
+    try:
+        assert 1 <= len(accepted) <= 2, [r.text for r in results]
+        refused = [r for r in results if r.status_code != 200]
+        assert all(
+            r.status_code == 429 and r.json()["error"]["code"] == "too_many_jobs" for r in refused
+        ), [r.text for r in refused]
+    finally:
+        for job_id in accepted:
+            server.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")

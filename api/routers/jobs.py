@@ -11,7 +11,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
-from api.db import ACTIVE, TERMINAL, new_id
+from api.db import TERMINAL, Database, TooManyJobs, new_id
 from api.errors import APIError, http_field, http_message, require_id
 from api.hyperparameters import declared
 from api.jobs import resolved_hyperparameters
@@ -84,32 +84,31 @@ def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
     if body.validation_file:
         file_record(s, require_id(body.validation_file, "validation_file"), "validation_file", 400)
     _check_hyperparameters(body.model, body.hyperparameters)
-    waiting = sum(s.db.count_jobs_by_status().get(status, 0) for status in ACTIVE)
-    limit = int(os.environ.get("LADDER_MAX_ACTIVE_JOBS", 100))
-    if waiting >= limit:
+    job = {
+        "id": new_id("ftjob"),
+        "created_at": int(time.time()),
+        "model": body.model,
+        "training_file": body.training_file,
+        "validation_file": body.validation_file,
+        "seed": body.seed,
+        "suffix": body.suffix,
+        "status": "queued",
+        # What the job will run with, shown from the start ("auto" resolved as GET
+        # /v1/fine_tuning/hyperparameters resolves it; the job resolves nothing further).
+        "hyperparameters": resolved_hyperparameters(
+            body.model, body.hyperparameters.model_dump(), record["rows"]
+        ),
+    }
+    try:
+        # Counted and inserted at once: requests arriving together cannot all pass the cap.
+        job = s.db.add_job(job, max_active=int(os.environ.get("LADDER_MAX_ACTIVE_JOBS", 100)))
+    except TooManyJobs as exc:
         raise APIError(
             429,
             "too_many_jobs",
-            f"{waiting} jobs are queued or running on this "
-            f"server (at most {limit}); retry when some have finished",
-        )
-    job = s.db.add_job(
-        {
-            "id": new_id("ftjob"),
-            "created_at": int(time.time()),
-            "model": body.model,
-            "training_file": body.training_file,
-            "validation_file": body.validation_file,
-            "seed": body.seed,
-            "suffix": body.suffix,
-            "status": "queued",
-            # What the job will run with, shown from the start ("auto" resolved as GET
-            # /v1/fine_tuning/hyperparameters resolves it; the job resolves nothing further).
-            "hyperparameters": resolved_hyperparameters(
-                body.model, body.hyperparameters.model_dump(), record["rows"]
-            ),
-        }
-    )
+            f"{exc.active} jobs are queued or running on this "
+            f"server (at most {exc.cap}); retry when some have finished",
+        ) from None
     s.db.add_event(job["id"], "job created", data={"status": "queued"})
     s.runner.submit(job["id"])
     return _job_object(job)
@@ -165,6 +164,8 @@ async def job_events(
         events, more = await to_thread.run_sync(s.db.list_events, job_id, after, limit)
         return EventList(data=[EventObject(**e) for e in events], has_more=more)
     limit_streams = int(os.environ.get("LADDER_MAX_EVENT_STREAMS", 64))
+    # Checked and counted with no await between: no other request runs on the event loop
+    # meanwhile, so simultaneous requests cannot all pass the cap.
     if s.streams >= limit_streams:
         raise APIError(
             429,
@@ -174,7 +175,23 @@ async def job_events(
             f"or retry later",
             "stream",
         )
-    return StreamingResponse(_stream(s, job_id, after), media_type="text/event-stream")
+    s.streams += 1
+    return _CountedStream(s, _stream(s.db, job_id, after))
+
+
+class _CountedStream(StreamingResponse):
+    """An event stream that gives its place among LADDER_MAX_EVENT_STREAMS back however it
+    ends: finished, disconnected, or failed before its first event."""
+
+    def __init__(self, s: Services, events):
+        super().__init__(events, media_type="text/event-stream")
+        self.services = s
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.services.streams -= 1
 
 
 STREAM_POLL_S = 0.5
@@ -182,32 +199,27 @@ STREAM_POLL_S = 0.5
 STREAM_GRACE_S = 30
 
 
-async def _stream(s: Services, job_id: str, after: str | None):
+async def _stream(db: Database, job_id: str, after: str | None):
     """Every event of the job, ending with the job's last one (a terminal status): the status
     can turn terminal before the job has written it (a cancel takes effect at the job's next
     batch). The database is read in worker threads, never on the event loop."""
-    db = s.db
-    s.streams += 1
-    try:
-        while True:
-            events, _ = await to_thread.run_sync(db.list_events, job_id, after, 100)
-            for event in events:
-                after = event["id"]
-                yield f"data: {json.dumps(EventObject(**event).model_dump())}\n\n"
-                if event["data"].get("status") in TERMINAL:
-                    yield "data: [DONE]\n\n"
-                    return
-            if not events:
-                job = await to_thread.run_sync(db.get_job, job_id)
-                if (
-                    job["status"] in TERMINAL
-                    and time.time() - (job["finished_at"] or 0) > STREAM_GRACE_S
-                ):
-                    yield "data: [DONE]\n\n"
-                    return
-                await asyncio.sleep(STREAM_POLL_S)
-    finally:
-        s.streams -= 1
+    while True:
+        events, _ = await to_thread.run_sync(db.list_events, job_id, after, 100)
+        for event in events:
+            after = event["id"]
+            yield f"data: {json.dumps(EventObject(**event).model_dump())}\n\n"
+            if event["data"].get("status") in TERMINAL:
+                yield "data: [DONE]\n\n"
+                return
+        if not events:
+            job = await to_thread.run_sync(db.get_job, job_id)
+            if (
+                job["status"] in TERMINAL
+                and time.time() - (job["finished_at"] or 0) > STREAM_GRACE_S
+            ):
+                yield "data: [DONE]\n\n"
+                return
+            await asyncio.sleep(STREAM_POLL_S)
 
 
 def _job(s: Services, job_id: str) -> dict:
