@@ -189,8 +189,9 @@ class LadderClient:
                 files={"file": (path.name, fh, content_type)},
             )
 
-    def list_files(self) -> list[dict]:
-        return self._request("GET", "/v1/files")["data"]
+    def list_files(self, page_size: int = 100) -> list[dict]:
+        """Every uploaded file, newest first, fetched page by page."""
+        return list(self._pages("/v1/files", page_size))
 
     def get_file(self, file_id: str) -> dict:
         return self._request("GET", f"/v1/files/{file_id}")
@@ -235,10 +236,17 @@ class LadderClient:
         return self._request("GET", "/v1/fine_tuning/jobs", params=params)
 
     def iter_jobs(self, page_size: int = 100) -> Iterator[dict]:
-        """Every job, newest first, following the `after` cursor page by page."""
+        """Every job, newest first, page by page."""
+        return self._pages("/v1/fine_tuning/jobs", page_size)
+
+    def _pages(self, path: str, page_size: int = 100) -> Iterator[dict]:
+        """Every item of a paged list, following the `after` cursor."""
         after = None
         while True:
-            page = self.list_jobs(limit=page_size, after=after)
+            params: dict[str, Any] = {"limit": page_size}
+            if after:
+                params["after"] = after
+            page = self._request("GET", path, params=params)
             yield from page["data"]
             # An empty page that still claims more would loop forever; trust the data instead.
             if not page.get("has_more") or not page["data"]:

@@ -100,9 +100,23 @@ class Database:
         with self._tx() as con:
             return _row(con.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone())
 
-    def list_files(self) -> list[dict]:
+    def list_files(self, after: str | None, limit: int) -> tuple[list[dict], bool]:
+        """Newest first; `after` is the last id of the previous page (a cursor)."""
         with self._tx() as con:
-            return [_row(r) for r in con.execute("SELECT * FROM files ORDER BY created_at DESC")]
+            since = ""
+            anchor = ()
+            if after:
+                anchor = con.execute(
+                    "SELECT created_at, rowid FROM files WHERE id = ?", (after,)
+                ).fetchone()
+                if anchor is None:
+                    return [], False
+                since = "WHERE (created_at, rowid) < (?, ?) "
+            rows = con.execute(
+                f"SELECT * FROM files {since}ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                (*anchor, limit + 1),
+            ).fetchall()
+        return [_row(r) for r in rows[:limit]], len(rows) > limit
 
     # ---- jobs ----------------------------------------------------------------------------
 

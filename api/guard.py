@@ -43,6 +43,11 @@ def max_upload_bytes() -> int:
     return int(os.environ.get("LADDER_MAX_UPLOAD_BYTES", 50 * MIB))
 
 
+def max_classes() -> int:
+    """The most distinct labels an upload may have (a classifier's head has one row each)."""
+    return int(os.environ.get("LADDER_MAX_CLASSES", 1000))
+
+
 def body_cap(method: str, path: str) -> int:
     """The largest body a route takes. Uploads: the file cap plus room for the multipart
     envelope; predictions: 256 inputs of 10,000 characters, JSON-escaped; the rest: 1 MiB."""

@@ -27,7 +27,10 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     rows: int
+    # The classes, sorted: every one when few and short, else the first ones (a reply stays
+    # small whatever the file holds); n_labels counts them all.
     labels: list[str]
+    n_labels: int
 
 
 class JobCreate(BaseModel):
@@ -122,7 +125,7 @@ class DeletedModel(BaseModel):
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]
-    has_more: bool = False
+    has_more: bool
 
 
 class JobList(BaseModel):

@@ -113,6 +113,25 @@ function duration(seconds) {
   return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
 }
 
+// Every item of a paged list (`after` cursor, `has_more`), 100 a request.
+async function allPages(path) {
+  const items = [];
+  let after = null;
+  for (;;) {
+    const page = await api(`${path}?limit=100${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+    items.push(...page.data);
+    if (!page.has_more || !page.data.length) return items;
+    after = page.data[page.data.length - 1].id;
+  }
+}
+
+// A file's classes: all of them, or those the server lists and how many it left out.
+function labelSummary(file) {
+  const more = file.n_labels - file.labels.length;
+  const listed = [...file.labels, ...(more ? [`and ${more.toLocaleString()} more`] : [])];
+  return `${file.n_labels.toLocaleString()} labels: ${listed.join(", ")}`;
+}
+
 // An uploaded file's name (its id where the file is gone), asked for once per id.
 const fileNames = new Map();
 function fileName(id) {
@@ -223,7 +242,7 @@ async function newJobView() {
     card.hidden = false;
     card.replaceChildren(
       el("b", { text: record.filename }),
-      ` · ${record.rows.toLocaleString()} rows · labels: ${record.labels.join(", ")} · `,
+      ` · ${record.rows.toLocaleString()} rows · ${labelSummary(record)} · `,
       el("code", { text: record.id }),
     );
     $("#job-form").hidden = false;
@@ -322,16 +341,16 @@ async function newJobView() {
   });
 
   try {
-    const [models, files] = await Promise.all([api("/v1/models"), api("/v1/files")]);
+    const [models, files] = await Promise.all([api("/v1/models"), allPages("/v1/files")]);
     if (signal.aborted) return;
     $("#backbone").replaceChildren(...models.data.filter((m) => m.kind === "backbone")
       .map((m) => el("option", { value: m.id, text: m.id })));
     const select = $("#file-select");
-    for (const f of files.data) {
+    for (const f of files) {
       select.append(el("option", { value: f.id, text: `${f.filename} (${f.rows} rows, ${f.id})` }));
     }
     select.addEventListener("change", () => {
-      const chosen = files.data.find((f) => f.id === select.value);
+      const chosen = files.find((f) => f.id === select.value);
       if (chosen) useFile(chosen);
     });
     await loadHyperparameters(); // a file uploaded before the backbones were listed

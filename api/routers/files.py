@@ -6,11 +6,11 @@ import os
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
 from api.db import new_id
 from api.errors import APIError, http_message, require_id
-from api.guard import max_upload_bytes
+from api.guard import max_classes, max_upload_bytes
 from api.schemas import FileList, FileObject
 from api.state import Services, services
 
@@ -18,6 +18,9 @@ router = APIRouter(prefix="/v1/files")
 
 MIN_ROWS = 10
 UPLOAD_SUFFIXES = (".csv", ".jsonl", ".json")
+# A file object lists at most this many of its labels, of at most this many characters together.
+LABELS_SHOWN = 100
+LABEL_CHARS_SHOWN = 10_000
 
 
 @router.post("", response_model=FileObject)
@@ -56,6 +59,12 @@ def upload(
                 f"the file has {len(dataset.examples)} rows; a fine-tuning file "
                 f"needs at least {MIN_ROWS}"
             )
+        if len(dataset.labels) > max_classes():
+            raise DataError(
+                f"the file has {len(dataset.labels):,} distinct labels; this server trains "
+                f"at most {max_classes():,} classes (LADDER_MAX_CLASSES): check the label "
+                f"column, or merge rare classes"
+            )
         record = {
             "id": file_id,
             "filename": name,
@@ -74,7 +83,17 @@ def upload(
             message = http_message(exc).replace(str(path), name)
             raise APIError(400, "invalid_file", message, "file") from None
         raise
-    return FileObject(**record)
+    return file_object(record)
+
+
+def file_object(record: dict) -> FileObject:
+    shown, chars = [], 0
+    for label in record["labels"][:LABELS_SHOWN]:
+        chars += len(label)
+        if chars > LABEL_CHARS_SHOWN:
+            break
+        shown.append(label)
+    return FileObject(**{**record, "labels": shown, "n_labels": len(record["labels"])})
 
 
 def _save(source, path: Path) -> int:
@@ -99,13 +118,19 @@ def _save(source, path: Path) -> int:
 
 
 @router.get("", response_model=FileList)
-def list_files(s: Services = Depends(services)) -> FileList:
-    return FileList(data=[FileObject(**f) for f in s.db.list_files()])
+def list_files(
+    after: str | None = Query(default=None, max_length=128),
+    limit: int = Query(default=20, ge=1, le=100),
+    s: Services = Depends(services),
+) -> FileList:
+    """Newest first, cursor paging as the jobs list: `after` is the last id of a page."""
+    files, more = s.db.list_files(require_id(after, "after") if after else None, limit)
+    return FileList(data=[file_object(f) for f in files], has_more=more)
 
 
 @router.get("/{file_id}", response_model=FileObject)
 def get_file(file_id: str, s: Services = Depends(services)) -> FileObject:
-    return FileObject(**file_record(s, require_id(file_id, "file_id"), "file_id"))
+    return file_object(file_record(s, require_id(file_id, "file_id"), "file_id"))
 
 
 def file_record(s: Services, file_id: str, param: str, status: int = 404) -> dict:
