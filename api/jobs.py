@@ -34,7 +34,11 @@ class JobCancelled(Exception):
 
 
 def model_id(job: dict) -> str:
-    return f"ft:{job['model']}:{job.get('suffix') or 'side'}:{job['id'][-8:]}"
+    """`ft:{backbone}:{suffix}:{job}`, a valid id whatever names the backbone (a hub id, a
+    local directory): see `id_name`."""
+    from backbone_worker.backbone import id_name
+
+    return f"ft:{id_name(job['model'])}:{job.get('suffix') or 'side'}:{job['id'][-8:]}"
 
 
 def store_key(backbone_fingerprint: str, data_fingerprint: str, cache: CacheOptions) -> str:

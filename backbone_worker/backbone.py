@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from backbone_worker.families import ENCODER_DECODER, Family, FamilyError, family_of
 
@@ -189,6 +191,21 @@ def aliases() -> dict:
         **{name: alias.model_dir for name, alias in BUILTIN_ALIASES.items()},
         **_extra_aliases(),
     }
+
+
+def id_name(backbone: str) -> str:
+    """A backbone's name as a model id carries it: an alias or hub id with "/" as "--" and any
+    other character an id refuses as "-"; a local directory by its own name, never the path to
+    it (the model's record keeps the backbone as given)."""
+    if backbone not in aliases():
+        try:
+            path = Path(backbone).expanduser()
+        except RuntimeError:  # "~user/..." of an unknown user: not a directory here
+            path = None
+        if path is not None and _exists(path):
+            backbone = path.resolve().name
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", backbone.replace("/", "--"))
+    return re.sub(r"\.{2,}", ".", name).strip(".-")[:64] or "local"
 
 
 def resolve(backbone: str) -> Path:
@@ -407,9 +424,28 @@ def _config_at(path: Path) -> tuple[PretrainedConfig, Family]:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise BackboneError(
-            f"cannot read the model config in {path}: {exc}; pass a valid model directory"
+            f"the backbone's config.json {_config_fault(path / 'config.json', exc)}; pass a "
+            f"model directory that transformers' save_pretrained wrote"
         ) from exc
     return config, family_of(config)
+
+
+def _config_fault(config: Path, exc: Exception) -> str:
+    """What is wrong with a config.json that transformers refuses, in words that name no path
+    (they reach HTTP clients)."""
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "is not a JSON object"
+    if not isinstance(raw, dict):
+        return "is not a JSON object"
+    if "auto_map" in raw:
+        return "asks for the model's own code (auto_map), which Ladder never runs"
+    if "model_type" not in raw:
+        return "names no model_type"
+    if not isinstance(raw["model_type"], str) or raw["model_type"] not in CONFIG_MAPPING:
+        return f"names model_type {raw['model_type']!r}, which transformers does not know"
+    return f"cannot be read ({str(exc).replace(str(config.parent), 'its directory')})"
 
 
 def load_backbone(name: str, device: str | torch.device = "cpu") -> Backbone:

@@ -202,7 +202,10 @@ def has_column(path: Path, column: str) -> bool:
     before the whole file is parsed)."""
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
         if Path(path).suffix.lower() == ".csv":
-            return column in next(csv.reader(handle), [])
+            try:
+                return column in next(csv.reader(handle), [])
+            except csv.Error:  # a header field over the csv limit: load_dataset names it
+                return False
         for line in handle:
             if line.strip():
                 try:

@@ -500,9 +500,33 @@ def _is_decoder_only(model_type: str) -> bool:
     )
 
 
+def _is_text_model(model_type: str) -> bool:
+    """A model type transformers ships a text head for (masked or causal LM, or sequence
+    classification): not a vision or audio model."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    return any(
+        model_type in names
+        for names in (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+            MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        )
+    )
+
+
 def family_of(config: PretrainedConfig) -> Family:
     if config.model_type in T5_TYPES:
         return T5
+    if not _is_text_model(config.model_type):
+        raise FamilyError(
+            f"backbone model_type {config.model_type!r} is not a text model; Ladder takes "
+            f"encoder and decoder-only language models, and T5"
+        )
     if getattr(config, "is_encoder_decoder", False):
         raise FamilyError(
             f"backbone model_type {config.model_type!r} is an encoder-decoder; Ladder takes "

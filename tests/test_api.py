@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -560,14 +562,94 @@ def test_an_upload_error_says_what_to_change_in_the_file(service, name, content,
     assert all(w in message for w in words), message
 
 
-def test_a_backbone_the_server_lacks_is_refused_without_the_servers_details(service):
+@pytest.mark.parametrize("model", ["nobody/no-such-model", "gpt2"])
+def test_a_backbone_the_server_lacks_is_refused_without_the_servers_details(service, model):
     # Not in the server's Hugging Face cache, and the tests run offline: the server's reason
     # names its cache directory and a shell command, neither the client's business.
-    response = service["client"].post(
-        "/v1/fine_tuning/jobs", json={"model": "nobody/no-such-model", "training_file": "file-x"}
-    )
+    client = service["client"]
+    response = client.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": "x"})
     assert_error(response, 400, "model_not_found", "model")
     assert "tiny" in response.json()["error"]["message"]
+    params = {"model": model, "training_file": "file-x"}
+    assert_error(
+        client.get("/v1/fine_tuning/hyperparameters", params=params), 400, "model_not_found"
+    )
+
+
+def broken_backbone(source: str, path, edit) -> str:
+    """A copy of the model directory `source` whose config.json `edit` changes."""
+    shutil.copytree(source, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(edit(config)))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda c: {k: v for k, v in c.items() if k != "model_type"}, "no model_type"),
+        (lambda c: {"model_type": "resnet", "architectures": ["ResNetModel"]}, "'resnet'"),
+        (
+            lambda c: {**c, "model_type": "own", "auto_map": {"AutoModel": "own.OwnModel"}},
+            "own code",
+        ),
+    ],
+    ids=["no-model-type", "resnet", "auto-map"],
+)
+def test_a_backbone_directory_ladder_cannot_read_is_a_client_error(
+    service, finished_job, tiny_bert_dir, tmp_path, edit, words
+):
+    client = service["client"]
+    model = broken_backbone(tiny_bert_dir, tmp_path / "backbone", edit)
+    body = {"model": model, "training_file": finished_job[1]}
+    for response in (
+        client.get("/v1/fine_tuning/hyperparameters", params=body),
+        client.post("/v1/fine_tuning/jobs", json=body),
+    ):
+        assert_error(response, 400, "invalid_model", "model")
+        assert words in response.json()["error"]["message"]
+
+
+def test_a_csv_header_field_over_the_csv_limit_is_a_client_error(service):
+    path = service["tmp"] / "long-header.csv"
+    path.write_text("text,label," + "x" * 140_000 + "\n" + "a,b,c\n" * 12)
+    response = upload(service["client"], path)
+    assert_error(response, 400, "invalid_file", "file")
+    assert "line 1 cannot be read as CSV" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("name", ["org/tinybert", "directory"])
+def test_a_model_of_a_hub_named_or_local_backbone_predicts_and_deletes(
+    service, finished_job, tiny_bert_dir, monkeypatch, name
+):
+    """A backbone named by a hub id or a server directory gives a model id that the id checks
+    take and that shows no path; the model's record keeps the backbone as it was named."""
+    client = service["client"]
+    monkeypatch.setenv("LADDER_BACKBONES", f"tiny={tiny_bert_dir},org/tinybert={tiny_bert_dir}")
+    backbone = tiny_bert_dir if name == "directory" else name
+    # Layers of their own: a store records the name of the backbone that built it, and the same
+    # weights under another name are refused by a store built with the same settings.
+    layers = [0, 1] if name == "directory" else [1, 2]
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": backbone,
+            "training_file": finished_job[1],
+            "hyperparameters": {"n_epochs": 1, "reduction_factor": 4, "kept_layers": layers},
+        },
+    ).json()
+    job = wait_for(client, job["id"])
+    assert job["status"] == "succeeded", job["error"]
+    model = job["fine_tuned_model"]
+    expected = "org--tinybert" if name == "org/tinybert" else Path(tiny_bert_dir).name
+    assert model == f"ft:{expected}:side:{job['id'][-8:]}"
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert listed[model]["backbone"] == backbone
+    response = client.post("/v1/predict", json={"model": model, "inputs": ["a lovely ride"]})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["label"] in ("pos", "neg")
+    assert client.delete(f"/v1/models/{model}").json()["deleted"] is True
+    assert model not in {m["id"] for m in client.get("/v1/models").json()["data"]}
 
 
 def test_ready_on_a_full_disk_names_no_server_setting(service, monkeypatch):

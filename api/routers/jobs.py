@@ -36,10 +36,11 @@ defaults_router = APIRouter(prefix="/v1/fine_tuning")
 
 
 def _check_backbone(registry: ModelRegistry, model: str) -> None:
+    from backbone_worker.backbone import BackboneError, backbone_config, resolve
+    from backbone_worker.families import FamilyError
+
     if model not in registry.available_backbones():
         # A hub id is taken when it is in the server's Hugging Face cache (or it may download).
-        from backbone_worker.backbone import BackboneError, resolve
-
         try:
             resolve(model)
         except BackboneError:
@@ -51,6 +52,10 @@ def _check_backbone(registry: ModelRegistry, model: str) -> None:
                 f"{', '.join(registry.available_backbones())} or a hub id the server has",
                 "model",
             ) from None
+    try:  # a directory with a config.json that Ladder cannot take
+        backbone_config(model)
+    except (BackboneError, FamilyError) as exc:
+        raise APIError(400, "invalid_model", http_message(exc), "model") from None
 
 
 @defaults_router.get("/hyperparameters", response_model=HyperparameterList)
