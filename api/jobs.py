@@ -41,10 +41,15 @@ def model_id(job: dict) -> str:
     return f"ft:{id_name(job['model'])}:{job.get('suffix') or 'side'}:{job['id'][-8:]}"
 
 
-def store_key(backbone_fingerprint: str, data_fingerprint: str, cache: CacheOptions) -> str:
-    """Stores are shared between jobs with the same backbone, data and caching settings."""
+def store_key(
+    backbone: str, backbone_fingerprint: str, data_fingerprint: str, cache: CacheOptions
+) -> str:
+    """Stores are shared between jobs with the same backbone, data and caching settings. The
+    backbone's name is part of the key as its files are: a store records the name its models
+    load the backbone by, so an alias and a directory of the same files keep a store each."""
     key = json.dumps(
         [
+            backbone,
             backbone_fingerprint,
             data_fingerprint,
             cache.layers,
@@ -158,7 +163,7 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
     store = str(
         home_path
         / "stores"
-        / store_key(fingerprint_dir(backbone_dir), dataset.fingerprint, cache_opts)
+        / store_key(job["model"], fingerprint_dir(backbone_dir), dataset.fingerprint, cache_opts)
     )
     set_status("caching", f"caching ladder states of {len(dataset.examples)} examples")
     _cache(db, job, dataset, store, cache_opts, check_cancelled)

@@ -147,7 +147,7 @@ def _store_of(home: Path, job_id: str) -> str:
 
     hp = resolved_hyperparameters("tiny", db.get_job(job_id)["hyperparameters"], 120)
     cache, _ = hyperparameters.options(hp)  # as the job resolves them
-    key = store_key(fingerprint_dir(resolve("tiny")), dataset.fingerprint, cache)
+    key = store_key("tiny", fingerprint_dir(resolve("tiny")), dataset.fingerprint, cache)
     return str(home / "stores" / key)
 
 
@@ -363,3 +363,14 @@ def test_a_file_without_test_rows_has_no_test_figures_rather_than_zero(home):
     assert job["status"] == "succeeded", job["error"]
     assert job["result"]["test_accuracy"] is None and job["result"]["test"] is None
     assert any("test split empty" in e["message"] for e in events(home, job_id))
+
+
+def test_one_backbone_named_by_an_alias_and_by_its_directory_trains_under_both(home, tiny_bert_dir):
+    db = Database(home / "ladder.db")
+    jobs = [new_job(home), new_job(home)]
+    db.update_job(jobs[1], model=str(tiny_bert_dir))  # the alias's own directory
+    for job_id in jobs:
+        run_job(str(home), job_id)
+    assert [db.get_job(j)["status"] for j in jobs] == ["succeeded", "succeeded"], [
+        db.get_job(j)["error"] for j in jobs
+    ]
