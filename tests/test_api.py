@@ -818,7 +818,7 @@ def test_server_errors_are_counted(service, monkeypatch):
     """A route that crashes answers 500 with the error shape, and /metrics counts it."""
     s = service["client"].app.state.ladder
 
-    def broken():
+    def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(s.db, "list_files", broken)
