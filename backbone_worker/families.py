@@ -300,8 +300,9 @@ class Family:
         which are every layer of an encoder or T5 and every third layer of a decoder-only
         model, ending at the last one. MiniLM keeps 3, 4, 5 of 6; SmolLM2 17, 20, ..., 29 of 30.
         Chosen with the store's default width and dtype by bench/tiers.py: the smallest tier
-        within a point of every ladder layer at fp16 and full width on both backbones
-        (bench/results/tiers_*.json)."""
+        whose validation accuracy at `ladder train`'s defaults (mean of 3 seeds) is within 0.3
+        points of every ladder layer at fp16 and full width on both backbones
+        (bench/results/tiers_*_default.json, docs/store.md)."""
         layers = self.ladder_layers(config)
         return layers[len(layers) // 2 :]
 
