@@ -832,7 +832,8 @@ def test_operations_endpoints(service):
     client = service["client"]
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").status_code == 200
-    assert client.get("/info").json()["backbones_loaded"] == ["tiny"]
+    # (Other tests of this module's service load other names of the tiny backbone too.)
+    assert "tiny" in client.get("/info").json()["backbones_loaded"]
     text = client.get("/metrics").text
     assert "ladder_requests_total" in text and 'ladder_jobs{status="succeeded"}' in text
 

@@ -102,6 +102,10 @@ def test_the_csv_quick_start_runs_as_written_on_minilm(tmp_path):
     evaluation = json.loads(out[-1])
     assert evaluation["split"] == "test" and evaluation["n"] >= 1
     assert 0.0 <= evaluation["accuracy"] <= 1.0
+    # Beside accuracy, what a one-class model could not hide.
+    assert 0.0 <= evaluation["macro_f1"] <= 1.0 and 0.5 <= evaluation["majority_rate"] <= 1.0
+    assert set(evaluation["per_class"]) == {"positive", "negative"}
+    assert sum(map(sum, evaluation["confusion_matrix"])) == evaluation["n"]
     predicted = [line.split("\t") for line in out[:-1] if line.count("\t") == 2]
     assert [text for *_, text in predicted] == [
         "a friendly driver and a clean car",
