@@ -102,19 +102,20 @@ class Database:
 
     def list_files(self, after: str | None, limit: int) -> tuple[list[dict], bool]:
         """Newest first; `after` is the last id of the previous page (a cursor)."""
+        return self._page("files", after, limit)
+
+    def _page(self, table: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
+        """A page of `table` (files or jobs), newest first (rows are added in time order), after
+        the row with id `after`; and whether more follow."""
         with self._tx() as con:
-            since = ""
-            anchor = ()
+            since, anchor = "", ()
             if after:
-                anchor = con.execute(
-                    "SELECT created_at, rowid FROM files WHERE id = ?", (after,)
-                ).fetchone()
-                if anchor is None:
+                row = con.execute(f"SELECT rowid FROM {table} WHERE id = ?", (after,)).fetchone()
+                if row is None:
                     return [], False
-                since = "WHERE (created_at, rowid) < (?, ?) "
+                since, anchor = "WHERE rowid < ? ", (row[0],)
             rows = con.execute(
-                f"SELECT * FROM files {since}ORDER BY created_at DESC, rowid DESC LIMIT ?",
-                (*anchor, limit + 1),
+                f"SELECT * FROM {table} {since}ORDER BY rowid DESC LIMIT ?", (*anchor, limit + 1)
             ).fetchall()
         return [_row(r) for r in rows[:limit]], len(rows) > limit
 
@@ -149,20 +150,7 @@ class Database:
 
     def list_jobs(self, after: str | None, limit: int) -> tuple[list[dict], bool]:
         """Newest first; `after` is the last id of the previous page (a cursor)."""
-        with self._tx() as con:
-            if after:
-                anchor = con.execute("SELECT rowid FROM jobs WHERE id = ?", (after,)).fetchone()
-                if anchor is None:
-                    return [], False
-                rows = con.execute(
-                    "SELECT * FROM jobs WHERE rowid < ? ORDER BY rowid DESC LIMIT ?",
-                    (anchor[0], limit + 1),
-                ).fetchall()
-            else:
-                rows = con.execute(
-                    "SELECT * FROM jobs ORDER BY rowid DESC LIMIT ?", (limit + 1,)
-                ).fetchall()
-        return [_row(r) for r in rows[:limit]], len(rows) > limit
+        return self._page("jobs", after, limit)
 
     def jobs_with_status(self, statuses: tuple[str, ...]) -> list[dict]:
         marks = ",".join("?" * len(statuses))
