@@ -199,10 +199,10 @@ RETRY_LR_FACTOR = 1 / 3
 def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None) -> dict:
     """`train_once`, and a guard against a collapsed model: when the kept model predicts one
     class for all validation rows, or its validation macro-F1 is no better than the majority
-    class's, training runs again (`opts.retries` times at most, at a lower rate and another seed) and
-    the attempt with the best validation macro-F1 is kept. Its result then lists every attempt
-    (`attempts`); `warning` ({"code", "message"}, else None) says when none beat the majority
-    class. `on_epoch` records of a retry carry `attempt` (1, 2, ...)."""
+    class's, training runs again (`opts.retries` times at most, at a lower rate and another
+    seed) and the attempt with the best validation macro-F1 is kept. Its result then lists
+    every attempt (`attempts`); `warning` ({"code", "message"}, else None) says when none beat
+    the majority class. `on_epoch` records of a retry carry `attempt` (1, 2, ...)."""
     out_dir = Path(out_dir)
     result = train_once(store_url, out_dir, opts, on_epoch)
     if "attempts" in result:  # a finished run of this guard, found again (a resumed job)
