@@ -333,10 +333,15 @@ def cmd_serve(args) -> dict:
 
     if args.executor:
         os.environ["LADDER_EXECUTOR"] = args.executor
+    # Without a key, the app answers only requests addressed to loopback or to this address
+    # (api/guard.py); replicas get it with the other LADDER_* settings.
+    os.environ["LADDER_BIND_HOST"] = args.host
     if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("LADDER_API_KEY"):
         log.warning(
             "serving on %s without LADDER_API_KEY: anyone who can reach this port can "
-            "upload data, run jobs and read models; set LADDER_API_KEY",
+            "upload data, run jobs and read models; set LADDER_API_KEY (without it, only "
+            "requests addressed to loopback, to --host's own address or to a name in "
+            "LADDER_ALLOWED_HOSTS are answered)",
             args.host,
         )
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host

@@ -1,9 +1,17 @@
 """What every request passes before a route sees it (pure ASGI, so nothing reads the body first):
 
-- `RequestGuard`: with LADDER_API_KEY set, a request to any route outside PUBLIC_PATHS without
-  `Authorization: Bearer <key>` gets 401 before a byte of its body is read; and every body has a
-  size cap per route, checked against Content-Length up front (413 at once) and against the
-  bytes actually received (413 as soon as they pass it);
+- `RequestGuard`, in this order, before a byte of the body is read:
+  - without LADDER_API_KEY, a request to a route outside PUBLIC_PATHS whose Host names neither
+    this machine's loopback (127.0.0.1, localhost, ::1), nor the address `ladder serve --host`
+    listens on (LADDER_BIND_HOST), nor a name in LADDER_ALLOWED_HOSTS gets 403: a web page that
+    rebinds its own name to 127.0.0.1 (DNS rebinding) names itself there, and has no key to send;
+  - a POST, PUT, PATCH or DELETE whose Origin is neither absent (curl, the SDK), nor the host it
+    was sent to (the console: same origin), nor in LADDER_ALLOWED_ORIGINS gets 403: a browser
+    sends another site's form or no-cors fetch without asking, and Origin names that site;
+  - with LADDER_API_KEY set, a request to a route outside PUBLIC_PATHS without
+    `Authorization: Bearer <key>` gets 401;
+  - every body has a size cap per route, checked against Content-Length up front (413 at once)
+    and against the bytes actually received (413 as soon as they pass it);
 - `RequestMetrics`: counts every response by route and status, 500s included (an unhandled
   error is counted on its way to the server-error handler).
 """
@@ -37,6 +45,61 @@ PUBLIC_PATHS = frozenset(
 )
 PUBLIC_PREFIXES = ("/console/",)
 MIB = 2**20
+# Methods that change state: a browser sends these cross-origin (a form, a no-cors fetch)
+# without asking the server first, so their Origin is checked; reads it cannot read the answer of.
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+ANY_ADDRESS = ("", "0.0.0.0", "::")  # `--host` values that name no one address
+
+
+def hostname(host: str) -> str:
+    """A Host header's (or a setting's) name without its port: "[::1]:8000" -> "::1",
+    "Example.COM:8000" -> "example.com"; a bare IPv6 address stays whole."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _listed(setting: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(setting, "").split(",") if item.strip()]
+
+
+def allowed_hosts() -> set[str] | None:
+    """The names a server without a key answers to; None: any (LADDER_ALLOWED_HOSTS=*)."""
+    extra = _listed("LADDER_ALLOWED_HOSTS")
+    if "*" in extra:
+        return None
+    bound = os.environ.get("LADDER_BIND_HOST", "")
+    own = [] if bound in ANY_ADDRESS else [bound]
+    return {hostname(name) for name in (*LOOPBACK_NAMES, *own, *extra)}
+
+
+def foreign_host(headers: dict[bytes, bytes]) -> str | None:
+    """The name a request was addressed to, if it is not one this server answers to."""
+    host = headers.get(b"host")
+    if host is None:  # HTTP/1.0 without one; every browser sends it
+        return None
+    name = hostname(host.decode("latin-1"))
+    allowed = allowed_hosts()
+    return None if allowed is None or name in allowed else name
+
+
+def foreign_origin(method: str, headers: dict[bytes, bytes]) -> str | None:
+    """The web page's origin behind a state-changing request, if it is another site's. Same
+    origin compares the Origin's host[:port] with the Host header, not the scheme: behind a
+    TLS proxy the page is https:// and the server sees http."""
+    origin = headers.get(b"origin")
+    if method not in STATE_CHANGING or origin is None:
+        return None
+    origin = origin.decode("latin-1").strip().lower().rstrip("/")
+    own = headers.get(b"host", b"").decode("latin-1").strip().lower()
+    if own and origin.partition("://")[2] == own:
+        return None
+    allowed = {o.lower().rstrip("/") for o in _listed("LADDER_ALLOWED_ORIGINS")}
+    return None if "*" in allowed or origin in allowed else origin
 
 
 def max_upload_bytes() -> int:
@@ -98,7 +161,32 @@ class RequestGuard:
         headers = dict(scope["headers"])
         key = os.environ.get("LADDER_API_KEY")
         path = scope["path"]
-        if key and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+        guarded = path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES)
+        if guarded and not key and (name := foreign_host(headers)) is not None:
+            return await _send_error(
+                send,
+                403,
+                "forbidden_host",
+                f"this server has no LADDER_API_KEY, so it answers only requests addressed to one "
+                f"of {', '.join(sorted(allowed_hosts()))}, not to {name!r} (a web page can point "
+                f"a name of its own at this machine); set LADDER_API_KEY, or allow the name "
+                f"with LADDER_ALLOWED_HOSTS={name} (a comma list; * allows any)",
+            )
+        if (origin := foreign_origin(scope["method"], headers)) is not None:
+            if origin == "null":  # a sandboxed frame, a local file: no name to allow
+                page = "a web page with no origin (Origin: null)"
+                fix = "serve it from an origin of its own and list that in LADDER_ALLOWED_ORIGINS"
+            else:
+                page = f"a web page at {origin}"
+                fix = f"allow it with LADDER_ALLOWED_ORIGINS={origin} (a comma list)"
+            return await _send_error(
+                send,
+                403,
+                "forbidden_origin",
+                f"{page} may not change this server's state: only the server's own pages (the "
+                f"console) may; if that page is yours, {fix}",
+            )
+        if guarded and key:
             given = headers.get(b"authorization", b"")
             if not secrets.compare_digest(given, f"Bearer {key}".encode()):
                 return await _send_error(

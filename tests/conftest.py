@@ -16,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Services started by tests (in process or as subprocesses) do not convert the real SmolLM2 GGUF
 # in the background while other tests run; the test of that start-up step turns it on itself.
 os.environ.setdefault("LADDER_CONVERT_AT_START", "0")
+# FastAPI's TestClient addresses its requests to the host `testserver`, which a server without
+# an API key refuses unless it is allowed (api/guard.py); tests of that check set their own.
+os.environ.setdefault("LADDER_ALLOWED_HOSTS", "testserver")
 
 TOKENIZER_FILES = (
     "tokenizer.json",
