@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.db import open_database
+from api.disk import collect_garbage
 from api.errors import APIError, error_body
 from api.guard import RequestGuard, RequestMetrics
 from api.jobs import JobRunner
@@ -30,6 +31,7 @@ from api.routers import console, files, jobs, models, operations
 from api.schemas import ErrorResponse
 from api.serving import MicroBatcher, ModelRegistry
 from api.state import Metrics, Services
+from api.uploads import sweep
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,10 @@ def create_app(
     async def lifespan(app: FastAPI):
         (home / "files").mkdir(parents=True, exist_ok=True)
         s.db, s.recovered_from = open_database(home)
+        # What a crash left: uploads that never got their record (api/uploads.py).
+        sweep(home / "files", s.db.has_file_path)
+        # Stores and checkpoints nothing needs any more (api/disk.py).
+        collect_garbage(home, s.db)
         s.registry = ModelRegistry(s.db)
         metrics = s.metrics
         s.batcher = MicroBatcher(
@@ -123,7 +129,9 @@ def create_app(
         responses={
             400: {"model": ErrorResponse},
             401: {"model": ErrorResponse},
+            403: {"model": ErrorResponse},
             404: {"model": ErrorResponse},
+            409: {"model": ErrorResponse},
             422: {"model": ErrorResponse},
         },
     )

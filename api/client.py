@@ -196,6 +196,10 @@ class LadderClient:
     def get_file(self, file_id: str) -> dict:
         return self._request("GET", f"/v1/files/{file_id}")
 
+    def delete_file(self, file_id: str) -> dict:
+        """Delete an upload (409 `file_in_use` while a queued or running job uses it)."""
+        return self._request("DELETE", f"/v1/files/{file_id}")
+
     # -- jobs ------------------------------------------------------------------------------
 
     def _file_id(self, file_or_path: str) -> str:

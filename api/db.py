@@ -66,6 +66,7 @@ class Database:
         with self._tx() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
+            _add_columns(con, "jobs", {"store": "TEXT"})
 
     def check(self) -> None:
         """Raise sqlite3.DatabaseError when the file is damaged."""
@@ -99,6 +100,27 @@ class Database:
     def get_file(self, file_id: str) -> dict | None:
         with self._tx() as con:
             return _row(con.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone())
+
+    def has_file_path(self, path: str) -> bool:
+        with self._tx() as con:
+            return con.execute("SELECT 1 FROM files WHERE path = ?", (path,)).fetchone() is not None
+
+    def delete_file(self, file_id: str) -> list[str]:
+        """Delete a file's record, unless an active job uses it: then delete nothing and return
+        those jobs' ids. The check and the delete are one transaction."""
+        marks = ",".join("?" * len(ACTIVE))
+        with self._tx() as con:
+            users = [
+                r[0]
+                for r in con.execute(
+                    f"SELECT id FROM jobs WHERE status IN ({marks}) AND "
+                    f"(training_file = ? OR validation_file = ?) ORDER BY rowid",
+                    (*ACTIVE, file_id, file_id),
+                )
+            ]
+            if not users:
+                con.execute("DELETE FROM files WHERE id = ?", (file_id,))
+            return users
 
     def list_files(self, after: str | None, limit: int) -> tuple[list[dict], bool]:
         """Newest first; `after` is the last id of the previous page (a cursor)."""
@@ -161,6 +183,20 @@ class Database:
                     f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY rowid", statuses
                 )
             ]
+
+    def needed_stores(self) -> set[str]:
+        """The stores (names under stores/) that a job which is active, or whose training file
+        still exists, has cached into."""
+        marks = ",".join("?" * len(ACTIVE))
+        with self._tx() as con:
+            return {
+                r[0]
+                for r in con.execute(
+                    f"SELECT DISTINCT store FROM jobs WHERE store IS NOT NULL AND (status IN "
+                    f"({marks}) OR training_file IN (SELECT id FROM files))",
+                    ACTIVE,
+                )
+            }
 
     def count_jobs_by_status(self) -> dict[str, int]:
         with self._tx() as con:
@@ -338,6 +374,14 @@ def open_database(home: Path) -> tuple[Database, str | None]:
     return db, str(aside)
 
 
+def _add_columns(con, table: str, columns: dict[str, str]) -> None:
+    """Columns a database made by an earlier version lacks."""
+    have = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+    for name, kind in columns.items():
+        if name not in have:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
 def _rebuild(db: Database, home: Path) -> None:
     for record in sorted((home / "models").glob(f"*/{MODEL_RECORD}")):
         try:
@@ -345,12 +389,11 @@ def _rebuild(db: Database, home: Path) -> None:
             db.add_model(model["id"], model["backbone"], str(record.parent), model["job_id"])
         except (OSError, ValueError, KeyError) as exc:
             log.error("cannot restore the model in %s: %r", record.parent, exc)
-    from backbone_worker.data import DataError, has_column, load_dataset
+    from backbone_worker.data import DataError, scan_file
 
     for upload in sorted((home / "files").glob("file-*")):
-        pair = has_column(upload, "text_pair")
         try:
-            dataset = load_dataset(str(upload), text_pair_column="text_pair" if pair else None)
+            summary = scan_file(upload)
         except DataError:
             continue
         db.add_file(
@@ -360,9 +403,9 @@ def _rebuild(db: Database, home: Path) -> None:
                 "bytes": upload.stat().st_size,
                 "created_at": int(upload.stat().st_mtime),
                 "purpose": "fine-tune",
-                "rows": len(dataset.examples),
-                "labels": dataset.labels,
-                "has_pair": pair,
+                "rows": summary.rows,
+                "labels": summary.labels,
+                "has_pair": summary.has_pair,
                 "path": str(upload),
             }
         )

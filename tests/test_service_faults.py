@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -516,3 +517,171 @@ def test_simultaneous_job_creations_never_exceed_the_cap(capped_server, tmp_path
     finally:
         for job_id in accepted:
             server.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+
+
+def _peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_large_upload_is_validated_in_constant_memory(tmp_path, tiny_bert_dir):
+    """A 24 MiB CSV of 4 M short rows: the server's peak memory grows by at most 100 MB while it
+    receives, validates and records it (it once grew ~73x the file's size)."""
+    path = tmp_path / "many-rows.csv"
+    with open(path, "w") as out:
+        out.write("text,label\n")
+        row = "".join(f"t{k % 10},{'ab'[k % 2]}\n" for k in range(1000))
+        while out.tell() < 24 * 2**20:
+            out.write(row)
+    (tmp_path / "home").mkdir()
+    server = Server(tmp_path / "home", env_for(tiny_bert_dir))
+    try:
+        # Reset the peak (VmHWM) to the present, so it measures this upload alone.
+        Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")
+        before = server.rss_mb()
+        response = upload(server, path)
+        assert response.status_code == 200, response.text
+        grown = _peak_mb(server.proc.pid) - before
+        assert response.json()["rows"] == path.read_text().count("\n") - 1
+        assert response.json()["n_labels"] == 2
+        assert grown <= 100, f"the server's peak grew {grown:.0f} MB over the upload"
+    finally:
+        server.stop()
+
+
+def test_a_label_count_past_the_cap_stops_the_upload_early(server, tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("text,label\n" + "".join(f"t,{k}\n" for k in range(1500)))
+    response = upload(server, path)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert "more than 1,000 distinct labels" in message and "data row 1000" in message
+
+
+def test_an_upload_killed_while_validating_leaves_nothing_after_a_restart(tmp_path, tiny_bert_dir):
+    """SIGKILL once the upload's bytes are on disk and it is being validated: the restarted
+    server removes what the dead one left, and keeps every recorded file."""
+    home = tmp_path / "home"
+    home.mkdir()
+    data = Path(write_csv(tmp_path / "d.csv", n=40))
+    big = tmp_path / "big.csv"
+    with open(big, "w") as out:
+        out.write("text,label\n")
+        while out.tell() < 16 * 2**20:
+            out.write("".join(f"text {k},{'ab'[k % 2]}\n" for k in range(1000)))
+    server = Server(home, env_for(tiny_bert_dir))
+    kept = upload(server, data)
+    assert kept.status_code == 200
+    size = big.stat().st_size
+    thread = threading.Thread(target=lambda: _quietly(upload, server, big), daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait for the whole body on disk: validation has begun
+        if any(p.stat().st_size >= size for p in (home / "files").iterdir() if p.is_file()):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the upload never reached the disk")
+    server.stop(signal.SIGKILL)
+    thread.join(timeout=60)
+    assert len(list((home / "files").iterdir())) == 2  # the recorded file and the dead upload
+    # What a crash between the rename and the record would leave, and a store no job names.
+    (home / "files" / "file-0123456789abcdef01234567.csv").write_text("text,label\n")
+    (home / "stores" / "0123456789abcdef0123").mkdir(parents=True)
+    server = Server(home, env_for(tiny_bert_dir))
+    try:
+        assert [p.name for p in (home / "files").iterdir()] == [f"{kept.json()['id']}.csv"]
+        assert [f["id"] for f in server.get("/v1/files").json()["data"]] == [kept.json()["id"]]
+        assert list((home / "stores").iterdir()) == []
+    finally:
+        server.stop()
+
+
+def _quietly(call, *args):
+    try:
+        call(*args)
+    except httpx.HTTPError:
+        pass
+
+
+def test_a_file_in_use_cannot_be_deleted_and_its_store_goes_with_it(server, tmp_path):
+    """DELETE /v1/files/{id}: 409 while a running job uses the file; once it has finished,
+    the file, its record and the store only its jobs needed are removed, and the model stays."""
+    data = Path(write_csv(tmp_path / "d.csv", n=400))
+    file_id = upload(server, data).json()["id"]
+    stores = server.home / "stores"
+    before = {p.name for p in stores.iterdir()} if stores.is_dir() else set()
+    job_id = create_job(server, file_id, n_epochs=8)
+    wait_job(server, job_id, statuses=("training", "succeeded"))
+    busy = httpx.delete(f"{server.base}/v1/files/{file_id}", headers=AUTH, timeout=60)
+    assert busy.status_code == 409, busy.text
+    assert busy.json()["error"]["code"] == "file_in_use" and job_id in busy.text
+    job = wait_job(server, job_id)
+    assert job["status"] == "succeeded", job
+    made = {p.name for p in stores.iterdir() if p.is_dir()} - before
+    assert len(made) == 1
+    gone = httpx.delete(f"{server.base}/v1/files/{file_id}", headers=AUTH, timeout=60)
+    assert gone.status_code == 200, gone.text
+    assert gone.json() == {"id": file_id, "object": "file", "deleted": True}
+    assert server.get(f"/v1/files/{file_id}").status_code == 404
+    assert not any(p.name.startswith(file_id) for p in (server.home / "files").iterdir())
+    assert not (stores / made.pop()).exists()
+    predicted = server.post(
+        "/v1/predict", json={"model": job["fine_tuned_model"], "inputs": ["a fine ride"]}
+    )
+    assert predicted.status_code == 200, predicted.text
+    again = httpx.delete(f"{server.base}/v1/files/{file_id}", headers=AUTH, timeout=60)
+    assert again.status_code == 404
+
+
+def test_a_cancelled_job_leaves_no_checkpoint(server, tmp_path):
+    data = Path(write_csv(tmp_path / "d.csv", n=400))
+    file_id = upload(server, data).json()["id"]
+    job_id = create_job(server, file_id, n_epochs=50)
+    deadline = time.time() + 120
+    while not list((server.home / "models" / job_id).glob("*")):  # a checkpoint exists
+        assert time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.1)
+    assert server.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 200
+    deadline = time.time() + 60
+    while not any(
+        e.get("data", {}).get("status") == "cancelled" for e in all_events(server, job_id)
+    ):
+        assert time.time() < deadline, "the job never stopped"
+        time.sleep(0.2)
+    assert not (server.home / "models" / job_id).exists()
+
+
+def test_a_job_whose_store_cannot_fit_on_the_disk_gets_507_with_the_estimate(
+    small_disk, tmp_path, tiny_bert_dir
+):
+    server = Server(small_disk, env_for(tiny_bert_dir, LADDER_MIN_FREE_MB="16"))
+    try:
+        data = tmp_path / "long-texts.csv"
+        data.write_text(
+            "text,label\n" + "".join(f"{'a fine ride ' * 25} {k},{k % 2}\n" for k in range(6000))
+        )
+        file_id = upload(server, data).json()["id"]
+        response = server.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tiny",
+                "training_file": file_id,
+                "hyperparameters": {
+                    "kept_layers": "all",
+                    "cache_width": "full",
+                    "cache_dtype": "fp16",
+                },
+            },
+        )
+        assert response.status_code == 507, response.text
+        error = response.json()["error"]
+        assert error["code"] == "insufficient_storage"
+        assert re.search(
+            r"needs about [\d,]+ MB of disk and the server has [\d,]+ MB", error["message"]
+        )
+        assert server.get("/v1/fine_tuning/jobs").json()["data"] == []
+    finally:
+        server.stop()

@@ -9,10 +9,12 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
 from api.db import new_id
+from api.disk import collect_garbage
 from api.errors import APIError, http_message, require_id
 from api.guard import max_classes, max_upload_bytes
-from api.schemas import FileList, FileObject
+from api.schemas import DeletedFile, FileList, FileObject
 from api.state import Services, services
+from api.uploads import staged
 
 router = APIRouter(prefix="/v1/files")
 
@@ -28,8 +30,10 @@ def upload(
     file: UploadFile = File(...), purpose: str = Form(...), s: Services = Depends(services)
 ) -> FileObject:
     """Plain `def`: copying and validating a large file runs in a worker thread, off the event
-    loop that answers every other request."""
-    from backbone_worker.data import DataError, has_column, load_dataset
+    loop that answers every other request. The bytes go to a temporary name, are validated a
+    row at a time (memory stays flat whatever the file's size), and take their final name only
+    with their record (api/uploads.py: what a crash leaves is swept at the next start)."""
+    from backbone_worker.data import DataError, TooManyLabels, scan_file
 
     if purpose != "fine-tune":
         raise APIError(
@@ -49,40 +53,40 @@ def upload(
             "file",
         )
     file_id = new_id("file")
-    path = s.home / "files" / f"{file_id}{suffix}"
-    try:
-        size = _save(file.file, path)
-        has_pair = has_column(path, "text_pair")
-        dataset = load_dataset(str(path), text_pair_column="text_pair" if has_pair else None)
-        if len(dataset.examples) < MIN_ROWS:
-            raise DataError(
-                f"the file has {len(dataset.examples)} rows; a fine-tuning file "
-                f"needs at least {MIN_ROWS}"
-            )
-        if len(dataset.labels) > max_classes():
-            raise DataError(
-                f"the file has {len(dataset.labels):,} distinct labels; this server trains "
-                f"at most {max_classes():,} classes (LADDER_MAX_CLASSES): check the label "
-                f"column, or merge rare classes"
-            )
+    directory = s.home / "files"
+    with staged(directory, file_id, suffix) as stage:
+        size = _save(file.file, stage.handle)
+        try:
+            summary = scan_file(stage.path, max_labels=max_classes())
+            if summary.rows < MIN_ROWS:
+                raise DataError(
+                    f"the file has {summary.rows} rows; a fine-tuning file "
+                    f"needs at least {MIN_ROWS}"
+                )
+        except DataError as exc:
+            if isinstance(exc, TooManyLabels):
+                message = (
+                    f"the file has more than {exc.cap:,} distinct labels (data row {exc.row} "
+                    f"brings one more); this server trains at most {exc.cap:,} classes "
+                    f"(LADDER_MAX_CLASSES): check the label column, or merge rare classes"
+                )
+            else:
+                message = http_message(exc).replace(str(stage.path), name)
+            raise APIError(400, "invalid_file", message, "file") from None
+        final = directory / f"{file_id}{suffix}"
         record = {
             "id": file_id,
             "filename": name,
             "bytes": size,
             "created_at": int(time.time()),
             "purpose": purpose,
-            "rows": len(dataset.examples),
-            "labels": dataset.labels,
-            "has_pair": has_pair,
-            "path": str(path),
+            "rows": summary.rows,
+            "labels": summary.labels,
+            "has_pair": summary.has_pair,
+            "path": str(final),
         }
+        stage.keep(final)
         s.db.add_file(record)
-    except BaseException as exc:
-        path.unlink(missing_ok=True)  # nothing is kept of an upload that was not recorded
-        if isinstance(exc, DataError):
-            message = http_message(exc).replace(str(path), name)
-            raise APIError(400, "invalid_file", message, "file") from None
-        raise
     return file_object(record)
 
 
@@ -96,24 +100,24 @@ def file_object(record: dict) -> FileObject:
     return FileObject(**{**record, "labels": shown, "n_labels": len(record["labels"])})
 
 
-def _save(source, path: Path) -> int:
-    """Copy an upload to its place and flush it to disk (before the database records it, so a
-    power cut cannot leave a record pointing at an empty file). Returns its size."""
+def _save(source, out) -> int:
+    """Copy an upload into `out`, a MiB at a time, and flush it to disk (before the database
+    records it, so a power cut cannot leave a record pointing at an empty file). Returns its
+    size."""
     cap = max_upload_bytes()
     size = 0
-    with open(path, "wb") as out:
-        while chunk := source.read(1 << 20):
-            size += len(chunk)
-            if size > cap:
-                raise APIError(
-                    413,
-                    "file_too_large",
-                    f"file is larger than {cap} bytes; split it or raise LADDER_MAX_UPLOAD_BYTES",
-                    "file",
-                )
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
+    while chunk := source.read(1 << 20):
+        size += len(chunk)
+        if size > cap:
+            raise APIError(
+                413,
+                "file_too_large",
+                f"file is larger than {cap} bytes; split it or raise LADDER_MAX_UPLOAD_BYTES",
+                "file",
+            )
+        out.write(chunk)
+    out.flush()
+    os.fsync(out.fileno())
     return size
 
 
@@ -131,6 +135,26 @@ def list_files(
 @router.get("/{file_id}", response_model=FileObject)
 def get_file(file_id: str, s: Services = Depends(services)) -> FileObject:
     return file_object(file_record(s, require_id(file_id, "file_id"), "file_id"))
+
+
+@router.delete("/{file_id}", response_model=DeletedFile)
+def delete_file(file_id: str, s: Services = Depends(services)) -> DeletedFile:
+    """Delete an upload, unless a queued or running job uses it (409), and then every store
+    that only its jobs needed (api/disk.py). Finished jobs and their models stay."""
+    record = file_record(s, require_id(file_id, "file_id"), "file_id")
+    users = s.db.delete_file(file_id)
+    if users:
+        shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+        raise APIError(
+            409,
+            "file_in_use",
+            f"file {file_id} is used by queued or running job(s) {shown}; wait for them to "
+            f"finish or cancel them, then delete it",
+            "file_id",
+        )
+    Path(record["path"]).unlink(missing_ok=True)
+    collect_garbage(s.home, s.db)
+    return DeletedFile(id=file_id, deleted=True)
 
 
 def file_record(s: Services, file_id: str, param: str, status: int = 404) -> dict:

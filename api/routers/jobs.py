@@ -12,9 +12,10 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from api.db import TERMINAL, Database, TooManyJobs, new_id
+from api.disk import InsufficientStorage
 from api.errors import APIError, http_field, http_message, require_id
 from api.hyperparameters import declared
-from api.jobs import resolved_hyperparameters
+from api.jobs import check_room, resolved_hyperparameters
 from api.routers.files import file_record
 from api.schemas import (
     ErrorResponse,
@@ -104,6 +105,10 @@ def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
             body.model, body.hyperparameters.model_dump(), record["rows"]
         ),
     }
+    try:
+        check_room(s.home, body.model, job["hyperparameters"], record)
+    except InsufficientStorage as exc:
+        raise APIError(507, "insufficient_storage", str(exc)) from None
     try:
         # Counted and inserted at once: requests arriving together cannot all pass the cap.
         job = s.db.add_job(job, max_active=int(os.environ.get("LADDER_MAX_ACTIVE_JOBS", 100)))
@@ -234,8 +239,12 @@ def _job(s: Services, job_id: str) -> dict:
     return job
 
 
+# A job's columns that are the service's bookkeeping, not the client's business.
+_INTERNAL = {"attempts", "store"}
+
+
 def _job_object(job: dict) -> JobObject:
-    return JobObject(**{k: v for k, v in job.items() if k != "attempts"})
+    return JobObject(**{k: v for k, v in job.items() if k not in _INTERNAL})
 
 
 def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:

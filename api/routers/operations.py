@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
 
 from api.db import ACTIVE, TERMINAL
+from api.disk import min_free_bytes
 from api.errors import error_body
 from api.schemas import ErrorResponse
 from api.state import Services, services
@@ -29,7 +30,7 @@ def ready(s: Services = Depends(services)):
     if not s.ready:
         return JSONResponse(error_body("not_ready", "no backbone is loaded yet"), status_code=503)
     free_mb = shutil.disk_usage(s.home).free / 2**20
-    floor = float(os.environ.get("LADDER_MIN_FREE_MB", 100))
+    floor = min_free_bytes() / 2**20
     if free_mb < floor:
         return JSONResponse(
             error_body(
