@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors.torch import load, save_file
 
-from side_trainer.model import ENCODER_DECODER, SideConfig, SideNetwork
+from side_trainer.model import ENCODER_DECODER, SideConfig, SideNetwork, side_network
 
 CONFIG_FILE = "side_config.json"
 WEIGHTS_FILE = "side_model.safetensors"
@@ -33,7 +33,8 @@ def save_side_model(net: SideNetwork, out_dir: str | Path) -> None:
 
 
 def load_side_model(model_dir: str | Path, backbone_dir: Path | None = None) -> SideNetwork:
-    """Rebuild a saved side network; T5 also needs the backbone directory for its frozen LM head."""
+    """Rebuild a saved side network; T5 and generative networks also need the backbone
+    directory, for their frozen LM head."""
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG_FILE).is_file() or not (model_dir / WEIGHTS_FILE).is_file():
         raise ArtifactError(
@@ -41,7 +42,7 @@ def load_side_model(model_dir: str | Path, backbone_dir: Path | None = None) -> 
             f"pass the --out directory of `ladder train` or `ladder finetune`"
         )
     try:
-        net = SideNetwork(SideConfig.load(model_dir / CONFIG_FILE))
+        net = side_network(SideConfig.load(model_dir / CONFIG_FILE))
     except (TypeError, ValueError) as exc:  # a field unknown, missing or out of its choices
         raise ArtifactError(
             f"{model_dir / CONFIG_FILE} is not a valid side config ({exc}); "
@@ -63,7 +64,11 @@ def load_side_model(model_dir: str | Path, backbone_dir: Path | None = None) -> 
         )
         state.update({k: net.state_dict()[k] for k in missing})
     net.load_state_dict(state)
-    if net.cfg.family == ENCODER_DECODER:
+    if net.cfg.task == "generate":
+        from backbone_worker.backbone import resolve
+
+        net.load_frozen(backbone_dir or resolve(net.cfg.backbone))
+    elif net.cfg.family == ENCODER_DECODER:
         from backbone_worker.backbone import resolve
         from side_trainer.pruning import load_lm_head
 

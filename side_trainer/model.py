@@ -33,6 +33,8 @@ from transformers import AutoConfig, PretrainedConfig
 from backbone_worker.families import DECODER, ENCODER, ENCODER_DECODER, family_by_name, make_block
 from side_trainer.packing import Packing, bert_block, packing_for, packs
 
+TASKS = ("classify", "generate")
+
 
 @dataclass
 class SideConfig:
@@ -60,6 +62,14 @@ class SideConfig:
     # Attention heads of the side blocks; None: the backbone's count (every model saved before
     # this field existed). Encoders only (families.side_config).
     heads: int | None = None
+    # "classify", or "generate": a decoder-only side network writing through the backbone's
+    # frozen LM head (side_trainer/generative.py), with its final norm (`final_norm`: kind, eps),
+    # the token ids that end a turn (`end_ids`) and how its data was rendered (`template`:
+    # backbone_worker/chat.py).
+    task: str = "classify"
+    final_norm: dict | None = None
+    end_ids: list[int] = field(default_factory=list)
+    template: str | None = None
 
     def __post_init__(self):
         from backbone_worker.options import OptionError
@@ -76,6 +86,12 @@ class SideConfig:
                 )
         if self.reduction < 1:
             raise OptionError(f"side config reduction {self.reduction} must be at least 1")
+        if self.task not in TASKS:
+            raise OptionError(f"side config task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.task == "generate" and self.family != DECODER:
+            raise OptionError(
+                f"generative side networks need a decoder-only backbone, not {self.family}"
+            )
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -299,8 +315,13 @@ class SideNetwork(nn.Module):
         self.streams = nn.ModuleDict(
             {s: SideStack(cfg, self.side_config, s, width) for s in family.streams}
         )
+        self._make_head(backbone_config, width, side_width)
+
+    def _make_head(self, backbone_config: PretrainedConfig, width: int, side_width: int) -> None:
+        """What turns the side stream into outputs (a generative network writes its own:
+        side_trainer/generative.py)."""
         self.upsample = nn.Linear(side_width, width)
-        if family.name == ENCODER_DECODER:
+        if self.cfg.family == ENCODER_DECODER:
             # Frozen backbone LM head, filled from the backbone checkpoint (never trained or saved).
             self.register_buffer(
                 "lm_head", torch.zeros(backbone_config.vocab_size, width), persistent=False
@@ -311,8 +332,8 @@ class SideNetwork(nn.Module):
             self.classifier = nn.Sequential(
                 nn.Linear(width, width),
                 nn.Tanh(),
-                nn.Dropout(cfg.classifier_dropout),
-                nn.Linear(width, len(cfg.labels)),
+                nn.Dropout(self.cfg.classifier_dropout),
+                nn.Linear(width, len(self.cfg.labels)),
             )
 
     def pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -399,4 +420,22 @@ class SideNetwork(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-__all__ = ["SideConfig", "SideNetwork", "additive_mask", "ENCODER", "DECODER", "ENCODER_DECODER"]
+def side_network(cfg: SideConfig) -> SideNetwork:
+    """The network a config describes: a classifier (or T5's label writer), or for task
+    "generate" a generative one."""
+    if cfg.task == "generate":
+        from side_trainer.generative import GenerativeSideNetwork
+
+        return GenerativeSideNetwork(cfg)
+    return SideNetwork(cfg)
+
+
+__all__ = [
+    "SideConfig",
+    "SideNetwork",
+    "side_network",
+    "additive_mask",
+    "ENCODER",
+    "DECODER",
+    "ENCODER_DECODER",
+]

@@ -1,0 +1,250 @@
+"""Generation with a frozen decoder-only backbone and generative side networks: our own loop,
+with two KV caches (the backbone's, and each side network's own).
+
+Each step runs the backbone on the new tokens with its cache, catching the states the side
+networks read (the embeddings, their kept layers' outputs, and the last block's output h_L) as
+each block finishes; then every side network runs its rows' new positions with its cache, and
+each row's logits are `net.merged(h_L, side)` (or the backbone's own head for a row with no
+side network). A batch holds prompts of different lengths, padded on the left, with position ids
+counted over each row's real tokens, as in training (where rows are padded on the right).
+
+Greedy decoding (temperature 0) or sampling (temperature, top_p, a seed); a row stops at an end
+token (the template's end of turn, EOS) or a stop string, or after `max_tokens`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from backbone_worker.backbone import Backbone, block_input
+from side_trainer.generative import FrozenLMHead, GenerativeSideNetwork
+from side_trainer.model import additive_mask
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (an end token or a stop string) or "length"
+    prompt_tokens: int
+    # Per step, the logits the token was chosen from (kept only when asked: tests compare them)
+    logits: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+
+def last_block(backbone: Backbone) -> int:
+    return backbone.num_layers() - 1
+
+
+@contextmanager
+def catching(backbone: Backbone, layers: list[int]):
+    """While open, every backbone forward fills the yielded dict with "emb", "layer_i" for each
+    of `layers` and "final" (the last block's output, h_L)."""
+    blocks = backbone._blocks("enc")
+    caught: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(_module, _inputs, output):
+            caught[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def keep_input(_module, args, kwargs):
+        caught["emb"] = block_input(args, kwargs)
+
+    handles = [blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
+    handles += [blocks[i].register_forward_hook(keep(f"layer_{i}")) for i in set(layers)]
+    handles.append(blocks[last_block(backbone)].register_forward_hook(keep("final")))
+    try:
+        yield caught
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def side_step(
+    net: GenerativeSideNetwork,
+    states: dict[str, torch.Tensor],
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """The side stream at the new positions (B, q, d/r), from the backbone's live states at
+    them; `mask` (B, kv) covers every position so far, the new ones last."""
+    stack = net.streams["enc"]
+    h = stack.live_ladder("emb", states["emb"])
+    q, kv = h.shape[1], mask.shape[1]
+    past = kv - q
+    keep = mask[:, None, None, :].bool()
+    steps = torch.arange(kv, device=mask.device)
+    causal = steps[None, :] <= (past + torch.arange(q, device=mask.device))[:, None]  # (q, kv)
+    keep = keep & causal[None, None]
+    attn = torch.zeros(keep.shape, dtype=h.dtype, device=h.device).masked_fill(
+        ~keep, torch.finfo(h.dtype).min
+    )
+    extra = {"position_ids": positions, "position_embeddings": stack.rotary(h, positions)}
+    mu = stack.gates()
+    for j, i in enumerate(stack.layers):
+        h = torch.lerp(stack.live_ladder(f"layer_{i}", states[f"layer_{i}"]), h, mu[j])
+        out = stack.blocks[j](h, attention_mask=attn, cache=cache, use_cache=True, **extra)
+        h = out[0] if isinstance(out, tuple) else out
+    return stack.final_norm(h)
+
+
+class Decoder:
+    """Generates for a batch of prompts, each row with one of `nets` (or None: the backbone)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: FrozenLMHead,
+        nets: list[GenerativeSideNetwork | None],
+        end_ids: list[int],
+    ):
+        self.backbone, self.head, self.nets = backbone, head, nets
+        self.end_ids = set(end_ids)
+        self.layers = sorted({i for n in nets if n is not None for i in n.cfg.layers})
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        row_nets: list[int] | None = None,
+        keep_logits: bool = False,
+    ) -> list[Generation]:
+        """`row_nets[b]`: the index into `nets` of row b's network (default: all the first)."""
+        device = self.backbone.model.device
+        n = len(prompts)
+        row_nets = row_nets if row_nets is not None else [0] * n
+        longest = max(len(p) for p in prompts)
+        pad = self.backbone.tokenizer.pad_token_id or 0
+        ids = torch.full((n, longest), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((n, longest), dtype=torch.long, device=device)
+        for b, prompt in enumerate(prompts):
+            ids[b, longest - len(prompt) :] = torch.tensor(prompt, device=device)
+            mask[b, longest - len(prompt) :] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        generator = None
+        if sampling.temperature > 0:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(sampling.seed if sampling.seed is not None else 0)
+        groups = {k: [b for b in range(n) if row_nets[b] == k] for k in set(row_nets)}
+        backbone_cache = DynamicCache()
+        side_caches = {k: DynamicCache() for k in groups if self.nets[k] is not None}
+        out = [Generation("", [], "length", len(p)) for p in prompts]
+        done = [False] * n
+        new_ids, new_positions = ids, positions
+        with catching(self.backbone, self.layers) as states:
+            for _ in range(sampling.max_tokens):
+                self.backbone.model(
+                    input_ids=new_ids,
+                    attention_mask=mask,
+                    position_ids=new_positions,
+                    cache=backbone_cache,
+                    use_cache=True,
+                )
+                logits = self._logits(states, mask, new_positions, groups, side_caches)
+                chosen = self._choose(logits, sampling, generator)
+                for b in range(n):
+                    if done[b]:
+                        continue
+                    token = int(chosen[b])
+                    if keep_logits:
+                        out[b].logits.append(logits[b].float().cpu())
+                    if token in self.end_ids:
+                        done[b], out[b].finish_reason = True, "stop"
+                        continue
+                    out[b].token_ids.append(token)
+                    if sampling.stop and self._stopped(out[b], sampling.stop):
+                        done[b], out[b].finish_reason = True, "stop"
+                if all(done):
+                    break
+                new_ids = chosen[:, None]
+                new_positions = new_positions[:, -1:] + 1
+                mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], 1)
+        tokenizer = self.backbone.tokenizer
+        for g in out:
+            text = tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            if g.finish_reason == "stop" and sampling.stop:
+                text = _cut(text, sampling.stop)
+            g.text = text
+        return out
+
+    def _logits(self, states, mask, positions, groups, side_caches) -> torch.Tensor:
+        """Each row's next-token logits (B, vocab)."""
+        last = states["final"][:, -1]
+        logits = None
+        for k, rows in groups.items():
+            net = self.nets[k]
+            index = torch.tensor(rows, device=last.device)
+            if net is None:
+                part = self.head(last[index])
+            else:
+                picked = {name: s[index] for name, s in states.items()}
+                side = side_step(net, picked, mask[index], positions[index], side_caches[k])
+                part = net.merged(last[index], side[:, -1])
+            if logits is None:
+                logits = part.new_empty((last.shape[0], part.shape[-1]))
+            logits[index] = part
+        return logits
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, sampling: Sampling, generator) -> torch.Tensor:
+        if sampling.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / sampling.temperature, -1)
+        if sampling.top_p < 1:
+            sorted_probs, order = probs.sort(-1, descending=True)
+            before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked higher
+            sorted_probs = sorted_probs.masked_fill(before >= sampling.top_p, 0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    def _stopped(self, g: Generation, stop: tuple[str, ...]) -> bool:
+        # Only the tail can hold a stop string the last token completed.
+        tail = self.backbone.tokenizer.decode(g.token_ids[-16:], skip_special_tokens=True)
+        return any(s in tail for s in stop)
+
+
+def _cut(text: str, stop: tuple[str, ...]) -> str:
+    """`text` up to its first stop string."""
+    at = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:at]
+
+
+@torch.inference_mode()
+def full_logits(
+    backbone: Backbone, net: GenerativeSideNetwork | None, head: FrozenLMHead, ids: list[int]
+) -> torch.Tensor:
+    """Logits (T, vocab) at every position of one sequence, recomputed from scratch (no cache):
+    what the cached loop must match."""
+    device = backbone.model.device
+    enc = {
+        "input_ids": torch.tensor([ids], device=device),
+        "attention_mask": torch.ones((1, len(ids)), dtype=torch.long, device=device),
+    }
+    layers = list(net.cfg.layers) if net is not None else []
+    with catching(backbone, layers) as states:
+        backbone.run(enc)
+    if net is None:
+        return head(states["final"][0])
+    h = net.streams["enc"](
+        {k: v for k, v in states.items() if k != "final"}, enc["attention_mask"], live=True
+    )
+    return net.merged(states["final"][0], h[0])
+
+
+__all__ = ["Decoder", "Generation", "Sampling", "additive_mask", "full_logits"]

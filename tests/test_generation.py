@@ -1,0 +1,158 @@
+"""Generative side networks and the decoding loop with two KV caches, on tiny random Llamas."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TOKENIZER_FILES
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from backbone_worker.backbone import fingerprint_dir, load_backbone, resolve
+from side_trainer.artifacts import load_side_model, save_side_model
+from side_trainer.decoding import Decoder, Sampling, full_logits
+from side_trainer.generative import FrozenLMHead, final_norm_spec
+from side_trainer.model import SideConfig, side_network
+
+PROMPTS = [[101, 2023, 2003, 1037, 3231], [101, 7592], [101, 2054, 2003]]
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_llama_dir):
+    return load_backbone(tiny_llama_dir)
+
+
+def make_net(backbone, seed: int = 0, trained: bool = True, layers=(0, 2)):
+    cfg = SideConfig(
+        family="decoder",
+        backbone=str(backbone.path),
+        backbone_fingerprint=fingerprint_dir(backbone.path),
+        backbone_config=backbone.config.to_dict(),
+        layers=list(layers),
+        labels=[],
+        reduction=2,
+        init="random",
+        task="generate",
+        final_norm=final_norm_spec(backbone.config),
+    )
+    torch.manual_seed(seed)
+    net = side_network(cfg)
+    net.load_frozen(backbone.path)
+    if trained:  # an upsample away from its zero start, so the side stream shows in the logits
+        torch.nn.init.normal_(net.upsample.weight, std=0.5)
+    return net.eval()
+
+
+def head_of(backbone) -> FrozenLMHead:
+    head = FrozenLMHead(
+        backbone.config.hidden_size,
+        backbone.config.vocab_size,
+        final_norm_spec(backbone.config),
+    )
+    head.load(backbone.path, backbone.config)
+    return head
+
+
+@pytest.mark.parametrize("row_nets", [[0, 0, 0], [0, 1, 2]], ids=["one-network", "mixed"])
+def test_the_cached_loop_gives_a_full_recomputations_logits_at_every_step(backbone, row_nets):
+    """Three prompts of different lengths in one batch (left-padded), each row with a side
+    network or none: every step's logits equal those of the whole sequence run from scratch."""
+    nets = [make_net(backbone, 0), make_net(backbone, 1, layers=(1,)), None]
+    decoder = Decoder(backbone, head_of(backbone), nets, end_ids=[])
+    generations = decoder.generate(
+        PROMPTS, Sampling(max_tokens=8), row_nets=row_nets, keep_logits=True
+    )
+    for b, g in enumerate(generations):
+        assert len(g.token_ids) == 8 and g.finish_reason == "length"
+        full = full_logits(backbone, nets[row_nets[b]], decoder.head, PROMPTS[b] + g.token_ids)
+        for t, logits in enumerate(g.logits):
+            reference = full[len(PROMPTS[b]) - 1 + t]
+            torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+            assert int(logits.argmax()) == g.token_ids[t]
+
+
+def test_an_untrained_side_network_writes_exactly_what_the_backbone_writes(backbone):
+    decoder = Decoder(backbone, head_of(backbone), [make_net(backbone, trained=False), None], [])
+    side, bare = (
+        decoder.generate(PROMPTS, Sampling(max_tokens=6), row_nets=[k] * 3, keep_logits=True)
+        for k in (0, 1)
+    )
+    for s, b in zip(side, bare):
+        assert s.token_ids == b.token_ids
+        for x, y in zip(s.logits, b.logits):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_the_frozen_head_is_the_backbones_own(tmp_path):
+    """FrozenLMHead reads the final norm and the (tied) LM head from a causal LM checkpoint:
+    its logits on the last block's output are the model's own."""
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 1.5)  # not all ones, so the norm is really read
+    model.save_pretrained(tmp_path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(resolve("minilm") / name, tmp_path / name)
+    backbone = load_backbone(str(tmp_path))
+    ids = torch.tensor([[101, 2023, 2003, 1037]])
+    expected = model(ids).logits[0]
+    got = full_logits(backbone, None, head_of(backbone), ids[0].tolist())
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_follows_its_seed_and_top_p(backbone):
+    decoder = Decoder(backbone, head_of(backbone), [make_net(backbone)], [])
+    hot = Sampling(max_tokens=8, temperature=1.5, seed=7)
+    first, again = (decoder.generate(PROMPTS, hot) for _ in range(2))
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    other = decoder.generate(PROMPTS, Sampling(max_tokens=8, temperature=1.5, seed=8))
+    assert [g.token_ids for g in other] != [g.token_ids for g in first]
+    # A nucleus this small holds only the most likely token: sampling is then greedy.
+    narrow = decoder.generate(PROMPTS, Sampling(max_tokens=8, temperature=1.5, top_p=1e-6, seed=3))
+    greedy = decoder.generate(PROMPTS, Sampling(max_tokens=8))
+    assert [g.token_ids for g in narrow] == [g.token_ids for g in greedy]
+
+
+def test_a_row_stops_at_an_end_token_or_a_stop_string(backbone):
+    net = make_net(backbone)
+    free = Decoder(backbone, head_of(backbone), [net], []).generate(PROMPTS, Sampling(max_tokens=8))
+    ends = Decoder(backbone, head_of(backbone), [net], end_ids=[free[0].token_ids[3]])
+    stopped = ends.generate(PROMPTS, Sampling(max_tokens=8))
+    assert stopped[0].token_ids == free[0].token_ids[:3] and stopped[0].finish_reason == "stop"
+    text = backbone.tokenizer.decode(free[1].token_ids[2:4], skip_special_tokens=True).strip()
+    cut = Decoder(backbone, head_of(backbone), [net], []).generate(
+        PROMPTS, Sampling(max_tokens=8, stop=(text,))
+    )
+    assert cut[1].finish_reason == "stop" and text not in cut[1].text
+    assert free[1].text.startswith(cut[1].text)
+
+
+def test_a_saved_generative_model_loads_and_writes_the_same(backbone, tmp_path):
+    net = make_net(backbone, seed=4)
+    save_side_model(net, tmp_path / "model")
+    loaded = load_side_model(tmp_path / "model", Path(backbone.path))
+    assert (loaded.cfg.task, loaded.cfg.layers, loaded.cfg.final_norm) == (
+        "generate",
+        [0, 2],
+        net.cfg.final_norm,
+    )
+    state = loaded.state_dict()
+    assert not any(k.startswith("lm.") for k in state)  # the frozen head is the backbone's
+    sampling = Sampling(max_tokens=8)
+    head = head_of(backbone)
+    before = Decoder(backbone, head, [net], []).generate(PROMPTS, sampling)
+    after = Decoder(backbone, head, [loaded], []).generate(PROMPTS, sampling)
+    assert [g.token_ids for g in before] == [g.token_ids for g in after]
