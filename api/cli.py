@@ -258,11 +258,32 @@ def _joint(model_dirs: list[str]):
     return JointModel(load_backbone(sides[0].cfg.backbone), sides)
 
 
+def _generative_model(model: str):
+    """A generative side model directory, or a bare backbone name (the zero-shot baseline):
+    (backbone, network or None)."""
+    from backbone_worker.backbone import load_backbone
+    from side_trainer.artifacts import CONFIG_FILE, ArtifactError, load_side_model
+
+    if (Path(model) / CONFIG_FILE).is_file():
+        net = load_side_model(model)
+        if net.cfg.task != "generate":
+            raise ArtifactError(
+                f"{model} is a classifier; `ladder generate` and generation files need a model "
+                f"fine-tuned on a chat or prompt/completion file (use `ladder predict`)"
+            )
+        return load_backbone(net.cfg.backbone), net
+    return load_backbone(model), None
+
+
 def cmd_evaluate(args) -> dict:
     from api.inference import evaluate
     from backbone_worker.data import DataError, load_dataset
+    from backbone_worker.gen_cache import is_generative, load_any_dataset
     from side_trainer.metrics import table
 
+    dataset = load_any_dataset(args.data, **data_kwargs(args))
+    if is_generative(dataset):
+        return _evaluate_generation(args, dataset)
     joint = _joint([args.model])
     examples = load_dataset(args.data, **data_kwargs(args)).split(args.split)
     if not examples:
@@ -274,6 +295,64 @@ def cmd_evaluate(args) -> dict:
     if not args.json:
         print(table(split))
     return {"split": args.split, **split}
+
+
+def _evaluate_generation(args, dataset) -> dict:
+    from backbone_worker.data import DataError
+    from side_trainer.gen_eval import generation_report
+
+    examples = dataset.split(args.split)
+    if not examples:
+        raise DataError(
+            f"the {args.split} split of {args.data} has no rows (a split holds about a tenth "
+            f"of the rows); pass another --split, or data with more rows"
+        )
+    backbone, net = _generative_model(args.model)
+    max_length = net.cfg.max_length if net is not None else args.max_length
+    report = generation_report(backbone, net, examples, max_length, args.max_tokens)
+    if not args.json:
+        print(
+            f"{args.split} split: exact match {report['exact_match']:.4f} of {report['n']} rows, "
+            f"loss {report['loss']:.4f} over {report['tokens']} tokens to learn"
+        )
+        for e in report["examples"]:
+            print(f"  {e['reference']!r} <- {e['completion']!r}")
+    return {"split": args.split, **report}
+
+
+def cmd_generate(args) -> dict:
+    from backbone_worker.chat import prompt_ids
+    from backbone_worker.gen_cache import prompt_of
+    from side_trainer.decoding import Sampling
+    from side_trainer.gen_eval import decoder_for
+
+    backbone, net = _generative_model(args.model)
+    template = net.cfg.template if net is not None else None
+    if net is None and not getattr(backbone.tokenizer, "chat_template", None):
+        template = "plain"  # a base model continues its prompt
+    prompts = [prompt_ids(backbone.tokenizer, prompt_of(p, template)) for p in args.prompts]
+    sampling = Sampling(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    generations = decoder_for(backbone, net).generate(prompts, sampling)
+    if not args.json:
+        for g in generations:
+            print(g.text)
+    return {
+        "generations": [
+            {
+                "text": g.text,
+                "finish_reason": g.finish_reason,
+                "prompt_tokens": g.prompt_tokens,
+                "completion_tokens": len(g.token_ids),
+            }
+            for g in generations
+        ]
+    }
 
 
 def cmd_predict(args) -> dict:
@@ -291,7 +370,7 @@ def cmd_finetune(args) -> dict:
     from api.inference import JointModel, test_report
     from backbone_worker.backbone import load_backbone
     from backbone_worker.cache import build_cache
-    from backbone_worker.data import load_dataset
+    from backbone_worker.gen_cache import is_generative, load_any_dataset
     from side_trainer.artifacts import load_side_model
     from side_trainer.train import train
 
@@ -299,11 +378,13 @@ def cmd_finetune(args) -> dict:
     args.out = args.out or str(
         ladder_home() / "models" / f"{Path(args.backbone).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    dataset = load_dataset(args.data, **data_kwargs(args))
+    dataset = load_any_dataset(args.data, **data_kwargs(args))
     start = time.perf_counter()
     backbone = load_backbone(args.backbone)
     store = build_cache(args.backbone, dataset, args.store, cache_options(args), backbone=backbone)
     cache_seconds = time.perf_counter() - start
+    if is_generative(dataset):
+        return _finetune_generation(args, dataset, backbone, store, cache_seconds)
     # The trainer runs without the backbone in memory, as it would in a separate process.
     del backbone
     gc.collect()
@@ -318,6 +399,37 @@ def cmd_finetune(args) -> dict:
     return {
         "test_accuracy": test and test["accuracy"],
         "test_macro_f1": test and test["macro_f1"],
+        "n_test": test["n"] if test else 0,
+        "test": test,
+        "cache_seconds": round(cache_seconds, 1),
+        "store": args.store,
+        "bytes_per_element": info["bytes_per_element"],
+        "compression_ratio": info["compression_ratio"],
+        **result,
+    }
+
+
+def _finetune_generation(args, dataset, backbone, store, cache_seconds: float) -> dict:
+    """finetune's generative path: the backbone stays loaded, as each epoch's sample
+    generations need it; the test split is scored by exact match of greedy generations."""
+    from side_trainer.artifacts import load_side_model
+    from side_trainer.gen_eval import generation_report, sampler_for
+    from side_trainer.train import train
+
+    sampler = sampler_for(backbone, dataset.split("validation"))
+    result = train(args.store, args.out, train_options(args), sampler=sampler)
+    net = load_side_model(args.out)
+    test_rows = dataset.split("test")
+    test = generation_report(backbone, net, test_rows, net.cfg.max_length) if test_rows else None
+    if test and not args.json:
+        print(
+            f"test split: exact match {test['exact_match']:.4f} of {test['n']} rows, "
+            f"loss {test['loss']:.4f}"
+        )
+    info = store.info()
+    return {
+        "test_exact_match": test and test["exact_match"],
+        "test_loss": test and test["loss"],
         "n_test": test["n"] if test else 0,
         "test": test,
         "cache_seconds": round(cache_seconds, 1),
@@ -417,11 +529,45 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="accuracy of a side model on a data split (live backbone)")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser(
+        "evaluate",
+        help="a side model on a data split (live backbone): accuracy and macro-F1, or for a "
+        "chat or prompt/completion file exact match and loss",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="side model directory; for a generation file also a backbone name (zero-shot)",
+    )
     add_data_args(p)
     p.add_argument("--split", choices=("train", "validation", "test"), default="test")
+    p.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="generation files: tokens per generation (default: the longest reference's + 8)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=128,
+        help="generation files, zero-shot: tokens of a row the loss reads",
+    )
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="write with a generative side model (or a backbone)")
+    p.add_argument(
+        "--model", required=True, help="generative side model directory, or a backbone name"
+    )
+    p.add_argument("--max-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument(
+        "prompts", nargs="+", metavar="PROMPT", help="a chat model gets it as a user message"
+    )
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("predict", help="classify texts with a side model")
     p.add_argument("--model", required=True)
@@ -575,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ladder {args.command}: warning: {result['warning']['message']}", file=sys.stderr)
     if args.json is not None and args.json is not False:
         print(json.dumps(result, default=str))
-    elif args.command not in ("predict", "bench", "evaluate"):
+    elif args.command not in ("predict", "bench", "evaluate", "generate"):
         shown = {
             k: v
             for k, v in result.items()

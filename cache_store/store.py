@@ -500,7 +500,9 @@ def _encode_stream(
     states = {}
     for name, rows in stream["states"].items():
         values = np.concatenate(rows, axis=0)  # (T, d)
-        if spec is not None:
+        # The width map covers the ladder states; a state it has no map for (a generative
+        # store's h_L, which the frozen LM head reads) stays full width.
+        if spec is not None and f"{prefix}/{name}" in matrices:
             values = projection.apply(spec, matrices[f"{prefix}/{name}"], values)  # (T, K)
         try:
             states[name] = codecs.encode(values, dtype)

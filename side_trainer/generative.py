@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from backbone_worker.gen_cache import FINAL, IGNORE, LM_STREAM, final_norm_spec, targets_of
 from side_trainer.model import SideNetwork
 
-IGNORE = -100  # a position with nothing to learn (cross_entropy's ignore_index)
-LM_STREAM = "lm"  # the store's stream of h_L ("final") and targets (its input_ids)
-FINAL = "final"
+__all__ = ["FINAL", "IGNORE", "LM_STREAM", "FrozenLMHead", "GenerativeSideNetwork"]
+__all__ += ["final_norm_spec", "targets_of"]
 
 
 class FrozenLMHead(nn.Module):
@@ -84,14 +84,6 @@ def _final_norm_key(reader, config) -> str:
     raise KeyError(f"no final norm among the checkpoint's tensors ({config.model_type})")
 
 
-def final_norm_spec(config) -> dict:
-    """The backbone's final norm as FrozenLMHead takes it."""
-    eps = getattr(config, "rms_norm_eps", None)
-    if eps is not None:
-        return {"kind": "rms", "eps": eps}
-    return {"kind": "layer", "eps": getattr(config, "layer_norm_epsilon", 1e-5)}
-
-
 class GenerativeSideNetwork(SideNetwork):
     """A decoder-only side network whose output joins the backbone's last state before its
     frozen LM head (the module's docstring)."""
@@ -123,11 +115,3 @@ class GenerativeSideNetwork(SideNetwork):
 
     def load_frozen(self, backbone_dir: Path) -> None:
         self.lm.load(backbone_dir, self.cfg.hf_backbone_config())
-
-
-def targets_of(input_ids: list[int], learn: list[int]) -> list[int]:
-    """Per position, the next token's id where that token is to be learned, else IGNORE (the
-    last position predicts nothing)."""
-    return [input_ids[t + 1] if learn[t + 1] else IGNORE for t in range(len(input_ids) - 1)] + [
-        IGNORE
-    ]

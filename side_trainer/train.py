@@ -28,9 +28,10 @@ from cache_store import ActivationStore, StoreError
 from cache_store.progress import Bar
 from side_trainer import metrics
 from side_trainer.artifacts import WEIGHTS_FILE, save_side_model
+from side_trainer.generative import IGNORE, LM_STREAM
 from side_trainer.group import groups_of
 from side_trainer.memory import PeakMemory, allocator
-from side_trainer.model import SideConfig, SideNetwork
+from side_trainer.model import SideConfig, SideNetwork, side_network
 from side_trainer.options import (  # noqa: F401
     FAMILY_DEFAULTS,
     TrainOptions,
@@ -74,7 +75,12 @@ def augment(batch: dict, dropout: float, noise: float) -> dict:
 
 
 def correct(net: SideNetwork, batch: dict, logits: torch.Tensor) -> tuple[int, int]:
-    """Correct predictions and count: classes, or for T5 whole label sequences (teacher-forced)."""
+    """Correct predictions and count: classes, for T5 whole label sequences (teacher-forced),
+    for a generative network the target tokens (teacher-forced: mean token accuracy)."""
+    if net.cfg.task == "generate":
+        targets = batch[LM_STREAM]["input_ids"]
+        targets = targets[targets != IGNORE]
+        return int((logits.argmax(-1) == targets).sum()), len(targets)
     if net.cfg.family != ENCODER_DECODER:
         return int((logits.argmax(-1) == batch["labels"]).sum()), len(batch["labels"])
     mask = batch["dec"]["attention_mask"].bool()
@@ -86,7 +92,12 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
     from backbone_worker.cache import read_importance
 
     settings = store.settings
+    generate = settings.get("task") == "generate"
     cfg = SideConfig(
+        task=settings.get("task", "classify"),
+        final_norm=settings.get("final_norm"),
+        end_ids=settings.get("end_ids", []),
+        template=settings.get("template"),
         family=settings["family"],
         backbone=settings["backbone"],
         backbone_fingerprint=settings["backbone_fingerprint"],
@@ -103,16 +114,20 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
         projection=settings.get("projection"),
         heads=opts.side_heads,
     )
+    if generate and opts.init == "fisher":
+        # A generative store keeps magnitude scores only (backbone_worker/cache.py).
+        opts = replace(opts, init="magnitude")
+        cfg = replace(cfg, init="magnitude")
     if cfg.heads is None:  # the family's default for this width, recorded with the model
         family = family_by_name(cfg.family)
         cfg = replace(cfg, heads=family.default_side_heads(cfg.hf_backbone_config(), cfg.reduction))
     torch.manual_seed(opts.seed)
-    net = SideNetwork(cfg)
+    net = side_network(cfg)
     if cfg.projection:
         for key, matrix in store.projection_matrices().items():
             stream, name = key.split("/")
             getattr(net.streams[stream], f"projection_{name}").copy_(torch.from_numpy(matrix))
-    needs_backbone = opts.init != "random" or cfg.family == ENCODER_DECODER
+    needs_backbone = opts.init != "random" or cfg.family == ENCODER_DECODER or generate
     if needs_backbone:
         backbone_dir = resolve(cfg.backbone)
         if fingerprint_dir(backbone_dir) != cfg.backbone_fingerprint:
@@ -122,7 +137,9 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
             )
         if opts.init != "random":
             apply_pruning_init(net, backbone_dir, read_importance(store.location.url), opts.init)
-        if cfg.family == ENCODER_DECODER:
+        if generate:
+            net.load_frozen(backbone_dir)
+        elif cfg.family == ENCODER_DECODER:
             load_lm_head(net, backbone_dir)
     return net
 
@@ -185,9 +202,18 @@ def adamw(params, lr: float) -> torch.optim.AdamW:
 
 
 def best_epoch(history: list, best: float) -> int:
+    """The first epoch whose score was `best`: its validation accuracy, or for a generative
+    network minus its validation loss."""
     if history and history[0]["val_accuracy"] is None:
         return len(history)  # no validation split: the last epoch
-    return next(h["epoch"] for h in history if h["val_accuracy"] == best)
+    return next(h["epoch"] for h in history if _score(h) == best)
+
+
+def _score(record: dict) -> float:
+    if "valid_loss" in record:
+        loss = record["valid_loss"]
+        return -loss if loss is not None else -math.inf
+    return record["val_accuracy"]
 
 
 # A model no better than the majority class is trained again (TrainOptions.retries times at most),
@@ -196,7 +222,9 @@ def best_epoch(history: list, best: float) -> int:
 RETRY_LR_FACTOR = 1 / 3
 
 
-def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None) -> dict:
+def train(
+    store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None, sampler=None
+) -> dict:
     """`train_once`, and a guard against a collapsed model: when the kept model predicts one
     class for all validation rows, or its validation macro-F1 is no better than the majority
     class's, training runs again (`opts.retries` times at most, at a lower rate and another
@@ -204,9 +232,11 @@ def train(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None
     every attempt (`attempts`); `warning` ({"code", "message"}, else None) says when none beat
     the majority class. `on_epoch` records of a retry carry `attempt` (1, 2, ...)."""
     out_dir = Path(out_dir)
-    result = train_once(store_url, out_dir, opts, on_epoch)
+    result = train_once(store_url, out_dir, opts, on_epoch, sampler)
     if "attempts" in result:  # a finished run of this guard, found again (a resumed job)
         return result
+    if result.get("task") == "generate":  # no classes, so no majority class to fall to
+        return {**result, "attempts": None, "warning": None}
     reason = metrics.collapsed(result["validation"])
     attempts = [(result, reason, out_dir)]
     while reason and len(attempts) <= opts.retries:
@@ -281,7 +311,9 @@ def write_result(out_dir: Path, result: dict) -> None:
     finished.with_suffix(".tmp").replace(finished)
 
 
-def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None) -> dict:
+def train_once(
+    store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch=None, sampler=None
+) -> dict:
     """Train, keep the best validation epoch, save artifacts; returns the run's metrics.
 
     A sweep (lists of learning rates or reductions, several seeds: see `expand`) trains every
@@ -301,7 +333,12 @@ def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch
             f"`ladder cache --store {store_url}` first"
         )
     opts = with_family_defaults(opts, store.settings["family"])
-    if store.settings["family"] == DECODER and opts.pooling != TrainOptions.pooling:
+    # A generative store: networks that write (side_trainer/generative.py), scored by their
+    # loss on the validation split's target tokens, with OpenAI's metric names.
+    generate = store.settings.get("task") == "generate"
+    if generate and opts.pooling != TrainOptions.pooling:
+        warn_once(f"pooling {opts.pooling!r} has no effect on a generative side network")
+    elif store.settings["family"] == DECODER and opts.pooling != TrainOptions.pooling:
         warn_once(
             f"pooling {opts.pooling!r} has no effect on a decoder-only backbone: its side "
             f"network pools the last token"
@@ -315,6 +352,9 @@ def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch
             f"more rows so that some fall in the validation split"
         )
     candidates = [Candidate(o, build_side_network(store, o).to(opts.device)) for o in expand(opts)]
+    if generate:  # scores are minus losses: any finite one beats the start
+        for c in candidates:
+            c.best = -math.inf
     n_cand, labels = len(candidates), store.settings["labels"]
     trainable = [[p for p in c.net.parameters() if p.requires_grad] for c in candidates]
     optimizer = adamw(
@@ -392,6 +432,7 @@ def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch
     if halving:
         log.info("successive halving after steps %s", ", ".join(map(str, halving)))
     done_epochs = max(len(c.history) for c in candidates)
+    samples = None  # the last epoch's sample generations (a generative run with a sampler)
     with PeakMemory(opts.device) as memory:
         for epoch in range(done_epochs, opts.epochs):
             if not any(c.running(opts.patience) for c in candidates):
@@ -464,8 +505,8 @@ def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch
                 else ([float(epoch)] * n_cand, [0.0] * n_cand, [None] * n_cand)
             )
             trained = {k for indices, _ in groups for k in indices}
-            for k, (c, score, counts, ls) in enumerate(
-                zip(candidates, validation[0], validation[2], losses)
+            for k, (c, score, valid_loss, counts, ls) in enumerate(
+                zip(candidates, validation[0], validation[1], validation[2], losses)
             ):
                 if k not in trained:  # stopped, in an earlier epoch or halved in this one
                     continue
@@ -477,8 +518,12 @@ def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch
                         "train_loss": loss if math.isfinite(loss) else None,
                         "val_accuracy": score if has_validation else None,
                         **({"val_macro_f1": split["macro_f1"]} if split else {}),
+                        **(generation_metrics(valid_loss, score) if generate else {}),
                     }
                 )
+                if generate and has_validation:
+                    # Chosen by validation loss (lower is better), as OpenAI's jobs are.
+                    score = -valid_loss if math.isfinite(valid_loss) else -math.inf
                 if score > c.best:
                     c.best, c.stale, c.best_validation = score, 0, split
                     c.best_state = {k: v.detach().clone() for k, v in c.net.state_dict().items()}
@@ -488,6 +533,12 @@ def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch
                 halve(candidates, groups, store, opts, due, halving.count(due), validation)
             groups = running_groups()
             record = epoch_record(candidates, axes, epoch + 1)
+            if sampler is not None and generate:
+                # A few generations on validation prompts by the configuration kept so far.
+                lead = max(range(len(candidates)), key=lambda k: (candidates[k].best, -k))
+                record["samples"] = samples = sampler(candidates[lead].net)
+                for sample in record["samples"]:
+                    log.info("sample: %r -> %r", sample["prompt"][-60:], sample["completion"])
             log.info(
                 "epoch %d: train loss %s, validation accuracy %s%s",
                 epoch + 1,
@@ -530,7 +581,9 @@ def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch
     winner = candidates[chosen]
     epoch_kept = best_epoch(winner.history, winner.best)
     selection = (
-        f"epoch {epoch_kept}, the best validation accuracy"
+        f"epoch {epoch_kept}, the lowest validation loss"
+        if has_validation and generate
+        else f"epoch {epoch_kept}, the best validation accuracy"
         if has_validation
         else f"epoch {epoch_kept}, the last one: the store has no validation split to choose by"
     )
@@ -546,7 +599,11 @@ def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch
         "model_dir": str(out_dir),
         "n_train": n_train,
         "epochs_run": len(winner.history),
-        "best_val_accuracy": winner.best if has_validation else None,
+        "best_val_accuracy": (
+            winner.history[epoch_kept - 1]["val_accuracy"] if generate else winner.best
+        )
+        if has_validation
+        else None,
         "best_epoch": epoch_kept,
         "selection": selection,
         # The kept epoch's validation figures: macro-F1, per class, the confusion matrix.
@@ -562,6 +619,13 @@ def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch
         "allocator": allocator(),
         "train_examples_per_s": round(seen / max(train_seconds, 1e-9), 1),
         "history": winner.history,
+        "task": "generate" if generate else "classify",
+        **({"samples": samples} if generate else {}),
+        **(
+            {k: winner.history[epoch_kept - 1].get(k) for k in GENERATION_METRICS}
+            if generate
+            else {}
+        ),
         "options": asdict(winner.opts),
         "identity": identity,
     }
@@ -574,6 +638,20 @@ def train_once(store_url: str, out_dir: str | Path, opts: TrainOptions, on_epoch
     write_result(out_dir, result)
     checkpoint.unlink(missing_ok=True)
     return result
+
+
+GENERATION_METRICS = ("valid_loss", "valid_mean_token_accuracy", "full_valid_loss")
+
+
+def generation_metrics(valid_loss: float, token_accuracy: float) -> dict:
+    """A generative epoch's validation figures under OpenAI's names. The whole validation split
+    is scored every epoch, so `valid_loss` and `full_valid_loss` are the same figure."""
+    loss = valid_loss if math.isfinite(valid_loss) else None
+    return {
+        "valid_loss": loss,
+        "valid_mean_token_accuracy": token_accuracy,
+        "full_valid_loss": loss,
+    }
 
 
 def epoch_record(candidates: list[Candidate], axes: dict, epoch: int) -> dict:
@@ -611,7 +689,7 @@ def evaluate_groups(
     classes = len(store.settings["labels"])
     counts = (
         [torch.zeros(classes * classes, dtype=torch.long) for _ in range(n)]
-        if store.settings["family"] != ENCODER_DECODER
+        if store.settings["family"] != ENCODER_DECODER and store.settings.get("task") != "generate"
         else [None] * n
     )
     for _, group in groups:

@@ -446,3 +446,13 @@ def test_a_label_longer_than_a_class_name_is_refused(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\na,x\nb," + "y" * 1001 + "\n")
     assert_data_error("label of 1,001 characters", "check that column 'label'", spec=str(path))
+
+
+def test_a_new_key_on_every_line_does_not_grow_the_reader(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": "t", "label": k % 2, f"k{k}": 1}) + "\n" for k in range(3000))
+    )
+    rows = data._Rows(path)
+    assert sum(1 for _ in rows) == 3000 and len(rows.columns) <= data.MAX_COLUMNS
+    assert len(load_dataset(str(path)).examples) == 3000

@@ -156,3 +156,97 @@ def test_a_saved_generative_model_loads_and_writes_the_same(backbone, tmp_path):
     before = Decoder(backbone, head, [net], []).generate(PROMPTS, sampling)
     after = Decoder(backbone, head, [loaded], []).generate(PROMPTS, sampling)
     assert [g.token_ids for g in before] == [g.token_ids for g in after]
+
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+
+
+def write_pairs(path: Path, n: int = 160, chat: bool = False) -> str:
+    import json
+    import random
+
+    rng = random.Random(0)
+    with open(path, "w") as handle:
+        for _ in range(n):
+            a, b = rng.choice(WORDS), rng.choice(WORDS)
+            row = (
+                {
+                    "messages": [
+                        {"role": "user", "content": f"swap {a} {b}"},
+                        {"role": "assistant", "content": f"{b} {a}"},
+                    ]
+                }
+                if chat
+                else {"prompt": f"swap {a} {b}:", "completion": f" {b} {a}"}
+            )
+            handle.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["prompt-completion", "chat"])
+def test_finetune_evaluate_and_generate_on_a_generation_file(
+    tmp_path, tiny_llama_dir, capsys, chat
+):
+    """The three commands on a tiny random Llama: finetune caches a generative store and trains
+    with OpenAI's metric names and sample generations, chosen by validation loss; evaluate scores
+    the model and the bare backbone (zero-shot) by exact match and loss; generate writes."""
+    from test_cli import last_json, run
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=80, chat=chat)
+    out = tmp_path / "model"
+    code, stdout, err = run(
+        capsys,
+        "finetune",
+        "--backbone", tiny_llama_dir,
+        "--data", data,
+        "--store", str(tmp_path / "store"),
+        "--out", str(out),
+        "--layers", "0,2",
+        "--init", "random",
+        "--reduction", "2",
+        "--epochs", "2",
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    result = last_json(stdout)
+    assert result["task"] == "generate" and result["n_test"] > 0
+    assert result["selection"].endswith("the lowest validation loss")
+    for record in result["history"]:
+        assert {"train_loss", "valid_loss", "valid_mean_token_accuracy", "full_valid_loss"} <= set(
+            record
+        )
+    assert len(result["samples"]) == 3 and all("completion" in s for s in result["samples"])
+    assert 0 <= result["test_exact_match"] <= 1 and result["test_loss"] > 0
+    trained = last_json(run(capsys, "evaluate", "--model", str(out), "--data", data, "--json")[1])
+    zero_shot = last_json(
+        run(capsys, "evaluate", "--model", tiny_llama_dir, "--data", data, "--json")[1]
+    )
+    assert trained["n"] == zero_shot["n"] == result["n_test"]
+    assert trained["loss"] == pytest.approx(result["test_loss"], rel=1e-4)
+    assert trained["loss"] < zero_shot["loss"]  # it learned something, even on a random backbone
+    code, stdout, err = run(
+        capsys, "generate", "--model", str(out), "--max-tokens", "4", "swap red cat", "--json"
+    )
+    assert code == 0, err
+    generations = last_json(stdout)["generations"]
+    assert len(generations) == 1 and generations[0]["completion_tokens"] <= 4
+
+
+def test_a_classifier_given_to_generate_is_a_one_line_error(tmp_path, tiny_bert_dir, capsys):
+    from test_cli import run, write_csv
+
+    out = tmp_path / "clf"
+    code, _, err = run(
+        capsys,
+        "finetune",
+        "--backbone", tiny_bert_dir,
+        "--data", write_csv(tmp_path / "d.csv", n=30),
+        "--store", str(tmp_path / "store"),
+        "--out", str(out),
+        "--layers", "0,2",
+        "--init", "random",
+        "--epochs", "1",
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(capsys, "generate", "--model", str(out), "hello")
+    assert code == 2 and "is a classifier" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,142 @@
+"""Evaluating a generative side network (or the bare backbone, the zero-shot baseline) on rows of
+a chat or prompt/completion file: it generates, greedily, from each row's prompt, and is scored
+by exact match with the row's reference reply; and its loss on the reference's tokens to learn
+(teacher-forced, as training scores validation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from backbone_worker.backbone import Backbone
+from backbone_worker.chat import GenExample, end_tokens, prompt_ids, render
+from backbone_worker.gen_cache import FINAL, IGNORE, LM_STREAM, final_norm_spec, targets_of
+from cache_store.progress import Bar
+from side_trainer.decoding import Decoder, Sampling, catching
+from side_trainer.generative import FrozenLMHead, GenerativeSideNetwork
+
+
+def frozen_head(backbone: Backbone) -> FrozenLMHead:
+    """The backbone's own final norm and LM head (what the bare backbone writes with)."""
+    config = backbone.config
+    head = FrozenLMHead(config.hidden_size, config.vocab_size, final_norm_spec(config))
+    head.load(backbone.path, config)
+    return head.to(backbone.model.device)
+
+
+def decoder_for(backbone: Backbone, net: GenerativeSideNetwork | None) -> Decoder:
+    return Decoder(backbone, frozen_head(backbone), [net], end_tokens(backbone.tokenizer))
+
+
+def exact(generated: str, reference: str) -> bool:
+    return generated.strip() == reference.strip()
+
+
+@torch.inference_mode()
+def generation_report(
+    backbone: Backbone,
+    net: GenerativeSideNetwork | None,
+    examples: list[GenExample],
+    max_length: int,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+) -> dict:
+    """{n, exact_match, loss, tokens, examples: the first few {prompt, reference, completion}}.
+    `max_tokens`: per generation, by default the longest reference's tokens and 8 more."""
+    tokenizer = backbone.tokenizer
+    decoder = decoder_for(backbone, net)
+    if max_tokens is None:
+        longest = max(
+            len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples
+        )
+        max_tokens = longest + 8
+    hits, shown = 0, []
+    loss_sum, loss_terms = 0.0, 0
+    with Bar(
+        total=len(examples), phase="evaluating", desc="evaluating", unit="ex", leave=False
+    ) as bar:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            prompts = [prompt_ids(tokenizer, e.prompt)[-max_length:] for e in batch]
+            generations = decoder.generate(prompts, Sampling(max_tokens=max_tokens))
+            for e, g in zip(batch, generations):
+                hits += exact(g.text, e.reference)
+                if len(shown) < 5:
+                    shown.append(
+                        {
+                            "prompt": tokenizer.decode(prompt_ids(tokenizer, e.prompt)),
+                            "reference": e.reference,
+                            "completion": g.text,
+                        }
+                    )
+            total, terms = _teacher_forced_loss(backbone, net, decoder.head, batch, max_length)
+            loss_sum, loss_terms = loss_sum + total, loss_terms + terms
+            bar.update(len(batch))
+    return {
+        "n": len(examples),
+        "exact_match": hits / max(len(examples), 1),
+        "loss": loss_sum / loss_terms if loss_terms else math.nan,
+        "tokens": loss_terms,
+        "examples": shown,
+    }
+
+
+def _teacher_forced_loss(backbone, net, head, examples, max_length) -> tuple[float, int]:
+    """Summed cross-entropy over the examples' tokens to learn, and their count."""
+    rendered = [render(backbone.tokenizer, e, max_length) for e in examples]
+    device = backbone.model.device
+    longest = max(len(ids) for ids, _ in rendered)
+    pad = backbone.tokenizer.pad_token_id or 0
+    ids = torch.full((len(rendered), longest), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    targets = torch.full_like(ids, IGNORE)
+    for row, (tokens, learn) in enumerate(rendered):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+        targets[row, : len(tokens)] = torch.tensor(targets_of(tokens, learn))
+    layers = list(net.cfg.layers) if net is not None else []
+    with catching(backbone, layers) as states:
+        backbone.run({"input_ids": ids, "attention_mask": mask})
+    chosen = targets != IGNORE
+    if net is None:
+        logits = head(states[FINAL][chosen])
+    else:
+        ladder = {k: v for k, v in states.items() if k != FINAL}
+        batch = {
+            "enc": {"states": ladder, "attention_mask": mask},
+            LM_STREAM: {"input_ids": targets, "states": {FINAL: states[FINAL]}},
+        }
+        logits = net(batch, live=True)
+    loss = nn.functional.cross_entropy(logits.float(), targets[chosen], reduction="sum")
+    return float(loss), int(chosen.sum())
+
+
+def sampler_for(backbone: Backbone, examples: list[GenExample], k: int = 3, max_tokens: int = 48):
+    """A training run's `sampler`: the network's generations (greedy) for the first `k`
+    validation prompts, with their references."""
+    chosen = examples[:k]
+    tokenizer = backbone.tokenizer
+    head, ends = frozen_head(backbone), end_tokens(tokenizer)
+
+    def sample(net: GenerativeSideNetwork) -> list[dict]:
+        was_training = net.training
+        net.eval()
+        try:
+            generations = Decoder(backbone, head, [net], ends).generate(
+                [prompt_ids(tokenizer, e.prompt) for e in chosen], Sampling(max_tokens=max_tokens)
+            )
+        finally:
+            net.train(was_training)
+        return [
+            {
+                "prompt": tokenizer.decode(prompt_ids(tokenizer, e.prompt)),
+                "reference": e.reference,
+                "completion": g.text,
+            }
+            for e, g in zip(chosen, generations)
+        ]
+
+    return sample
