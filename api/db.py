@@ -67,6 +67,7 @@ class Database:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
             _add_columns(con, "jobs", {"store": "TEXT"})
+            _add_columns(con, "files", {"task": "TEXT DEFAULT 'classification'", "kind": "TEXT"})
 
     def check(self) -> None:
         """Raise sqlite3.DatabaseError when the file is damaged."""
@@ -91,9 +92,15 @@ class Database:
     def add_file(self, record: dict) -> dict:
         with self._tx() as con:
             con.execute(
-                "INSERT INTO files VALUES (:id, :filename, :bytes, :created_at, :purpose, "
-                ":rows, :labels, :has_pair, :path)",
-                {**record, "labels": json.dumps(record["labels"])},
+                "INSERT INTO files (id, filename, bytes, created_at, purpose, rows, labels, "
+                "has_pair, path, task, kind) VALUES (:id, :filename, :bytes, :created_at, "
+                ":purpose, :rows, :labels, :has_pair, :path, :task, :kind)",
+                {
+                    "task": "classification",
+                    "kind": None,
+                    **record,
+                    "labels": json.dumps(record["labels"]),
+                },
             )
         return record
 
@@ -389,11 +396,13 @@ def _rebuild(db: Database, home: Path) -> None:
             db.add_model(model["id"], model["backbone"], str(record.parent), model["job_id"])
         except (OSError, ValueError, KeyError) as exc:
             log.error("cannot restore the model in %s: %r", record.parent, exc)
+    from backbone_worker.chat import GENERATION, scan_gen_file, task_of_file
     from backbone_worker.data import DataError, scan_file
 
     for upload in sorted((home / "files").glob("file-*")):
         try:
-            summary = scan_file(upload)
+            generation = task_of_file(upload) == GENERATION
+            summary = scan_gen_file(upload) if generation else scan_file(upload)
         except DataError:
             continue
         db.add_file(
@@ -406,6 +415,8 @@ def _rebuild(db: Database, home: Path) -> None:
                 "rows": summary.rows,
                 "labels": summary.labels,
                 "has_pair": summary.has_pair,
+                "task": summary.task,
+                "kind": summary.kind,
                 "path": str(upload),
             }
         )

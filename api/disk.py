@@ -47,14 +47,20 @@ def store_estimate(
     width: int,
     dtype: str,
     max_length: int,
+    full_width: int = 0,
 ) -> int:
     """Bytes a store of `n_rows` rows of `data_bytes` bytes of text would take, before
-    compression: tokens (at most max_length a row) x kept states (layers and embeddings) x
-    stored width x the dtype's size, plus an int8 scale per state and the token ids."""
+    compression: tokens (at most max_length a row) x stored states (`n_layers`: kept layers
+    and embeddings) x stored width x the dtype's size, plus an int8 scale per state and the
+    token ids; with `full_width`, a generative store's last state per token at that width and
+    its target id."""
     tokens = min(n_rows * max_length, data_bytes // BYTES_PER_TOKEN + SPECIAL_TOKENS * n_rows)
     per_value = 1 if dtype == "int8" else 2
-    per_state = width * per_value + (4 if dtype == "int8" else 0)
-    return tokens * (n_layers * per_state + 4) + 8 * n_rows
+    scale = 4 if dtype == "int8" else 0
+    per_token = n_layers * (width * per_value + scale) + 4
+    if full_width:
+        per_token += full_width * per_value + scale + 4
+    return tokens * per_token + 8 * n_rows
 
 
 def check_space(where: Path, needed: int) -> None:

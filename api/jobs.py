@@ -22,6 +22,7 @@ from pathlib import Path
 from api import hyperparameters
 from api.db import ACTIVE, Database, write_model_record
 from api.disk import InsufficientStorage, check_space, discard_checkpoint, store_estimate
+from backbone_worker.chat import GENERATION
 from backbone_worker.options import CacheOptions
 from cache_store.progress import reporting
 
@@ -168,10 +169,12 @@ def job_store_estimate(model: str, hp: dict, training: dict) -> int:
     return store_estimate(
         training["rows"],
         training["bytes"],
-        n_layers,
+        n_layers + 1,  # and the embeddings
         stored_width(cache_opts.width, d) or d,
         cache_opts.dtype,
         cache_opts.max_length,
+        # A generative store also keeps each token's last state at full width, and a target.
+        full_width=d if training.get("task") == GENERATION else 0,
     )
 
 
@@ -192,6 +195,7 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
 
     from api.inference import JointModel, evaluate, test_report
     from backbone_worker.backbone import fingerprint_dir, load_backbone, resolve
+    from backbone_worker.chat import load_gen_dataset
     from backbone_worker.data import load_dataset
     from cache_store import CorruptPartError
     from side_trainer.artifacts import load_side_model
@@ -205,7 +209,11 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
         db.add_event(job_id, message, data={"status": status})
 
     set_status("validating_files", f"validating {training['filename']}")
-    dataset = load_dataset(training["path"], **_columns(training))
+    generation = training.get("task") == GENERATION
+    if generation:
+        dataset = load_gen_dataset(training["path"])
+    else:
+        dataset = load_dataset(training["path"], **_columns(training))
     backbone_dir = resolve(job["model"])
     hp = resolved_hyperparameters(job["model"], job["hyperparameters"], len(dataset.examples))
     db.update_job(job_id, hyperparameters=hp)
@@ -223,6 +231,9 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
 
     def on_epoch(record: dict) -> None:
         check_cancelled()
+        if "valid_loss" in record:  # a generative network: OpenAI's metric names
+            db.add_event(job_id, _generation_epoch(record), data={"step": "training", **record})
+            return
         of = (
             f" (the best so far of {len(record['candidates'])} configurations)"
             if "candidates" in record
@@ -238,8 +249,14 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
             data={"step": "training", **record},
         )
 
+    sampler = writer = None
+    if generation:  # its epochs' sample generations, and its test split, need the backbone
+        from side_trainer.gen_eval import sampler_for
+
+        writer = load_backbone(job["model"])
+        sampler = sampler_for(writer, dataset.split("validation"))
     try:
-        result = train(store, out_dir, opts, on_epoch=on_epoch)
+        result = train(store, out_dir, opts, on_epoch=on_epoch, sampler=sampler)
     except CorruptPartError as exc:
         # The service's own cached states are damaged, not the user's data: recompute the
         # damaged parts once, then train on (from the last epoch's checkpoint).
@@ -252,7 +269,7 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
         )
         _cache(db, job, dataset, store, cache_opts, check_cancelled, repair=True)
         try:
-            result = train(store, out_dir, opts, on_epoch=on_epoch)
+            result = train(store, out_dir, opts, on_epoch=on_epoch, sampler=sampler)
         except CorruptPartError as again:
             raise StoreDamaged() from again
     check_cancelled()
@@ -273,6 +290,10 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
             data={"step": "training", "warning": result["warning"]},
         )
     db.add_event(job_id, "evaluating on the held-out test split", data={"step": "evaluating"})
+    if generation:
+        metrics = _generation_metrics(job, dataset, result, out_dir, writer)
+        _finish(db, job, out_dir, metrics, check_cancelled)
+        return
     joint = JointModel(load_backbone(job["model"]), [load_side_model(out_dir)])
     metrics = {
         k: result[k]
@@ -311,12 +332,59 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
         split = evaluate(joint, examples)["reports"][0]
         metrics["validation_file"] = split
         metrics["validation_file_accuracy"] = split["accuracy"]
-    # Succeeding and registering the model are one transaction that a cancel, arriving at any
-    # point before it, prevents; a cancelled job's model directory is removed.
-    write_model_record(out_dir, model_id(job), job["model"], job_id)
-    if not db.finish_job(job_id, model_id(job), job["model"], str(out_dir), metrics):
+    _finish(db, job, out_dir, metrics, check_cancelled)
+
+
+def _finish(db: Database, job: dict, out_dir: Path, metrics: dict, check_cancelled) -> None:
+    """Succeeding and registering the model are one transaction that a cancel, arriving at any
+    point before it, prevents; a cancelled job's model directory is removed."""
+    write_model_record(out_dir, model_id(job), job["model"], job["id"])
+    if not db.finish_job(job["id"], model_id(job), job["model"], str(out_dir), metrics):
         shutil.rmtree(out_dir, ignore_errors=True)
         check_cancelled()
+
+
+def _generation_epoch(record: dict) -> str:
+    """An epoch of a generative job, in words."""
+    loss = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
+    valid = record.get("valid_loss")
+    shown = f", validation loss {valid:.4f}" if valid is not None else ""
+    accuracy = record.get("valid_mean_token_accuracy")
+    shown += f", token accuracy {accuracy:.4f}" if accuracy is not None else ""
+    return f"epoch {record['epoch']}: train loss {loss}{shown}"
+
+
+def _generation_metrics(job: dict, dataset, result: dict, out_dir: Path, backbone) -> dict:
+    """A generative job's result: the training figures under OpenAI's names, the sample
+    generations, and exact match and loss on the test split (greedy generations)."""
+    from side_trainer.artifacts import load_side_model
+    from side_trainer.gen_eval import generation_report
+
+    keys = (
+        "n_train",
+        "epochs_run",
+        "best_epoch",
+        "selection",
+        "trainable_params",
+        "trainable_pct",
+        "train_peak_mem_mb",
+        "train_examples_per_s",
+        "task",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+        "full_valid_loss",
+        "samples",
+    )
+    metrics = {k: result.get(k) for k in keys}
+    metrics["warning"], metrics["attempts"] = None, None
+    net = load_side_model(out_dir)
+    rows = dataset.split("test")
+    test = generation_report(backbone, net, rows, net.cfg.max_length) if rows else None
+    metrics["test"] = test
+    metrics["test_exact_match"] = test and test["exact_match"]
+    metrics["test_loss"] = test and test["loss"]
+    metrics["test_accuracy"] = metrics["test_macro_f1"] = None
+    return metrics
 
 
 def _cache(

@@ -31,6 +31,10 @@ class FileObject(BaseModel):
     # small whatever the file holds); n_labels counts them all.
     labels: list[str]
     n_labels: int
+    # "classification" (text, label) or "generation" (chats or prompt/completion pairs: no
+    # labels), and for generation the rows' kind: chat, completion or mixed.
+    task: Literal["classification", "generation"] = "classification"
+    kind: str | None = None
 
 
 class JobCreate(BaseModel):
@@ -112,6 +116,9 @@ class ModelObject(BaseModel):
     training_filename: str | None = None
     test_accuracy: float | None = None
     test_macro_f1: float | None = None
+    # "classify" or "generate" (a side model that writes); generative models report exact match.
+    task: Literal["classify", "generate"] | None = None
+    test_exact_match: float | None = None
     # Still no better than predicting the majority class after training's retries.
     warning: ModelWarning | None = None
 

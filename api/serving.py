@@ -32,6 +32,16 @@ class ModelNotFound(KeyError):
     pass
 
 
+class GenerativeModel(ValueError):
+    """A side model that writes text, asked to classify."""
+
+    def __init__(self, model_id: str):
+        super().__init__(
+            f"model {model_id!r} is a generative model (fine-tuned on chats or prompt/completion "
+            f"pairs); /v1/predict serves classifiers only"
+        )
+
+
 class ModelUnavailable(RuntimeError):
     """A registered side model the server cannot load or run: the server's fault, not the
     request's. The message names the model, never a server path (the log has the details)."""
@@ -95,9 +105,13 @@ class ModelRegistry:
                 self._make_room(keep, incoming=self._sizes.get(model_id, _weights_bytes(record)))
                 try:
                     side = load_side_model(record["path"])
+                    if side.cfg.task == "generate":
+                        raise GenerativeModel(model_id)
                     self.sides[model_id] = side
                     self._bytes[model_id] = self._sizes[model_id] = module_bytes(side)
                     self.loads += 1
+                except GenerativeModel:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - any load failure is the model's state
                     log.error(
                         "cannot load side model %s from %s: %r", model_id, record["path"], exc

@@ -250,3 +250,83 @@ def test_a_classifier_given_to_generate_is_a_one_line_error(tmp_path, tiny_bert_
     assert code == 0, err
     code, _, err = run(capsys, "generate", "--model", str(out), "hello")
     assert code == 2 and "is a classifier" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_job_on_a_chat_file_succeeds_through_the_http_api(tmp_path, tiny_llama_dir, tiny_bert_dir):
+    """Upload a chat file (validated and recorded as a generation file), fine-tune a tiny Llama
+    on it over HTTP: the events carry OpenAI's metric names and sample generations, the result
+    exact match and loss on the test split; /v1/predict refuses the model with a 400, and an
+    encoder backbone is refused for a generation file."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LADDER_BACKBONES", f"tinyllama={tiny_llama_dir},tiny={tiny_bert_dir}")
+    mp.delenv("LADDER_API_KEY", raising=False)
+    app = create_app(home=tmp_path / "home", executor="thread", preload=["tinyllama"])
+    try:
+        with TestClient(app) as client:
+            data = Path(write_pairs(tmp_path / "chats.jsonl", n=80, chat=True))
+            with open(data, "rb") as handle:
+                uploaded = client.post(
+                    "/v1/files",
+                    data={"purpose": "fine-tune"},
+                    files={"file": (data.name, handle, "application/jsonl")},
+                )
+            assert uploaded.status_code == 200, uploaded.text
+            upload = uploaded.json()
+            assert (upload["task"], upload["kind"], upload["rows"]) == ("generation", "chat", 80)
+            assert upload["labels"] == [] and upload["n_labels"] == 0
+            refused = client.post(
+                "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": upload["id"]}
+            )
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "model"
+            assert "decoder-only" in refused.json()["error"]["message"]
+            created = client.post(
+                "/v1/fine_tuning/jobs",
+                json={
+                    "model": "tinyllama",
+                    "training_file": upload["id"],
+                    "hyperparameters": {
+                        "n_epochs": 2,
+                        "kept_layers": [0, 2],
+                        "reduction_factor": 2,
+                        "init": "random",
+                    },
+                },
+            )
+            assert created.status_code == 200, created.text
+            job_id = created.json()["id"]
+            deadline = time.time() + 240
+            while (job := client.get(f"/v1/fine_tuning/jobs/{job_id}").json())["status"] not in (
+                "succeeded",
+                "failed",
+                "cancelled",
+            ):
+                assert time.time() < deadline, job
+                time.sleep(0.2)
+            assert job["status"] == "succeeded", job
+            result = job["result"]
+            assert result["task"] == "generate" and result["test"]["n"] > 0
+            assert 0 <= result["test_exact_match"] <= 1 and result["test_loss"] > 0
+            assert result["valid_loss"] == result["full_valid_loss"]
+            events = client.get(
+                f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}
+            ).json()["data"]
+            epochs = [e for e in events if "epoch" in e["data"] and "valid_loss" in e["data"]]
+            assert [e["data"]["epoch"] for e in epochs] == [1, 2]
+            assert all(len(e["data"]["samples"]) == 3 for e in epochs)
+            assert "validation loss" in epochs[0]["message"]
+            models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+            model = models[job["fine_tuned_model"]]
+            assert model["task"] == "generate" and model["test_exact_match"] is not None
+            predicted = client.post(
+                "/v1/predict", json={"model": job["fine_tuned_model"], "inputs": ["hi"]}
+            )
+            assert predicted.status_code == 400, predicted.text
+            assert "generative model" in predicted.json()["error"]["message"]
+    finally:
+        mp.undo()

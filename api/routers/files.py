@@ -33,6 +33,7 @@ def upload(
     loop that answers every other request. The bytes go to a temporary name, are validated a
     row at a time (memory stays flat whatever the file's size), and take their final name only
     with their record (api/uploads.py: what a crash leaves is swept at the next start)."""
+    from backbone_worker.chat import GENERATION, scan_gen_file, task_of_file
     from backbone_worker.data import DataError, TooManyLabels, scan_file
 
     if purpose != "fine-tune":
@@ -48,8 +49,9 @@ def upload(
         raise APIError(
             400,
             "invalid_file",
-            f"file {name!r} must be .csv or .jsonl with "
-            f"columns text and label (optional text_pair)",
+            f"file {name!r} must be .csv or .jsonl: a classification file with columns text "
+            f'and label (optional text_pair), or a JSONL file of chats ({{"messages": '
+            f"[...]}}) or prompt/completion pairs",
             "file",
         )
     file_id = new_id("file")
@@ -57,7 +59,10 @@ def upload(
     with staged(directory, file_id, suffix) as stage:
         size = _save(file.file, stage.handle)
         try:
-            summary = scan_file(stage.path, max_labels=max_classes())
+            if task_of_file(stage.path) == GENERATION:
+                summary = scan_gen_file(stage.path)
+            else:
+                summary = scan_file(stage.path, max_labels=max_classes())
             if summary.rows < MIN_ROWS:
                 raise DataError(
                     f"the file has {summary.rows} rows; a fine-tuning file "
@@ -83,6 +88,8 @@ def upload(
             "rows": summary.rows,
             "labels": summary.labels,
             "has_pair": summary.has_pair,
+            "task": summary.task,
+            "kind": summary.kind,
             "path": str(final),
         }
         stage.keep(final)

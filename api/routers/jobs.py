@@ -90,6 +90,8 @@ def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
     if body.validation_file:
         file_record(s, require_id(body.validation_file, "validation_file"), "validation_file", 400)
     _check_hyperparameters(body.model, body.hyperparameters)
+    if record.get("task") == "generation":
+        _check_writer(body.model)
     job = {
         "id": new_id("ftjob"),
         "created_at": int(time.time()),
@@ -245,6 +247,22 @@ _INTERNAL = {"attempts", "store"}
 
 def _job_object(job: dict) -> JobObject:
     return JobObject(**{k: v for k, v in job.items() if k not in _INTERNAL})
+
+
+def _check_writer(backbone: str) -> None:
+    """A generation file needs a backbone that writes: a decoder-only one."""
+    from backbone_worker.backbone import backbone_config
+    from backbone_worker.families import DECODER
+
+    _, family = backbone_config(backbone)
+    if family.name != DECODER:
+        raise APIError(
+            400,
+            "invalid_model",
+            f"backbone {backbone!r} is {family.name}; a chat or prompt/completion file trains "
+            f"a generative side network, which needs a decoder-only backbone such as smollm2",
+            "model",
+        )
 
 
 def _check_hyperparameters(backbone: str, hp: Hyperparameters) -> None:

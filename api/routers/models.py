@@ -46,6 +46,8 @@ def _side_model(record: dict) -> ModelObject:
         training_filename=record["training_filename"],
         test_accuracy=result.get("test_accuracy"),
         test_macro_f1=result.get("test_macro_f1"),
+        task=result.get("task", "classify") if result else None,
+        test_exact_match=result.get("test_exact_match"),
         warning=result.get("warning"),
     )
 
