@@ -169,10 +169,19 @@ class Candidate:
 
     def summary(self, axes: dict) -> dict:
         scored = self.history and self.history[0]["val_accuracy"] is not None
+        epoch = best_epoch(self.history, self.best) if self.history else None
+        if scored and "valid_loss" in self.history[0]:  # a generative network: by its loss
+            kept = self.history[epoch - 1]
+            best = {
+                "best_val_accuracy": kept["val_accuracy"],
+                "best_valid_loss": kept["valid_loss"],
+            }
+        else:
+            best = {"best_val_accuracy": self.best if scored else None}
         return {
             **{name: getattr(self.opts, name) for name in axes},
-            "best_val_accuracy": self.best if scored else None,
-            "best_epoch": best_epoch(self.history, self.best) if self.history else None,
+            **best,
+            "best_epoch": epoch,
             "steps": self.steps,
             "history": self.history,
             **({"halving": self.rounds} if self.rounds else {}),
@@ -662,7 +671,7 @@ def epoch_record(candidates: list[Candidate], axes: dict, epoch: int) -> dict:
     lead = max(range(len(candidates)), key=lambda k: (candidates[k].best, -k))
     record = {**candidates[lead].history[-1], "epoch": epoch}
     if axes:
-        if record["val_accuracy"] is not None:
+        if record["val_accuracy"] is not None and "valid_loss" not in record:
             record["val_accuracy"] = candidates[lead].best
         # A candidate halved in the first epoch has no epoch of its own: nulls, and its rounds.
         none = {"epoch": None, "train_loss": None, "val_accuracy": None}
@@ -728,15 +737,17 @@ def halve(
 ) -> None:
     """Successive halving after `step`: the candidates still training are scored on validation
     (`validation`: scores already taken at this step) and the better half (by accuracy, then
-    lower loss; the sweep's order breaks a tie) goes on; `times` rounds falling on one step keep
+    lower loss; generative networks by loss, then accuracy; the sweep's order breaks a tie) goes on; `times` rounds falling on one step keep
     1/2^times."""
     accuracy, loss, _ = validation or evaluate_groups(
         groups, len(candidates), store, "validation", opts
     )
     finite = [x if math.isfinite(x) else math.inf for x in loss]  # a diverged one ranks last
-    alive = sorted(
-        (k for indices, _ in groups for k in indices), key=lambda k: (-accuracy[k], finite[k], k)
-    )
+    if store.settings.get("task") == "generate":  # chosen by loss, as its epochs are
+        rank = lambda k: (finite[k], -accuracy[k], k)  # noqa: E731
+    else:
+        rank = lambda k: (-accuracy[k], finite[k], k)  # noqa: E731
+    alive = sorted((k for indices, _ in groups for k in indices), key=rank)
     keep = set(alive[: math.ceil(len(alive) / 2**times)])
     for k in alive:
         candidates[k].rounds.append({"step": step, "val_accuracy": accuracy[k], "kept": k in keep})

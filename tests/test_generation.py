@@ -252,7 +252,9 @@ def test_a_classifier_given_to_generate_is_a_one_line_error(tmp_path, tiny_bert_
     assert code == 2 and "is a classifier" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_job_on_a_chat_file_succeeds_through_the_http_api(tmp_path, tiny_llama_dir, tiny_bert_dir):
+def test_a_job_on_a_chat_file_succeeds_through_the_http_api(
+    tmp_path, tiny_llama_dir, tiny_bert_dir
+):
     """Upload a chat file (validated and recorded as a generation file), fine-tune a tiny Llama
     on it over HTTP: the events carry OpenAI's metric names and sample generations, the result
     exact match and loss on the test split; /v1/predict refuses the model with a 400, and an
@@ -330,3 +332,22 @@ def test_a_job_on_a_chat_file_succeeds_through_the_http_api(tmp_path, tiny_llama
             assert "generative model" in predicted.json()["error"]["message"]
     finally:
         mp.undo()
+
+
+def test_a_sweep_of_generative_networks_keeps_the_lowest_validation_loss(tmp_path, tiny_llama_dir):
+    from backbone_worker.cache import build_cache
+    from backbone_worker.options import CacheOptions
+    from side_trainer.options import TrainOptions
+    from side_trainer.train import train
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=80)
+    store = str(tmp_path / "store")
+    build_cache(tiny_llama_dir, data, store, CacheOptions(layers=[0, 2], dtype="fp16"))
+    result = train(
+        store,
+        tmp_path / "out",
+        TrainOptions(epochs=2, init="random", reduction=2, lr=[1e-4, 3e-3], batch_size=16),
+    )
+    losses = [c["best_valid_loss"] for c in result["candidates"]]
+    assert result["chosen"] == losses.index(min(losses))
+    assert result["valid_loss"] == min(losses)
