@@ -107,7 +107,11 @@ def _teacher_forced_loss(backbone, net, head, examples, max_length) -> tuple[flo
         ladder = {k: v for k, v in states.items() if k != FINAL}
         batch = {
             "enc": {"states": ladder, "attention_mask": mask},
-            LM_STREAM: {"input_ids": targets, "states": {FINAL: states[FINAL]}},
+            LM_STREAM: {
+                "input_ids": targets,
+                "attention_mask": mask,
+                "states": {FINAL: states[FINAL]},
+            },
         }
         logits = net(batch, live=True)
     loss = nn.functional.cross_entropy(logits.float(), targets[chosen], reduction="sum")

@@ -25,7 +25,7 @@ from torch import nn
 from backbone_worker.gen_cache import FINAL, IGNORE, LM_STREAM, final_norm_spec, targets_of
 from side_trainer.model import SideNetwork
 
-__all__ = ["FINAL", "IGNORE", "LM_STREAM", "FrozenLMHead", "GenerativeSideNetwork"]
+__all__ = ["FINAL", "IGNORE", "LM_STREAM", "FrozenLMHead", "GenerativeSideNetwork", "learned"]
 __all__ += ["final_norm_spec", "targets_of"]
 
 
@@ -84,6 +84,18 @@ def _final_norm_key(reader, config) -> str:
     raise KeyError(f"no final norm among the checkpoint's tensors ({config.model_type})")
 
 
+def learned(batch: dict) -> torch.Tensor:
+    """(B, T) bool: the positions with a target. A batch pads its rows with zeros, which are
+    token ids too: the attention mask, not the id, says what is padding."""
+    lm = batch[LM_STREAM]
+    return (lm["input_ids"] != IGNORE) & lm["attention_mask"].bool()
+
+
+def targets(batch: dict) -> torch.Tensor:
+    """The target ids at the `learned` positions, in batch order."""
+    return batch[LM_STREAM]["input_ids"][learned(batch)]
+
+
 class GenerativeSideNetwork(SideNetwork):
     """A decoder-only side network whose output joins the backbone's last state before its
     frozen LM head (the module's docstring)."""
@@ -103,15 +115,14 @@ class GenerativeSideNetwork(SideNetwork):
         enc = batch["enc"]
         h = self.streams["enc"](enc["states"], enc["attention_mask"], live=live)
         lm = batch[LM_STREAM]
-        chosen = lm["input_ids"] != IGNORE
+        chosen = learned(batch)
         return self.merged(lm["states"][FINAL][chosen], h[chosen])
 
     def loss(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
-        targets = batch[LM_STREAM]["input_ids"]
-        return nn.functional.cross_entropy(logits, targets[targets != IGNORE])
+        return nn.functional.cross_entropy(logits, targets(batch))
 
     def loss_terms(self, batch: dict) -> int:
-        return int((batch[LM_STREAM]["input_ids"] != IGNORE).sum())
+        return int(learned(batch).sum())
 
     def load_frozen(self, backbone_dir: Path) -> None:
         self.lm.load(backbone_dir, self.cfg.hf_backbone_config())

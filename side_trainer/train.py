@@ -25,10 +25,10 @@ from transformers import get_linear_schedule_with_warmup
 from backbone_worker.backbone import fingerprint_dir, resolve
 from backbone_worker.families import DECODER, ENCODER_DECODER, family_by_name
 from cache_store import ActivationStore, StoreError
-from cache_store.progress import Bar
+from cache_store.progress import Bar, check
 from side_trainer import metrics
 from side_trainer.artifacts import WEIGHTS_FILE, save_side_model
-from side_trainer.generative import IGNORE, LM_STREAM
+from side_trainer.generative import targets
 from side_trainer.group import groups_of
 from side_trainer.memory import PeakMemory, allocator
 from side_trainer.model import SideConfig, SideNetwork, side_network
@@ -78,9 +78,8 @@ def correct(net: SideNetwork, batch: dict, logits: torch.Tensor) -> tuple[int, i
     """Correct predictions and count: classes, for T5 whole label sequences (teacher-forced),
     for a generative network the target tokens (teacher-forced: mean token accuracy)."""
     if net.cfg.task == "generate":
-        targets = batch[LM_STREAM]["input_ids"]
-        targets = targets[targets != IGNORE]
-        return int((logits.argmax(-1) == targets).sum()), len(targets)
+        wanted = targets(batch)
+        return int((logits.argmax(-1) == wanted).sum()), len(wanted)
     if net.cfg.family != ENCODER_DECODER:
         return int((logits.argmax(-1) == batch["labels"]).sum()), len(batch["labels"])
     mask = batch["dec"]["attention_mask"].bool()
@@ -478,8 +477,11 @@ def train_once(
                 terms = first.loss_terms(padded.head())
                 totals = [0.0] * len(groups)  # per group (len(indices),): losses on the whole batch
                 # A batch over micro_batch_tokens runs as micro-batches, each decoded when it is
-                # reached, whose share-weighted gradients add up to the batch's.
+                # reached, whose share-weighted gradients add up to the batch's. A cancel is
+                # seen between them: a batch of thousands of rows for many configurations takes
+                # seconds.
                 for piece in padded.pieces(opts.micro_batch_tokens, opts.device):
+                    check()
                     piece = augment(piece, opts.feature_dropout, opts.feature_noise)
                     # Real tokens only, where the piece has much padding (side_trainer/packing)
                     piece = pack_batch(piece, first.cfg.family)
@@ -693,7 +695,8 @@ def evaluate_groups(
 ) -> tuple[list[float], list[float], list]:
     """Accuracy, mean loss and confusion matrix (a torch (K, K) count, rows true; None for T5,
     whose outputs are label texts) of every network of the groups on a stored split, the split
-    read once (n: the number of candidates; those in no group score 0)."""
+    read once (n: the number of candidates; those in no group score 0). A listener's check
+    (cache_store.progress: a cancelled job) may stop it between batches."""
     hits, total, loss, terms = [0] * n, [0] * n, [0.0] * n, [0] * n
     classes = len(store.settings["labels"])
     counts = (
@@ -704,6 +707,7 @@ def evaluate_groups(
     for _, group in groups:
         group.eval()
     for padded in store.iter_batches(split, opts.batch_size, shuffle=False, decode=False):
+        check()
         # Micro-batches, as in training: a batch holding the split's longest text would
         # otherwise set the run's peak memory, and a larger split holds longer texts.
         for batch in padded.pieces(opts.micro_batch_tokens, opts.device):

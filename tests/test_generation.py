@@ -351,3 +351,39 @@ def test_a_sweep_of_generative_networks_keeps_the_lowest_validation_loss(tmp_pat
     losses = [c["best_valid_loss"] for c in result["candidates"]]
     assert result["chosen"] == losses.index(min(losses))
     assert result["valid_loss"] == min(losses)
+
+
+def test_a_stores_validation_loss_is_the_live_teacher_forced_loss(tmp_path, tiny_llama_dir):
+    """The same network scores the same rows alike from the store (fp16, full width: padded,
+    length-sorted batches) and from the live backbone: padding is never a target."""
+    from backbone_worker.cache import build_cache
+    from backbone_worker.chat import load_gen_dataset
+    from backbone_worker.options import CacheOptions
+    from cache_store import ActivationStore
+    from side_trainer.gen_eval import generation_report
+    from side_trainer.group import groups_of
+    from side_trainer.options import TrainOptions
+    from side_trainer.train import build_side_network, evaluate_groups
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(
+            '{"prompt": "%s", "completion": " %s"}\n' % (" ".join(WORDS[: 1 + k % 7]), WORDS[k % 8])
+            for k in range(120)
+        )
+    )
+    store_dir = str(tmp_path / "store")
+    build_cache(
+        tiny_llama_dir,
+        str(rows),
+        store_dir,
+        CacheOptions(layers=[0, 2], dtype="fp16", width="full"),
+    )
+    store = ActivationStore.open(store_dir)
+    opts = TrainOptions(init="random", reduction=2, batch_size=8, device="cpu")
+    net = build_side_network(store, opts).eval()
+    torch.nn.init.normal_(net.upsample.weight, std=0.5)
+    _, (stored,), _ = evaluate_groups(groups_of([net]), 1, store, "validation", opts)
+    examples = load_gen_dataset(str(rows)).split("validation")
+    live = generation_report(load_backbone(tiny_llama_dir), net, examples, 128, max_tokens=1)
+    assert stored == pytest.approx(live["loss"], rel=1e-3)
