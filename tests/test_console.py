@@ -3,7 +3,8 @@ install` installs both): with an API key set, a bad upload's error is shown, a f
 page becomes a job, the job shows its progress and succeeds with its curve drawn and its figures
 against the majority class, its model predicts in the playground, a model that learnt nothing
 says so on its job and in the models list, a failed job shows its error, and the model is deleted
-from the models page.
+from the models page; a generative job (a chat file on a tiny Llama) shows its loss curves, sample
+generations and exact match.
 
 `LADDER_CONSOLE_SCREENSHOTS=DIR` saves a screenshot of each page there, and
 `LADDER_CONSOLE_BACKBONE=minilm` runs it on MiniLM instead of a tiny random BERT (the README's
@@ -323,3 +324,109 @@ def test_console_is_served_without_a_key_and_the_api_is_not(server):
     assert httpx.get(f"{base}/console/console.js").status_code == 200
     assert httpx.get(f"{base}/console/vendor/uPlot.iife.min.js").status_code == 200
     assert httpx.get(f"{base}/v1/models").status_code == 401
+
+
+@pytest.fixture
+def writer_server(tmp_path, tiny_llama_dir, tiny_bert_dir):
+    """A server with a tiny random Llama (a backbone that writes) beside a tiny BERT."""
+    home = tmp_path / "home"
+    home.mkdir()
+    port = free_port()
+    env = {
+        "LADDER_BACKBONES": f"tinyllama={tiny_llama_dir},tiny={tiny_bert_dir}",
+        "LADDER_PRELOAD": "tinyllama",
+        "LADDER_EXECUTOR": "thread",
+        "LADDER_API_KEY": KEY,
+    }
+    proc = start_server(home, port, env)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_console_generative_job(writer_server, browser, tmp_path):
+    """A chat file uploaded through the page is shown as a generation file; an encoder backbone's
+    400 is shown; the job's page plots train and validation loss, shows each epoch's sample
+    generations as they arrive and, once it succeeds, exact match and loss on the test split
+    with its examples; the models page marks the model generative, and the playground leaves it
+    out."""
+    from test_generation import write_pairs
+
+    base = writer_server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.set_default_timeout(20_000)
+    page.add_init_script(f"sessionStorage.setItem('ladder-api-key', '{KEY}')")
+
+    page.goto(f"{base}/#/new")
+    chats = Path(write_pairs(tmp_path / "chats.jsonl", n=80, chat=True))
+    page.set_input_files("#file-input", str(chats))
+    page.wait_for_selector("#file-card[data-task=generation]")
+    card = page.inner_text("#file-card")
+    assert "80 rows" in card and "chats" in card and "labels" not in card
+
+    # An encoder backbone: the server's 400 on the page, the backbone marked.
+    page.select_option("#backbone", "tiny")
+    page.wait_for_selector("#hp-table[data-model='tiny'] #hp-n_epochs")
+    page.click("#create-job")
+    page.wait_for_selector("#job-error:not(:empty)")
+    assert "decoder-only" in page.inner_text("#job-error")
+    assert "invalid" in page.get_attribute("#backbone", "class")
+
+    page.select_option("#backbone", "tinyllama")
+    page.wait_for_selector("#hp-table[data-model='tinyllama'] #hp-n_epochs")
+    page.fill("#hp-n_epochs", "2")
+    page.fill("#hp-kept_layers", "0, 2")
+    page.fill("#hp-reduction_factor", "2")
+    page.select_option("#hp-init", "random")
+    page.fill("#suffix", "swap")
+    page.click("#create-job")
+    page.wait_for_url(re.compile(r"#/jobs/ftjob-"))
+    job_id = page.url.rsplit("/", 1)[1]
+
+    # Each epoch: the loss curves, and that epoch's three sample generations.
+    page.wait_for_selector("#samples-card:not([hidden])", timeout=120_000)
+    assert page.locator("#samples tbody tr").count() == 3
+    page.wait_for_selector("#job-status [data-status=succeeded]", timeout=120_000)
+    page.wait_for_selector("#chart[data-epochs='2'] canvas")
+    assert loss_pixels(page) > 50
+    legend = page.inner_text("#chart")
+    assert "validation loss" in legend and "macro-F1" not in legend
+    assert page.get_attribute("#samples-card", "data-epoch") == "2"
+    job = httpx.get(f"{base}/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
+    events = httpx.get(
+        f"{base}/v1/fine_tuning/jobs/{job_id}/events", headers=headers, params={"limit": 100}
+    ).json()["data"]
+    last = next(e["data"] for e in events if e["data"].get("epoch") == 2 and "samples" in e["data"])
+    shown = page.locator("#samples tbody td.completion").all_inner_texts()
+    assert [s.strip() for s in shown] == [s["completion"].strip() for s in last["samples"]]
+
+    # Succeeded: the test split's exact match and loss as the result has them, its examples,
+    # and none of a classifier's sections.
+    test = job["result"]["test"]
+    page.wait_for_selector("#generation-card:not([hidden])")
+    assert page.inner_text("#generation-test .exact-match") == f"{100 * test['exact_match']:.1f}%"
+    assert page.inner_text("#generation-test .loss") == f"{test['loss']:.3f}"
+    assert page.locator("#test-examples tbody tr").count() == len(test["examples"]) > 0
+    assert "Test exact match" in page.inner_text("#job-details")
+    assert page.is_hidden("#evaluation-card") and page.is_hidden("#attempts-card")
+    assert page.locator("#job-details a[href^='#/playground']").count() == 0
+    shot(page, "generative-job")
+
+    # The jobs list and the models page: exact match where a classifier has its accuracy; the
+    # model marked generative, and not offered to try.
+    exact = f"{100 * test['exact_match']:.1f}% exact match"
+    page.click("nav >> text=Jobs")
+    assert exact in page.locator(f"#jobs-table tr[data-job='{job_id}']").inner_text()
+    page.click("nav >> text=Models")
+    row = page.locator(f"#side-models tbody tr[data-model='{job['fine_tuned_model']}']")
+    row.wait_for()
+    assert row.get_attribute("data-task") == "generate"
+    assert row.locator(".exact-match").inner_text() == exact
+    assert row.locator("a[href^='#/playground']").count() == 0
+    page.click("nav >> text=Playground")
+    page.wait_for_selector("#generative-note:not([hidden])")
+    assert page.locator("#pick-models input").count() == 0
+    assert errors == [], errors

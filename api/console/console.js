@@ -4,7 +4,7 @@
 
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 const KEY = "ladder-api-key"; // sessionStorage: the key lives as long as the tab
-const COLORS = { loss: "#d9480f", accuracy: "#1c7ed6", macroF1: "#2b8a3e" };
+const COLORS = { loss: "#d9480f", validLoss: "#862e9c", accuracy: "#1c7ed6", macroF1: "#2b8a3e" };
 // Event streams the jobs list keeps open: a browser opens at most 6 connections to one server
 // over HTTP/1.1, and other tabs need some. Further active jobs are looked at again every 10 s.
 const MAX_STREAMS = 3;
@@ -104,6 +104,10 @@ function showError(target, error) {
 const when = (seconds) => (seconds ? new Date(seconds * 1000).toLocaleString() : "");
 const percent = (x) => (typeof x === "number" ? `${(100 * x).toFixed(1)}%` : "");
 const decimal = (x) => (typeof x === "number" ? x.toFixed(3) : "");
+// A job's (or a model's) headline test figure: a classifier's accuracy, a generative network's
+// exact match.
+const testScore = (r) => (!r ? "" : r.task !== "generate" ? percent(r.test_accuracy)
+  : typeof r.test_exact_match === "number" ? `${percent(r.test_exact_match)} exact match` : "");
 
 // A span of seconds as a person reads it: "45 s", "3 min 20 s", "2 h 5 min".
 function duration(seconds) {
@@ -123,6 +127,17 @@ async function allPages(path) {
     if (!page.has_more || !page.data.length) return items;
     after = page.data[page.data.length - 1].id;
   }
+}
+
+// What a generation file holds, by its `kind`.
+const GENERATION_KINDS = { chat: "chats", completion: "prompt/completion pairs", mixed: "chats and prompt/completion pairs" };
+
+// What an upload trains: a generation file's rows, or a classification file's classes.
+function fileSummary(file) {
+  if (file.task === "generation") {
+    return `generation file of ${GENERATION_KINDS[file.kind] || file.kind} (needs a decoder-only backbone)`;
+  }
+  return labelSummary(file);
 }
 
 // A file's classes: all of them, or those the server lists and how many it left out.
@@ -240,9 +255,10 @@ async function newJobView() {
     file = record;
     const card = $("#file-card");
     card.hidden = false;
+    card.dataset.task = record.task || "classification";
     card.replaceChildren(
       el("b", { text: record.filename }),
-      ` · ${record.rows.toLocaleString()} rows · ${labelSummary(record)} · `,
+      ` · ${record.rows.toLocaleString()} rows · ${fileSummary(record)} · `,
       el("code", { text: record.id }),
     );
     $("#job-form").hidden = false;
@@ -333,7 +349,7 @@ async function newJobView() {
     } catch (error) {
       showError("#job-error", error);
       const name = (error.param || "").replace(/^hyperparameters\./, "").split(".")[0];
-      const field = $(`#hp-${CSS.escape(name)}`) || $(`#${CSS.escape(name)}`);
+      const field = $(`#hp-${CSS.escape(name)}`) || $(`#${CSS.escape(name === "model" ? "backbone" : name)}`);
       if (field) field.classList.add("invalid");
     } finally {
       $("#create-job").disabled = false;
@@ -370,7 +386,7 @@ async function jobsView() {
   let followed = 0;
   for (const job of jobs) {
     const status = el("td", {}, statusBadge(job.status));
-    const accuracy = el("td", { text: percent(job.result && job.result.test_accuracy) });
+    const accuracy = el("td", { text: testScore(job.result) });
     const macroF1 = el("td", { text: decimal(job.result && job.result.test_macro_f1) });
     const model = el("td", {}, job.fine_tuned_model ? el("code", { text: job.fine_tuned_model }) : "");
     tbody.append(el("tr", { "data-job": job.id },
@@ -388,7 +404,7 @@ async function jobsView() {
         if (signal.aborted) return;
         const done = await api(`/v1/fine_tuning/jobs/${job.id}`);
         status.replaceChildren(statusBadge(done.status));
-        accuracy.textContent = percent(done.result && done.result.test_accuracy);
+        accuracy.textContent = testScore(done.result);
         macroF1.textContent = decimal(done.result && done.result.test_macro_f1);
         if (done.fine_tuned_model) model.replaceChildren(el("code", { text: done.fine_tuned_model }));
       }).catch((error) => { if (!signal.aborted) showError("#jobs-error", error); });
@@ -396,7 +412,27 @@ async function jobsView() {
   }
 }
 
+// The curves of a classifier's epochs and of a generative network's (an epoch that reports
+// `valid_loss`, as the server tells them apart): losses on the left axis, figures in [0, 1] on
+// the right. Each line: [the epoch's key, label, colour, format of a figure in [0, 1]].
+const CURVES = {
+  classify: {
+    left: "train loss",
+    lines: [["train_loss", "train loss", COLORS.loss],
+      ["val_accuracy", "validation accuracy", COLORS.accuracy, percent],
+      ["val_macro_f1", "validation macro-F1", COLORS.macroF1, decimal]],
+  },
+  generate: {
+    left: "loss",
+    lines: [["train_loss", "train loss", COLORS.loss],
+      ["valid_loss", "validation loss", COLORS.validLoss],
+      ["valid_mean_token_accuracy", "validation token accuracy", COLORS.accuracy, percent]],
+  },
+};
+const isGenerative = (epoch) => epoch.valid_loss !== undefined;
+
 function drawChart(node, epochs) {
+  const curves = CURVES[isGenerative(epochs[0]) ? "generate" : "classify"];
   const x = epochs.map((r) => r.epoch);
   const series = (key) => epochs.map((r) => (typeof r[key] === "number" ? r[key] : null));
   node.replaceChildren();
@@ -407,20 +443,42 @@ function drawChart(node, epochs) {
     scales: { x: { time: false }, val: { range: [0, 1] } },
     series: [
       { label: "epoch" },
-      { label: "train loss", stroke: COLORS.loss, width: 2, points: { size: 7 } },
-      { label: "validation accuracy", stroke: COLORS.accuracy, width: 2, scale: "val",
-        points: { size: 7 }, value: (u, v) => percent(v) },
-      { label: "validation macro-F1", stroke: COLORS.macroF1, width: 2, scale: "val",
-        points: { size: 7 }, value: (u, v) => decimal(v) },
+      ...curves.lines.map(([, label, stroke, format]) => (format
+        ? { label, stroke, width: 2, scale: "val", points: { size: 7 }, value: (u, v) => format(v) }
+        : { label, stroke, width: 2, points: { size: 7 } })),
     ],
     axes: [
       { label: "epoch", incrs: [1, 2, 5, 10, 20, 50] },
-      { label: "train loss", stroke: COLORS.loss },
+      { label: curves.left, stroke: COLORS.loss },
       { label: "validation", side: 1, scale: "val",
         values: (u, ticks) => ticks.map((t) => t.toFixed(1)) },
     ],
   };
-  return new uPlot(options, [x, series("train_loss"), series("val_accuracy"), series("val_macro_f1")], node);
+  return new uPlot(options, [x, ...curves.lines.map(([key]) => series(key))], node);
+}
+
+// Generations beside their references (an epoch's samples, the test split's first examples):
+// the prompt's end (the whole of it on hover), the reference, what the model wrote.
+function generationRows(list) {
+  const tail = (text) => (text.length > 80 ? `…${text.slice(-80)}` : text);
+  return list.map((g) => el("tr", { class: g.completion.trim() === g.reference.trim() ? "hit" : "" },
+    el("td", { class: "prompt", title: g.prompt, text: tail(g.prompt) }),
+    el("td", { class: "reference", text: g.reference }),
+    el("td", { class: "completion", text: g.completion })));
+}
+
+// A generative job's test split: exact match and loss, then its first examples.
+function generationEvaluation(result) {
+  $("#generation-card").hidden = false;
+  const test = result.test;
+  $("#generation-test").replaceChildren(test
+    ? el("tr", { "data-split": "test" },
+      el("td", { text: test.n.toLocaleString() }),
+      el("td", {}, el("b", { class: "exact-match", text: percent(test.exact_match) })),
+      el("td", { class: "loss", text: decimal(test.loss) }),
+      el("td", { text: test.tokens.toLocaleString() }))
+    : el("tr", {}, el("td", { colspan: 4, class: "muted", text: "no rows: the file's split is empty" })));
+  $("#test-examples tbody").replaceChildren(...generationRows(test ? test.examples : []));
 }
 
 // One split's report (the job's `result.test`, `.validation`): its row of the figures table.
@@ -513,18 +571,23 @@ async function jobView(jobId) {
     const file = el("span", {}, el("code", { text: job.training_file }));
     fileName(job.training_file).then((name) => { if (name) file.prepend(el("b", { text: name }), " "); });
     const ended = job.finished_at || (TERMINAL.includes(job.status) ? null : Date.now() / 1000);
+    const r = job.result || {};
+    const generative = r.task === "generate";
     const rows = [
       ["Backbone", job.model],
       ["Training file", file],
       ["Created", when(job.created_at)],
       ["Finished", when(job.finished_at)],
       ["Duration", ended ? duration(ended - job.created_at) + (job.finished_at ? "" : " so far") : ""],
-      ["Fine-tuned model", job.fine_tuned_model
-        ? el("a", { href: `#/playground?model=${encodeURIComponent(job.fine_tuned_model)}`, text: job.fine_tuned_model })
-        : ""],
+      // The playground serves classifiers: a generative model is named, not linked.
+      ["Fine-tuned model", !job.fine_tuned_model ? "" : generative ? el("code", { text: job.fine_tuned_model })
+        : el("a", { href: `#/playground?model=${encodeURIComponent(job.fine_tuned_model)}`, text: job.fine_tuned_model })],
     ];
-    const r = job.result || {};
-    if (r.test !== undefined) {
+    if (generative) {
+      rows.push(["Test exact match", r.test ? el("b", { text: percent(r.test_exact_match) }) : "none (no test rows)"]);
+      if (r.test) rows.push(["Test loss", el("b", { text: decimal(r.test_loss) })]);
+      rows.push(["Best validation loss", `${decimal(r.valid_loss)} (epoch ${r.best_epoch})`]);
+    } else if (r.test !== undefined) {
       rows.push(["Test accuracy", r.test ? el("b", { text: percent(r.test_accuracy) }) : "none (no test rows)"]);
       if (r.test) rows.push(["Test macro-F1", el("b", { text: decimal(r.test_macro_f1) })]);
     }
@@ -554,7 +617,8 @@ async function jobView(jobId) {
     // A job that ended before its first epoch has no curve: no empty chart card.
     showChartCard(!(streamed && TERMINAL.includes(job.status) && epochs.length === 0));
     if (counted) progress(counted, job.status);
-    if (r.test !== undefined || r.validation) evaluation(r);
+    if (generative) generationEvaluation(r);
+    else if (r.test !== undefined || r.validation) evaluation(r);
     if (r.attempts) attempts(r.attempts);
     if (r.candidates) candidates(r);
   }
@@ -567,12 +631,15 @@ async function jobView(jobId) {
   function candidates(result) {
     $("#candidates-card").hidden = false;
     const axes = Object.keys(result.sweep || {});
+    // Generative candidates are chosen by validation loss, classifiers by accuracy.
+    const [best, figure] = result.task === "generate" ? ["best validation loss", (c) => decimal(c.best_valid_loss)]
+      : ["best validation accuracy", (c) => percent(c.best_val_accuracy)];
     $("#candidates thead").replaceChildren(el("tr", {}, axes.map((a) => el("th", { text: SWEPT_NAMES[a] || a })),
-      el("th", { text: "best validation accuracy" }), el("th", { text: "epochs" }), el("th", { text: "" })));
+      el("th", { text: best }), el("th", { text: "epochs" }), el("th", { text: "" })));
     $("#candidates tbody").replaceChildren(...result.candidates.map((c, k) => el("tr",
       { class: k === result.chosen ? "chosen" : "" },
       axes.map((a) => el("td", { text: show(c[a]) })),
-      el("td", { text: percent(c.best_val_accuracy) }),
+      el("td", { text: figure(c) }),
       el("td", { text: c.history ? String(c.history.length) : "" }),
       el("td", { text: k === result.chosen ? "kept"
         : (c.halving || []).some((r) => !r.kept) ? `halved out after step ${c.steps}` : "" }))));
@@ -599,6 +666,12 @@ async function jobView(jobId) {
       showChartCard(true);
       if (chart) chart.destroy();
       chart = drawChart($("#chart"), epochs);
+      if (data.samples) {
+        $("#samples-card").hidden = false;
+        $("#samples-card").dataset.epoch = String(data.epoch);
+        $("#samples-epoch").textContent = `(epoch ${data.epoch}, validation prompts)`;
+        $("#samples tbody").replaceChildren(...generationRows(data.samples));
+      }
     }
     if (typeof data.done === "number" && typeof data.total === "number") {
       counted = event;
@@ -652,16 +725,22 @@ async function modelsView() {
       name.append(el("div", { class: "warning-note", "data-code": m.warning.code },
         el("b", { text: "No better than the majority class. " }), m.warning.message));
     }
-    const row = el("tr", { "data-model": m.id, class: m.warning ? "warned" : "" },
+    const task = m.task || "classify";
+    // A generative model is scored by exact match, and the playground does not serve it.
+    const figures = task === "generate"
+      ? [el("td", { colspan: 2, class: "exact-match", text: testScore(m) })]
+      : [el("td", { text: percent(m.test_accuracy) }),
+        el("td", { class: "macro-f1", text: decimal(m.test_macro_f1) })];
+    const row = el("tr", { "data-model": m.id, "data-task": task, class: m.warning ? "warned" : "" },
       name,
+      el("td", {}, el("span", { class: `task task-${task}`, text: task })),
       el("td", { text: m.backbone }),
       el("td", {}, m.training_filename || (m.training_file ? el("code", { text: m.training_file }) : "")),
       el("td", {}, job),
-      el("td", { text: percent(m.test_accuracy) }),
-      el("td", { class: "macro-f1", text: decimal(m.test_macro_f1) }),
+      figures,
       el("td", { text: when(m.created) }),
       el("td", {},
-        el("a", { href: `#/playground?model=${encodeURIComponent(m.id)}`, text: "Try" }), " ",
+        task === "generate" ? "" : el("a", { href: `#/playground?model=${encodeURIComponent(m.id)}`, text: "Try" }), " ",
         el("button", { type: "button", class: "danger", text: "Delete", onclick: async () => {
           if (!confirm(`Delete ${m.id}? Its files are removed; this cannot be undone.`)) return;
           try {
@@ -684,7 +763,9 @@ async function playgroundView(params) {
   const wanted = params.getAll("model");
   const models = await listForView("/v1/models", "#predict-error", signal);
   if (!models) return;
-  const sides = models.filter((m) => m.kind === "side");
+  // /v1/predict serves classifiers: generative side models are left out, and said to be.
+  const sides = models.filter((m) => m.kind === "side" && m.task !== "generate");
+  $("#generative-note").hidden = !models.some((m) => m.kind === "side" && m.task === "generate");
   const pick = $("#pick-models");
   if (!sides.length) pick.append(el("p", { class: "muted" }, "No fine-tuned models yet. ", el("a", { href: "#/new", text: "Fine-tune one" }), "."));
   sides.forEach((m, k) => {
