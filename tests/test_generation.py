@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -368,7 +369,8 @@ def test_a_stores_validation_loss_is_the_live_teacher_forced_loss(tmp_path, tiny
     rows = tmp_path / "rows.jsonl"
     rows.write_text(
         "".join(
-            '{"prompt": "%s", "completion": " %s"}\n' % (" ".join(WORDS[: 1 + k % 7]), WORDS[k % 8])
+            json.dumps({"prompt": " ".join(WORDS[: 1 + k % 7]), "completion": f" {WORDS[k % 8]}"})
+            + "\n"
             for k in range(120)
         )
     )
