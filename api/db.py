@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("validating_files", "queued", "caching", "training")
+# Jobs that hold a place among LADDER_MAX_ACTIVE_JOBS: the active ones, and the cancelled ones
+# whose run has not stopped yet (`cancel_job` leaves finished_at unset, `finish_cancelled` sets it).
+_HOLDING = (
+    f"(status IN ({','.join(map(repr, ACTIVE))}) OR (status = 'cancelled' AND finished_at IS NULL))"
+)
 _JSON_FIELDS = {"labels", "hyperparameters", "error", "result", "data"}
 
 
@@ -151,18 +156,18 @@ class Database:
     # ---- jobs ----------------------------------------------------------------------------
 
     def add_job(self, job: dict, max_active: int | None = None) -> dict:
-        """Insert a job; with max_active, only while fewer jobs are active (else TooManyJobs).
-        The count and the insert are one statement, so simultaneous requests, or servers on
-        one home, cannot all pass the check before any of them inserts."""
-        marks = ",".join("?" * len(ACTIVE))
-        active = f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})"
+        """Insert a job; with max_active, only while fewer jobs are active or still stopping
+        after a cancel (else TooManyJobs). The count and the insert are one statement, so
+        simultaneous requests, or servers on one home, cannot all pass the check before any of
+        them inserts."""
+        holding = f"SELECT COUNT(*) FROM jobs WHERE {_HOLDING}"
         values = [job[k] for k in ("id", "created_at", "model", "training_file")]
         values += [job[k] for k in ("validation_file", "seed", "suffix", "status")]
         values.append(json.dumps(job["hyperparameters"]))
         below_cap = ""
         if max_active is not None:
-            below_cap = f" WHERE ({active}) < ?"
-            values += [*ACTIVE, max_active]
+            below_cap = f" WHERE ({holding}) < ?"
+            values.append(max_active)
         with self._tx() as con:
             cur = con.execute(
                 "INSERT INTO jobs (id, created_at, model, training_file, validation_file, seed, "
@@ -170,7 +175,7 @@ class Database:
                 values,
             )
             if cur.rowcount == 0:
-                raise TooManyJobs(con.execute(active, ACTIVE).fetchone()[0], max_active)
+                raise TooManyJobs(con.execute(holding).fetchone()[0], max_active)
         return self.get_job(job["id"])
 
     def get_job(self, job_id: str) -> dict | None:
@@ -223,6 +228,30 @@ class Database:
                 f"UPDATE jobs SET {sets} WHERE id = :id{guard}", {**fields, "id": job_id}
             )
             return cur.rowcount > 0
+
+    def cancel_job(self, job_id: str) -> bool:
+        """Cancel an active job: its status says cancelled at once, while finished_at stays
+        unset until its run has stopped (`finish_cancelled`). Returns whether it was active."""
+        with self._tx() as con:
+            cur = con.execute(
+                f"UPDATE jobs SET status = 'cancelled' WHERE id = ? AND status IN "
+                f"({','.join('?' * len(ACTIVE))})",
+                (job_id, *ACTIVE),
+            )
+            return cur.rowcount > 0
+
+    def finish_cancelled(self, job_id: str) -> None:
+        """A cancelled job's run has stopped (or will never run: cancelled while queued, or its
+        server died): set its finished_at, unless set, and add its last event, "cancelled",
+        unless added, in one transaction. Nothing for a job that is not cancelled."""
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET finished_at = COALESCE(finished_at, ?) WHERE id = ? AND "
+                "status = 'cancelled'",
+                (int(time.time()), job_id),
+            )
+            if cur.rowcount:
+                self._insert_event(con, job_id, "cancelled", "warning", {"status": "cancelled"})
 
     def finish_job(
         self, job_id: str, model_id: str, backbone: str, path: str, result: dict

@@ -29,6 +29,7 @@ from cache_store.progress import reporting
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # a job interrupted this many times (e.g. restarts mid-run) is failed
+CHECK_S = 0.5  # a running job reads its status (has it been cancelled?) at most this often
 
 
 class JobCancelled(Exception):
@@ -72,8 +73,7 @@ def run_job(home: str, job_id: str) -> None:
     if job is None:
         return
     if job["status"] not in ACTIVE:
-        if job["status"] == "cancelled":  # cancelled before it started: its last word
-            db.add_event(job_id, "cancelled", level="warning", data={"status": "cancelled"})
+        db.finish_cancelled(job_id)  # cancelled before it started: it has stopped
         return
     db.update_job(job_id, attempts=job["attempts"] + 1)
 
@@ -83,7 +83,6 @@ def run_job(home: str, job_id: str) -> None:
 
     def on_progress(phase: str, stage: str, done: int, total: int, eta_s: float | None) -> None:
         """Every long loop's counts (the terminal's bars) as events, every 2 s at most."""
-        check_cancelled()
         left = f", about {_duration(eta_s)} left" if eta_s is not None and done < total else ""
         db.add_event(
             job_id,
@@ -99,11 +98,13 @@ def run_job(home: str, job_id: str) -> None:
 
     training = db.get_file(job["training_file"])
     try:
-        with reporting(on_progress):
+        # Every loop checks for a cancel between its batches, reading the job's row at most
+        # every CHECK_S seconds (cache_store.progress): a cancel stops the job within about that.
+        with reporting(on_progress, stop=check_cancelled, check_s=CHECK_S):
             _run(home_path, db, job, training, check_cancelled)
     except JobCancelled:
+        log.info("job %s stopped: it was cancelled", job_id)
         discard_checkpoint(home_path, job_id)
-        db.add_event(job_id, "cancelled", level="warning", data={"status": "cancelled"})
     except Exception as exc:  # noqa: BLE001 - any failure ends the job with its reason
         discard_checkpoint(home_path, job_id)
         import re
@@ -121,6 +122,10 @@ def run_job(home: str, job_id: str) -> None:
         error = {"code": code, "message": message, "param": param}
         if db.update_job(job_id, only_if_active=True, status="failed", error=error):
             db.add_event(job_id, f"failed: {message}", level="error", data={"status": "failed"})
+    finally:
+        # However the run ended, a cancelled job has now stopped: it leaves the cap's count,
+        # and its stream ends with "cancelled".
+        db.finish_cancelled(job_id)
 
 
 def resolved_hyperparameters(model: str, hp: dict, n_rows: int) -> dict:
@@ -401,6 +406,7 @@ def _cache(
     parts whose checksums fail so they are computed again."""
     from backbone_worker.cache import build_cache
     from cache_store import ActivationStore, StoreBusyError, StoreLock
+    from cache_store.progress import check
 
     job_id = job["id"]
 
@@ -414,7 +420,8 @@ def _cache(
                 with StoreLock(store).acquire(wait_s=5):
                     ActivationStore.open(store, writable=True).verify(repair=True)
                 repair = False
-            build_cache(job["model"], dataset, store, opts, on_part=on_part, check=check_cancelled)
+            # Before every forward batch: the job's check, at most every CHECK_S (run_job).
+            build_cache(job["model"], dataset, store, opts, on_part=on_part, check=check)
             return
         except StoreBusyError:
             check_cancelled()
@@ -568,11 +575,16 @@ class JobRunner:
             self._enqueue(job_id)
 
     def cancel(self, job_id: str) -> None:
-        """The job stops at its next batch; the database already says cancelled."""
+        """The database already says cancelled; the job stops within about a second (its next
+        check between batches: run_job), and its run then sets its finished_at."""
         self.db.add_event(job_id, "cancellation requested", level="warning")
 
     def recover(self) -> None:
-        """On taking the lease: resume unfinished jobs, or fail those interrupted too often."""
+        """On taking the lease: resume unfinished jobs, or fail those interrupted too often;
+        a job cancelled while it ran here before has stopped (its run ended with the server)."""
+        for job in self.db.jobs_with_status(("cancelled",)):
+            if job["finished_at"] is None:
+                self.db.finish_cancelled(job["id"])
         for job in self.db.jobs_with_status(ACTIVE):
             if job["attempts"] >= MAX_ATTEMPTS:
                 error = {

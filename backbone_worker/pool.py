@@ -33,14 +33,16 @@ import torch
 from backbone_worker.backbone import Backbone, load_backbone
 from backbone_worker.data import Dataset
 from backbone_worker.options import OptionError
+from cache_store.progress import check as check_listener
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2
 MAX_TRIES_PER_PART = 3
 # `ray.wait` blocks in native code, where Python's signal handlers (Ctrl-C, test timeouts) cannot
-# run; waiting in slices of this many seconds lets them.
-WAIT_SLICE_S = 5.0
+# run; waiting in slices of this many seconds lets them, and a listener's check (a cancelled job:
+# cache_store.progress), which may stop the run (its caller's `shutdown` ends the parts in flight).
+WAIT_SLICE_S = 1.0
 STALL_WARNING_S = 120.0
 
 
@@ -235,6 +237,7 @@ class RayPool:
         progress = time.monotonic()
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=WAIT_SLICE_S)
+            check_listener()
             if not ready:
                 if time.monotonic() - progress >= STALL_WARNING_S:
                     self._warn_stalled(len(inflight), time.monotonic() - progress)

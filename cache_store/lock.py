@@ -21,6 +21,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from cache_store.errors import StoreBusyError
+from cache_store.progress import check
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class StoreLock:
         return lease
 
     def acquire(self, wait_s: float = 0.0) -> StoreLock:
+        """Take the lease, waiting up to `wait_s` for its holder (StoreBusyError after that); a
+        listener's check (cache_store.progress: a cancelled job) may end the wait sooner."""
         deadline = time.time() + wait_s
         while True:
             holder = self._holder()
@@ -96,6 +99,7 @@ class StoreLock:
                     f"wait for it to finish, or pass --wait SECONDS"
                 )
             time.sleep(min(1.0, max(deadline - time.time(), 0.05)))
+            check()
         self._thread = threading.Thread(target=self._renew, name="ladder-lease", daemon=True)
         self._thread.start()
         return self

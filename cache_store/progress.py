@@ -7,28 +7,65 @@ every bar opened inside then also calls `callback(phase, stage, done, total, eta
 once per `every_s` seconds of a bar and always at its end. The callback travels in a context
 variable, so the code between the job and the loops passes nothing along; a thread of its own
 (a Ray part worker) reports through its caller's per-part counts instead.
+
+The listener may also stop the work: with `reporting(callback, stop=stop)`, every bar's step,
+and every loop without a bar that calls `check()` between its batches, runs `stop()` (which
+raises to stop the work: a cancelled job's JobCancelled) at most once per `check_s` seconds. A
+`stop` that reads a database so costs next to nothing per batch, and the work stops within
+`check_s` seconds and one batch of any loop that counts or checks.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 Callback = Callable[[str, str, int, int, float | None], None]
-_listener: ContextVar[tuple[Callback, float] | None] = ContextVar("progress", default=None)
+
+
+@dataclass
+class _Listener:
+    callback: Callback
+    every_s: float  # between two reports of a bar
+    stop: Callable[[], None] | None
+    check_s: float  # between two calls of stop
+    checked: float = -math.inf  # time.monotonic() of the last call of stop
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if self.stop is not None and now - self.checked >= self.check_s:
+            self.checked = now
+            self.stop()
+
+
+_listener: ContextVar[_Listener | None] = ContextVar("progress", default=None)
 
 
 @contextmanager
-def reporting(callback: Callback, every_s: float = 2.0) -> Iterator[None]:
-    token = _listener.set((callback, every_s))
+def reporting(
+    callback: Callback,
+    every_s: float = 2.0,
+    stop: Callable[[], None] | None = None,
+    check_s: float = 0.5,
+) -> Iterator[None]:
+    token = _listener.set(_Listener(callback, every_s, stop, check_s))
     try:
         yield
     finally:
         _listener.reset(token)
+
+
+def check() -> None:
+    """Call between two batches of long work that no bar counts: the listener may stop it here."""
+    listener = _listener.get()
+    if listener is not None:
+        listener.check()
 
 
 class Bar(tqdm):
@@ -60,11 +97,12 @@ class Bar(tqdm):
     def update(self, n: float | None = 1) -> bool | None:
         shown = super().update(n)
         if self._listener is not None:
+            self._listener.check()
             self._report()
         return shown
 
     def _report(self) -> None:
-        callback, every_s = self._listener
+        callback, every_s = self._listener.callback, self._listener.every_s
         now = time.monotonic()
         total = self.overall if self.overall is not None else self.total
         done = self.start + self.n

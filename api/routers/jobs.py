@@ -119,7 +119,8 @@ def create_job(body: JobCreate, s: Services = Depends(services)) -> JobObject:
             429,
             "too_many_jobs",
             f"{exc.active} jobs are queued or running on this "
-            f"server (at most {exc.cap}); retry when some have finished",
+            f"server, or stopping after a cancel (at most {exc.cap}); retry when some have "
+            f"finished",
         ) from None
     s.db.add_event(job["id"], "job created", data={"status": "queued"})
     s.runner.submit(job["id"])
@@ -148,12 +149,16 @@ def cancel_job(job_id: str, s: Services = Depends(services)) -> JobObject:
         raise APIError(
             409, "job_not_cancellable", f"job {job_id} is already {job['status']}", "job_id"
         )
-    s.db.update_job(job_id, only_if_active=True, status="cancelled")
+    # Cancelled at once for the client; a running job keeps its place among
+    # LADDER_MAX_ACTIVE_JOBS until its run has stopped (within about a second) and set its
+    # finished_at.
+    s.db.cancel_job(job_id)
     s.runner.cancel(job_id)
     if job["status"] == "queued":
-        # Never started, so no job will write it: the last event is said here (a job that was
-        # starting at that moment writes the same one, and the database keeps only one).
-        s.db.add_event(job_id, "cancelled", level="warning", data={"status": "cancelled"})
+        # Never started, so no run will stop: it has stopped now, and its last event is said
+        # here (a job that was starting at that moment says the same, and the database keeps
+        # only one).
+        s.db.finish_cancelled(job_id)
     return _job_object(_job(s, job_id))
 
 
@@ -213,8 +218,9 @@ STREAM_GRACE_S = 30
 
 async def _stream(db: Database, job_id: str, after: str | None):
     """Every event of the job, ending with the job's last one (a terminal status): the status
-    can turn terminal before the job has written it (a cancel takes effect at the job's next
-    batch). The database is read in worker threads, never on the event loop."""
+    can turn terminal before the job has written it (a cancelled job's run stops within about a
+    second, and sets finished_at). The database is read in worker threads, never on the event
+    loop."""
     while True:
         events, _ = await to_thread.run_sync(db.list_events, job_id, after, 100)
         for event in events:
@@ -227,7 +233,8 @@ async def _stream(db: Database, job_id: str, after: str | None):
             job = await to_thread.run_sync(db.get_job, job_id)
             if (
                 job["status"] in TERMINAL
-                and time.time() - (job["finished_at"] or 0) > STREAM_GRACE_S
+                and job["finished_at"] is not None
+                and time.time() - job["finished_at"] > STREAM_GRACE_S
             ):
                 yield "data: [DONE]\n\n"
                 return
