@@ -118,16 +118,16 @@ class Database:
             return con.execute("SELECT 1 FROM files WHERE path = ?", (path,)).fetchone() is not None
 
     def delete_file(self, file_id: str) -> list[str]:
-        """Delete a file's record, unless an active job uses it: then delete nothing and return
-        those jobs' ids. The check and the delete are one transaction."""
-        marks = ",".join("?" * len(ACTIVE))
+        """Delete a file's record, unless a job that is active, or cancelled and still stopping,
+        uses it: then delete nothing and return those jobs' ids. The check and the delete are
+        one transaction."""
         with self._tx() as con:
             users = [
                 r[0]
                 for r in con.execute(
-                    f"SELECT id FROM jobs WHERE status IN ({marks}) AND "
+                    f"SELECT id FROM jobs WHERE {_HOLDING} AND "
                     f"(training_file = ? OR validation_file = ?) ORDER BY rowid",
-                    (*ACTIVE, file_id, file_id),
+                    (file_id, file_id),
                 )
             ]
             if not users:
@@ -197,16 +197,14 @@ class Database:
             ]
 
     def needed_stores(self) -> set[str]:
-        """The stores (names under stores/) that a job which is active, or whose training file
-        still exists, has cached into."""
-        marks = ",".join("?" * len(ACTIVE))
+        """The stores (names under stores/) that a job which is active (or cancelled and still
+        stopping), or whose training file still exists, has cached into."""
         with self._tx() as con:
             return {
                 r[0]
                 for r in con.execute(
-                    f"SELECT DISTINCT store FROM jobs WHERE store IS NOT NULL AND (status IN "
-                    f"({marks}) OR training_file IN (SELECT id FROM files))",
-                    ACTIVE,
+                    f"SELECT DISTINCT store FROM jobs WHERE store IS NOT NULL AND ({_HOLDING} "
+                    f"OR training_file IN (SELECT id FROM files))"
                 )
             }
 

@@ -111,7 +111,10 @@ def collect_garbage(home: Path, db) -> list[str]:
     kept = registered()
     for directory in sorted(models.iterdir()) if models.is_dir() else ():
         job = db.get_job(directory.name)
-        if os.path.realpath(directory) in kept or (job is not None and job["status"] in ACTIVE):
+        running = job is not None and (
+            job["status"] in ACTIVE or (job["status"] == "cancelled" and not job["finished_at"])
+        )
+        if os.path.realpath(directory) in kept or running:
             continue
         if not directory.is_dir() or os.path.realpath(directory) in registered():
             continue  # registered since the first look (a job that just succeeded)

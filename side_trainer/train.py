@@ -550,11 +550,18 @@ def train_once(
                 record["samples"] = samples = sampler(candidates[lead].net)
                 for sample in record["samples"]:
                     log.info("sample: %r -> %r", sample["prompt"][-60:], sample["completion"])
+            scored = (
+                f"validation loss {record['valid_loss']:.4f}, token accuracy "
+                f"{record['valid_mean_token_accuracy']:.4f}"
+                if generate and has_validation and record.get("valid_loss") is not None
+                else "validation accuracy "
+                + (f"{record['val_accuracy']:.4f}" if has_validation else "n/a")
+            )
             log.info(
-                "epoch %d: train loss %s, validation accuracy %s%s",
+                "epoch %d: train loss %s, %s%s",
                 epoch + 1,
                 "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}",
-                f"{record['val_accuracy']:.4f}" if has_validation else "n/a",
+                scored,
                 f" (the best so far of {len(candidates)} configurations)" if axes else "",
             )
             out_dir.mkdir(parents=True, exist_ok=True)
