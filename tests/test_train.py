@@ -283,7 +283,11 @@ def test_micro_batches_train_as_the_whole_batch(tmp_path, tiny_backbone_dir, no_
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_accuracy"] == b["val_accuracy"]
     saved, expected = (load_file(tmp_path / d / WEIGHTS_FILE) for d in ("split", "whole"))
-    assert all(torch.allclose(saved[k], expected[k], atol=1e-4) for k in expected)
+    # A BERT key bias adds the same q.b to every score of a query, which softmax cancels: its
+    # gradient is zero but for rounding, and AdamW turns that noise into lr-sized steps whose
+    # sign the order of the sums decides. It is the one weight with no path to follow.
+    noise = [k for k in expected if k.endswith("attention.self.key.bias")]
+    assert all(torch.allclose(saved[k], expected[k], atol=1e-4) for k in expected if k not in noise)
 
 
 def test_packed_training_follows_the_padded_one(tmp_path, tiny_bert_dir, no_dropout, monkeypatch):
