@@ -395,17 +395,25 @@ def cmd_finetune(args) -> dict:
         from side_trainer.metrics import table
 
         print(f"test split: {table(test)}")
-    info = store.info()
     return {
         "test_accuracy": test and test["accuracy"],
         "test_macro_f1": test and test["macro_f1"],
+        **_run_figures(args, store, test, cache_seconds),
+        **result,
+    }
+
+
+def _run_figures(args, store, test: dict | None, cache_seconds: float) -> dict:
+    """What finetune reports beside its model's scores: the test split's size and report, and
+    the store's."""
+    info = store.info()
+    return {
         "n_test": test["n"] if test else 0,
         "test": test,
         "cache_seconds": round(cache_seconds, 1),
         "store": args.store,
         "bytes_per_element": info["bytes_per_element"],
         "compression_ratio": info["compression_ratio"],
-        **result,
     }
 
 
@@ -426,16 +434,10 @@ def _finetune_generation(args, dataset, backbone, store, cache_seconds: float) -
             f"test split: exact match {test['exact_match']:.4f} of {test['n']} rows, "
             f"loss {test['loss']:.4f}"
         )
-    info = store.info()
     return {
         "test_exact_match": test and test["exact_match"],
         "test_loss": test and test["loss"],
-        "n_test": test["n"] if test else 0,
-        "test": test,
-        "cache_seconds": round(cache_seconds, 1),
-        "store": args.store,
-        "bytes_per_element": info["bytes_per_element"],
-        "compression_ratio": info["compression_ratio"],
+        **_run_figures(args, store, test, cache_seconds),
         **result,
     }
 

@@ -29,6 +29,17 @@ from cache_store.progress import reporting
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # a job interrupted this many times (e.g. restarts mid-run) is failed
+# What a job's result keeps of its training's figures, whatever the task.
+TRAINING_FIGURES = (
+    "n_train",
+    "epochs_run",
+    "best_epoch",
+    "selection",
+    "trainable_params",
+    "trainable_pct",
+    "train_peak_mem_mb",
+    "train_examples_per_s",
+)
 CHECK_S = 0.5  # a running job reads its status (has it been cancelled?) at most this often
 
 
@@ -300,20 +311,7 @@ def _run(home_path: Path, db: Database, job: dict, training: dict, check_cancell
         _finish(db, job, out_dir, metrics, check_cancelled)
         return
     joint = JointModel(load_backbone(job["model"]), [load_side_model(out_dir)])
-    metrics = {
-        k: result[k]
-        for k in (
-            "n_train",
-            "epochs_run",
-            "best_val_accuracy",
-            "best_epoch",
-            "selection",
-            "trainable_params",
-            "trainable_pct",
-            "train_peak_mem_mb",
-            "train_examples_per_s",
-        )
-    }
+    metrics = {k: result[k] for k in (*TRAINING_FIGURES, "best_val_accuracy")}
     if "candidates" in result:  # a sweep: every configuration's curve, and which was kept
         metrics.update({k: result[k] for k in ("sweep", "chosen", "candidates")})
     # What accuracy alone hides: macro-F1, per class, the confusion matrix, the majority rate.
@@ -364,22 +362,9 @@ def _generation_metrics(job: dict, dataset, result: dict, out_dir: Path, backbon
     generations, and exact match and loss on the test split (greedy generations)."""
     from side_trainer.artifacts import load_side_model
     from side_trainer.gen_eval import generation_report
+    from side_trainer.train import GENERATION_METRICS
 
-    keys = (
-        "n_train",
-        "epochs_run",
-        "best_epoch",
-        "selection",
-        "trainable_params",
-        "trainable_pct",
-        "train_peak_mem_mb",
-        "train_examples_per_s",
-        "task",
-        "valid_loss",
-        "valid_mean_token_accuracy",
-        "full_valid_loss",
-        "samples",
-    )
+    keys = (*TRAINING_FIGURES, "task", *GENERATION_METRICS, "samples")
     metrics = {k: result.get(k) for k in keys}
     metrics["warning"], metrics["attempts"] = None, None
     net = load_side_model(out_dir)

@@ -347,7 +347,7 @@ def test_a_sweep_of_generative_networks_keeps_the_lowest_validation_loss(tmp_pat
     result = train(
         store,
         tmp_path / "out",
-        TrainOptions(epochs=2, init="random", reduction=2, lr=[1e-4, 3e-3], batch_size=16),
+        TrainOptions(epochs=1, init="random", reduction=2, lr=[1e-4, 3e-3], batch_size=16),
     )
     losses = [c["best_valid_loss"] for c in result["candidates"]]
     assert result["chosen"] == losses.index(min(losses))
