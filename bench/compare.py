@@ -85,12 +85,21 @@ def _python(args: list[str], timeout: float, environ: dict[str, str] | None = No
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def step(name: str, cfg: dict, timeout: float, workdir: Path | None = None) -> dict:
-    """One step of the protocol in its own process. With a workdir, a step already finished
-    there with the same settings is not run again: its recorded result is returned."""
+def step(
+    name: str,
+    cfg: dict,
+    timeout: float,
+    workdir: Path | None = None,
+    module: str = "bench.methods",
+) -> dict:
+    """One step of the protocol (`python -m MODULE NAME CFG`) in its own process. With a
+    workdir, a step already finished there with the same settings is not run again: its
+    recorded result is returned."""
     record = None
     if workdir is not None:
-        key = json.dumps([name, cfg], sort_keys=True)
+        key = json.dumps(
+            [name, cfg] if module == "bench.methods" else [module, name, cfg], sort_keys=True
+        )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         record = workdir / "steps" / f"{name}-{digest}.json"
         if record.exists():
@@ -98,7 +107,7 @@ def step(name: str, cfg: dict, timeout: float, workdir: Path | None = None) -> d
             if saved["key"] == key:
                 log.info("%s: reusing the result recorded in %s", name, record)
                 return saved["result"]
-    result = _python(["-m", "bench.methods", name, json.dumps(cfg)], timeout)
+    result = _python(["-m", module, name, json.dumps(cfg)], timeout)
     if record is not None:
         record.parent.mkdir(exist_ok=True)
         tmp = record.with_suffix(".tmp")

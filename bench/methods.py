@@ -111,7 +111,7 @@ def train_loop(
     optimizer = adamw(params, cfg["lr"])  # every method: the same optimizer
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
     timed_examples, timed_seconds, n_step = 0, 0.0, 0
-    history, best, best_state = [], -1.0, None
+    history, best, best_state = [], -math.inf, None
     with PeakMemory(device) as memory:
         for epoch in range(cfg["epochs"]):
             batches = iter(epoch_batches(epoch))

@@ -27,8 +27,11 @@ def frozen_head(backbone: Backbone) -> FrozenLMHead:
     return head.to(backbone.model.device)
 
 
-def decoder_for(backbone: Backbone, net: GenerativeSideNetwork | None) -> Decoder:
-    return Decoder(backbone, frozen_head(backbone), [net], end_tokens(backbone.tokenizer))
+def decoder_for(
+    backbone: Backbone, net: GenerativeSideNetwork | None, head: FrozenLMHead | None = None
+) -> Decoder:
+    head = frozen_head(backbone) if head is None else head
+    return Decoder(backbone, head, [net], end_tokens(backbone.tokenizer))
 
 
 def exact(generated: str, reference: str) -> bool:
@@ -43,17 +46,21 @@ def generation_report(
     max_length: int,
     max_tokens: int | None = None,
     batch_size: int = 8,
+    head: FrozenLMHead | None = None,
+    per_row: bool = False,
 ) -> dict:
-    """{n, exact_match, loss, tokens, examples: the first few {prompt, reference, completion}}.
-    `max_tokens`: per generation, by default the longest reference's tokens and 8 more."""
+    """{n, exact_match, loss, tokens, examples: the first few {prompt, reference, completion}}
+    (and `correct`, each row's exact match, with `per_row`). `max_tokens`: per generation, by
+    default the longest reference's tokens and 8 more. `head`: the final norm and LM head to
+    write with (default the backbone checkpoint's; a fully fine-tuned model brings its own)."""
     tokenizer = backbone.tokenizer
-    decoder = decoder_for(backbone, net)
+    decoder = decoder_for(backbone, net, head)
     if max_tokens is None:
         longest = max(
             len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples
         )
         max_tokens = longest + 8
-    hits, shown = 0, []
+    hits, shown, correct = 0, [], []
     loss_sum, loss_terms = 0.0, 0
     with Bar(
         total=len(examples), phase="evaluating", desc="evaluating", unit="ex", leave=False
@@ -63,7 +70,9 @@ def generation_report(
             prompts = [prompt_ids(tokenizer, e.prompt)[-max_length:] for e in batch]
             generations = decoder.generate(prompts, Sampling(max_tokens=max_tokens))
             for e, g in zip(batch, generations):
-                hits += exact(g.text, e.reference)
+                hit = exact(g.text, e.reference)
+                hits += hit
+                correct.append(hit)
                 if len(shown) < 5:
                     shown.append(
                         {
@@ -75,13 +84,14 @@ def generation_report(
             total, terms = _teacher_forced_loss(backbone, net, decoder.head, batch, max_length)
             loss_sum, loss_terms = loss_sum + total, loss_terms + terms
             bar.update(len(batch))
-    return {
+    report = {
         "n": len(examples),
         "exact_match": hits / max(len(examples), 1),
         "loss": loss_sum / loss_terms if loss_terms else math.nan,
         "tokens": loss_terms,
         "examples": shown,
     }
+    return {**report, "correct": correct} if per_row else report
 
 
 def _teacher_forced_loss(backbone, net, head, examples, max_length) -> tuple[float, int]:
