@@ -333,16 +333,15 @@ def _evaluate_generation(args, dataset) -> dict:
 
 
 def cmd_generate(args) -> dict:
-    from backbone_worker.chat import prompt_ids
     from backbone_worker.gen_cache import prompt_of
     from side_trainer.decoding import Sampling
-    from side_trainer.gen_eval import decoder_for
+    from side_trainer.gen_eval import decoder_for, prompt_tokens
 
     backbone, net = _generative_model(args.model)
     template = net.cfg.template if net is not None else None
     if net is None and not getattr(backbone.tokenizer, "chat_template", None):
         template = "plain"  # a base model continues its prompt
-    prompts = [prompt_ids(backbone.tokenizer, prompt_of(p, template)) for p in args.prompts]
+    prompts = [prompt_tokens(backbone, prompt_of(p, template)) for p in args.prompts]
     sampling = Sampling(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

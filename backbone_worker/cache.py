@@ -175,9 +175,11 @@ def encode_part(
     labels: list[str],
     opts: CacheOptions,
     check=None,
+    target_length: int = 16,
 ) -> dict:
     """Ladder states of one part's examples, padding stripped: arguments for `write_part`.
-    `check()` runs before every forward batch (see build_cache)."""
+    `check()` runs before every forward batch (see build_cache); T5's label texts (a generative
+    store's replies) are cut at `target_length` tokens. `labels` empty: every label 0."""
     # Sorting by length keeps each forward batch's padding (wasted compute) small.
     order = sorted(range(len(examples)), key=lambda k: len(examples[k].text))
     streams = {
@@ -192,7 +194,7 @@ def encode_part(
         enc = backbone.tokenize([e.text for e in batch], pairs, opts.max_length)
         dec = None
         if backbone.family.name == ENCODER_DECODER:
-            dec = backbone.tokenize_targets([e.label for e in batch])
+            dec = backbone.tokenize_targets([e.label for e in batch], target_length)
         captured = backbone.ladder_states(layers, enc, dec)
         masks = {"enc": enc["attention_mask"], "dec": dec["attention_mask"] if dec else None}
         ids = {"enc": enc["input_ids"], "dec": dec["input_ids"] if dec else None}
@@ -206,7 +208,9 @@ def encode_part(
                     per_name[k] = tensor[row, :n].float().cpu().numpy()
     return {
         "example_ids": np.array([e.id for e in examples], dtype=np.int64),
-        "labels": np.array([labels.index(e.label) for e in examples], dtype=np.int64),
+        "labels": np.array(
+            [labels.index(e.label) if labels else 0 for e in examples], dtype=np.int64
+        ),
         "streams": streams,
     }
 

@@ -486,6 +486,16 @@ def render_all(tokenizer, examples: Sequence[GenExample], max_length: int) -> li
     return rendered
 
 
+def seq2seq_source(prompt: str | Sequence[dict]) -> str:
+    """What an encoder-decoder (T5) reads for a prompt: a pair's prompt as it is, or the
+    conversation so far in the fixed template's text, ending with the reply's opener. T5 has no
+    chat template, and its decoder writes the reply alone (its last reply: earlier ones are
+    context, whatever their weight)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in prompt) + OPENER
+
+
 def prompt_ids(tokenizer, prompt: str | Sequence[dict]) -> list[int]:
     """The ids a generation starts from: a prompt string (a pair's prompt; a user message where
     the tokenizer has a chat template) or a conversation so far (messages as `GenExample` holds

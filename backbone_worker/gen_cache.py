@@ -1,12 +1,18 @@
 """What a generative store holds, and how a part of one is computed.
 
-A generative store is the classification store with every position kept (DESIGN.md section 6):
+A generative store of a decoder-only backbone is the classification store with every position
+kept (DESIGN.md section 6):
 stream "enc" holds each token's ladder states (the embeddings and the kept layers, through the
 store's width map), as for a classifier; stream "lm" holds, per token, the backbone's last block
 output h_L (state "final", full width: the frozen LM head reads it) and, as its input_ids, the
 token's target: the next token's id where that token is one to learn (backbone_worker/chat.py's
 loss mask: the replies of weight 1 and their end of turn), else IGNORE. Rows are rendered by
 the backbone tokenizer's chat template, or the fixed one (chat.py), once, here.
+
+Of T5 (an encoder-decoder) it is T5's classification store with a reply where a label text was
+(the reference's text-to-text setting): stream "enc" holds the prompt's states (chat.seq2seq_source),
+stream "dec" the decoder's, teacher-forced on the reply and its end token, whose ids are the
+targets; the side decoder writes through the frozen LM head (side_trainer/model.py).
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ from backbone_worker.chat import (
     load_gen_dataset,
     render,
     render_all,
+    seq2seq_source,
     task_of_file,
 )
+from backbone_worker.families import ENCODER_DECODER
 
 IGNORE = -100  # a position with nothing to learn (cross_entropy's ignore_index)
+SEQ2SEQ = "seq2seq"  # the template of an encoder-decoder's store: chat.seq2seq_source
 LM_STREAM = "lm"
 FINAL = "final"
 
@@ -62,6 +71,8 @@ def load_any_dataset(spec: str, **kwargs):
 def learnable(dataset: GenDataset, backbone, max_length: int) -> GenDataset:
     """The data set without the rows that leave nothing to learn within max_length (counted in
     one warning by chat.render_all)."""
+    if backbone.family.name == ENCODER_DECODER:  # the reply is cut, never left out
+        return dataset
     kept = {r.id for r in render_all(backbone.tokenizer, dataset.examples, max_length)}
     if len(kept) == len(dataset.examples):
         return dataset
@@ -83,6 +94,8 @@ def generation_settings(backbone, dataset: GenDataset) -> dict:
     (chat.py's template, for chats on a tokenizer without one) or "plain" (prompt/completion
     pairs on such a tokenizer: the prompt as it is)."""
     tokenizer = backbone.tokenizer
+    if backbone.family.name == ENCODER_DECODER:
+        return {"task": "generate", "end_ids": end_tokens(tokenizer), "template": SEQ2SEQ}
     if getattr(tokenizer, "chat_template", None):
         template = "model"
     else:
@@ -97,8 +110,8 @@ def generation_settings(backbone, dataset: GenDataset) -> dict:
 
 def prompt_of(text: str, template: str | None):
     """What `chat.prompt_ids` takes for a bare prompt: a user message, except for a model of
-    plain prompt/completion pairs."""
-    return text if template == "plain" else [{"role": "user", "content": text}]
+    plain prompt/completion pairs or an encoder-decoder's (T5 reads the prompt as it is)."""
+    return text if template in ("plain", SEQ2SEQ) else [{"role": "user", "content": text}]
 
 
 def targets_of(input_ids: list[int], learn: list[int]) -> list[int]:
@@ -111,7 +124,15 @@ def targets_of(input_ids: list[int], learn: list[int]) -> list[int]:
 
 def encode_gen_part(backbone, examples: list, layers: list[int], opts, check=None) -> dict:
     """Ladder states, h_L and targets of one part's examples, padding stripped: arguments for
-    `ActivationStore.write_part` (streams "enc" and "lm")."""
+    `ActivationStore.write_part` (streams "enc" and "lm"; T5: "enc" and "dec")."""
+    if backbone.family.name == ENCODER_DECODER:
+        from backbone_worker.cache import encode_part
+        from backbone_worker.data import Example
+
+        # T5's classification store, a reply where a label text was.
+        pairs = [Example(e.id, seq2seq_source(e.prompt), e.reference) for e in examples]
+        part = encode_part(backbone, pairs, layers, [], opts, check, target_length=opts.max_length)
+        return {**part, "labels": np.zeros(len(examples), dtype=np.int64)}
     rendered = [render(backbone.tokenizer, e, opts.max_length) for e in examples]
     n = len(examples)
     last = backbone.num_layers() - 1

@@ -64,7 +64,7 @@ def load_side_model(model_dir: str | Path, backbone_dir: Path | None = None) -> 
         )
         state.update({k: net.state_dict()[k] for k in missing})
     net.load_state_dict(state)
-    if net.cfg.task == "generate":
+    if net.cfg.task == "generate" and net.cfg.family != ENCODER_DECODER:
         from backbone_worker.backbone import resolve
 
         net.load_frozen(backbone_dir or resolve(net.cfg.backbone))

@@ -137,10 +137,7 @@ class Decoder:
             ids[b, longest - len(prompt) :] = torch.tensor(prompt, device=device)
             mask[b, longest - len(prompt) :] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        generator = None
-        if sampling.temperature > 0:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(sampling.seed if sampling.seed is not None else 0)
+        generator = self._generator(sampling, device)
         groups = {k: [b for b in range(n) if row_nets[b] == k] for k in set(row_nets)}
         backbone_cache = DynamicCache()
         side_caches = {k: DynamicCache() for k in groups if self.nets[k] is not None}
@@ -158,23 +155,39 @@ class Decoder:
                 )
                 logits = self._logits(states, mask, new_positions, groups, side_caches)
                 chosen = self._choose(logits, sampling, generator)
-                for b in range(n):
-                    if done[b]:
-                        continue
-                    token = int(chosen[b])
-                    if keep_logits:
-                        out[b].logits.append(logits[b].float().cpu())
-                    if token in self.end_ids:
-                        done[b], out[b].finish_reason = True, "stop"
-                        continue
-                    out[b].token_ids.append(token)
-                    if sampling.stop and self._stopped(out[b], sampling.stop):
-                        done[b], out[b].finish_reason = True, "stop"
+                self._take(out, done, chosen, logits, sampling, keep_logits)
                 if all(done):
                     break
                 new_ids = chosen[:, None]
                 new_positions = new_positions[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], 1)
+        return self._finish(out, sampling)
+
+    @staticmethod
+    def _generator(sampling: Sampling, device) -> torch.Generator | None:
+        if sampling.temperature <= 0:
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None else 0)
+        return generator
+
+    def _take(self, out, done, chosen, logits, sampling: Sampling, keep_logits: bool) -> None:
+        """Each unfinished row's chosen token: appended, or its end (an end token, which is not
+        kept, or a stop string)."""
+        for b in range(len(out)):
+            if done[b]:
+                continue
+            token = int(chosen[b])
+            if keep_logits:
+                out[b].logits.append(logits[b].float().cpu())
+            if token in self.end_ids:
+                done[b], out[b].finish_reason = True, "stop"
+                continue
+            out[b].token_ids.append(token)
+            if sampling.stop and self._stopped(out[b], sampling.stop):
+                done[b], out[b].finish_reason = True, "stop"
+
+    def _finish(self, out: list[Generation], sampling: Sampling) -> list[Generation]:
         tokenizer = self.backbone.tokenizer
         for g in out:
             text = tokenizer.decode(g.token_ids, skip_special_tokens=True)
@@ -219,6 +232,82 @@ class Decoder:
         return any(s in tail for s in stop)
 
 
+class Seq2SeqDecoder(Decoder):
+    """Generates with T5 side models (the reference's side decoder, writing through the frozen LM
+    head) or the bare T5 (a None net). Each step runs the backbone and the side network again
+    over the prompt and the tokens so far: no KV caches, so a reply of T tokens costs ~T/2 times
+    a cached loop's work (the decoder-only loop, `Decoder`, keeps caches)."""
+
+    def __init__(self, backbone: Backbone, nets: list, end_ids: list[int]):
+        self.backbone, self.nets, self.head = backbone, nets, None
+        self.end_ids = set(end_ids)
+        self.layers = sorted({i for n in nets if n is not None for i in n.cfg.layers})
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        row_nets: list[int] | None = None,
+        keep_logits: bool = False,
+    ) -> list[Generation]:
+        """`prompts`: encoder input ids (chat.seq2seq_source, tokenized with its end token)."""
+        device = self.backbone.model.device
+        n = len(prompts)
+        row_nets = row_nets if row_nets is not None else [0] * n
+        longest = max(len(p) for p in prompts)
+        pad = self.backbone.tokenizer.pad_token_id or 0
+        ids = torch.full((n, longest), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((n, longest), dtype=torch.long, device=device)
+        for b, prompt in enumerate(prompts):
+            ids[b, : len(prompt)] = torch.tensor(prompt, device=device)
+            mask[b, : len(prompt)] = 1
+        enc = {"input_ids": ids, "attention_mask": mask}
+        generator = self._generator(sampling, device)
+        groups = {k: [b for b in range(n) if row_nets[b] == k] for k in set(row_nets)}
+        out = [Generation("", [], "length", len(p)) for p in prompts]
+        done = [False] * n
+        written = torch.zeros((n, 0), dtype=torch.long, device=device)
+        for _ in range(sampling.max_tokens):
+            # The decoder reads its start token and the tokens so far (the backbone shifts its
+            # targets right): the last position's logits choose the next token.
+            targets = torch.cat([written, torch.full((n, 1), pad, device=device)], 1)
+            dec = {"input_ids": targets, "attention_mask": torch.ones_like(targets)}
+            logits = self._logits(enc, dec, groups)
+            chosen = self._choose(logits, sampling, generator)
+            self._take(out, done, chosen, logits, sampling, keep_logits)
+            if all(done):
+                break
+            written = torch.cat([written, chosen[:, None]], 1)
+        return self._finish(out, sampling)
+
+    def _logits(self, enc, dec, groups) -> torch.Tensor:
+        """Each row's next-token logits (B, vocab)."""
+        states = self.backbone.ladder_states(self.layers, enc, dec) if self.layers else None
+        bare = None
+        if any(self.nets[k] is None for k in groups):
+            bare = self.backbone.run(enc, dec).logits[:, -1]
+        logits = None
+        for k, rows in groups.items():
+            net = self.nets[k]
+            index = torch.tensor(rows, device=enc["input_ids"].device)
+            if net is None:
+                part = bare[index]
+            else:
+                batch = {
+                    s: {
+                        "states": {name: x[index] for name, x in states[s].items()},
+                        "attention_mask": inputs["attention_mask"][index],
+                    }
+                    for s, inputs in (("enc", enc), ("dec", dec))
+                }
+                part = net(batch, live=True)[:, -1]
+            if logits is None:
+                logits = part.new_empty((enc["input_ids"].shape[0], part.shape[-1]))
+            logits[index] = part
+        return logits
+
+
 def _cut(text: str, stop: tuple[str, ...]) -> str:
     """`text` up to its first stop string."""
     at = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
@@ -247,4 +336,4 @@ def full_logits(
     return net.merged(states["final"][0], h[0])
 
 
-__all__ = ["Decoder", "Generation", "Sampling", "additive_mask", "full_logits"]
+__all__ = ["Decoder", "Generation", "Sampling", "Seq2SeqDecoder", "additive_mask", "full_logits"]

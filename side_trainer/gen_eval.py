@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from backbone_worker.backbone import Backbone
-from backbone_worker.chat import GenExample, end_tokens, prompt_ids, render
+from backbone_worker.chat import GenExample, end_tokens, prompt_ids, render, seq2seq_source
+from backbone_worker.families import ENCODER_DECODER
 from backbone_worker.gen_cache import FINAL, IGNORE, LM_STREAM, final_norm_spec, targets_of
 from cache_store.progress import Bar
-from side_trainer.decoding import Decoder, Sampling, catching
+from side_trainer.decoding import Decoder, Sampling, Seq2SeqDecoder, catching
 from side_trainer.generative import FrozenLMHead, GenerativeSideNetwork
 
 
@@ -27,11 +28,29 @@ def frozen_head(backbone: Backbone) -> FrozenLMHead:
     return head.to(backbone.model.device)
 
 
+def is_seq2seq(backbone: Backbone) -> bool:
+    return backbone.family.name == ENCODER_DECODER
+
+
 def decoder_for(
     backbone: Backbone, net: GenerativeSideNetwork | None, head: FrozenLMHead | None = None
 ) -> Decoder:
+    """The decoding loop of the backbone's family: T5's, or a decoder-only model's with its
+    final norm and LM head (`head`, default the checkpoint's)."""
+    if is_seq2seq(backbone):
+        return Seq2SeqDecoder(backbone, [net], end_tokens(backbone.tokenizer))
     head = frozen_head(backbone) if head is None else head
     return Decoder(backbone, head, [net], end_tokens(backbone.tokenizer))
+
+
+def prompt_tokens(backbone: Backbone, prompt, max_length: int | None = None) -> list[int]:
+    """A prompt's ids as generation starts from them: chat.prompt_ids (its last `max_length`),
+    or for T5 the encoder's input (chat.seq2seq_source, cut as the store cut it)."""
+    if is_seq2seq(backbone):
+        cut = {"truncation": True, "max_length": max_length} if max_length else {}
+        return backbone.tokenizer(seq2seq_source(prompt), **cut)["input_ids"]
+    ids = prompt_ids(backbone.tokenizer, prompt)
+    return ids[-max_length:] if max_length else ids
 
 
 def exact(generated: str, reference: str) -> bool:
@@ -67,7 +86,7 @@ def generation_report(
     ) as bar:
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
-            prompts = [prompt_ids(tokenizer, e.prompt)[-max_length:] for e in batch]
+            prompts = [prompt_tokens(backbone, e.prompt, max_length) for e in batch]
             generations = decoder.generate(prompts, Sampling(max_tokens=max_tokens))
             for e, g in zip(batch, generations):
                 hit = exact(g.text, e.reference)
@@ -76,12 +95,13 @@ def generation_report(
                 if len(shown) < 5:
                     shown.append(
                         {
-                            "prompt": tokenizer.decode(prompt_ids(tokenizer, e.prompt)),
+                            "prompt": tokenizer.decode(prompt_tokens(backbone, e.prompt)),
                             "reference": e.reference,
                             "completion": g.text,
                         }
                     )
-            total, terms = _teacher_forced_loss(backbone, net, decoder.head, batch, max_length)
+            loss_of = _seq2seq_loss if is_seq2seq(backbone) else _teacher_forced_loss
+            total, terms = loss_of(backbone, net, decoder.head, batch, max_length)
             loss_sum, loss_terms = loss_sum + total, loss_terms + terms
             bar.update(len(batch))
     report = {
@@ -128,25 +148,47 @@ def _teacher_forced_loss(backbone, net, head, examples, max_length) -> tuple[flo
     return float(loss), int(chosen.sum())
 
 
+def _seq2seq_loss(backbone, net, _head, examples, max_length) -> tuple[float, int]:
+    """T5: summed cross-entropy over the examples' reply tokens (end token included), and their
+    count, the decoder teacher-forced as the store holds it."""
+    enc = backbone.tokenize([seq2seq_source(e.prompt) for e in examples], None, max_length)
+    dec = backbone.tokenize_targets([e.reference for e in examples], max_length)
+    if net is None:
+        logits = backbone.run(enc, dec).logits
+    else:
+        states = backbone.ladder_states(list(net.cfg.layers), enc, dec)
+        batch = {
+            s: {"states": states[s], "attention_mask": x["attention_mask"]}
+            for s, x in (("enc", enc), ("dec", dec))
+        }
+        logits = net(batch, live=True)
+    chosen = dec["attention_mask"].bool()
+    loss = nn.functional.cross_entropy(
+        logits[chosen].float(), dec["input_ids"][chosen], reduction="sum"
+    )
+    return float(loss), int(chosen.sum())
+
+
 def sampler_for(backbone: Backbone, examples: list[GenExample], k: int = 3, max_tokens: int = 48):
     """A training run's `sampler`: the network's generations (greedy) for the first `k`
     validation prompts, with their references."""
     chosen = examples[:k]
     tokenizer = backbone.tokenizer
-    head, ends = frozen_head(backbone), end_tokens(tokenizer)
+    head = None if is_seq2seq(backbone) else frozen_head(backbone)
 
     def sample(net: GenerativeSideNetwork) -> list[dict]:
         was_training = net.training
         net.eval()
         try:
-            generations = Decoder(backbone, head, [net], ends).generate(
-                [prompt_ids(tokenizer, e.prompt) for e in chosen], Sampling(max_tokens=max_tokens)
+            generations = decoder_for(backbone, net, head).generate(
+                [prompt_tokens(backbone, e.prompt) for e in chosen],
+                Sampling(max_tokens=max_tokens),
             )
         finally:
             net.train(was_training)
         return [
             {
-                "prompt": tokenizer.decode(prompt_ids(tokenizer, e.prompt)),
+                "prompt": tokenizer.decode(prompt_tokens(backbone, e.prompt)),
                 "reference": e.reference,
                 "completion": g.text,
             }

@@ -63,7 +63,8 @@ class SideConfig:
     # this field existed). Encoders only (families.side_config).
     heads: int | None = None
     # "classify", or "generate": a decoder-only side network writing through the backbone's
-    # frozen LM head (side_trainer/generative.py), with its final norm (`final_norm`: kind, eps),
+    # frozen LM head (side_trainer/generative.py; T5's side decoder writes through it anyway),
+    # with its final norm (`final_norm`: kind, eps; decoder-only),
     # the token ids that end a turn (`end_ids`) and how its data was rendered (`template`:
     # backbone_worker/chat.py).
     task: str = "classify"
@@ -88,9 +89,10 @@ class SideConfig:
             raise OptionError(f"side config reduction {self.reduction} must be at least 1")
         if self.task not in TASKS:
             raise OptionError(f"side config task {self.task!r} is not one of {', '.join(TASKS)}")
-        if self.task == "generate" and self.family != DECODER:
+        if self.task == "generate" and self.family not in (DECODER, ENCODER_DECODER):
             raise OptionError(
-                f"generative side networks need a decoder-only backbone, not {self.family}"
+                f"generative side networks need a decoder-only or encoder-decoder (T5) "
+                f"backbone, not {self.family}"
             )
 
     def save(self, path: Path) -> None:
@@ -422,8 +424,8 @@ class SideNetwork(nn.Module):
 
 def side_network(cfg: SideConfig) -> SideNetwork:
     """The network a config describes: a classifier (or T5's label writer), or for task
-    "generate" a generative one."""
-    if cfg.task == "generate":
+    "generate" a generative one (of T5: the label writer, writing replies)."""
+    if cfg.task == "generate" and cfg.family == DECODER:
         from side_trainer.generative import GenerativeSideNetwork
 
         return GenerativeSideNetwork(cfg)

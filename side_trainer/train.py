@@ -77,6 +77,10 @@ def augment(batch: dict, dropout: float, noise: float) -> dict:
 def correct(net: SideNetwork, batch: dict, logits: torch.Tensor) -> tuple[int, int]:
     """Correct predictions and count: classes, for T5 whole label sequences (teacher-forced),
     for a generative network the target tokens (teacher-forced: mean token accuracy)."""
+    if net.cfg.task == "generate" and net.cfg.family == ENCODER_DECODER:
+        mask = batch["dec"]["attention_mask"].bool()
+        wanted = batch["dec"]["input_ids"][mask]
+        return int((logits[mask].argmax(-1) == wanted).sum()), len(wanted)
     if net.cfg.task == "generate":
         wanted = targets(batch)
         return int((logits.argmax(-1) == wanted).sum()), len(wanted)
@@ -136,7 +140,7 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
             )
         if opts.init != "random":
             apply_pruning_init(net, backbone_dir, read_importance(store.location.url), opts.init)
-        if generate:
+        if generate and cfg.family == DECODER:
             net.load_frozen(backbone_dir)
         elif cfg.family == ENCODER_DECODER:
             load_lm_head(net, backbone_dir)

@@ -135,7 +135,7 @@ const GENERATION_KINDS = { chat: "chats", completion: "prompt/completion pairs",
 // What an upload trains: a generation file's rows, or a classification file's classes.
 function fileSummary(file) {
   if (file.task === "generation") {
-    return `generation file of ${GENERATION_KINDS[file.kind] || file.kind} (needs a decoder-only backbone)`;
+    return `generation file of ${GENERATION_KINDS[file.kind] || file.kind} (needs a decoder-only or T5 backbone)`;
   }
   return labelSummary(file);
 }

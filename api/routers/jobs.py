@@ -257,17 +257,18 @@ def _job_object(job: dict) -> JobObject:
 
 
 def _check_writer(backbone: str) -> None:
-    """A generation file needs a backbone that writes: a decoder-only one."""
+    """A generation file needs a backbone that writes: a decoder-only one, or T5."""
     from backbone_worker.backbone import backbone_config
-    from backbone_worker.families import DECODER
+    from backbone_worker.families import DECODER, ENCODER_DECODER
 
     _, family = backbone_config(backbone)
-    if family.name != DECODER:
+    if family.name not in (DECODER, ENCODER_DECODER):
         raise APIError(
             400,
             "invalid_model",
             f"backbone {backbone!r} is {family.name}; a chat or prompt/completion file trains "
-            f"a generative side network, which needs a decoder-only backbone such as smollm2",
+            f"a generative side network, which needs a decoder-only backbone such as smollm2 "
+            f"(or a T5)",
             "model",
         )
 
