@@ -77,9 +77,7 @@ def test_greedy_t5_generation_is_the_teacher_forced_argmax_at_every_step(backbon
     assert out[0].token_ids != out[1].token_ids or out[2].token_ids != out[1].token_ids
 
 
-def test_t5_generation_stops_at_its_end_token_and_a_saved_model_writes_the_same(
-    backbone, tmp_path
-):
+def test_t5_generation_stops_at_its_end_token_and_a_saved_model_writes_the_same(backbone, tmp_path):
     net = make_net(backbone, seed=2)
     sampling = Sampling(max_tokens=6)
     free = Seq2SeqDecoder(backbone, [net], end_ids=[]).generate(PROMPTS, sampling)
