@@ -25,9 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.db import open_database
 from api.disk import collect_garbage
 from api.errors import APIError, error_body
+from api.gen_service import GenerationService
 from api.guard import RequestGuard, RequestMetrics
 from api.jobs import JobRunner
-from api.routers import console, files, jobs, models, operations
+from api.routers import completions, console, files, jobs, models, operations
 from api.schemas import ErrorResponse
 from api.serving import MicroBatcher, ModelRegistry
 from api.state import Metrics, Services
@@ -96,6 +97,8 @@ def create_app(
             ),
         )
         s.batcher.start()
+        s.generator = GenerationService(s.registry)
+        s.generator.start()
         s.runner = JobRunner(s.db, home, executor)
 
         def warm() -> None:
@@ -119,6 +122,7 @@ def create_app(
         yield
         s.runner.stop()
         await s.batcher.stop()
+        s.generator.stop()
 
     app = FastAPI(
         title="Ladder",
@@ -220,6 +224,7 @@ def create_app(
         jobs.defaults_router,
         jobs.router,
         models.router,
+        completions.router,
     ):
         app.include_router(router)
     console.mount(app)

@@ -42,6 +42,16 @@ class GenerativeModel(ValueError):
         )
 
 
+class ClassifierModel(ValueError):
+    """A side model that classifies, asked to write."""
+
+    def __init__(self, model_id: str):
+        super().__init__(
+            f"model {model_id!r} is a classifier; use /v1/predict for it (the chat and "
+            f"completions endpoints serve generative models and backbones)"
+        )
+
+
 class ModelUnavailable(RuntimeError):
     """A registered side model the server cannot load or run: the server's fault, not the
     request's. The message names the model, never a server path (the log has the details)."""
@@ -49,6 +59,13 @@ class ModelUnavailable(RuntimeError):
     def __init__(self, model_id: str, why: str):
         super().__init__(f"fine-tuned model {model_id!r} cannot be served: {why}")
         self.model_id = model_id
+
+
+def _check_task(model_id: str, side: SideNetwork, task: str) -> None:
+    if side.cfg.task != task:
+        raise (
+            GenerativeModel(model_id) if side.cfg.task == "generate" else ClassifierModel(model_id)
+        )
 
 
 def _weights_bytes(record: dict) -> int:
@@ -88,14 +105,19 @@ class ModelRegistry:
                 self.backbones[name] = load_backbone(name)
             return self.backbones[name]
 
-    def side(self, model_id: str, keep: frozenset[str] = frozenset()) -> SideNetwork:
+    def side(
+        self, model_id: str, keep: frozenset[str] = frozenset(), task: str = "classify"
+    ) -> SideNetwork:
         """The side model, loaded if it is not held. Making room evicts the least recently used
         models, except those in `keep`: a pass names its models in `keep`, since a model it
         already holds stays in memory until the pass ends, evicted or not, and the budget would
-        count it no more. A pass whose own models exceed the budget holds them all."""
+        count it no more. A pass whose own models exceed the budget holds them all. `task`:
+        what the caller serves ("classify": /v1/predict; "generate": the chat and completions
+        endpoints); a model of the other task raises GenerativeModel or ClassifierModel."""
         with self._lock:
             if model_id in self.sides:
                 self.sides.move_to_end(model_id)
+                _check_task(model_id, self.sides[model_id], task)
             else:
                 record = self.db.get_model(model_id)
                 if record is None:
@@ -105,12 +127,11 @@ class ModelRegistry:
                 self._make_room(keep, incoming=self._sizes.get(model_id, _weights_bytes(record)))
                 try:
                     side = load_side_model(record["path"])
-                    if side.cfg.task == "generate":
-                        raise GenerativeModel(model_id)
+                    _check_task(model_id, side, task)
                     self.sides[model_id] = side
                     self._bytes[model_id] = self._sizes[model_id] = module_bytes(side)
                     self.loads += 1
-                except GenerativeModel:
+                except (GenerativeModel, ClassifierModel):
                     raise
                 except Exception as exc:  # noqa: BLE001 - any load failure is the model's state
                     log.error(

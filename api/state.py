@@ -10,6 +10,7 @@ from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from api.db import Database
+from api.gen_service import GenerationService
 from api.jobs import JobRunner
 from api.serving import MicroBatcher, ModelRegistry
 
@@ -67,6 +68,7 @@ class Services:
     db: Database | None = None
     registry: ModelRegistry | None = None
     batcher: MicroBatcher | None = None
+    generator: GenerationService | None = None
     runner: JobRunner | None = None
     ready: bool = False
     streams: int = 0  # event streams open now (capped by LADDER_MAX_EVENT_STREAMS)

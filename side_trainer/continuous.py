@@ -84,8 +84,12 @@ class ContinuousDecoder(Decoder):
         self.mask = None  # (B, L + 1): the cache's L columns and the pending token's
         self.positions = None  # (B,) the pending token's position id
         self.pending = None  # (B,) the token each row feeds next
-        self.cache = DynamicCache()
-        self.side_caches: dict = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every request (a failed step leaves the caches in no known state)."""
+        self.rows, self.mask, self.positions, self.pending = [], None, None, None
+        self.cache, self.side_caches = DynamicCache(), {}
 
     @property
     def active(self) -> int:
