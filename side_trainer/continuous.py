@@ -242,7 +242,7 @@ class ContinuousDecoder(Decoder):
         """Take the chosen token; True when the request is finished."""
         g = request.generation
         finished = request.cancelled
-        if not finished and token in self.end_ids:
+        if not finished and token in self.end_ids and not request.sampling.ignore_end:
             g.finish_reason, finished = "stop", True
         elif not finished:
             g.token_ids.append(token)

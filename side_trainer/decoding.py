@@ -32,6 +32,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_end: bool = False  # run to max_tokens past end tokens (benchmarks: vLLM's ignore_eos)
 
 
 @dataclass
@@ -180,7 +181,7 @@ class Decoder:
             token = int(chosen[b])
             if keep_logits:
                 out[b].logits.append(logits[b].float().cpu())
-            if token in self.end_ids:
+            if token in self.end_ids and not sampling.ignore_end:
                 done[b], out[b].finish_reason = True, "stop"
                 continue
             out[b].token_ids.append(token)

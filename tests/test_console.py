@@ -429,4 +429,41 @@ def test_console_generative_job(writer_server, browser, tmp_path):
     page.click("nav >> text=Playground")
     page.wait_for_selector("#generative-note:not([hidden])")
     assert page.locator("#pick-models input").count() == 0
+
+    # Chat: the model beside the bare backbone on the same message, both replies streamed in
+    # (the backbone's, from a random Llama that never ends early, piece by piece) and each the
+    # text /v1/chat/completions gives for the same request.
+    model = job["fine_tuned_model"]
+    page.click("nav >> text=Models")
+    page.locator(f"#side-models tbody tr[data-model='{model}'] a[href^='#/chat']").click()
+    page.wait_for_selector(
+        "#chat-panes select[data-pane='1'] option[value='tinyllama']", state="attached"
+    )
+    assert page.input_value("#chat-panes select[data-pane='0']") == model
+    page.select_option("#chat-panes select[data-pane='1']", "tinyllama")
+    page.fill("#chat-max-tokens", "8")
+    page.fill("#chat-input", "swap red cat")
+    page.evaluate(
+        """() => {
+        window.__updates = 0;
+        new MutationObserver(() => { window.__updates += 1; }).observe(
+          document.querySelector("#chat-panes"), {subtree: true, characterData: true, childList: true});
+      }"""
+    )
+    page.click("#chat-send")
+    page.wait_for_function("() => !document.querySelector('#chat-send').disabled")
+    assert page.inner_text("#chat-error") == ""
+    replies = [
+        page.locator(f".chat-log[data-pane='{k}'] .chat-assistant").inner_text() for k in (0, 1)
+    ]
+    for name, reply in zip((model, "tinyllama"), replies):
+        expected = httpx.post(
+            f"{base}/v1/chat/completions",
+            headers=headers,
+            json={"model": name, "messages": [{"role": "user", "content": "swap red cat"}],
+                  "max_tokens": 8, "temperature": 0},
+        ).json()["choices"][0]["message"]["content"]  # fmt: skip
+        assert reply == expected.strip() or reply == expected
+    assert page.evaluate("window.__updates") > 2  # pieces, not one whole reply per pane
+    shot(page, "chat")
     assert errors == [], errors

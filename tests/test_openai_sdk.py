@@ -60,3 +60,18 @@ def test_an_unknown_model_is_the_sdks_not_found_error(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="ft:nobody", messages=MESSAGES)
     assert "ft:nobody" in str(caught.value)
+
+
+def test_the_generation_serving_benchmark_runs_end_to_end(tmp_path, tiny_llama_dir, monkeypatch):
+    """bench/gen_serve.py on a tiny random Llama: every figure measured, every request of the
+    64 answered at full length (the figures themselves are the benchmark's, on SmolLM2)."""
+    from bench import gen_serve
+
+    save_side_model(make_net(load_backbone(tiny_llama_dir), seed=7), tmp_path / "writer")
+    monkeypatch.setenv("LADDER_BACKBONES", f"tinyllama={tiny_llama_dir}")
+    monkeypatch.delenv("LADDER_API_KEY", raising=False)
+    report = gen_serve.run(str(tmp_path / "writer"), "tinyllama", new_tokens=4, repeats=1)
+    many = report["sixty_four_concurrent"]
+    assert many["answered"] == 64 and many["all_full_length"]
+    assert set(report["ratios"]) == set(report["targets"])
+    assert all(v > 0 for v in report["ratios"].values())

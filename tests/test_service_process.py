@@ -170,11 +170,11 @@ def test_compose_topology_as_local_processes(tmp_path, tiny_bert_dir):
 
 @pytest.mark.slow
 def test_replicas_on_ray_serve_share_models_and_a_killed_one_loses_no_request(
-    tmp_path, tiny_bert_dir
+    tmp_path, tiny_bert_dir, tiny_llama_dir
 ):
     """`ladder serve --replicas 2` on a local Ray: both replicas answer for a model registered
-    in the shared home, and with one replica SIGKILLed mid-traffic every request a retrying
-    client sends still succeeds."""
+    in the shared home, a chat completion streams through Ray Serve's proxy, and with one
+    replica SIGKILLed mid-traffic every request a retrying client sends still succeeds."""
     import threading
 
     import torch
@@ -216,7 +216,7 @@ def test_replicas_on_ray_serve_share_models_and_a_killed_one_loses_no_request(
     env = {
         **ray_env,
         "LADDER_HOME": str(tmp_path),
-        "LADDER_BACKBONES": f"tiny={tiny_bert_dir}",
+        "LADDER_BACKBONES": f"tiny={tiny_bert_dir},tinyllama={tiny_llama_dir}",
         "LADDER_PRELOAD": "tiny",
         "LADDER_EXECUTOR": "thread",
         "RAY_ADDRESS": f"127.0.0.1:{ray_port}",
@@ -249,6 +249,12 @@ def test_replicas_on_ray_serve_share_models_and_a_killed_one_loses_no_request(
             if len(answered_by) == 2:
                 break
         assert len(answered_by) == 2, answered_by
+        chat = {"model": "tinyllama", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4, "temperature": 0, "stream": True}  # fmt: skip
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=chat, timeout=120) as r:
+            assert r.status_code == 200, r.read()
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and len(lines) >= 3, lines
 
         results, errors = [], []
 

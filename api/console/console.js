@@ -740,7 +740,7 @@ async function modelsView() {
       figures,
       el("td", { text: when(m.created) }),
       el("td", {},
-        task === "generate" ? "" : el("a", { href: `#/playground?model=${encodeURIComponent(m.id)}`, text: "Try" }), " ",
+        el("a", { href: `#/${task === "generate" ? "chat" : "playground"}?model=${encodeURIComponent(m.id)}`, text: "Try" }), " ",
         el("button", { type: "button", class: "danger", text: "Delete", onclick: async () => {
           if (!confirm(`Delete ${m.id}? Its files are removed; this cannot be undone.`)) return;
           try {
@@ -820,6 +820,107 @@ function scoreBars(modelId, prediction) {
       el("span", { class: "bar-value", text: percent(score) }))));
 }
 
+// ---- chat: generative models through /v1/chat/completions, streamed -----------------------
+
+// Posts a streamed chat completion and calls onDelta with each piece of text as it arrives;
+// resolves with the finish reason.
+async function streamChat(request, onDelta, signal) {
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST",
+    headers: { ...authHeaders(), "Content-Type": "application/json" },
+    body: JSON.stringify({ ...request, stream: true }),
+    signal,
+  });
+  if (!response.ok) {
+    let data = null;
+    try { data = await response.json(); } catch (e) { data = null; }
+    const error = new ApiError(response.status, data);
+    if (response.status === 401) askForKey(error.message);
+    throw error;
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let finish = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const line = buffer.slice(0, end).trim();
+      buffer = buffer.slice(end + 2);
+      if (!line.startsWith("data: ")) continue;
+      const data = line.slice(6);
+      if (data === "[DONE]") return finish;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new ApiError(500, chunk);
+      const choice = (chunk.choices || [])[0];
+      if (!choice) continue;
+      if (choice.delta && choice.delta.content) onDelta(choice.delta.content);
+      if (choice.finish_reason) finish = choice.finish_reason;
+    }
+  }
+  return finish;
+}
+
+async function chatView(params) {
+  mount("tpl-chat", "chat");
+  const signal = leaving.signal;
+  const models = await listForView("/v1/models", "#chat-error", signal);
+  if (!models) return;
+  const writers = models.filter((m) => m.kind === "backbone" || m.task === "generate");
+  const wanted = params.getAll("model");
+  const panes = [0, 1].map((k) => {
+    const select = el("select", { "data-pane": k },
+      k === 1 ? el("option", { value: "", text: "(none)" }) : null,
+      writers.map((m) => el("option", { value: m.id, text: m.kind === "backbone" ? `${m.id} (backbone)` : m.id })));
+    const first = writers.find((m) => m.kind === "side") || writers[0];
+    select.value = wanted[k] || (k === 0 && first ? first.id : "");
+    const log = el("div", { class: "chat-log", "data-pane": k });
+    $("#chat-panes").append(el("div", { class: "card chat-pane" }, el("label", {}, "Model ", select), log));
+    return { select, log, messages: [] };
+  });
+
+  $("#chat-clear").addEventListener("click", () => {
+    for (const pane of panes) { pane.messages = []; pane.log.replaceChildren(); }
+  });
+
+  $("#chat-send").addEventListener("click", async () => {
+    showError("#chat-error", null);
+    const text = $("#chat-input").value.trim();
+    if (!text) return showError("#chat-error", { message: "type a message" });
+    const active = panes.filter((p) => p.select.value);
+    if (!active.length) return showError("#chat-error", { message: "pick a model" });
+    const seed = $("#chat-seed").value;
+    const settings = {
+      temperature: Number($("#chat-temperature").value),
+      top_p: Number($("#chat-top-p").value),
+      max_tokens: Number($("#chat-max-tokens").value),
+      ...(seed === "" ? {} : { seed: Number(seed) }),
+    };
+    $("#chat-send").disabled = true;
+    try {
+      await Promise.all(active.map(async (pane) => {
+        pane.messages.push({ role: "user", content: text });
+        pane.log.append(el("p", { class: "chat-user", text }));
+        const reply = el("p", { class: "chat-assistant", "aria-live": "polite" });
+        const reason = el("span", { class: "muted finish" });
+        pane.log.append(reply, reason);
+        const finish = await streamChat(
+          { model: pane.select.value, messages: pane.messages, ...settings },
+          (delta) => { reply.textContent += delta; }, signal);
+        pane.messages.push({ role: "assistant", content: reply.textContent });
+        reason.textContent = finish === "length" ? " (stopped at max tokens)" : "";
+      }));
+    } catch (error) {
+      if (!signal.aborted) showError("#chat-error", error);
+    } finally {
+      $("#chat-send").disabled = false;
+    }
+  });
+}
+
 // ---- routing ----------------------------------------------------------------------------
 
 function route() {
@@ -830,6 +931,7 @@ function route() {
   if (parts[0] === "jobs" && parts[1]) return jobView(decodeURIComponent(parts[1]));
   if (parts[0] === "models") return modelsView();
   if (parts[0] === "playground") return playgroundView(params);
+  if (parts[0] === "chat") return chatView(params);
   return jobsView();
 }
 

@@ -47,6 +47,7 @@ class _Common(BaseModel):
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: write max_tokens tokens (benchmarks)
 
 
 class ChatRequest(_Common):
@@ -71,6 +72,7 @@ def _sampling(body: _Common) -> Sampling:
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=tuple(stop),
+        ignore_end=body.ignore_eos,
     )
 
 
