@@ -42,6 +42,11 @@ class Metrics:
         self.queue_depth = Gauge(
             "ladder_predict_queue_depth", "requests waiting for a pass", registry=self.registry
         )
+        self.generations = Gauge(
+            "ladder_generations_in_flight",
+            "chat and completion requests queued or decoding",
+            registry=self.registry,
+        )
         self.jobs = Gauge(
             "ladder_jobs", "fine-tuning jobs by status", ["status"], registry=self.registry
         )

@@ -56,6 +56,39 @@ def test_completions_whole_and_streamed_on_the_bare_backbone(client):
     assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
 
 
+def test_a_client_that_leaves_a_stream_frees_its_row(client):
+    """A streamed request of 4,000 tokens, its connection closed after its first chunks: the
+    server stops decoding it at once (the in-flight gauge falls back to 0 long before 4,000
+    tokens could have been written), and serves the next request."""
+    import time
+
+    import httpx
+
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "ft:tiny:writer", "messages": MESSAGES, "max_tokens": 4000,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+
+    def in_flight() -> float:
+        text = httpx.get(f"{base}/metrics", headers=headers, timeout=30).text
+        line = next(x for x in text.splitlines() if x.startswith("ladder_generations_in_flight"))
+        return float(line.split()[-1])
+
+    with httpx.stream(
+        "POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
+        chunks = r.iter_lines()
+        for _ in range(4):
+            next(chunks)
+        assert in_flight() == 1
+    deadline = time.time() + 10
+    while in_flight() != 0:
+        assert time.time() < deadline, "the abandoned request still decodes"
+        time.sleep(0.1)
+    again = client.chat.completions.create(model="ft:tiny:writer", messages=MESSAGES, max_tokens=3)
+    assert again.usage.completion_tokens <= 3
+
+
 def test_an_unknown_model_is_the_sdks_not_found_error(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="ft:nobody", messages=MESSAGES)

@@ -63,6 +63,7 @@ def info(s: Services = Depends(services)) -> dict:
 def prometheus(s: Services = Depends(services)) -> PlainTextResponse:
     metrics = s.metrics
     metrics.queue_depth.set(s.batcher.depth())
+    metrics.generations.set(s.generator.depth())
     held = s.registry.held()
     metrics.side_models.set(held["models"])
     metrics.side_bytes.set(held["bytes"])
