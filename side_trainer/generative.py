@@ -1,9 +1,14 @@
 """Side networks that write: the decoder-only side stream, added to the backbone's last state,
 read through the backbone's own frozen final norm and LM head.
 
-    logits = lm_head(final_norm(h_L + upsample(side_norm(side_last))))
+    logits = lm_head(final_norm(h_L) + upsample(side_norm(side_last)))      join "post_norm"
+    logits = lm_head(final_norm(h_L + upsample(side_norm(side_last))))      join "pre_norm"
 
-h_L is the backbone's last block output (before its final norm). `upsample` starts at zero, so
+h_L is the backbone's last block output (before its final norm). New networks join after the
+norm: there the side stream's share of the logits does not shrink with h_L's scale, which in a
+decoder-only model is large (massive activations) and grows with depth, so a few steps move the
+output as much as LoRA's do. "pre_norm" is how the networks saved before `SideConfig.join`
+existed were trained, and they load as such. `upsample` starts at zero, so
 before any training the model is exactly the backbone, manners and all (DESIGN.md section 6:
 the QST gate and the LST reference's replacement are the variants to measure against this). The
 LM head and the final norm are the backbone's, frozen: buffers filled from its checkpoint when
@@ -49,6 +54,10 @@ class FrozenLMHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.normalize(h) @ self.weight.T
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head alone, on states already normalised."""
+        return x @ self.weight.T
 
     def load(self, model_dir: Path, config) -> None:
         """Fill the buffers from a backbone checkpoint (safetensors, read lazily)."""
@@ -108,6 +117,8 @@ class GenerativeSideNetwork(SideNetwork):
 
     def merged(self, last: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         """h_L (.., d) and the side stream's output (.., d/r) -> logits (.., vocab)."""
+        if self.cfg.join == "post_norm":
+            return self.lm.project(self.lm.normalize(last) + self.upsample(side).float())
         return self.lm(last.float() + self.upsample(side).float())
 
     def forward(self, batch: dict, live: bool = False) -> torch.Tensor:

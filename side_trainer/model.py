@@ -71,6 +71,10 @@ class SideConfig:
     final_norm: dict | None = None
     end_ids: list[int] = field(default_factory=list)
     template: str | None = None
+    # Where a decoder-only generative network's output joins the backbone's last state:
+    # "post_norm", after the frozen final norm (new networks), or "pre_norm", before it (the
+    # networks saved before this field; side_trainer/generative.py).
+    join: str = "pre_norm"
 
     def __post_init__(self):
         from backbone_worker.options import OptionError

@@ -99,6 +99,7 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
     cfg = SideConfig(
         task=settings.get("task", "classify"),
         final_norm=settings.get("final_norm"),
+        join="post_norm",
         end_ids=settings.get("end_ids", []),
         template=settings.get("template"),
         family=settings["family"],

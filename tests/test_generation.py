@@ -25,7 +25,7 @@ def backbone(tiny_llama_dir):
     return load_backbone(tiny_llama_dir)
 
 
-def make_net(backbone, seed: int = 0, trained: bool = True, layers=(0, 2)):
+def make_net(backbone, seed: int = 0, trained: bool = True, layers=(0, 2), join="post_norm"):
     cfg = SideConfig(
         family="decoder",
         backbone=str(backbone.path),
@@ -37,6 +37,7 @@ def make_net(backbone, seed: int = 0, trained: bool = True, layers=(0, 2)):
         init="random",
         task="generate",
         final_norm=final_norm_spec(backbone.config),
+        join=join,
     )
     torch.manual_seed(seed)
     net = side_network(cfg)
@@ -56,11 +57,13 @@ def head_of(backbone) -> FrozenLMHead:
     return head
 
 
+@pytest.mark.parametrize("join", ["post_norm", "pre_norm"])
 @pytest.mark.parametrize("row_nets", [[0, 0, 0], [0, 1, 2]], ids=["one-network", "mixed"])
-def test_the_cached_loop_gives_a_full_recomputations_logits_at_every_step(backbone, row_nets):
+def test_the_cached_loop_gives_a_full_recomputations_logits_at_every_step(backbone, row_nets, join):
     """Three prompts of different lengths in one batch (left-padded), each row with a side
-    network or none: every step's logits equal those of the whole sequence run from scratch."""
-    nets = [make_net(backbone, 0), make_net(backbone, 1, layers=(1,)), None]
+    network or none: every step's logits equal those of the whole sequence run from scratch,
+    whichever side of the final norm the side stream joins."""
+    nets = [make_net(backbone, 0, join=join), make_net(backbone, 1, layers=(1,), join=join), None]
     decoder = Decoder(backbone, head_of(backbone), nets, end_ids=[])
     generations = decoder.generate(
         PROMPTS, Sampling(max_tokens=8), row_nets=row_nets, keep_logits=True
@@ -74,8 +77,10 @@ def test_the_cached_loop_gives_a_full_recomputations_logits_at_every_step(backbo
             assert int(logits.argmax()) == g.token_ids[t]
 
 
-def test_an_untrained_side_network_writes_exactly_what_the_backbone_writes(backbone):
-    decoder = Decoder(backbone, head_of(backbone), [make_net(backbone, trained=False), None], [])
+@pytest.mark.parametrize("join", ["post_norm", "pre_norm"])
+def test_an_untrained_side_network_writes_exactly_what_the_backbone_writes(backbone, join):
+    net = make_net(backbone, trained=False, join=join)
+    decoder = Decoder(backbone, head_of(backbone), [net, None], [])
     side, bare = (
         decoder.generate(PROMPTS, Sampling(max_tokens=6), row_nets=[k] * 3, keep_logits=True)
         for k in (0, 1)
@@ -152,6 +157,27 @@ def test_a_saved_generative_model_loads_and_writes_the_same(backbone, tmp_path):
     )
     state = loaded.state_dict()
     assert not any(k.startswith("lm.") for k in state)  # the frozen head is the backbone's
+    sampling = Sampling(max_tokens=8)
+    head = head_of(backbone)
+    before = Decoder(backbone, head, [net], []).generate(PROMPTS, sampling)
+    after = Decoder(backbone, head, [loaded], []).generate(PROMPTS, sampling)
+    assert [g.token_ids for g in before] == [g.token_ids for g in after]
+    assert loaded.cfg.join == "post_norm"
+
+
+def test_a_model_saved_before_the_join_setting_loads_as_pre_norm(backbone, tmp_path):
+    """Side configs written before `join` existed have no such key: those networks were trained
+    joining before the final norm, and load so, writing what they wrote."""
+    import json
+
+    net = make_net(backbone, seed=4, join="pre_norm")
+    save_side_model(net, tmp_path / "model")
+    config = tmp_path / "model" / "side_config.json"
+    saved = json.loads(config.read_text())
+    del saved["join"]
+    config.write_text(json.dumps(saved))
+    loaded = load_side_model(tmp_path / "model", Path(backbone.path))
+    assert loaded.cfg.join == "pre_norm"
     sampling = Sampling(max_tokens=8)
     head = head_of(backbone)
     before = Decoder(backbone, head, [net], []).generate(PROMPTS, sampling)
