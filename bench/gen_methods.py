@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.methods import LORA_TARGETS, WARMUP_STEPS, WINDOW_BATCHES, train_loop
+from side_trainer.gen_eval import lm_tensors
 
 __all__ = ["WARMUP_STEPS"]
 
@@ -64,26 +65,6 @@ def length_batches(examples: list, batch_size: int, seed: int) -> list[list]:
         rng.shuffle(batches)
         out += batches
     return out
-
-
-def lm_tensors(backbone, examples: list, max_length: int):
-    """Right-padded input ids, attention mask and targets (the next token where it is one to
-    learn, else IGNORE) of rendered examples."""
-    from backbone_worker.chat import render
-    from backbone_worker.gen_cache import IGNORE, targets_of
-
-    rendered = [render(backbone.tokenizer, e, max_length) for e in examples]
-    device = backbone.model.device
-    longest = max(len(ids) for ids, _ in rendered)
-    pad = backbone.tokenizer.pad_token_id or 0
-    ids = torch.full((len(rendered), longest), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    targets = torch.full_like(ids, IGNORE)
-    for row, (tokens, learn) in enumerate(rendered):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-        targets[row, : len(tokens)] = torch.tensor(targets_of(tokens, learn))
-    return ids.to(device), mask.to(device), targets.to(device)
 
 
 # ---- full fine-tuning and LoRA: the backbone writes through its own (tied) LM head ------------
@@ -221,25 +202,12 @@ def load_baseline(backbone, method: str, path: str, lora_rank: int):
 # ---- LST: online (backbone every step) and cached (states from the store) -------------------
 
 
-def lst_batch(states: dict, mask, targets) -> dict:
-    from backbone_worker.gen_cache import FINAL, LM_STREAM
-
-    ladder = {k: v.clone() for k, v in states.items() if k != FINAL}
-    return {
-        "enc": {"states": ladder, "attention_mask": mask},
-        LM_STREAM: {
-            "input_ids": targets,
-            "attention_mask": mask,
-            "states": {FINAL: states[FINAL].clone()},
-        },
-    }
-
-
 def train_lst(method: str, cfg: dict) -> dict:
     from backbone_worker.backbone import load_backbone
     from cache_store import ActivationStore
     from side_trainer.artifacts import save_side_model
     from side_trainer.decoding import catching
+    from side_trainer.gen_eval import live_batch
     from side_trainer.generative import targets as target_ids
     from side_trainer.group import groups_of
     from side_trainer.train import (
@@ -271,7 +239,7 @@ def train_lst(method: str, cfg: dict) -> dict:
             ids, mask, targets = lm_tensors(backbone, chunk, cfg["max_length"])
             with torch.no_grad(), catching(backbone, layers) as states:
                 backbone.run({"input_ids": ids, "attention_mask": mask})
-            batch = lst_batch(states, mask, targets)
+            batch = live_batch(states, mask, targets, copy=True)
             logits = net(batch, live=True)
             loss = F.cross_entropy(logits.float(), target_ids(batch), reduction=reduction)
             return loss, len(logits)

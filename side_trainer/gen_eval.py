@@ -114,8 +114,9 @@ def generation_report(
     return {**report, "correct": correct} if per_row else report
 
 
-def _teacher_forced_loss(backbone, net, head, examples, max_length) -> tuple[float, int]:
-    """Summed cross-entropy over the examples' tokens to learn, and their count."""
+def lm_tensors(backbone: Backbone, examples: list[GenExample], max_length: int):
+    """Right-padded input ids, attention mask and targets (the next token where it is one to
+    learn, else IGNORE) of rendered examples, on the backbone's device."""
     rendered = [render(backbone.tokenizer, e, max_length) for e in examples]
     device = backbone.model.device
     longest = max(len(ids) for ids, _ in rendered)
@@ -127,6 +128,30 @@ def _teacher_forced_loss(backbone, net, head, examples, max_length) -> tuple[flo
         ids[row, : len(tokens)] = torch.tensor(tokens)
         mask[row, : len(tokens)] = 1
         targets[row, : len(tokens)] = torch.tensor(targets_of(tokens, learn))
+    return ids, mask, targets
+
+
+def live_batch(states: dict, mask, targets, copy: bool = False) -> dict:
+    """A generative network's batch from the backbone's live states (`catching`'s): its ladder
+    states, h_L and the targets. `copy`: states made in inference mode, cloned so that a
+    training step can save them for its backward."""
+    take = (lambda t: t.clone()) if copy else (lambda t: t)
+    return {
+        "enc": {
+            "states": {k: take(v) for k, v in states.items() if k != FINAL},
+            "attention_mask": mask,
+        },
+        LM_STREAM: {
+            "input_ids": targets,
+            "attention_mask": mask,
+            "states": {FINAL: take(states[FINAL])},
+        },  # fmt: skip
+    }
+
+
+def _teacher_forced_loss(backbone, net, head, examples, max_length) -> tuple[float, int]:
+    """Summed cross-entropy over the examples' tokens to learn, and their count."""
+    ids, mask, targets = lm_tensors(backbone, examples, max_length)
     layers = list(net.cfg.layers) if net is not None else []
     with catching(backbone, layers) as states:
         backbone.run({"input_ids": ids, "attention_mask": mask})
@@ -134,16 +159,7 @@ def _teacher_forced_loss(backbone, net, head, examples, max_length) -> tuple[flo
     if net is None:
         logits = head(states[FINAL][chosen])
     else:
-        ladder = {k: v for k, v in states.items() if k != FINAL}
-        batch = {
-            "enc": {"states": ladder, "attention_mask": mask},
-            LM_STREAM: {
-                "input_ids": targets,
-                "attention_mask": mask,
-                "states": {FINAL: states[FINAL]},
-            },
-        }
-        logits = net(batch, live=True)
+        logits = net(live_batch(states, mask, targets), live=True)
     loss = nn.functional.cross_entropy(logits.float(), targets[chosen], reduction="sum")
     return float(loss), int(chosen.sum())
 
