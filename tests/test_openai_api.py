@@ -20,13 +20,13 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_llama_dir):
+def service(tmp_path_factory, tiny_llama_dir, tiny_bert_dir):
     home = tmp_path_factory.mktemp("home")
     backbone = load_backbone(tiny_llama_dir)
     net = make_net(backbone, seed=5)
     save_side_model(net, home / "writer")
     mp = pytest.MonkeyPatch()
-    mp.setenv("LADDER_BACKBONES", f"tiny={tiny_llama_dir}")
+    mp.setenv("LADDER_BACKBONES", f"tiny={tiny_llama_dir},bert={tiny_bert_dir}")
     mp.delenv("LADDER_API_KEY", raising=False)
     app = create_app(home=home, executor="thread", preload=["tiny"])
     with TestClient(app) as client:
@@ -121,6 +121,7 @@ def test_completions_and_concurrent_requests(service):
         ({"model": "tiny", "messages": MESSAGES, "n": 2}, 400, "n"),
         ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
         ({"model": "tiny", "messages": MESSAGES, "stop": [""]}, 400, "stop"),
+        ({"model": "bert", "messages": MESSAGES}, 400, "model"),
     ],
 )
 def test_bad_generation_requests_get_an_error_naming_the_field(service, request_, status, param):

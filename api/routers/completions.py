@@ -80,6 +80,7 @@ def _target(s: Services, model: str) -> tuple[str, str | None, str | None]:
     """(backbone name, side model id or None, the side model's template) of a model field."""
     require_id(model, "model")
     if model in s.registry.available_backbones():
+        _check_decoder(model)
         return model, None, None
     record = s.db.get_model(model)
     if record is None:
@@ -98,7 +99,23 @@ def _target(s: Services, model: str) -> tuple[str, str | None, str | None]:
         raise APIError(404, "model_not_found", f"no model {model!r}", "model") from None
     except ModelUnavailable as exc:
         raise APIError(500, "model_unavailable", str(exc), "model") from None
+    _check_decoder(record["backbone"])
     return record["backbone"], model, net.cfg.template
+
+
+def _check_decoder(backbone: str) -> None:
+    from backbone_worker.backbone import backbone_config
+    from backbone_worker.families import DECODER
+
+    _, family = backbone_config(backbone)
+    if family.name != DECODER:
+        raise APIError(
+            400,
+            "invalid_model",
+            f"{backbone!r} is {family.name}: these endpoints serve decoder-only backbones and "
+            f"their side models (a T5 side model writes with `ladder generate`)",
+            "model",
+        )
 
 
 def _prompt(s: Services, backbone: str, body, template: str | None) -> list[int]:
