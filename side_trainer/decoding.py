@@ -130,13 +130,7 @@ class Decoder:
         device = self.backbone.model.device
         n = len(prompts)
         row_nets = row_nets if row_nets is not None else [0] * n
-        longest = max(len(p) for p in prompts)
-        pad = self.backbone.tokenizer.pad_token_id or 0
-        ids = torch.full((n, longest), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((n, longest), dtype=torch.long, device=device)
-        for b, prompt in enumerate(prompts):
-            ids[b, longest - len(prompt) :] = torch.tensor(prompt, device=device)
-            mask[b, longest - len(prompt) :] = 1
+        ids, mask = self._padded(prompts, left=True)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         generator = self._generator(sampling, device)
         groups = {k: [b for b in range(n) if row_nets[b] == k] for k in set(row_nets)}
@@ -163,6 +157,19 @@ class Decoder:
                 new_positions = new_positions[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], 1)
         return self._finish(out, sampling)
+
+    def _padded(self, prompts: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts as one (B, longest) batch of ids and its attention mask."""
+        device = self.backbone.model.device
+        longest = max(len(p) for p in prompts)
+        pad = self.backbone.tokenizer.pad_token_id or 0
+        ids = torch.full((len(prompts), longest), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=device)
+        for b, prompt in enumerate(prompts):
+            at = slice(longest - len(prompt), longest) if left else slice(0, len(prompt))
+            ids[b, at] = torch.tensor(prompt, device=device)
+            mask[b, at] = 1
+        return ids, mask
 
     @staticmethod
     def _generator(sampling: Sampling, device) -> torch.Generator | None:
@@ -240,9 +247,7 @@ class Seq2SeqDecoder(Decoder):
     a cached loop's work (the decoder-only loop, `Decoder`, keeps caches)."""
 
     def __init__(self, backbone: Backbone, nets: list, end_ids: list[int]):
-        self.backbone, self.nets, self.head = backbone, nets, None
-        self.end_ids = set(end_ids)
-        self.layers = sorted({i for n in nets if n is not None for i in n.cfg.layers})
+        super().__init__(backbone, None, nets, end_ids)  # T5 writes through its own LM head
 
     @torch.inference_mode()
     def generate(
@@ -256,13 +261,8 @@ class Seq2SeqDecoder(Decoder):
         device = self.backbone.model.device
         n = len(prompts)
         row_nets = row_nets if row_nets is not None else [0] * n
-        longest = max(len(p) for p in prompts)
+        ids, mask = self._padded(prompts, left=False)  # T5's encoder: padding on the right
         pad = self.backbone.tokenizer.pad_token_id or 0
-        ids = torch.full((n, longest), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((n, longest), dtype=torch.long, device=device)
-        for b, prompt in enumerate(prompts):
-            ids[b, : len(prompt)] = torch.tensor(prompt, device=device)
-            mask[b, : len(prompt)] = 1
         enc = {"input_ids": ids, "attention_mask": mask}
         generator = self._generator(sampling, device)
         groups = {k: [b for b in range(n) if row_nets[b] == k] for k in set(row_nets)}
