@@ -109,10 +109,9 @@ class GenerationService:
         decoder = self.decoders.get(backbone_name)
         if decoder is None:
             from backbone_worker.chat import end_tokens
-            from side_trainer.gen_eval import frozen_head
 
             backbone = self.registry.backbone(backbone_name)
-            head = frozen_head(backbone)
+            head = self.registry.head(backbone_name)  # the one its side models share
             decoder = ContinuousDecoder(backbone, head, {}, end_tokens(backbone.tokenizer))
             self.decoders[backbone_name] = decoder
         return decoder
@@ -123,10 +122,9 @@ class GenerationService:
             return
         try:
             decoder = self._decoder(job.backbone)
+            net = None
             if job.model is not None and job.model not in decoder.by_key:
                 net = self.registry.side(job.model, task="generate")
-                net.lm = decoder.head  # every side model of a backbone shares its frozen head
-                decoder.add_net(job.model, net)
             request = Request(
                 job.prompt,
                 job.model,
@@ -136,7 +134,7 @@ class GenerationService:
             )
             job.request = request
             self._jobs[id(request)] = job
-            decoder.add(request)
+            decoder.add(request, net)
         except Exception as exc:  # noqa: BLE001 - the request's error, reported to it
             log.exception("generation could not start")
             self._finish(job, ("error", exc))

@@ -21,9 +21,9 @@ from pathlib import Path
 from api.allocator import release_freed_memory
 from api.inference import JointModel, Prediction
 from backbone_worker.backbone import Backbone, alias_installed, aliases, load_backbone
-from side_trainer.artifacts import WEIGHTS_FILE, load_side_model
+from side_trainer.artifacts import CONFIG_FILE, WEIGHTS_FILE, load_side_model
 from side_trainer.memory import module_bytes
-from side_trainer.model import SideNetwork
+from side_trainer.model import ENCODER_DECODER, SideConfig, SideNetwork
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,18 @@ class ModelUnavailable(RuntimeError):
         self.model_id = model_id
 
 
-def _check_task(model_id: str, side: SideNetwork, task: str) -> None:
-    if side.cfg.task != task:
-        raise (
-            GenerativeModel(model_id) if side.cfg.task == "generate" else ClassifierModel(model_id)
-        )
+def _check_task(model_id: str, cfg: SideConfig, task: str) -> None:
+    if cfg.task != task:
+        raise GenerativeModel(model_id) if cfg.task == "generate" else ClassifierModel(model_id)
+
+
+def _saved_config(record: dict) -> SideConfig | None:
+    """A registered model's saved config, or None where it cannot be read (the load then fails
+    and says so)."""
+    try:
+        return SideConfig.load(Path(record["path"]) / CONFIG_FILE)
+    except Exception:  # noqa: BLE001 - missing or damaged: load_side_model reports it
+        return None
 
 
 def _weights_bytes(record: dict) -> int:
@@ -84,6 +91,7 @@ class ModelRegistry:
         self.db = db
         self.backbones: dict[str, Backbone] = {}
         self.sides: OrderedDict[str, SideNetwork] = OrderedDict()
+        self.heads: dict = {}  # backbone name -> its frozen final norm and LM head, shared
         self._bytes: dict[str, int] = {}  # each held side model's memory, counted at its load
         self._sizes: dict[str, int] = {}  # each model's memory when last loaded, held or not
         self.max_side_bytes = max_side_bytes or int(
@@ -101,9 +109,25 @@ class ModelRegistry:
 
     def backbone(self, name: str) -> Backbone:
         with self._lock:
-            if name not in self.backbones:
-                self.backbones[name] = load_backbone(name)
-            return self.backbones[name]
+            return self._backbone(name)
+
+    def _backbone(self, name: str) -> Backbone:
+        if name not in self.backbones:
+            self.backbones[name] = load_backbone(name)
+        return self.backbones[name]
+
+    def head(self, name: str):
+        """A decoder-only backbone's frozen final norm and LM head: one in memory, shared by
+        the bare backbone's generations and every generative side model of that backbone."""
+        with self._lock:
+            return self._head(name)
+
+    def _head(self, name: str):
+        if name not in self.heads:
+            from side_trainer.gen_eval import frozen_head
+
+            self.heads[name] = frozen_head(self._backbone(name))
+        return self.heads[name]
 
     def side(
         self, model_id: str, keep: frozenset[str] = frozenset(), task: str = "classify"
@@ -117,19 +141,31 @@ class ModelRegistry:
         with self._lock:
             if model_id in self.sides:
                 self.sides.move_to_end(model_id)
-                _check_task(model_id, self.sides[model_id], task)
+                _check_task(model_id, self.sides[model_id].cfg, task)
             else:
                 record = self.db.get_model(model_id)
                 if record is None:
                     raise ModelNotFound(model_id)
+                saved = _saved_config(record)
+                if saved is not None:  # the wrong task costs no load
+                    _check_task(model_id, saved, task)
                 # Room first, for what the model cost when it was last loaded (a first load: its
                 # weights file), so that loading it does not take the cache past its budget.
                 self._make_room(keep, incoming=self._sizes.get(model_id, _weights_bytes(record)))
                 try:
-                    side = load_side_model(record["path"])
-                    _check_task(model_id, side, task)
+                    shared = (
+                        self._head(record["backbone"])
+                        if saved is not None
+                        and saved.task == "generate"
+                        and saved.family != ENCODER_DECODER
+                        else None
+                    )
+                    side = load_side_model(record["path"], head=shared)
+                    _check_task(model_id, side.cfg, task)
                     self.sides[model_id] = side
-                    self._bytes[model_id] = self._sizes[model_id] = module_bytes(side)
+                    # The shared head is the backbone's, counted once, not per side model.
+                    own = module_bytes(side) - (module_bytes(shared) if shared is not None else 0)
+                    self._bytes[model_id] = self._sizes[model_id] = own
                     self.loads += 1
                 except (GenerativeModel, ClassifierModel):
                     raise

@@ -32,9 +32,13 @@ def save_side_model(net: SideNetwork, out_dir: str | Path) -> None:
             os.fsync(handle.fileno())
 
 
-def load_side_model(model_dir: str | Path, backbone_dir: Path | None = None) -> SideNetwork:
+def load_side_model(
+    model_dir: str | Path, backbone_dir: Path | None = None, head=None
+) -> SideNetwork:
     """Rebuild a saved side network; T5 and generative networks also need the backbone
-    directory, for their frozen LM head."""
+    directory, for their frozen LM head. `head`: a decoder-only generative network's frozen
+    final norm and LM head already in memory (side_trainer.gen_eval.frozen_head), shared with
+    the caller instead of a copy read from the checkpoint (SmolLM2's: 113 MB)."""
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG_FILE).is_file() or not (model_dir / WEIGHTS_FILE).is_file():
         raise ArtifactError(
@@ -65,9 +69,12 @@ def load_side_model(model_dir: str | Path, backbone_dir: Path | None = None) -> 
         state.update({k: net.state_dict()[k] for k in missing})
     net.load_state_dict(state)
     if net.cfg.task == "generate" and net.cfg.family != ENCODER_DECODER:
-        from backbone_worker.backbone import resolve
+        if head is not None:
+            net.lm = head
+        else:
+            from backbone_worker.backbone import resolve
 
-        net.load_frozen(backbone_dir or resolve(net.cfg.backbone))
+            net.load_frozen(backbone_dir or resolve(net.cfg.backbone))
     elif net.cfg.family == ENCODER_DECODER:
         from backbone_worker.backbone import resolve
         from side_trainer.pruning import load_lm_head

@@ -95,16 +95,30 @@ class ContinuousDecoder(Decoder):
     def active(self) -> int:
         return len(self.rows)
 
-    def add_net(self, key: str, net) -> None:
-        self.by_key[key] = net
+    def _nets_changed(self) -> None:
         self.layers = sorted(
             {i for n in self.by_key.values() if n is not None for i in n.cfg.layers}
         )
 
+    def _drop_idle_nets(self) -> None:
+        """Side networks that no request in flight uses leave the decoder, so that what stays
+        in memory is the model registry's choice (its budget); a network's next request
+        brings it back."""
+        used = {r.net for r in self.rows}
+        idle = [key for key in self.by_key if key not in used]
+        for key in idle:
+            del self.by_key[key]
+        if idle:
+            self._nets_changed()
+
     @torch.inference_mode()
-    def add(self, request: Request) -> None:
+    def add(self, request: Request, net=None) -> None:
         """Prefill `request` alone, choose its first token, and add it as a row (unless that
-        token already ends it)."""
+        token already ends it). `net`: the side network `request.net` names, if the decoder
+        does not hold it."""
+        if net is not None:
+            self.by_key[request.net] = net
+            self._nets_changed()
         device = self.backbone.model.device
         request.generation = Generation("", [], "length", len(request.prompt))
         request.generator = self._generator(request.sampling, device)
@@ -127,6 +141,7 @@ class ContinuousDecoder(Decoder):
                 logits = net.merged(last, side[:, -1])
         token = self._pick(request, logits[0])
         if self._record(request, token):
+            self._drop_idle_nets()
             return
         self._join(request, cache, side_cache, mask, positions[:, -1] + 1, token)
 
@@ -214,6 +229,7 @@ class ContinuousDecoder(Decoder):
         device = self.mask.device
         before = self.rows
         self.rows = [before[b] for b in keep]
+        self._drop_idle_nets()
         index = torch.tensor(keep, dtype=torch.long, device=device)
         self.mask, self.positions, self.pending = (
             self.mask[index],

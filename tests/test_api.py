@@ -281,9 +281,9 @@ def test_room_is_made_before_a_model_loads(service, finished_job, monkeypatch):
     held_at_load = []
     load = api.serving.load_side_model
 
-    def watched(model_dir):
+    def watched(model_dir, **kwargs):
         held_at_load.append(list(s.registry.sides))
-        return load(model_dir)
+        return load(model_dir, **kwargs)
 
     monkeypatch.setattr(api.serving, "load_side_model", watched)
     for name in (names[1], names[2], names[0]):  # names[0] again: its size is known now

@@ -129,3 +129,31 @@ def test_bad_generation_requests_get_an_error_naming_the_field(service, request_
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and error["message"]
+
+
+def test_generative_models_share_the_backbones_head_and_leave_the_decoder_when_done(
+    service, tmp_path
+):
+    """Every generative side model of a backbone writes through the backbone's one frozen head,
+    which the registry does not count in each model's bytes (SmolLM2's is 113 MB: a budget
+    that counted it would hold a handful of models), and a model leaves the decoder when its
+    last request ends, so the registry's budget is what holds models in memory."""
+    from side_trainer.memory import module_bytes
+
+    state = service["client"].app.state.ladder
+    save_side_model(make_net(service["backbone"], seed=6), tmp_path / "writer2")
+    state.db.add_model("ft:writer2", "tiny", str(tmp_path / "writer2"), "job-y")
+    for model in ("ft:writer", "ft:writer2"):
+        r = service["client"].post(
+            "/v1/chat/completions", json={"model": model, "messages": MESSAGES, "max_tokens": 3}
+        )
+        assert r.status_code == 200, r.text
+    registry, head = state.registry, state.registry.heads["tiny"]
+    for model in ("ft:writer", "ft:writer2"):
+        side = registry.sides[model]
+        assert side.lm is head
+        assert registry._bytes[model] + head.weight.nbytes <= module_bytes(side)
+    deadline = time.time() + 10
+    while state.generator.decoders["tiny"].by_key and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.generator.decoders["tiny"].by_key == {}
