@@ -70,7 +70,10 @@ def test_a_request_stops_at_its_end_token_and_sampling_follows_its_seed(backbone
     assert decoder.by_key == {"late": net} and decoder.layers == sorted(net.cfg.layers)
     decoder.step()
     assert decoder.active == 0 and decoder.by_key == {}
-    assert late.generation.token_ids == alone(backbone, head, net, PROMPTS[2], late.sampling).token_ids[:2]
+    assert (
+        late.generation.token_ids
+        == alone(backbone, head, net, PROMPTS[2], late.sampling).token_ids[:2]
+    )
 
 
 def test_a_cancelled_request_leaves_at_the_next_step(backbone):  # noqa: F811
