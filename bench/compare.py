@@ -446,16 +446,23 @@ def inference_ratios(cfg: dict) -> dict:
     return out
 
 
+def speed_ratios(results: dict) -> dict:
+    """Cached LST's training examples/s over each other method's that ran (both benches)."""
+    c = results["lst_cached"]
+    return {
+        f"lst_cached_speed_vs_{other}": round(
+            c["examples_per_s"] / results[other]["examples_per_s"], 2
+        )
+        for other in ("full", "lora", "lst_online")
+        if results.get(other)
+    }
+
+
 def _ratios(results: dict) -> dict:
     c = results.get("lst_cached")
     if not c:
         return {}
-    out = {}
-    for other in ("full", "lora", "lst_online"):
-        if results.get(other):
-            out[f"lst_cached_speed_vs_{other}"] = round(
-                c["examples_per_s"] / results[other]["examples_per_s"], 2
-            )
+    out = speed_ratios(results)
     if results.get("full"):
         full = results["full"]
         above, total = memory_keys(results)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.compare import machine, paired, step
+from bench.compare import machine, paired, speed_ratios, step
 from bench.gen_tasks import write as write_task
 
 log = logging.getLogger("ladder.bench")
@@ -233,12 +233,7 @@ def ratios(task: dict) -> dict:
     c = r.get("lst_cached")
     if not c:
         return {}
-    out = {}
-    for other in ("full", "lora", "lst_online"):
-        if r.get(other):
-            out[f"lst_cached_speed_vs_{other}"] = round(
-                c["examples_per_s"] / r[other]["examples_per_s"], 2
-            )
+    out = speed_ratios(r)
     if r.get("full"):
         out["lst_cached_memory_vs_full"] = round(c["peak_mem_mb"] / r["full"]["peak_mem_mb"], 3)
     if r.get("lora"):
