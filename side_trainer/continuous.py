@@ -197,20 +197,10 @@ class ContinuousDecoder(Decoder):
                 cache=self.cache,
                 use_cache=True,
             )
-            last = states["final"][:, -1]
-            logits = last.new_empty((len(self.rows), self.head.weight.shape[0]))
-            for key, rows in groups.items():
-                index = torch.tensor(rows, device=last.device)
-                if key is None:
-                    logits[index] = self.head(last[index]).to(logits.dtype)
-                    continue
-                net = self.by_key[key]
-                picked = {name: s[index] for name, s in states.items()}
-                side = side_step(
-                    net, picked, self.mask[index], self.positions[index][:, None],
-                    self.side_caches[key],
-                )  # fmt: skip
-                logits[index] = net.merged(last[index], side[:, -1]).to(logits.dtype)
+            logits = self._logits(
+                states, self.mask, self.positions[:, None], groups, self.side_caches,
+                self.by_key,
+            )  # fmt: skip
         keep = []
         for b, r in enumerate(self.rows):
             token = self._pick(r, logits[b])

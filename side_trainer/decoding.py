@@ -204,23 +204,25 @@ class Decoder:
             g.text = text
         return out
 
-    def _logits(self, states, mask, positions, groups, side_caches) -> torch.Tensor:
-        """Each row's next-token logits (B, vocab)."""
+    def _logits(self, states, mask, positions, groups, side_caches, nets=None) -> torch.Tensor:
+        """Each row's next-token logits (B, vocab). `groups`: a network's key (an index into
+        `nets`, default self.nets; None or a None network: the bare backbone) -> its rows.
+        Each side network joins its rows' last states; the frozen head then reads every row
+        in one product, so its weight (SmolLM2's: 113 MB) is read once a step, not once for
+        each side model in the batch. Every network's frozen head is the backbone's: the
+        same weights as `self.head`."""
+        nets = self.nets if nets is None else nets
         last = states["final"][:, -1]
-        logits = None
+        joined = self.head.normalize(last)
         for k, rows in groups.items():
-            net = self.nets[k]
-            index = torch.tensor(rows, device=last.device)
+            net = None if k is None else nets[k]
             if net is None:
-                part = self.head(last[index])
-            else:
-                picked = {name: s[index] for name, s in states.items()}
-                side = side_step(net, picked, mask[index], positions[index], side_caches[k])
-                part = net.merged(last[index], side[:, -1])
-            if logits is None:
-                logits = part.new_empty((last.shape[0], part.shape[-1]))
-            logits[index] = part
-        return logits
+                continue
+            index = torch.tensor(rows, device=last.device)
+            picked = {name: s[index] for name, s in states.items()}
+            side = side_step(net, picked, mask[index], positions[index], side_caches[k])
+            joined[index] = net.joined(last[index], side[:, -1]).to(joined.dtype)
+        return self.head.project(joined)
 
     @staticmethod
     def _choose(logits: torch.Tensor, sampling: Sampling, generator) -> torch.Tensor:

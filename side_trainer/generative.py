@@ -115,11 +115,16 @@ class GenerativeSideNetwork(SideNetwork):
         nn.init.zeros_(self.upsample.bias)
         self.lm = FrozenLMHead(width, backbone_config.vocab_size, self.cfg.final_norm)
 
+    def joined(self, last: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """h_L (.., d) and the side stream's output (.., d/r) -> the normalised state (.., d)
+        the frozen LM head reads."""
+        if self.cfg.join == "post_norm":
+            return self.lm.normalize(last) + self.upsample(side).float()
+        return self.lm.normalize(last.float() + self.upsample(side).float())
+
     def merged(self, last: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         """h_L (.., d) and the side stream's output (.., d/r) -> logits (.., vocab)."""
-        if self.cfg.join == "post_norm":
-            return self.lm.project(self.lm.normalize(last) + self.upsample(side).float())
-        return self.lm(last.float() + self.upsample(side).float())
+        return self.lm.project(self.joined(last, side))
 
     def forward(self, batch: dict, live: bool = False) -> torch.Tensor:
         """Logits (N, vocab) at the N positions that have a target, in batch order."""
