@@ -4,9 +4,10 @@ issue (docs/benchmarks.md).
 
 1. One stream: tokens/s after the first token and time to first token (a ~64-token prompt), of
    a generative side model and of the bare backbone, best of `--repeats`, alternating.
-2. 8 concurrent requests, each for a different side model, `--new-tokens` each: total tokens/s,
-   against 8 concurrent requests to the bare backbone (one batched backbone step: the limit)
-   and against the same 8 side-model requests one after another.
+2. 8 concurrent requests, each for a different side model, `--new-tokens` each: total tokens/s
+   (best of `--repeats`, alternating), against 8 concurrent requests to the bare backbone (one
+   batched backbone step: the limit) and against the same 8 side-model requests one after
+   another; the bare backbone's 8 one after another too, for what batching alone gains here.
 3. 64 concurrent requests over the 8 side models: every one answered, p50 / p95 latency.
 
 Every request writes exactly `--new-tokens` tokens (`ignore_eos`, vLLM's extension), greedily.
@@ -111,17 +112,22 @@ def run(model_dir: str, backbone: str, new_tokens: int, repeats: int) -> dict:
 
             one = {name: best(name) for name in single}
             eight = {}
-            for name, models in (("backbone", [backbone] * 8), ("side_models", ids)):
-                wall, answers = at_once(base, models, new_tokens)
-                eight[name] = {"seconds": round(wall, 3),
-                               "tokens_per_s": round(sum(a["tokens"] for a in answers) / wall, 1)}  # fmt: skip
-            started = time.perf_counter()
-            tokens = sum(ask(base, m, new_tokens)["tokens"] for m in ids)
-            wall = time.perf_counter() - started
-            eight["side_models_one_after_another"] = {
-                "seconds": round(wall, 3),
-                "tokens_per_s": round(tokens / wall, 1),
-            }
+            for _ in range(repeats):  # alternating, the best of each (a shared machine's noise)
+                for name, models in (("backbone", [backbone] * 8), ("side_models", ids)):
+                    wall, answers = at_once(base, models, new_tokens)
+                    rate = round(sum(a["tokens"] for a in answers) / wall, 1)
+                    if name not in eight or rate > eight[name]["tokens_per_s"]:
+                        eight[name] = {"seconds": round(wall, 3), "tokens_per_s": rate}
+            # One after another: the side models', and the bare backbone's, whose gain from
+            # concurrency is what batching itself gives on this machine (the side models' limit).
+            for name, models in (("side_models", ids), ("backbone", [backbone] * 8)):
+                started = time.perf_counter()
+                tokens = sum(ask(base, m, new_tokens)["tokens"] for m in models)
+                wall = time.perf_counter() - started
+                eight[f"{name}_one_after_another"] = {
+                    "seconds": round(wall, 3),
+                    "tokens_per_s": round(tokens / wall, 1),
+                }
             wall, answers = at_once(base, [ids[k % 8] for k in range(64)], new_tokens)
             latencies = sorted(a["seconds"] for a in answers)
             many = {
@@ -148,6 +154,10 @@ def run(model_dir: str, backbone: str, new_tokens: int, repeats: int) -> dict:
         "eight_side_models_concurrent_vs_sequential": round(
             eight["side_models"]["tokens_per_s"]
             / eight["side_models_one_after_another"]["tokens_per_s"],
+            3,
+        ),
+        "eight_backbone_concurrent_vs_sequential": round(
+            eight["backbone"]["tokens_per_s"] / eight["backbone_one_after_another"]["tokens_per_s"],
             3,
         ),
     }
