@@ -197,6 +197,57 @@ def serve(report: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def generate(report: dict) -> str:
+    """The generative bench (bench/gen_compare.py): its own tables, and its notes."""
+    from bench.gen_compare import markdown as gen_markdown
+
+    text = gen_markdown(report)
+    notes = report.get("notes") or []
+    return text + ("\nNotes:\n" + "".join(f"- {n}\n" for n in notes) if notes else "")
+
+
+def gen_serve(report: dict) -> str:
+    """bench/gen_serve.py: streamed chat completions against a real server, side models and
+    the bare backbone."""
+    one, eight, many, r = (
+        report["one_stream"],
+        report["eight_concurrent"],
+        report["sixty_four_concurrent"],
+        report["ratios"],
+    )
+    targets = report["targets"]
+    tokens = report["config"]["new_tokens"]
+
+    def verdict(key: str) -> str:
+        op, bound = targets[key].split()
+        met = r[key] >= float(bound) if op == ">=" else r[key] <= float(bound)
+        return f"{r[key]:.2f} (target {op} {bound}: {'met' if met else 'missed'})"
+
+    rows = [
+        "| figure | side model(s) | bare backbone | ratio |",
+        "|---|---|---|---|",
+        f"| one stream: tokens/s after the first | {one['side']['tokens_per_s']} | "
+        f"{one['backbone']['tokens_per_s']} | "
+        f"{verdict('one_stream_tokens_per_s_side_vs_backbone')} |",
+        f"| one stream: time to first token, {one['side']['prompt_tokens']}-token prompt | "
+        f"{one['side']['ttft_s']:.3f} s | {one['backbone']['ttft_s']:.3f} s | "
+        f"{verdict('ttft_side_vs_backbone')} |",
+        f"| 8 concurrent requests ({tokens} tokens each; side: 8 different models): tokens/s "
+        f"| {eight['side_models']['tokens_per_s']} | {eight['backbone']['tokens_per_s']} | "
+        f"{verdict('eight_side_models_vs_eight_backbone')} |",
+        f"| the same 8 one after another: tokens/s | "
+        f"{eight['side_models_one_after_another']['tokens_per_s']} | "
+        f"{eight.get('backbone_one_after_another', {}).get('tokens_per_s', '')} | |",
+        f"| 8 concurrent / 8 one after another | "
+        f"{verdict('eight_side_models_concurrent_vs_sequential')} | "
+        f"{r.get('eight_backbone_concurrent_vs_sequential', '')} | |",
+        f"| 64 concurrent over the 8 side models | {many['answered']} of {many['requests']} "
+        f"answered, all {tokens} tokens: {many['all_full_length']}; p50 {many['p50_s']:.1f} s, "
+        f"p95 {many['p95_s']:.1f} s, {many['tokens_per_s']} tokens/s | | |",
+    ]
+    return "\n".join(rows) + "\n"
+
+
 def tiers(report: dict) -> str:
     """bench/tiers.py: what each store tier costs and gives (mean ± sd over the seeds)."""
     base = report["tiers"]["fp16"]
@@ -563,6 +614,8 @@ RENDERERS = {
     "gpu": gpu,
     "cache": cache,
     "serve": serve,
+    "generate": generate,
+    "gen_serve": gen_serve,
     "tiers": tiers,
     "scaling": scaling,
     "serve_many": serve_many,
