@@ -318,6 +318,8 @@ def markdown(report: dict) -> str:
         f"{report['machine'].get('cores', '?')} CPU cores, device {cfg['device']}"
         + (f"; {report['seconds']:.0f} s in all." if report.get("seconds") else ".")
     )
+    if report.get("notes"):  # what a reader must know of how the run went, added by hand
+        lines += ["", "Notes:", *(f"- {n}" for n in report["notes"])]
     return "\n".join(lines) + "\n"
 
 

@@ -198,12 +198,10 @@ def serve(report: dict) -> str:
 
 
 def generate(report: dict) -> str:
-    """The generative bench (bench/gen_compare.py): its own tables, and its notes."""
+    """The generative bench (bench/gen_compare.py): its tables and notes."""
     from bench.gen_compare import markdown as gen_markdown
 
-    text = gen_markdown(report)
-    notes = report.get("notes") or []
-    return text + ("\nNotes:\n" + "".join(f"- {n}\n" for n in notes) if notes else "")
+    return gen_markdown(report)
 
 
 def gen_serve(report: dict) -> str:
