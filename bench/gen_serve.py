@@ -156,11 +156,12 @@ def run(model_dir: str, backbone: str, new_tokens: int, repeats: int) -> dict:
             / eight["side_models_one_after_another"]["tokens_per_s"],
             3,
         ),
-        "eight_backbone_concurrent_vs_sequential": round(
-            eight["backbone"]["tokens_per_s"] / eight["backbone_one_after_another"]["tokens_per_s"],
-            3,
-        ),
     }
+    # The bare backbone's own gain from batching 8 on this machine: what bounds the side
+    # models' (a figure beside the targets, not one of them).
+    ceiling = round(
+        eight["backbone"]["tokens_per_s"] / eight["backbone_one_after_another"]["tokens_per_s"], 3
+    )
     return {
         "config": {
             "backbone": backbone,
@@ -173,6 +174,7 @@ def run(model_dir: str, backbone: str, new_tokens: int, repeats: int) -> dict:
         "eight_concurrent": eight,
         "sixty_four_concurrent": many,
         "ratios": ratios,
+        "backbone_eight_concurrent_vs_sequential": ceiling,
         "targets": {
             "one_stream_tokens_per_s_side_vs_backbone": ">= 0.7",
             "ttft_side_vs_backbone": "<= 1.3",

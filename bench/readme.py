@@ -238,7 +238,7 @@ def gen_serve(report: dict) -> str:
         f"{eight.get('backbone_one_after_another', {}).get('tokens_per_s', '')} | |",
         f"| 8 concurrent / 8 one after another | "
         f"{verdict('eight_side_models_concurrent_vs_sequential')} | "
-        f"{r.get('eight_backbone_concurrent_vs_sequential', '')} | |",
+        f"{report.get('backbone_eight_concurrent_vs_sequential', '')} | |",
         f"| 64 concurrent over the 8 side models | {many['answered']} of {many['requests']} "
         f"answered, all {tokens} tokens: {many['all_full_length']}; p50 {many['p50_s']:.1f} s, "
         f"p95 {many['p95_s']:.1f} s, {many['tokens_per_s']} tokens/s | | |",

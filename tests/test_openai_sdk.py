@@ -108,3 +108,4 @@ def test_the_generation_serving_benchmark_runs_end_to_end(tmp_path, tiny_llama_d
     assert many["answered"] == 64 and many["all_full_length"]
     assert set(report["ratios"]) == set(report["targets"])
     assert all(v > 0 for v in report["ratios"].values())
+    assert report["backbone_eight_concurrent_vs_sequential"] > 0
