@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import shutil
+import socket
 import threading
 from functools import partial
 from pathlib import Path
@@ -86,7 +87,16 @@ def run_job(home: str, job_id: str) -> None:
     if job["status"] not in ACTIVE:
         db.finish_cancelled(job_id)  # cancelled before it started: it has stopped
         return
-    db.update_job(job_id, attempts=job["attempts"] + 1)
+    attempt = job["attempts"] + 1
+    db.update_job(job_id, attempts=attempt)
+    # Where the job runs (a worker container's host name under docker compose): the first event
+    # of every attempt, so a resumed job says where and how many times it ran.
+    host = socket.gethostname()
+    db.add_event(
+        job_id,
+        f"running on {host}" if attempt == 1 else f"resumed on {host} (attempt {attempt})",
+        data={"host": host, "attempt": attempt},
+    )
 
     def check_cancelled() -> None:
         if db.get_job(job_id)["status"] == "cancelled":
@@ -532,16 +542,20 @@ class JobRunner:
             for k, v in os.environ.items()
             if k.startswith(("LADDER_", "HF_", "TRANSFORMERS_")) and k != "LADDER_API_KEY"
         }
-        task = ray.remote(max_retries=0, runtime_env={"env_vars": env})(run_job)
+        # A job whose Ray worker or node dies (a worker container stopped, a node lost) is run
+        # again by Ray, on whichever node has room, up to MAX_ATTEMPTS runs in all: every step
+        # of run_job resumes. The watcher fails it with the reason once those are spent.
+        task = ray.remote(max_retries=MAX_ATTEMPTS - 1, runtime_env={"env_vars": env})(run_job)
+        threading.Thread(target=self._watch, name="ladder-job-watch", daemon=True).start()
         while True:
             job_id = self.queue.get()
             try:
                 init_ray()
                 # On a cluster with GPU workers the job (its backbone and its trainer) takes one.
                 gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-                self.refs[job_id] = task.options(num_cpus=1, num_gpus=gpus).remote(
-                    str(self.home), job_id
-                )
+                ref = task.options(num_cpus=1, num_gpus=gpus).remote(str(self.home), job_id)
+                with self._lock:
+                    self.refs[job_id] = ref
             except Exception as exc:  # noqa: BLE001 - the job fails with the reason
                 error = {
                     "code": "executor_unavailable",
@@ -552,6 +566,44 @@ class JobRunner:
                     self.db.add_event(
                         job_id, error["message"], level="error", data={"status": "failed"}
                     )
+
+    def _watch(self) -> None:
+        """Forget the Ray tasks that ended; one that ended in an error of Ray's own (its worker or
+        node died on every attempt) leaves its job failed with that reason, not running forever.
+        run_job records its own failures, so a task that returns has left its job finished."""
+        import ray
+
+        while not self._stop.is_set():
+            with self._lock:
+                refs = dict(self.refs)
+            if not refs:
+                self._stop.wait(self.POLL_S)
+                continue
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.POLL_S)
+            for job_id, ref in refs.items():
+                if ref not in ready:
+                    continue
+                with self._lock:
+                    self.refs.pop(job_id, None)
+                    self._submitted.discard(job_id)
+                try:
+                    ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - Ray's reason becomes the job's
+                    self._lost(job_id, exc)
+
+    def _lost(self, job_id: str, exc: Exception) -> None:
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.error("job %s: its Ray task ended without finishing it: %r", job_id, exc)
+        error = {
+            "code": "worker_lost",
+            "param": None,
+            "message": f"the job's Ray task ended before the job finished ({type(exc).__name__}"
+            f"{': ' + reason if reason else ''}); Ray runs a job again when its worker or node "
+            f"dies, {MAX_ATTEMPTS} times in all: check the workers (`ray status`) and create "
+            f"the job again",
+        }
+        if self.db.update_job(job_id, only_if_active=True, status="failed", error=error):
+            self.db.add_event(job_id, error["message"], level="error", data={"status": "failed"})
 
     def submit(self, job_id: str) -> None:
         """A job just created: the lease holder starts it (this server, or within POLL_S the

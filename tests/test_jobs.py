@@ -245,6 +245,51 @@ def test_one_runner_per_home_runs_the_jobs(home):
     second.stop()
 
 
+@pytest.mark.timeout(300)
+def test_a_job_whose_ray_worker_dies_runs_again_and_fails_with_the_reason_when_it_keeps_dying(
+    home, monkeypatch
+):
+    """The Ray executor: a job whose worker process dies (as when a worker container stops) is
+    run again by Ray and resumes; one whose worker dies on every attempt ends failed with the
+    reason, not running forever."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    starts = home / "starts"
+    starts.mkdir()
+
+    db = Database(home / "ladder.db")
+    always, once = new_job(home, n_epochs=1), new_job(home, n_epochs=1)
+
+    def dies(home_dir, job_id, real=run_job, starts=str(starts), always=always):
+        # Nested, so Ray ships it by value; the real run_job goes by reference.
+        mark = Path(starts) / job_id
+        runs = mark.read_text() if mark.exists() else ""
+        mark.write_text(runs + "x")
+        if job_id == always or not runs:
+            os._exit(1)
+        real(home_dir, job_id)
+
+    monkeypatch.setattr(api.jobs, "run_job", dies)
+    runner = JobRunner(db, home, "ray", lease_ttl_s=1.5)
+    try:
+        deadline = time.time() + 240
+        while {db.get_job(j)["status"] for j in (always, once)} - {"failed", "succeeded"}:
+            assert time.time() < deadline, [db.get_job(j) for j in (always, once)]
+            time.sleep(0.2)
+    finally:
+        runner.stop()
+        ray.shutdown()
+    assert db.get_job(once)["status"] == "succeeded"
+    assert (starts / once).read_text() == "xx"
+    job = db.get_job(always)
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
+    assert (starts / always).read_text() == "x" * api.jobs.MAX_ATTEMPTS
+    assert "ray status" in job["error"]["message"]
+    assert_service_words(job["error"]["message"])
+
+
 def test_two_uploads_of_one_file_give_two_succeeding_jobs_on_one_store(home):
     db = Database(home / "ladder.db")
     first = db.get_file("file-1")
