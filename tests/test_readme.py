@@ -146,3 +146,13 @@ def test_the_options_table_gives_each_family_default_to_its_own_setting():
         default = row.split("|")[4]
         numbers = {float(n) for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:e-\d+)?", default)}
         assert numbers == {d[key] for d in FAMILY_DEFAULTS.values()}, (flag, default)
+
+
+def test_the_compose_quick_start_is_what_make_compose_check_runs():
+    """`make compose-check` (bench/compose_check.py) runs the README's compose commands, in the
+    README's order; the block itself needs a Docker engine, which the suite does not."""
+    from bench.compose_check import QUICK_START
+
+    lines = [line.split("#")[0].strip() for line in quickstart("compose").splitlines()]
+    positions = [lines.index(command) for command in QUICK_START.values()]
+    assert positions == sorted(positions), positions
