@@ -246,6 +246,12 @@ def gen_serve(report: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _attempt(message: str) -> int:
+    """A job run's number from its first event: "running on H" (1), "... (attempt N)"."""
+    match = re.search(r"\(attempt (\d+)\)", message)
+    return int(match.group(1)) if match else 1
+
+
 def compose(report: dict) -> str:
     """bench/compose_check.py: the CPU deployment of docker-compose.yml, each phase timed."""
     phases = report["phases_s"]
@@ -279,7 +285,7 @@ def compose(report: dict) -> str:
         f"- Worker stopped {cut['worker_stopped_after_s']:.0f} s into a second job "
         f"({cut['status_when_stopped']}) and started 5 s later: the job ended "
         f"**{cut['status']}** after {cut['seconds']:.0f} s; its runs: "
-        + "; ".join(f'"{a}"' for a in cut["attempts"])
+        + "; ".join(f'"{a}"' for a in sorted(cut["attempts"], key=_attempt))
         + ".",
         "- After `down -v`: "
         + ", ".join(f"{len(v)} {k}" for k, v in report["left_after_down"].items())
