@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from api.client import LadderClient, LadderTimeoutError
+
 ROOT = Path(__file__).parents[1]
 PROJECT = "laddercheck"  # the compose project: apart from a deployment the user runs
 ENGINE_ROOT = "/var/lib/ladder-docker"
@@ -231,67 +233,31 @@ def write_csv(path: Path, limit: int, seed: int) -> Path:
     return path
 
 
-class Client:
-    def __init__(self, base: str, key: str | None):
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=base, headers=headers, timeout=60)
-
-    def upload(self, path: Path) -> str:
-        with open(path, "rb") as handle:
-            response = self.http.post(
-                "/v1/files", files={"file": (path.name, handle)}, data={"purpose": "fine-tune"}
-            )
-        response.raise_for_status()
-        return response.json()["id"]
-
-    def create_job(self, file_id: str) -> str:
-        response = self.http.post(
-            "/v1/fine_tuning/jobs",
-            json={"model": "minilm", "training_file": file_id, "hyperparameters": HYPERPARAMETERS},
-        )
-        response.raise_for_status()
-        return response.json()["id"]
-
-    def job(self, job_id: str) -> dict:
-        return self.http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-
-    def events(self, job_id: str) -> list[dict]:
-        data = self.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1000})
-        return data.json()["data"]  # oldest first
-
-    def wait(self, job_id: str, timeout: float, until=None) -> dict:
-        """The job once it ended (or once `until(events)` holds); SystemExit past `timeout`."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            job = self.job(job_id)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                return job
-            if until is not None and until(self.events(job_id)):
-                return job
-            time.sleep(2)
-        raise SystemExit(
-            f"compose-check: job {job_id} was still {self.job(job_id)['status']} after "
-            f"{timeout:.0f} s: stuck"
-        )
-
-    def predict(self, model: str) -> dict:
-        response = self.http.post(
-            "/v1/predict",
-            json={"model": model, "inputs": ["what a lovely day", "this is awful, never again"]},
-        )
-        response.raise_for_status()
-        return response.json()
+SAMPLES = ["what a lovely day", "this is awful, never again"]
 
 
-def timed_job(client: Client, csv_path: Path, timeout: float) -> dict:
+def events(client: LadderClient, job_id: str) -> list[dict]:
+    return client.list_events(job_id, limit=1000)["data"]  # oldest first
+
+
+def finished(client: LadderClient, job_id: str, timeout: float) -> dict:
+    """The job once it ended; SystemExit (stuck) past `timeout`."""
+    try:
+        return client.wait(job_id, poll_s=2, timeout_s=timeout)
+    except LadderTimeoutError as exc:
+        raise SystemExit(f"compose-check: {exc}: stuck") from None
+
+
+def timed_job(client: LadderClient, csv_path: Path, timeout: float) -> dict:
     """Upload to a finished job: the seconds a user waits, and where it ran."""
     started = time.perf_counter()
-    job_id = client.create_job(client.upload(csv_path))
-    job = client.wait(job_id, timeout)
+    file_id = client.upload_file(csv_path)["id"]
+    job_id = client.create_job("minilm", file_id, hyperparameters=HYPERPARAMETERS)["id"]
+    job = finished(client, job_id, timeout)
     seconds = time.perf_counter() - started
     if job["status"] != "succeeded":
         raise SystemExit(f"compose-check: job {job_id} ended {job['status']}: {job.get('error')}")
-    hosts = [e["data"]["host"] for e in client.events(job_id) if "host" in (e["data"] or {})]
+    hosts = [e["data"]["host"] for e in events(client, job_id) if "host" in (e["data"] or {})]
     return {"id": job_id, "seconds": round(seconds, 1), "model": job["fine_tuned_model"],
             "hosts": hosts}  # fmt: skip
 
@@ -303,7 +269,8 @@ def one_process_job(csv_path: Path, timeout: float) -> dict:
     home = Path(tempfile.mkdtemp(prefix="ladder-one-process-"))
     server, base = start_server(home, "minilm", {})
     try:
-        return timed_job(Client(base, None), csv_path, timeout)
+        with LadderClient(base) as client:  # the key of this environment, as the server
+            return timed_job(client, csv_path, timeout)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -386,7 +353,7 @@ def check(args, phases: Phases, base: dict) -> dict:
         phases.run("up", compose, *step("up"))
         api = f"http://127.0.0.1:{args.port}"
         phases.run("healthy", wait_healthy, api)
-        client = Client(api, key)
+        client = LadderClient(api, key, timeout=60)
         if httpx.get(f"{api}/v1/models", timeout=10).status_code != 401:
             raise SystemExit("compose-check: the composed API answered /v1/models without its key")
         worker = compose.container(*step("up")[:2], "ray-worker-cpu")
@@ -398,7 +365,7 @@ def check(args, phases: Phases, base: dict) -> dict:
                 f"({worker_host})"
             )
         results["job"] = job | {"worker_host": worker_host}
-        results["prediction"] = phases.run("predict", client.predict, job["model"])
+        results["prediction"] = phases.run("predict", client.predict, job["model"], SAMPLES)
         results["interrupted_job"] = phases.run(
             "interrupted_job", interrupted_job, client, compose, worker, second_csv, args
         )
@@ -418,23 +385,27 @@ def check(args, phases: Phases, base: dict) -> dict:
     return results
 
 
-def interrupted_job(client: Client, compose: Compose, worker: str, csv_path: Path, args) -> dict:
+def interrupted_job(
+    client: LadderClient, compose: Compose, worker: str, csv_path: Path, args
+) -> dict:
     """The worker container stopped while the job runs on it, then started again: the job must
     end, succeeded or failed with a reason, within the timeout."""
     started = time.perf_counter()
-    job_id = client.create_job(client.upload(csv_path))
-
-    def working(events: list[dict]) -> bool:  # past the start: caching or training
-        return any((e["data"] or {}).get("done") for e in events)
-
-    client.wait(job_id, args.job_timeout, until=working)
+    file_id = client.upload_file(csv_path)["id"]
+    job_id = client.create_job("minilm", file_id, hyperparameters=HYPERPARAMETERS)["id"]
+    # Past the start (caching or training: an event with a count done) or already over.
+    while not any((e["data"] or {}).get("done") for e in events(client, job_id)):
+        if client.get_job(job_id)["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        if time.perf_counter() - started > args.job_timeout:
+            raise SystemExit(f"compose-check: job {job_id} reported no progress: stuck")
+        time.sleep(1)
     stopped_at = time.perf_counter() - started
-    status_at_stop = client.job(job_id)["status"]
+    status_at_stop = client.get_job(job_id)["status"]
     sh("docker", "stop", worker)
     time.sleep(5)
     sh("docker", "start", worker)
-    job = client.wait(job_id, args.job_timeout)
-    events = client.events(job_id)
+    job = finished(client, job_id, args.job_timeout)
     outcome = {
         "id": job_id,
         "status": job["status"],
@@ -442,12 +413,12 @@ def interrupted_job(client: Client, compose: Compose, worker: str, csv_path: Pat
         "seconds": round(time.perf_counter() - started, 1),
         "worker_stopped_after_s": round(stopped_at, 1),
         "status_when_stopped": status_at_stop,
-        "attempts": [e["message"] for e in events if "host" in (e["data"] or {})],
+        "attempts": [e["message"] for e in events(client, job_id) if "host" in (e["data"] or {})],
     }
     if job["status"] == "failed" and not (job.get("error") or {}).get("message"):
         raise SystemExit(f"compose-check: job {job_id} failed without a reason")
     if job["status"] == "succeeded":
-        outcome["prediction"] = client.predict(job["fine_tuned_model"])
+        outcome["prediction"] = client.predict(job["fine_tuned_model"], SAMPLES)
     return outcome
 
 
