@@ -562,10 +562,7 @@ class JobRunner:
                     "param": None,
                     "message": f"could not start the job on Ray: {exc}",
                 }
-                if self.db.update_job(job_id, only_if_active=True, status="failed", error=error):
-                    self.db.add_event(
-                        job_id, error["message"], level="error", data={"status": "failed"}
-                    )
+                self._fail(job_id, error)
 
     def _watch(self) -> None:
         """Forget the Ray tasks that ended; one that ended in an error of Ray's own (its worker or
@@ -602,6 +599,10 @@ class JobRunner:
             f"dies, {MAX_ATTEMPTS} times in all: check the workers (`ray status`) and create "
             f"the job again",
         }
+        self._fail(job_id, error)
+
+    def _fail(self, job_id: str, error: dict) -> None:
+        """An active job ends failed with `error`, its message the job's last event."""
         if self.db.update_job(job_id, only_if_active=True, status="failed", error=error):
             self.db.add_event(job_id, error["message"], level="error", data={"status": "failed"})
 
@@ -629,10 +630,7 @@ class JobRunner:
                     "param": None,
                     "message": f"the job was interrupted {job['attempts']} times",
                 }
-                if self.db.update_job(job["id"], only_if_active=True, status="failed", error=error):
-                    self.db.add_event(
-                        job["id"], error["message"], level="error", data={"status": "failed"}
-                    )
+                self._fail(job["id"], error)
                 continue
             if job["status"] != "queued":
                 self.db.add_event(job["id"], "resuming after a service restart", level="warning")
