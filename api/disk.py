@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from cache_store.codecs import INT8_OUTLIERS
 from cache_store.errors import FixableError
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,13 @@ def store_estimate(
 ) -> int:
     """Bytes a store of `n_rows` rows of `data_bytes` bytes of text would take, before
     compression: tokens (at most max_length a row) x stored states (`n_layers`: kept layers
-    and embeddings) x stored width x the dtype's size, plus an int8 scale per state and the
+    and embeddings) x stored width x the dtype's size, plus an int8 scale and outliers per state and the
     token ids; with `full_width`, a generative store's last state per token at that width and
     its target id."""
     tokens = min(n_rows * max_length, data_bytes // BYTES_PER_TOKEN + SPECIAL_TOKENS * n_rows)
     per_value = 1 if dtype == "int8" else 2
-    scale = 4 if dtype == "int8" else 0
+    # int8: a float32 scale per state and token, and an int16 channel and bf16 value per outlier
+    scale = 4 + 4 * INT8_OUTLIERS if dtype == "int8" else 0
     per_token = n_layers * (width * per_value + scale) + 4
     if full_width:
         per_token += full_width * per_value + scale + 4

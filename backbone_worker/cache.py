@@ -31,6 +31,7 @@ from backbone_worker.gen_cache import (
 from backbone_worker.importance import fisher_scores, fit_probe, magnitude_scores
 from backbone_worker.options import CacheOptions, OptionError, stored_width
 from cache_store import ActivationStore, StoreLock
+from cache_store.codecs import INT8_OUTLIERS
 from cache_store.progress import Bar
 from cache_store.projection import ProjectionSpec
 from cache_store.projection import fit as fit_projection
@@ -69,6 +70,8 @@ def store_settings(
         "max_length": opts.max_length,
         "layers": layers,
         "dtype": opts.dtype,
+        # int8 keeps each token's largest channels apart (cache_store/codecs.py)
+        **({"int8_outliers": INT8_OUTLIERS} if opts.dtype == "int8" else {}),
         # Only pair data records it, so stores of single texts keep their fingerprints.
         **(
             {"text_pair": True}

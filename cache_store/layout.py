@@ -6,6 +6,8 @@ parts/part-00000/
     <stream>/input_ids  int32 (T)     T = total tokens of the stream in this part
     <stream>/states/<name>  (T, d)    stored dtype (float16 | uint16 bf16 bits | int8)
     <stream>/scales/<name>  float32 (T)   int8 only
+    <stream>/outlier_index/<name>   int16 (T, k)   int8 stores with settings int8_outliers = k
+    <stream>/outlier_values/<name>  uint16 (T, k)  bf16 bits of those channels
 The part group's attributes carry `committed`, `n_tokens` and per-stream metadata; they are
 written last, so a part without `committed` is an interrupted write.
 """

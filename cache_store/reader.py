@@ -123,10 +123,12 @@ def _window_batches(
 
 
 def _states_bytes(part: dict) -> int:
-    """Bytes of a part's stored state values (what the shuffle budget counts)."""
-    return sum(
-        e.values.nbytes for stream in part["streams"].values() for e in stream["states"].values()
-    )
+    """Bytes of a part's stored states (what the shuffle budget counts)."""
+    return sum(_nbytes(stream["states"]) for stream in part["streams"].values())
+
+
+def _nbytes(states: dict[str, Encoded]) -> int:
+    return sum(a.nbytes for e in states.values() for a in e.arrays().values())
 
 
 class _Rows:
@@ -138,10 +140,7 @@ class _Rows:
         ids = stream["input_ids"]
         self.ids = np.zeros(capacity + 1, dtype=ids.dtype)
         self.states = {
-            k: Encoded(
-                np.zeros((capacity + 1, *e.values.shape[1:]), dtype=e.values.dtype),
-                None if e.scales is None else np.zeros(capacity + 1, dtype=e.scales.dtype),
-            )
+            k: e.map(lambda a: np.zeros((capacity + 1, *a.shape[1:]), dtype=a.dtype))
             for k, e in stream["states"].items()
         }
 
@@ -156,17 +155,14 @@ class _Rows:
         at, n = self.used, len(ids)
         self.ids[at : at + n] = ids
         for k, e in states.items():
-            self.states[k].values[at : at + n] = e.values
-            if e.scales is not None:
-                self.states[k].scales[at : at + n] = e.scales
+            mine = self.states[k].arrays()
+            for field, array in e.arrays().items():
+                mine[field][at : at + n] = array
         self.used += n
         return at
 
     def _encoded(self, index) -> dict[str, Encoded]:
-        return {
-            k: Encoded(e.values[index], None if e.scales is None else e.scales[index])
-            for k, e in self.states.items()
-        }
+        return {k: e.map(lambda a: a[index]) for k, e in self.states.items()}
 
     def gather(self, positions: np.ndarray) -> tuple[np.ndarray, dict[str, Encoded]]:
         """Copies of the rows at `positions` (any shape; `capacity` gives a zero row)."""
@@ -222,7 +218,7 @@ class _Window:
             ids, states = rows.gather(positions)  # copies, so the rows can be written over
             rows.used = 0
             rows.write(ids, states)
-            nbytes += sum(e.values.nbytes for e in states.values())
+            nbytes += _nbytes(states)
             self.start[s] = np.cumsum(length) - length
             self.length[s] = length
         self.example_ids, self.labels = self.example_ids[kept], self.labels[kept]
@@ -259,7 +255,7 @@ def _spans(start: np.ndarray, length: np.ndarray) -> np.ndarray:
 class PaddedStream:
     input_ids: np.ndarray  # int64 (B, T)
     mask: np.ndarray  # bool (B, T)
-    states: dict[str, Encoded]  # values (B, T, d) in the stored dtype, int8 scales (B, T)
+    states: dict[str, Encoded]  # values (B, T, d) in the stored dtype, int8 scales (B, T) ...
 
 
 @dataclass(frozen=True)
@@ -329,9 +325,7 @@ class PaddedBatch:
             states = {}
             for k, enc in stream.states.items():
                 # views: decoding reads the rows in place
-                piece = Encoded(
-                    enc.values[rows, :t], None if enc.scales is None else enc.scales[rows, :t]
-                )
+                piece = enc.map(lambda a, t=t: a[rows, :t])
                 states[k] = decode_tensor(piece, self.dtype, device)
             out[s]["states"] = states
         return out

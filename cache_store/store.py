@@ -39,6 +39,10 @@ class ActivationStore:
         self.fingerprint: str = attrs["fingerprint"]
         self.plan: list[dict] = attrs["plan"]
         self.dtype: str = state_dtype(self.settings)
+        # Channels per token an int8 store keeps apart (codecs.INT8_OUTLIERS); none in stores
+        # written before it was recorded.
+        self.int8_outliers: int = int(self.settings.get("int8_outliers", 0))
+        self._fields = codecs.stored_fields(self.dtype, self.int8_outliers)
         spec = self.settings.get("projection")
         self.projection: projection.ProjectionSpec | None = (
             projection.ProjectionSpec(**spec) if spec else None
@@ -240,7 +244,9 @@ class ActivationStore:
                 f"its projection was not fitted; run `ladder cache` to fill it"
             )
         encoded = {
-            s: _encode_stream(s, stream, self.dtype, self.projection, matrices)
+            s: _encode_stream(
+                s, stream, self.dtype, self.projection, matrices, example_ids, self.int8_outliers
+            )
             for s, stream in streams.items()
         }
         del parts[name]
@@ -276,13 +282,9 @@ class ActivationStore:
         sums[f"{prefix}/input_ids"] = layout.write_array(group, "input_ids", stream["input_ids"])
         dims = {}
         for name, enc in stream["states"].items():
-            sums[f"{prefix}/states/{name}"] = layout.write_array(
-                group, f"states/{name}", enc.values
-            )
-            if enc.scales is not None:
-                sums[f"{prefix}/scales/{name}"] = layout.write_array(
-                    group, f"scales/{name}", enc.scales
-                )
+            for field, array in enc.arrays().items():
+                path = f"{codecs.ARRAY_DIRS[field]}/{name}"
+                sums[f"{prefix}/{path}"] = layout.write_array(group, path, array)
             dims[name] = int(enc.values.shape[1])
         return {"n_tokens": int(offsets[-1]), "states": dims}
 
@@ -324,9 +326,8 @@ class ActivationStore:
             wanted[s] = names
         paths = ["example_ids", "labels"]
         for s, names in wanted.items():
-            paths += [f"{s}/offsets", f"{s}/input_ids", *(f"{s}/states/{k}" for k in names)]
-            if self.dtype == "int8":
-                paths += [f"{s}/scales/{k}" for k in names]
+            paths += [f"{s}/offsets", f"{s}/input_ids"]
+            paths += [f"{s}/{codecs.ARRAY_DIRS[f]}/{k}" for k in names for f in self._fields]
         opened = self._opened_arrays(index)
         held = opened is not None and all(p in opened for p in paths)
         group = None if held else self._root[layout.part_path(index)]
@@ -348,8 +349,9 @@ class ActivationStore:
         for s, names in wanted.items():
             states = {}
             for k in names:
-                scales = data[f"{s}/scales/{k}"] if self.dtype == "int8" else None
-                encoded = codecs.Encoded(data[f"{s}/states/{k}"], scales)
+                encoded = codecs.Encoded(
+                    **{f: data[f"{s}/{codecs.ARRAY_DIRS[f]}/{k}"] for f in self._fields}
+                )
                 states[k] = codecs.decode(encoded, self.dtype) if decode else encoded
             streams[s] = {
                 "offsets": data[f"{s}/offsets"],
@@ -419,8 +421,12 @@ class ActivationStore:
             "layers": self.settings.get("layers"),
             "dtype": self.dtype,
             # The dtype's nominal size of one stored number, before compression: 2 for fp16 and
-            # bf16, 1 + 4/K for int8 (a float32 scale per token). None until a part is written.
-            "bytes_per_element": codecs.bytes_per_element(self.dtype, dims[0]) if dims else None,
+            # bf16, 1 + (4 + 4 x outliers)/K for int8 (a float32 scale per token, an int16
+            # channel and a bf16 value per outlier). None until a part is written.
+            "bytes_per_element": (
+                codecs.bytes_per_element(self.dtype, dims[0], self.int8_outliers) if dims else None
+            ),
+            "int8_outliers": self.int8_outliers if self.dtype == "int8" else None,
             "stored_width": dims[0] if dims else None,
             "projection": self.settings.get("projection"),
             "state_names": state_names,
@@ -489,9 +495,12 @@ def _encode_stream(
     dtype: str,
     spec: projection.ProjectionSpec | None = None,
     matrices: dict[str, np.ndarray] | None = None,
+    example_ids: np.ndarray | None = None,
+    outliers: int = 0,
 ) -> dict:
     """One stream's arrays as stored: offsets (n+1,), input_ids int32 (T,), states Encoded (T, d),
-    or (T, K) through the store's projection."""
+    or (T, K) through the store's projection. A state with a NaN or an infinity is a
+    StateRangeError naming the stream, the state and the example (its data-row id)."""
     lengths = np.array([len(ids) for ids in stream["input_ids"]], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (n+1,)
     ids = np.concatenate([np.asarray(i, dtype=np.int64).reshape(-1) for i in stream["input_ids"]])
@@ -500,12 +509,21 @@ def _encode_stream(
     states = {}
     for name, rows in stream["states"].items():
         values = np.concatenate(rows, axis=0)  # (T, d)
+        if (bad := codecs.first_non_finite(values)) is not None:
+            token, kind = bad
+            i = int(np.searchsorted(offsets, token, side="right")) - 1
+            row = f" (data row {int(example_ids[i])})" if example_ids is not None else ""
+            raise StateRangeError(
+                f"{prefix} state {name} of example {i} of this part{row} holds {kind} at token "
+                f"{token - int(offsets[i])}: the backbone produced non-finite states",
+                codecs.NON_FINITE_FIX,
+            )
         # The width map covers the ladder states; a state it has no map for (a generative
         # store's h_L, which the frozen LM head reads) stays full width.
         if spec is not None and f"{prefix}/{name}" in matrices:
             values = projection.apply(spec, matrices[f"{prefix}/{name}"], values)  # (T, K)
         try:
-            states[name] = codecs.encode(values, dtype)
+            states[name] = codecs.encode(values, dtype, outliers)
         except StateRangeError as exc:
             raise StateRangeError(
                 f"{prefix} state {name}: {exc.problem}", exc.fix, setting=exc.setting

@@ -22,6 +22,7 @@ from cache_store import (
     decode,
     encode,
 )
+from cache_store.codecs import Encoded, bf16_bits
 from cache_store.layout import CHUNK_BYTES, chunk_rows, part_path
 
 D = 8
@@ -37,6 +38,23 @@ def settings(**overrides) -> dict:
         "dtype": "fp16",
     }
     return {**base, **overrides}
+
+
+def codec(dtype: str) -> tuple[str, int]:
+    """A test's dtype: "fp16", "bf16", "int8" (a store written before outliers were kept apart)
+    or "int8/K" (each token's K largest channels kept apart): (stored dtype, outliers)."""
+    name, _, k = dtype.partition("/")
+    return name, int(k or 0)
+
+
+def dtype_settings(dtype: str) -> dict:
+    name, k = codec(dtype)
+    return settings(dtype=name, **({"int8_outliers": k} if k else {}))
+
+
+def round_trip(x: np.ndarray, dtype: str) -> np.ndarray:
+    name, k = codec(dtype)
+    return decode(encode(x, name, k), name)
 
 
 def make_plan(*sizes_and_splits: tuple[int, str]) -> list[dict]:
@@ -69,7 +87,7 @@ def write(store: ActivationStore, index: int, part: dict) -> bool:
 
 
 def build(tmp_path, plan, dtype="fp16", streams=("enc",)):
-    store = ActivationStore.create_or_open(str(tmp_path / "store"), settings(dtype=dtype), plan)
+    store = ActivationStore.create_or_open(str(tmp_path / "store"), dtype_settings(dtype), plan)
     parts = {p["index"]: make_part(p["index"], p["n"], streams) for p in plan}
     for index, part in parts.items():
         assert write(store, index, part)
@@ -86,10 +104,7 @@ def reference(parts: dict, dtype: str) -> dict:
                 {
                     s: (
                         np.asarray(stream["input_ids"][j]),
-                        {
-                            k: decode(encode(rows[j], dtype), dtype)
-                            for k, rows in stream["states"].items()
-                        },
+                        {k: round_trip(rows[j], dtype) for k, rows in stream["states"].items()},
                     )
                     for s, stream in part["streams"].items()
                 },
@@ -125,7 +140,7 @@ def test_bf16_matches_torch_bit_for_bit():
         .astype(np.float32)
         .reshape(-1, 2)
     )
-    ours = decode(encode(x, "bf16"), "bf16")
+    ours = decode(Encoded(bf16_bits(x)), "bf16")  # encode refuses non-finite states
     theirs = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
     nan = np.isnan(x)
     np.testing.assert_array_equal(np.isnan(ours), nan)  # NaN bit patterns vary by backend
@@ -143,9 +158,77 @@ def test_int8_error_within_half_scale_and_zero_rows():
     np.testing.assert_array_equal(decode(enc, "int8")[3], 0.0)
 
 
+def test_int8_keeps_an_outlier_channel_apart_and_the_rest_at_their_own_scale():
+    """An attention-sink token: one channel at 8,240, the rest near 6. One scale for the row
+    rounds every other channel to 0 or 1 step (~65 apart); with the largest channels kept apart
+    the rest are scaled by their own maximum and the outlier is bf16-exact."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 6, (4, 576)).astype(np.float32)
+    x[0, 17] = 8240.0
+    rest = np.ones(576, bool)
+    rest[17] = False
+    flat = decode(encode(x, "int8"), "int8")
+    assert np.linalg.norm(flat[0, rest] - x[0, rest]) / np.linalg.norm(x[0, rest]) > 0.3
+    enc = encode(x, "int8", outliers=2)
+    assert enc.outlier_index.shape == (4, 2) and enc.outlier_index.dtype == np.int16
+    assert 17 in enc.outlier_index[0]
+    got = decode(enc, "int8")
+    assert got[0, 17] == torch.tensor(8240.0).bfloat16().item()
+    for row in range(4):
+        apart = np.zeros(576, bool)
+        apart[enc.outlier_index[row]] = True
+        scale = np.abs(x[row, ~apart]).max() / 127  # the rest's own scale
+        assert np.abs(got[row, ~apart] - x[row, ~apart]).max() <= scale / 2 * (1 + 1e-5)
+        np.testing.assert_array_equal(
+            got[row, apart], torch.from_numpy(x[row, apart]).bfloat16().float().numpy()
+        )
+    assert np.linalg.norm(got[0, rest] - x[0, rest]) / np.linalg.norm(x[0, rest]) < 0.02
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_states_are_refused_by_every_dtype(dtype, bad):
+    """Before: fp16 skipped its range check when a value was already inf or NaN, bf16 stored
+    them, and an int8 row with an inf decoded as all NaN."""
+    x = np.ones((5, D), np.float32)
+    x[3, 2] = bad
+    with pytest.raises(StateRangeError, match="token 3 holds (NaN|an infinity)"):
+        encode(x, dtype)
+
+
+def test_a_non_finite_state_names_its_layer_and_example_and_writes_nothing(tmp_path):
+    store = ActivationStore.create_or_open(
+        str(tmp_path / "s"), dtype_settings("int8/2"), make_plan((3, "train"))
+    )
+    part = make_part(0, 3)
+    rows = part["streams"]["enc"]["states"]["layer_3"]
+    rows[1][min(2, len(rows[1]) - 1), 5] = np.nan
+    with pytest.raises(StateRangeError) as caught:
+        write(store, 0, part)
+    message = str(caught.value)
+    assert "enc state layer_3 of example 1 of this part (data row 1) holds NaN" in message
+    assert "non-finite" in message and "float32" in message  # the problem and the fix
+    assert not store.is_committed(0)
+    assert zarr.open_group(str(tmp_path / "s"), mode="r")["parts"].get("part-00000") is None
+
+
+def test_an_int8_store_written_before_outliers_were_kept_apart_still_reads(tmp_path):
+    """Stores record int8_outliers; one without it has no outlier arrays and reads as before."""
+    old, parts = build(tmp_path, make_plan((4, "train")), dtype="int8")
+    assert old.int8_outliers == 0
+    group = zarr.open_group(str(tmp_path / "store"), mode="r")[part_path(0)]
+    assert group["enc"].get("outlier_index") is None
+    assert old.info()["bytes_per_element"] == pytest.approx(1 + 4 / D)
+    full = np.concatenate(parts[0]["streams"]["enc"]["states"]["emb"])
+    np.testing.assert_array_equal(
+        old.read_part(0)["streams"]["enc"]["states"]["emb"], round_trip(full, "int8")
+    )
+
+
 def test_bytes_per_element():
     assert bytes_per_element("fp16", 768) == 2 and bytes_per_element("bf16", 768) == 2
     assert bytes_per_element("int8", 768) == pytest.approx(1 + 4 / 768)
+    assert bytes_per_element("int8", 768, 2) == pytest.approx(1 + 12 / 768)
     with pytest.raises(ValueError):
         bytes_per_element("fp8", 768)
 
@@ -171,7 +254,7 @@ def test_padding_never_stored(tmp_path):
             assert group[f"{s}/states/{k}"].dtype == np.float16
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8", "int8/2"])
 def test_write_then_read_part(tmp_path, dtype):
     store, parts = build(
         tmp_path, make_plan((5, "train"), (4, "test")), dtype=dtype, streams=("enc", "dec")
@@ -188,7 +271,7 @@ def test_write_then_read_part(tmp_path, dtype):
             for k, rows in stream["states"].items():
                 full = np.concatenate(rows)
                 assert g["states"][k].dtype == np.float32
-                np.testing.assert_array_equal(g["states"][k], decode(encode(full, dtype), dtype))
+                np.testing.assert_array_equal(g["states"][k], round_trip(full, dtype))
     assert list(store.read_part(0, state_names=["emb"])["streams"]["enc"]["states"]) == ["emb"]
 
 
@@ -348,7 +431,7 @@ def test_info(tmp_path):
 # ---- batches --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,prefetch", [("fp16", 0), ("int8", 0), ("int8", 2)])
+@pytest.mark.parametrize("dtype,prefetch", [("fp16", 0), ("int8", 0), ("int8/2", 0), ("int8/2", 2)])
 def test_iter_batches_covers_each_example_once_with_its_states(tmp_path, dtype, prefetch):
     """Inline and through the prefetch thread (what training on a GPU uses)."""
     plan = make_plan((7, "train"), (5, "validation"), (6, "train"), (4, "train"))
