@@ -524,6 +524,8 @@ def cmd_bench(args) -> dict:
     from bench.compare import finite_or_explained, markdown, run
 
     if args.task == "generate":
+        if args.budget:
+            raise OptionError("--budget is for the classification bench (--task classify)")
         return cmd_bench_generate(args)
     if args.tasks != GEN_TASKS or args.rows != 2000:
         raise OptionError("--tasks and --rows are for --task generate")
@@ -540,6 +542,7 @@ def cmd_bench(args) -> dict:
         grids=dict(args.grid),
         out=args.json or "bench/results/bench.json",
         workdir=args.workdir,
+        budget=args.budget,
     )
     if not args.json:
         print(markdown(report))
@@ -672,7 +675,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=positive_int,
         default=None,
-        help="training seeds at each method's chosen learning rate",
+        help="training seeds at every rate of each method's grid (the rate with the best mean "
+        "validation accuracy over them is chosen)",
+    )
+    p.add_argument(
+        "--budget",
+        action="store_true",
+        help="then cached LST again with full fine-tuning's time to model to spend: side "
+        "networks at its chosen rate, twice the epochs, as many as fit, averaged",
     )
     p.add_argument(
         "--grid",
@@ -713,7 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="keep the store, models and each finished step in DIR; run again with the same "
-        "DIR and settings to resume a stopped benchmark (default: a temporary directory)",
+        "DIR and settings to resume a stopped benchmark; DIR/steps holds every finished "
+        "step's whole result, so copied into another DIR it resumes there, on another "
+        "machine too (default: a temporary directory)",
     )
     p.add_argument(
         "--methods",

@@ -1,14 +1,18 @@
 """`ladder bench`: LST against full fine-tuning, LoRA, BitFit, a linear probe and the majority
 class, under one protocol for every method (bench/methods.py runs each step in its own process):
 
-1. the data's split is fixed by one seed (`split_seed`); train and validation come from the
-   `--limit` sample, the test split is the *whole* data's (it does not depend on --limit);
-2. every method trains at each rate of its own learning-rate grid with training seed 0, and keeps
-   its best epoch by validation accuracy; the rate with the best validation accuracy is chosen;
-3. at the chosen rate, further training seeds (full mode: 3 in all);
-4. the chosen models are scored on the whole test split: mean and sd over seeds, and a paired
-   comparison with full fine-tuning (paired bootstrap over test examples of the seed-averaged
-   correctness, and McNemar's exact test on seed 0).
+1. the data's split is fixed by one seed (`split_seed`); training rows come from the `--limit`
+   sample, validation rows are the first VAL_ROWS of the *whole* data's validation split (a
+   seeded random sample, hundreds of rows whatever --limit is), and the test split is the whole
+   data's (neither depends on --limit);
+2. every method trains at each rate of its own learning-rate grid with every training seed
+   (full mode: 3), keeping each run's best epoch by validation accuracy; the rate with the best
+   validation accuracy *averaged over the seeds* is chosen, so one lucky seed cannot choose it;
+3. the chosen rate's models (one per seed) are scored on the whole test split: mean and sd over
+   seeds, and a paired comparison with full fine-tuning: a bootstrap that resamples both the
+   training seeds of each method and the test rows (so the interval carries the spread between
+   seeds, not only between rows), its p-value from the same resampling (never printed as 0:
+   below 1/B it reads `< 1/B`), and McNemar's exact test on every seed pair.
 The test split is read once per chosen model and for nothing else: no choice looks at it.
 
 Writes a JSON file, a Markdown table and two PNG plots (memory vs accuracy, like the paper's
@@ -61,6 +65,8 @@ MODES = {
     "quick": {"limit": 1200, "epochs": 2, "seeds": 1, "grids": QUICK_GRIDS},
     "full": {"limit": 6000, "epochs": 3, "seeds": 3, "grids": GRIDS},
 }
+# Validation rows every choice is made on: the first of the whole data's validation split.
+VAL_ROWS = 1000
 # SmolLM2-135M is six times MiniLM: its quick mode takes fewer rows.
 QUICK_LIMIT_BY_BACKBONE = {"smollm2": 800}
 BOOTSTRAP = 10_000
@@ -91,25 +97,30 @@ def step(
     timeout: float,
     workdir: Path | None = None,
     module: str = "bench.methods",
+    again: bool = False,
 ) -> dict:
     """One step of the protocol (`python -m MODULE NAME CFG`) in its own process. With a
-    workdir, a step already finished there with the same settings is not run again: its
-    recorded result is returned."""
+    workdir, a step already finished there with the same settings is not run again (unless
+    `again`): its recorded result is returned. Where the workdir is does not count (paths in
+    it count by name), so records copied to another workdir are reused there."""
     record = None
     if workdir is not None:
+        same = {k: v for k, v in cfg.items() if k not in ("store", "out")}
+        if "out" in cfg:
+            same["out"] = Path(cfg["out"]).name
         key = json.dumps(
-            [name, cfg] if module == "bench.methods" else [module, name, cfg], sort_keys=True
+            [name, same] if module == "bench.methods" else [module, name, same], sort_keys=True
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         record = workdir / "steps" / f"{name}-{digest}.json"
-        if record.exists():
+        if record.exists() and not again:
             saved = json.loads(record.read_text())
             if saved["key"] == key:
                 log.info("%s: reusing the result recorded in %s", name, record)
                 return saved["result"]
     result = _python(["-m", module, name, json.dumps(cfg)], timeout)
     if record is not None:
-        record.parent.mkdir(exist_ok=True)
+        record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": key, "result": result}))
         tmp.replace(record)
@@ -168,11 +179,13 @@ def run(
     grids: dict | None = None,
     timeout_s: float = 7200,
     workdir: str | None = None,
+    budget: bool = False,
 ) -> dict:
     """Runs the protocol and returns its report. `workdir` keeps the store, the trained models and
     each finished step's result, so a run stopped part-way resumes there with the same settings
     (a step's result is reused only if its settings are identical); without it, a temporary
-    directory is used and removed."""
+    directory is used and removed. `budget`: cached LST again at full fine-tuning's time to
+    model (budget_run)."""
     mode = MODES["quick" if quick else "full"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     default_limit = QUICK_LIMIT_BY_BACKBONE.get(backbone, mode["limit"]) if quick else mode["limit"]
@@ -186,32 +199,60 @@ def run(
         "split_seed": split_seed,
         "lora_rank": 8,
         "device": device,
-        "mode": "quick" if quick else "full",
+        "val_rows": VAL_ROWS,
     }
     grids = {
         m: tuple(grids.get(m, mode["grids"][m]) if grids else mode["grids"][m]) for m in methods
     }
     n_seeds = seeds or mode["seeds"]
+    cfg["mode"] = mode_label(cfg, grids, n_seeds)
     started = time.perf_counter()
     keep = workdir is not None
     work = Path(workdir) if keep else Path(tempfile.mkdtemp(prefix="ladder-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     cfg["store"] = str(work / "store")
     try:
-        report = _run(cfg, methods, grids, n_seeds, work, timeout_s)
+        report = _run(cfg, methods, grids, n_seeds, work, timeout_s, budget)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
+    report["implausible"] = implausible(report)
+    for problem in report["implausible"]:
+        log.error("implausible figure: %s", problem)
     write_outputs(report, Path(out))
     return report
 
 
+def mode_label(cfg: dict, grids: dict, n_seeds: int) -> str:
+    """What ran: "quick" or "full" where every setting a mode fixes is that mode's (its rows for
+    this backbone, epochs, seeds, each method's whole grid), else "custom"."""
+    for name, mode in MODES.items():
+        limit = mode["limit"]
+        if name == "quick":
+            limit = QUICK_LIMIT_BY_BACKBONE.get(cfg["backbone"], limit)
+        if (
+            cfg["limit"] == limit
+            and cfg["epochs"] == mode["epochs"]
+            and n_seeds == mode["seeds"]
+            and all(tuple(g) == tuple(mode["grids"][m]) for m, g in grids.items())
+        ):
+            return name
+    return "custom"
+
+
 def _run(
-    cfg: dict, methods: tuple[str, ...], grids: dict, n_seeds: int, workdir: Path, timeout_s: float
+    cfg: dict,
+    methods: tuple[str, ...],
+    grids: dict,
+    n_seeds: int,
+    workdir: Path,
+    timeout_s: float,
+    budget: bool = False,
 ) -> dict:
-    # The one-off caching cost of lst_cached, in its own process like every method.
-    cache = step("cache", cfg, timeout_s, workdir)
+    # The one-off caching cost of lst_cached, in its own process like every method; on a
+    # machine without the store (records carried from another), cached again.
+    cache = step("cache", cfg, timeout_s, workdir, again=not Path(cfg["store"]).exists())
     log.info("cached %d examples in %.1fs", cache["n_examples"], cache["caching_seconds"])
 
     runs: dict[str, dict] = {}
@@ -224,23 +265,25 @@ def _run(
                 f"{cfg['backbone']} has no bias parameters, so BitFit has nothing to train"
             )
             continue
-        grid = []
-        for lr in grids[method]:
-            grid.append(_train(cfg, method, lr, 0, workdir, timeout_s))
-        chosen = max(grid, key=lambda r: r["val_accuracy"])  # first best in grid order
-        seeds = [chosen] + [
-            _train(cfg, method, chosen["lr"], seed, workdir, timeout_s)
-            for seed in range(1, n_seeds)
-        ]
-        runs[method] = {"grid": grid, "seeds": seeds}
+        by_rate = {
+            lr: [_train(cfg, method, lr, seed, workdir, timeout_s) for seed in range(n_seeds)]
+            for lr in grids[method]
+        }
+        chosen = choose_rate(by_rate)
+        runs[method] = {
+            "grid": [r for rs in by_rate.values() for r in rs],
+            "seeds": by_rate[chosen],
+        }
 
-    models = [
-        {"method": m, "seed": r["seed"], "path": r["path"]}
-        for m, rs in runs.items()
-        for r in rs["seeds"]
-    ]
-    tested = step("evaluate", {**cfg, "models": models}, timeout_s)
-    log.info("evaluated %d models on %d test examples", len(models), tested["n_test"])
+    # The chosen runs' test figures (each train step scored its model after its clocks
+    # stopped), and the baselines'.
+    tested = step("evaluate", cfg, timeout_s, workdir)
+    chosen = [(m, r) for m, rs in runs.items() for r in rs["seeds"]]
+    tested["correct"] = {
+        f"{m}/{r['seed']}": unpack(r["test_correct"], tested["n_test"]) for m, r in chosen
+    }
+    tested["reports"] = {f"{m}/{r['seed']}": r["test_report"] for m, r in chosen}
+    log.info("%d chosen models on %d test examples", len(chosen), tested["n_test"])
 
     results = {m: _summary(m, runs[m], tested, cfg, cache) if m in runs else None for m in methods}
     correct = {
@@ -269,6 +312,7 @@ def _run(
     report = {
         "config": {k: v for k, v in cfg.items() if k != "store"} | {"seeds": n_seeds},
         "machine": machine(),
+        "n_validation": tested["n_validation"],
         "methods": results,
         "baselines": baselines,
         "cache": {
@@ -281,9 +325,113 @@ def _run(
     }
     report["cache"].update(read_path(cfg, timeout_s))
     report["inference"] = inference_ratios(cfg)
-    report["sweep"] = step("sweep", cfg, timeout_s)
+    report["sweep"] = sweep_figures(cfg, timeout_s)
     report["ratios"] = _ratios(results)
+    if budget:
+        report["budget"] = budget_run(cfg, results, correct, cache, n_seeds, workdir, timeout_s)
     return report
+
+
+BUDGET_EPOCHS = 2  # times the protocol's epochs: a cached epoch costs seconds
+
+
+def budget_run(
+    cfg: dict,
+    results: dict,
+    correct: dict,
+    cache: dict,
+    n_seeds: int,
+    workdir: Path,
+    timeout_s: float,
+) -> dict:
+    """Cached LST at full fine-tuning's time to model: for each training seed, one process with
+    that many seconds less the store's caching (bench.methods.budget: side networks at cached
+    LST's chosen rate, BUDGET_EPOCHS times the epochs each, as many as fit, averaged). Both
+    methods' rate searches are left out alike: full fine-tuning's time is one run at its
+    chosen rate."""
+    if not (results.get("full") and results.get("lst_cached")):
+        raise ValueError("the budget mode needs full fine-tuning and cached LST among the methods")
+    budget_s = results["full"]["time_to_model_s"]
+    runs = [
+        step(
+            "budget",
+            {
+                **cfg,
+                "lr": results["lst_cached"]["lr"],
+                "seed": seed,
+                "budget_s": round(budget_s - cache["caching_seconds"], 1),
+                "budget_epochs": BUDGET_EPOCHS * cfg["epochs"],
+                "out": str(workdir / f"budget-{seed}"),
+            },
+            timeout_s,
+            workdir,
+        )
+        for seed in range(n_seeds)
+    ]
+    n_test = results["full"]["n_test"]
+    hits = np.array([unpack(r["test_correct"], n_test) for r in runs])
+    accuracy = [float(h.mean()) for h in hits]
+    return {
+        "budget_s": budget_s,
+        "lr": results["lst_cached"]["lr"],
+        "seeds": list(range(n_seeds)),
+        "networks": [r["networks"] for r in runs],
+        "epochs": runs[0]["epochs"],
+        "val_accuracy": float(np.mean([r["val_accuracy"] for r in runs])),
+        "val_accuracy_networks": [r["val_accuracy_networks"] for r in runs],
+        "test_accuracy": float(np.mean(accuracy)),
+        "test_accuracy_sd": float(np.std(accuracy, ddof=1)) if len(accuracy) > 1 else None,
+        "test_accuracy_per_seed": accuracy,
+        "test_macro_f1_per_seed": [r["test_report"]["macro_f1"] for r in runs],
+        "test_correct_per_seed": [r["test_correct"] for r in runs],
+        "n_test": n_test,
+        # Caching included, as for cached LST's time to model.
+        "time_to_model_s": round(
+            float(np.mean([r["time_to_model_s"] for r in runs])) + cache["caching_seconds"], 1
+        ),
+        "peak_mem_mb": round(float(np.mean([r["peak_mem_mb"] for r in runs])), 1),
+        "peak_total_mb": round(float(np.mean([r["peak_total_mb"] for r in runs])), 1),
+        "memory_vs_full": round(
+            float(np.mean([r["peak_mem_mb"] for r in runs])) / results["full"]["peak_mem_mb"], 3
+        ),
+        "vs_full": paired(hits, correct["full"]),
+    }
+
+
+def choose_rate(by_rate: dict[float, list[dict]]) -> float:
+    """The rate whose runs (one per seed) have the best mean validation accuracy; the first of
+    the grid where two tie."""
+    return max(by_rate, key=lambda lr: np.mean([r["val_accuracy"] for r in by_rate[lr]]))
+
+
+def sweep_figures(cfg: dict, timeout_s: float) -> dict:
+    """bench.methods.sweep's three kinds, each in a process of its own, and their ratios."""
+    from bench.methods import SWEEPS
+
+    out: dict = {}
+    for kind in SWEEPS:
+        out.update(step("sweep", {**cfg, "sweep": kind}, timeout_s))
+    out["k8_vs_single"] = round(out["k8_s"] / out["single_s"], 3)
+    out["k8_halving_vs_single"] = round(out["k8_halving_s"] / out["single_s"], 3)
+    return out
+
+
+def implausible(report: dict) -> list[str]:
+    """Figures that cannot be right for the work they measure (should be none): a peak memory
+    not above zero, or a sweep of 8 side networks that peaked below one network alone."""
+    bad = []
+    for method, r in (report.get("methods") or {}).items():
+        if r and r.get("peak_mem_mb") is not None and r["peak_mem_mb"] <= 0:
+            bad.append(f"methods.{method}.peak_mem_mb = {r['peak_mem_mb']}")
+    sweep = report.get("sweep") or {}
+    single = sweep.get("single_peak_mem_mb")
+    for kind in ("k8", "k8_halving"):
+        peak = sweep.get(f"{kind}_peak_mem_mb")
+        if single is not None and peak is not None and peak < single:
+            bad.append(
+                f"sweep.{kind}_peak_mem_mb = {peak}: 8 side networks below one alone ({single})"
+            )
+    return bad
 
 
 def _train(cfg: dict, method: str, lr: float, seed: int, workdir: Path, timeout_s: float) -> dict:
@@ -318,9 +466,19 @@ def _summary(method: str, runs: dict, tested: dict, cfg: dict, cache: dict) -> d
         time_to_model = round(time_to_model + cache["caching_seconds"], 1)
     return {
         "lr": seeds[0]["lr"],
-        "lr_grid": [r["lr"] for r in runs["grid"]],
+        "lr_grid": list(dict.fromkeys(r["lr"] for r in runs["grid"])),
         "grid": [
-            {k: r[k] for k in ("lr", "val_accuracy", "val_history", "best_epoch", "examples_per_s")}
+            {
+                k: r[k]
+                for k in (
+                    "lr",
+                    "seed",
+                    "val_accuracy",
+                    "val_history",
+                    "best_epoch",
+                    "examples_per_s",
+                )
+            }
             for r in runs["grid"]
         ],
         "seeds": [r["seed"] for r in seeds],
@@ -328,6 +486,9 @@ def _summary(method: str, runs: dict, tested: dict, cfg: dict, cache: dict) -> d
         "test_accuracy": float(np.mean(accuracy)),
         "test_accuracy_sd": float(np.std(accuracy, ddof=1)) if len(accuracy) > 1 else None,
         "test_accuracy_per_seed": accuracy,
+        # Which test rows each seed got right (hex of the packed bits, in the test split's
+        # order): the paired statistics can be recomputed from the report (correct_per_seed).
+        "test_correct_per_seed": [r["test_correct"] for r in seeds],
         # Beside accuracy: macro-F1 per seed, and what the majority class scores on these rows
         # (a model that answers one class has exactly its accuracy and macro-F1).
         "test_macro_f1": float(np.mean(macro_f1)) if macro_f1 else None,
@@ -338,6 +499,8 @@ def _summary(method: str, runs: dict, tested: dict, cfg: dict, cache: dict) -> d
         "n_test": tested["n_test"],
         "examples_per_s": mean("examples_per_s"),
         "time_to_model_s": time_to_model,
+        # online LST: its Fisher pass, which its time to model includes
+        **({"importance_s": mean("importance_s")} if method == "lst_online" else {}),
         "peak_mem_mb": mean("peak_mem_mb"),
         "peak_total_mb": mean("peak_total_mb"),
         "gpu_peak_mem_mb": mean("gpu_peak_mem_mb"),
@@ -345,6 +508,16 @@ def _summary(method: str, runs: dict, tested: dict, cfg: dict, cache: dict) -> d
         "trainable_params": seeds[0]["trainable_params"],
         "trainable_pct": seeds[0]["trainable_pct"],
     }
+
+
+def unpack(hits: str, n: int) -> np.ndarray:
+    """(n,) bool from a train step's `test_correct` (bench.methods.test_result)."""
+    return np.unpackbits(np.frombuffer(bytes.fromhex(hits), dtype=np.uint8))[:n].astype(bool)
+
+
+def correct_per_seed(figures: dict) -> np.ndarray:
+    """(seeds, n_test) bool: a method's test correctness per seed, as the report keeps it."""
+    return np.array([unpack(h, figures["n_test"]) for h in figures["test_correct_per_seed"]])
 
 
 def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
@@ -358,18 +531,69 @@ def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
-    """Method a against b on the same test examples. a, b: (seeds, N) bool. The paired bootstrap
-    resamples examples of the seed-averaged correctness difference; McNemar takes seed 0 of each."""
-    diff = a.mean(0) - b.mean(0)  # (N,)
+    """Method a against b on the same test rows. a, b: (seeds, N) bool, a row per training seed
+    (the methods' seeds are independent runs; their counts may differ).
+
+    The bootstrap resamples, BOOTSTRAP times, the training seeds of each method (with
+    replacement, independently) and the test rows (with replacement, the same rows for both):
+    the 95% interval is the percentile interval of the resampled mean difference, and carries
+    the spread between seeds as well as between rows (`ci95_rows` resamples rows only, the
+    seed-averaged difference: what the interval was before). The p-value comes from the same
+    resampling, centred under the null (how often a resampled difference strays from the
+    observed one by at least the observed difference itself); when none does it is reported as
+    its bound 1/BOOTSTRAP with `p_bootstrap_bound`, never as 0. McNemar's exact test runs on
+    each seed pair (seed k of a against seed k of b)."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    n = a.shape[1]
     rng = np.random.default_rng(seed)
-    means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(BOOTSTRAP)])
-    p = min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean()))
+    per_row_a, per_row_b = a.astype(np.float64), b.astype(np.float64)
+    observed = float(per_row_a.mean() - per_row_b.mean())
+    both, rows_only = np.empty(BOOTSTRAP), np.empty(BOOTSTRAP)
+    seed_avg = per_row_a.mean(0) - per_row_b.mean(0)  # (N,)
+    chunk = 500
+    for start in range(0, BOOTSTRAP, chunk):
+        k = min(chunk, BOOTSTRAP - start)
+        counts = _shares(rng, n, k)  # (k, N): each replicate's weight on each row
+        wa = _shares(rng, len(a), k)  # (k, seeds of a)
+        wb = _shares(rng, len(b), k)
+        diff_rows = wa @ per_row_a - wb @ per_row_b  # (k, N): resampled seeds' mean per row
+        both[start : start + k] = (counts * diff_rows).sum(1)
+        rows_only[start : start + k] = counts @ seed_avg
+    strays = int((np.abs(both - observed) >= abs(observed)).sum()) if observed else BOOTSTRAP
     return {
-        "accuracy_diff": round(float(diff.mean()), 4),
-        "ci95": [round(float(x), 4) for x in np.percentile(means, [2.5, 97.5])],
-        "p_bootstrap": round(float(p), 4),
-        "p_mcnemar": round(mcnemar_p(a[0], b[0]), 4),
+        "accuracy_diff": round(observed, 4),
+        "ci95": [round(float(x), 4) for x in np.percentile(both, [2.5, 97.5])],
+        "ci95_rows": [round(float(x), 4) for x in np.percentile(rows_only, [2.5, 97.5])],
+        "p_bootstrap": _p(max(strays, 1) / BOOTSTRAP),
+        "p_bootstrap_bound": strays == 0,
+        "bootstrap": BOOTSTRAP,
+        "seeds": [len(a), len(b)],
+        "p_mcnemar_per_seed": [_p(mcnemar_p(x, y)) for x, y in zip(a, b)],
     }
+
+
+def _shares(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """(k, n): the share of each of n items in each of k resamplings of n with replacement."""
+    draws = rng.integers(0, n, (k, n)) + n * np.arange(k)[:, None]
+    return np.bincount(draws.ravel(), minlength=k * n).reshape(k, n) / n
+
+
+def _p(p: float) -> float:
+    """A p-value to 3 significant digits: rounding to a fixed number of decimals turns a small
+    one into 0."""
+    return float(f"{min(p, 1.0):.3g}")
+
+
+def p_text(vs: dict) -> str:
+    """The bootstrap p-value as a table prints it: `p < 0.0001` at its bound, never `p = 0`."""
+    # Reports from before the bound was recorded rounded a p-value below 1/B to 0.
+    if vs.get("p_bootstrap_bound") or vs["p_bootstrap"] == 0:
+        return f"p < {1 / vs.get('bootstrap', BOOTSTRAP):g}"
+    return (
+        f"p = {vs['p_bootstrap']:.2g}"
+        if vs["p_bootstrap"] < 0.001
+        else (f"p = {vs['p_bootstrap']:.3f}")
+    )
 
 
 def has_biases(backbone: str) -> bool:
@@ -514,7 +738,7 @@ def markdown(report: dict) -> str:
         vs = r.get("vs_full")
         versus = (
             f"{100 * vs['accuracy_diff']:+.1f} pts [{100 * vs['ci95'][0]:+.1f}, "
-            f"{100 * vs['ci95'][1]:+.1f}], p = {vs['p_bootstrap']:.3f}"
+            f"{100 * vs['ci95'][1]:+.1f}], {p_text(vs)}"
             if vs
             else ""
         )
@@ -544,6 +768,7 @@ def markdown(report: dict) -> str:
         f"| linear probe (weight decay {b['probe']['weight_decay']:g}) | | | | | | "
         f"{b['probe']['test_accuracy']:.3f} |" + (" |" if f1 else "") + " |"
     )
+    rows += budget_rows(report)
     i = report["inference"]
     n_test = next((r["n_test"] for r in report["methods"].values() if r), 0)
     rows += [
@@ -593,14 +818,36 @@ def markdown(report: dict) -> str:
             else []
         ),
         f"Ratios: {json.dumps(report['ratios'])}.",
-        f"Setup: {cfg['backbone']}, {cfg['data']} (limit {cfg['limit']}, split seed "
-        f"{cfg['split_seed']}), {cfg['epochs']} epochs, batch {cfg['batch_size']}, length "
+        f"Setup: {cfg.get('mode', '')} mode, {cfg['backbone']}, {cfg['data']} (limit "
+        f"{cfg['limit']}, split seed {cfg['split_seed']}"
+        + (f", validation {report['n_validation']} rows" if "n_validation" in report else "")
+        + f"), {cfg['epochs']} epochs, batch {cfg['batch_size']}, length "
         f"{cfg['max_length']}; {report['machine']['cores']} CPU cores "
         f"({report['machine']['cpu']}), GPU: "
         f"{report['machine']['gpu']}, torch {report['machine']['torch']}; "
         f"{report['seconds']} s in all.",
     ]
     return "\n".join(rows) + "\n"
+
+
+def budget_rows(report: dict) -> list[str]:
+    """The budget mode's row: cached LST at full fine-tuning's time to model."""
+    b = report.get("budget")
+    if not b:
+        return []
+    vs = b["vs_full"]
+    sd = f" ± {b['test_accuracy_sd']:.3f}" if b.get("test_accuracy_sd") is not None else ""
+    return [
+        "",
+        f"**At full fine-tuning's time to model ({b['budget_s']:.0f} s)**, cached LST "
+        f"(lr {b['lr']:g}, {b['epochs']} epochs a network, "
+        f"{'/'.join(str(n) for n in b['networks'])} networks averaged per seed, caching "
+        f"included): test accuracy {b['test_accuracy']:.3f}{sd}, vs full "
+        f"{100 * vs['accuracy_diff']:+.1f} pts [{100 * vs['ci95'][0]:+.1f}, "
+        f"{100 * vs['ci95'][1]:+.1f}], {p_text(vs)}; time to model {b['time_to_model_s']:.0f} "
+        f"s; peak {b['peak_mem_mb']:.0f} MB above load ({100 * b['memory_vs_full']:.0f}% of "
+        f"full fine-tuning's).",
+    ]
 
 
 def write_outputs(report: dict, out: Path) -> None:

@@ -1,9 +1,9 @@
 """The steps of `ladder bench`, each run in its own fresh process by bench/compare.py.
 
     python -m bench.methods cache CONFIG_JSON      the store of lst_cached (timed: caching cost)
-    python -m bench.methods train CONFIG_JSON      one method at one learning rate and seed
-    python -m bench.methods evaluate CONFIG_JSON   chosen models, the probe and the majority class
-                                                   on the whole test split
+    python -m bench.methods train CONFIG_JSON      one method at one learning rate and seed, its
+                                                   model then scored on the whole test split
+    python -m bench.methods evaluate CONFIG_JSON   the probe and the majority class on it
 
 Each prints one JSON line on stdout. Every method trains on the same examples, epochs, batch
 size, sequence length and schedule (AdamW, linear decay after 6% warm-up, grad clip 1.0), with
@@ -20,16 +20,23 @@ What is timed, alike for every method:
   LST;
 - memory: peak RSS above the post-load baseline and in total; on a GPU also
   torch.cuda.max_memory_allocated (side_trainer.memory).
+
+After its clocks stop, a train step scores the model it keeps on the whole test split (which
+rows it gets right, and its report): a step's record is then a whole result, and a long bench
+resumes from its records on another machine (`ladder bench --workdir`) without the models. The
+bench reads the test figures of the chosen rate's runs only, and chooses on validation alone.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,12 +73,31 @@ class Classifier(nn.Module):
 
 
 def load_data(cfg: dict):
-    """(dataset of the --limit sample: train and validation; the whole data's test split)."""
+    """(the data set every method trains and chooses on, the whole data's test split). Its train
+    split is the --limit sample's; its validation split the first `val_rows` of the whole
+    data's (a seeded random sample of it, drawn as the test split is: a --limit sample's
+    validation split is a tenth of --limit, 80 rows at 800, too few to choose on), or the
+    sample's own where `val_rows` is unset."""
     from backbone_worker.data import load_dataset
 
     data = load_dataset(cfg["data"], limit=cfg["limit"], seed=cfg["split_seed"])
-    test = load_dataset(cfg["data"], seed=cfg["split_seed"]).split("test")
-    return data, test
+    whole = load_dataset(cfg["data"], seed=cfg["split_seed"])
+    if cfg.get("val_rows"):
+        data = with_validation(data, whole.split("validation")[: cfg["val_rows"]])
+    return data, whole.split("test")
+
+
+def with_validation(data, validation: list):
+    """`data`'s training rows and `validation` (rows of the same split seed's validation split)
+    as one data set, with a fingerprint of its own (its store is not the sample's)."""
+    import hashlib
+    from dataclasses import replace
+
+    kept = {e.id: e for e in data.split("train") + validation}
+    digest = hashlib.sha256(
+        f"{data.fingerprint}:validation:{','.join(str(e.id) for e in validation)}".encode()
+    ).hexdigest()
+    return replace(data, examples=[kept[k] for k in sorted(kept)], fingerprint=digest)
 
 
 def length_batches(examples: list, batch_size: int, seed: int) -> list[list]:
@@ -241,13 +267,43 @@ def train_baseline(method: str, cfg: dict) -> dict:
         state,
     )
     torch.save(best, cfg["out"])
+    time_to_model = round(time.perf_counter() - started, 1)
+    with torch.no_grad():
+        weights = dict(net.named_parameters())
+        for name in names:
+            weights[name].copy_(best[name])
+    _, test = load_data(cfg)
+    predicted = classifier_predictions(net, backbone, test, data.labels, cfg["max_length"])
     n_backbone = sum(p.numel() for n, p in backbone.model.named_parameters() if "lora_" not in n)
     trainable = sum(p.numel() for p in params)
     return {
         **figures,
-        "time_to_model_s": round(time.perf_counter() - started, 1),
+        "time_to_model_s": time_to_model,
         "trainable_params": trainable,
         "trainable_pct": 100 * trainable / n_backbone,
+        **classifier_test_result(test, predicted, data.labels),
+    }
+
+
+def classifier_test_result(test: list, predicted: list[str], labels: list[str]) -> dict:
+    from side_trainer.metrics import confusion, report
+
+    index = {label: k for k, label in enumerate(labels)}
+    return test_result(
+        [p == e.label for p, e in zip(predicted, test)],
+        report(
+            confusion([index[e.label] for e in test], [index[p] for p in predicted], len(labels)),
+            labels,
+        ),
+    )
+
+
+def test_result(hits: list[bool], report: dict) -> dict:
+    """A model's test figures as a step records them: which rows it got right (hex of the
+    packed bits, in the test split's order) and its report (side_trainer.metrics.report)."""
+    return {
+        "test_correct": np.packbits(np.asarray(hits, dtype=bool)).tobytes().hex(),
+        "test_report": report,
     }
 
 
@@ -270,7 +326,17 @@ def train_lst(method: str, cfg: dict) -> dict:
     device = cfg["device"]
     started = time.perf_counter()
     store = ActivationStore.open(cfg["store"])
-    net = build_side_network(store, TrainOptions(init="fisher", seed=cfg["seed"])).to(device)
+    importance = None
+    if method == "lst_online":
+        # Online LST starts from the Fisher importance as cached LST does, and pays for its own
+        # pass here (cached LST's is in its caching time).
+        backbone = load_backbone(cfg["backbone"], device)
+        data, _ = load_data(cfg)
+        begun = time.perf_counter()
+        importance = fisher_importance(backbone, data, store.settings["layers"], cfg)
+        importance_s = round(time.perf_counter() - begun, 1)
+    options = TrainOptions(init="fisher", seed=cfg["seed"])
+    net = build_side_network(store, options, importance).to(device)
     params = [p for p in net.parameters() if p.requires_grad]
     n_train = store.n_examples("train")
 
@@ -280,8 +346,6 @@ def train_lst(method: str, cfg: dict) -> dict:
     if method == "lst_online":
         from api.inference import JointModel
 
-        backbone = load_backbone(cfg["backbone"], device)
-        data, _ = load_data(cfg)
         train, validation = data.split("train"), data.split("validation")
 
         def step(chunk):
@@ -325,13 +389,130 @@ def train_lst(method: str, cfg: dict) -> dict:
     figures, best = train_loop(step, params, cfg, n_train, epoch_batches, validate, device, state)
     net.load_state_dict(best)
     save_side_model(net.cpu(), cfg["out"])
+    time_to_model = round(time.perf_counter() - started, 1)
     trainable = net.trainable_parameters()
     return {
         **figures,
-        "time_to_model_s": round(time.perf_counter() - started, 1),
+        "time_to_model_s": time_to_model,
         "trainable_params": trainable,
         "trainable_pct": 100 * trainable / backbone_parameter_count(net.cfg),
+        # online LST's own Fisher pass, inside its time to model
+        **({"importance_s": importance_s} if importance is not None else {}),
+        **lst_test_result(cfg, cfg["out"]),
     }
+
+
+def lst_test_result(cfg: dict, path: str) -> dict:
+    """test_result of a saved side model, through the live backbone as it is served."""
+    from api.inference import JointModel
+    from api.inference import evaluate as evaluate_joint
+    from backbone_worker.backbone import load_backbone
+    from side_trainer.artifacts import load_side_model
+
+    _, test = load_data(cfg)
+    side = load_side_model(path).to(cfg["device"])
+    joint = JointModel(load_backbone(cfg["backbone"], cfg["device"]), [side])
+    scored = evaluate_joint(joint, test)
+    return test_result(scored["correct"][0], scored["reports"][0])
+
+
+def budget(cfg: dict) -> dict:
+    """Cached LST given the wall-clock time full fine-tuning takes to its model (`cfg["budget_s"]`,
+    the store's caching already taken off): side networks at the chosen rate (`cfg["lr"]`), each
+    from a seed of its own, each trained `cfg["budget_epochs"]` epochs keeping its best epoch by
+    validation, one after another while the next is expected to fit; the model is their average
+    (of probabilities), as one backbone pass serves them all. Timed as a train step is; the
+    ensemble's test figures after the clock stops."""
+    from api.inference import JointModel
+    from backbone_worker.backbone import load_backbone
+    from cache_store import ActivationStore
+    from side_trainer.train import TrainOptions, build_side_network, to_device
+
+    device = cfg["device"]
+    started = time.perf_counter()
+    store = ActivationStore.open(cfg["store"])
+    n_train = store.n_examples("train")
+    run_cfg = {**cfg, "epochs": cfg["budget_epochs"]}
+    nets, figures, last = [], [], 0.0
+    while not nets or time.perf_counter() - started + last <= cfg["budget_s"]:
+        begun = time.perf_counter()
+        seed = cfg["seed"] * 1000 + len(nets)
+        net = build_side_network(store, TrainOptions(init="fisher", seed=seed)).to(device)
+        params = [p for p in net.parameters() if p.requires_grad]
+
+        def step(batch, net=net):
+            net.train()
+            batch = to_device(batch, device)
+            return net.loss(batch, net(batch)), len(batch["labels"])
+
+        def validate(net=net) -> float:
+            return float(validation_hits([net], store, cfg)[0][0].mean())
+
+        def state(net=net) -> dict:
+            return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+        def epoch_batches(epoch, seed=seed):
+            return store.iter_batches("train", cfg["batch_size"], seed=seed * 1000 + epoch)
+
+        result, best = train_loop(
+            step, params, run_cfg, n_train, epoch_batches, validate, device, state
+        )
+        net.load_state_dict(best)
+        nets.append(net.eval())
+        figures.append(result)
+        last = time.perf_counter() - begun
+    per_net, averaged = validation_hits(nets, store, cfg)
+    time_to_model = round(time.perf_counter() - started, 1)
+    data, test = load_data(cfg)
+    joint = JointModel(load_backbone(cfg["backbone"], device), nets)
+    predicted = [""] * len(test)
+    with torch.inference_mode():
+        for idx in sorted_batches(test):
+            probs = joint.probabilities([test[k].text for k in idx])
+            for k, p in zip(idx, torch.stack(probs).mean(0).argmax(-1).tolist()):
+                predicted[k] = nets[0].cfg.labels[p]
+    return {
+        "networks": len(nets),
+        "epochs": cfg["budget_epochs"],
+        "val_accuracy": float(averaged.mean()),
+        "val_accuracy_networks": [round(float(h.mean()), 4) for h in per_net],
+        "examples_per_s": round(sum(f["examples_per_s"] for f in figures) / len(figures), 1),
+        "peak_mem_mb": max(f["peak_mem_mb"] for f in figures),
+        "peak_total_mb": max(f["peak_total_mb"] for f in figures),
+        "time_to_model_s": time_to_model,
+        "budget_s": cfg["budget_s"],
+        **classifier_test_result(test, predicted, data.labels),
+    }
+
+
+def validation_hits(nets: list, store, cfg: dict) -> tuple[list, np.ndarray]:
+    """Which stored validation rows each network gets right ((N,) bool each), and which the
+    networks' averaged probabilities get right, the split read once."""
+    from side_trainer.train import to_device
+
+    per_net, averaged = [[] for _ in nets], []
+    with torch.inference_mode():
+        for batch in store.iter_batches("validation", cfg["batch_size"], shuffle=False):
+            batch = to_device(batch, cfg["device"])
+            probs = [F.softmax(net.eval()(batch).float(), -1) for net in nets]
+            for hits, p in zip(per_net, probs):
+                hits.append((p.argmax(-1) == batch["labels"]).cpu().numpy())
+            mean = torch.stack(probs).mean(0)
+            averaged.append((mean.argmax(-1) == batch["labels"]).cpu().numpy())
+    return [np.concatenate(h) for h in per_net], np.concatenate(averaged)
+
+
+def fisher_importance(backbone, data, layers: list[int], cfg: dict) -> dict:
+    """The importance scores `ladder cache` writes beside a store (the Fisher pass and the
+    weights' magnitudes), computed here with the cache step's settings."""
+    import tempfile
+
+    from backbone_worker.cache import CacheOptions, read_importance, write_importance
+
+    with tempfile.TemporaryDirectory() as scratch:
+        opts = CacheOptions(max_length=cfg["max_length"])
+        write_importance(scratch, backbone, data, layers, opts)
+        return read_importance(scratch)
 
 
 def read_timings(store, batch_size: int, device: str = "cpu", repeats: int = 10) -> tuple:
@@ -363,35 +544,40 @@ def read_path(cfg: dict) -> dict:
     return {"read_vs_memory": round(store_s / memory_s, 3)}
 
 
+SWEEPS = ("single", "k8", "k8_halving")
+
+
 def sweep(cfg: dict) -> dict:
     """Seconds of `ladder train` (side_trainer.train, everything it does: building the networks
-    from the backbone's pruned weights, reading the store, validation) for one configuration and
-    for a sweep of 8 (4 learning rates x 2 seeds) trained in lockstep, same epochs: every
-    configuration trained to the end, and with successive halving; with the validation accuracy
-    of the model each keeps."""
+    from the backbone's pruned weights, reading the store, validation) for `cfg["sweep"]`: one
+    configuration ("single"), or a sweep of 8 (4 learning rates x 2 seeds) trained in lockstep,
+    same epochs, every configuration trained to the end ("k8") or with successive halving
+    ("k8_halving"); with the validation accuracy of the model it keeps and its peak memory. Each
+    kind runs in a process of its own (bench/compare.py): a peak above the process's start is
+    only comparable between runs that start alike."""
     import tempfile
 
     from side_trainer.train import TrainOptions, train
 
     rates = [3e-4, 1e-3, 3e-3, 1e-2]
     common = {"epochs": cfg["epochs"], "batch_size": cfg["batch_size"], "device": cfg["device"]}
+    name = cfg["sweep"]
+    opts = {
+        "single": TrainOptions(lr=1e-3, **common),
+        "k8": TrainOptions(lr=rates, n_seeds=2, **common),
+        "k8_halving": TrainOptions(lr=rates, n_seeds=2, sweep_schedule="halving", **common),
+    }[name]
     out = {}
-    for name, opts in (
-        ("single", TrainOptions(lr=1e-3, **common)),
-        ("k8", TrainOptions(lr=rates, n_seeds=2, **common)),
-        ("k8_halving", TrainOptions(lr=rates, n_seeds=2, sweep_schedule="halving", **common)),
-    ):
-        with tempfile.TemporaryDirectory() as model_dir:
-            started = time.perf_counter()
-            result = train(cfg["store"], model_dir, opts)
-            out[f"{name}_s"] = round(time.perf_counter() - started, 2)
-            out[f"{name}_peak_mem_mb"] = result["train_peak_mem_mb"]
-            out[f"{name}_val_accuracy"] = result["best_val_accuracy"]
-            if "candidates" in result:  # which it kept, and the steps all candidates trained
-                out[f"{name}_chosen"] = {k: result["options"][k] for k in ("lr", "seed")}
-                out[f"{name}_steps"] = sum(c["steps"] for c in result["candidates"])
-    out["k8_vs_single"] = round(out["k8_s"] / out["single_s"], 3)
-    out["k8_halving_vs_single"] = round(out["k8_halving_s"] / out["single_s"], 3)
+    with tempfile.TemporaryDirectory() as model_dir:
+        started = time.perf_counter()
+        result = train(cfg["store"], model_dir, opts)
+        out[f"{name}_s"] = round(time.perf_counter() - started, 2)
+        out[f"{name}_peak_mem_mb"] = result["train_peak_mem_mb"]
+        out[f"{name}_val_accuracy"] = result["best_val_accuracy"]
+        out[f"{name}_pid"] = os.getpid()  # its own process (bench/compare.py's test)
+        if "candidates" in result:  # which it kept, and the steps all candidates trained
+            out[f"{name}_chosen"] = {k: result["options"][k] for k in ("lr", "seed")}
+            out[f"{name}_steps"] = sum(c["steps"] for c in result["candidates"])
     return out
 
 
@@ -429,56 +615,24 @@ def cache(cfg: dict) -> dict:
 
 
 def evaluate(cfg: dict) -> dict:
-    """Test-split correctness of every chosen model (`cfg["models"]`: method, seed, path), then
-    of the majority class and of a linear probe tuned on validation."""
-    from api.inference import JointModel
-    from api.inference import evaluate as evaluate_joint
+    """The baselines on the whole test split: the majority class of the training rows and a
+    linear probe tuned on validation (each method's models score the test split in their own
+    train steps)."""
     from backbone_worker.backbone import load_backbone
-    from side_trainer.artifacts import load_side_model
-    from side_trainer.metrics import confusion, report
 
-    device = cfg["device"]
     data, test = load_data(cfg)
-    # Per model: which test rows it got right (for the paired tests) and its report (macro-F1,
-    # per class, the confusion matrix: what accuracy alone hides).
-    out: dict = {"n_test": len(test), "correct": {}, "reports": {}}
-    lst = [m for m in cfg["models"] if m["method"].startswith("lst")]
-    backbone = load_backbone(cfg["backbone"], device)
-    if lst:
-        # Every LST model reads the same single backbone pass (multi-task inference).
-        sides = [load_side_model(m["path"]).to(device) for m in lst]
-        scored = evaluate_joint(JointModel(backbone, sides), test)
-        for m, hits, split in zip(lst, scored["correct"], scored["reports"]):
-            out["correct"][f"{m['method']}/{m['seed']}"] = hits
-            out["reports"][f"{m['method']}/{m['seed']}"] = split
-    out["probe"] = probe(backbone, data, test, cfg["max_length"])
-    for m in cfg["models"]:
-        if m["method"].startswith("lst"):
-            continue
-        backbone = load_backbone(cfg["backbone"], device)  # pristine weights each time
-        net = baseline_model(m["method"], backbone, len(data.labels), cfg["lora_rank"])
-        weights = dict(net.named_parameters())
-        with torch.no_grad():
-            for name, value in torch.load(m["path"]).items():
-                weights[name].copy_(value)
-        predicted = classifier_predictions(net, backbone, test, data.labels, cfg["max_length"])
-        out["correct"][f"{m['method']}/{m['seed']}"] = [
-            p == e.label for p, e in zip(predicted, test)
-        ]
-        index = {label: k for k, label in enumerate(data.labels)}
-        out["reports"][f"{m['method']}/{m['seed']}"] = report(
-            confusion(
-                [index[e.label] for e in test], [index[p] for p in predicted], len(data.labels)
-            ),
-            data.labels,
-        )
+    backbone = load_backbone(cfg["backbone"], cfg["device"])
     train_labels = [e.label for e in data.split("train")]
     majority = max(sorted(set(train_labels)), key=train_labels.count)
-    out["majority"] = {
-        "label": majority,
-        "test_accuracy": sum(e.label == majority for e in test) / len(test),
+    return {
+        "n_test": len(test),
+        "n_validation": len(data.split("validation")),
+        "probe": probe(backbone, data, test, cfg["max_length"]),
+        "majority": {
+            "label": majority,
+            "test_accuracy": sum(e.label == majority for e in test) / len(test),
+        },
     }
-    return out
 
 
 PROBE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
@@ -529,6 +683,8 @@ def main() -> None:
         result = evaluate(cfg)
     elif step == "sweep":
         result = sweep(cfg)
+    elif step == "budget":
+        result = budget(cfg)
     elif step == "read_path":
         result = read_path(cfg)
     elif cfg["method"].startswith("lst"):

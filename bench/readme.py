@@ -656,7 +656,35 @@ def options(_: dict | None = None) -> str:
     return "\n".join(rows) + "\n"
 
 
+def int8_outliers(report: dict) -> str:
+    """bench/int8_outliers.py: per-token int8 error on the channels other than each token's
+    largest, one scale per row (k 0) against the store's 2 largest channels kept apart."""
+    rows = [
+        "| state (width) | largest / median channel, per token: median, max | error, one "
+        "scale (k 0): mean, p99, max, tokens > 10% | k 1 | k 2 (the store) | k 4 |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(e: dict) -> str:
+        return f"{e['mean']:.3f}, {e['p99']:.3f}, {e['max']:.3f}, {e['tokens_over_10pct']}"
+
+    for name, e in report["states"].items():
+        ratio = e["max_over_median_per_token"]
+        rows.append(
+            f"| {name} | {ratio['median']:g}, {ratio['max']:g} | {cell(e['k0'])} | "
+            f"{e['k1']['mean']:.3f}, {e['k1']['max']:.3f} | {cell(e['k2'])} | "
+            f"{e['k4']['mean']:.3f}, {e['k4']['max']:.3f} |"
+        )
+    tokens = next(iter(report["states"].values()))["tokens"]
+    return (
+        "\n".join(rows)
+        + f"\n\n{report['backbone']}, {report['examples']} training examples of {report['data']} "
+        f"({tokens:,} tokens), length {report['max_length']}: `{report['command']}`\n"
+    )
+
+
 RENDERERS = {
+    "int8_outliers": int8_outliers,
     "bench": markdown,
     "finetune": finetune,
     "gpu": gpu,

@@ -172,7 +172,7 @@ def run(
             for figure in ("accuracy", "macro_f1"):
                 values = tier.setdefault(f"{split}_{figure}_per_seed", [])
                 values.append(scores[key][k][figure])
-    for tier in report["tiers"].values():
+    for tier in (report["tiers"][name] for name in tiers):  # those measured now
         for split in ("val", "test"):
             for figure in ("accuracy", "macro_f1"):
                 values = tier[f"{split}_{figure}_per_seed"][-len(SEEDS) :]

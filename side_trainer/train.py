@@ -91,7 +91,12 @@ def correct(net: SideNetwork, batch: dict, logits: torch.Tensor) -> tuple[int, i
     return int(hit.all(1).sum()), hit.shape[0]
 
 
-def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwork:
+def build_side_network(
+    store: ActivationStore, opts: TrainOptions, importance: dict | None = None
+) -> SideNetwork:
+    """A side network for `store`'s states, initialised by `opts.init` from the store's
+    importance scores (or `importance`, scores computed elsewhere for the same backbone and
+    layers)."""
     from backbone_worker.cache import read_importance
 
     settings = store.settings
@@ -140,7 +145,9 @@ def build_side_network(store: ActivationStore, opts: TrainOptions) -> SideNetwor
                 f"re-run `ladder cache` into a new --store, or train with --init random"
             )
         if opts.init != "random":
-            apply_pruning_init(net, backbone_dir, read_importance(store.location.url), opts.init)
+            if importance is None:
+                importance = read_importance(store.location.url)
+            apply_pruning_init(net, backbone_dir, importance, opts.init)
         if generate and cfg.family == DECODER:
             net.load_frozen(backbone_dir)
         elif cfg.family == ENCODER_DECODER:

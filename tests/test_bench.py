@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +16,19 @@ from test_cli import write_csv
 from api.cli import main
 from backbone_worker.data import split_of
 from bench import METHODS
-from bench.compare import mcnemar_p, paired
+from bench.compare import (
+    BOOTSTRAP,
+    MODES,
+    QUICK_GRIDS,
+    VAL_ROWS,
+    choose_rate,
+    correct_per_seed,
+    implausible,
+    markdown,
+    mcnemar_p,
+    mode_label,
+    paired,
+)
 
 
 def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
@@ -38,6 +52,7 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
             "8",
             "--max-length",
             "16",
+            "--budget",
             "--json",
             str(out),
         ]
@@ -45,6 +60,15 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
     assert code == 0
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    # The budget mode: cached LST given full fine-tuning's time to model, per seed.
+    budget = report["budget"]
+    full = report["methods"]["full"]
+    assert budget["budget_s"] == full["time_to_model_s"] and budget["seeds"] == [0, 1]
+    assert all(n >= 1 for n in budget["networks"]) and budget["epochs"] == 4
+    assert len(budget["test_accuracy_per_seed"]) == 2 and 0 <= budget["test_accuracy"] <= 1
+    assert budget["time_to_model_s"] > report["cache"]["caching_seconds"]
+    assert budget["vs_full"]["seeds"] == [2, 2]
+    assert "At full fine-tuning's time to model" in out.with_suffix(".md").read_text()
     test_ids = [k for k in range(200) if split_of(k, 0) == "test"]
     n_test = len(test_ids)
     for method in METHODS:
@@ -67,10 +91,17 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
                 method,
                 key,
             )
-        # Each method's own grid, the rate chosen by validation accuracy, two seeds at that rate.
+        # Each method's own grid, every rate with both seeds, the rate chosen by the validation
+        # accuracy averaged over the seeds.
         assert len(figures["lr_grid"]) >= 2 and figures["lr"] in figures["lr_grid"]
-        best = max(figures["grid"], key=lambda g: g["val_accuracy"])
-        assert figures["lr"] == best["lr"] and figures["seeds"] == [0, 1]
+        assert len(figures["grid"]) == 2 * len(figures["lr_grid"])
+        mean = {
+            lr: np.mean([g["val_accuracy"] for g in figures["grid"] if g["lr"] == lr])
+            for lr in figures["lr_grid"]
+        }
+        assert figures["lr"] == max(figures["lr_grid"], key=mean.get)
+        assert figures["val_accuracy"] == pytest.approx(mean[figures["lr"]])
+        assert figures["seeds"] == [0, 1]
         assert len(figures["test_accuracy_per_seed"]) == len(figures["test_macro_f1_per_seed"]) == 2
         assert figures["test_majority_rate"] == pytest.approx(
             report["baselines"]["majority"]["test_accuracy"]
@@ -78,9 +109,26 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
         # The whole data's test split, not the --limit sample's.
         assert figures["n_test"] == n_test and n_test > 80 * 0.1 * 2
         if method != "full":
-            assert set(figures["vs_full"]) == {"accuracy_diff", "ci95", "p_bootstrap", "p_mcnemar"}
+            vs = figures["vs_full"]
+            assert vs["seeds"] == [2, 2] and len(vs["p_mcnemar_per_seed"]) == 2
+            assert 1 / vs["bootstrap"] <= vs["p_bootstrap"] <= 1
+        # Each seed's test correctness is in the report, so its statistics can be recomputed.
+        assert [sum(bits) / n_test for bits in correct_per_seed(figures)] == pytest.approx(
+            figures["test_accuracy_per_seed"]
+        )
     assert report["methods"]["full"]["trainable_pct"] > 99
     assert report["methods"]["bitfit"]["trainable_pct"] < report["methods"]["full"]["trainable_pct"]
+    # Validation: the whole data's validation split (up to VAL_ROWS), not the sample's tenth.
+    assert report["config"]["val_rows"] == VAL_ROWS
+    assert report["n_validation"] == min(
+        VAL_ROWS, sum(split_of(k, 0) == "validation" for k in range(200))
+    )
+    assert report["n_validation"] > 80 // 10  # the sample's own: about a tenth of it
+    # Settings of no mode (--limit, --epochs and --seeds given) are not labelled quick.
+    assert report["config"]["mode"] == "custom"
+    # Online LST's time to a model includes its own Fisher pass.
+    online = report["methods"]["lst_online"]
+    assert 0 < online["importance_s"] < online["time_to_model_s"]
     # Cached LST's time to a model includes caching.
     cached = report["methods"]["lst_cached"]
     assert cached["time_to_model_s"] > report["cache"]["caching_seconds"]
@@ -107,6 +155,8 @@ def test_bench_report_schema(tmp_path, tiny_bert_dir, capsys):
     )
     # Successive halving trains fewer steps in all: 8 x 1/8 + 4 x 1/8 + 2 x 1/4 + 1 x 1/2 runs.
     assert sweep["k8_halving_steps"] < sweep["k8_steps"] / 2
+    # Each sweep kind ran in a process of its own: a peak memory of its own work.
+    assert len({sweep["single_pid"], sweep["k8_pid"], sweep["k8_halving_pid"]}) == 3
     assert report["machine"]["torch"] and report["machine"]["cores"] >= 1
     from bench.compare import finite_or_explained
 
@@ -238,3 +288,114 @@ def test_a_stopped_benchmark_resumes_from_its_workdir(tmp_path, monkeypatch):
     assert compare.step("train", {**cfg, "lr": 3e-4}, 60, tmp_path) == {"n": 2}
     assert compare.step("train", cfg, 60) == {"n": 3}  # no workdir: always run
     assert len(calls) == 3
+
+
+def test_the_interval_carries_the_spread_between_seeds():
+    """SmolLM2's cached LST had seeds at 0.823, 0.701, 0.701 against a steady full fine-tuning;
+    resampling rows alone gave a 2.4-point interval over a 7-point seed spread."""
+    rng = np.random.default_rng(1)
+    n = 2334
+    full = np.array([rng.random(n) < p for p in (0.817, 0.832, 0.811)])
+    shaky = np.array([rng.random(n) < p for p in (0.823, 0.701, 0.701)])
+    result = paired(shaky, full)
+    low, high = result["ci95"]
+    rows_low, rows_high = result["ci95_rows"]
+    assert high - low > 3 * (rows_high - rows_low)
+    assert low < -0.09 and high > -0.04  # reaches toward both seed outcomes
+    assert result["p_bootstrap"] > 1 / BOOTSTRAP and not result["p_bootstrap_bound"]
+    # McNemar on every seed pair: the first agrees with full fine-tuning, the others do not.
+    assert len(result["p_mcnemar_per_seed"]) == 3
+    assert result["p_mcnemar_per_seed"][0] > 0.05 > max(result["p_mcnemar_per_seed"][1:])
+
+
+def test_a_p_value_below_the_resampling_s_resolution_is_a_bound_never_zero():
+    rng = np.random.default_rng(2)
+    weak = rng.random((3, 2000)) < 0.60
+    strong = weak | (rng.random((3, 2000)) < 0.6)  # ~84%, on the same rows
+    result = paired(weak, strong)
+    assert result["p_bootstrap"] == 1 / BOOTSTRAP and result["p_bootstrap_bound"]
+    assert result["p_mcnemar_per_seed"][0] > 0  # 3 significant digits, not 4 decimals
+    report = json.loads((Path(__file__).parents[1] / "bench/results/full_smollm2.json").read_text())
+    report["methods"]["lst_cached"]["vs_full"] = result
+    table = markdown(report)
+    assert "p < 0.0001" in table
+    assert not re.search(r"p = 0(\.0*)? ", table)  # no p-value printed as zero
+
+
+def test_the_rate_is_chosen_on_the_mean_over_seeds():
+    """3e-3 wins seed 0 by a few rows and collapses on the other seeds: the mean chooses 1e-3."""
+    runs = {
+        1e-3: [{"val_accuracy": v} for v in (0.76, 0.78, 0.77)],
+        3e-3: [{"val_accuracy": v} for v in (0.80, 0.70, 0.70)],
+    }
+    assert choose_rate(runs) == 1e-3
+    tie = {1e-3: [{"val_accuracy": 0.8}], 3e-3: [{"val_accuracy": 0.8}]}
+    assert choose_rate(tie) == 1e-3  # the first of the grid
+
+
+def test_the_mode_label_says_what_ran():
+    full = {m: MODES["full"]["grids"][m] for m in METHODS}
+    cfg = {"backbone": "minilm", "limit": 6000, "epochs": 3}
+    assert mode_label(cfg, full, 3) == "full"
+    assert mode_label({**cfg, "limit": 800}, full, 3) == "custom"
+    assert mode_label(cfg, {**full, "lora": QUICK_GRIDS["lora"]}, 3) == "custom"
+    assert mode_label({"backbone": "smollm2", "limit": 800, "epochs": 2}, QUICK_GRIDS, 1) == "quick"
+    assert mode_label({"backbone": "minilm", "limit": 800, "epochs": 2}, QUICK_GRIDS, 1) == "custom"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "bench/results").glob("*.json"))
+)
+def test_committed_bench_reports_say_what_ran_and_hold_plausible_figures(path):
+    """full_smollm2.json said `full` but ran two rates per method, 2 epochs and 800 rows; the
+    quick report's sweep with halving peaked at 0.5 MB, below one network alone, because the
+    three sweeps shared a process."""
+    report = json.loads(path.read_text())
+    if not (isinstance(report, dict) and "methods" in report and "sweep" in report):
+        return
+    cfg = report["config"]
+    grids = {m: r["lr_grid"] for m, r in report["methods"].items() if r}
+    assert cfg["mode"] == mode_label(cfg, grids, cfg["seeds"])
+    assert implausible(report) == []
+
+
+def test_implausible_flags_a_sweep_below_one_network_and_a_peak_of_nothing():
+    report = {
+        "methods": {"full": {"peak_mem_mb": 0.0}, "lora": None},
+        "sweep": {
+            "single_peak_mem_mb": 88.3,
+            "k8_peak_mem_mb": 604.3,
+            "k8_halving_peak_mem_mb": 0.5,
+        },
+    }
+    assert implausible(report) == [
+        "methods.full.peak_mem_mb = 0.0",
+        "sweep.k8_halving_peak_mem_mb = 0.5: 8 side networks below one alone (88.3)",
+    ]
+
+
+def test_step_records_resume_in_another_workdir(tmp_path, monkeypatch):
+    """A record carries its test figures, so a long bench resumes from records copied to
+    another workdir (another machine): where the workdir is does not count, a path's name does."""
+    import shutil
+
+    from bench.compare import step
+
+    (tmp_path / "counting_step.py").write_text(
+        "import json, pathlib, sys\n"
+        "runs = pathlib.Path(sys.argv[0]).parent / 'runs.txt'\n"
+        "runs.write_text(runs.read_text() + 'x' if runs.exists() else 'x')\n"
+        "print(json.dumps({'step': sys.argv[1], 'lr': json.loads(sys.argv[2])['lr']}))\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+    def cfg(workdir, name="full-0.001-0.pt"):
+        return {"lr": 1e-3, "store": str(workdir / "store"), "out": str(workdir / name)}
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert step("train", cfg(first), 60, first, module="counting_step")["lr"] == 1e-3
+    shutil.copytree(first / "steps", second / "steps")
+    assert step("train", cfg(second), 60, second, module="counting_step")["lr"] == 1e-3
+    assert (tmp_path / "runs.txt").read_text() == "x"  # reused, not run again
+    step("train", cfg(second, "full-0.003-0.pt"), 60, second, module="counting_step")
+    assert (tmp_path / "runs.txt").read_text() == "xx"  # another model is another step
