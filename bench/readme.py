@@ -683,7 +683,31 @@ def int8_outliers(report: dict) -> str:
     )
 
 
+def int8_before_after(after: dict) -> str:
+    """bench/tiers.py on SmolLM2, int8 tiers before and after keeping 2 channels apart."""
+    before = json.loads((RESULTS / after["before"]).read_text())["tiers"]
+    rows = [
+        "| tier | int8 scheme | bytes/example | rate (seed 0's choice) | validation acc. | "
+        "test acc. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, new in after["tiers"].items():
+        for label, r in (("one scale a token", before[name]), ("2 channels apart", new)):
+            rows.append(
+                f"| {name} | {label} | {r['bytes_per_example']:,} | {r['lr']:g} | "
+                f"{r['val_accuracy']:.3f} ± {r['val_accuracy_sd']:.3f} | "
+                f"{r['test_accuracy']:.3f} ± {r['test_accuracy_sd']:.3f} |"
+            )
+    return (
+        "\n".join(rows) + f"\n\n{after['backbone']} on {after['data']} (--limit {after['limit']}, "
+        f"{after['epochs']} epochs, seeds {after['seeds']}; whole validation "
+        f"({after['n_validation']:,}) and test ({after['n_test']:,}) splits): `{after['command']}`."
+        f" {after['notes']}\n"
+    )
+
+
 RENDERERS = {
+    "int8_before_after": int8_before_after,
     "int8_outliers": int8_outliers,
     "bench": markdown,
     "finetune": finetune,
