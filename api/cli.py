@@ -529,6 +529,11 @@ def cmd_bench(args) -> dict:
         return cmd_bench_generate(args)
     if args.tasks != GEN_TASKS or args.rows != 2000:
         raise OptionError("--tasks and --rows are for --task generate")
+    if args.budget and not {"full", "lst_cached"} <= set(args.methods):
+        raise OptionError(
+            "--budget gives cached LST full fine-tuning's time to model; keep full and "
+            "lst_cached in --methods"
+        )
     report = run(
         backbone=args.backbone,
         data=args.data,

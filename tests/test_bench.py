@@ -242,6 +242,18 @@ def test_bench_rejects_a_bad_grid(capsys, grid):
     assert "METHOD=RATE,RATE" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--budget", "--methods", "lora,lst_cached"], "keep full and lst_cached"),
+        (["--budget", "--task", "generate"], "--budget is for the classification bench"),
+    ],
+)
+def test_bench_refuses_a_budget_it_cannot_run_before_running_anything(capsys, args, named):
+    assert main(["bench", *args]) == 2
+    assert named in capsys.readouterr().err
+
+
 def test_mcnemar_exact_p_values():
     """Against values computed by hand: 10 discordant pairs split 9:1 give
     p = 2 * (C(10,0) + C(10,1)) / 2^10 = 22/1024; a 5:5 split gives 1."""
