@@ -602,11 +602,16 @@ def headline(_: dict | None = None) -> str:
 
     demo, smol, full, gpu_run = (
         load(n)
-        for n in ("minilm_finetune.json", "smollm2_finetune.json", "full.json", "gpu_quick.json")
+        for n in (
+            "minilm_finetune.json",
+            "smollm2_finetune.json",
+            "full_budget.json",
+            "gpu_quick.json",
+        )
     )
     f, sd, store = demo["finetune"], demo["seeds"], demo["store"]
     lst, ft = full["methods"]["lst_cached"], full["methods"]["full"]
-    vs, cfg = lst["vs_full"], full["config"]
+    vs, cfg, budget = lst["vs_full"], full["config"], full["budget"]
     rows = [
         "| figure | value |",
         "|---|---|",
@@ -615,9 +620,9 @@ def headline(_: dict | None = None) -> str:
         f"{demo['evaluate']['accuracy']:.3f} ({demo['evaluate']['n']:,} rows); "
         f"training seeds 0-{len(sd['test_accuracy_per_seed']) - 1}: {sd['mean']:.3f} ± "
         f"{sd['sd']:.3f} |",
-        f"| its trainable parameters | {f['trainable_params']:,} ({f['trainable_pct']:.2f}% of "
-        f"{f['backbone_params'] / 1e6:.1f}M) |",
-        f"| its store | {store['bytes_per_example']:,} bytes/example, "
+        f"| its trainable parameters; its store | {f['trainable_params']:,} "
+        f"({f['trainable_pct']:.2f}% of {f['backbone_params'] / 1e6:.1f}M); "
+        f"{store['bytes_per_example']:,} bytes/example, "
         f"{store['full_width_ratio']:.1f}x smaller than fp32 full width |",
         f"| its wall time, `ladder finetune` | {demo['seconds']['finetune']:.0f} s, of which "
         f"caching {f['cache_seconds']:.0f} s |",
@@ -627,6 +632,12 @@ def headline(_: dict | None = None) -> str:
         f"| the same: training examples/s, peak MB above load | {lst['examples_per_s']:.1f} "
         f"against {ft['examples_per_s']:.1f} ({full['ratios']['lst_cached_speed_vs_full']}x); "
         f"{lst['peak_mem_mb']:.0f} against {ft['peak_mem_mb']:.0f} |",
+        f"| cached LST given full fine-tuning's time to model ({budget['budget_s']:.0f} s): "
+        f"{'/'.join(str(n) for n in budget['networks'])} side networks averaged | "
+        f"{_accuracy_cell(budget)} against {_accuracy_cell(ft)} "
+        f"({100 * budget['vs_full']['accuracy_diff']:+.1f} pts, 95% CI "
+        f"[{100 * budget['vs_full']['ci95'][0]:+.1f}, {100 * budget['vs_full']['ci95'][1]:+.1f}]) "
+        f"at {100 * budget['memory_vs_full']:.0f}% of its peak memory |",
         f"| SmolLM2-135M ({int(flag(smol, '--limit')):,} tweets): accuracy on the whole test "
         f"split | "
         f"{smol['evaluate']['accuracy']:.3f} |",
