@@ -734,12 +734,7 @@ def markdown(report: dict) -> str:
             )
             continue
         vs = r.get("vs_full")
-        versus = (
-            f"{100 * vs['accuracy_diff']:+.1f} pts [{100 * vs['ci95'][0]:+.1f}, "
-            f"{100 * vs['ci95'][1]:+.1f}], {p_text(vs)}"
-            if vs
-            else ""
-        )
+        versus = f"{diff_text(vs)}, {p_text(vs)}" if vs else ""
         grid = ", ".join(f"{lr:g}" for lr in r["lr_grid"])
         rows.append(
             f"| {method} | {r['lr']:g} ({grid}) | {r['trainable_pct']:.2f} | "
@@ -828,6 +823,12 @@ def markdown(report: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def diff_text(vs: dict) -> str:
+    """A paired comparison's accuracy difference and 95% interval, in points."""
+    low, high = (100 * x for x in vs["ci95"])
+    return f"{100 * vs['accuracy_diff']:+.1f} pts [{low:+.1f}, {high:+.1f}]"
+
+
 def budget_rows(report: dict) -> list[str]:
     """The budget mode's row: cached LST at full fine-tuning's time to model."""
     b = report.get("budget")
@@ -841,8 +842,7 @@ def budget_rows(report: dict) -> list[str]:
         f"(lr {b['lr']:g}, {b['epochs']} epochs a network, "
         f"{'/'.join(str(n) for n in b['networks'])} networks averaged per seed, caching "
         f"included): test accuracy {b['test_accuracy']:.3f}{sd}, vs full "
-        f"{100 * vs['accuracy_diff']:+.1f} pts [{100 * vs['ci95'][0]:+.1f}, "
-        f"{100 * vs['ci95'][1]:+.1f}], {p_text(vs)}; time to model {b['time_to_model_s']:.0f} "
+        f"{diff_text(vs)}, {p_text(vs)}; time to model {b['time_to_model_s']:.0f} "
         f"s; peak {b['peak_mem_mb']:.0f} MB above load ({100 * b['memory_vs_full']:.0f}% of "
         f"full fine-tuning's).",
     ]

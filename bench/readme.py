@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from bench.compare import _accuracy_cell, markdown
+from bench.compare import _accuracy_cell, diff_text, markdown
 
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -635,9 +635,7 @@ def headline(_: dict | None = None) -> str:
         f"| cached LST given full fine-tuning's time to model ({budget['budget_s']:.0f} s): "
         f"{'/'.join(str(n) for n in budget['networks'])} side networks averaged | "
         f"{_accuracy_cell(budget)} against {_accuracy_cell(ft)} "
-        f"({100 * budget['vs_full']['accuracy_diff']:+.1f} pts, 95% CI "
-        f"[{100 * budget['vs_full']['ci95'][0]:+.1f}, {100 * budget['vs_full']['ci95'][1]:+.1f}]) "
-        f"at {100 * budget['memory_vs_full']:.0f}% of its peak memory |",
+        f"({diff_text(budget['vs_full'])}, 95% CI) at {100 * budget['memory_vs_full']:.0f}% of its peak memory |",
         f"| SmolLM2-135M ({int(flag(smol, '--limit')):,} tweets): accuracy on the whole test "
         f"split | "
         f"{smol['evaluate']['accuracy']:.3f} |",
